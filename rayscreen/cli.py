@@ -1,0 +1,114 @@
+"""``rayscreen <stage> ...``: the command line. Every stage calls the same function as
+its ``jobs/`` entry point, so there is one code path for laptop and cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .store import RayscreenError
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """``--storage-options '{"endpoint_url": "http://127.0.0.1:5000"}'``; credentials stay in the environment."""
+    return json.loads(text) if text else None
+
+
+def cmd_info(args) -> int:
+    from .store.info import format_info, plate_info
+
+    for uri in args.uris:
+        info = plate_info(uri, _storage_options(args.storage_options))
+        print(json.dumps(info, default=str) if args.json else format_info(info))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from .ingest import ingest
+
+    uris = ingest(args.loaddata, args.out_dir, platemap=args.platemap, ngff=args.ngff, levels=args.levels,
+                  use_ray=not args.no_ray, progress=not args.quiet,
+                  storage_options=_storage_options(args.storage_options))
+    for uri in uris:
+        print(uri)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from . import synth
+
+    so = _storage_options(args.storage_options)
+    if args.kind == "wscnn":
+        uris = synth.synth_wscnn(args.out_dir, n_images=args.n_images, rare_fraction=args.rare_fraction,
+                                 seed=args.seed, storage_options=so)
+    else:
+        uris = synth.synth_moa(args.out_dir, n_plates=args.n_plates, seed=args.seed, storage_options=so)
+    for uri in uris:
+        print(uri)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quiet=args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayscreen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    s = sub.add_parser("synth", help="write a synthetic screen (WSCNN simulation or MOA screen)")
+    s.add_argument("kind", choices=["wscnn", "moa"])
+    s.add_argument("out_dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-images", type=int, default=400, help="wscnn: number of images (fields)")
+    s.add_argument("--rare-fraction", type=float, default=0.1, help="wscnn: circles among objects of positive images")
+    s.add_argument("--n-plates", type=int, default=2, help="moa: number of plates (batches)")
+    s.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint_url")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("ingest", help="LoadData CSV + TIFF/PNG images -> OME-Zarr plates")
+    s.add_argument("loaddata", metavar="LOADDATA.csv")
+    s.add_argument("out_dir", metavar="OUT_DIR")
+    s.add_argument("--platemap", help="CSV/TSV/parquet of per-well annotations (overrides the CSV's)")
+    s.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5")
+    s.add_argument("--levels", type=int, default=1, help="pyramid levels to write")
+    s.add_argument("--no-ray", action="store_true", help="write in this process instead of Ray tasks")
+    s.add_argument("--storage-options", help="JSON fsspec options for an s3:// OUT_DIR")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("info", help="summarise plates: wells, fields, channels, shape, chunks, bytes")
+    s.add_argument("uris", nargs="+", metavar="URI")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--storage-options", help="JSON fsspec options")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("demo", help="the main job on a local embedded Ray, on a small synthetic screen")
+    s.add_argument("--out", default="demo_out")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except RayscreenError as e:
+        print(f"rayscreen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        logging.getLogger(__name__).debug("%s took %.1f s", args.command, time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

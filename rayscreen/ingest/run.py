@@ -1,0 +1,144 @@
+"""``rayscreen ingest``: LoadData CSV -> one OME-Zarr plate per ``Metadata_Plate``.
+
+Wells are written by Ray tasks (a task per group of wells), each opening its own
+``PlateWriter`` on the plate's URI; writers of different wells never share an object.
+A well is marked complete only after all its fields are written, so a rerun skips
+complete wells and finishes the rest. The first image of each plate fixes its shape
+and dtype; any other image that differs is an error naming plate, well, site and file.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..store import RayscreenError, create_plate, read_platemap
+from ..store.annotations import PLATE_COL, WELL_COL
+from ..store.plate import check_finite
+from ..store.uri import join
+from ..store.writer import PlateWriter
+from .loaddata import SITE_COL, LoadData, read_image, read_loaddata
+
+log = logging.getLogger(__name__)
+
+
+def _site_image(loaddata: LoadData, row: pd.Series, where: str) -> np.ndarray:
+    planes = [read_image(loaddata.image_path(row, c), f"{where} channel {c}") for c in loaddata.channels]
+    shapes = {p.shape for p in planes}
+    dtypes = {p.dtype for p in planes}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise RayscreenError(f"{where}: channels differ in shape {sorted(shapes)} or dtype {sorted(map(str, dtypes))}")
+    image = np.stack(planes)
+    check_finite(image, where)
+    return image
+
+
+def write_wells(loaddata: LoadData, writer: PlateWriter, wells: list[str]) -> list[str]:
+    """Write the given wells of one plate (skipping complete ones). Returns the wells written."""
+    done = []
+    table = loaddata.table[loaddata.table[PLATE_COL] == writer.name]
+    for well in wells:
+        if writer.is_complete(well):
+            continue
+        sites = table[table[WELL_COL] == well]
+        for field, (_, row) in enumerate(sites.iterrows()):
+            where = f"plate {writer.name!r} well {well} site {row[SITE_COL]}"
+            writer.write_field(well, field, _site_image(loaddata, row, where))
+        writer.complete_well(well, n_fields=len(sites))
+        done.append(well)
+    return done
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def ingest(
+    loaddata_csv: str,
+    out_dir: str,
+    *,
+    platemap: str | None = None,
+    ngff: str = "0.5",
+    levels: int = 1,
+    chunks: tuple[int, int, int] | None = None,
+    wells_per_task: int = 4,
+    use_ray: bool = True,
+    progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Ingest a LoadData CSV into ``out_dir/<plate>.zarr`` plates; returns their URIs.
+
+    ``use_ray=False`` writes in this process (small inputs, unit tests). Errors name the
+    plate, well, site and file; wells written before the error stay complete, the failing
+    well stays incomplete, and a rerun resumes.
+    """
+    loaddata = read_loaddata(loaddata_csv)
+    platemap_df = read_platemap(platemap, storage_options) if platemap else None
+    uris, jobs = [], []
+    for plate in loaddata.plates:
+        table = loaddata.table[loaddata.table[PLATE_COL] == plate]
+        first = table.iloc[0]
+        probe = _site_image(loaddata, first, f"plate {plate!r} well {first[WELL_COL]} site {first[SITE_COL]}")
+        sites_per_well = table.groupby(WELL_COL).size()
+        annotations = loaddata.annotations(plate)
+        if platemap_df is not None:
+            from ..store.annotations import override
+            annotations = override(annotations.assign(**{PLATE_COL: plate})[[PLATE_COL, *annotations.columns]],
+                                   platemap_df, plate).drop(columns=PLATE_COL)
+        uri = join(out_dir, f"{plate}.zarr")
+        writer = create_plate(uri, plate, list(sites_per_well.index), list(loaddata.channels), probe.shape[1:],
+                              probe.dtype, int(sites_per_well.max()), annotations=annotations, ngff=ngff,
+                              levels=levels, chunks=chunks, storage_options=storage_options)
+        todo = [w for w in writer.wells if not writer.is_complete(w)]
+        skipped = len(writer.wells) - len(todo)
+        if skipped:
+            log.info("plate %s: %d well(s) already complete, %d to write", plate, skipped, len(todo))
+        jobs += [(writer, group) for group in _chunks(todo, wells_per_task)]
+        uris.append(uri)
+
+    if not use_ray:
+        for writer, group in _progress(jobs, progress):
+            write_wells(loaddata, writer, group)
+        return uris
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, configure_logging=False)
+    remote = ray.remote(write_wells)
+    data_ref = ray.put(loaddata)
+    pending = [remote.remote(data_ref, writer, group) for writer, group in jobs]
+    bar = _bar(len(pending), progress)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)  # raises the task's error (naming plate/well/site/file)
+            bar.update(1)
+    except Exception as e:
+        for ref in pending:
+            ray.cancel(ref)
+        # show the user our error (naming plate/well/site/file), not Ray's wrapper
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, RayscreenError):
+            raise cause from None
+        raise
+    finally:
+        bar.close()
+    return uris
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="ingest (well groups)", unit="task", disable=not enabled)
+
+
+def _progress(items: list, enabled: bool):
+    bar = _bar(len(items), enabled)
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()

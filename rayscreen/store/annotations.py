@@ -1,0 +1,91 @@
+"""Platemaps: per-well annotations (``Metadata_Plate``, ``Metadata_Well``, other ``Metadata_*``).
+
+Annotations are stored inside the plate (namespaced ``rayscreen`` attributes) so that a
+plate is self-contained; an external platemap given later overrides them column by column.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import RayscreenError
+from .uri import filesystem
+from .wells import well_name
+
+PLATE_COL = "Metadata_Plate"
+WELL_COL = "Metadata_Well"
+
+
+def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Read a CSV, TSV or parquet platemap; well names normalised to ``A01``.
+
+    Returns one row per (plate, well) with ``Metadata_Well`` (and ``Metadata_Plate``
+    when the file has it) first. Raises naming the file when a column is missing or a
+    well name cannot be parsed.
+    """
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        raise RayscreenError(f"platemap {uri} does not exist")
+    with fs.open(path, "rb") as f:
+        if path.endswith(".parquet"):
+            df = pd.read_parquet(f)
+        else:
+            df = pd.read_csv(f, sep="\t" if path.endswith((".tsv", ".txt")) else ",")
+    return normalise_platemap(df, source=f"platemap {uri}")
+
+
+def normalise_platemap(df: pd.DataFrame, source: str = "platemap") -> pd.DataFrame:
+    if WELL_COL not in df.columns:
+        raise RayscreenError(f"{source}: expected a {WELL_COL!r} column, found columns {list(df.columns)}")
+    df = df.copy()
+    df[WELL_COL] = [well_name(w, context=source) for w in df[WELL_COL]]
+    keys = [c for c in (PLATE_COL, WELL_COL) if c in df.columns]
+    dup = df.duplicated(keys, keep=False)
+    if dup.any():
+        raise RayscreenError(f"{source}: duplicate rows for {df.loc[dup, keys].drop_duplicates().values.tolist()[:5]}")
+    first = keys + [c for c in df.columns if c not in keys]
+    return df[first].reset_index(drop=True)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is pd.NA or v is pd.NaT:
+        return None
+    return v
+
+
+def annotations_to_attrs(df: pd.DataFrame) -> dict[str, Any]:
+    """Column-wise JSON for the plate's attributes: ``{"columns": [...], "wells": {well: [..]}}``."""
+    cols = [c for c in df.columns if c not in (PLATE_COL, WELL_COL)]
+    return {
+        "columns": cols,
+        "wells": {w: [_jsonable(v) for v in row] for w, row in zip(df[WELL_COL], df[cols].itertuples(index=False))},
+    }
+
+
+def annotations_from_attrs(plate: str, wells: list[str], attrs: dict[str, Any] | None) -> pd.DataFrame:
+    """One row per well of the plate (wells without annotations get missing values)."""
+    cols = list((attrs or {}).get("columns", []))
+    stored = (attrs or {}).get("wells", {})
+    rows = [[plate, w, *stored.get(w, [None] * len(cols))] for w in wells]
+    return pd.DataFrame(rows, columns=[PLATE_COL, WELL_COL, *cols])
+
+
+def override(base: pd.DataFrame, platemap: pd.DataFrame, plate: str) -> pd.DataFrame:
+    """``base`` with ``platemap``'s columns replacing or adding per well (rows of other plates ignored)."""
+    pm = normalise_platemap(platemap)
+    if PLATE_COL in pm.columns:
+        pm = pm[pm[PLATE_COL].astype(str) == plate].drop(columns=PLATE_COL)
+    unknown = sorted(set(pm[WELL_COL]) - set(base[WELL_COL]))
+    if unknown:
+        raise RayscreenError(f"platemap names wells {unknown[:10]} that plate {plate!r} does not have")
+    extra = [c for c in pm.columns if c != WELL_COL]
+    merged = base.drop(columns=[c for c in extra if c in base.columns]).merge(pm, on=WELL_COL, how="left")
+    return merged

@@ -1,0 +1,28 @@
+"""Errors of the plate store. Each message names the plate/well/field/file and says
+what was expected and what was found, so a user can fix the input without a debugger."""
+
+
+class RayscreenError(ValueError):
+    """Base class of rayscreen's input errors (a ValueError: bad input, not a bug)."""
+
+
+class NotAPlateError(RayscreenError):
+    """The URI holds no OME-Zarr HCS plate (a single image, a plain group, nothing)."""
+
+
+class MissingWellError(RayscreenError, KeyError):
+    """A well listed in the plate metadata is absent on disk (sparse plates are valid)."""
+
+    __str__ = ValueError.__str__  # KeyError would quote the message
+
+
+class MissingChunkError(RayscreenError):
+    """A chunk of a field is absent: it must not read back as fill values."""
+
+
+class CorruptDataError(RayscreenError):
+    """A chunk is present but cannot be decoded (garbled or truncated bytes)."""
+
+
+class BadImageError(RayscreenError):
+    """An image has the wrong shape, dtype or channel count, or holds NaN/Inf."""

@@ -1,0 +1,55 @@
+"""``rayscreen info URI``: what a plate holds, without reading pixels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .plate import open_plate
+from .uri import filesystem
+
+
+def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Wells, fields, channels, shape, dtype, chunks, NGFF version, annotations, bytes on disk.
+
+    Reads every well's metadata (one request per well) to report missing wells and
+    field counts; pixels are not read.
+    """
+    plate = open_plate(uri, storage_options)
+    present, missing = plate.present_wells()
+    fields = {w: len(plate.fields(w)) for w in present}
+    fs, path = filesystem(uri, storage_options)
+    return {
+        "uri": uri,
+        "name": plate.name,
+        "ngff_version": plate.ngff_version,
+        "zarr_format": plate.zarr_format,
+        "wells_listed": len(plate.wells),
+        "wells_present": len(present),
+        "wells_missing": missing,
+        "fields": sum(fields.values()),
+        "fields_per_well": sorted(set(fields.values())),
+        "channels": plate.channels,
+        "shape": plate.shape,
+        "dtype": str(plate.dtype),
+        "chunks": plate.chunks,
+        "levels": plate.levels,
+        "axes": plate.axes,
+        "annotation_columns": [c for c in plate.annotations.columns],
+        "bytes_on_disk": int(fs.du(path)),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    missing = info["wells_missing"]
+    lines = [
+        f"plate {info['name']}  ({info['uri']})",
+        f"  NGFF {info['ngff_version']} on Zarr v{info['zarr_format']}, axes {info['axes']}, {info['levels']} level(s)",
+        f"  wells: {info['wells_present']} present of {info['wells_listed']} listed"
+        + (f"; missing: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}" if missing else ""),
+        f"  fields: {info['fields']} (per well: {info['fields_per_well']})",
+        f"  channels: {', '.join(info['channels'])}",
+        f"  field shape (C, Y, X): {tuple(info['shape'])}  dtype {info['dtype']}  chunks {tuple(info['chunks'])}",
+        f"  annotations: {', '.join(info['annotation_columns'])}",
+        f"  bytes on disk: {info['bytes_on_disk'] / 1e6:.2f} MB",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""Reading OME-Zarr HCS plates: ``open_plate(uri) -> Plate``.
+
+Lazy like ``xarray.open_zarr``: opening reads the plate's root metadata only (one
+request on S3); a well's metadata is read the first time it is asked for, a field's
+pixels when it is read. A ``Plate`` pickles as its URI and options, so it can be sent
+to Ray workers, which open their own filesystem.
+
+Axis rule: fields are returned as (C, Y, X). A plate without a ``c`` axis gives C = 1;
+``t`` is indexed (``t=0`` by default); ``z`` is indexed when ``z`` is an int, or
+max-projected when ``z="max"`` (the default; a single plane is simply squeezed).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from . import annotations as ann
+from .errors import (BadImageError, CorruptDataError, MissingChunkError, MissingWellError,
+                     NotAPlateError, RayscreenError)
+from .ngff import Multiscale, PlateMeta, WellMeta
+from .uri import make_store
+from .wells import well_name
+
+NAMESPACE = "rayscreen"
+
+
+def _attrs(node) -> dict[str, Any]:
+    return dict(node.attrs.asdict())
+
+
+class Plate:
+    """An OME-Zarr HCS plate. See the module docstring for laziness and the axis rule."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None,
+                 platemap: pd.DataFrame | str | None = None, strict: bool = True):
+        self.uri = str(uri).rstrip("/")
+        self.storage_options = storage_options
+        self.strict = strict
+        self._platemap = platemap
+        self._open()
+
+    # -- pickling: carry the URI, reopen lazily in the receiving process
+    def __getstate__(self):
+        return {"uri": self.uri, "storage_options": self.storage_options, "platemap": self._platemap,
+                "strict": self.strict}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["storage_options"], state["platemap"], state["strict"])
+
+    def __repr__(self) -> str:
+        return f"<Plate {self.name!r} {self.uri} wells={len(self.wells)} ngff={self.ngff_version}>"
+
+    def _open(self) -> None:
+        self._store = make_store(self.uri, self.storage_options, read_only=True, strict=self.strict)
+        try:
+            self._root = zarr.open_group(store=self._store, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
+                zarr.errors.ContainsArrayError) as e:
+            what = "a Zarr array, not a group" if isinstance(e, zarr.errors.ContainsArrayError) else "no Zarr group there"
+            raise NotAPlateError(f"{self.uri} is not an OME-Zarr HCS plate: {what} ({type(e).__name__})") from None
+        self.meta = PlateMeta.from_attrs(_attrs(self._root), where=self.uri)
+        self._well_paths = self.meta.well_names()
+        self._arrays: dict[str, zarr.Array] = {}
+        self._well_meta: dict[str, WellMeta] = {}
+        self._multiscales: dict[str, Multiscale] = {}
+
+    # -- plate-level facts
+    @property
+    def name(self) -> str:
+        return self.meta.name or self.uri.rsplit("/", 1)[-1].removesuffix(".zarr")
+
+    @property
+    def ngff_version(self) -> str:
+        return self.meta.version
+
+    @property
+    def zarr_format(self) -> int:
+        return self._root.metadata.zarr_format
+
+    @property
+    def wells(self) -> list[str]:
+        """Wells listed in the plate metadata, as ``A01``; some may be absent on disk."""
+        return list(self._well_paths)
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return self.meta.rows
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.meta.columns
+
+    def well_path(self, well: str) -> str:
+        w = well_name(well, context=f"plate {self.name!r}")
+        try:
+            return self._well_paths[w]
+        except KeyError:
+            raise RayscreenError(f"plate {self.name!r} has no well {w!r} (it lists {len(self._well_paths)} wells)") from None
+
+    def well_meta(self, well: str) -> WellMeta:
+        w = well_name(well)
+        if w not in self._well_meta:
+            path = self.well_path(w)
+            try:
+                group = self._root[path]
+            except KeyError:
+                raise MissingWellError(f"plate {self.name!r}: well {w} is listed but missing on disk ({path})") from None
+            meta = WellMeta.from_attrs(_attrs(group), where=f"{self.uri}/{path}")
+            if meta is None:
+                # rayscreen writes a well's metadata last, so a well without it was never completed
+                raise MissingWellError(f"plate {self.name!r}: well {w} has no well metadata (incomplete or not a well)")
+            self._well_meta[w] = meta
+        return self._well_meta[w]
+
+    def fields(self, well: str, acquisition: int | None = None) -> list[str]:
+        """Field (image) paths of a well, e.g. ``["0", "1"]``; optionally of one acquisition."""
+        return [i.path for i in self.well_meta(well).images if acquisition is None or i.acquisition == acquisition]
+
+    @property
+    def acquisitions(self) -> list[int]:
+        return [a.id for a in self.meta.acquisitions]
+
+    def present_wells(self) -> tuple[list[str], list[str]]:
+        """(present, missing) wells. Reads every well's metadata: one request per well."""
+        present, missing = [], []
+        for w in self.wells:
+            try:
+                self.well_meta(w)
+                present.append(w)
+            except MissingWellError:
+                missing.append(w)
+        return present, missing
+
+    @functools.cached_property
+    def _first_field(self) -> tuple[str, str]:
+        for w in self.wells:
+            try:
+                fields = self.fields(w)
+            except MissingWellError:
+                continue
+            if fields:
+                return w, fields[0]
+        raise RayscreenError(f"plate {self.name!r} ({self.uri}) has no field on disk")
+
+    def multiscale(self, well: str, field: str) -> Multiscale:
+        """The field's image metadata (cached: one request per field per process)."""
+        path = f"{self.well_path(well)}/{field}"
+        if path not in self._multiscales:
+            try:
+                group = self._root[path]
+            except KeyError:
+                raise MissingWellError(f"plate {self.name!r} well {well_name(well)} field {field}: "
+                                       f"image group {path} is missing") from None
+            self._multiscales[path] = Multiscale.from_attrs(_attrs(group), where=f"{self.uri}/{path}")
+        return self._multiscales[path]
+
+    @functools.cached_property
+    def _reference(self) -> Multiscale:
+        return self.multiscale(*self._first_field)
+
+    @property
+    def channels(self) -> list[str]:
+        ms = self._reference
+        n = self._array(*self._first_field, 0).shape[ms.axis_names.index("c")] if "c" in ms.axis_names else 1
+        names = list(ms.channel_names)
+        return names if len(names) == n else [f"c{i}" for i in range(n)]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, Y, X) of level 0 (of the first field; rayscreen plates share one shape)."""
+        ms = self._reference
+        arr = self._array(*self._first_field, 0)
+        dims = dict(zip(ms.axis_names, arr.shape))
+        return (dims.get("c", 1), dims["y"], dims["x"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._array(*self._first_field, 0).dtype)
+
+    @property
+    def levels(self) -> int:
+        return len(self._reference.paths)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self._array(*self._first_field, 0).chunks)
+
+    @property
+    def axes(self) -> str:
+        return self._reference.axis_names
+
+    @functools.cached_property
+    def _stored_annotations(self) -> dict[str, Any]:
+        return _attrs(self._root).get(NAMESPACE, {}).get("annotations", {})
+
+    @property
+    def annotations(self) -> pd.DataFrame:
+        """One row per listed well: ``Metadata_Plate``, ``Metadata_Well``, other ``Metadata_*``."""
+        df = ann.annotations_from_attrs(self.name, self.wells, self._stored_annotations)
+        if self._platemap is not None:
+            pm = self._platemap
+            if isinstance(pm, str):
+                pm = ann.read_platemap(pm, self.storage_options)
+            df = ann.override(df, pm, self.name)
+        return df
+
+    def with_platemap(self, platemap: pd.DataFrame | str) -> "Plate":
+        """The same plate, with ``platemap``'s annotations overriding the stored ones."""
+        return Plate(self.uri, self.storage_options, platemap, self.strict)
+
+    def rayscreen_attrs(self) -> dict[str, Any]:
+        return _attrs(self._root).get(NAMESPACE, {})
+
+    # -- pixels
+    def _array(self, well: str, field: str, level: int) -> zarr.Array:
+        key = f"{self.well_path(well)}/{field}/{level}"
+        if key not in self._arrays:
+            ms = self.multiscale(well, field)
+            if not 0 <= level < len(ms.paths):
+                raise RayscreenError(f"plate {self.name!r} well {well} field {field}: no level {level} "
+                                     f"(it has {len(ms.paths)})")
+            path = f"{self.well_path(well)}/{field}/{ms.paths[level]}"
+            try:
+                self._arrays[key] = self._root[path]
+            except KeyError:
+                raise MissingWellError(f"plate {self.name!r} well {well} field {field}: array {path} is missing") from None
+        return self._arrays[key]
+
+    def read(self, well: str, field: str | int, level: int = 0, *, channels: Sequence[int | str] | None = None,
+             t: int = 0, z: int | str = "max") -> np.ndarray:
+        """Pixels of one field as (C, Y, X) in the stored dtype (see the module's axis rule).
+
+        ``channels`` selects by index or name (only those chunks are read). Raises
+        ``MissingChunkError``/``CorruptDataError`` naming plate, well and field when a
+        chunk is absent or cannot be decoded.
+        """
+        well = well_name(well)
+        field = str(field)
+        where = f"plate {self.name!r} well {well} field {field}"
+        ms = self.multiscale(well, field)
+        arr = self._array(well, field, level)
+        axes = ms.axis_names
+        index: list[Any] = []
+        for name, size in zip(axes, arr.shape):
+            if name == "t":
+                index.append(t)
+            elif name == "c" and channels is not None:
+                index.append(self._channel_indices(channels))
+            elif name == "z" and isinstance(z, int):
+                index.append(z)
+            else:
+                index.append(slice(None))
+        try:
+            data = arr.oindex[tuple(index)] if channels is not None else arr[tuple(index)]
+        except MissingChunkError as e:
+            raise MissingChunkError(f"{where}: {e}") from None
+        except (RayscreenError, KeyError):
+            raise
+        except Exception as e:  # codec errors come from blosc/zstd/numcodecs with varied types
+            raise CorruptDataError(f"{where}: cannot decode a chunk ({type(e).__name__}: {e})") from e
+        kept = [n for n, i in zip(axes, index) if not isinstance(i, int)]
+        if "z" in kept:
+            data = data.max(axis=kept.index("z"))
+            kept.remove("z")
+        if "c" not in kept:
+            data = data[np.newaxis]
+            kept.insert(0, "c")
+        return np.ascontiguousarray(np.transpose(data, [kept.index(a) for a in "cyx"]))
+
+    def _channel_indices(self, channels: Sequence[int | str]) -> list[int]:
+        names = self.channels
+        out = []
+        for c in channels:
+            if isinstance(c, str):
+                if c not in names:
+                    raise RayscreenError(f"plate {self.name!r} has no channel {c!r}; it has {names}")
+                out.append(names.index(c))
+            else:
+                out.append(int(c))
+        return out
+
+
+def open_plate(uri: str, storage_options: dict[str, Any] | None = None, *,
+               platemap: pd.DataFrame | str | None = None, strict: bool = True) -> Plate:
+    """Open an OME-Zarr HCS plate (NGFF 0.4/Zarr v2 or 0.5/Zarr v3) at a path, ``file://`` or ``s3://`` URI.
+
+    ``storage_options`` go to fsspec (for S3: ``endpoint_url``, ``anon``, ``profile``...;
+    credentials come from the standard places). ``platemap`` (a DataFrame or a file)
+    overrides the annotations stored in the plate. ``strict=False`` reads missing
+    chunks as the fill value, for foreign plates written with ``write_empty_chunks=False``.
+    """
+    return Plate(uri, storage_options, platemap, strict)
+
+
+def check_finite(image: np.ndarray, where: str) -> None:
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        bad = int((~np.isfinite(image)).sum())
+        raise BadImageError(f"{where}: {bad} NaN/Inf pixel(s) in a float image; expected finite values")

@@ -1,0 +1,66 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+# Tests never reach the network; AWS credentials for the local S3 server come from the
+# environment, the standard place, and are dummies.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster with 2 CPUs, shared by the integration tests."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 in its own process; yields storage_options for s3fs."""
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto S3 server did not start on 127.0.0.1")
+    # credentials from the environment (the standard place), dummies for the local server
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ[k] = "testing"
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    yield {"endpoint_url": endpoint}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint_url"])
+    name = "rs-" + request.node.name.lower().replace("_", "-")[:40]
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}", s3_server

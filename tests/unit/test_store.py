@@ -1,0 +1,197 @@
+"""The plate store on local disk: round trips, the axis rule, annotations, bad input."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from rayscreen.store import (BadImageError, CorruptDataError, MissingChunkError, MissingWellError, NotAPlateError,
+                             RayscreenError, create_plate, open_plate, read_platemap, well_name)
+from rayscreen.store.info import format_info, plate_info
+from rayscreen.store.writer import downsample
+from rayscreen.testing import make_plate, random_field
+
+
+@pytest.mark.parametrize("ngff", ["0.5", "0.4"])
+def test_round_trip(tmp_path, ngff):
+    uri = make_plate(str(tmp_path / "p.zarr"), ngff=ngff, levels=2)
+    plate = open_plate(uri)
+    assert plate.name == "P1" and plate.ngff_version == ngff
+    assert plate.zarr_format == (3 if ngff == "0.5" else 2)
+    assert plate.wells == ["A01", "A02", "B01", "B02"]
+    assert plate.channels == ["DNA", "Actin"] and plate.shape == (2, 32, 40) and plate.dtype == np.uint16
+    assert plate.fields("B02") == ["0", "1"] and plate.levels == 2 and plate.chunks == (1, 32, 40)
+    for well in plate.wells:
+        for f in (0, 1):
+            expected = random_field(0, well, f, (2, 32, 40))
+            np.testing.assert_array_equal(plate.read(well, str(f)), expected)
+            np.testing.assert_array_equal(plate.read(well, f, level=1), downsample(expected))
+    np.testing.assert_array_equal(plate.read("a1", 0, channels=["Actin"]), random_field(0, "A01", 0, (2, 32, 40))[1:])
+    # a plate pickles as its URI and reopens in the receiving process
+    again = pickle.loads(pickle.dumps(plate))
+    np.testing.assert_array_equal(again.read("A02", 1), plate.read("A02", 1))
+
+
+def test_metadata_as_the_spec_asks(tmp_path):
+    make_plate(str(tmp_path / "p.zarr"))
+    root = json.loads((tmp_path / "p.zarr" / "zarr.json").read_text())["attributes"]["ome"]
+    assert root["version"] == "0.5" and root["plate"]["version"] == "0.5"
+    assert [r["name"] for r in root["plate"]["rows"]] == list("ABCDEFGH")  # a 96-well plate
+    assert root["plate"]["wells"][3] == {"path": "B/2", "rowIndex": 1, "columnIndex": 1}
+    assert root["plate"]["field_count"] == 2 and root["plate"]["acquisitions"] == [{"id": 0}]
+    well = json.loads((tmp_path / "p.zarr" / "B" / "2" / "zarr.json").read_text())["attributes"]["ome"]
+    assert well["well"]["images"] == [{"path": "0", "acquisition": 0}, {"path": "1", "acquisition": 0}]
+    image = json.loads((tmp_path / "p.zarr" / "B" / "2" / "0" / "zarr.json").read_text())["attributes"]["ome"]
+    assert [a["name"] for a in image["multiscales"][0]["axes"]] == ["c", "y", "x"]
+    assert [c["label"] for c in image["omero"]["channels"]] == ["DNA", "Actin"]
+    arr = json.loads((tmp_path / "p.zarr" / "B" / "2" / "0" / "0" / "zarr.json").read_text())
+    assert arr["dimension_names"] == ["c", "y", "x"]
+    assert any(c["name"] == "blosc" and c["configuration"]["cname"] == "zstd" for c in arr["codecs"])
+
+
+@pytest.mark.parametrize("name", ["A01", "a1", "A1", "A/1", "a_01", " A01 "])
+def test_well_names_normalise(name):
+    assert well_name(name) == "A01"
+
+
+@pytest.mark.parametrize("bad", ["", "1A", "A0", "A", "ABC1", "A1234"])
+def test_bad_well_name_is_named(bad):
+    with pytest.raises(RayscreenError, match="unknown well name"):
+        well_name(bad)
+
+
+def test_annotations_stored_and_overridden(tmp_path):
+    uri = make_plate(str(tmp_path / "p.zarr"))
+    ann = open_plate(uri).annotations
+    assert list(ann.columns[:2]) == ["Metadata_Plate", "Metadata_Well"]
+    assert ann.set_index("Metadata_Well").loc["A02", "Metadata_Compound"] == "cpd1"
+    pm = tmp_path / "pm.tsv"
+    pd.DataFrame({"Metadata_Plate": ["P1", "P1", "OTHER"], "Metadata_Well": ["a2", "B/1", "A01"],
+                  "Metadata_Compound": ["X", "Y", "Z"], "Metadata_MOA": ["m1", "m2", "m3"]}).to_csv(pm, sep="\t", index=False)
+    over = open_plate(uri, platemap=str(pm)).annotations.set_index("Metadata_Well")
+    assert over.loc["A02", "Metadata_Compound"] == "X" and over.loc["B01", "Metadata_MOA"] == "m2"
+    assert pd.isna(over.loc["A01", "Metadata_Compound"])  # overridden column, well absent from platemap
+    assert over.loc["A01", "Metadata_Concentration"] == 0.0  # columns not in the platemap stay
+
+
+def test_platemap_formats_and_errors(tmp_path):
+    df = pd.DataFrame({"Metadata_Well": ["A1", "h12"], "Metadata_Dose": [1.0, 2.0]})
+    df.to_parquet(tmp_path / "pm.parquet")
+    assert read_platemap(str(tmp_path / "pm.parquet"))["Metadata_Well"].tolist() == ["A01", "H12"]
+    df.rename(columns={"Metadata_Well": "Well"}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(RayscreenError, match="bad.csv.*Metadata_Well"):
+        read_platemap(str(tmp_path / "bad.csv"))
+    pd.DataFrame({"Metadata_Well": ["A01", "a1"]}).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(RayscreenError, match="duplicate"):
+        read_platemap(str(tmp_path / "dup.csv"))
+    uri = make_plate(str(tmp_path / "p.zarr"))
+    pd.DataFrame({"Metadata_Well": ["P24"], "Metadata_X": [1]}).to_csv(tmp_path / "out.csv", index=False)
+    with pytest.raises(RayscreenError, match="P24"):
+        open_plate(uri, platemap=str(tmp_path / "out.csv")).annotations
+
+
+def test_sparse_plate_reports_missing_wells(tmp_path):
+    uri = str(tmp_path / "p.zarr")
+    writer = create_plate(uri, "S", ["A01", "A02", "C05"], ["DNA"], (8, 8), "uint8", 1)
+    writer.write_field("A01", 0, np.ones((1, 8, 8), np.uint8))
+    writer.complete_well("A01", 1)
+    writer.write_field("A02", 0, np.ones((1, 8, 8), np.uint8))  # never completed
+    plate = open_plate(uri)
+    assert plate.wells == ["A01", "A02", "C05"]
+    assert plate.present_wells() == (["A01"], ["A02", "C05"])
+    with pytest.raises(MissingWellError, match="well C05 is listed but missing"):
+        plate.fields("C05")
+    with pytest.raises(MissingWellError, match="A02"):
+        plate.fields("A02")
+    info = plate_info(uri)
+    assert info["wells_missing"] == ["A02", "C05"] and info["fields"] == 1
+    assert "missing: A02, C05" in format_info(info)
+
+
+def test_missing_chunk_raises_not_zeros(tmp_path):
+    uri = make_plate(str(tmp_path / "p.zarr"))
+    os.remove(tmp_path / "p.zarr" / "B" / "1" / "1" / "0" / "c" / "1" / "0" / "0")
+    plate = open_plate(uri)
+    with pytest.raises(MissingChunkError, match="plate 'P1' well B01 field 1"):
+        plate.read("B01", 1)
+    plate.read("B01", 1, channels=["DNA"])  # the other channel's chunk is still there
+    # opting out (for foreign plates written without empty chunks) fills, as zarr does
+    assert open_plate(uri, strict=False).read("B01", 1)[1].max() == 0
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate"])
+def test_corrupt_chunk_names_the_field(tmp_path, damage):
+    uri = make_plate(str(tmp_path / "p.zarr"))
+    chunk = tmp_path / "p.zarr" / "A" / "2" / "0" / "0" / "c" / "0" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.write_bytes(bytes(b ^ 0x5A for b in data) if damage == "garble" else data[: len(data) // 3])
+    with pytest.raises(CorruptDataError, match="plate 'P1' well A02 field 0"):
+        open_plate(uri).read("A02", 0)
+
+
+def test_not_a_plate(tmp_path):
+    with pytest.raises(NotAPlateError, match="no Zarr group"):
+        open_plate(str(tmp_path / "nothing.zarr"))
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").attrs["hello"] = 1
+    with pytest.raises(NotAPlateError, match="expected 'plate' metadata.*attribute keys"):
+        open_plate(str(tmp_path / "plain.zarr"))
+    g = zarr.open_group(str(tmp_path / "image.zarr"), mode="w")
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "y"}, {"name": "x"}], "datasets": []}]}
+    with pytest.raises(NotAPlateError, match="single image"):
+        open_plate(str(tmp_path / "image.zarr"))
+    zarr.create_array(str(tmp_path / "array.zarr"), shape=(4,), dtype="u1")
+    with pytest.raises(NotAPlateError):
+        open_plate(str(tmp_path / "array.zarr"))
+
+
+def test_writer_rejects_bad_images(tmp_path):
+    writer = create_plate(str(tmp_path / "p.zarr"), "P", ["A01"], ["DNA", "Actin"], (8, 8), "float32", 1)
+    with pytest.raises(BadImageError, match=r"plate 'P' well A01 field 0: image shape \(1, 8, 8\).*expected \(2, 8, 8\)"):
+        writer.write_field("A01", 0, np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(BadImageError, match="dtype float64; expected float32"):
+        writer.write_field("A01", 0, np.zeros((2, 8, 8), np.float64))
+    bad = np.zeros((2, 8, 8), np.float32)
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(BadImageError, match="1 NaN/Inf"):
+        writer.write_field("A01", 0, bad)
+    with pytest.raises(RayscreenError, match="without well B01"):
+        writer.write_field("B01", 0, np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(RayscreenError, match="1 fields written, expected 2"):
+        writer.write_field("A01", 0, np.zeros((2, 8, 8), np.float32)) or writer.complete_well("A01", 2)
+    assert not writer.is_complete("A01")
+
+
+def test_reopen_resumes_or_refuses(tmp_path):
+    uri = str(tmp_path / "p.zarr")
+    make_plate(uri, complete=False)
+    writer = create_plate(uri, "P1", ["A01", "A02", "B01", "B02"], ["DNA", "Actin"], (32, 40), "uint16", 2)
+    assert writer.complete_wells() == []
+    with pytest.raises(RayscreenError, match="another layout"):
+        create_plate(uri, "P1", ["A01"], ["DNA"], (32, 40), "uint16", 2)
+    writer = create_plate(uri, "P1", ["A01"], ["DNA"], (32, 40), "uint16", 2, overwrite=True)
+    assert open_plate(uri).wells == ["A01"]
+
+
+def test_axes_rule_tczyx_and_yx(tmp_path):
+    """Foreign layouts: t and z indexed or max-projected; no c axis gives C = 1."""
+    root = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
+    root.attrs["ome"] = {"version": "0.5", "plate": {"rows": [{"name": "A"}], "columns": [{"name": "01"}],
+                                                      "wells": [{"path": "A/01", "rowIndex": 0, "columnIndex": 0}]}}
+    well = root.create_group("A/01")
+    well.attrs["ome"] = {"version": "0.5", "well": {"images": [{"path": "0"}, {"path": "1"}]}}
+    data5 = np.arange(2 * 3 * 4 * 5 * 6, dtype=np.uint16).reshape(2, 3, 4, 5, 6)
+    data2 = np.arange(30, dtype=np.float32).reshape(5, 6)
+    for field, data, axes in (("0", data5, "tczyx"), ("1", data2, "yx")):
+        img = well.create_group(field)
+        img.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": a} for a in axes],
+                                                                "datasets": [{"path": "s0"}]}]}
+        img.create_array("s0", data=data)
+    plate = open_plate(str(tmp_path / "f.zarr"))
+    assert plate.wells == ["A01"] and plate.fields("a1") == ["0", "1"]
+    np.testing.assert_array_equal(plate.read("A01", 0), data5[0].max(axis=1))
+    np.testing.assert_array_equal(plate.read("A01", 0, t=1, z=2), data5[1, :, 2])
+    np.testing.assert_array_equal(plate.read("A01", 1), data2[None])
