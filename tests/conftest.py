@@ -9,6 +9,11 @@ import pytest
 # Tests never reach the network; AWS credentials for the local S3 server come from the
 # environment, the standard place, and are dummies.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Set before any Ray worker starts, so that workers inherit them like a driver's environment.
+S3_SECRET = "rs-dummy-secret-must-never-appear"
+os.environ["AWS_ACCESS_KEY_ID"] = "rs-dummy-key"
+os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +36,7 @@ def _free_port() -> int:
 def s3_server():
     """moto's S3 server on 127.0.0.1 in its own process; yields storage_options for s3fs."""
     port = _free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
@@ -46,10 +50,6 @@ def s3_server():
     else:
         proc.kill()
         pytest.fail("moto S3 server did not start on 127.0.0.1")
-    # credentials from the environment (the standard place), dummies for the local server
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ[k] = "testing"
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     yield {"endpoint_url": endpoint}
     proc.terminate()
     proc.wait(10)

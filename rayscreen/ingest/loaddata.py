@@ -78,8 +78,8 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
     table[WELL_COL] = [well_name(w, context=f"LoadData CSV {path} row {i + 2}") for i, w in enumerate(table[WELL_COL])]
     dup = table.duplicated([PLATE_COL, WELL_COL, SITE_COL], keep=False)
     if dup.any():
-        first = table.loc[dup, [PLATE_COL, WELL_COL, SITE_COL]].iloc[0].tolist()
-        raise RayscreenError(f"LoadData CSV {path}: duplicate (plate, well, site) {tuple(first)}: "
+        p, w, site = table.loc[dup, [PLATE_COL, WELL_COL, SITE_COL]].iloc[0].tolist()
+        raise RayscreenError(f"LoadData CSV {path}: duplicate rows for plate {p!r} well {w} site {site}: "
                              f"each site must appear once, with one file per channel")
     return LoadData(path, table.sort_values([PLATE_COL, WELL_COL, SITE_COL]).reset_index(drop=True), channels)
 

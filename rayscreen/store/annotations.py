@@ -79,13 +79,23 @@ def annotations_from_attrs(plate: str, wells: list[str], attrs: dict[str, Any] |
 
 
 def override(base: pd.DataFrame, platemap: pd.DataFrame, plate: str) -> pd.DataFrame:
-    """``base`` with ``platemap``'s columns replacing or adding per well (rows of other plates ignored)."""
+    """``base`` with ``platemap``'s values replacing or adding per well.
+
+    Wells the platemap names take its values; other wells keep theirs (a new column is
+    missing for them). Rows for other plates are ignored; a well the plate lacks is an error.
+    """
     pm = normalise_platemap(platemap)
     if PLATE_COL in pm.columns:
         pm = pm[pm[PLATE_COL].astype(str) == plate].drop(columns=PLATE_COL)
     unknown = sorted(set(pm[WELL_COL]) - set(base[WELL_COL]))
     if unknown:
         raise RayscreenError(f"platemap names wells {unknown[:10]} that plate {plate!r} does not have")
-    extra = [c for c in pm.columns if c != WELL_COL]
-    merged = base.drop(columns=[c for c in extra if c in base.columns]).merge(pm, on=WELL_COL, how="left")
-    return merged
+    out = base.set_index(WELL_COL)
+    pm = pm.set_index(WELL_COL)
+    for col in pm.columns:
+        if col not in out.columns:
+            out[col] = pd.Series(pd.NA, index=out.index, dtype=pm[col].dtype if pm[col].dtype != object else object)
+        elif out[col].dtype != pm[col].dtype:
+            out[col] = out[col].astype(object)
+        out.loc[pm.index, col] = pm[col]
+    return out.reset_index()[list(base.columns) + [c for c in pm.columns if c not in base.columns]]

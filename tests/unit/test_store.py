@@ -74,7 +74,7 @@ def test_annotations_stored_and_overridden(tmp_path):
                   "Metadata_Compound": ["X", "Y", "Z"], "Metadata_MOA": ["m1", "m2", "m3"]}).to_csv(pm, sep="\t", index=False)
     over = open_plate(uri, platemap=str(pm)).annotations.set_index("Metadata_Well")
     assert over.loc["A02", "Metadata_Compound"] == "X" and over.loc["B01", "Metadata_MOA"] == "m2"
-    assert pd.isna(over.loc["A01", "Metadata_Compound"])  # overridden column, well absent from platemap
+    assert over.loc["A01", "Metadata_Compound"] == "DMSO"  # the platemap's A01 is another plate's
     assert over.loc["A01", "Metadata_Concentration"] == 0.0  # columns not in the platemap stay
 
 

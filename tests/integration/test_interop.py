@@ -1,0 +1,79 @@
+"""Interop both ways with ome-zarr-py, and schema validation with ome-zarr-models."""
+
+import numpy as np
+import pytest
+import zarr
+
+from rayscreen.store import open_plate
+from rayscreen.testing import make_plate, random_field
+
+ome_zarr = pytest.importorskip("ome_zarr")
+from ome_zarr.format import FormatV04, FormatV05  # noqa: E402
+from ome_zarr.io import parse_url  # noqa: E402
+from ome_zarr.reader import Reader  # noqa: E402
+from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def _write_with_ome_zarr(path, fmt):
+    """A 2-row plate, 2 fields per well, axes czyx, written by ome-zarr-py."""
+    rng = np.random.default_rng(7)
+    root = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+    rows, cols = ["A", "B"], ["1", "2", "3"]
+    wells = ["A/1", "A/3", "B/2"]
+    write_plate_metadata(root, rows, cols, wells, fmt=fmt, field_count=2, name="ozp")
+    truth = {}
+    for wpath in wells:
+        row, col = wpath.split("/")
+        well = root.require_group(row).require_group(col)
+        write_well_metadata(well, [{"path": "0"}, {"path": "1"}], fmt=fmt)
+        for f in ("0", "1"):
+            data = rng.integers(0, 60000, (3, 1, 64, 48), dtype=np.uint16)  # c, z, y, x
+            write_image(data, well.require_group(f), axes="czyx", fmt=fmt, scale_factors=[2])
+            truth[(f"{row}0{col}", f)] = data
+    return truth
+
+
+@pytest.mark.parametrize("fmt", [FormatV04(), FormatV05()], ids=["0.4", "0.5"])
+def test_ome_zarr_py_plates_read_pixel_exactly(tmp_path, fmt):
+    truth = _write_with_ome_zarr(tmp_path / "ozp.zarr", fmt)
+    plate = open_plate(str(tmp_path / "ozp.zarr"))
+    assert plate.ngff_version == fmt.version and plate.name == "ozp"
+    assert plate.wells == ["A01", "A03", "B02"] and plate.levels == 2
+    assert plate.shape == (3, 64, 48) and plate.axes == "czyx"
+    for (well, field), data in truth.items():
+        np.testing.assert_array_equal(plate.read(well, field), data[:, 0])
+        assert plate.read(well, field, level=1).shape == (3, 32, 24)
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_our_plates_read_in_ome_zarr_py(tmp_path, ngff):
+    uri = make_plate(str(tmp_path / "ours.zarr"), ngff=ngff, levels=2)
+    plate_node = list(Reader(parse_url(uri))())[0]
+    assert [type(s).__name__ for s in plate_node.specs] == ["Plate"]
+    # ome-zarr-py stitches the first field of every well into one plate-sized image
+    # (8 x 12 wells of 32 x 40 pixels); well A01 is the top-left tile
+    stitched = np.asarray(plate_node.data[0])
+    assert stitched.shape == (2, 8 * 32, 12 * 40)
+    np.testing.assert_array_equal(stitched[:, :32, :40], random_field(0, "A01", 0, (2, 32, 40)))
+    np.testing.assert_array_equal(stitched[:, 32:64, 40:80], random_field(0, "B02", 0, (2, 32, 40)))
+    well_reader = Reader(parse_url(f"{uri}/B/1/1"))
+    image = list(well_reader())[0]
+    np.testing.assert_array_equal(np.asarray(image.data[0]), random_field(0, "B01", 1, (2, 32, 40)))
+    assert [a["name"] for a in image.metadata["axes"]] == ["c", "y", "x"]
+    assert image.metadata["channel_names"] == ["DNA", "Actin"]
+    assert len(image.data) == 2
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_our_plates_validate_against_ngff_schemas(tmp_path, ngff):
+    models = pytest.importorskip("ome_zarr_models")
+    from ome_zarr_models import v04, v05
+
+    uri = make_plate(str(tmp_path / "ours.zarr"), ngff=ngff)
+    group = zarr.open_group(uri, mode="r")
+    # from_zarr validates the plate, every well and every image against the NGFF models
+    hcs = (v05 if ngff == "0.5" else v04).HCS.from_zarr(group)
+    assert hcs.n_wells == 4
+    assert len(list(hcs.well_groups)) == 4

@@ -1,0 +1,156 @@
+"""Ingest from a LoadData CSV (in-process writer; the Ray path is an integration test)."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import imageio.v3 as iio
+
+from rayscreen.cli import main
+from rayscreen.ingest import ingest, read_loaddata
+from rayscreen.store import RayscreenError, open_plate
+
+CHANNELS = ("DNA", "Actin")
+
+
+def plane(plate, well, site, c, shape=(24, 30), dtype=np.uint16):
+    rng = np.random.default_rng([ord(plate[-1]), ord(well[0]), int(well[1:]), site, c])
+    return rng.integers(0, 3000, shape).astype(dtype)
+
+
+def write_screen(root, plates=("PA", "PB"), wells=("A01", "A02", "B03"), sites=2, fmt="tif", rows_extra=None):
+    """Images + LoadData CSV; returns the CSV path. Folders are relative to the CSV."""
+    rows = []
+    for p in plates:
+        os.makedirs(root / p, exist_ok=True)
+        for w in wells:
+            for s in range(1, sites + 1):
+                row = {"Metadata_Plate": p, "Metadata_Well": w.lower() if w == "A02" else w, "Metadata_Site": s,
+                       "Metadata_Compound": "DMSO" if w == "A01" else f"c{w}", "Metadata_Field_Note": f"s{s}"}
+                for c, ch in enumerate(CHANNELS):
+                    name = f"{w}_s{s}_{ch}.{fmt}"
+                    img = plane(p, w, s, c, dtype=np.uint8 if fmt == "png" else np.uint16)
+                    (tifffile.imwrite if fmt == "tif" else iio.imwrite)(root / p / name, img)
+                    row[f"FileName_{ch}"] = name
+                    row[f"PathName_{ch}"] = p
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    csv = root / "load_data.csv"
+    df.to_csv(csv, index=False)
+    return csv
+
+
+@pytest.mark.parametrize("fmt,ngff", [("tif", "0.5"), ("png", "0.4")])
+def test_ingest_round_trip(tmp_path, fmt, ngff):
+    csv = write_screen(tmp_path, fmt=fmt)
+    uris = ingest(str(csv), str(tmp_path / "out"), use_ray=False, ngff=ngff, progress=False)
+    assert [os.path.basename(u) for u in uris] == ["PA.zarr", "PB.zarr"]
+    plate = open_plate(uris[1])
+    assert plate.name == "PB" and plate.channels == list(CHANNELS) and plate.ngff_version == ngff
+    assert plate.wells == ["A01", "A02", "B03"] and plate.fields("B03") == ["0", "1"]
+    dtype = np.uint8 if fmt == "png" else np.uint16
+    for c in range(2):
+        np.testing.assert_array_equal(plate.read("A02", 1)[c], plane("PB", "A02", 2, c, dtype=dtype))
+    ann = plate.annotations.set_index("Metadata_Well")
+    assert ann.loc["B03", "Metadata_Compound"] == "cB03"
+    assert "Metadata_Field_Note" not in ann.columns  # varies within a well: not a well annotation
+    assert "Metadata_Site" not in ann.columns
+
+
+def test_ingest_platemap_overrides(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    pd.DataFrame({"Metadata_Plate": ["PA"], "Metadata_Well": ["A1"], "Metadata_Compound": ["taxol"],
+                  "Metadata_MOA": ["microtubule stabiliser"]}).to_csv(tmp_path / "pm.csv", index=False)
+    uri, = ingest(str(csv), str(tmp_path / "out"), platemap=str(tmp_path / "pm.csv"), use_ray=False, progress=False)
+    ann = open_plate(uri).annotations.set_index("Metadata_Well")
+    assert ann.loc["A01", "Metadata_Compound"] == "taxol" and ann.loc["A01", "Metadata_MOA"] == "microtubule stabiliser"
+    assert ann.loc["B03", "Metadata_Compound"] == "cB03"
+
+
+def test_resume_after_a_missing_file(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    victim = tmp_path / "PA" / "B03_s2_Actin.tif"
+    saved = victim.read_bytes()
+    victim.unlink()
+    with pytest.raises(RayscreenError, match=r"plate 'PA' well B03 site 2 channel Actin: image file .*B03_s2_Actin.tif is missing"):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, wells_per_task=1, progress=False)
+    plate = open_plate(str(tmp_path / "out" / "PA.zarr"))
+    assert plate.present_wells() == (["A01", "A02"], ["B03"])  # the failing well is not marked complete
+    done_chunk = tmp_path / "out" / "PA.zarr" / "A" / "1" / "0" / "0" / "c" / "0" / "0" / "0"
+    mtime = done_chunk.stat().st_mtime_ns
+    victim.write_bytes(saved)
+    ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    plate = open_plate(str(tmp_path / "out" / "PA.zarr"))
+    assert plate.present_wells() == (["A01", "A02", "B03"], [])
+    assert done_chunk.stat().st_mtime_ns == mtime  # complete wells were skipped, not rewritten
+    np.testing.assert_array_equal(plate.read("B03", 1)[1], plane("PA", "B03", 2, 1))
+
+
+def _edit_csv(csv, fn):
+    df = pd.read_csv(csv)
+    df = fn(df)
+    df.to_csv(csv, index=False)
+
+
+def test_loaddata_missing_columns(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    _edit_csv(csv, lambda d: d.drop(columns=["Metadata_Site"]))
+    with pytest.raises(RayscreenError, match=r"missing required column\(s\) \['Metadata_Site'\]"):
+        read_loaddata(str(csv))
+    _edit_csv(csv, lambda d: d.assign(Metadata_Site=1).drop(columns=["PathName_DNA"]))
+    with pytest.raises(RayscreenError, match="FileName_DNA has no matching PathName_DNA"):
+        read_loaddata(str(csv))
+
+
+def test_loaddata_duplicate_site(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    _edit_csv(csv, lambda d: pd.concat([d, d.iloc[[0]]]))
+    with pytest.raises(RayscreenError, match="duplicate rows for plate 'PA' well A01 site 1"):
+        read_loaddata(str(csv))
+
+
+def test_loaddata_unknown_well(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    _edit_csv(csv, lambda d: d.assign(Metadata_Well=["9Z"] + list(d.Metadata_Well[1:])))
+    with pytest.raises(RayscreenError, match="unknown well name '9Z' in LoadData CSV .* row 2"):
+        read_loaddata(str(csv))
+
+
+def test_inconsistent_shape_dtype_and_unreadable(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    tifffile.imwrite(tmp_path / "PA" / "A02_s1_DNA.tif", np.zeros((20, 30), np.uint16))
+    with pytest.raises(RayscreenError, match="plate 'PA' well A02 site 1: channels differ in shape"):
+        ingest(str(csv), str(tmp_path / "o1"), use_ray=False, progress=False)
+    for ch in CHANNELS:
+        tifffile.imwrite(tmp_path / "PA" / f"A02_s1_{ch}.tif", np.zeros((24, 30), np.float32))
+    with pytest.raises(RayscreenError, match="plate 'PA' well A02 field 0: dtype float32; expected uint16"):
+        ingest(str(csv), str(tmp_path / "o2"), use_ray=False, progress=False)
+    (tmp_path / "PA" / "A02_s1_DNA.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(RayscreenError, match="cannot read image file .*A02_s1_DNA.tif"):
+        ingest(str(csv), str(tmp_path / "o3"), use_ray=False, progress=False)
+    tifffile.imwrite(tmp_path / "PA" / "A02_s1_DNA.tif", np.zeros((3, 24, 30), np.uint16))
+    with pytest.raises(RayscreenError, match=r"shape \(3, 24, 30\); expected one 2-D greyscale plane"):
+        ingest(str(csv), str(tmp_path / "o4"), use_ray=False, progress=False)
+
+
+def test_nan_float_images(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=1)
+    for ch in CHANNELS:
+        img = np.ones((24, 30), np.float32)
+        if ch == "Actin":
+            img[3, 4] = np.inf
+        tifffile.imwrite(tmp_path / "PA" / f"A01_s1_{ch}.tif", img)
+    with pytest.raises(RayscreenError, match="plate 'PA' well A01 site 1: 1 NaN/Inf"):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+
+
+def test_cli_errors_exit_nonzero_and_name_the_file(tmp_path, capsys):
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=1)
+    (tmp_path / "PA" / "A01_s1_DNA.tif").unlink()
+    code = main(["--quiet", "ingest", str(csv), str(tmp_path / "out"), "--no-ray"])
+    assert code == 2
+    assert "A01_s1_DNA.tif is missing" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 2
+    assert "not an OME-Zarr HCS plate" in capsys.readouterr().err
