@@ -1,0 +1,215 @@
+"""A Ray Data ``Datasource`` over OME-Zarr HCS plates: one row per field (or tile).
+
+Planning happens on the driver and reads only each plate's root metadata (wells and
+annotations). The unit of work is a well: a read task carries a list of
+(plate URI, well, annotation values) and nothing else about the screen, opens its own
+filesystem, reads the well's metadata and streams its fields out in small blocks, so no
+process ever holds a whole plate. Wells of one plate are kept together in a task
+(chunks of a field never span wells, so tasks never share a chunk).
+
+Bad data mid-stream: ``on_error="raise"`` (default) fails the job with an error naming
+plate/well/field; ``on_error="skip"`` records each bad field (and each well missing on
+disk) as one JSON line under ``error_report`` and streams on, so every field is either
+read or reported. Wells listed but absent on disk (sparse plates) are always reported,
+never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..store import MissingWellError, RayscreenError, open_plate
+from ..store.uri import filesystem, join
+
+ROW_KEYS = ("plate", "well", "field")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What every read task needs besides its wells (small: travels with each task)."""
+
+    storage_options: dict[str, Any] | None = None
+    fields: tuple[str, ...] | None = None
+    channels: tuple[str | int, ...] | None = None
+    level: int = 0
+    tile: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    illumination: bool = False
+    normalize: bool = False
+    dtype: str | None = None  # cast (e.g. "float32"); corrections always give float32
+    on_error: str = "raise"
+    error_report: str | None = None
+    fields_per_block: int = 4
+
+
+@dataclass(frozen=True)
+class WellTask:
+    plate_uri: str
+    plate: str
+    well: str
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_wells(uris: Sequence[str], storage_options=None, wells: Sequence[str] | None = None,
+               where: dict[str, Any] | None = None, platemap=None) -> list[WellTask]:
+    """Wells to read, in plate then well order, with their annotations; filters applied.
+
+    ``where`` maps an annotation column to a value or a list of values to keep.
+    Raises naming the column when a filter names a column no plate has.
+    """
+    from ..store.wells import well_name
+
+    keep_wells = {well_name(w) for w in wells} if wells else None
+    out: list[WellTask] = []
+    for uri in uris:
+        plate = open_plate(uri, storage_options, platemap=platemap)
+        ann = plate.annotations
+        for col, values in (where or {}).items():
+            if col not in ann.columns:
+                raise RayscreenError(f"filter on annotation column {col!r}: plate {plate.name!r} has "
+                                     f"columns {list(ann.columns)}")
+            values = values if isinstance(values, (list, tuple, set)) else [values]
+            ann = ann[ann[col].isin(list(values))]
+        if keep_wells is not None:
+            ann = ann[ann["Metadata_Well"].isin(keep_wells)]
+        for rec in ann.to_dict("records"):
+            values = {k: _plain(v) for k, v in rec.items() if k not in ("Metadata_Plate",)}
+            out.append(WellTask(plate.uri, plate.name, rec["Metadata_Well"], values))
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return v
+
+
+def _report(options: StreamOptions, record: dict[str, Any]) -> None:
+    if options.error_report is None:
+        return
+    fs, path = filesystem(options.error_report, options.storage_options)
+    fs.makedirs(path, exist_ok=True)
+    name = f"{record['plate']}_{record['well']}_{record.get('field', 'well')}_{uuid.uuid4().hex[:8]}.json"
+    with fs.open(f"{path}/{name}", "w") as f:
+        f.write(json.dumps(record))
+
+
+def load_error_report(error_report: str, storage_options=None) -> pd.DataFrame:
+    """The fields (and wells) that a stream could not read: plate, well, field, kind, error."""
+    fs, path = filesystem(error_report, storage_options)
+    cols = ["plate", "well", "field", "kind", "error"]
+    if not fs.exists(path):
+        return pd.DataFrame(columns=cols)
+    records = [json.loads(fs.cat(p)) for p in sorted(fs.find(path)) if p.endswith(".json")]
+    df = pd.DataFrame(records, columns=cols).astype(object)
+    df = df.where(df.notna(), None)
+    # a retried task may report the same field twice: one line per field
+    return df.drop_duplicates(["plate", "well", "field", "kind"]).sort_values(["plate", "well", "field"],
+                                                                             na_position="first").reset_index(drop=True)
+
+
+class _Corrections:
+    """Per-plate illumination and normalisation, loaded once per plate per task."""
+
+    def __init__(self, options: StreamOptions):
+        self.options = options
+        self._cache: dict[str, tuple[Any, Any]] = {}
+
+    def __call__(self, plate_uri: str, image: np.ndarray, channel_idx: list[int] | None) -> np.ndarray:
+        o = self.options
+        if not (o.illumination or o.normalize):
+            return image.astype(o.dtype) if o.dtype else image
+        if plate_uri not in self._cache:
+            illum = norm = None
+            if o.illumination:
+                from .illumination import load_illumination
+
+                illum = load_illumination(plate_uri, o.storage_options)
+                if illum is None:
+                    raise RayscreenError(f"plate {plate_uri}: no illumination function stored; "
+                                         "run `rayscreen illum` on it first")
+            if o.normalize:
+                from .normalize import load_normalization
+
+                norm = load_normalization(plate_uri, o.storage_options)
+                if norm is None:
+                    raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one first")
+            self._cache[plate_uri] = (illum, norm)
+        illum, norm = self._cache[plate_uri]
+        out = image.astype(np.float32)
+        if illum is not None:
+            from .illumination import correct
+
+            out = correct(out, illum if channel_idx is None else illum[channel_idx])
+        if norm is not None:
+            out = norm.transform(out) if channel_idx is None else norm.select(channel_idx).transform(out)
+        return out.astype(o.dtype or np.float32, copy=False)
+
+
+def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[str, Any]]:
+    """Yield row batches (dicts of columns) for the fields of ``tasks``. Pure Python, no Ray:
+    the read task's body, also usable directly (tests, single-process baselines)."""
+    plates: dict[str, Any] = {}
+    correct = _Corrections(options)
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        plate = plates.get(task.plate_uri) or plates.setdefault(
+            task.plate_uri, open_plate(task.plate_uri, options.storage_options))
+        try:
+            fields = plate.fields(task.well)
+        except MissingWellError as e:
+            _report(options, {"plate": task.plate, "well": task.well, "field": None, "kind": "missing well",
+                              "error": str(e)})
+            continue
+        if options.fields is not None:
+            fields = [f for f in fields if f in options.fields]
+        channel_idx = plate._channel_indices(options.channels) if options.channels else None
+        for f in fields:
+            try:
+                image = plate.read(task.well, f, options.level, channels=options.channels)
+                image = correct(task.plate_uri, image, channel_idx)
+            except RayscreenError as e:
+                if options.on_error != "skip":
+                    raise
+                _report(options, {"plate": task.plate, "well": task.well, "field": f, "kind": type(e).__name__,
+                                  "error": str(e)})
+                continue
+            base = {"plate": task.plate, "well": task.well, "field": f, **task.annotations}
+            if options.tile:
+                from .tiling import tiles
+
+                stack, positions = tiles(image, options.tile, options.stride or options.tile)
+                for t, (ty, tx) in zip(stack, positions):
+                    rows.append({**base, "image": t, "tile_y": int(ty), "tile_x": int(tx)})
+            else:
+                rows.append({**base, "image": image})
+            if len(rows) >= options.fields_per_block:
+                yield _to_batch(rows)
+                rows = []
+    if rows:
+        yield _to_batch(rows)
+
+
+def _to_batch(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {k: [r.get(k) for r in rows] for k in rows[0]}
+    batch["image"] = np.stack(batch["image"])
+    for k, v in list(batch.items()):
+        if k != "image":
+            batch[k] = np.asarray(v, dtype=object if any(isinstance(x, str) or x is None for x in v) else None)
+    return batch
+
+
+def split_tasks(wells: list[WellTask], n: int) -> list[list[WellTask]]:
+    """``n`` contiguous groups of about equal size (wells of a plate stay together)."""
+    n = max(1, min(n, len(wells)))
+    bounds = np.linspace(0, len(wells), n + 1).round().astype(int)
+    return [wells[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
