@@ -1,0 +1,144 @@
+"""Call hits: per-plate z-scores of well scores, profile distance to controls, Z'-factor.
+
+Plates differ (staining, focus, cell density), so every statistic is taken per plate
+against that plate's own reference wells: the negative controls when the table marks
+them, all wells otherwise (most wells of a screen are inactive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ._table import CONTROL_COLUMN, PLATE_COLUMN, control_mask, feature_columns, metadata_columns, require_columns
+from .normalize import MAD_SCALE
+
+
+def _reference_mask(table: pd.DataFrame, controls) -> np.ndarray:
+    # "Against negative controls when given, else all wells": by default the negatives of
+    # Metadata_Control if the table has that column, all wells if not.
+    if controls is None and CONTROL_COLUMN not in table.columns:
+        controls = "all"
+    return control_mask(table, controls, kind="negative")
+
+
+def _plates(table: pd.DataFrame, by_plate: bool, plate_column: str) -> dict:
+    if not by_plate:
+        return {None: np.ones(len(table), dtype=bool)}
+    require_columns(table, [plate_column], "plate")
+    codes, uniques = pd.factorize(table[plate_column], use_na_sentinel=False)
+    return {p: codes == i for i, p in enumerate(uniques)}
+
+
+def _center_spread(values: np.ndarray, robust: bool) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if robust:
+        center = np.median(values)
+        return float(center), float(MAD_SCALE * np.median(np.abs(values - center)))
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def zscore(table: pd.DataFrame, score: str, *, controls=None, robust: bool = False, by_plate: bool = True,
+           plate_column: str = PLATE_COLUMN) -> pd.Series:
+    """Per-plate z-score of column ``score``: ``(x - center) / spread`` of the plate's
+    reference wells: mean and standard deviation (ddof=1), or with ``robust`` median and
+    1.4826 * MAD. ``controls``: ``None`` (negatives of ``Metadata_Control`` if present,
+    else all wells), ``"all"``, a query or a mask. A zero spread gives NaN, not inf.
+
+    Returns a float Series aligned with ``table``.
+    """
+    require_columns(table, [score], "score")
+    values = table[score].to_numpy(dtype=float)
+    reference = _reference_mask(table, controls)
+    z = np.full(len(table), np.nan)
+    for plate, rows in _plates(table, by_plate, plate_column).items():
+        ref = values[rows & reference]
+        if not np.isfinite(ref).any():
+            raise ValueError(f"no reference wells with a {score!r} value in plate {plate!r}")
+        center, spread = _center_spread(ref, robust)
+        z[rows] = (values[rows] - center) / spread if spread > 0 else np.nan
+    return pd.Series(z, index=table.index, name=f"{score}_z")
+
+
+def distance_to_controls(profiles: pd.DataFrame, *, controls=None, metric: str = "cosine", robust: bool = False,
+                         by_plate: bool = True, plate_column: str = PLATE_COLUMN,
+                         features: Sequence[str] | None = None) -> pd.DataFrame:
+    """Distance of each well's profile to its plate's mean control profile, and its z-score.
+
+    ``metric``: ``"cosine"`` (1 - cosine similarity) or ``"euclidean"``. The z-score is
+    taken against the control wells' own distances (how far a control strays from the
+    control mean), so ``distance_z`` reads "how many control spreads away".
+
+    Returns ``profiles``' ``Metadata_*`` columns plus ``distance`` and ``distance_z``.
+    """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    cols = feature_columns(profiles, features)
+    X = profiles[cols].to_numpy(dtype=float)
+    reference = _reference_mask(profiles, controls)
+    distance = np.full(len(profiles), np.nan)
+    for plate, rows in _plates(profiles, by_plate, plate_column).items():
+        if not (rows & reference).any():
+            raise ValueError(f"no control wells in plate {plate!r}")
+        center = np.nanmean(X[rows & reference], axis=0)
+        if metric == "euclidean":
+            distance[rows] = np.linalg.norm(X[rows] - center, axis=1)
+        else:
+            norms = np.linalg.norm(X[rows], axis=1) * np.linalg.norm(center)
+            distance[rows] = 1.0 - (X[rows] @ center) / np.where(norms > 0, norms, np.nan)
+    out = profiles[metadata_columns(profiles)].copy()
+    out["distance"] = distance
+    out["distance_z"] = zscore(out, "distance", controls=reference, robust=robust, by_plate=by_plate,
+                               plate_column=plate_column).to_numpy()
+    return out
+
+
+def z_prime(table: pd.DataFrame, score: str, *, positive=None, negative=None, by_plate: bool = True,
+            plate_column: str = PLATE_COLUMN) -> pd.DataFrame:
+    """Z'-factor of ``score`` per plate: ``1 - 3 (sd_p + sd_n) / |mean_p - mean_n|``
+    (Zhang et al. 1999; standard deviations with ddof=1).
+
+    ``positive``/``negative`` select the control wells (query, mask, or ``None`` for
+    ``Metadata_Control`` == "positive" / negative). A plate without two wells of each
+    kind gets NaN. Returns one row per plate: ``n_pos``, ``n_neg``, ``mean_pos``,
+    ``mean_neg``, ``sd_pos``, ``sd_neg``, ``z_prime``.
+    """
+    require_columns(table, [score], "score")
+    values = table[score].to_numpy(dtype=float)
+    pos = control_mask(table, positive, kind="positive")
+    neg = control_mask(table, negative, kind="negative")
+    rows_out = []
+    for plate, rows in _plates(table, by_plate, plate_column).items():
+        p, n = values[rows & pos], values[rows & neg]
+        p, n = p[np.isfinite(p)], n[np.isfinite(n)]
+        row = {"n_pos": len(p), "n_neg": len(n),
+               "mean_pos": p.mean() if len(p) else np.nan, "mean_neg": n.mean() if len(n) else np.nan,
+               "sd_pos": p.std(ddof=1) if len(p) > 1 else np.nan, "sd_neg": n.std(ddof=1) if len(n) > 1 else np.nan}
+        gap = abs(row["mean_pos"] - row["mean_neg"])
+        row["z_prime"] = 1 - 3 * (row["sd_pos"] + row["sd_neg"]) / gap if gap > 0 else np.nan
+        rows_out.append({plate_column: plate, **row} if by_plate else row)
+    return pd.DataFrame(rows_out)
+
+
+def call_hits(table: pd.DataFrame, score: str, *, threshold: float = 3.0, direction: str = "both",
+              controls=None, robust: bool = False, by_plate: bool = True,
+              plate_column: str = PLATE_COLUMN) -> pd.DataFrame:
+    """Wells whose per-plate z-score of ``score`` passes ``threshold``.
+
+    ``direction``: ``"both"`` (|z| >= threshold), ``"up"`` (z >= threshold) or ``"down"``
+    (z <= -threshold). Control wells (any kind in ``Metadata_Control``) are never hits.
+    Returns the hit rows: ``Metadata_*`` columns, ``score``, ``{score}_z``, sorted by |z|
+    descending.
+    """
+    if direction not in ("both", "up", "down"):
+        raise ValueError(f"direction must be 'both', 'up' or 'down', got {direction!r}")
+    z = zscore(table, score, controls=controls, robust=robust, by_plate=by_plate, plate_column=plate_column)
+    out = table[metadata_columns(table) + [score]].copy()
+    out[z.name] = z.to_numpy()
+    zv = z.to_numpy()
+    hit = {"both": np.abs(zv) >= threshold, "up": zv >= threshold, "down": zv <= -threshold}[direction]
+    hit &= ~control_mask(table, kind="any", required=False)
+    out = out.loc[hit]
+    return out.iloc[np.argsort(-np.abs(out[z.name].to_numpy()), kind="stable")]

@@ -1,0 +1,142 @@
+"""MOA evaluation: NSC / NSCB / mAP on a toy worked out by hand, copairs agreement, bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rayscreen.analysis import average_precision, evaluate_moa, mean_average_precision, nsc_accuracy, nscb_accuracy
+
+
+def toy():
+    """Five treatments of four compounds, two MOAs, plus a DMSO control row.
+
+    Cosine similarities (by hand, 3 decimals) between the treatments p1..p5:
+        p1 (1, 0)     A c1 batch1     p1-p3 .981  p1-p5 .874  p1-p4 0
+        p2 (1, .1)    A c1 batch2     p2-p3 .995  p2-p5 .918  p2-p4 .100
+        p3 (1, .2)    A c2 batch2     p3-p5 .952  p3-p4 .196
+        p4 (0, 1)     B c3 batch1     p4-p5 .486
+        p5 (.9, .5)   B c4 batch2
+    NSC (other compounds only): p1->p3 A ok, p2->p3 A ok, p3->p2 A ok, p4->p5 B ok,
+        p5->p3 A wrong: 4/5. (p1's closest overall is p2, its own compound: left out.)
+    NSCB (other compound and batch): p1->p3 ok, p2->p4 wrong, p3->p1 ok, p4->p5 ok,
+        p5->p1 wrong: 3/5.
+    AP over other compounds: p1..p4 rank a same-MOA reference first (AP 1); p5 ranks
+        p3, p2, p1 (all A) before p4: AP 1/4. mAP = 4.25 / 5 = 0.85.
+    The DMSO row (.1, 1) would be p4's nearest neighbour if it were a reference.
+    """
+    return pd.DataFrame({
+        "Metadata_Compound": ["c1", "c1", "c2", "c3", "c4", "DMSO"],
+        "Metadata_Concentration": [1.0, 10.0, 1.0, 1.0, 1.0, 0.0],
+        "Metadata_MOA": ["A", "A", "A", "B", "B", "DMSO"],
+        "Metadata_Batch": ["b1", "b2", "b2", "b1", "b2", "b1"],
+        "Metadata_Control": [False, False, False, False, False, True],
+        "f0": [1.0, 1.0, 1.0, 0.0, 0.9, 0.1],
+        "f1": [0.0, 0.1, 0.2, 1.0, 0.5, 1.0],
+    })
+
+
+def test_toy_by_hand():
+    result = evaluate_moa(toy())
+    assert result.nsc == pytest.approx(4 / 5)
+    assert result.nscb == pytest.approx(3 / 5)
+    assert result.map == pytest.approx(0.85)
+    assert result.n_queries == 5 and result.n_queries_nscb == 5
+    assert result.warnings == []
+    assert result.per_moa.loc["A", "nsc"] == 1.0 and result.per_moa.loc["B", "nsc"] == 0.5
+    assert result.per_moa.loc["B", "map"] == pytest.approx((1 + 0.25) / 2)
+    assert result.per_moa["n_compounds"].tolist() == [2, 2]
+    assert result.confusion.loc["A"].tolist() == [3, 0]
+    assert result.confusion.loc["B"].tolist() == [1, 1]  # p5 taken for A
+    assert result.predictions["nsc_neighbor"].tolist() == [2, 2, 1, 4, 2]  # index labels
+    assert result.predictions["nscb_neighbor"].tolist() == [2, 3, 0, 4, 0]
+    d = result.to_dict()
+    assert d["nsc"] == pytest.approx(0.8) and d["confusion"]["B"] == {"A": 1, "B": 1}
+
+
+def test_shortcuts_and_metric():
+    assert nsc_accuracy(toy()) == pytest.approx(0.8)
+    assert nscb_accuracy(toy()) == pytest.approx(0.6)
+    assert mean_average_precision(toy()) == pytest.approx(0.85)
+    with pytest.raises(ValueError, match="Metadata_Plate"):
+        nscb_accuracy(toy(), batch="Metadata_Plate")
+    # Pearson correlation of 2-D profiles is +-1: a different, valid, answer
+    assert evaluate_moa(toy(), metric="correlation").nsc is not None
+
+
+def test_average_precision_by_hand():
+    # relevant at ranks 2 and 4: (1/2 + 2/4) / 2
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [False, True, False, True]) == pytest.approx(0.5)
+    assert average_precision([0.1, 0.5], [True, False]) == pytest.approx(0.5)
+    assert average_precision([0.5, 0.5], [False, True]) == 1.0  # ties: positives first, as copairs
+    assert np.isnan(average_precision([0.5], [False]))
+
+
+def test_missing_columns_name_them():
+    with pytest.raises(ValueError, match=r"\['Metadata_MOA'\]"):
+        evaluate_moa(toy().drop(columns="Metadata_MOA"))
+    with pytest.raises(ValueError, match="Metadata_Compound"):
+        evaluate_moa(toy().drop(columns=["Metadata_Compound"]))
+    result = evaluate_moa(toy().drop(columns="Metadata_Batch"))
+    assert result.nsc == pytest.approx(0.8) and result.nscb is None
+    assert any("NSCB not computed" in w for w in result.warnings)
+
+
+def test_single_moa_and_single_compound_moa_are_reported():
+    one = toy()
+    one.loc[one["Metadata_MOA"] == "B", "Metadata_MOA"] = "A"
+    result = evaluate_moa(one)
+    assert result.nsc is None and result.map is None and result.n_queries == 0
+    assert any("fewer than two MOAs" in w for w in result.warnings)
+
+    single = toy()
+    single.loc[4, ["Metadata_Compound", "Metadata_MOA"]] = ["c4", "C"]  # C has one compound
+    single.loc[3, "Metadata_MOA"] = "C"
+    single.loc[3, "Metadata_Compound"] = "c4"
+    result = evaluate_moa(single)
+    assert any("single compound" in w and "'C'" in w for w in result.warnings)
+    assert result.n_queries == 3  # the A treatments; C's stay references
+    assert result.per_moa.loc["C", "n_queries"] == 0 and np.isnan(result.per_moa.loc["C", "nsc"])
+
+
+def test_nonfinite_rows_are_left_out_with_a_warning():
+    bad = toy()
+    bad.loc[0, "f0"] = np.nan
+    result = evaluate_moa(bad)
+    assert result.n_queries == 4
+    assert any("non-finite" in w for w in result.warnings)
+
+
+def random_treatments(seed=0):
+    rng = np.random.default_rng(seed)
+    rows, feats = [], []
+    for m in range(4):
+        center = rng.normal(size=8)
+        for c in range(3):
+            for dose in range(int(rng.integers(1, 4))):
+                rows.append({"Metadata_MOA": f"moa{m}", "Metadata_Compound": f"moa{m}_c{c}",
+                             "Metadata_Concentration": float(dose), "Metadata_Batch": f"b{(c + dose) % 2}"})
+                feats.append(center + rng.normal(scale=1.5, size=8))
+    table = pd.DataFrame(rows)
+    return pd.concat([table, pd.DataFrame(np.array(feats), columns=[f"f{i}" for i in range(8)])], axis=1)
+
+
+def test_average_precision_matches_copairs():
+    copairs_ap = pytest.importorskip("copairs.map").average_precision
+    table = random_treatments()
+    ours = evaluate_moa(table).predictions["average_precision"]
+    meta = table.filter(like="Metadata_")
+    feats = table.filter(like="f").to_numpy()
+    theirs = copairs_ap(meta, feats, pos_sameby=["Metadata_MOA"], pos_diffby=["Metadata_Compound"],
+                        neg_sameby=[], neg_diffby=["Metadata_MOA"], progress_bar=False)
+    np.testing.assert_allclose(ours.to_numpy(dtype=float), theirs["average_precision"].to_numpy(), atol=1e-6)
+
+
+def test_separated_moas_score_perfectly_and_blocks_do_not_matter():
+    table = random_treatments(1)
+    for i in range(4):  # shrink the noise: MOAs become separable
+        cols = [f"f{j}" for j in range(8)]
+        rows = table["Metadata_MOA"] == f"moa{i}"
+        table.loc[rows, cols] = table.loc[rows, cols].mean().to_numpy() + 0.01 * table.loc[rows, cols].to_numpy()
+    full, blocked = evaluate_moa(table), evaluate_moa(table, block_size=3)
+    assert full.nsc == 1.0 and full.map == pytest.approx(1.0)
+    pd.testing.assert_frame_equal(full.predictions, blocked.predictions)

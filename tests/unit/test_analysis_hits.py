@@ -1,0 +1,81 @@
+"""Hit calling: z-scores, Z' and distance to controls on hand numbers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rayscreen.analysis import call_hits, distance_to_controls, z_prime, zscore
+
+
+def scores():
+    # Per plate: negatives 1, 2, 3 (mean 2, sd 1), positives 10, 12, 14 (mean 12, sd 2),
+    # treated wells 5 and 2. Plate P2 is P1 shifted by +100.
+    rows = []
+    for plate, offset in (("P1", 0.0), ("P2", 100.0)):
+        for kind, values in (("negative", [1, 2, 3]), ("positive", [10, 12, 14]), ("", [5, 2])):
+            for v in values:
+                rows.append({"Metadata_Plate": plate, "Metadata_Well": f"W{len(rows):02d}",
+                             "Metadata_Control": kind, "score": v + offset})
+    return pd.DataFrame(rows)
+
+
+def test_z_prime_by_hand():
+    zp = z_prime(scores(), "score")
+    # 1 - 3 (2 + 1) / |12 - 2| = 0.1
+    assert zp["Metadata_Plate"].tolist() == ["P1", "P2"]
+    np.testing.assert_allclose(zp["z_prime"], [0.1, 0.1])
+    assert zp[["n_pos", "n_neg"]].to_numpy().tolist() == [[3, 3], [3, 3]]
+    no_pos = scores().query("Metadata_Control != 'positive'")
+    assert np.isnan(z_prime(no_pos, "score")["z_prime"]).all()
+
+
+def test_zscore_against_negative_controls_per_plate():
+    table = scores()
+    z = zscore(table, "score")
+    treated = table["Metadata_Control"] == ""
+    assert z[treated].tolist() == [3.0, 0.0, 3.0, 0.0]  # (5 - 2) / 1, per plate
+    assert z.name == "score_z"
+
+
+def test_robust_zscore_ignores_an_outlier_control():
+    table = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Control": [True] * 4 + [False],
+                          "score": [1.0, 2.0, 3.0, 100.0, 5.0]})
+    # median 2.5; |x - 2.5| = 1.5, .5, .5, 97.5 -> MAD 1 -> scale 1.4826
+    z = zscore(table, "score", robust=True)
+    assert z.iloc[-1] == pytest.approx(2.5 / 1.4826)
+    # without controls marked all wells are the reference: median 3; |x - 3| = 2, 1, 0, 97, 2 -> MAD 2
+    assert zscore(table.drop(columns="Metadata_Control"), "score", robust=True).iloc[-1] == pytest.approx(
+        (5 - 3) / (1.4826 * 2))
+
+
+def test_zero_spread_gives_nan_and_missing_controls_raise():
+    table = pd.DataFrame({"Metadata_Plate": ["P1"] * 3, "Metadata_Control": [True, True, False],
+                          "score": [1.0, 1.0, 4.0]})
+    assert zscore(table, "score").isna().all()
+    table["Metadata_Plate"] = ["P1", "P1", "P2"]
+    with pytest.raises(ValueError, match="plate 'P2'"):
+        zscore(table, "score")
+
+
+def test_call_hits_threshold_and_direction():
+    table = scores()
+    table.loc[len(table)] = {"Metadata_Plate": "P1", "Metadata_Well": "W99", "Metadata_Control": "", "score": -4.0}
+    hits = call_hits(table, "score", threshold=3.0)
+    # P1: 5 -> z 3, -4 -> z -6; P2: 105 -> z 3; positives are controls, never hits
+    assert hits["Metadata_Well"].tolist() == ["W99", "W06", "W14"]
+    assert hits["score_z"].tolist() == [-6.0, 3.0, 3.0]
+    assert call_hits(table, "score", direction="up")["Metadata_Well"].tolist() == ["W06", "W14"]
+    assert call_hits(table, "score", direction="down")["Metadata_Well"].tolist() == ["W99"]
+
+
+def test_distance_to_controls():
+    table = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": ["A", "B", "C", "D"],
+                          "Metadata_Control": [True, True, True, False],
+                          "f0": [1.0, 1.0, 1.0, 0.0], "f1": [0.1, 0.0, -0.1, 2.0]})
+    out = distance_to_controls(table)
+    # control mean (1, 0): cosine distance of D = 1 - 0 = 1
+    assert out["distance"].iloc[-1] == pytest.approx(1.0)
+    assert out["distance_z"].iloc[-1] > 10
+    euclid = distance_to_controls(table, metric="euclidean")
+    assert euclid["distance"].tolist() == pytest.approx([0.1, 0.0, 0.1, np.sqrt(5)])
+    assert list(out.columns[:3]) == ["Metadata_Plate", "Metadata_Well", "Metadata_Control"]

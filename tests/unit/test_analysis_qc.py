@@ -1,0 +1,128 @@
+"""QC: image metrics on known images; artefact classifier on synthetic embeddings."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from rayscreen.analysis import (classify_artefacts, cross_validate_artefacts, field_qc, foreground,
+                                intensity_percentiles, laplacian_variance, power_spectrum_slope,
+                                saturation_fraction)
+
+
+def test_laplacian_variance_of_a_point():
+    image = np.zeros((5, 5))
+    image[2, 2] = 1.0
+    # Laplacian: -4 at the point, +1 at its 4 neighbours, 0 elsewhere (25 pixels):
+    # mean 0, variance (16 + 4 * 1) / 25
+    assert laplacian_variance(image) == pytest.approx(20 / 25)
+    assert laplacian_variance(np.full((8, 8), 7.0)) == 0.0
+
+
+def textured(seed=0, shape=(128, 128)):
+    rng = np.random.default_rng(seed)
+    image = ndimage.gaussian_filter(rng.random(shape), 1.0)
+    return image / image.max()
+
+
+def test_blur_lowers_focus_scores():
+    sharp = textured()
+    blurred = ndimage.gaussian_filter(sharp, 3.0)
+    assert laplacian_variance(blurred) < 0.1 * laplacian_variance(sharp)
+    assert power_spectrum_slope(blurred) < power_spectrum_slope(sharp) - 1
+    assert np.isnan(power_spectrum_slope(np.ones((16, 16))))
+
+
+def test_saturation_fraction_exact():
+    image = np.zeros((10, 10), dtype=np.uint8)
+    image.flat[:7] = 255
+    assert saturation_fraction(image) == 0.07
+    image16 = np.full((4, 5), 100, dtype=np.uint16)
+    image16[0, :3] = 4095  # a 12-bit camera in a uint16 array
+    assert saturation_fraction(image16) == 0.0
+    assert saturation_fraction(image16, max_value=4095) == 3 / 20
+    assert saturation_fraction(np.array([[0.5, 1.0], [1.0, 0.2]])) == 0.5  # float: the image maximum
+
+
+def test_percentiles():
+    image = np.arange(101, dtype=np.uint16).reshape(1, 101)
+    assert intensity_percentiles(image) == {1.0: 1.0, 50.0: 50.0, 99.0: 99.0}
+
+
+def cells(seed=0, shape=(96, 96), n=12, noise=5.0):
+    """Bright discs (radius 5) on a noisy background of 100: a field with cells."""
+    rng = np.random.default_rng(seed)
+    image = 100 + noise * rng.normal(size=shape)
+    yy, xx = np.indices(shape)
+    for cy, cx in rng.integers(8, shape[0] - 8, size=(n, 2)):
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 25] += 200
+    return image
+
+
+def test_foreground_tells_cells_from_empty_fields():
+    frac, contrast = foreground(cells())
+    assert 0.05 < frac < 0.4 and contrast > 20
+    rng = np.random.default_rng(1)
+    frac, contrast = foreground(100 + 5 * rng.normal(size=(96, 96)))  # empty: noise only
+    assert contrast < 3
+    assert foreground(np.full((8, 8), 3.0)) == (0.0, 0.0)
+
+
+def test_field_qc_flat_dict():
+    rng = np.random.default_rng(2)
+    field = np.stack([cells(), 100 + 5 * rng.normal(size=(96, 96))]).astype(np.uint16)
+    qc = field_qc(field)
+    expected = {f"qc_{m}_c{c}" for c in (0, 1) for m in
+                ("focus_lapvar", "focus_pslope", "saturation", "p1", "p50", "p99", "foreground", "contrast", "empty")}
+    assert set(qc) == expected | {"qc_empty"}
+    assert all(isinstance(v, float) for v in qc.values())
+    assert qc["qc_empty_c0"] == 0.0 and qc["qc_empty_c1"] == 1.0 and qc["qc_empty"] == 0.0
+    with pytest.raises(ValueError, match=r"\(C, Y, X\)"):
+        field_qc(field[0])
+
+
+def embeddings(n=120, d=16, shift=4.0, seed=0):
+    rng = np.random.default_rng(seed)
+    abnormal = np.arange(n) % 3 == 0
+    X = rng.normal(size=(n, d))
+    X[abnormal, :4] += shift
+    table = pd.DataFrame(X, columns=[f"e{i}" for i in range(d)])
+    table.insert(0, "Metadata_Plate", "P1")
+    table.insert(1, "Metadata_Well", [f"W{i // 4:03d}" for i in range(n)])
+    table.insert(2, "Metadata_Field", [str(i % 4) for i in range(n)])
+    return table, abnormal
+
+
+@pytest.mark.parametrize("method", ["knn", "linear"])
+def test_classifier_learns_separable_artefacts_and_flags_every_field(method):
+    table, abnormal = embeddings()
+    annotated = table.iloc[:60][["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].copy()
+    annotated["Metadata_QC"] = np.where(abnormal[:60], "abnormal", "normal")
+    result = classify_artefacts(table, annotated, method=method)
+    assert result.warnings == [] and result.n_annotated == 60 and result.n_splits == 5
+    assert result.f1 > 0.9 and result.accuracy > 0.9 and result.roc_auc > 0.95
+    assert len(result.predictions) == 120
+    # fields never annotated are flagged too, and mostly right
+    assert (result.predictions["Metadata_QC_Abnormal"].to_numpy()[60:] == abnormal[60:]).mean() > 0.9
+    assert result.to_dict()["n_flagged"] == int(result.predictions["Metadata_QC_Abnormal"].sum())
+
+
+@pytest.mark.parametrize("method", ["knn", "linear"])
+def test_random_labels_give_chance(method):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 16))
+    y = rng.integers(0, 2, size=300)
+    metrics = cross_validate_artefacts(X, y, method=method)
+    assert 0.35 < metrics["roc_auc"] < 0.65
+    assert 0.35 < metrics["accuracy"] < 0.65
+
+
+def test_too_few_annotations_are_reported():
+    table, abnormal = embeddings(n=20)
+    annotated = table.iloc[:5][["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].copy()
+    annotated["Metadata_QC"] = ["abnormal", "normal", "normal", "normal", "normal"]
+    result = classify_artefacts(table, annotated)
+    assert result.f1 is None and any("at least 2" in w for w in result.warnings)
+    assert result.predictions["Metadata_QC_Score"].notna().all()  # still trained on what there is
+    with pytest.raises(ValueError, match="Metadata_QC"):
+        classify_artefacts(table, annotated.drop(columns="Metadata_QC"))
