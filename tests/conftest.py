@@ -21,7 +21,9 @@ def ray_local():
     """A real local Ray cluster with 2 CPUs, shared by the integration tests."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=False)
+        # a small object store: several test sessions may share this machine
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=False,
+                 object_store_memory=512 * 1024**2)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,356 @@
+"""One YAML per screen, parsed once at the edge into frozen dataclasses.
+
+Every stage (``rayscreen train CONFIG``, ``jobs/train.py --config CONFIG``, the
+pipeline) reads the same :class:`Config`. Parsing is strict: an unknown key or a
+value of the wrong type fails naming the dotted key and its line in the file, before
+any Ray worker starts. Sections:
+
+- ``plates``: URIs or local globs of OME-Zarr HCS plates; ``storage_options``: fsspec
+  options (an S3 ``endpoint_url``; credentials come from the environment, never here)
+- ``platemap``: optional per-well annotations overriding the plates'
+- ``stream``: what ``read_plates`` streams (channels, level, tiles, corrections)
+- ``label``, ``model``, ``train``, ``infer``, ``profile``, ``analysis``, ``report``
+- ``output``: the run's output URI (local path or ``s3://``); stages write under it
+
+Each section owns its dataclass here; a stage adds the keys it needs to its own
+section only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from .store.errors import RayscreenError
+
+
+class ConfigError(RayscreenError):
+    """A config key is unknown, missing or of the wrong type; the message names it."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    channels: list[str] | None = None  # names; None = all channels of the plates
+    level: int = 0  # pyramid level (0 = full resolution)
+    tile: int | None = None  # square tiles of this size (None = whole fields)
+    stride: int | None = None
+    illumination: bool = False  # apply the per-plate illumination function (`rayscreen illum`)
+    normalize: Literal["none", "percentile", "meanstd", "control"] = "percentile"
+    on_error: Literal["raise", "skip"] = "raise"
+    override_num_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    column: str | None = None  # annotation column holding the label, e.g. Metadata_Label
+    positive: list[Any] | None = None  # binary: values of `column` that are class 1
+    negative: list[Any] | None = None  # binary: values that are class 0
+    classes: list[Any] | None = None  # multiclass: these values, in this order
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "wscnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_model
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    by: Literal["well", "plate", "column"] = "well"
+    column: str | None = None  # for by: column (e.g. held-out compounds)
+    val: float = 0.2
+    test: float = 0.2
+    seed: int = 0
+    column_values: dict[str, list[Any]] | None = None  # explicit {train/val/test: [values]} for by: column/plate
+
+
+@dataclass(frozen=True)
+class AugmentSection:
+    enabled: bool = True
+    flips: bool = True
+    rot90: bool = True
+    rotate: bool = True
+    translate: float = 40.0
+    scale: list[float] | None = None  # [low, high], e.g. [0.9, 1.1]
+    mosaic: bool = False  # WSCNN cell-data mosaics (2x2 fields of one class)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["none", "plateau", "cosine"] = "plateau"
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    balanced: bool = False  # class-balanced sampling (rare positives)
+    grad_clip: float | None = None
+    seed: int = 0
+    crop: int | None = None  # random crops of this size for training
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    run_name: str = "train"
+    max_failures: int = 1
+    metric: str = "val_balanced_accuracy"  # picks the best epoch
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    checkpoint: str | None = None  # model artefact URI; default: <output>/train/model
+    batch_size: int = 16
+    concurrency: int = 1  # actors in the pool
+    aggregate: Literal["max", "mean", "model"] = "max"  # fields -> well scores
+    saliency: Literal["jacobian", "jacobian_relu", "cam", "none"] = "jacobian"
+    saliency_downsample: int = 4
+    saliency_sigma: float = 2.0
+    mask_threshold: float = 0.5  # of each map's maximum
+    split: Literal["all", "test", "val"] = "all"  # which wells of the train split to score
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    backbone: str = "resnet18"
+    weights: str | None = None  # local path/URI of backbone weights (no hub downloads)
+    channel_mode: Literal["concat", "rgb"] = "concat"
+    rgb: list[str] | None = None  # channel names mapped to R, G, B for channel_mode: rgb
+    input_size: int | None = None  # None: the backbone's default
+    tiles: bool = False  # full-resolution tiles averaged instead of a downsampled field
+    batch_size: int = 16
+    concurrency: int = 1
+    classical: bool = True  # also compute the classical baseline features
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    annotations: str | None = None  # CSV: Metadata_Plate, Metadata_Well, field, label (normal/abnormal)
+    method: Literal["knn", "linear"] = "knn"
+    k: int = 5
+    exclude: bool = True  # drop flagged fields before aggregation
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    source: Literal["profiles", "results"] = "profiles"  # which store to aggregate
+    features: str = "deep"  # feature set in the store (deep, classical)
+    aggregate: Literal["mean", "median"] = "mean"
+    normalize: Literal["none", "standardize", "mad"] = "mad"
+    whiten: bool = False
+    feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])
+    control_column: str = "Metadata_Control"
+    control_value: Any = "negative"
+    treatment: list[str] = field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])
+    compound: str = "Metadata_Compound"
+    moa: str = "Metadata_MOA"
+    batch: str = "Metadata_Batch"
+    qc: QCConfig = field(default_factory=QCConfig)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    top_fields: int = 8
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    plates: list[str]
+    output: str
+    storage_options: dict[str, Any] | None = None
+    platemap: str | None = None
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    stages: list[str] | None = None  # pipeline: which stages to run (None: all that apply)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON-safe) that :func:`config_from_dict` reads back to an equal Config."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path_or_text: str, *, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config file (or YAML text containing a newline); strict, safe_load only.
+
+    ``overrides`` maps dotted keys to values (``{"train.epochs": 2}``), applied before
+    validation, as ``--set train.epochs=2`` on the command line does.
+    """
+    if "\n" in path_or_text:
+        text, source = path_or_text, "<config>"
+    else:
+        try:
+            with open(path_or_text) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path_or_text}: {e.strerror}") from None
+        source = path_or_text
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top, found {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return config_from_dict(data, source=source, lines=lines)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<config>",
+                     lines: dict[str, int] | None = None) -> Config:
+    """Validate a plain dict into a :class:`Config`; errors name ``source:line: key``."""
+    return _build(Config, data, "", _Where(source, lines or {}))
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=2", "infer.batch_size=8"]`` -> ``{"train.epochs": 2, ...}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class _Where:
+    source: str
+    lines: dict[str, int]
+
+    def at(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML text."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            out[key] = k.start_mark.line + 1
+            out.update(_key_lines(v, key + "."))
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, data: Any, prefix: str, where: _Where):
+    name = prefix.rstrip(".") or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.at(name)}: expected a mapping, found {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{where.at(key)}: unknown key; expected one of: {', '.join(known)}")
+    values = {}
+    for fname, f in known.items():
+        key = f"{prefix}{fname}"
+        if fname not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where.source}: {key}: required key missing")
+            continue
+        values[fname] = _coerce(hints[fname], data[fname], key, where)
+    return cls(**values)
+
+
+def _coerce(tp, value: Any, key: str, where: _Where):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", where)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1] if len(errors) == 1 else ConfigError(
+            f"{where.at(key)}: expected {_describe(tp)}, found {type(value).__name__} {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where.at(key)}: expected one of {list(choices)}, found {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and item in (str, Any):
+            value = [value]  # a single URI/value where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{where.at(key)}: expected a list, found {type(value).__name__} {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where.at(key)}: expected a mapping, found {type(value).__name__} {value!r}")
+        _, vt = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(vt, v, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where.at(key)}: expected true or false, found {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where.at(key)}: expected an integer, found {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where.at(key)}: expected a number, found {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where.at(key)}: expected a string, found {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this module, not the user's
+
+
+def _describe(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    names = [getattr(a, "__name__", str(a)) for a in args]
+    return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
