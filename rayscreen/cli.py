@@ -51,6 +51,61 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _load(args):
+    from .config import load_config, parse_overrides
+
+    return load_config(args.config, overrides=parse_overrides(args.set))
+
+
+def _init_ray() -> None:
+    # Under `ray job submit` RAY_ADDRESS points at the cluster and ray.init() joins it;
+    # on a laptop the same call starts a local embedded Ray.
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, configure_logging=False)
+
+
+def cmd_stage(args) -> int:
+    from .pipeline import run_stage
+
+    config = _load(args)
+    _init_ray()
+    result = run_stage(config, args.command, progress=not args.quiet)
+    if result is not None and not args.quiet:
+        print(json.dumps(result, default=str) if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_illum(args) -> int:
+    from .config import Config, StreamConfig
+
+    if len(args.config) == 1 and args.config[0].endswith((".yaml", ".yml")):
+        args.config = args.config[0]
+        return cmd_stage(args)
+    # plates given directly: illumination (and the chosen normaliser) for each
+    from .pipeline import stage_function
+
+    config = Config(plates=list(args.config), output="",
+                    storage_options=_storage_options(args.storage_options),
+                    stream=StreamConfig(illumination=True, normalize=args.normalize))
+    _init_ray()
+    result = stage_function("illum")(config, progress=not args.quiet)
+    if not args.quiet:
+        print(json.dumps(result, default=str) if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    config = _load(args)
+    _init_ray()
+    stages = args.stages.split(",") if args.stages else None
+    run_pipeline(config, stages=stages, progress=not args.quiet, force=args.force)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -90,10 +145,62 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage-options", help="JSON fsspec options")
     s.set_defaults(func=cmd_info)
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("config", metavar="CONFIG.yaml")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    for stage, text in [
+        ("train", "weakly supervised training on Ray Train (label, model, train sections)"),
+        ("infer", "batch inference to the results store: scores, saliency, profiles"),
+        ("profile", "transfer-learning profiles (torchvision backbones) to the profiles store"),
+        ("aggregate", "field -> well -> treatment profiles, normalised and feature-selected"),
+        ("evaluate", "MOA retrieval (NSC, NSCB, mAP), QC and hits"),
+        ("report", "static HTML report with figures"),
+    ]:
+        s = sub.add_parser(stage, help=text, parents=[common])
+        s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("illum", help="per-plate illumination functions and normalisers, stored with the plates")
+    s.add_argument("config", nargs="+", metavar="CONFIG.yaml | PLATE",
+                   help="a config (stream section), or plate URIs/globs")
+    s.add_argument("--normalize", default="percentile", choices=["none", "percentile", "meanstd", "control"],
+                   help="with plates given directly: the normaliser to fit")
+    s.add_argument("--storage-options", help="JSON fsspec options (plates given directly)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_illum)
+
+    s = sub.add_parser("run", help="all stages of a config in order, skipping complete ones", parents=[common])
+    s.add_argument("--stages", help="comma-separated subset, e.g. train,infer")
+    s.add_argument("--force", action="store_true", help="rerun stages even when complete")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("demo", help="the main job on a local embedded Ray, on a small synthetic screen")
     s.add_argument("--out", default="demo_out")
     s.set_defaults(func=cmd_demo)
     return p
+
+
+def job_main(stage: str, argv: list[str] | None = None) -> int:
+    """``python jobs/<stage>.py --config C [--set k=v] [--quiet]``: the CLI's parser and code path.
+
+    ``ray job submit ... -- python jobs/train.py --config screen.yaml`` runs exactly what
+    ``rayscreen train screen.yaml`` runs.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        print(f"usage: python jobs/{stage}.py --config CONFIG.yaml [--set KEY=VALUE] [--quiet]", file=sys.stderr)
+        return 2
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        print(f"jobs/{stage}.py: --config needs a path", file=sys.stderr)
+        return 2
+    config = argv[i + 1]
+    rest = argv[:i] + argv[i + 2:]
+    quiet = ["--quiet"] if "--quiet" in rest else []
+    rest = [a for a in rest if a != "--quiet"]
+    return main([*quiet, stage, config, *rest])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,156 @@
+"""Run the stages of one config in order: ``rayscreen run CONFIG`` / ``jobs/pipeline.py``.
+
+Each stage is a function ``run_<stage>(config, *, progress) -> result`` that is itself
+resumable (it skips work whose outputs are complete). The pipeline adds one more
+level: when a stage finishes it writes ``<output>/stages/<stage>.json`` holding a
+fingerprint of the config sections that stage reads; a later run skips the stage when
+the marker's fingerprint matches, and reruns it when the config changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from .config import Config, ConfigError, dump_config
+from .store.uri import filesystem, join
+
+log = logging.getLogger(__name__)
+
+STAGES = ("illum", "train", "infer", "profile", "aggregate", "evaluate", "report")
+
+# which config sections each stage's outputs depend on (for the completion fingerprint)
+_READS = {
+    "illum": ("plates", "stream"),
+    "train": ("plates", "platemap", "stream", "label", "model", "train"),
+    "infer": ("plates", "platemap", "stream", "label", "model", "train", "infer"),
+    "profile": ("plates", "platemap", "stream", "profile"),
+    "aggregate": ("plates", "platemap", "stream", "profile", "analysis"),
+    "evaluate": ("plates", "platemap", "stream", "profile", "analysis"),
+    "report": (),  # cheap: always rerun
+}
+
+
+def stage_function(stage: str) -> Callable[..., Any]:
+    """The function behind ``rayscreen <stage> CONFIG`` (imported lazily: stages pull in torch/Ray)."""
+    if stage == "illum":
+        from .stream.illum_job import run_illum as fn
+    elif stage == "train":
+        from .train import run_train as fn
+    elif stage == "infer":
+        from .infer import run_infer as fn
+    elif stage == "profile":
+        from .profile import run_profile as fn
+    elif stage == "aggregate":
+        from .analysis.stages import run_aggregate as fn
+    elif stage == "evaluate":
+        from .analysis.stages import run_evaluate as fn
+    elif stage == "report":
+        from .report import run_report as fn
+    else:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of: {', '.join(STAGES)}")
+    return fn
+
+
+def applicable_stages(config: Config) -> list[str]:
+    """The stages this config asks for: ``stages:`` when given, else those its sections make sense for."""
+    if config.stages is not None:
+        for s in config.stages:
+            if s not in STAGES:
+                raise ConfigError(f"stages: unknown stage {s!r}; expected some of: {', '.join(STAGES)}")
+        return [s for s in STAGES if s in config.stages]
+    out = []
+    if config.stream.illumination or config.stream.normalize != "none":
+        out.append("illum")
+    if config.label.column:
+        out += ["train", "infer"]
+    elif config.infer.checkpoint:
+        out.append("infer")
+    out += ["profile", "aggregate", "evaluate", "report"]
+    return out
+
+
+def fingerprint(config: Config, stage: str) -> str:
+    d = asdict(config)
+    relevant = {k: d[k] for k in _READS[stage]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _marker(config: Config, stage: str) -> str:
+    return join(config.output, "stages", f"{stage}.json")
+
+
+def is_complete(config: Config, stage: str) -> bool:
+    if not _READS[stage]:
+        return False
+    fs, path = filesystem(_marker(config, stage), config.storage_options)
+    if not fs.exists(path):
+        return False
+    try:
+        return json.loads(fs.cat(path)).get("fingerprint") == fingerprint(config, stage)
+    except ValueError:
+        return False
+
+
+def _mark_complete(config: Config, stage: str, seconds: float, result: Any) -> None:
+    fs, path = filesystem(_marker(config, stage), config.storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(json.dumps({"stage": stage, "fingerprint": fingerprint(config, stage),
+                            "seconds": round(seconds, 1), "result": _summary(result)}, default=str))
+
+
+def _summary(result: Any) -> Any:
+    if isinstance(result, (str, int, float, type(None))):
+        return result
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return repr(result)[:200]
+
+
+def write_resolved_config(config: Config) -> None:
+    fs, path = filesystem(join(config.output, "config.yaml"), config.storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(dump_config(config))
+
+
+def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
+    """One stage, with its completion marker."""
+    fn = stage_function(stage)
+    start = time.perf_counter()
+    write_resolved_config(config)
+    result = fn(config, progress=progress)
+    _mark_complete(config, stage, time.perf_counter() - start, result)
+    return result
+
+
+def run_pipeline(config: Config, *, stages: list[str] | None = None, progress: bool = True,
+                 force: bool = False) -> dict[str, Any]:
+    """Run ``stages`` (default: :func:`applicable_stages`) in order; skip complete ones unless ``force``."""
+    todo = [s for s in STAGES if s in stages] if stages else applicable_stages(config)
+    unknown = [s for s in (stages or []) if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; expected some of: {', '.join(STAGES)}")
+    results: dict[str, Any] = {}
+    for i, stage in enumerate(todo, 1):
+        if not force and is_complete(config, stage):
+            _say(progress, f"[{i}/{len(todo)}] {stage}: complete, skipped")
+            results[stage] = "skipped"
+            continue
+        _say(progress, f"[{i}/{len(todo)}] {stage} ...")
+        start = time.perf_counter()
+        results[stage] = run_stage(config, stage, progress=progress)
+        _say(progress, f"[{i}/{len(todo)}] {stage}: done in {time.perf_counter() - start:.1f} s")
+    return results
+
+
+def _say(progress: bool, message: str) -> None:
+    # pipeline stage lines are the job log's backbone: printed (flushed) unless --quiet
+    if progress:
+        print(f"[rayscreen] {message}", flush=True)
+    log.info(message)
