@@ -70,7 +70,8 @@ def cmd_stage(args) -> int:
     from .pipeline import run_stage
 
     config = _load(args)
-    _init_ray()
+    if args.command in ("train", "infer", "profile"):  # aggregate/evaluate/report need no Ray
+        _init_ray()
     result = run_stage(config, args.command, progress=not args.quiet)
     if result is not None and not args.quiet:
         print(json.dumps(result, default=str) if isinstance(result, dict) else result)
