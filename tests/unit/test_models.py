@@ -1,0 +1,214 @@
+"""Model registry: tests generated from it (every classifier, every pooling on wscnn), the
+WSCNN architecture as the paper gives it, and the torchvision backbones."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rayscreen.models import create_model, list_models, list_poolings, save_backbone_weights
+from rayscreen.models.backbones import SPECS
+from rayscreen.models.wscnn import min_input_size
+from rayscreen.store.errors import RayscreenError
+
+CLASSIFIERS = list_models("classifier")
+BACKBONES = list_models("backbone")
+
+
+def test_registry_lists_the_contract_names():
+    assert set(CLASSIFIERS) == {"wscnn", "wscnn6", "wscnn_cell", "milnet"}
+    assert set(BACKBONES) == {"resnet18", "resnet50", "vgg16", "inception_v3", "convnext_tiny", "vit_b_16"}
+    assert sorted(CLASSIFIERS + BACKBONES) == list_models()
+    with pytest.raises(KeyError, match="unknown model 'resnet9000'.*wscnn"):
+        create_model("resnet9000")
+
+
+def _check_classifier(model, x, k):
+    out = model.forward_maps(x)
+    assert set(out) >= {"logits", "class_maps", "features", "mil_logits"}
+    b = x.shape[0]
+    assert out["logits"].shape == (b, k)
+    assert out["class_maps"].shape[:2] == (b, k)
+    assert out["features"].shape == (b, model.feature_dim)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    torch.testing.assert_close(model(x), out["logits"])
+    target = torch.arange(b) % k
+    loss = F.cross_entropy(out["logits"], target) + model.aux_loss(out, target)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # gradient reaches the first convolution (no dead path through the pooling)
+    first = next(p for p in model.parameters() if p.dim() == 4)
+    assert first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_forward_shapes_nan_and_gradients(name):
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=2, num_classes=3, width=0.25).train()
+    s = max(model.min_size, 40)
+    x = torch.randn(2, 2, s + 3, s + 11)  # non-square, not a multiple of anything
+    _check_classifier(model, x, 3)
+
+
+@pytest.mark.parametrize("pooling", list_poolings())
+def test_wscnn_with_every_pooling(pooling):
+    torch.manual_seed(0)
+    model = create_model("wscnn", in_channels=1, num_classes=2, width=0.1, pooling=pooling)
+    _check_classifier(model, torch.randn(2, 1, 60, 70), 2)
+
+
+def test_wscnn_is_the_paper_network():
+    model = create_model("wscnn")  # paper widths: 50, 100, 100, K
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 50, (11, 11), (0, 0)), (50, 100, (3, 3), (0, 0)), (100, 100, (5, 5), (1, 1)), (100, 2, (5, 5), (1, 1))]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 3
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
+    # 210x280 -> conv11 200x270 -> pool 100x135 -> conv3 98x133 -> 49x66 -> conv5p1 47x64 -> 23x32 -> 21x30
+    out = model.eval().forward_maps(torch.zeros(1, 1, 210, 280))
+    assert out["class_maps"].shape == (1, 2, 21, 30)
+    assert out["features"].shape == (1, 100)
+    assert model.pooling.__class__.__name__ == "MaxPooling"
+
+
+def test_variants_differ_where_the_paper_says():
+    cell = [m for m in create_model("wscnn_cell").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert cell[1].kernel_size == (7, 7)
+    deep = [m for m in create_model("wscnn6").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(deep) == 6 and deep[-1].out_channels == 2
+
+
+def test_width_multiplier_and_explicit_list():
+    narrow = create_model("wscnn", width=0.25)
+    assert [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)] == [12, 25, 25, 2]
+    explicit = create_model("wscnn", width=[4, 8, 16], num_classes=5)
+    assert [m.out_channels for m in explicit.modules() if isinstance(m, torch.nn.Conv2d)] == [4, 8, 16, 5]
+    assert explicit.feature_dim == 16
+    with pytest.raises(ValueError, match="3 positive filter counts"):
+        create_model("wscnn", width=[4, 8])
+    with pytest.raises(ValueError, match="width"):
+        create_model("wscnn", width=0)
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_minimum_input_size_is_exact(name):
+    model = create_model(name, width=0.1).eval()
+    s = model.min_size
+    assert model(torch.zeros(1, 1, s, s)).shape == (1, 2)
+    with pytest.raises(ValueError, match=f"minimum {s}x{s}"):
+        model(torch.zeros(1, 1, s - 1, s + 20))
+    # bypassing the check, one pixel less really fails or leaves an empty map (the bound is tight)
+    try:
+        with torch.no_grad():
+            maps = model.head(model.trunk(torch.zeros(1, 1, s + 20, s - 1)))
+        assert maps.shape[-1] == 0
+    except RuntimeError as e:
+        assert "too small" in str(e) or "greater than actual input size" in str(e)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(torch.zeros(1, 3, 64, 64))
+
+
+def test_min_input_size_by_hand():
+    layers = [torch.nn.Conv2d(1, 1, 3), torch.nn.MaxPool2d(2), torch.nn.Conv2d(1, 1, 3, padding=1)]
+    # output 1 <- conv3p1 needs 1 <- pool needs 2 <- conv3 needs 4
+    assert min_input_size(layers) == 4
+
+
+def test_fc_head_joint_loss():
+    torch.manual_seed(0)
+    model = create_model("milnet", num_classes=3, pooling="noisy_and", fc_head=True, width=0.25)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 1])
+    out = model.forward_maps(x)
+    assert not torch.equal(out["logits"], out["mil_logits"])
+    aux = model.aux_loss(out, y)
+    torch.testing.assert_close(aux, F.cross_entropy(out["mil_logits"], y))
+    # from plain forward logits too (the MIL logits of that call are kept)
+    logits = model(x)
+    torch.testing.assert_close(model.aux_loss(logits, y), aux)
+    # no fc head: zero
+    plain = create_model("milnet", num_classes=3, width=0.25)
+    assert plain.aux_loss(plain(x), y).item() == 0.0
+
+
+def _spot_images(n, g):
+    """n images 48x48 of dim noise; odd ones carry one bright 6x6 square anywhere."""
+    x = torch.rand(n, 1, 48, 48, generator=g) * 0.2
+    y = torch.arange(n) % 2
+    for i in range(n):
+        if y[i]:
+            r, c = torch.randint(2, 40, (2,), generator=g).tolist()
+            x[i, 0, r:r + 6, c:c + 6] = 1.0
+    return x, y
+
+
+def test_narrow_wscnn_learns_a_toy_rare_spot_task():
+    """A narrow wscnn with max pooling learns 'is there a bright square' in 30 CPU steps
+    and generalises to new images (the training path the reproduction relies on)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = _spot_images(32, g)
+    x_test, y_test = _spot_images(32, g)
+    model = create_model("wscnn", width=0.25)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean().item() == 1.0
+        # chance is 0.5; P(>= 26/32 correct by chance) < 0.001
+        assert (model(x_test).argmax(1) == y_test).float().mean().item() >= 0.8
+
+
+# ---------------------------------------------------------------- backbones
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_shapes_on_meta_device(name):
+    """The cut and feature_dim of every backbone, shape-only on the meta device (no compute)."""
+    with torch.device("meta"):
+        model = create_model(name)
+        s = model.input_size
+        assert model(torch.empty(2, 3, s, s)).shape == (2, SPECS[name].feature_dim)
+        assert model(torch.empty(1, 3, s + 32, s)).shape == (1, model.feature_dim)  # vit resizes
+    assert model.feature_dim == SPECS[name].feature_dim
+    assert model.input_size == (299 if name == "inception_v3" else 224)
+
+
+def test_backbone_weights_round_trip(tmp_path):
+    import torchvision
+
+    path = save_backbone_weights("resnet18", str(tmp_path / "r18.pth"), seed=3)
+    # the file is a plain torchvision state dict (what users download): fc included
+    state = torch.load(path, weights_only=True)
+    assert "fc.weight" in state and state["fc.weight"].shape == (1000, 512)
+    model = create_model("resnet18", weights=path)
+    # reference: torchvision's own resnet18 with those weights, read at its penultimate layer
+    ref = torchvision.models.resnet18(weights=None)
+    ref.load_state_dict(state)
+    ref.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model(x)
+        torch.testing.assert_close(feats, ref.eval()(x))
+    assert feats.shape == (2, 512) and torch.isfinite(feats).all()
+
+
+def test_backbone_weights_errors(tmp_path):
+    with pytest.raises(RayscreenError, match="not found"):
+        create_model("resnet18", weights=str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, bad)
+    with pytest.raises(RayscreenError, match="do not fit torchvision resnet18"):
+        create_model("resnet18", weights=str(bad))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        with torch.device("meta"):
+            create_model("resnet18")(torch.empty(1, 1, 64, 64))
+
+
+def test_milnet_with_torchvision_trunk_on_meta():
+    with torch.device("meta"):
+        model = create_model("milnet", trunk="resnet18", in_channels=1, num_classes=4)
+        out = model.forward_maps(torch.empty(2, 1, 96, 128))
+    assert out["class_maps"].shape == (2, 4, 3, 4)
+    assert out["features"].shape == (2, 512)
