@@ -94,8 +94,12 @@ def override(base: pd.DataFrame, platemap: pd.DataFrame, plate: str) -> pd.DataF
     pm = pm.set_index(WELL_COL)
     for col in pm.columns:
         if col not in out.columns:
-            out[col] = pd.Series(pd.NA, index=out.index, dtype=pm[col].dtype if pm[col].dtype != object else object)
+            # object dtype: wells the platemap does not name get a missing value, which a
+            # numpy int64/bool column cannot hold
+            out[col] = pd.Series(pd.NA, index=out.index, dtype=object)
         elif out[col].dtype != pm[col].dtype:
             out[col] = out[col].astype(object)
         out.loc[pm.index, col] = pm[col]
+        if out[col].dtype == object and out[col].notna().all() and pm[col].dtype != object:
+            out[col] = out[col].astype(pm[col].dtype)  # every well named: keep the platemap's dtype
     return out.reset_index()[list(base.columns) + [c for c in pm.columns if c not in base.columns]]

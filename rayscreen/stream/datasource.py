@@ -17,7 +17,6 @@ never fatal.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import MissingWellError, RayscreenError, open_plate
-from ..store.uri import filesystem, join
+from ..store.uri import filesystem
 
 ROW_KEYS = ("plate", "well", "field")
 
@@ -118,41 +117,67 @@ def load_error_report(error_report: str, storage_options=None) -> pd.DataFrame:
 
 
 class _Corrections:
-    """Per-plate illumination and normalisation, loaded once per plate per task."""
+    """Per-plate illumination and normalisation, loaded once per plate per read task and
+    cached already restricted to the streamed channels and resampled to the streamed level.
+
+    Applied as ``normalizer.transform(correct(field, illum))``: the same functions, so a
+    streamed field equals those calls on ``open_plate(uri).read(well, field)``.
+    """
 
     def __init__(self, options: StreamOptions):
         self.options = options
-        self._cache: dict[str, tuple[Any, Any]] = {}
+        self._cache: dict[tuple[str, tuple[int, int]], tuple[Any, Any]] = {}
+
+    def _load(self, plate_uri: str, channel_idx: list[int] | None, shape: tuple[int, int]):
+        from .illumination import illumination_at, illumination_entry, load_illumination
+        from .normalize import load_normalization, normalization_entry
+
+        o = self.options
+        illum = norm = None
+        if o.illumination:
+            illum = load_illumination(plate_uri, o.storage_options)
+            if illum is None:
+                raise RayscreenError(f"plate {plate_uri}: no illumination function stored; "
+                                     "run `rayscreen illum` on it first")
+            illum = illumination_at(illum if channel_idx is None else illum[channel_idx], shape)
+        if o.normalize:
+            norm = load_normalization(plate_uri, o.storage_options)
+            if norm is None:
+                raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one with `rayscreen illum` "
+                                     "(stream.normalize) first")
+            fit = normalization_entry(plate_uri, o.storage_options).get("fit") or {}
+            if "illumination" in fit and (fit["illumination"] is not None) != o.illumination:
+                # statistics of corrected fields applied to raw ones (or the reverse) would be
+                # silently wrong by the illumination's factor
+                raise RayscreenError(
+                    f"plate {plate_uri}: its normaliser was fitted on "
+                    f"{'illumination-corrected' if fit['illumination'] is not None else 'uncorrected'} fields "
+                    f"but the stream has illumination={o.illumination}; refit with the same setting")
+            if o.illumination and fit.get("illumination") not in (None, illumination_entry(
+                    plate_uri, o.storage_options).get("params")):
+                raise RayscreenError(f"plate {plate_uri}: its normaliser was fitted after another illumination "
+                                     "function than the one stored now; rerun `rayscreen illum`")
+            if channel_idx is not None:
+                norm = norm.select(channel_idx)
+        return illum, norm
 
     def __call__(self, plate_uri: str, image: np.ndarray, channel_idx: list[int] | None) -> np.ndarray:
         o = self.options
         if not (o.illumination or o.normalize):
             return image.astype(o.dtype) if o.dtype else image
-        if plate_uri not in self._cache:
-            illum = norm = None
-            if o.illumination:
-                from .illumination import load_illumination
-
-                illum = load_illumination(plate_uri, o.storage_options)
-                if illum is None:
-                    raise RayscreenError(f"plate {plate_uri}: no illumination function stored; "
-                                         "run `rayscreen illum` on it first")
-            if o.normalize:
-                from .normalize import load_normalization
-
-                norm = load_normalization(plate_uri, o.storage_options)
-                if norm is None:
-                    raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one first")
-            self._cache[plate_uri] = (illum, norm)
-        illum, norm = self._cache[plate_uri]
-        out = image.astype(np.float32)
+        key = (plate_uri, tuple(image.shape[-2:]))
+        if key not in self._cache:
+            self._cache[key] = self._load(plate_uri, channel_idx, image.shape[-2:])
+        illum, norm = self._cache[key]
+        out = image
         if illum is not None:
             from .illumination import correct
 
-            out = correct(out, illum if channel_idx is None else illum[channel_idx])
+            out = correct(out, illum)
         if norm is not None:
-            out = norm.transform(out) if channel_idx is None else norm.select(channel_idx).transform(out)
-        return out.astype(o.dtype or np.float32, copy=False)
+            out = norm.transform(out)
+        out = out if out.dtype == np.float32 else out.astype(np.float32)
+        return out.astype(o.dtype, copy=False) if o.dtype else out
 
 
 def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[str, Any]]:

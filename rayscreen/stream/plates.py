@@ -32,6 +32,25 @@ def expand_uris(uris: str | Sequence[str]) -> list[str]:
     return out
 
 
+# Read tasks carry at least this much decompressed data when the cluster has enough
+# tasks without going smaller: each task opens its plates and loads their corrections
+# (tens of ms), which Ray's default of 200 read tasks would pay 200 times on a small screen.
+MIN_TASK_BYTES = 64 * 1024**2
+
+
+def _default_num_tasks(n_wells: int, total_bytes: int) -> int | None:
+    """Read tasks for a screen: at least 2 per CPU of the cluster (so every core has work
+    and one task is always queued behind the running one), more when that would make a task
+    larger than ``MIN_TASK_BYTES``; never more than one per well. ``None`` (Ray decides)
+    when Ray is not running yet."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(n_wells, max(2 * cpus, -(-total_bytes // MIN_TASK_BYTES))))
+
+
 class PlateDatasource(Datasource):
     """Read tasks are contiguous groups of wells across all plates of a screen."""
 
@@ -126,6 +145,8 @@ def read_plates(
         fields_per_block=max(1, int(16e6 // max(field_bytes, 1))),
     )
     fields_per_well = first.meta.field_count or len(first.fields(first._first_field[0]))
+    if override_num_blocks is None:
+        override_num_blocks = _default_num_tasks(len(tasks), len(tasks) * fields_per_well * field_bytes)
     ds = read_datasource(PlateDatasource(tasks, options, field_bytes, fields_per_well),
                          override_num_blocks=override_num_blocks, concurrency=concurrency)
     ds._rayscreen_error_report = error_report  # where skipped fields are recorded

@@ -104,3 +104,36 @@ def test_read_wells_without_ray(tmp_path):
     uris = _screen(tmp_path, n=1)
     batches = list(read_wells(plan_wells(uris), StreamOptions(fields_per_block=4)))
     assert sum(len(b["well"]) for b in batches) == 15 and batches[0]["image"].shape == (4, 2, 32, 40)
+
+
+def _benchmark_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "stream.py")
+    spec = importlib.util.spec_from_file_location("bench_stream", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path, ray_local):
+    """Backpressure: streaming 4 plates peaks at most 25% above streaming 1 plate of the
+    same size. Measured as the summed PSS (shared object-store pages counted once) of this
+    process and all its descendants - the local Ray's GCS, raylet and workers - sampled
+    every 50 ms (benchmarks/stream.py); 1 plate first, so what it leaves behind counts
+    against the 4-plate run."""
+    bench = _benchmark_module()
+    ray_local.data.DataContext.get_current().enable_progress_bars = False
+    plates, plate_bytes = bench.memory_plates("tiny", str(tmp_path))
+    read_plates(plates[0], wells=["A01"], fields=[0]).take_all()  # workers started and warm, unmeasured
+    one = bench.stream_peak(plates[:1])
+    four = bench.stream_peak(plates)
+    result = bench.compare(one, four, plate_bytes)
+    summary = {k: result[k] for k in ("plate_mb", "ratio", "ratios")} | {
+        n: {k: v // 2**20 for k, v in result[n]["peak"].items()} for n in ("one", "four")}
+    assert one["fields"] == 64 and four["fields"] == 4 * 64
+    # the test has power: holding the 3 extra plates' pixels would break the bound
+    assert 3 * plate_bytes > 0.25 * one["peak"]["pss"], summary
+    assert result["ratio"] <= 1.25, summary
+    # and the private memory of the processes (not the object store) does not grow with plates
+    assert result["ratios"]["pss_anon"] <= 1.25, summary

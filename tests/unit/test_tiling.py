@@ -27,3 +27,38 @@ def test_random_crop_is_seeded_and_inside():
     b = random_crop(image, (8, 8), np.random.default_rng(1))
     np.testing.assert_array_equal(a, b)
     assert a.shape == (3, 8, 8) and np.isin(a, image).all()
+
+
+def test_stride_defaults_to_the_tile_and_sizes_may_be_scalars():
+    assert tile_positions((32, 40), 16) == tile_positions((32, 40), (16, 16), (16, 16))
+    assert tile_positions((16, 16), 16) == [(0, 0)]
+    # overlapping tiles: stride 8 over 32 pixels gives starts 0, 8, 16
+    assert [y for y, _ in tile_positions((32, 16), (16, 16), (8, 16))] == [0, 8, 16]
+    with pytest.raises(ValueError, match="positive"):
+        tile_positions((32, 40), (16, 16), (0, 16))
+
+
+def test_random_crop_rejects_a_crop_larger_than_the_field():
+    with pytest.raises(ValueError, match="larger than the field"):
+        random_crop(np.zeros((1, 8, 8)), (9, 4), np.random.default_rng(0))
+    crops = {random_crop(np.arange(64).reshape(1, 8, 8), 4, np.random.default_rng(s))[0, 0, 0] for s in range(30)}
+    assert len(crops) > 5  # positions vary with the seed
+
+
+def test_random_crops_of_a_stream_batch_are_keyed_by_row_and_seed():
+    from rayscreen.stream.tiling import random_crops
+
+    images = np.arange(4 * 2 * 16 * 20, dtype=np.float32).reshape(4, 2, 16, 20)
+    batch = {"image": images, "plate": np.array(["P"] * 4, dtype=object),
+             "well": np.array(["A01", "A01", "B02", "B02"], dtype=object), "field": np.array(["0", "1", "0", "1"])}
+    out = random_crops(batch, (8, 10), seed=3)
+    assert out["image"].shape == (4, 2, 8, 10) and out["well"] is batch["well"]
+    for i in range(4):
+        y, x = out["crop_y"][i], out["crop_x"][i]
+        assert 0 <= y <= 8 and 0 <= x <= 10
+        np.testing.assert_array_equal(out["image"][i], images[i, :, y:y + 8, x:x + 10])
+    # a row's crop does not depend on the other rows of its block; it changes with the seed
+    alone = random_crops({k: v[2:3] for k, v in batch.items()}, (8, 10), seed=3)
+    assert (alone["crop_y"][0], alone["crop_x"][0]) == (out["crop_y"][2], out["crop_x"][2])
+    positions = {tuple(random_crops(batch, (8, 10), seed=s)["crop_y"]) for s in range(10)}
+    assert len(positions) > 3

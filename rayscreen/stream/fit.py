@@ -1,0 +1,347 @@
+"""Per-plate corrections as distributed Ray jobs: illumination functions and normalisers.
+
+Both jobs have the same shape. The driver lists each plate's fields (well metadata only)
+and cuts them into groups of ``fields_per_task``; a Ray task reads one group of one plate
+and returns a small mergeable accumulator (:class:`~.illumination.IlluminationAccumulator`:
+a float64 (C, Y, X) sum; :class:`~.normalize.ChannelStats`: moments and a bounded pixel
+sample). The driver merges a plate's partials as they arrive (``ray.wait``, at most
+``max_in_flight`` tasks outstanding, tasks queued plate after plate), so it holds one
+accumulator per plate in progress, never fields; when a plate's last partial is in, it
+turns the merged accumulator into the illumination function (or fitted scaler) and stores
+it with the plate (:func:`~.illumination.save_illumination`,
+:func:`~.normalize.save_normalization`).
+
+Resume: the parameters that determine the result are stored with it
+(:func:`~.illumination.illumination_params`, the scaler's ``to_dict()`` + ``fit``). A plate
+already holding a result made with the same parameters is skipped; different parameters
+(another method, filter size, field subsample, or - for a normaliser - another
+illumination function) recompute it and replace the stored one; ``overwrite=True``
+recomputes regardless. How the work was split (``fields_per_task``, ``use_ray``) is not a
+parameter: the merged sums are the same up to float64 rounding.
+
+:func:`run_illum` is the stage behind ``rayscreen illum CONFIG`` and ``jobs/illum.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+from ..store import RayscreenError, open_plate
+from .illumination import (IlluminationAccumulator, illumination_entry, illumination_function,
+                           illumination_params, load_illumination, save_illumination, select_fields)
+from .normalize import (ChannelStats, IntensityScaler, fit_params, fit_wells, make_normalizer,
+                        normalization_entry, save_normalization)
+
+DEFAULT_FIELDS_PER_TASK = 32
+
+
+# -- task bodies (pure Python: run in a Ray task or in this process)
+
+
+def illumination_partial(plate_uri: str, pairs: list[tuple[str, str]], storage_options: dict[str, Any] | None,
+                         clip_percentile: float | None) -> IlluminationAccumulator:
+    """Robust partial sum over the (well, field) ``pairs`` of one plate (level 0 fields)."""
+    plate = open_plate(plate_uri, storage_options)
+    acc = IlluminationAccumulator(clip_percentile)
+    for well, field in pairs:
+        acc.add(plate.read(well, field))
+    return acc
+
+
+def stats_partial(plate_uri: str, pairs: list[tuple[str, str]], storage_options: dict[str, Any] | None,
+                  seed: list[int], illumination: bool) -> ChannelStats:
+    """Channel statistics over ``pairs`` of one plate, each field illumination-corrected first
+    when ``illumination`` (with the function stored on the plate, as the stream does)."""
+    from .illumination import correct
+
+    plate = open_plate(plate_uri, storage_options)
+    illum = load_illumination(plate_uri, storage_options) if illumination else None
+    stats = ChannelStats(seed=seed)
+    for well, field in pairs:
+        image = plate.read(well, field)
+        stats.add(image if illum is None else correct(image, illum))
+    return stats
+
+
+# -- the driver's loop
+
+
+def _groups(pairs: list, size: int) -> list[list]:
+    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
+
+
+def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish: Callable[[str, Any], None], *,
+                      use_ray: bool, max_in_flight: int | None, progress: bool, what: str) -> None:
+    """Run ``fn(*args)`` for every task of every plate and ``finish(plate_uri, merged)`` once
+    per plate, as soon as all its partials are merged. ``jobs``: [(plate_uri, [args, ...])]."""
+    total = sum(len(tasks) for _, tasks in jobs)
+    bar = _Progress(total, what, progress)
+    if not use_ray:
+        for uri, tasks in jobs:
+            merged = None
+            for args in tasks:
+                part = fn(*args)
+                merged = part if merged is None else merged.merge(part)
+                bar.update()
+            finish(uri, merged)
+        bar.close()
+        return
+
+    import ray
+
+    if not ray.is_initialized():
+        raise RayscreenError(f"{what}: use_ray=True but Ray is not initialised; call ray.init() "
+                             "(or pass use_ray=False)")
+    if max_in_flight is None:
+        # enough to keep every CPU busy while the driver merges, few enough that finished
+        # partials (each up to a float64 field) never pile up in the object store
+        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    queue = iter([(uri, args) for uri, tasks in jobs for args in tasks])
+    remaining = {uri: len(tasks) for uri, tasks in jobs}
+    merged: dict[str, Any] = {}
+    pending: dict[Any, str] = {}
+
+    def submit() -> None:
+        item = next(queue, None)
+        if item is not None:
+            pending[remote.remote(*item[1])] = item[0]
+
+    for _ in range(max_in_flight):
+        submit()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            uri = pending.pop(ready[0])
+            try:
+                part = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+                if isinstance(cause, RayscreenError):
+                    raise cause from None  # the message names plate/well/field
+                raise
+            del ready
+            submit()
+            merged[uri] = part if uri not in merged else merged[uri].merge(part)
+            remaining[uri] -= 1
+            bar.update()
+            if remaining[uri] == 0:
+                finish(uri, merged.pop(uri))
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        bar.close()
+
+
+class _Progress:
+    """A tqdm bar over tasks when tqdm is installed and ``enabled``; else nothing."""
+
+    def __init__(self, total: int, what: str, enabled: bool):
+        self.bar = None
+        if enabled and total:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=what, unit="task")
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _same(stored: Any, wanted: Any) -> bool:
+    # compare as JSON, as stored (tuples become lists, ints and floats compare equal)
+    return json.loads(json.dumps(stored)) == json.loads(json.dumps(wanted))
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+# -- illumination
+
+
+def compute_illumination(
+    uris: str | Sequence[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    method: str = "gaussian",
+    size: float | None = None,
+    clip_percentile: float | None = 99.5,
+    max_fields: int | None = None,
+    seed: int = 0,
+    use_ray: bool = True,
+    fields_per_task: int = DEFAULT_FIELDS_PER_TASK,
+    max_in_flight: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Compute and store every plate's illumination function (C, Y, X), in Ray tasks.
+
+    Each task accumulates the robust average of up to ``fields_per_task`` fields of one
+    plate; the driver merges them per plate, smooths and normalises the average
+    (:func:`~.illumination.illumination_function` with ``method``/``size``) and stores it
+    with the plate. ``max_fields`` averages a seeded random subsample of each plate's
+    fields instead of all. Returns ``{plate_uri: "computed" | "skipped"}`` (skipped: the
+    plate already holds a function with the same parameters; see the module's resume rule).
+    """
+    from .plates import expand_uris
+
+    if fields_per_task < 1:
+        raise RayscreenError(f"fields_per_task={fields_per_task}: expected >= 1")
+    params = illumination_params(method, size, clip_percentile, max_fields, seed)
+    status: dict[str, str] = {}
+    jobs: list[tuple[str, list[tuple]]] = []
+    channels: dict[str, list[str]] = {}
+    for uri in expand_uris(uris):
+        plate = open_plate(uri, storage_options)
+        entry = illumination_entry(uri, storage_options)
+        if not overwrite and entry and entry.get("version") == 1 and _same(entry.get("params"), params):
+            status[uri] = "skipped"
+            _log(progress, f"illum {plate.name}: up to date ({uri})")
+            continue
+        pairs = select_fields(plate, max_fields, seed)
+        if not pairs:
+            raise RayscreenError(f"plate {plate.name!r} ({uri}): no field to compute an illumination function from")
+        channels[uri] = plate.channels
+        jobs.append((uri, [(uri, group, storage_options, clip_percentile) for group in _groups(pairs, fields_per_task)]))
+
+    def finish(uri: str, acc: IlluminationAccumulator) -> None:
+        illum = illumination_function(acc.result(), size=size, method=method)
+        save_illumination(uri, illum, storage_options, params=params, channels=channels[uri], fields=acc.count)
+        status[uri] = "computed"
+        _log(progress, f"illum {uri}: {acc.count} fields averaged, stored")
+
+    _reduce_per_plate(jobs, illumination_partial, finish, use_ray=use_ray, max_in_flight=max_in_flight,
+                      progress=progress, what="illumination (tasks)")
+    return status
+
+
+# -- normalisation
+
+
+def _task_seed(seed: int, plate: str, task: int) -> list[int]:
+    # every task draws its own pixel sample; the seed depends on the plate's name, not on
+    # its position in the list, so a resumed job with fewer plates draws the same samples
+    return [int(seed), zlib.crc32(plate.encode()), int(task)]
+
+
+def fit_normalization(
+    uris: str | Sequence[str],
+    method: str = "percentile",
+    storage_options: dict[str, Any] | None = None,
+    *,
+    illumination: bool = False,
+    max_fields: int | None = None,
+    seed: int = 0,
+    platemap=None,
+    use_ray: bool = True,
+    fields_per_task: int = DEFAULT_FIELDS_PER_TASK,
+    max_in_flight: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **normalizer_kwargs: Any,
+) -> dict[str, str]:
+    """Fit and store a per-plate, per-channel scaler (``method``: ``percentile``,
+    ``meanstd``, ``control``; ``normalizer_kwargs`` go to its constructor), in Ray tasks.
+
+    Each task accumulates :class:`~.normalize.ChannelStats` over a group of one plate's
+    fields - the control wells only for ``control`` (``Metadata_Control`` or
+    ``controls="<pandas query>"``, annotations overridden by ``platemap``) - corrected by
+    the plate's stored illumination function first when ``illumination`` (so the scaler
+    sees what the stream will feed it). The driver merges them per plate, fits a fresh
+    scaler and stores it with the plate. Returns ``{plate_uri: "fitted" | "skipped"}``.
+    """
+    from .plates import expand_uris
+
+    if fields_per_task < 1:
+        raise RayscreenError(f"fields_per_task={fields_per_task}: expected >= 1")
+    try:
+        template = make_normalizer(method, **normalizer_kwargs)
+    except (TypeError, ValueError) as e:
+        raise RayscreenError(f"normaliser {method!r} {normalizer_kwargs}: {e}") from None
+    status: dict[str, str] = {}
+    jobs: list[tuple[str, list[tuple]]] = []
+    fits: dict[str, dict[str, Any]] = {}
+    for uri in expand_uris(uris):
+        plate = open_plate(uri, storage_options, platemap=platemap)
+        illum_entry = illumination_entry(uri, storage_options) if illumination else None
+        if illumination and not illum_entry:
+            raise RayscreenError(f"plate {plate.name!r} ({uri}): no illumination function stored to correct the "
+                                 "fields with before fitting; compute it first (compute_illumination)")
+        fit = fit_params(max_fields, seed, illum_entry["params"] if illum_entry else None)
+        wanted = {**{k: v for k, v in template.to_dict().items() if k not in ("offset", "scale")}, "fit": fit}
+        entry = normalization_entry(uri, storage_options)
+        if not overwrite and entry and _same({k: v for k, v in entry.items() if k in wanted}, wanted):
+            status[uri] = "skipped"
+            _log(progress, f"normalize {plate.name}: up to date ({uri})")
+            continue
+        pairs = select_fields(plate, max_fields, seed, fit_wells(plate, template))
+        if not pairs:
+            raise RayscreenError(f"plate {plate.name!r} ({uri}): no field to fit {template!r} on")
+        fits[uri] = fit
+        jobs.append((uri, [(uri, group, storage_options, _task_seed(seed, plate.name, i), illumination)
+                           for i, group in enumerate(_groups(pairs, fields_per_task))]))
+
+    def finish(uri: str, stats: ChannelStats) -> None:
+        scaler = IntensityScaler.from_dict(template.to_dict()).fit_stats(stats)
+        save_normalization(uri, scaler, storage_options, fit=fits[uri], fields=stats.fields)
+        status[uri] = "fitted"
+        _log(progress, f"normalize {uri}: {scaler!r} fitted on {stats.fields} fields, stored")
+
+    _reduce_per_plate(jobs, stats_partial, finish, use_ray=use_ray, max_in_flight=max_in_flight,
+                      progress=progress, what=f"normalisation {method} (tasks)")
+    return status
+
+
+# -- the stage
+
+
+def _control_query(config) -> str | None:
+    """The control wells the config's analysis section names, as a query for ControlScaler
+    (``None``: ControlScaler's own default, negatives of ``Metadata_Control``)."""
+    column, value = config.analysis.control_column, config.analysis.control_value
+    if column == "Metadata_Control" and value in ("negative", True):
+        return None
+    return f"`{column}` == {value!r}"
+
+
+def run_illum(config, *, progress: bool = True) -> dict[str, Any]:
+    """The ``illum`` stage: for every plate of ``config.plates`` (globs expanded), compute
+    the illumination function when ``config.stream.illumination`` and fit the normaliser
+    ``config.stream.normalize`` (unless ``"none"``; fitted on illumination-corrected fields
+    when illumination is on, control wells from ``config.analysis.control_column`` /
+    ``control_value`` for ``control``). Plates already up to date are skipped. Uses Ray when
+    it is initialised (the caller's ``ray.init``), else runs in this process.
+
+    Returns ``{"plates": [...], "illumination": {uri: status}, "normalization": {uri: status},
+    "seconds": float}``.
+    """
+    import ray
+
+    from .plates import expand_uris
+
+    start = time.perf_counter()
+    uris = expand_uris(config.plates)
+    use_ray = ray.is_initialized()
+    out: dict[str, Any] = {"plates": uris, "illumination": {}, "normalization": {}}
+    if config.stream.illumination:
+        out["illumination"] = compute_illumination(uris, config.storage_options, use_ray=use_ray, progress=progress)
+    if config.stream.normalize != "none":
+        kwargs = {"controls": _control_query(config)} if config.stream.normalize == "control" else {}
+        out["normalization"] = fit_normalization(uris, config.stream.normalize, config.storage_options,
+                                                 illumination=config.stream.illumination, platemap=config.platemap,
+                                                 use_ray=use_ray, progress=progress, **kwargs)
+    out["seconds"] = round(time.perf_counter() - start, 3)
+    return out

@@ -1,0 +1,372 @@
+"""Per-plate, per-channel intensity normalisation of fields, fitted by streaming over a plate.
+
+Fit/transform objects in the pycytominer / scikit-learn style, all of them a per-channel
+affine map ``(x - offset) / scale`` (optionally clipped to [0, 1]):
+
+- :class:`PercentileScaler`: ``low``/``high`` percentiles map to 0/1, clipped,
+- :class:`MeanStdScaler`: zero mean and unit standard deviation,
+- :class:`ControlScaler`: either of the two, fitted on control wells' fields only, so
+  treated wells are expressed relative to the plate's own controls.
+
+Fitting streams: a :class:`ChannelStats` accumulator keeps exact per-channel moments
+(merged with Chan's parallel formula) and a bounded uniform sample of pixels for
+percentiles, never a plate's pixels. Accumulators from parallel Ray tasks ``merge``; a
+scaler is then fitted from the merged stats (:meth:`IntensityScaler.fit_stats`).
+
+The fitted state is plain JSON numbers (``to_dict``/``from_dict``), stored in the plate's
+``rayscreen.normalization`` attribute (:func:`save_normalization`) and in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from ..store import RayscreenError, open_plate
+from ..store.extras import update_plate_attrs
+from .illumination import illumination_entry, select_fields
+
+VERSION = 1
+ATTR_KEY = "normalization"
+
+
+class ChannelStats:
+    """Streaming per-channel statistics of (C, Y, X) fields.
+
+    Exact count, mean and sum of squared deviations per channel, plus a uniform random
+    sample of at most ``max_samples`` pixels per channel (``pixels_per_field`` drawn from
+    each field) for percentiles. The sample is a bottom-k sample: every drawn pixel gets a
+    random key and the ``max_samples`` smallest keys are kept, which stays uniform over all
+    fields however the accumulators are split and merged.
+    """
+
+    def __init__(self, pixels_per_field: int = 4096, max_samples: int = 262144, seed: int = 0):
+        self.pixels_per_field = pixels_per_field
+        self.max_samples = max_samples
+        self.rng = np.random.default_rng(seed)
+        self.count = 0  # pixels per channel
+        self.fields = 0
+        self.mean: np.ndarray | None = None  # (C,) float64
+        self.m2: np.ndarray | None = None  # (C,) float64, sum of squared deviations
+        self.sample: np.ndarray | None = None  # (C, K) float32
+        self.keys: np.ndarray | None = None  # (K,) float64
+
+    @property
+    def channels(self) -> int:
+        return 0 if self.mean is None else len(self.mean)
+
+    def add(self, image: np.ndarray) -> "ChannelStats":
+        """Add one field (C, Y, X)."""
+        image = np.asarray(image)
+        if image.ndim != 3:
+            raise ValueError(f"field shape {image.shape}: expected (C, Y, X)")
+        flat = image.reshape(image.shape[0], -1)
+        values = flat.astype(np.float64)
+        n = values.shape[1]
+        mean = values.mean(axis=1)
+        m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
+        k = min(self.pixels_per_field, n)
+        idx = self.rng.choice(n, size=k, replace=False)
+        self._combine(n, mean, m2, flat[:, idx].astype(np.float32), self.rng.random(k))
+        self.fields += 1
+        return self
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Add another accumulator's fields into this one."""
+        if other.count:
+            self._combine(other.count, other.mean, other.m2, other.sample, other.keys)
+            self.fields += other.fields
+        return self
+
+    def _combine(self, n, mean, m2, sample, keys) -> None:
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean.copy(), m2.copy()
+            self.sample, self.keys = sample, keys
+        else:
+            if len(mean) != len(self.mean):
+                raise ValueError(f"fields with {len(mean)} channels after fields with {len(self.mean)}")
+            total = self.count + n
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (n / total)
+            self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+            self.count = total
+            self.sample = np.concatenate([self.sample, sample], axis=1)
+            self.keys = np.concatenate([self.keys, keys])
+        if len(self.keys) > self.max_samples:
+            keep = np.argpartition(self.keys, self.max_samples)[: self.max_samples]
+            self.sample, self.keys = self.sample[:, keep], self.keys[keep]
+
+    def _require(self) -> None:
+        if not self.count:
+            raise ValueError("no field was added; nothing to fit on")
+
+    def std(self) -> np.ndarray:
+        """Population standard deviation per channel (C,)."""
+        self._require()
+        return np.sqrt(self.m2 / self.count)
+
+    def percentiles(self, q: float | list[float]) -> np.ndarray:
+        """Percentiles per channel from the pixel sample: (C,) for a scalar ``q``, else (len(q), C)."""
+        self._require()
+        return np.percentile(self.sample, q, axis=1)
+
+
+def _to_list(values) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+class IntensityScaler:
+    """Base: a per-channel ``(x - offset) / scale``, fitted on fields of a plate.
+
+    ``fit(images)`` takes an iterable of (C, Y, X) fields; ``transform(image)`` maps a
+    (C, Y, X) field to float32. A channel whose spread is 0 gets ``scale = 1``.
+    """
+
+    method = ""
+    clip = False
+
+    def __init__(self):
+        self.offset: np.ndarray | None = None  # (C,)
+        self.scale: np.ndarray | None = None  # (C,)
+
+    # subclasses: the parameters (JSON) and how stats become offset, scale
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def _offset_scale(self, stats: ChannelStats) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def fitted(self) -> bool:
+        return self.offset is not None
+
+    def new_stats(self, seed: int = 0) -> ChannelStats:
+        """An empty accumulator of the kind this scaler fits from (for parallel fitting)."""
+        return ChannelStats(seed=seed)
+
+    def fit(self, images: Iterable[np.ndarray], seed: int = 0) -> "IntensityScaler":
+        stats = self.new_stats(seed)
+        for image in images:
+            stats.add(image)
+        return self.fit_stats(stats)
+
+    def fit_stats(self, stats: ChannelStats) -> "IntensityScaler":
+        offset, scale = self._offset_scale(stats)
+        scale = np.where(scale > 0, scale, 1.0)
+        self.offset, self.scale = np.asarray(offset, np.float64), np.asarray(scale, np.float64)
+        return self
+
+    def transform(self, image: np.ndarray) -> np.ndarray:
+        """(C, Y, X) -> (C, Y, X) float32."""
+        if not self.fitted:
+            raise ValueError(f"{type(self).__name__} is not fitted; call fit() first")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[0] != len(self.offset):
+            raise ValueError(f"field shape {image.shape}: expected (C, Y, X) with C = {len(self.offset)} "
+                             "channels, as fitted")
+        offset = self.offset.astype(np.float32)[:, None, None]
+        scale = self.scale.astype(np.float32)[:, None, None]
+        # in place after one float32 subtraction: the same numbers as
+        # (image.astype(float32) - offset) / scale, with one allocation per field
+        out = np.subtract(image, offset, dtype=np.float32)
+        out /= scale
+        return np.clip(out, 0.0, 1.0, out=out) if self.clip else out
+
+    def select(self, channels: list[int]) -> "IntensityScaler":
+        """The same scaler restricted to ``channels`` (indices), for reads of a channel subset."""
+        out = self.from_dict(self.to_dict())
+        if self.fitted:
+            out.offset, out.scale = self.offset[list(channels)], self.scale[list(channels)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: method, version, parameters and fitted ``offset``/``scale`` (or ``None``)."""
+        return {"method": self.method, "version": VERSION, **self.params(),
+                "offset": None if self.offset is None else _to_list(self.offset),
+                "scale": None if self.scale is None else _to_list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IntensityScaler":
+        """Any scaler from its ``to_dict`` (dispatching on ``method``)."""
+        d = dict(d)
+        for key in ("fit", "fields"):  # how it was fitted (stored with the plate), not a parameter
+            d.pop(key, None)
+        method = d.pop("method", None)
+        if method not in NORMALIZERS:
+            raise ValueError(f"normaliser method {method!r}: expected one of {sorted(NORMALIZERS)}")
+        version = d.pop("version", VERSION)
+        if version != VERSION:
+            raise ValueError(f"normaliser version {version}: this rayscreen reads version {VERSION}")
+        offset, scale = d.pop("offset", None), d.pop("scale", None)
+        out = NORMALIZERS[method](**d)
+        if offset is not None:
+            out.offset, out.scale = np.asarray(offset, np.float64), np.asarray(scale, np.float64)
+        return out
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params}){'' if self.fitted else ' (not fitted)'}"
+
+
+class PercentileScaler(IntensityScaler):
+    """Maps the ``low`` and ``high`` percentiles of each channel to 0 and 1, clipping outside."""
+
+    method = "percentile"
+    clip = True
+
+    def __init__(self, low: float = 1.0, high: float = 99.8):
+        super().__init__()
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"percentiles low={low}, high={high}: expected 0 <= low < high <= 100")
+        self.low, self.high = float(low), float(high)
+
+    def params(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high}
+
+    def _offset_scale(self, stats):
+        lo, hi = stats.percentiles([self.low, self.high])
+        return lo, hi - lo
+
+
+class MeanStdScaler(IntensityScaler):
+    """Zero mean, unit standard deviation per channel."""
+
+    method = "meanstd"
+
+    def _offset_scale(self, stats):
+        return stats.mean.copy(), stats.std()
+
+
+class ControlScaler(IntensityScaler):
+    """Mean/std (``stat="meanstd"``) or percentile (``stat="percentile"``) scaling fitted on
+    the fields of control wells only.
+
+    ``fit(images)`` expects control fields (the caller selects them);
+    :func:`fit_plate_normalizer` selects them with :func:`control_wells` and ``controls``
+    (a pandas query on the plate's annotations; ``None``: ``Metadata_Control`` is True or
+    ``"negative"``).
+    """
+
+    method = "control"
+
+    def __init__(self, stat: str = "meanstd", controls: str | None = None, low: float = 1.0,
+                 high: float = 99.8):
+        super().__init__()
+        if stat not in ("meanstd", "percentile"):
+            raise ValueError(f"stat {stat!r}: expected 'meanstd' or 'percentile'")
+        self.stat, self.controls, self.low, self.high = stat, controls, float(low), float(high)
+        self._inner = MeanStdScaler() if stat == "meanstd" else PercentileScaler(low, high)
+        self.clip = self._inner.clip
+
+    def params(self) -> dict[str, Any]:
+        return {"stat": self.stat, "controls": self.controls, "low": self.low, "high": self.high}
+
+    def _offset_scale(self, stats):
+        return self._inner._offset_scale(stats)
+
+
+NORMALIZERS: dict[str, type[IntensityScaler]] = {
+    "percentile": PercentileScaler, "meanstd": MeanStdScaler, "control": ControlScaler}
+
+
+def make_normalizer(name: str, **kwargs: Any) -> IntensityScaler:
+    """A scaler by name: ``"percentile"``, ``"meanstd"`` or ``"control"``."""
+    if name not in NORMALIZERS:
+        raise ValueError(f"normaliser {name!r}: expected one of {sorted(NORMALIZERS)}")
+    return NORMALIZERS[name](**kwargs)
+
+
+# -- plates
+
+
+def control_wells(annotations: pd.DataFrame, controls: str | None = None) -> list[str]:
+    """Wells (``Metadata_Well``) of the control wells of a plate's annotations.
+
+    ``controls``: a pandas query such as ``"Metadata_Compound == 'DMSO'"``; ``None`` uses
+    ``Metadata_Control`` (True or ``"negative"``, as in :mod:`rayscreen.analysis`).
+    """
+    if controls is not None:
+        return list(annotations.query(controls)["Metadata_Well"])
+    if "Metadata_Control" not in annotations.columns:
+        raise RayscreenError("no Metadata_Control column to find the control wells; pass controls= "
+                             "(a query such as \"Metadata_Compound == 'DMSO'\")")
+    is_control = [v is True or v == 1 or str(v).strip().lower() in ("true", "negative")
+                  for v in annotations["Metadata_Control"]]
+    return list(annotations.loc[is_control, "Metadata_Well"])
+
+
+def fit_wells(plate, normalizer: IntensityScaler) -> list[str]:
+    """The wells a scaler is fitted on: the control wells for a :class:`ControlScaler`
+    (raises naming the plate when there is none), else every well."""
+    if not isinstance(normalizer, ControlScaler):
+        return plate.wells
+    try:
+        wells = control_wells(plate.annotations, normalizer.controls)
+    except RayscreenError as e:
+        raise RayscreenError(f"plate {plate.name!r} ({plate.uri}): {e}") from None
+    if not wells:
+        raise RayscreenError(f"plate {plate.name!r} ({plate.uri}): no control well matches "
+                             f"{normalizer.controls or 'Metadata_Control'}")
+    return wells
+
+
+def fit_params(max_fields: int | None = None, seed: int = 0,
+               illumination: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How a scaler was fitted (JSON), stored beside it as ``fit``: the field subsample and
+    the parameters of the illumination function the fields were corrected with first
+    (``None``: raw fields). A resumed job refits when any of these changed."""
+    return {"max_fields": None if max_fields is None else int(max_fields), "seed": int(seed),
+            "illumination": None if illumination is None else dict(illumination), "level": 0}
+
+
+def fit_plate_normalizer(plate_uri: str, normalizer: IntensityScaler, storage_options: dict[str, Any] | None = None,
+                         *, max_fields: int | None = None, seed: int = 0, illum: np.ndarray | None = None,
+                         save: bool = False, platemap=None) -> IntensityScaler:
+    """Fit ``normalizer`` on a plate's fields (control wells only for a :class:`ControlScaler`),
+    read one after another; ``illum`` corrects each field first, as the stream will.
+    The distributed version, over many plates, is :func:`rayscreen.stream.fit.fit_normalization`."""
+    plate = open_plate(plate_uri, storage_options, platemap=platemap)
+    pairs = select_fields(plate, max_fields, seed, fit_wells(plate, normalizer))
+    if not pairs:
+        raise RayscreenError(f"plate {plate_uri}: no field to fit {normalizer!r} on")
+
+    def images():
+        for well, field in pairs:
+            image = plate.read(well, field)
+            yield image if illum is None else image.astype(np.float32) / illum
+
+    normalizer.fit(images(), seed=seed)
+    if save:
+        stored = illumination_entry(plate_uri, storage_options) if illum is not None else None
+        save_normalization(plate_uri, normalizer, storage_options,
+                           fit=fit_params(max_fields, seed, stored["params"] if stored else None), fields=len(pairs))
+    return normalizer
+
+
+def save_normalization(plate_uri: str, normalizer: IntensityScaler, storage_options: dict[str, Any] | None = None,
+                       *, fit: dict[str, Any] | None = None, fields: int | None = None) -> None:
+    """Store a fitted scaler in the plate's ``rayscreen.normalization`` attribute: its
+    ``to_dict()`` plus ``fit`` (:func:`fit_params`) and ``fields`` (how many it saw)."""
+    if not normalizer.fitted:
+        raise ValueError(f"{normalizer!r} is not fitted; fit it before saving")
+    entry = {**normalizer.to_dict(), "fit": dict(fit) if fit is not None else None, "fields": fields}
+    update_plate_attrs(plate_uri, storage_options, **{ATTR_KEY: entry})
+
+
+def normalization_entry(plate_uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The plate's ``rayscreen.normalization`` attribute (scaler, ``fit``, ``fields``) or ``None``."""
+    return open_plate(plate_uri, storage_options).rayscreen_attrs().get(ATTR_KEY) or None
+
+
+def load_normalization(plate_uri: str, storage_options: dict[str, Any] | None = None) -> IntensityScaler | None:
+    """The plate's stored scaler, or ``None`` if it has none."""
+    entry = normalization_entry(plate_uri, storage_options)
+    if not entry:
+        return None
+    try:
+        return IntensityScaler.from_dict(entry)
+    except (TypeError, ValueError) as e:
+        raise RayscreenError(f"plate {plate_uri}: stored normalisation {entry.get('method')!r} cannot be read "
+                             f"({e}); refit it with `rayscreen illum`") from None

@@ -1,0 +1,183 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rayscreen.store import create_plate, open_plate
+from rayscreen.stream.normalize import (ChannelStats, ControlScaler, IntensityScaler, MeanStdScaler, PercentileScaler,
+                                        control_wells, fit_plate_normalizer, load_normalization, make_normalizer,
+                                        save_normalization)
+
+
+def fields(seed=0, n=8):
+    """(2, 20, 30) uint16 fields: channel 0 uniform on [0, 1000), channel 1 normal(500, 50)."""
+    rng = np.random.default_rng(seed)
+    return [np.stack([rng.integers(0, 1000, (20, 30)), rng.normal(500, 50, (20, 30))]).astype(np.uint16)
+            for _ in range(n)]
+
+
+def test_channel_stats_are_exact_moments_and_merge_like_one_pass():
+    images = fields()
+    pixels = np.stack(images).astype(np.float64).transpose(1, 0, 2, 3).reshape(2, -1)
+    one = ChannelStats()
+    for im in images:
+        one.add(im)
+    np.testing.assert_allclose(one.mean, pixels.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(one.std(), pixels.std(axis=1), rtol=1e-10)
+    a, b = ChannelStats(seed=1), ChannelStats(seed=2)
+    for im in images[:3]:
+        a.add(im)
+    for im in images[3:]:
+        b.add(im)
+    merged = a.merge(b).merge(ChannelStats())
+    assert merged.count == pixels.shape[1] and merged.fields == 8
+    np.testing.assert_allclose(merged.mean, one.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.std(), one.std(), rtol=1e-10)
+
+
+def test_pixel_sample_is_bounded_and_its_percentiles_are_close():
+    stats = ChannelStats(pixels_per_field=300, max_samples=1000, seed=0)
+    images = fields(n=20)
+    for im in images:
+        stats.add(im)
+    assert stats.sample.shape == (2, 1000)  # 20 x 300 drawn, 1000 kept
+    pixels = np.stack(images).astype(np.float64).transpose(1, 0, 2, 3).reshape(2, -1)
+    for q in (5, 50, 95):
+        got, want = stats.percentiles(q), np.percentile(pixels, q, axis=1)
+        assert abs(got[0] - want[0]) < 40 and abs(got[1] - want[1]) < 8, (q, got, want)
+
+
+def test_percentile_scaler_maps_low_and_high_to_0_and_1():
+    images = fields()
+    scaler = PercentileScaler(low=1, high=99).fit(images)
+    out = scaler.transform(images[0])
+    assert out.dtype == np.float32 and out.shape == images[0].shape
+    assert out.min() == 0.0 and out.max() == 1.0
+    # the pixel at the fitted low percentile maps to 0, one halfway to high maps to 0.5
+    lo, hi = scaler.offset, scaler.offset + scaler.scale
+    probe = np.stack([np.full((1, 2), lo[0]), np.full((1, 2), (lo[1] + hi[1]) / 2)])
+    np.testing.assert_allclose(scaler.transform(probe)[:, 0, 0], [0.0, 0.5], atol=1e-6)
+    assert 0 <= lo[0] < 30 and 970 < hi[0] <= 1000
+
+
+def test_meanstd_scaler_standardises_the_fitted_fields_exactly():
+    images = fields()
+    scaler = MeanStdScaler().fit(images)
+    out = np.stack([scaler.transform(im) for im in images]).astype(np.float64)
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3)), 1, atol=1e-5)
+    # a constant channel gets scale 1, not a division by 0
+    flat = MeanStdScaler().fit([np.full((1, 4, 4), 7.0)])
+    np.testing.assert_array_equal(flat.transform(np.full((1, 4, 4), 9.0)), 2.0)
+
+
+@pytest.mark.parametrize("scaler", [PercentileScaler(2, 98), MeanStdScaler(),
+                                    ControlScaler("percentile", "x == 1", 5, 95), ControlScaler("meanstd")])
+def test_to_dict_is_plain_json_and_round_trips(scaler):
+    assert not scaler.fitted
+    with pytest.raises(ValueError, match="not fitted"):
+        scaler.transform(np.zeros((2, 3, 3)))
+    scaler.fit(fields())
+    d = json.loads(json.dumps(scaler.to_dict()))
+    back = IntensityScaler.from_dict(d)
+    assert type(back) is type(scaler) and back.to_dict() == scaler.to_dict()
+    image = fields(seed=5, n=1)[0]
+    np.testing.assert_array_equal(back.transform(image), scaler.transform(image))
+    # a channel subset behaves like the full scaler on those channels
+    np.testing.assert_array_equal(back.select([1]).transform(image[1:]), scaler.transform(image)[1:])
+    with pytest.raises(ValueError, match="channels"):
+        back.transform(image[:1])
+
+
+def test_make_normalizer_by_name():
+    assert isinstance(make_normalizer("percentile", low=0.5), PercentileScaler)
+    assert isinstance(make_normalizer("meanstd"), MeanStdScaler)
+    assert make_normalizer("control", stat="percentile").stat == "percentile"
+    with pytest.raises(ValueError, match="expected one of"):
+        make_normalizer("zscore")
+    with pytest.raises(ValueError, match="low < high"):
+        PercentileScaler(99, 1)
+
+
+@pytest.fixture
+def control_plate(tmp_path):
+    """A01/B01 are DMSO controls around 100; A02/B02 treated around 300."""
+    uri = str(tmp_path / "P.zarr")
+    wells = ["A01", "A02", "B01", "B02"]
+    annotations = pd.DataFrame({"Metadata_Well": wells, "Metadata_Compound": ["DMSO", "cpd", "DMSO", "cpd"],
+                                "Metadata_Control": ["negative", None, "negative", None]})
+    writer = create_plate(uri, "P", wells, ["DNA"], (16, 16), "uint16", 2, annotations=annotations)
+    rng = np.random.default_rng(0)
+    for w in wells:
+        centre = 100 if w.endswith("1") else 300
+        for f in range(2):
+            writer.write_field(w, f, rng.normal(centre, 10, (1, 16, 16)).astype(np.uint16))
+        writer.complete_well(w, 2)
+    return uri
+
+
+def test_control_scaler_fits_on_control_wells_only_and_travels_with_the_plate(control_plate):
+    annotations = open_plate(control_plate).annotations
+    assert control_wells(annotations) == ["A01", "B01"]
+    assert control_wells(annotations, "Metadata_Compound == 'cpd'") == ["A02", "B02"]
+    assert load_normalization(control_plate) is None
+
+    control = fit_plate_normalizer(control_plate, ControlScaler(controls="Metadata_Compound == 'DMSO'"), save=True)
+    everything = fit_plate_normalizer(control_plate, MeanStdScaler())
+    assert abs(control.offset[0] - 99.5) < 2 and abs(control.scale[0] - 10) < 1.5  # uint16 truncates
+    assert 150 < everything.offset[0] < 250 and everything.scale[0] > 50
+    loaded = load_normalization(control_plate)
+    assert isinstance(loaded, ControlScaler) and loaded.to_dict() == control.to_dict()
+    assert open_plate(control_plate).rayscreen_attrs()["normalization"]["method"] == "control"
+    # treated wells sit about 20 control standard deviations above the controls
+    treated = loaded.transform(open_plate(control_plate).read("A02", 0))
+    assert 15 < treated.mean() < 25
+
+    save_normalization(control_plate, everything)
+    assert isinstance(load_normalization(control_plate), MeanStdScaler)
+    with pytest.raises(ValueError, match="not fitted"):
+        save_normalization(control_plate, PercentileScaler())
+    with pytest.raises(ValueError, match="no control well"):
+        fit_plate_normalizer(control_plate, ControlScaler(controls="Metadata_Compound == 'none'"))
+
+
+# -- the job (in this process; tests/integration/test_illum.py runs it on Ray)
+
+
+def test_fit_normalization_in_partials_matches_one_pass_and_resumes(control_plate):
+    from rayscreen.store import RayscreenError
+    from rayscreen.stream.fit import compute_illumination, fit_normalization
+
+    uri = control_plate
+    # meanstd is exact however the fields are split: compare with the one-pass fit
+    assert fit_normalization(uri, "meanstd", use_ray=False, fields_per_task=3, progress=False) == {uri: "fitted"}
+    one_pass = fit_plate_normalizer(uri, MeanStdScaler())
+    loaded = load_normalization(uri)
+    np.testing.assert_allclose(loaded.offset, one_pass.offset, rtol=1e-12)
+    np.testing.assert_allclose(loaded.scale, one_pass.scale, rtol=1e-10)
+    entry = open_plate(uri).rayscreen_attrs()["normalization"]
+    assert entry["fields"] == 8 and entry["fit"] == {"max_fields": None, "seed": 0, "illumination": None, "level": 0}
+
+    assert fit_normalization(uri, "meanstd", use_ray=False, progress=False) == {uri: "skipped"}
+    # another method, other parameters, or illumination now on: refitted
+    assert fit_normalization(uri, "control", use_ray=False, progress=False) == {uri: "fitted"}
+    control = load_normalization(uri)
+    assert isinstance(control, ControlScaler) and abs(control.offset[0] - 99.5) < 2
+    assert fit_normalization(uri, "control", use_ray=False, progress=False) == {uri: "skipped"}
+    assert fit_normalization(uri, "control", controls="Metadata_Compound == 'cpd'", use_ray=False,
+                             progress=False) == {uri: "fitted"}
+    assert abs(load_normalization(uri).offset[0] - 299.5) < 2
+    with pytest.raises(RayscreenError, match="no illumination function stored"):
+        fit_normalization(uri, "percentile", illumination=True, use_ray=False, progress=False)
+    compute_illumination(uri, use_ray=False, progress=False)
+    assert fit_normalization(uri, "percentile", illumination=True, use_ray=False, progress=False) == {uri: "fitted"}
+    fit = open_plate(uri).rayscreen_attrs()["normalization"]["fit"]
+    assert fit["illumination"] == open_plate(uri).rayscreen_attrs()["illumination"]["params"]
+    # a new illumination function makes the normaliser stale: refitted
+    compute_illumination(uri, method="median", use_ray=False, progress=False)
+    assert fit_normalization(uri, "percentile", illumination=True, use_ray=False, progress=False) == {uri: "fitted"}
+    with pytest.raises(RayscreenError, match="no control well matches"):
+        fit_normalization(uri, "control", controls="Metadata_Compound == 'none'", use_ray=False, progress=False)
+    with pytest.raises(RayscreenError, match="zscore"):
+        fit_normalization(uri, "zscore", use_ray=False)
