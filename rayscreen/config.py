@@ -104,6 +104,8 @@ class TrainConfig:
     run_name: str = "train"
     max_failures: int = 1
     metric: str = "val_balanced_accuracy"  # picks the best epoch
+    cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)
+    keep_checkpoints: int | None = 3  # best checkpoints kept by `metric` (the latest is always kept)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class InferConfig:
     mask_threshold: float = 0.5  # of each map's maximum
     split: Literal["all", "test", "val"] = "all"  # which wells of the train split to score
     overwrite: bool = False
+    num_cpus: float = 1.0  # CPUs per actor (its torch threads); GPUs: 1 per actor when present
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class QCConfig:
     method: Literal["knn", "linear"] = "knn"
     k: int = 5
     exclude: bool = True  # drop flagged fields before aggregation
+    features: Literal["deep", "classical", "qc"] = "qc"  # field embeddings: image QC metrics work without pretrained weights; "deep" is the paper's (ImageNet weights)
+    label: str = "label"  # annotation CSV column: "abnormal" marks an artefact, anything else is normal
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,8 @@ class AnalysisConfig:
     moa: str = "Metadata_MOA"
     batch: str = "Metadata_Batch"
     qc: QCConfig = field(default_factory=QCConfig)
+    by_batch: bool = True  # treatment profiles per batch (NSCB can then leave the query's batch out)
+    hits_threshold: float = 3.0  # |z| of a well's profile distance to its plate's controls
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,13 @@
+"""``ray job submit ... -- python jobs/train.py --config C [--set train.epochs=2] [--quiet]``.
+
+The same function as ``rayscreen train CONFIG``: :func:`rayscreen.train.run_train`.
+Rerunning with the same ``train.run_name`` resumes that run; a new name starts fresh.
+"""
+
+import sys
+
+from rayscreen.cli import job_main
+
+# the CLI's parser and code path (``rayscreen train CONFIG``): one way to run a stage
+if __name__ == "__main__":
+    sys.exit(job_main("train"))

@@ -1,0 +1,396 @@
+"""Ray Train glue: the driver side (:func:`run_train`) and the per-worker loop.
+
+The maths is in :mod:`.step` (pure torch), the run's decisions in :mod:`.plan`
+(driver, before any worker), checkpoints in :mod:`.checkpoint`. This module only
+moves things between them and Ray.
+
+Resuming: Ray Train V2 restores a run from ``storage_path/name`` when that run exists,
+so rerunning with the same ``train.run_name`` resumes from its latest checkpoint;
+a new name starts fresh. :func:`.plan.check_resume` refuses to resume a run whose
+stored config differs (other than ``plan.RESUMABLE`` keys such as ``train.epochs``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import Config, config_from_dict
+from ..store import RayscreenError
+from ..store.uri import filesystem, is_remote, join
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .labels import LABEL_COL
+from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
+from .step import (augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
+                   random_crops, repeat_rows, step_scheduler, train_step)
+
+METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
+EVENTS = "events.jsonl"  # one line per worker-group start: {"event": "start", "from_epoch": k, ...}
+WORKERS = "workers"  # <run_dir>/workers/rank-<r>.json: pid, host, epoch, batch (where each worker is)
+
+
+class TrainingError(RayscreenError):
+    """Training failed on the workers (after Ray's retries); the message carries the cause."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: str  # <output>/train
+    artefact: str  # <output>/train/model: the best epoch as a model artefact
+    metrics: pd.DataFrame  # one row per epoch (METRIC_COLUMNS)
+    epochs_completed: int
+    best_epoch: int | None = None
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def build_datasets(plan: TrainPlan) -> dict[str, Any]:
+    """``{"train": ds, "val_0": ds, ...}``: Ray Datasets of (image, label) rows, one read each.
+
+    Splits select wells by the ``SPLIT_COL`` the plan adds through a platemap, so no
+    validation or test field is ever read into the training dataset.
+    """
+    from ..stream import read_plates
+
+    config, s = plan.config, plan.config.stream
+    platemap = plan.wells[["Metadata_Plate", "Metadata_Well", SPLIT_COL, LABEL_COL]].copy()
+    # object dtype: store.annotations.override cannot fill an int64 column with missing values
+    platemap[LABEL_COL] = pd.Series([int(v) for v in platemap[LABEL_COL]], index=platemap.index, dtype=object)
+
+    def read(name: str):
+        ds = read_plates(plan.uris, storage_options=config.storage_options, channels=s.channels,
+                         where={SPLIT_COL: name}, platemap=platemap, level=s.level, tile=s.tile, stride=s.stride,
+                         illumination=s.illumination, normalize=s.normalize != "none", dtype="float32",
+                         on_error=s.on_error, override_num_blocks=s.override_num_blocks)
+        return ds.select_columns(["image", LABEL_COL])
+
+    out = {"train": read("train")}
+    if plan.repeats and any(v > 1 for v in plan.repeats.values()):
+        out["train"] = out["train"].map_batches(repeat_rows, fn_kwargs={"label_col": LABEL_COL,
+                                                                         "repeats": plan.repeats},
+                                                batch_format="numpy")
+    for name in plan.val_names:
+        out[name] = read(name)
+    return out
+
+
+def _use_gpu(setting: bool | None) -> bool:
+    if setting is not None:
+        return setting
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _storage(plan: TrainPlan) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: remote URIs go through our fsspec
+    filesystem (same storage_options as the plates: an S3 endpoint, credentials from the env)."""
+    if not is_remote(plan.storage_path):
+        return plan.storage_path, None
+    import pyarrow.fs
+
+    fs, path = filesystem(plan.storage_path, plan.config.storage_options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def write_split(plan: TrainPlan) -> str:
+    """``<run_dir>/split.csv``: Metadata_Plate, Metadata_Well, split, label, label_index."""
+    uri = join(plan.run_dir, "split.csv")
+    fs, path = filesystem(uri, plan.config.storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        plan.wells[["Metadata_Plate", "Metadata_Well", "split", "label", "label_index"]].to_csv(f, index=False)
+    return uri
+
+
+def write_metrics(history: list[dict[str, Any]], run_dir: str, storage_options=None) -> pd.DataFrame:
+    """``<run_dir>/metrics.csv`` from the metric history (one dict per epoch)."""
+    df = metrics_frame(history)
+    fs, path = filesystem(join(run_dir, "metrics.csv"), storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        df.to_csv(f, index=False)
+    return df
+
+
+def metrics_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(history)
+    for col in METRIC_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    return df[METRIC_COLUMNS + [c for c in df.columns if c not in METRIC_COLUMNS]].astype(
+        {c: float for c in METRIC_COLUMNS if c != "epoch"})
+
+
+def read_events(run_dir: str, storage_options=None) -> list[dict[str, Any]]:
+    """The worker-group starts of a run directory (``events.jsonl``), oldest first."""
+    fs, path = filesystem(join(run_dir, EVENTS), storage_options)
+    if not fs.exists(path):
+        return []
+    return [json.loads(line) for line in fs.cat(path).decode().splitlines() if line.strip()]
+
+
+def run_train(config: Config, *, progress: bool = True) -> TrainResult:
+    """Train ``config.model`` on the plates with Ray Train; export the best epoch.
+
+    Writes ``<output>/train/``: split.csv, metrics.csv, events.jsonl, checkpoints/
+    (Ray Train run ``train.run_name``), model/ (the artefact of the best epoch by
+    ``train.metric``). Every config problem raises :class:`~rayscreen.config.ConfigError`
+    before any worker starts; a run that fails on the workers after
+    ``train.max_failures`` retries raises :class:`TrainingError`.
+    """
+    import ray
+
+    plan = plan_run(config)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning",
+                 log_to_driver=progress, configure_logging=False)
+    t = config.train
+    write_split(plan)
+    write_run_config(plan)
+    storage_path, storage_fs = _storage(plan)
+    use_gpu = _use_gpu(t.use_gpu)
+    loop_config = {
+        "config": config.to_dict(), "channels": plan.channels, "classes": plan.classes,
+        "normalization": plan.normalization, "val_names": plan.val_names, "run_dir": plan.run_dir,
+        "progress": progress, "plates": plan.plate_names,
+    }
+    # one line per epoch is the progress: no Ray Data bars on the workers (the trainer
+    # copies the driver's DataContext when it is built, so set it around the construction)
+    from ray.data import DataContext
+
+    data_ctx = DataContext.get_current()
+    saved = (data_ctx.enable_progress_bars, data_ctx.print_on_execution_start)
+    data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = False, False
+    try:
+        trainer = _trainer(plan, loop_config, storage_path, storage_fs, use_gpu)
+    finally:
+        data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = saved
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; keep the cause readable
+        raise TrainingError(f"training run {t.run_name!r} failed: {e}") from e
+    return _finish(plan, result)
+
+
+def _trainer(plan: TrainPlan, loop_config: dict[str, Any], storage_path: str, storage_fs, use_gpu: bool):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = plan.config.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        datasets=build_datasets(plan),
+        # val_<rank> datasets are already one per rank: only the training data is split
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=t.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="score",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+
+
+def _finish(plan: TrainPlan, result) -> TrainResult:
+    """Metrics from the latest checkpoint, the best checkpoint exported as the artefact."""
+    from ..models.artefact import ArtefactMeta, save_artefact
+
+    config = plan.config
+    if result.checkpoint is None:
+        raise TrainingError(f"training run {config.train.run_name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        latest = load_checkpoint(d)["state"]
+    best = result.get_best_checkpoint("score", "max") or result.checkpoint
+    with best.as_directory() as d:
+        loaded = load_checkpoint(d)
+    state = loaded["state"]
+    meta = state.meta
+    artefact = join(plan.run_dir, "model")
+    epoch_metrics = state.history[-1] if state.history else {}
+    save_artefact(artefact, loaded["model"], ArtefactMeta(
+        model={"name": config.model.name, "kwargs": {**config.model.kwargs, "in_channels": len(plan.channels),
+                                                       "num_classes": len(plan.classes)}},
+        channels=plan.channels, classes=plan.classes, normalization=meta.get("normalization"),
+        input={"level": config.stream.level, "tile": config.stream.tile, "crop": config.train.crop,
+               "dtype": "float32"},
+        epoch=state.epoch, metrics={k: v for k, v in epoch_metrics.items() if v is None or isinstance(v, (int, float))},
+        config=config.to_dict()), config.storage_options)
+    metrics = write_metrics(latest.history, plan.run_dir, config.storage_options)
+    return TrainResult(run_dir=plan.run_dir, artefact=artefact, metrics=metrics, epochs_completed=latest.epoch,
+                       best_epoch=state.epoch)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _append(uri: str, line: dict[str, Any], storage_options=None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    old = fs.cat(path).decode() if fs.exists(path) else ""
+    with fs.open(path, "w") as f:  # rewrite: object stores have no append
+        f.write(old + json.dumps(line) + "\n")
+
+
+def _where(run_dir: str, rank: int, epoch: int, batch: int, storage_options=None) -> None:
+    """Record which process runs rank ``rank`` and how far it is (operators; the fault test)."""
+    fs, path = filesystem(join(run_dir, WORKERS, f"rank-{rank}.json"), storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "epoch": epoch, "batch": batch,
+                            "time": time.time()}))
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and isinstance(v, float) and math.isfinite(v)
+
+
+def make_transform(config: Config, rank: int, epoch: int):
+    """(images, labels) -> (images, labels) for training: mosaics, crops, augmentation,
+    seeded by (train.seed, rank, epoch) so a resumed epoch draws what it drew before."""
+    from ..stream.augment import Augmenter, class_mosaics
+
+    t = config.train
+    seed = (t.seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+    generator = torch.Generator().manual_seed(seed)
+    aug_cfg = augment_config(t.augment)
+    augmenter = Augmenter(aug_cfg, seed=seed + 1) if aug_cfg is not None else None
+
+    def transform(images: torch.Tensor, labels: torch.Tensor):
+        if t.augment.enabled and t.augment.mosaic:
+            images, labels = class_mosaics(images, labels, generator)
+        if t.crop:
+            images = random_crops(images, t.crop, generator)
+        if augmenter is not None:
+            images = augmenter(images)
+        return images, labels
+
+    return transform
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: restore, train epochs, report + checkpoint each."""
+    import ray.train
+    import ray.train.torch
+
+    from ..models import create_model
+
+    config = config_from_dict(cfg["config"])
+    t = config.train
+    so = config.storage_options
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = cfg["run_dir"]
+    device = ray.train.torch.get_device()
+    amp = t.amp and device.type == "cuda"
+
+    torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    model = create_model(config.model.name, in_channels=len(cfg["channels"]), num_classes=len(cfg["classes"]),
+                         **config.model.kwargs)
+    meta = {"channels": cfg["channels"], "classes": cfg["classes"], "normalization": cfg["normalization"],
+            "plates": cfg["plates"], "model": {"name": config.model.name, "kwargs": config.model.kwargs},
+            "config": cfg["config"]}
+    state = TrainState(meta=meta)
+    loaded = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            loaded = load_checkpoint(d)
+        model.load_state_dict(loaded["model"])
+        state = loaded["state"]
+        state.meta = meta
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(model.parameters(), t)
+    scheduler = make_scheduler(optimizer, t)
+    if loaded is not None:
+        if loaded["optimizer"] is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and loaded["scheduler"] is not None:
+            scheduler.load_state_dict(loaded["scheduler"])
+    if rank == 0:
+        _append(join(run_dir, EVENTS), {"event": "start", "from_epoch": state.epoch, "world_size": world,
+                                        "time": time.time()}, so)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_name = f"val_{rank}"
+    val_shard = ray.train.get_dataset_shard(val_name) if val_name in cfg["val_names"] else None
+    dtypes = {"image": torch.float32, LABEL_COL: torch.int64}
+    mode = metric_mode(t.metric)
+
+    for epoch in range(state.epoch + 1, t.epochs + 1):
+        start = time.time()
+        transform = make_transform(config, rank, epoch)
+        loss_sum, n = 0.0, 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2,
+            # a streaming shuffle: wells arrive in plate order, batches should not
+            local_shuffle_buffer_size=max(4 * t.batch_size, 64), local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank)
+        for i, batch in enumerate(batches):
+            images, labels = batch["image"], batch[LABEL_COL]
+            loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip, amp=amp)
+            loss_sum += loss * len(labels)
+            n += len(labels)
+            if i == 0:
+                _where(run_dir, rank, epoch, i + 1, so)
+        train_seconds = time.time() - start
+        if val_shard is not None:
+            probs, ys, vloss, vn = predict(model, ((b["image"], b[LABEL_COL]) for b in val_shard.iter_torch_batches(
+                batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2)), amp=amp)
+        else:
+            probs, ys, vloss, vn = np.zeros((0, len(cfg["classes"])), np.float32), np.zeros(0, np.int64), 0.0, 0
+        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds))
+        total = sum(p[1] for p in parts)
+        all_probs = np.concatenate([p[2] for p in parts if len(p[2])] or [np.zeros((0, len(cfg["classes"])))])
+        all_ys = np.concatenate([p[3] for p in parts])
+        metrics = {"epoch": epoch, "train_loss": sum(p[0] for p in parts) / total if total else float("nan"),
+                   **classification_metrics(all_ys, all_probs, sum(p[4] for p in parts)),
+                   "seconds": time.time() - start, "lr": optimizer.param_groups[0]["lr"],
+                   "train_samples": total, "val_samples": len(all_ys),
+                   # the slowest rank's training time: what the epoch waited for
+                   "train_seconds": max(p[6] for p in parts)}
+        value = metrics[t.metric]
+        score = (value if mode == "max" else -value) if _finite(value) else -math.inf
+        metrics["score"] = score
+        step_scheduler(scheduler, value)
+        if _finite(value) and (state.best_value is None or
+                               (value > state.best_value if mode == "max" else value < state.best_value)):
+            state.best_value, state.best_epoch = value, epoch
+        state.epoch = epoch
+        state.history.append(metrics)
+        if rank == 0:
+            write_metrics(state.history, run_dir, so)
+            if cfg.get("progress", True):
+                print(f"[rayscreen train] epoch {epoch}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
+                      f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.3f}  "
+                      f"val_bacc {metrics['val_balanced_accuracy']:.3f}  val_auc {metrics['val_roc_auc']:.3f}  "
+                      f"({metrics['seconds']:.1f} s, {total / max(metrics['seconds'], 1e-9):.1f} fields/s)",
+                      flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(d, state, getattr(model, "module", model).state_dict(), optimizer.state_dict(),
+                                scheduler.state_dict() if scheduler is not None else None)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)

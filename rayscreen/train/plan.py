@@ -1,0 +1,217 @@
+"""Everything about a training run that can be decided on the driver, before any worker.
+
+:func:`plan_run` opens the plates' metadata, resolves labels and splits, and makes every
+bad-config check (issue 6, item 7) so that a mistake fails in a second, naming the
+key, instead of after a cluster has started workers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config, ConfigError
+from ..store import RayscreenError, open_plate
+from ..store.uri import filesystem, join
+from .labels import LABEL_COL, UNLABELLED, resolve_labels
+from .splits import assign_splits, check_split
+
+SPLIT_COL = "Metadata_TrainSplit"  # "train", "val/<rank>", "test", "none": which dataset a well feeds
+CONFIG_FILE = "rayscreen_config.json"  # the config a run was started with, beside Ray's run state
+METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
+           "val_f1", "val_roc_auc")
+# keys that may change when a run resumes: they change how, not what, is trained
+RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.use_gpu",
+             "train.cpus_per_worker", "train.keep_checkpoints")
+# sections that do not affect training (a later stage's settings)
+UNRELATED = ("infer", "profile", "analysis", "report", "stages")
+
+
+@dataclass
+class TrainPlan:
+    config: Config
+    uris: list[str]
+    plate_names: list[str]
+    channels: list[str]  # channel names the model sees, in order
+    classes: list[str]
+    wells: pd.DataFrame  # Metadata_Plate, Metadata_Well, split, label, label_index (+ SPLIT_COL, LABEL_COL)
+    normalization: dict[str, Any] | None  # what the stream applies: method + per-plate fitted statistics
+    run_dir: str  # <output>/train
+    storage_path: str  # <output>/train/checkpoints
+    resume: bool  # a run of this name exists (Ray Train restores its latest checkpoint)
+    repeats: dict[int, int] | None  # class-balanced repetition factors, or None
+    val_names: list[str]  # val datasets, one per rank that has validation wells
+
+
+def annotations_of(config: Config, uris: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """All plates' well annotations (platemap applied), plate names and the common channels.
+
+    Raises naming the plates when channel sets differ and naming the channel when
+    ``stream.channels`` asks for one the plates lack.
+    """
+    frames, names, channels = [], [], None
+    for uri in uris:
+        plate = open_plate(uri, config.storage_options, platemap=config.platemap)
+        if channels is None:
+            channels, first = list(plate.channels), uri
+        elif list(plate.channels) != channels:
+            raise ConfigError(f"plates: {first} has channels {channels} but {uri} has {list(plate.channels)}; "
+                              "one run needs one channel set")
+        frames.append(plate.annotations)
+        names.append(plate.name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"plates: two plates share a name ({names}); wells would be ambiguous")
+    wanted = config.stream.channels
+    if wanted:
+        missing = [c for c in wanted if c not in channels]
+        if missing:
+            raise ConfigError(f"stream.channels: {missing} not in the plates' channels {channels}")
+        channels = list(wanted)
+    return pd.concat(frames, ignore_index=True), names, channels
+
+
+def _normalization(config: Config, uris: list[str]) -> dict[str, Any] | None:
+    method = config.stream.normalize
+    if method == "none":
+        return {"method": "none", "illumination": config.stream.illumination, "plates": {}}
+    from ..stream.normalize import load_normalization
+
+    plates = {}
+    for uri in uris:
+        scaler = load_normalization(uri, config.storage_options)
+        if scaler is None:
+            raise ConfigError(f"stream.normalize: {method!r} but plate {uri} has no stored normalisation; "
+                              "fit one first (`rayscreen illum`) or set stream.normalize: none")
+        if scaler.method != method:
+            raise ConfigError(f"stream.normalize: {method!r} but plate {uri} stores a {scaler.method!r} "
+                              "normalisation; refit it or change stream.normalize")
+        plates[open_plate(uri, config.storage_options).name] = scaler.to_dict()
+    return {"method": method, "illumination": config.stream.illumination, "plates": plates}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("kwargs", "storage_options", "column_values"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two ``Config.to_dict()``s, ignoring the
+    resumable keys and later stages' sections."""
+    a, b = _flatten(stored), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if not k.startswith(UNRELATED) and k not in RESUMABLE and a.get(k) != b.get(k)]
+
+
+def check_resume(config: Config, storage_path: str, run_name: str) -> bool:
+    """True when run ``run_name`` exists and was started with an equivalent config; raises
+    :class:`ConfigError` listing the keys when the stored config differs."""
+    fs, path = filesystem(join(storage_path, run_name), config.storage_options)
+    if not fs.exists(path):
+        return False
+    stored_file = f"{path}/{CONFIG_FILE}"
+    if not fs.exists(stored_file):
+        raise ConfigError(f"train.run_name: {run_name!r} exists under {storage_path} but holds no {CONFIG_FILE}; "
+                          "choose another train.run_name")
+    stored = json.loads(fs.cat(stored_file))
+    diff = config_differences(stored, config.to_dict())
+    if diff:
+        raise ConfigError(f"train.run_name: run {run_name!r} exists and was started with a different config "
+                          f"({', '.join(diff[:8])} differ); refusing to resume it. Use a new train.run_name "
+                          "to start fresh, or restore those keys to resume")
+    return True
+
+
+def write_run_config(plan: TrainPlan) -> None:
+    fs, path = filesystem(join(plan.storage_path, plan.config.train.run_name), plan.config.storage_options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/{CONFIG_FILE}", "w") as f:
+        f.write(json.dumps(plan.config.to_dict(), default=str))
+
+
+def plan_run(config: Config) -> TrainPlan:
+    """Resolve and check a training run; raises :class:`ConfigError` (or
+    :class:`RayscreenError` for unreadable plates) before anything starts."""
+    from ..stream import expand_uris
+
+    t = config.train
+    if t.num_workers < 1:
+        raise ConfigError(f"train.num_workers: {t.num_workers}; expected >= 1")
+    if t.epochs < 1 or t.batch_size < 1:
+        raise ConfigError(f"train.epochs={t.epochs}, train.batch_size={t.batch_size}: both must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: {t.lr}; expected > 0")
+    if t.max_failures < 0:
+        raise ConfigError(f"train.max_failures: {t.max_failures}; expected >= 0 (Ray's retries after a failure)")
+    if t.metric not in METRICS:
+        raise ConfigError(f"train.metric: {t.metric!r}; expected one of {list(METRICS)}")
+    if t.cpus_per_worker <= 0:
+        raise ConfigError(f"train.cpus_per_worker: {t.cpus_per_worker}; expected > 0")
+    if t.crop is not None and t.crop < 8:
+        raise ConfigError(f"train.crop: {t.crop}; expected a size of at least 8 pixels or null")
+    if t.augment.scale is not None and (len(t.augment.scale) != 2 or not 0 < t.augment.scale[0] <= t.augment.scale[1]):
+        raise ConfigError(f"train.augment.scale: {t.augment.scale}; expected [low, high] with 0 < low <= high")
+    if not config.plates:
+        raise ConfigError("plates: no plate given")
+    try:
+        uris = expand_uris(config.plates)
+    except RayscreenError as e:
+        raise ConfigError(f"plates: {e}") from None
+    annotations, names, channels = annotations_of(config, uris)
+    if config.stream.tile is None and t.crop is not None:
+        c, y, x = open_plate(uris[0], config.storage_options).shape
+        if t.crop > min(y >> config.stream.level, x >> config.stream.level):
+            raise ConfigError(f"train.crop: {t.crop} is larger than the fields "
+                              f"({y >> config.stream.level} x {x >> config.stream.level})")
+    labels, classes = resolve_labels(annotations, config.label)
+    splits = assign_splits(annotations, labels, t.split)
+    wells = annotations[["Metadata_Plate", "Metadata_Well"]].copy()
+    wells["split"] = splits
+    wells["label_index"] = labels
+    wells["label"] = [classes[i] if i != UNLABELLED else None for i in labels]
+    check_split(wells, classes)
+
+    # validation wells dealt round-robin to the ranks: each rank reads only its own, no row is dropped
+    dataset = wells["split"].astype(object).to_numpy().copy()
+    val_idx = np.flatnonzero(dataset == "val")
+    val_names = []
+    for r in range(min(t.num_workers, len(val_idx))):
+        dataset[val_idx[r::t.num_workers]] = f"val_{r}"
+        val_names.append(f"val_{r}")
+    wells[SPLIT_COL] = dataset
+    wells[LABEL_COL] = labels
+
+    _check_model(config, len(channels), len(classes))
+    normalization = _normalization(config, uris)
+    repeats = None
+    if t.balanced:
+        from .step import balance_repeats
+
+        counts = wells.loc[wells["split"] == "train", "label_index"].value_counts()
+        repeats = balance_repeats({int(k): int(v) for k, v in counts.items()})
+    run_dir = join(config.output, "train")
+    storage_path = join(run_dir, "checkpoints")
+    resume = check_resume(config, storage_path, t.run_name)
+    return TrainPlan(config=config, uris=uris, plate_names=names, channels=channels, classes=classes, wells=wells,
+                     normalization=normalization, run_dir=run_dir, storage_path=storage_path, resume=resume,
+                     repeats=repeats, val_names=val_names)
+
+
+def _check_model(config: Config, in_channels: int, num_classes: int) -> None:
+    """Build the model once on the driver (CPU, cheap) so a bad name or kwarg fails here."""
+    from ..models import create_model
+
+    try:
+        create_model(config.model.name, in_channels=in_channels, num_classes=num_classes, **config.model.kwargs)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0] if e.args else e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.kwargs: {e}") from None

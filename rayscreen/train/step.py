@@ -1,0 +1,198 @@
+"""The training maths as pure torch functions, unit-tested on arrays (no Ray).
+
+:mod:`.loop` wires them to Ray Train; the plain-PyTorch baseline of
+``benchmarks/train.py`` calls the same functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import AugmentSection, TrainConfig
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (the WSCNN paper's) or AdamW, from ``train.*``."""
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
+    """``plateau``: lr x0.1 after 3 epochs without improvement of ``train.metric``;
+    ``cosine``: cosine annealing over ``train.epochs``; ``none``: None. Stepped once per epoch."""
+    if train.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=metric_mode(train.metric),
+                                                          factor=0.1, patience=3)
+    if train.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, train.epochs))
+    return None
+
+
+def step_scheduler(scheduler, metric_value: float | None) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if metric_value is not None and math.isfinite(metric_value):
+            scheduler.step(metric_value)
+    else:
+        scheduler.step()
+
+
+def metric_mode(metric: str) -> str:
+    """"min" for losses, "max" for every other metric."""
+    return "min" if metric.endswith("loss") else "max"
+
+
+def augment_config(section: AugmentSection):
+    """The stream's :class:`~rayscreen.stream.augment.AugmentConfig` for ``train.augment``, or None."""
+    if not section.enabled:
+        return None
+    from ..stream.augment import ANGLES, AugmentConfig
+
+    scale = tuple(section.scale) if section.scale else (1.0, 1.0)
+    return AugmentConfig(flips=section.flips, rot90=section.rot90,
+                         angles=ANGLES if section.rotate else ((0.0, 0.0),),
+                         max_translate=section.translate, scale=scale)
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A (B, C, size, size) random crop of each image of (B, C, H, W); positions drawn on the CPU."""
+    b, _, h, w = images.shape
+    if size > h or size > w:
+        raise ValueError(f"train.crop {size} is larger than the fields ({h}, {w})")
+    ys = torch.randint(0, h - size + 1, (b,), generator=generator).tolist()
+    xs = torch.randint(0, w - size + 1, (b,), generator=generator).tolist()
+    return torch.stack([images[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))])
+
+
+def balance_repeats(counts: dict[int, int]) -> dict[int, int]:
+    """Class-balanced sampling by repetition: each class's rows are repeated
+    ``round(max_count / count)`` times per epoch, so every class contributes about as
+    many rows as the largest. ``{0: 90, 1: 10} -> {0: 1, 1: 9}``."""
+    top = max(counts.values())
+    return {k: max(1, int(round(top / n))) if n else 1 for k, n in counts.items()}
+
+
+def repeat_rows(batch: dict[str, np.ndarray], label_col: str, repeats: dict[int, int]) -> dict[str, np.ndarray]:
+    """A batch of rows (dict of equal-length columns) with each row repeated by its class's factor."""
+    n = np.array([repeats.get(int(k), 1) for k in batch[label_col]], dtype=np.int64)
+    return {k: np.repeat(v, n, axis=0) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device, amp: bool):
+    # bf16 needs no loss scaling; on CPU autocast would only slow the small models down
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               amp: bool = False) -> torch.Tensor:
+    """Cross-entropy of the model's logits (B, K) for ``labels`` (B,), plus the model's
+    auxiliary loss where it defines one (``model.aux_loss(logits, labels)``)."""
+    with _autocast(images.device, amp):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+    aux = getattr(_unwrap(model), "aux_loss", None)
+    if callable(aux):
+        extra = aux(logits, labels)
+        if extra is not None:
+            loss = loss + extra
+    return loss
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, *, transform: Callable[[torch.Tensor, torch.Tensor],
+                                                            tuple[torch.Tensor, torch.Tensor]] | None = None,
+               grad_clip: float | None = None, amp: bool = False) -> float:
+    """One optimisation step on a batch (B, C, H, W) with labels (B,); returns the loss.
+
+    ``transform(images, labels) -> (images, labels)`` runs first (mosaics, crops, augmentation).
+    """
+    model.train()
+    if transform is not None:
+        images, labels = transform(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss = model_loss(model, images, labels, amp)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()}; lower train.lr or set train.grad_clip")
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+            amp: bool = False) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Class probabilities (N, K) and labels (N,) over batches of (images, labels), plus the
+    summed cross-entropy and N (so workers' shards combine exactly)."""
+    model = _unwrap(model)  # no DDP collectives: ranks may see different numbers of batches
+    model.eval()
+    probs, ys, loss_sum, n = [], [], 0.0, 0
+    for images, labels in batches:
+        with _autocast(images.device, amp):
+            logits = model(images).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        n += len(labels)
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        ys.append(labels.cpu().numpy())
+    if probs:
+        return np.concatenate(probs), np.concatenate(ys), loss_sum, n
+    return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), 0.0, 0
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, loss_sum: float | None = None,
+                           prefix: str = "val_") -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy, precision, recall, F1 and ROC-AUC.
+
+    ``labels`` (N,) class indices, ``probs`` (N, K). Binary (K = 2): precision/recall/F1 of
+    class 1 and the ROC-AUC of its probability; multiclass: macro averages and one-vs-rest
+    macro ROC-AUC. A metric that is undefined (one class present) is NaN.
+    """
+    from sklearn import metrics as skm
+
+    labels = np.asarray(labels)
+    probs = np.asarray(probs)
+    n, k = probs.shape if probs.ndim == 2 else (0, 0)
+    out = {f"{prefix}loss": (loss_sum / n) if (loss_sum is not None and n) else float("nan")}
+    if n == 0:
+        for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
+            out[prefix + name] = float("nan")
+        return out
+    pred = probs.argmax(axis=1)
+    avg = "binary" if k == 2 else "macro"
+    kw = dict(average=avg, zero_division=0) if k == 2 else dict(average=avg, labels=list(range(k)), zero_division=0)
+    out[f"{prefix}accuracy"] = float(skm.accuracy_score(labels, pred))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out[f"{prefix}balanced_accuracy"] = float(skm.balanced_accuracy_score(labels, pred))
+    out[f"{prefix}precision"] = float(skm.precision_score(labels, pred, **kw))
+    out[f"{prefix}recall"] = float(skm.recall_score(labels, pred, **kw))
+    out[f"{prefix}f1"] = float(skm.f1_score(labels, pred, **kw))
+    present = np.unique(labels)
+    if len(present) < 2:
+        out[f"{prefix}roc_auc"] = float("nan")
+    elif k == 2:
+        out[f"{prefix}roc_auc"] = float(skm.roc_auc_score(labels, probs[:, 1]))
+    else:
+        # one-vs-rest over the classes present (sklearn needs every column's class present)
+        p = probs[:, present]
+        p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+        out[f"{prefix}roc_auc"] = float(skm.roc_auc_score(labels, p, multi_class="ovr", labels=present)) \
+            if len(present) > 2 else float(skm.roc_auc_score(labels == present[1], p[:, 1]))
+    return out

@@ -1,0 +1,167 @@
+"""Ray Train on the local Ray: 2 workers on a small synthetic WSCNN screen, one of them
+killed mid-epoch; the run resumes from its last checkpoint, finishes and learns.
+
+One training run (module fixture) serves every test here: the suite's time budget is
+small and every assertion below is about that run.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rayscreen.config import config_from_dict
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 3
+KILL_EPOCH = 2
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    """80 wells x 2 fields (96 x 128), half positive; percentile normalisation fitted and
+    stored with the plate (what `rayscreen illum` does), so stream.normalize is honoured."""
+    from rayscreen.stream.normalize import PercentileScaler, fit_plate_normalizer
+    from rayscreen.synth import synth_wscnn
+
+    root = tmp_path_factory.mktemp("wscnn")
+    # few, clearly elongated ellipses and many circles: learnable in a few CPU epochs
+    uris = synth_wscnn(str(root / "plates"), n_images=160, rare_fraction=0.5, fields_per_well=2, seed=1,
+                       shape=(96, 128), grid=(3, 4), n_objects=(8, 12), ellipse_aspect=(0.3, 0.45))
+    for uri in uris:
+        fit_plate_normalizer(uri, PercentileScaler(), save=True, max_fields=32)
+    return uris, root
+
+
+def make_config(uris, output, **train):
+    return config_from_dict({
+        "plates": uris, "output": output,
+        "stream": {"normalize": "percentile"},
+        "label": {"column": "Metadata_Label", "positive": ["positive"], "negative": ["negative"]},
+        "model": {"name": "wscnn", "kwargs": {"width": 0.25}},
+        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": EPOCHS, "batch_size": 8,
+                  "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0, "schedule": "none", "seed": 0,
+                  "max_failures": 1,
+                  "augment": {"enabled": True, "flips": True, "rot90": True, "rotate": False, "translate": 0.0},
+                  # the simulation's split hint; test wells join training here (more data, fewer epochs)
+                  "split": {"by": "column", "column": "Metadata_Split",
+                            "column_values": {"train": ["train", "test"], "val": ["val"]}},
+                  **train},
+    })
+
+
+def _killer(run_dir, killed, stop):
+    """Kill rank 1's worker process once it reports a batch of epoch KILL_EPOCH."""
+    path = os.path.join(run_dir, "workers", "rank-1.json")
+    while not stop.is_set():
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            info = None
+        if info and info["epoch"] == KILL_EPOCH:
+            os.kill(info["pid"], signal.SIGKILL)
+            killed.update(info)
+            return
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, screen, tmp_path_factory):
+    from rayscreen.train import run_train
+
+    uris, _ = screen
+    output = str(tmp_path_factory.mktemp("run") / "out")
+    killed, stop = {}, threading.Event()
+    thread = threading.Thread(target=_killer, args=(os.path.join(output, "train"), killed, stop), daemon=True)
+    thread.start()
+    start = time.time()
+    try:
+        result = run_train(make_config(uris, output), progress=False)
+    finally:
+        stop.set()
+        thread.join(5)
+    return result, killed, time.time() - start, output
+
+
+def test_two_workers_learn_well_above_chance(trained):
+    result, _, seconds, _ = trained
+    m = result.metrics
+    assert result.epochs_completed == EPOCHS
+    assert m["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    # chance is 0.5 (balanced classes); the best epoch is far above it
+    assert m["val_accuracy"].max() >= 0.75, m.to_string()
+    assert m["val_roc_auc"].max() >= 0.9
+    assert (m["train_loss"].iloc[-1] < m["train_loss"].iloc[0]), m.to_string()
+    split = pd.read_csv(os.path.join(result.run_dir, "split.csv"))
+    n_val_fields = 2 * int((split["split"] == "val").sum())
+    n_train_fields = 2 * int((split["split"] == "train").sum())
+    assert set(m["val_samples"]) == {n_val_fields}  # every validation field, once
+    assert n_train_fields - 1 <= m["train_samples"].iloc[0] <= n_train_fields  # equal shards may drop one
+    on_disk = pd.read_csv(os.path.join(result.run_dir, "metrics.csv"))
+    assert on_disk["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert {"train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
+            "val_f1", "val_roc_auc", "seconds"} <= set(on_disk.columns)
+    print(f"training run with one kill: {seconds:.1f} s")
+
+
+def test_killed_worker_resumes_from_last_checkpoint(trained):
+    result, killed, _, _ = trained
+    from rayscreen.train import read_events
+
+    assert killed.get("epoch") == KILL_EPOCH, "the worker was never killed"
+    events = read_events(result.run_dir)
+    # the first worker group started fresh; after the kill Ray Train restarted the group
+    # from the checkpoint of the last completed epoch, and the run counted each epoch once
+    assert [e["from_epoch"] for e in events] == [0, KILL_EPOCH - 1]
+    with open(os.path.join(result.run_dir, "workers", "rank-1.json")) as f:
+        assert json.load(f)["pid"] != killed["pid"]
+    assert result.epochs_completed == EPOCHS and len(result.metrics) == EPOCHS
+
+
+def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, screen):
+    from rayscreen.models.artefact import build_model
+    from rayscreen.store import open_plate
+    from rayscreen.stream.normalize import load_normalization
+
+    result, _, _, _ = trained
+    model, meta = build_model(result.artefact)
+    m = result.metrics.set_index("epoch")
+    assert meta.epoch == int(m["val_balanced_accuracy"].idxmax())
+    assert meta.classes == ["negative", "positive"] and meta.channels == ["Grey"]
+    assert meta.normalization["method"] == "percentile" and set(meta.normalization["plates"]) == {"simdata1-p01"}
+    # score the validation fields outside Ray with the exported model: same accuracy as the run reported
+    split = pd.read_csv(os.path.join(result.run_dir, "split.csv"))
+    uri = screen[0][0]
+    plate, norm = open_plate(uri), load_normalization(uri)
+    images, labels = [], []
+    for row in split[split["split"] == "val"].itertuples():
+        for f in plate.fields(row.Metadata_Well):
+            images.append(norm.transform(plate.read(row.Metadata_Well, f)))
+            labels.append(row.label_index)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(np.stack(images))).argmax(1).numpy()
+    assert (pred == np.array(labels)).mean() == pytest.approx(m.loc[meta.epoch, "val_accuracy"])
+    # checkpoints hold tensors + JSON only
+    ckpts = [d for d, _, files in os.walk(os.path.join(result.run_dir, "checkpoints")) if "state.json" in files]
+    assert ckpts and all(set(os.listdir(d)) <= {"model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+                         for d in ckpts)
+
+
+@pytest.mark.slow
+def test_rerun_with_same_name_resumes_instead_of_starting_over(trained, screen):
+    from rayscreen.train import read_events, run_train
+
+    result, _, _, output = trained
+    again = run_train(make_config(screen[0], output), progress=False)
+    # restored from the run's latest checkpoint (epoch EPOCHS): nothing left to train
+    assert read_events(result.run_dir)[-1]["from_epoch"] == EPOCHS
+    assert again.epochs_completed == EPOCHS
+    pd.testing.assert_frame_equal(again.metrics, result.metrics)

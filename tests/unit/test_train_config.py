@@ -1,0 +1,107 @@
+"""Bad training configs fail in plan_run, before any Ray worker starts, naming the problem."""
+
+import pandas as pd
+import pytest
+
+from rayscreen.config import ConfigError, config_from_dict, load_config
+from rayscreen.testing.plates import make_plate
+from rayscreen.train.plan import SPLIT_COL, config_differences, plan_run, write_run_config
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plates")
+    wells = [f"{r}{c:02d}" for r in "AB" for c in range(1, 7)]
+    ann = pd.DataFrame({"Metadata_Well": wells, "Metadata_Label": ["pos" if i % 3 == 0 else "neg" for i in range(12)],
+                        "Metadata_Compound": [("p" if i % 3 == 0 else "n") + str(i % 2) for i in range(12)]})
+    a = make_plate(str(root / "a.zarr"), "PA", wells=wells, fields=1, annotations=ann, field_shape=(16, 16))
+    b = make_plate(str(root / "b.zarr"), "PB", wells=wells, fields=1, annotations=ann, field_shape=(16, 16))
+    c = make_plate(str(root / "c.zarr"), "PC", wells=wells, fields=1, annotations=ann, field_shape=(16, 16),
+                   channels=("DNA", "Tubulin"))
+    return {"a": a, "b": b, "c": c, "root": root}
+
+
+def cfg(plates, tmp_path, **sections):  # noqa: D103
+    base = {"plates": [plates["a"], plates["b"]], "output": str(tmp_path / "out"),
+            "stream": {"normalize": "none"},
+            "label": {"column": "Metadata_Label", "positive": ["pos"]},
+            "model": {"name": "milnet", "kwargs": {"width": [4, 4, 4]}},
+            "train": {"split": {"val": 0.25, "test": 0.0}}}
+    for key, value in sections.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            base.setdefault(section, {})[sub] = value
+        else:
+            base[section] = value
+    return config_from_dict(base)
+
+
+def test_good_config_plans_without_ray(plates, tmp_path):
+    plan = plan_run(cfg(plates, tmp_path, train={"num_workers": 2, "split": {"val": 0.25, "test": 0.0}}))
+    assert plan.classes == ["neg", "pos"] and plan.channels == ["DNA", "Actin"]
+    assert plan.plate_names == ["PA", "PB"] and not plan.resume
+    w = plan.wells
+    assert len(w) == 24 and set(w["split"]) == {"train", "val"}
+    # validation wells dealt to the two ranks, every one exactly once
+    assert sorted(w.loc[w["split"] == "val", SPLIT_COL].unique()) == ["val_0", "val_1"]
+    assert plan.val_names == ["val_0", "val_1"]
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    text = "plates: [x.zarr]\noutput: out\ntrain:\n  epochs: 2\n  epoch_count: 3\n"
+    with pytest.raises(ConfigError, match=r"<config>:5: train.epoch_count: unknown key"):
+        load_config(text)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"label__column": "Metadata_Missing"}, "label.column: 'Metadata_Missing' is not an annotation column"),
+    ({"label__positive": ["positive"]}, "label.positive: value 'positive' matches no well"),
+    ({"label": {"column": "Metadata_Label", "classes": ["pos"]}}, "at least two"),
+    ({"stream__channels": ["DNA", "Mito"]}, r"stream.channels: \['Mito'\] not in the plates' channels"),
+    ({"train": {"split": {"by": "column", "column": "Metadata_Compound", "column_values": {"train": ["p0"], "val": ["n0"]}}}},
+     r"training split has 1 class\(es\) \['pos'\]"),
+    ({"train": {"split": {"by": "column", "column": "Metadata_Compound",
+                          "column_values": {"train": ["p0", "p1", "n0", "n1"]}}}}, "the val split is empty"),
+    ({"train": {"metric": "val_auc"}}, "train.metric: 'val_auc'"),
+    ({"model__name": "nonet"}, "model.name: unknown model 'nonet'"),
+    ({"model__kwargs": {"depth": 3}}, "model.kwargs"),
+    ({"stream__normalize": "percentile"}, "stream.normalize: 'percentile' but plate .* has no stored normalisation"),
+    ({"train": {"max_failures": -1}}, "train.max_failures"),
+    ({"train": {"crop": 64}}, "train.crop: 64 is larger than the fields"),
+])
+def test_bad_configs_fail_before_workers(plates, tmp_path, change, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_run(cfg(plates, tmp_path, **change))
+
+
+def test_plates_with_different_channels_are_refused(plates, tmp_path):
+    with pytest.raises(ConfigError, match="channels .* but .*c.zarr has .*Tubulin"):
+        plan_run(cfg(plates, tmp_path).replace(plates=[plates["a"], plates["c"]]))
+
+
+def test_resume_refuses_a_different_config_and_allows_more_epochs(plates, tmp_path):
+    config = cfg(plates, tmp_path)
+    plan = plan_run(config)
+    write_run_config(plan)  # what run_train does before starting workers
+    assert plan_run(config).resume
+    assert plan_run(cfg(plates, tmp_path, train={"epochs": 30, "split": {"val": 0.25, "test": 0.0}})).resume
+    with pytest.raises(ConfigError, match=r"run 'train' exists .*train.lr differ.*new train.run_name"):
+        plan_run(cfg(plates, tmp_path, train={"lr": 0.5, "split": {"val": 0.25, "test": 0.0}}))
+    fresh = plan_run(cfg(plates, tmp_path, train={"lr": 0.5, "run_name": "other", "split": {"val": 0.25, "test": 0.0}}))
+    assert not fresh.resume
+
+
+def test_config_differences_ignore_resumable_and_later_stages():
+    a = {"train": {"epochs": 1, "lr": 0.1, "split": {"seed": 0}}, "infer": {"batch_size": 1}, "model": {"kwargs": {"w": 1}}}
+    b = {"train": {"epochs": 5, "lr": 0.1, "split": {"seed": 1}}, "infer": {"batch_size": 9}, "model": {"kwargs": {"w": 2}}}
+    assert config_differences(a, b) == ["model.kwargs", "train.split.seed"]
+
+
+def test_jobs_entry_point_reports_config_errors(plates, tmp_path, capsys):
+    from rayscreen.cli import job_main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"plates: [{plates['a']}]\noutput: {tmp_path / 'out'}\nstream: {{normalize: none}}\n"
+                    "label: {column: Metadata_Label, positive: [pos]}\n")
+    assert job_main("train", ["--config", str(path), "--set", "label.column=Metadata_Nope"]) == 2
+    assert "label.column: 'Metadata_Nope' is not an annotation column" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""Training maths (rayscreen.train.step) and checkpoints on small tensors, no Ray."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rayscreen.config import TrainConfig
+from rayscreen.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from rayscreen.train.step import (balance_repeats, classification_metrics, make_optimizer, make_scheduler, predict,
+                                  random_crops, repeat_rows, step_scheduler, train_step)
+
+
+def test_metrics_binary_by_hand():
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    m = classification_metrics(labels, probs, loss_sum=5.0)
+    # predictions 0 1 0 1 0: TP=1 FP=1 FN=1 TN=2
+    assert m["val_loss"] == pytest.approx(1.0)
+    assert m["val_accuracy"] == pytest.approx(3 / 5)
+    assert m["val_balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["val_precision"] == pytest.approx(0.5)
+    assert m["val_recall"] == pytest.approx(0.5)
+    assert m["val_f1"] == pytest.approx(0.5)
+    # positive scores 0.7, 0.4 vs negatives 0.1, 0.6, 0.2: pairs won 3 + 2 of 6
+    assert m["val_roc_auc"] == pytest.approx(5 / 6)
+
+
+def test_metrics_multiclass_macro_and_undefined_auc():
+    labels = np.array([0, 1, 2, 2])
+    probs = np.eye(3)[[0, 1, 2, 1]] * 0.8 + 0.2 / 3
+    m = classification_metrics(labels, probs)
+    assert m["val_accuracy"] == pytest.approx(0.75)
+    assert m["val_balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["val_recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["val_precision"] == pytest.approx((1 + 0.5 + 1) / 3)
+    one_class = classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]))
+    assert math.isnan(one_class["val_roc_auc"])
+    assert one_class["val_accuracy"] == 0.5
+
+
+def test_balance_repeats_and_repeat_rows():
+    assert balance_repeats({0: 90, 1: 10}) == {0: 1, 1: 9}
+    assert balance_repeats({0: 10, 1: 10, 2: 4}) == {0: 1, 1: 1, 2: 2}  # round(2.5) = 2
+    batch = {"image": np.arange(3)[:, None], "y": np.array([0, 1, 0])}
+    out = repeat_rows(batch, "y", {0: 1, 1: 3})
+    assert out["y"].tolist() == [0, 1, 1, 1, 0]
+    assert out["image"][:, 0].tolist() == [0, 1, 1, 1, 2]
+
+
+def test_random_crops_are_windows_of_each_image():
+    images = torch.arange(2 * 1 * 6 * 8, dtype=torch.float32).reshape(2, 1, 6, 8)
+    crops = random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 1, 4, 4)
+    for i in range(2):
+        y, x = divmod(int(crops[i, 0, 0, 0] - images[i, 0, 0, 0]), 8)
+        assert torch.equal(crops[i], images[i, :, y:y + 4, x:x + 4])
+    with pytest.raises(ValueError, match="larger than the fields"):
+        random_crops(images, 7, torch.Generator())
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).amax(dim=(2, 3))  # global max pooling: logits (B, 2)
+
+
+def toy(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.1
+    y = torch.arange(n) % 2
+    x[y == 1, :, 3, 4] = 1.0  # one bright pixel marks a positive image
+    return x, y
+
+
+def test_train_step_learns_a_rare_bright_pixel():
+    torch.manual_seed(0)
+    x, y = toy()
+    model = Tiny()
+    opt = make_optimizer(model.parameters(), TrainConfig(optimizer="adamw", lr=0.05, weight_decay=0.0))
+    losses = [train_step(model, opt, x, y) for _ in range(60)]
+    assert losses[-1] < 0.5 * losses[0]
+    probs, labels, loss_sum, n = predict(model, [(x[:16], y[:16]), (x[16:], y[16:])])
+    assert probs.shape == (32, 2) and n == 32 and labels.tolist() == y.tolist()
+    assert (probs.argmax(1) == y.numpy()).mean() == 1.0
+    assert loss_sum / n == pytest.approx(float(nn.functional.cross_entropy(model(x).detach(), y)), rel=1e-5)
+
+
+def test_train_step_transform_grad_clip_and_nan_loss():
+    model = Tiny()
+    opt = make_optimizer(model.parameters(), TrainConfig(lr=0.1))
+    x, y = toy(8)
+    seen = []
+    train_step(model, opt, x, y, transform=lambda a, b: (seen.append(a.shape) or a.flip(-1), b), grad_clip=0.01)
+    assert seen == [(8, 1, 8, 8)]
+    with pytest.raises(FloatingPointError, match="train.lr"):
+        train_step(model, opt, x * float("nan"), y)
+
+
+def test_schedulers():
+    model = Tiny()
+    cfg = TrainConfig(lr=1.0, schedule="plateau", metric="val_loss")
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_scheduler(opt, cfg)
+    for _ in range(5):  # no improvement after the first: patience 3, then x0.1
+        step_scheduler(sched, 1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    step_scheduler(sched, float("nan"))  # ignored, not a crash
+    cfg = TrainConfig(lr=1.0, schedule="cosine", epochs=4)
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_scheduler(opt, cfg)
+    opt.step()
+    for _ in range(2):
+        step_scheduler(sched, None)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # half way down the cosine
+    assert make_scheduler(opt, TrainConfig(schedule="none")) is None
+
+
+def test_checkpoint_round_trip_tensors_and_json(tmp_path):
+    model = Tiny()
+    cfg = TrainConfig(lr=0.5, schedule="cosine")
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_scheduler(opt, cfg)
+    x, y = toy(4)
+    train_step(model, opt, x, y)
+    step_scheduler(sched, None)
+    state = TrainState(epoch=3, best_epoch=2, best_value=0.9,
+                       history=[{"epoch": 1, "val_roc_auc": float("nan")}], meta={"classes": ["neg", "pos"]})
+    save_checkpoint(str(tmp_path), state, model.state_dict(), opt.state_dict(), sched.state_dict())
+    loaded = load_checkpoint(str(tmp_path))
+    assert loaded["state"].epoch == 3 and loaded["state"].best_epoch == 2
+    assert loaded["state"].history[0]["val_roc_auc"] is None  # NaN stored as JSON null
+    assert loaded["state"].meta["classes"] == ["neg", "pos"]
+    fresh = Tiny()
+    fresh.load_state_dict(loaded["model"])
+    assert torch.equal(fresh(x), model(x))
+    opt2 = make_optimizer(fresh.parameters(), cfg)
+    opt2.load_state_dict(loaded["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    sched2 = make_scheduler(opt2, cfg)
+    sched2.load_state_dict(loaded["scheduler"])
+    assert sched2.last_epoch == 1
+
+
+def test_checkpoint_load_refuses_pickled_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    save_checkpoint(str(tmp_path), TrainState(epoch=1), {"w": torch.zeros(1)})
+    torch.save({"w": Evil()}, tmp_path / "model.pt")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(str(tmp_path))
