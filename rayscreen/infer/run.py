@@ -1,0 +1,357 @@
+"""``rayscreen infer``: score every well of a screen into ``<output>/results.zarr``, exactly once.
+
+Why the unit of work is a well, not a field
+-------------------------------------------
+``read_plates`` streams fields in blocks that do not align with wells, and Ray Data
+re-runs a batch (on another actor) when an actor dies. If fields of one well could
+land in different calls, the well's aggregates would need a shuffle or a stateful
+sink, and a retry could mix halves of two attempts. So the dataset here has one row
+per *well* (index in the store, plate URI, plate, well); each ``map_batches`` call of
+the actor pool (:class:`InferWells`) reads whole wells with the stream's own read
+loop (:func:`rayscreen.stream.read_wells`: same channel selection, illumination,
+normalisation and ``on_error`` handling as ``read_plates``), runs the
+:class:`~rayscreen.infer.predictor.Predictor` on their fields, aggregates, and writes
+each well with :meth:`ResultsWriter.write_well` -- all its chunks, then its done flag.
+A retried call rewrites the same chunks with the same bytes, so a well is written
+exactly once in effect, and no two calls share a chunk. Reading the next well runs
+in a thread while the model works on the current one (I/O hidden behind compute).
+
+Resume: wells already done are dropped from the dataset before anything is read.
+Every check of the inputs (checkpoint, channels, classes, input size, output URI)
+happens on the driver before the first pixel is read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config, ConfigError, dump_config
+from ..store import MissingWellError, RayscreenError, open_plate
+from ..store.results import ResultsWriter, Variable, create_results
+from ..store.uri import filesystem, join
+from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
+from ..stream.plates import expand_uris
+from .predictor import Predictor, PredictorSettings, aggregate_well
+
+# field_status values (docs/outputs.md)
+OK, ABSENT, READ_ERROR, QC_FLAGGED = 0, 1, 2, 3
+
+
+def results_variables(n_fields: int, n_classes: int, n_features: int, saliency_shape: tuple[int, int]
+                      ) -> tuple[dict[str, int], list[Variable]]:
+    """(sizes, variables) of a results store; see docs/outputs.md for their meaning."""
+    ys, xs = saliency_shape
+    sizes = {"field": n_fields, "class": n_classes, "feature": n_features, "y": ys, "x": xs}
+    fk, wf = ("well", "field", "class"), ("well", "field")
+    variables = [
+        Variable("field_status", wf, "int8", ABSENT,
+                 {"flag_values": [OK, ABSENT, READ_ERROR, QC_FLAGGED],
+                  "flag_meanings": "scored absent read_error qc_flagged"}),
+        Variable("field_scores", fk, "float32", attrs={"long_name": "class probabilities per field"}),
+        Variable("field_map_max", fk, "float32", attrs={"long_name": "maximum of each class-specific map"}),
+        Variable("field_map_y", fk, "int32", -1, {"units": "field pixels"}),
+        Variable("field_map_x", fk, "int32", -1, {"units": "field pixels"}),
+        Variable("field_profile", ("well", "field", "feature"), "float32"),
+        Variable("saliency", ("well", "field", "y", "x"), "float16"),
+        Variable("mask", ("well", "field", "y", "x"), "uint8", 0),
+        Variable("well_scores", ("well", "class"), "float32"),
+        Variable("well_profile", ("well", "feature"), "float32"),
+        Variable("n_fields", ("well",), "int16", 0, {"long_name": "fields used for the well's aggregates"}),
+    ]
+    return sizes, variables
+
+
+def well_outputs(fields: list[str], read: dict[str, np.ndarray], pred: dict[str, np.ndarray] | None,
+                 n_fields: int, aggregate: str, shapes: dict[str, tuple[int, ...]], model=None
+                 ) -> dict[str, np.ndarray]:
+    """One well's block of every results variable.
+
+    ``fields``: the well's field names in order (slot i = fields[i]); ``read``: names of
+    the fields actually read -> their row in ``pred`` (the Predictor's output for them,
+    in that order); fields listed but not read were read errors (skipped). ``shapes``:
+    per-variable shape without the well dim (from the store).
+    """
+    out = {name: np.full(shape, np.nan if name in _FLOATS else 0, dtype=_DTYPES[name])
+           for name, shape in shapes.items()}
+    out["field_status"][:] = ABSENT
+    out["field_map_y"][:] = -1
+    out["field_map_x"][:] = -1
+    rows = []
+    for slot, name in enumerate(fields):
+        if name not in read:
+            out["field_status"][slot] = READ_ERROR
+            continue
+        r = read[name]
+        rows.append(r)
+        out["field_status"][slot] = OK
+        out["field_scores"][slot] = pred["scores"][r]
+        out["field_map_max"][slot] = pred["map_max"][r]
+        out["field_map_y"][slot] = pred["map_y"][r]
+        out["field_map_x"][slot] = pred["map_x"][r]
+        out["field_profile"][slot] = pred["profile"][r]
+        out["saliency"][slot] = pred["saliency"][r]
+        out["mask"][slot] = pred["mask"][r]
+    used = np.array(rows, dtype=int)
+    scores = pred["scores"][used] if len(used) else np.zeros((0, shapes["well_scores"][0]), np.float32)
+    maps = pred["class_maps"][used] if len(used) else None
+    out["well_scores"][:] = aggregate_well(scores, aggregate, maps, model)
+    if len(used):
+        out["well_profile"][:] = pred["profile"][used].mean(axis=0)
+    out["n_fields"][...] = len(used)
+    return out
+
+
+_FLOATS = {"field_scores", "field_map_max", "field_profile", "saliency", "well_scores", "well_profile"}
+_DTYPES = {"field_status": "int8", "field_scores": "float32", "field_map_max": "float32", "field_map_y": "int32",
+           "field_map_x": "int32", "field_profile": "float32", "saliency": "float16", "mask": "uint8",
+           "well_scores": "float32", "well_profile": "float32", "n_fields": "int16"}
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    """What the driver works out before any pixel is read."""
+
+    checkpoint: str
+    results_uri: str
+    wells: pd.DataFrame  # plate, plate_uri, well, Metadata_* (store order)
+    n_fields: int
+    field_shape: tuple[int, int]
+    classes: list[str]
+    feature_dim: int
+    options: StreamOptions
+    settings: PredictorSettings
+    meta: Any
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class InferWells:
+    """The actor of the pool: model loaded once, then whole wells in, one summary row per well out."""
+
+    def __init__(self, plan: InferPlan, aggregate: str, storage_options=None, num_cpus: float = 1.0):
+        import torch
+
+        from ..models.artefact import build_model
+
+        # as many torch threads as CPUs this actor reserved: Ray's OMP_NUM_THREADS default
+        # only reaches torch if set before torch's first import in the worker, and a worker
+        # process reused by Ray may have imported it already
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.device = _device()
+        self.model, _ = build_model(plan.checkpoint, storage_options, map_location=self.device)
+        self.predictor = Predictor(self.model, plan.settings, device=self.device)
+        self.plan, self.aggregate = plan, aggregate
+        self.writer = ResultsWriter(plan.results_uri, storage_options)
+        self.shapes = {name: self.writer.shape_of(name) for name in self.writer.variables}
+        # one thread reads the next wells while the model runs; another writes the last
+        # one (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
+        self.reader, self.writes = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self._plates: dict[str, Any] = {}  # plate URI -> Plate (metadata read once per actor)
+
+    def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
+        uri = row["plate_uri"]
+        plate = self._plates.get(uri) or self._plates.setdefault(
+            uri, open_plate(uri, self.plan.options.storage_options))
+        where = f"plate {row['plate']!r} well {row['well']}"
+        try:
+            fields = plate.fields(row["well"])
+        except MissingWellError:
+            return [], [], None  # sparse plate: the stream reports it; every field ABSENT
+        if len(fields) > self.plan.n_fields:
+            raise RayscreenError(f"{where}: {len(fields)} fields, more than the {self.plan.n_fields} "
+                                 "the results store was sized for (the plate's field_count)")
+        names, images = [], []
+        task = WellTask(row["plate_uri"], row["plate"], row["well"], {})
+        for batch in read_wells([task], self.plan.options):
+            names += [str(f) for f in batch["field"]]
+            images.append(batch["image"])
+        return fields, names, (np.concatenate(images) if images else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["index"]))]
+        futures = [self.reader.submit(self._read, r) for r in rows]
+        n_used, written = [], []
+        try:
+            for row, fut in zip(rows, futures):
+                fields, names, images = fut.result()
+                pred = self.predictor({"image": images}) if images is not None else None
+                values = well_outputs([str(f) for f in fields], {n: i for i, n in enumerate(names)}, pred,
+                                      self.plan.n_fields, self.aggregate, self.shapes, self.model)
+                written.append(self.writes.submit(self.writer.write_well, int(row["index"]), values))
+                n_used.append(int(values["n_fields"]))
+        finally:
+            for fut in futures + written:
+                fut.exception()  # wait: no read or write of this call outlives it (a retry may follow)
+        for fut in written:
+            fut.result()  # the call returns only once all its wells are written (or raises)
+        return {"index": batch["index"], "n_fields": np.array(n_used, np.int64),
+                "pid": np.full(len(rows), os.getpid(), np.int64)}
+
+
+def plan_infer(config: Config) -> InferPlan:
+    """Every check that can fail, on the driver, before a pixel is read."""
+    from ..models.artefact import build_model
+
+    ic = config.infer
+    so = config.storage_options
+    checkpoint = ic.checkpoint or join(config.output, "train", "model")
+    try:
+        model, meta = build_model(checkpoint, so)
+    except FileNotFoundError as e:
+        raise ConfigError(f"infer.checkpoint {checkpoint}: not found ({e})") from None
+    uris = expand_uris(config.plates)
+    if not uris:
+        raise ConfigError("plates: no plate URIs given")
+    plates = [open_plate(u, so) for u in uris]
+    channels = list(config.stream.channels) if config.stream.channels else None
+    for p in plates:
+        wanted = channels or list(meta.channels)
+        missing = [c for c in wanted if c not in p.channels]
+        if missing or (channels and channels != list(meta.channels)):
+            raise RayscreenError(f"plate {p.name!r} ({p.uri}) channels {p.channels} (stream.channels: {channels}) "
+                                 f"differ from the model's channels {list(meta.channels)} ({checkpoint})")
+    n_classes = len(meta.classes)
+    if getattr(model, "num_classes", n_classes) != n_classes:
+        raise RayscreenError(f"{checkpoint}: the model has {model.num_classes} classes, its artefact lists "
+                             f"{n_classes} ({meta.classes})")
+    label_classes = config.label.classes
+    if label_classes and [str(c) for c in label_classes] != [str(c) for c in meta.classes]:
+        raise ConfigError(f"label.classes {label_classes} differ from the model's classes {meta.classes} "
+                          f"({checkpoint})")
+    level = config.stream.level
+    trained_level = meta.input.get("level")
+    if trained_level is not None and int(trained_level) != level:
+        raise ConfigError(f"stream.level {level}: the model was trained on level {trained_level} ({checkpoint})")
+    shapes = {(p.shape[1] >> level, p.shape[2] >> level) for p in plates}
+    if len(shapes) > 1:
+        raise RayscreenError(f"plates have different field shapes at level {level}: {sorted(shapes)}")
+    field_shape = shapes.pop()
+    min_size = int(getattr(model, "min_size", 1))
+    if min(field_shape) < min_size:
+        raise RayscreenError(f"fields are {field_shape[0]}x{field_shape[1]} at level {level}; the model "
+                             f"({meta.model['name']}) needs at least {min_size}x{min_size}")
+    if ic.aggregate == "model" and not hasattr(model, "pooling"):
+        raise ConfigError(f"infer.aggregate: 'model' needs a model with MIL pooling; {meta.model['name']} has none")
+    if ic.saliency_downsample < 1 or min(field_shape) // ic.saliency_downsample < 1:
+        raise ConfigError(f"infer.saliency_downsample {ic.saliency_downsample}: expected 1..{min(field_shape)}")
+    if ic.batch_size < 1 or ic.concurrency < 1:
+        raise ConfigError("infer.batch_size and infer.concurrency must be >= 1")
+
+    tasks = plan_wells(uris, so)
+    if ic.split != "all":
+        tasks = _filter_split(config, tasks)
+    n_fields = 0
+    for p in plates:
+        n_fields = max(n_fields, p.meta.field_count or max((len(p.fields(w)) for w in p.wells[:1]), default=0))
+    records = []
+    for t in tasks:
+        records.append({"plate": t.plate, "well": t.well, "plate_uri": t.plate_uri, "Metadata_Plate": t.plate,
+                        **{k: v for k, v in t.annotations.items() if k.startswith("Metadata_")}})
+    wells = pd.DataFrame.from_records(records)
+    if wells.empty:
+        raise ConfigError(f"infer.split {ic.split!r}: no wells to score")
+    options = StreamOptions(storage_options=so, channels=tuple(channels or meta.channels), level=level,
+                            illumination=config.stream.illumination, normalize=config.stream.normalize != "none",
+                            dtype="float32", on_error=config.stream.on_error,
+                            error_report=join(config.output, "infer", "errors"))
+    if options.normalize:
+        from ..stream.normalize import load_normalization
+
+        for p in plates:
+            if load_normalization(p.uri, so) is None:
+                raise RayscreenError(f"plate {p.name!r} ({p.uri}): stream.normalize is "
+                                     f"{config.stream.normalize!r} but the plate has no fitted normalisation; "
+                                     "run `rayscreen illum` first or set stream.normalize: none")
+    settings = PredictorSettings(batch_size=ic.batch_size, saliency=ic.saliency,
+                                 saliency_downsample=ic.saliency_downsample, saliency_sigma=ic.saliency_sigma,
+                                 mask_threshold=ic.mask_threshold)
+    return InferPlan(checkpoint=checkpoint, results_uri=join(config.output, "results.zarr"), wells=wells,
+                     n_fields=max(n_fields, 1), field_shape=field_shape, classes=[str(c) for c in meta.classes],
+                     feature_dim=int(model.feature_dim), options=options, settings=settings, meta=meta)
+
+
+def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:
+    uri = join(config.output, "train", "split.csv")
+    fs, path = filesystem(uri, config.storage_options)
+    if not fs.exists(path):
+        raise ConfigError(f"infer.split {config.infer.split!r}: no {uri}; run `rayscreen train` first or use split: all")
+    with fs.open(path) as f:
+        split = pd.read_csv(f)
+    keep = set(zip(split.loc[split["split"] == config.infer.split, "Metadata_Plate"].astype(str),
+                   split.loc[split["split"] == config.infer.split, "Metadata_Well"].astype(str)))
+    return [t for t in tasks if (t.plate, t.well) in keep]
+
+
+def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None = None,
+              on_well: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """Score the screen of ``config`` into ``<output>/results.zarr``; returns its URI.
+
+    Resumes a store left by an interrupted run (done wells are not recomputed). The
+    root attrs' ``last_run`` says how many wells this call computed and skipped.
+    ``on_well(summary)`` is called on the driver for each well written (index,
+    n_fields, pid of the actor that wrote it) -- progress hooks and fault tests.
+    """
+    import ray
+
+    plan = plan_infer(config)
+    ic = config.infer
+    sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim,
+                                         (plan.field_shape[0] // ic.saliency_downsample,
+                                          plan.field_shape[1] // ic.saliency_downsample))
+    coords = {"class": plan.classes, "feature": [f"deep_{i}" for i in range(plan.feature_dim)]}
+    store_wells = plan.wells.drop(columns=["plate_uri"])
+    attrs = {"model": plan.meta.model, "checkpoint": plan.checkpoint, "config": config.to_dict(),
+             "channels": list(plan.options.channels), "aggregate": ic.aggregate, "saliency": ic.saliency}
+    writer = create_results(plan.results_uri, store_wells, sizes, variables, coords=coords, kind="results",
+                            attrs=attrs, storage_options=config.storage_options,
+                            overwrite=ic.overwrite if overwrite is None else overwrite)
+    done = writer.done_mask()
+    todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
+            for i, r in enumerate(plan.wells.itertuples()) if not done[i]]
+    if progress:
+        print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score "
+              f"-> {plan.results_uri}", file=sys.stderr)
+    if todo:
+        gpu = _device() == "cuda"
+        # >= 4 batches of work per actor call: the per-call overhead (Ray's, and the first
+        # well's read, which nothing earlier in the call can hide) stays a small share
+        per_call = max(1, math.ceil(4 * ic.batch_size / plan.n_fields))
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * ic.concurrency * 4)))
+        ds = ds.map_batches(InferWells, fn_constructor_kwargs={"plan": plan, "aggregate": ic.aggregate,
+                                                               "storage_options": config.storage_options,
+                                                               "num_cpus": ic.num_cpus},
+                            batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency), num_gpus=1 if gpu else None,
+                            num_cpus=ic.num_cpus, batch_format="numpy")
+        n = 0
+        for row in ds.iter_rows():
+            n += 1
+            if on_well is not None:
+                on_well(row)
+            if progress and (n % 50 == 0 or n == len(todo)):
+                print(f"infer: {n}/{len(todo)} wells", file=sys.stderr)
+    missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
+    if missing:
+        raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")
+    writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    last_run={"computed": len(todo), "skipped": int(done.sum())})
+    _write_config(config)
+    return plan.results_uri
+
+
+def _write_config(config: Config) -> None:
+    fs, path = filesystem(join(config.output, "config.yaml"), config.storage_options)
+    with fs.open(path, "w") as f:
+        f.write(dump_config(config))

@@ -1,0 +1,386 @@
+"""The results store: one Zarr v3 group per run stage (``results.zarr``, ``profiles.zarr``)
+that plain ``xarray.open_zarr(uri)`` opens as a Dataset. This module is the only writer.
+
+Layout (see docs/outputs.md for the variables infer and profile write)::
+
+    results.zarr/
+      zarr.json            root attrs "rayscreen": {kind, version, created, layout_hash, complete, ...}
+                           + consolidated metadata, written once by finalize()
+      well, plate, row, column, Metadata_*    coordinates on dim `well` (written at creation)
+      field, class, feature, ...              index coordinates of the other dims
+      <variable>/c/<i>/0/...                  data: ONE WELL PER CHUNK along `well`
+      done/c/<i>                              uint8, 1 once well i is complete (written last)
+
+How it stays exactly-once under retries (Ray re-runs a batch when an actor dies):
+
+- the skeleton (metadata + coordinates) is written once, by the driver, in
+  :func:`create_results`; workers only ever write data chunks;
+- every variable is chunked ``(1, *full_rest)``: well ``i`` owns chunk ``i`` of every
+  variable, so no two writers share a chunk and a rewrite replaces whole chunks with
+  identical bytes (deterministic values, deterministic codecs) -- idempotent;
+- :meth:`ResultsWriter.write_well` writes all of a well's variables, then ``done[i] = 1``:
+  a crash between the two leaves the well not done, and a rerun rewrites it;
+- a rerun of :func:`create_results` on the same layout reopens the store (resume), so
+  :meth:`ResultsWriter.done_wells` tells the caller which wells to leave out *before*
+  reading any pixels.
+
+Typical use (driver creates, workers write, driver finalizes)::
+
+    writer = create_results(uri, wells_df, sizes={"field": 9, "class": 2},
+                            variables=[Variable("well_scores", ("well", "class"), "float32")],
+                            coords={"class": ["neg", "pos"]}, kind="results",
+                            attrs={"model": "wscnn"}, overwrite=False)
+    todo = [i for i in range(writer.n_wells) if i not in set(writer.done_wells())]
+    ...                                     # in workers: writer (pickles as uri+options)
+    writer.write_well(i, {"well_scores": np.array([0.1, 0.9], "float32")})
+    writer.finalize()                       # driver, once: consolidated metadata
+    ds = open_results(uri)                  # xarray.Dataset
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .errors import RayscreenError
+from .plate import NAMESPACE
+from .uri import filesystem, make_store
+from .wells import parse_well, well_name
+
+WELL_DIM = "well"
+DONE = "done"
+LAYOUT_VERSION = 1
+
+
+class NotAResultsStoreError(RayscreenError):
+    """The output URI holds something that is not a rayscreen results store."""
+
+
+class ResultsLayoutError(RayscreenError):
+    """An existing results store was created for other wells, sizes or variables."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One data variable: ``dims`` start with ``"well"``; ``fill`` is what unwritten
+    chunks read as (default NaN for floats, 0 for integers). Float fills are also the
+    xarray ``_FillValue`` (read as NaN); integer variables are never masked by xarray."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    fill: float | int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dims", tuple(self.dims))
+        if not self.dims or self.dims[0] != WELL_DIM:
+            raise RayscreenError(f"results variable {self.name!r}: dims {self.dims} must start with 'well'")
+        if self.name == DONE or self.name == WELL_DIM:
+            raise RayscreenError(f"results variable name {self.name!r} is reserved")
+        if len(set(self.dims)) != len(self.dims):
+            raise RayscreenError(f"results variable {self.name!r}: repeated dim in {self.dims}")
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def fill_value(self):
+        if self.fill is not None:
+            return self.fill
+        return np.nan if self.np_dtype.kind == "f" else 0
+
+    def spec(self) -> dict[str, Any]:
+        fill = self.fill_value
+        return {"name": self.name, "dims": list(self.dims), "dtype": self.np_dtype.str,
+                "fill": None if isinstance(fill, float) and np.isnan(fill) else fill}
+
+
+def well_keys(wells: pd.DataFrame) -> list[str]:
+    """``"<plate>/<well>"`` per row of a wells table (columns ``plate``, ``well``)."""
+    return [f"{p}/{well_name(w)}" for p, w in zip(wells["plate"].astype(str), wells["well"].astype(str))]
+
+
+def _coord_values(series: pd.Series) -> np.ndarray:
+    """A 1-D coordinate array xarray/zarr v3 store portably: numbers stay numbers,
+    everything else becomes variable-length strings (missing -> "")."""
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return series.to_numpy(dtype=bool)
+    if pd.api.types.is_integer_dtype(series.dtype) and not series.isna().any():
+        return series.to_numpy(dtype=np.int64)
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.array(["" if pd.isna(v) else str(v) for v in series], dtype=object)
+
+
+def _layout_hash(keys: list[str], sizes: dict[str, int], variables: Sequence[Variable],
+                 coords: dict[str, list]) -> str:
+    blob = json.dumps({"v": LAYOUT_VERSION, "wells": keys, "sizes": dict(sorted(sizes.items())),
+                       "variables": [v.spec() for v in variables],
+                       "coords": {k: [str(x) for x in v] for k, v in sorted(coords.items())}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_root_attrs(uri: str, storage_options) -> dict[str, Any] | None:
+    """The root ``rayscreen`` attrs of a results store at ``uri``; None if nothing is there;
+    raises NotAResultsStoreError if something else is there."""
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    if fs.isdir(path) and not fs.ls(path):
+        return None  # an empty directory is as good as nothing
+    try:
+        root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+        ns = root.attrs.get(NAMESPACE)
+    except Exception:  # noqa: BLE001 -- anything unreadable as a zarr group is "not ours"
+        ns = None
+    if not isinstance(ns, dict) or ns.get("kind") is None or "layout_hash" not in ns:
+        raise NotAResultsStoreError(
+            f"{uri} exists and is not a rayscreen results store; refusing to overwrite it "
+            "(set overwrite: true in the stage's config section, or --overwrite, to replace it)")
+    return ns
+
+
+def is_results_store(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    try:
+        return _read_root_attrs(uri, storage_options) is not None
+    except NotAResultsStoreError:
+        return False
+
+
+def create_results(
+    uri: str,
+    wells: pd.DataFrame,
+    sizes: dict[str, int],
+    variables: Sequence[Variable],
+    *,
+    coords: dict[str, Sequence] | None = None,
+    kind: str = "results",
+    attrs: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> "ResultsWriter":
+    """Create a results store (or reopen it to resume) and return its writer.
+
+    ``wells``: one row per well, in store order: columns ``plate``, ``well`` and any
+    annotation columns (``Metadata_*``), each stored as a coordinate on dim ``well``
+    (plus derived ``row`` letter and ``column`` number). ``sizes``: length of every
+    non-well dim used by ``variables``. ``coords``: index coordinate values for those
+    dims (default ``0..n-1``). ``attrs`` go under the root ``rayscreen`` attrs
+    (model, checkpoint, config...).
+
+    An existing store with the same layout (wells, sizes, variables, coords, kind) is
+    reopened and keeps its done wells; another layout raises ``ResultsLayoutError``
+    and a non-rayscreen object raises ``NotAResultsStoreError``, unless ``overwrite``,
+    which deletes it first.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    from .. import __version__
+
+    if wells is None or len(wells) == 0:
+        raise RayscreenError(f"results store {uri}: no wells to write")
+    for col in ("plate", "well"):
+        if col not in wells.columns:
+            raise RayscreenError(f"results store {uri}: wells table needs a {col!r} column; has {list(wells.columns)}")
+    wells = wells.reset_index(drop=True)
+    keys = well_keys(wells)
+    dup = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+    if dup:
+        raise RayscreenError(f"results store {uri}: wells listed twice: {dup[:10]}")
+    sizes = {str(k): int(v) for k, v in sizes.items()}
+    names = [v.name for v in variables]
+    if len(set(names)) != len(names):
+        raise RayscreenError(f"results store {uri}: variables listed twice in {names}")
+    for v in variables:
+        missing = [d for d in v.dims[1:] if d not in sizes]
+        if missing:
+            raise RayscreenError(f"results variable {v.name!r}: no size given for dims {missing} (sizes: {sizes})")
+    coords = {str(k): list(v) for k, v in (coords or {}).items()}
+    for dim, values in coords.items():
+        if dim not in sizes:
+            raise RayscreenError(f"results store {uri}: coords for {dim!r}, which is not in sizes {sizes}")
+        if len(values) != sizes[dim]:
+            raise RayscreenError(f"results store {uri}: {len(values)} {dim!r} coordinate values for size {sizes[dim]}")
+    layout_hash = _layout_hash(keys, sizes, variables, coords)
+
+    if overwrite:
+        fs, path = filesystem(uri, storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        ns = _read_root_attrs(uri, storage_options)
+        if ns is not None:
+            if ns.get("kind") != kind or ns.get("layout_hash") != layout_hash:
+                raise ResultsLayoutError(
+                    f"{uri} is a rayscreen {ns.get('kind')} store for other wells, sizes or variables "
+                    f"(this run: {kind}, {len(keys)} wells, sizes {sizes}); use a new output or overwrite: true")
+            return ResultsWriter(uri, storage_options)
+
+    used_dims = {d for v in variables for d in v.dims[1:]}
+    ds_coords: dict[str, Any] = {WELL_DIM: np.array(keys, dtype=object)}
+    ds_coords["plate"] = (WELL_DIM, np.array(wells["plate"].astype(str).tolist(), dtype=object))
+    rows_cols = [parse_well(w) for w in wells["well"].astype(str)]
+    ds_coords["row"] = (WELL_DIM, np.array([r for r, _ in rows_cols], dtype=object))
+    ds_coords["column"] = (WELL_DIM, np.array([c for _, c in rows_cols], dtype=np.int64))
+    for col in wells.columns:
+        if col in ("plate", "well"):
+            continue
+        if col in ds_coords or col in sizes or col in names:
+            raise RayscreenError(f"results store {uri}: annotation column {col!r} clashes with a dim, "
+                                 "coordinate or variable name")
+        ds_coords[col] = (WELL_DIM, _coord_values(wells[col]))
+    for dim in sorted(used_dims):
+        values = coords.get(dim, list(range(sizes[dim])))
+        arr = np.array(values)
+        ds_coords[dim] = arr.astype(object) if arr.dtype.kind in "UO" else arr
+
+    n = len(keys)
+    data_vars, encoding = {}, {}
+    for v in list(variables) + [Variable("_done_placeholder", (WELL_DIM,), "uint8", 0)]:
+        name = DONE if v.name == "_done_placeholder" else v.name
+        shape = (n, *(sizes[d] for d in v.dims[1:]))
+        chunks = (1, *shape[1:])
+        data_vars[name] = (v.dims, da.full(shape, v.fill_value, dtype=v.np_dtype, chunks=chunks), dict(v.attrs))
+        if v.np_dtype.kind == "f":
+            encoding[name] = {"_FillValue": v.fill_value, "chunks": chunks}
+        else:
+            # zarr's fill_value only: xarray must not turn integer flags into masked floats
+            encoding[name] = {"_FillValue": None, "fill_value": v.fill_value, "chunks": chunks}
+    data_vars[DONE][2].update({"flag_values": [0, 1], "flag_meanings": "not_written complete"})
+    root_attrs = {NAMESPACE: {"kind": kind, "version": __version__,
+                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                              "layout_hash": layout_hash, "variables": [v.spec() for v in variables],
+                              "complete": False, **(attrs or {})}}
+    ds = xr.Dataset(data_vars, coords=ds_coords, attrs=root_attrs)
+    store = make_store(uri, storage_options, read_only=False, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.to_zarr(store, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+    return ResultsWriter(uri, storage_options)
+
+
+class ResultsWriter:
+    """Writes wells of an existing results store. Cheap to pickle (URI + options), so Ray
+    workers each reopen it; arrays are opened lazily in the process that writes."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = str(uri).rstrip("/")
+        self.storage_options = storage_options
+        self._store = make_store(self.uri, storage_options, read_only=False, strict=False)
+        self._root = zarr.open_group(store=self._store, mode="r+")
+        ns = self._root.attrs.get(NAMESPACE)
+        if not isinstance(ns, dict) or "layout_hash" not in ns:
+            raise NotAResultsStoreError(f"{self.uri}: not a rayscreen results store")
+        self.kind: str = ns["kind"]
+        self.keys: list[str] = [str(k) for k in self._root[WELL_DIM][...].tolist()]
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        self.variables: dict[str, tuple[str, ...]] = {v["name"]: tuple(v["dims"]) for v in ns["variables"]}
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __getstate__(self):
+        return {"uri": self.uri, "storage_options": self.storage_options}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["storage_options"])
+
+    @property
+    def n_wells(self) -> int:
+        return len(self.keys)
+
+    def index_of(self, plate: str, well: str) -> int:
+        """Row of ``plate``/``well`` along dim ``well``; raises naming both if absent."""
+        key = f"{plate}/{well_name(well)}"
+        try:
+            return self._index[key]
+        except KeyError:
+            raise RayscreenError(f"{self.uri}: plate {plate!r} well {well_name(well)} is not in this store") from None
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            # every chunk stored even if it equals the fill: a present chunk means "written"
+            self._arrays[name] = zarr.open_array(store=self._store, path=name, mode="r+",
+                                                 config={"write_empty_chunks": True})
+        return self._arrays[name]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """Shape of one well's block of variable ``name`` (its shape without the well dim)."""
+        return tuple(self._array(name).shape[1:])
+
+    def write_well(self, index: int, values: dict[str, np.ndarray]) -> None:
+        """Write every variable of well ``index`` (one chunk each), then its done flag.
+
+        ``values`` must hold each variable of the store, shaped like the variable without
+        its ``well`` dim, castable to its dtype. Rewriting a well rewrites the same
+        chunks with the same bytes (idempotent), so retries are harmless.
+        """
+        if not 0 <= index < self.n_wells:
+            raise RayscreenError(f"{self.uri}: well index {index} outside 0..{self.n_wells - 1}")
+        where = f"{self.uri} well {self.keys[index]}"
+        missing = sorted(set(self.variables) - set(values))
+        unknown = sorted(set(values) - set(self.variables))
+        if missing or unknown:
+            raise RayscreenError(f"{where}: write_well needs exactly the variables {sorted(self.variables)}; "
+                                 f"missing {missing}, unknown {unknown}")
+        prepared = {}
+        for name, value in values.items():
+            arr = self._array(name)
+            value = np.asarray(value)
+            if value.shape != arr.shape[1:]:
+                raise RayscreenError(f"{where}: {name} has shape {value.shape}; expected {arr.shape[1:]} "
+                                     f"(dims {self.variables[name][1:]})")
+            prepared[name] = value.astype(arr.dtype, copy=False)
+        for name in sorted(prepared):  # a fixed order: same keys written the same way every time
+            self._array(name)[index] = prepared[name]
+        self._array(DONE)[index] = 1  # last: the well counts as written only now
+
+    def done_mask(self) -> np.ndarray:
+        """(n_wells,) bool: True where the well's done flag is set."""
+        return np.asarray(self._array(DONE)[...]) == 1
+
+    def done_wells(self) -> list[int]:
+        """Indices of wells whose data is complete (a rerun skips them)."""
+        return np.flatnonzero(self.done_mask()).tolist()
+
+    def update_attrs(self, **entries: Any) -> None:
+        """Merge entries into the root ``rayscreen`` attrs (driver only; before finalize)."""
+        ns = dict(self._root.attrs.get(NAMESPACE, {}))
+        ns.update(entries)
+        self._root.attrs.update({NAMESPACE: ns})
+
+    def finalize(self, **attrs: Any) -> None:
+        """Once, in the driver, after every well is written: merge ``attrs`` (e.g. a
+        finish time), mark the store complete if every well is done, and consolidate
+        the metadata so that opening the store (on S3: one request) reads one document."""
+        done = self.done_mask()
+        self.update_attrs(complete=bool(done.all()), n_done=int(done.sum()), **attrs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python v3 extension
+            zarr.consolidate_metadata(self._store)
+
+
+def open_results(uri: str, storage_options: dict[str, Any] | None = None, *, chunks: Any = None):
+    """The results store at ``uri`` as an ``xarray.Dataset`` (lazy, dask-backed).
+
+    Equivalent to ``xarray.open_zarr(uri)``; raises ``NotAResultsStoreError`` if ``uri``
+    holds something else, and ``RayscreenError`` if there is nothing there.
+    """
+    import xarray as xr
+
+    if _read_root_attrs(uri, storage_options) is None:
+        raise RayscreenError(f"{uri}: no results store there")
+    store = make_store(uri, storage_options, read_only=True, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(store, consolidated=None, **({} if chunks is None else {"chunks": chunks}))

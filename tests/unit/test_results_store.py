@@ -1,0 +1,146 @@
+"""The results store: xarray-readable layout, one chunk per well, done flags, resume, refusal."""
+
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rayscreen.store.results import (NotAResultsStoreError, ResultsLayoutError, Variable, create_results,
+                                     open_results)
+from rayscreen.store.errors import RayscreenError
+
+WELLS = pd.DataFrame({"plate": ["P1", "P1", "P2"], "well": ["A01", "b2", "A/1"],
+                      "Metadata_Compound": ["dmso", None, "taxol"], "Metadata_Dose": [0.0, 1.5, np.nan],
+                      "Metadata_Rep": [1, 2, 3]})
+SIZES = {"field": 2, "class": 2, "y": 2, "x": 3}
+VARS = [Variable("field_status", ("well", "field"), "int8", fill=1),
+        Variable("well_scores", ("well", "class"), "float32"),
+        Variable("saliency", ("well", "field", "y", "x"), "float16", attrs={"units": "a.u."})]
+
+
+def _create(uri, **kw):
+    return create_results(str(uri), WELLS, SIZES, VARS, coords={"class": ["neg", "pos"]},
+                          attrs={"model": "tiny"}, **kw)
+
+
+def _values(k):
+    sal = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3) / 8 + k
+    return {"field_status": np.array([0, 2]), "well_scores": np.array([0.25 + k / 10, 0.75 - k / 10]),
+            "saliency": sal}
+
+
+def test_layout_readable_by_plain_xarray(tmp_path):
+    uri = tmp_path / "r.zarr"
+    writer = _create(uri)
+    assert writer.keys == ["P1/A01", "P1/B02", "P2/A01"]
+    writer.write_well(1, _values(1))
+    writer.finalize(finished="now")
+    ds = xr.open_zarr(str(uri))  # no rayscreen involved in reading
+    assert list(ds["well"].values) == ["P1/A01", "P1/B02", "P2/A01"]
+    assert list(ds["plate"].values) == ["P1", "P1", "P2"]
+    assert list(ds["row"].values) == ["A", "B", "A"] and list(ds["column"].values) == [1, 2, 1]
+    assert list(ds["Metadata_Compound"].values) == ["dmso", "", "taxol"]
+    np.testing.assert_array_equal(ds["Metadata_Dose"].values, [0.0, 1.5, np.nan])
+    assert list(ds["Metadata_Rep"].values) == [1, 2, 3]
+    assert list(ds["class"].values) == ["neg", "pos"] and list(ds["field"].values) == [0, 1]
+    assert ds["saliency"].dims == ("well", "field", "y", "x") and ds["saliency"].dtype == np.float16
+    assert ds["saliency"].attrs["units"] == "a.u."
+    # unwritten wells read as the fill: NaN floats, the integer fill unmasked (int8 stays int8)
+    assert ds["field_status"].dtype == np.int8
+    np.testing.assert_array_equal(ds["field_status"].values, [[1, 1], [0, 2], [1, 1]])
+    np.testing.assert_allclose(ds["well_scores"].values[1], [0.35, 0.65], rtol=1e-6)
+    assert np.isnan(ds["well_scores"].values[[0, 2]]).all()
+    np.testing.assert_array_equal(ds["saliency"].values[1], _values(1)["saliency"].astype(np.float16))
+    np.testing.assert_array_equal(ds["done"].values, [0, 1, 0])
+    meta = ds.attrs["rayscreen"]
+    assert meta["kind"] == "results" and meta["model"] == "tiny" and meta["finished"] == "now"
+    assert meta["complete"] is False and meta["n_done"] == 1
+    # consolidated metadata lives in the root document: opening reads one object
+    import json
+    root = json.loads((uri / "zarr.json").read_text())
+    assert "well_scores" in root["consolidated_metadata"]["metadata"]
+    assert open_results(str(uri))["well_scores"].shape == (3, 2)
+
+
+def test_one_chunk_per_well_and_done_written(tmp_path):
+    uri = tmp_path / "r.zarr"
+    writer = _create(uri)
+    writer.write_well(2, _values(2))
+    # well 2 owns exactly chunk 2 of each variable: nothing else exists yet
+    assert sorted(os.listdir(uri / "well_scores" / "c")) == ["2"]
+    assert sorted(os.listdir(uri / "saliency" / "c")) == ["2"]
+    assert sorted(os.listdir(uri / "done" / "c")) == ["2"]
+    assert writer.done_wells() == [2]
+
+
+def test_rewrite_is_idempotent_bytes(tmp_path):
+    uri = tmp_path / "r.zarr"
+    writer = _create(uri)
+    writer.write_well(0, _values(0))
+    before = (uri / "saliency" / "c" / "0" / "0" / "0" / "0").read_bytes()
+    writer.write_well(0, _values(0))
+    assert (uri / "saliency" / "c" / "0" / "0" / "0" / "0").read_bytes() == before
+    other = _create(tmp_path / "other.zarr")
+    other.write_well(0, _values(0))
+    assert (tmp_path / "other.zarr" / "saliency" / "c" / "0" / "0" / "0" / "0").read_bytes() == before
+
+
+def test_resume_keeps_done_wells_and_pickles(tmp_path):
+    uri = tmp_path / "r.zarr"
+    _create(uri).write_well(1, _values(1))
+    again = _create(uri)  # same layout: reopened, not wiped
+    assert again.done_wells() == [1]
+    clone = pickle.loads(pickle.dumps(again))  # what a Ray worker receives
+    clone.write_well(0, _values(0))
+    assert again.done_wells() == [0, 1]
+    assert again.index_of("P2", "a1") == 2
+    with pytest.raises(RayscreenError, match="P3.*A01"):
+        again.index_of("P3", "A01")
+
+
+def test_other_layout_refused_unless_overwrite(tmp_path):
+    uri = tmp_path / "r.zarr"
+    _create(uri).write_well(1, _values(1))
+    with pytest.raises(ResultsLayoutError, match="other wells, sizes or variables"):
+        create_results(str(uri), WELLS.iloc[:2], SIZES, VARS, coords={"class": ["neg", "pos"]})
+    fresh = create_results(str(uri), WELLS.iloc[:2], SIZES, VARS, coords={"class": ["neg", "pos"]},
+                           overwrite=True)
+    assert fresh.n_wells == 2 and fresh.done_wells() == []
+
+
+def test_foreign_output_refused_unless_overwrite(tmp_path):
+    uri = tmp_path / "r.zarr"
+    uri.mkdir()
+    (uri / "precious.txt").write_text("not yours")
+    with pytest.raises(NotAResultsStoreError, match="not a rayscreen results store.*overwrite"):
+        _create(uri)
+    assert (uri / "precious.txt").exists()
+    writer = _create(uri, overwrite=True)
+    assert not (uri / "precious.txt").exists() and writer.done_wells() == []
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    _create(empty)  # an empty directory is fine
+
+
+def test_write_well_checks_names_and_shapes(tmp_path):
+    writer = _create(tmp_path / "r.zarr")
+    vals = _values(0)
+    with pytest.raises(RayscreenError, match="missing \\['saliency'\\]"):
+        writer.write_well(0, {k: v for k, v in vals.items() if k != "saliency"})
+    with pytest.raises(RayscreenError, match="P1/A01.*well_scores has shape \\(3,\\)"):
+        writer.write_well(0, {**vals, "well_scores": np.zeros(3)})
+    with pytest.raises(RayscreenError, match="index 5"):
+        writer.write_well(5, vals)
+    assert writer.done_wells() == []
+
+
+def test_bad_definitions_named(tmp_path):
+    with pytest.raises(RayscreenError, match="must start with 'well'"):
+        Variable("x", ("field",), "float32")
+    with pytest.raises(RayscreenError, match="no size given for dims \\['feature'\\]"):
+        create_results(str(tmp_path / "a"), WELLS, SIZES, [Variable("p", ("well", "feature"), "float32")])
+    with pytest.raises(RayscreenError, match="wells listed twice"):
+        create_results(str(tmp_path / "b"), pd.concat([WELLS, WELLS.iloc[:1]]), SIZES, VARS)
