@@ -19,8 +19,8 @@ from .hits import call_hits, distance_to_controls, z_prime, zscore
 from .normalize import Normalizer, RobustMAD, Standardize, Whiten, create_normalizer, normalize
 from .profiles import read_table, to_table, write_table
 from .qc import (ArtefactClassification, classify_artefacts, cross_validate_artefacts, field_qc, foreground,
-                 intensity_percentiles, laplacian_variance, make_artefact_model, power_spectrum_slope,
-                 saturation_fraction)
+                 intensity_percentiles, laplacian_variance, make_artefact_model, outlier_score,
+                 power_spectrum_slope, qc_embedding, saturation_fraction, suggest_annotations)
 
 __all__ = [
     "aggregate",
@@ -29,6 +29,7 @@ __all__ = [
     "evaluate_moa", "MOAEvaluation", "nsc_accuracy", "nscb_accuracy", "mean_average_precision", "average_precision",
     "field_qc", "laplacian_variance", "power_spectrum_slope", "saturation_fraction", "intensity_percentiles",
     "foreground", "classify_artefacts", "cross_validate_artefacts", "make_artefact_model", "ArtefactClassification",
+    "qc_embedding", "outlier_score", "suggest_annotations",
     "zscore", "distance_to_controls", "z_prime", "call_hits",
     "to_table", "write_table", "read_table",
     "metadata_columns", "feature_columns", "control_mask",

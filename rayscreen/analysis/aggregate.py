@@ -72,14 +72,21 @@ def _aggregate_frame(profiles: pd.DataFrame, by: list[str], method: str,
     # Metadata constant within each group describes the group (the MOA of a compound, the
     # plate of a well); metadata varying within a group (the field of a well) has no value.
     others = [c for c in metadata_columns(profiles) if c not in by]
+    parts = []
+    if count_column:
+        parts.append(grouped.size().rename(count_column))
     if others:
         n_unique = grouped[others].nunique(dropna=False).max()
         constant = [c for c in others if n_unique[c] <= 1]
         if constant:
-            out = grouped[constant].first().join(out)
-    if count_column:
-        out.insert(0, count_column, grouped.size())
-    return order_columns(out.reset_index())
+            parts.append(grouped[constant].first())
+    # one concat, not insert/join column by column: a wide profile table (thousands of
+    # features) would otherwise be fragmented into many blocks (pandas PerformanceWarning)
+    out = pd.concat(parts + [out], axis=1) if parts else out
+    # the group keys as columns by concat too: reset_index() inserts them one by one into a
+    # groupby result that pandas holds as one block per feature column
+    keys = out.index.to_frame(index=False)
+    return order_columns(pd.concat([keys, out.reset_index(drop=True)], axis=1))
 
 
 def _aggregate_xarray(profiles, by: list[str], method: str, dim: str | None, count_column: str | None):

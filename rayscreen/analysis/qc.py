@@ -18,116 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from ._table import feature_columns, require_columns
 
-# -- per-channel image metrics ------------------------------------------------------
-
-
-def _plane(image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"expected one channel shaped (Y, X), got shape {image.shape}")
-    return image.astype(float, copy=False)
-
-
-def laplacian_variance(image) -> float:
-    """Variance of the 4-neighbour Laplacian of a (Y, X) image (reflected borders).
-    Sharp images have strong second derivatives; blur lowers the score."""
-    return float(ndimage.laplace(_plane(image), mode="reflect").var())
-
-
-def power_spectrum_slope(image) -> float:
-    """Slope of log(power) against log(spatial frequency) of a (Y, X) image, the radially
-    averaged power spectrum fitted over frequencies 1 .. min(Y, X) / 2 (CellProfiler's
-    ``PowerLogLogSlope``). Blur removes high frequencies: the slope becomes more negative."""
-    plane = _plane(image)
-    plane = plane - plane.mean()
-    power = np.abs(np.fft.fftshift(np.fft.fft2(plane))) ** 2
-    h, w = plane.shape
-    y, x = np.indices(plane.shape)
-    radius = np.hypot(y - h // 2, x - w // 2).round().astype(int)
-    r_max = min(h, w) // 2
-    sums = np.bincount(radius.ravel(), weights=power.ravel(), minlength=r_max + 1)[1:r_max + 1]
-    counts = np.bincount(radius.ravel(), minlength=r_max + 1)[1:r_max + 1]
-    radial = sums / np.maximum(counts, 1)
-    ok = radial > 0
-    if ok.sum() < 2:
-        return float("nan")  # a constant image has no spectrum to fit
-    freqs = np.arange(1, r_max + 1)[ok]
-    return float(np.polyfit(np.log(freqs), np.log(radial[ok]), 1)[0])
-
-
-def saturation_fraction(image, max_value: float | None = None) -> float:
-    """Fraction of pixels at or above ``max_value``. Default: the dtype's maximum for
-    integer images; for float images (no natural ceiling) the image's own maximum, as
-    CellProfiler's ``PercentMaximal``."""
-    image = np.asarray(image)
-    if max_value is None:
-        max_value = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else image.max()
-    return float(np.mean(image >= max_value))
-
-
-def intensity_percentiles(image, q: Sequence[float] = (1, 50, 99)) -> dict[float, float]:
-    """``{q: percentile}`` of a (Y, X) image's intensities."""
-    values = np.percentile(_plane(image), q)
-    return {float(p): float(v) for p, v in zip(q, values)}
-
-
-def foreground(image, sigma: float = 2.0) -> tuple[float, float]:
-    """Foreground fraction and contrast of a (Y, X) image.
-
-    Otsu's threshold on the Gaussian-smoothed image (smoothing keeps pixel noise from
-    deciding the split) separates foreground from background. The contrast is
-    ``(mean_fg - mean_bg) / std_bg`` on the raw pixels: Otsu always splits an image in
-    two, even pure noise, and the contrast says whether the split is real (cells several
-    noise sigmas above background) or noise (well below 1). A constant image has no
-    foreground: (0.0, 0.0).
-    """
-    from skimage.filters import threshold_otsu
-
-    plane = _plane(image)
-    smooth = ndimage.gaussian_filter(plane, sigma) if sigma > 0 else plane
-    if smooth.max() <= smooth.min():
-        return 0.0, 0.0
-    mask = smooth > threshold_otsu(smooth)
-    if not mask.any() or mask.all():
-        return float(mask.mean()), 0.0
-    fg, bg = plane[mask], plane[~mask]
-    noise = bg.std()
-    contrast = (fg.mean() - bg.mean()) / noise if noise > 0 else float("inf")
-    return float(mask.mean()), float(contrast)
-
-
-def field_qc(image, *, max_value: float | None = None, percentiles: Sequence[float] = (1, 50, 99),
-             sigma: float = 2.0, min_contrast: float = 3.0, min_foreground: float = 0.001) -> dict[str, float]:
-    """Flat QC metrics of one field ``image`` shaped (C, Y, X), per channel ``c``:
-
-    ``qc_focus_lapvar_c{c}``, ``qc_focus_pslope_c{c}``, ``qc_saturation_c{c}``,
-    ``qc_p{q}_c{c}`` (e.g. ``qc_p99_c0``), ``qc_foreground_c{c}``, ``qc_contrast_c{c}``,
-    ``qc_empty_c{c}`` (1.0 when the Otsu contrast is below ``min_contrast`` or the
-    foreground fraction below ``min_foreground``), and ``qc_empty`` (1.0 if every channel
-    is empty). ``max_value`` is the saturation level (default: dtype maximum).
-    """
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise ValueError(f"expected a field shaped (C, Y, X), got shape {image.shape}")
-    out: dict[str, float] = {}
-    empty = []
-    for c, plane in enumerate(image):
-        out[f"qc_focus_lapvar_c{c}"] = laplacian_variance(plane)
-        out[f"qc_focus_pslope_c{c}"] = power_spectrum_slope(plane)
-        out[f"qc_saturation_c{c}"] = saturation_fraction(plane, max_value)
-        for q, v in intensity_percentiles(plane, percentiles).items():
-            out[f"qc_p{q:g}_c{c}"] = v
-        frac, contrast = foreground(plane, sigma)
-        out[f"qc_foreground_c{c}"] = frac
-        out[f"qc_contrast_c{c}"] = contrast
-        empty.append(contrast < min_contrast or frac < min_foreground)
-        out[f"qc_empty_c{c}"] = float(empty[-1])
-    out["qc_empty"] = float(all(empty))
-    return out
+# -- per-channel image metrics: computed in the profile stage's stream, so they live in
+# rayscreen.profile.image_qc (upstream of analysis) and are re-exported here.
+from ..profile.image_qc import (field_qc, foreground, intensity_percentiles, laplacian_variance,  # noqa: E402,F401
+                                power_spectrum_slope, saturation_fraction)
 
 
 # -- artefact classifier on embeddings ------------------------------------------------
@@ -161,6 +58,62 @@ class ArtefactClassification:
         return {"method": self.method, "accuracy": self.accuracy, "f1": self.f1, "f1_weighted": self.f1_weighted,
                 "roc_auc": self.roc_auc, "n_annotated": self.n_annotated, "n_splits": self.n_splits,
                 "n_flagged": int(self.predictions["Metadata_QC_Abnormal"].sum()), "warnings": list(self.warnings)}
+
+
+def qc_embedding(table: pd.DataFrame, features: Sequence[str] | None = None) -> pd.DataFrame:
+    """Image-QC metrics (:func:`~rayscreen.profile.image_qc.field_qc` columns of ``table``,
+    one row per field) -> the embedding the artefact classifier sees, same shape minus the
+    binary ``qc_empty*`` flags (rows, kept metrics).
+
+    The variance of the Laplacian spans orders of magnitude (blur, gain): its log is
+    linear enough for a linear probe. The 0/1 empty flags are thresholds of the contrast
+    and foreground metrics that are kept. A metric undefined on a field (NaN: a constant
+    channel) takes the median of that metric over the fields (0 where all are NaN), so
+    one bad field does not remove the metric from every other field.
+    """
+    cols = [c for c in feature_columns(table, features) if not str(c).startswith("qc_empty")]
+    out = table[cols].astype(float).copy()
+    for c in cols:
+        if "lapvar" in str(c):
+            out[c] = np.log(out[c].clip(lower=0) + 1e-12)
+    return out.fillna(out.median()).fillna(0.0)
+
+
+def outlier_score(embedding: pd.DataFrame, groups: Sequence | None = None, clip: float = 10.0) -> np.ndarray:
+    """Unsupervised artefact score of fields (n,) from a QC ``embedding`` (n, d), e.g.
+    :func:`qc_embedding`: the root mean square over metrics of the robust z-score (median
+    / 1.4826 MAD within the field's group, e.g. its plate, so plate gain and batch effects
+    do not count), each |z| clipped at ``clip`` so one extreme metric cannot decide alone.
+
+    What to show an annotator first: most fields of a screen are normal, so the fields
+    that stand out on several image metrics at once are the likely artefacts. A metric
+    constant within a group (MAD 0) falls back to its standard deviation, then is ignored.
+    """
+    X = embedding.to_numpy(dtype=float)
+    groups = np.zeros(len(X)) if groups is None else np.asarray(groups)
+    z = np.zeros_like(X)
+    for g in pd.unique(groups):
+        m = groups == g
+        med = np.median(X[m], axis=0)
+        scale = 1.4826 * np.median(np.abs(X[m] - med), axis=0)
+        scale = np.where(scale > 1e-12, scale, X[m].std(axis=0))
+        ok = scale > 1e-12
+        z[np.ix_(m, ok)] = (X[m][:, ok] - med[ok]) / scale[ok]
+    return np.sqrt(np.mean(np.clip(np.abs(z), 0, clip) ** 2, axis=1))
+
+
+def suggest_annotations(score: np.ndarray, n_outliers: int = 25, n_random: int = 25, seed: int = 0) -> np.ndarray:
+    """Indices of the fields to annotate (n_outliers + n_random,): the ``n_outliers`` with
+    the highest :func:`outlier_score` (where the artefacts are) and ``n_random`` drawn at
+    random from the rest (what normal looks like, and artefacts the score misses), so a
+    small annotation round holds both classes without knowing the labels beforehand."""
+    score = np.asarray(score, dtype=float)
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    top = order[:n_outliers]
+    rest = order[n_outliers:]
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else rest
+    return np.concatenate([top, np.sort(pick)]).astype(int)
 
 
 def make_artefact_model(method: str = "knn", k: int = 5, seed: int = 0):

@@ -73,8 +73,11 @@ def test_field_qc_flat_dict():
     field = np.stack([cells(), 100 + 5 * rng.normal(size=(96, 96))]).astype(np.uint16)
     qc = field_qc(field)
     expected = {f"qc_{m}_c{c}" for c in (0, 1) for m in
-                ("focus_lapvar", "focus_pslope", "saturation", "p1", "p50", "p99", "foreground", "contrast", "empty")}
-    assert set(qc) == expected | {"qc_empty"}
+                ("focus_lapvar", "focus_pslope", "focus_ratio", "saturation", "p1", "p50", "p99", "max_ratio",
+                 "p99_ratio", "foreground", "contrast", "empty")}
+    assert set(qc) == expected | {"qc_corr_c01", "qc_empty"}
+    from rayscreen.profile.image_qc import qc_metric_names
+    assert list(qc) == qc_metric_names(2)
     assert all(isinstance(v, float) for v in qc.values())
     assert qc["qc_empty_c0"] == 0.0 and qc["qc_empty_c1"] == 1.0 and qc["qc_empty"] == 0.0
     with pytest.raises(ValueError, match=r"\(C, Y, X\)"):
@@ -126,3 +129,52 @@ def test_too_few_annotations_are_reported():
     assert result.predictions["Metadata_QC_Score"].notna().all()  # still trained on what there is
     with pytest.raises(ValueError, match="Metadata_QC"):
         classify_artefacts(table, annotated.drop(columns="Metadata_QC"))
+
+
+def test_focus_ratio_is_scale_free_and_drops_with_blur():
+    from scipy import ndimage
+
+    from rayscreen.profile.image_qc import focus_ratio
+
+    sharp = cells()
+    assert focus_ratio(sharp * 7.0) == pytest.approx(focus_ratio(sharp))  # gain does not count
+    assert focus_ratio(ndimage.gaussian_filter(sharp, 3)) < focus_ratio(sharp) - 1.0
+    assert np.isnan(focus_ratio(np.full((8, 8), 2.0)))
+
+
+def test_peak_ratios_and_channel_correlations_by_hand():
+    from rayscreen.profile.image_qc import channel_correlations, peak_ratios
+
+    plane = np.full((10, 10), 9, np.uint16)
+    plane[0, 0] = 99  # one bright pixel: max / p50 = 100 / 10; p99 is still 9 (+1) -> ratio 1
+    mx, p99 = peak_ratios(plane)
+    assert mx == pytest.approx(np.log(10.0)) and p99 == pytest.approx(np.log(10.0 / 10.0), abs=0.2)
+    a = np.arange(16.0).reshape(4, 4)
+    r = channel_correlations(np.stack([a, 2 * a + 1, -a, np.ones((4, 4))]))
+    assert r[(0, 1)] == pytest.approx(1.0) and r[(0, 2)] == pytest.approx(-1.0) and r[(0, 3)] == 0.0
+
+
+def test_qc_embedding_logs_focus_drops_flags_fills_nan():
+    from rayscreen.analysis.qc import qc_embedding
+
+    t = pd.DataFrame({"Metadata_Well": ["A", "B", "C"], "qc_focus_lapvar_c0": [1.0, np.e, np.e ** 2],
+                      "qc_p50_c0": [1.0, np.nan, 3.0], "qc_empty_c0": [0.0, 1.0, 0.0], "qc_empty": [0.0, 1.0, 0.0]})
+    e = qc_embedding(t)
+    assert list(e.columns) == ["qc_focus_lapvar_c0", "qc_p50_c0"]
+    np.testing.assert_allclose(e["qc_focus_lapvar_c0"], [0, 1, 2], atol=1e-9)
+    np.testing.assert_allclose(e["qc_p50_c0"], [1, 2, 3])  # NaN -> the median of the others
+
+
+def test_outlier_score_per_group_and_suggested_annotations():
+    from rayscreen.analysis.qc import outlier_score, suggest_annotations
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    X[20:] = X[20:] * 5 + 100  # a second plate with another gain and offset: not outliers
+    X[[3, 30]] += [0, 0, 60]   # one artefact per plate, far out on one metric
+    score = outlier_score(pd.DataFrame(X), groups=[0] * 20 + [1] * 20)
+    assert set(np.argsort(-score)[:2]) == {3, 30}
+    assert outlier_score(pd.DataFrame(X)).argmax() != 3  # without groups the plate shift dominates
+    idx = suggest_annotations(score, n_outliers=2, n_random=5, seed=1)
+    assert list(idx[:2]) == list(np.argsort(-score)[:2]) and len(set(idx)) == 7
+    assert not set(idx[2:]) & {3, 30}

@@ -1,0 +1,411 @@
+"""The analysis stages: ``rayscreen aggregate CONFIG`` and ``rayscreen evaluate CONFIG``.
+
+Thin glue around the pure verbs of this package, reading the profile store with xarray +
+dask and writing tables under ``<output>/tables`` and ``<output>/evaluation``.
+
+``run_aggregate``: for every feature set of the store (``deep``: ``field_profile``;
+``classical``: ``field_classical``):
+
+1. QC (when ``analysis.qc.annotations`` names a CSV of annotated fields): an artefact
+   classifier (kNN, k=5, or a linear probe) on field embeddings, cross-validated on the
+   annotated fields, then applied to every field; flagged fields get ``field_status`` 3
+   in the store and are listed in ``tables/qc.csv``; ``qc.exclude`` leaves them out.
+2. field -> well: NaN-skipping mean or median over each well's usable fields, lazily
+   (dask, one well per chunk): only the (wells x features) result is loaded.
+3. per-plate normalisation against the control wells (robust MAD or standardise), then
+   optional whitening fitted on the controls; feature selection (all-NaN features are
+   always dropped, with a warning listing them; then ``analysis.feature_select``).
+4. well -> treatment (``analysis.treatment`` columns, plus ``analysis.batch`` when
+   ``by_batch``, so NSCB can leave a query's batch out).
+
+Tables (``Metadata_*`` first, parquet + CSV): ``well.*`` / ``treatment.*`` for
+``analysis.features``, ``well_<set>.*`` / ``treatment_<set>.*`` for the other set.
+
+``run_evaluate``: NSC, NSCB, mAP (+ per MOA, confusion) of each treatment table,
+deep and classical side by side; hits from the profile distance of wells to their
+plate's controls.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config
+from ..store.errors import RayscreenError
+from ..store.uri import filesystem, join
+from ._table import control_mask, feature_columns, order_columns
+from .aggregate import aggregate
+from .evaluate import evaluate_moa
+from .feature_select import feature_select
+from .hits import call_hits, distance_to_controls, z_prime
+from .normalize import normalize
+
+log = logging.getLogger(__name__)
+
+FEATURE_SETS = {"deep": ("field_profile", "feature"), "classical": ("field_classical", "classical_feature")}
+QC_EMBEDDINGS = {"deep": ("field_profile", "feature"), "classical": ("field_classical", "classical_feature"),
+                 "qc": ("field_qc", "qc_metric")}
+NORMALIZE = {"standardize": "standardize", "mad": "robust_mad"}
+STATUS_OK, STATUS_QC = 0, 3
+
+
+class AnalysisError(RayscreenError):
+    """An analysis stage cannot run on this store or table; the message names what is missing."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _store_uri(config: Config) -> str:
+    return join(config.output, "profiles.zarr" if config.analysis.source == "profiles" else "results.zarr")
+
+
+def _write_table(table: pd.DataFrame, uri: str, storage_options) -> str:
+    fs, path = filesystem(uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    table = order_columns(table)
+    if uri.endswith(".parquet"):
+        buf = io.BytesIO()
+        table.to_parquet(buf, index=False)
+        fs.pipe(path, buf.getvalue())
+    else:
+        fs.pipe(path, table.to_csv(index=False).encode())
+    return uri
+
+
+def _read_table(uri: str, storage_options) -> pd.DataFrame:
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        raise AnalysisError(f"no table at {uri}; run `rayscreen aggregate` first")
+    return pd.read_parquet(io.BytesIO(fs.cat(path)))
+
+
+def _write_json(obj: Any, uri: str, storage_options) -> None:
+    fs, path = filesystem(uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe(path, json.dumps(obj, indent=2, default=_json_default).encode())
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+def controls_of(table: pd.DataFrame, config: Config) -> np.ndarray:
+    """Negative-control rows by ``analysis.control_column`` / ``control_value`` (n_rows,) bool.
+    ``"negative"``/``"positive"`` accept the usual encodings (True, "neg", ...); any other
+    value is compared as is (e.g. ``control_value: DMSO`` on ``Metadata_Compound``)."""
+    a = config.analysis
+    if a.control_column not in table.columns:
+        raise AnalysisError(f"no control column {a.control_column!r} (analysis.control_column); "
+                            f"columns are {[c for c in table.columns if str(c).startswith('Metadata_')]}")
+    if isinstance(a.control_value, str) and a.control_value.lower() in ("negative", "positive"):
+        return control_mask(table, column=a.control_column, kind=a.control_value.lower())
+    return (table[a.control_column] == a.control_value).to_numpy()
+
+
+def _well_metadata(ds) -> pd.DataFrame:
+    """``Metadata_*`` coordinates along ``well`` as a table (one row per well, store order)."""
+    meta = {name: ds[name].to_numpy() for name in ds.coords
+            if str(name).startswith("Metadata_") and ds[name].dims == ("well",)}
+    if "Metadata_Plate" not in meta:
+        meta["Metadata_Plate"] = ds["plate"].to_numpy()
+    out = pd.DataFrame(meta)
+    for c in out.columns:  # zarr returns object arrays of str; bools and numbers stay typed
+        if out[c].dtype == object:
+            out[c] = out[c].astype(str)
+    return out
+
+
+def field_table(ds, variable: str, dim: str, *, statuses=(STATUS_OK, STATUS_QC)) -> pd.DataFrame:
+    """Fields of the store with ``field_status`` in ``statuses`` as a table: ``Metadata_*``
+    of the well, ``Metadata_Field`` (index along ``field``) and the features of ``variable``
+    (well, field, ``dim``). Loads them: for QC (a classifier over all fields)."""
+    status = ds["field_status"].to_numpy()
+    wi, fi = np.nonzero(np.isin(status, statuses))
+    values = ds[variable].to_numpy()[wi, fi]
+    meta = _well_metadata(ds).iloc[wi].reset_index(drop=True)
+    meta["Metadata_Field"] = fi
+    feats = pd.DataFrame(values, columns=[str(f) for f in ds[dim].to_numpy()])
+    return pd.concat([meta, feats], axis=1)
+
+
+def well_profiles(ds, variable: str, dim: str, method: str = "mean", exclude_qc: bool = True) -> pd.DataFrame:
+    """field -> well, out of core: the NaN-skipping ``method`` over each well's fields with
+    status 0 (and 3 unless ``exclude_qc``). Returns ``Metadata_*``, ``Metadata_Fields`` (fields
+    used) and one column per feature; wells without a usable field are dropped."""
+    usable = ds["field_status"] == STATUS_OK
+    if not exclude_qc:
+        usable = usable | (ds["field_status"] == STATUS_QC)
+    fields = ds[variable].where(usable)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices of wells without fields
+        well = (fields.mean("field") if method == "mean" else fields.median("field")).compute()
+    n_used = usable.sum("field").compute().to_numpy()
+    meta = _well_metadata(ds)
+    meta["Metadata_Fields"] = n_used.astype(int)
+    table = pd.concat([meta, pd.DataFrame(well.transpose("well", dim).to_numpy().astype(np.float64),
+                                          columns=[str(f) for f in ds[dim].to_numpy()])], axis=1)
+    empty = n_used == 0
+    if empty.any():
+        keys = [str(k) for k in ds["well"].to_numpy()[empty]]
+        log.warning("aggregate: %d well(s) without a usable field left out: %s", int(empty.sum()), keys[:20])
+    return table.loc[~empty].reset_index(drop=True)
+
+
+def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Normalise per plate against controls, whiten, select features (pure, on a well table)."""
+    a = config.analysis
+    controls = controls_of(table, config)
+    if a.normalize != "none":
+        table = normalize(table, NORMALIZE[a.normalize], controls=controls)
+    if a.whiten:
+        # whitening needs finite inputs; features missing in some wells are dropped first
+        table = feature_select(table, ["drop_na"])
+        cols = feature_columns(table)
+        finite = np.isfinite(table[cols].to_numpy()).all(axis=0)
+        table = table.drop(columns=[c for c, ok in zip(cols, finite) if not ok])
+        table = normalize(table, "whiten", controls=controls)
+    ops = ["drop_na"] + [op for op in a.feature_select if op != "drop_na"]
+    table = feature_select(table, ops)
+    # A feature still missing in some wells (no object found in any field of a well) is
+    # the control level there after normalisation: 0.
+    cols = feature_columns(table)
+    table[cols] = table[cols].fillna(0.0) if a.normalize != "none" else table[cols]
+    return table
+
+
+def treatment_profiles(wells: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """well -> treatment (+ batch when ``analysis.by_batch`` and the column exists)."""
+    a = config.analysis
+    by = list(a.treatment) + ([a.batch] if a.by_batch and a.batch in wells.columns and a.batch not in a.treatment
+                              else [])
+    missing = [c for c in by if c not in wells.columns]
+    if missing:
+        raise AnalysisError(f"treatment columns {missing} (analysis.treatment / analysis.batch) are not annotations "
+                            f"of the wells; they have {[c for c in wells.columns if c.startswith('Metadata_')]}")
+    feats = [c for c in feature_columns(wells) if c != "Metadata_Fields"]
+    return aggregate(wells.drop(columns=["Metadata_Fields"]), by=by, method=a.aggregate, features=feats,
+                     count_column="Metadata_Wells")
+
+
+# --------------------------------------------------------------------------- QC
+
+
+def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """Train / evaluate the artefact classifier from ``analysis.qc.annotations`` and flag
+    fields (status 3) in the store through its writer. None when no annotations."""
+    from ..store.results import ResultsWriter
+    from .qc import classify_artefacts, qc_embedding
+
+    q = config.analysis.qc
+    if not q.annotations:
+        return None
+    fs, path = filesystem(q.annotations, config.storage_options)
+    if not fs.exists(path):
+        raise AnalysisError(f"analysis.qc.annotations: no file at {q.annotations}")
+    ann = pd.read_csv(io.BytesIO(fs.cat(path)))
+    ann = ann.rename(columns={"field": "Metadata_Field", "plate": "Metadata_Plate", "well": "Metadata_Well"})
+    need = ["Metadata_Plate", "Metadata_Well", "Metadata_Field", q.label]
+    missing = [c for c in need if c not in ann.columns]
+    if missing:
+        raise AnalysisError(f"analysis.qc.annotations {q.annotations}: missing column(s) {missing}; "
+                            f"expected Metadata_Plate, Metadata_Well, field, {q.label}")
+    ann["Metadata_Field"] = ann["Metadata_Field"].astype(int)
+    variable, dim = QC_EMBEDDINGS[q.features]
+    if variable not in ds:
+        raise AnalysisError(f"analysis.qc.features: {q.features!r} needs {variable!r}, not in {store_uri}")
+    fields = field_table(ds, variable, dim)
+    feats = [c for c in fields.columns if not c.startswith("Metadata_")]
+    if q.features == "qc":
+        embedded = qc_embedding(fields, feats)  # log focus, no 0/1 flags, NaN -> median
+        fields = pd.concat([fields.drop(columns=feats), embedded], axis=1)
+        feats = list(embedded.columns)
+    else:
+        # embeddings with NaN (a feature undefined on a flat field) -> the median field
+        fields[feats] = fields[feats].fillna(fields[feats].median()).fillna(0.0)
+    result = classify_artefacts(fields, ann[need], method=q.method, k=q.k, label=q.label,
+                                features=feats)
+    flagged = result.predictions.loc[result.predictions["Metadata_QC_Abnormal"]]
+    # store: status 3 where flagged, back to 0 where a previous run flagged and this one does not
+    writer = ResultsWriter(store_uri, config.storage_options)
+    status = ds["field_status"].to_numpy()
+    want = np.where(status == STATUS_QC, STATUS_OK, status).astype(np.int8)
+    index = {str(k): i for i, k in enumerate(ds["well"].to_numpy())}
+    for p, w, f in flagged[["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].itertuples(index=False):
+        want[index[f"{p}/{w}"], int(f)] = STATUS_QC
+    for i in np.flatnonzero((want != status).any(axis=1)):
+        values = {name: ds[name].isel(well=i).to_numpy() for name in writer.variables}
+        values["field_status"] = want[i]
+        writer.write_well(int(i), values)  # same well chunk, rewritten whole: idempotent
+    summary = result.to_dict()
+    summary["features"] = q.features
+    writer.update_attrs(qc=summary)
+    writer.finalize()
+    table = result.predictions.merge(ann[need].rename(columns={q.label: "Metadata_QC_Annotation"}),
+                                     on=["Metadata_Plate", "Metadata_Well", "Metadata_Field"], how="left")
+    return table, summary
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
+    """field -> well -> treatment tables of every feature set; returns ``{name: uri}`` of
+    the tables written under ``<output>/tables`` (parquet; a CSV beside each)."""
+    from ..store.results import open_results
+
+    a = config.analysis
+    so = config.storage_options
+    uri = _store_uri(config)
+    if a.features not in FEATURE_SETS:
+        raise AnalysisError(f"analysis.features {a.features!r}: expected one of {sorted(FEATURE_SETS)}")
+    ds = open_results(uri, so)
+    if "field_status" not in ds:
+        raise AnalysisError(f"{uri} has no field_status; not a profile store")
+    sets = [s for s in FEATURE_SETS if FEATURE_SETS[s][0] in ds]
+    if a.features not in sets:
+        raise AnalysisError(f"analysis.features {a.features!r}: {uri} has no {FEATURE_SETS[a.features][0]} "
+                            f"(feature sets present: {sets})")
+    tables = join(config.output, "tables")
+    out: dict[str, str] = {}
+    qc = run_qc(ds, config, uri)
+    if qc is not None:
+        ds = open_results(uri, so)  # statuses changed
+        qc_table, summary = qc
+        out["qc"] = _write_table(qc_table, join(tables, "qc.csv"), so)
+        _write_json(summary, join(tables, "qc.json"), so)
+        log.info("aggregate: QC %s F1 %s, %d field(s) flagged", summary["method"], summary["f1"],
+                 summary["n_flagged"])
+    for name in [a.features] + [s for s in sets if s != a.features]:
+        variable, dim = FEATURE_SETS[name]
+        suffix = "" if name == a.features else f"_{name}"
+        wells = well_profiles(ds, variable, dim, a.aggregate, exclude_qc=a.qc.exclude)
+        wells = process_wells(wells, config)
+        treatments = treatment_profiles(wells, config)
+        for kind, table in (("well", wells), ("treatment", treatments)):
+            key = f"{kind}{suffix}"
+            out[key] = _write_table(table, join(tables, f"{key}.parquet"), so)
+            _write_table(table, join(tables, f"{key}.csv"), so)
+        log.info("aggregate: %s: %d wells, %d treatments, %d features", name, len(wells), len(treatments),
+                 len(feature_columns(treatments)) - 1)
+    return out
+
+
+def _evaluation_table(path_key: str, config: Config) -> pd.DataFrame:
+    return _read_table(join(config.output, "tables", f"{path_key}.parquet"), config.storage_options)
+
+
+def check_annotations(table: pd.DataFrame, config: Config, what: str) -> None:
+    """Fail naming every annotation column evaluation needs and ``table`` lacks."""
+    a = config.analysis
+    missing = [c for c in (a.compound, a.moa, a.control_column) if c not in table.columns]
+    if missing:
+        raise AnalysisError(f"evaluate: the {what} table lacks annotation column(s) {missing} "
+                            f"(analysis.compound / analysis.moa / analysis.control_column); it has "
+                            f"{[c for c in table.columns if str(c).startswith('Metadata_')]}")
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """A small text table: one row per feature set, NSC / NSCB / mAP."""
+    def f(v):
+        return "  n/a" if v is None else f"{v:.3f}"
+
+    lines = [f"{'profiles':<12} {'NSC':>6} {'NSCB':>6} {'mAP':>6} {'queries':>8}"]
+    for name, r in results.items():
+        lines.append(f"{name:<12} {f(r['nsc']):>6} {f(r['nscb']):>6} {f(r['map']):>6} {r['n_queries']:>8}")
+    return "\n".join(lines)
+
+
+def _confusion_figure(confusion: pd.DataFrame, uri: str, storage_options, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(confusion), 1.0 + 0.5 * len(confusion)))
+    ax.imshow(confusion.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(len(confusion.columns)), [str(c) for c in confusion.columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(confusion.index)), [str(c) for c in confusion.index], fontsize=7)
+    for (i, j), n in np.ndenumerate(confusion.to_numpy()):
+        if n:
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted MOA (NSC 1-NN)")
+    ax.set_ylabel("true MOA")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    fs, path = filesystem(uri, storage_options)
+    fs.pipe(path, buf.getvalue())
+
+
+def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """MOA evaluation of the treatment tables (deep and classical side by side) and hits.
+
+    Writes ``<output>/evaluation/evaluation.json`` (nsc, nscb, map, per_moa, ... of
+    ``analysis.features``; ``baseline`` and ``feature_sets`` for all), ``confusion.csv``
+    (+ ``confusion.png``, ``confusion_<set>.csv``), ``hits.csv`` and ``z_prime.csv``
+    (when positive controls exist); prints the comparison unless ``progress`` is False.
+    Returns the evaluation dict.
+    """
+    a = config.analysis
+    so = config.storage_options
+    out_dir = join(config.output, "evaluation")
+    main = _evaluation_table("treatment", config)
+    check_annotations(main, config, "treatment")
+    sets = {a.features: main}
+    for name in FEATURE_SETS:
+        if name != a.features:
+            fs, path = filesystem(join(config.output, "tables", f"treatment_{name}.parquet"), so)
+            if fs.exists(path):
+                sets[name] = _evaluation_table(f"treatment_{name}", config)
+    results: dict[str, dict[str, Any]] = {}
+    for name, table in sets.items():
+        check_annotations(table, config, f"{name} treatment")
+        batch = a.batch if a.batch in table.columns else None
+        ev = evaluate_moa(table, moa=a.moa, compound=a.compound, batch=batch, controls=controls_of(table, config),
+                          features=[c for c in feature_columns(table) if c != "Metadata_Wells"])
+        results[name] = ev.to_dict()
+        results[name]["n_features"] = len(feature_columns(table)) - 1
+        _write_table(ev.confusion.reset_index(), join(out_dir, f"confusion_{name}.csv"), so)
+        if name == a.features:
+            _write_table(ev.confusion.reset_index(), join(out_dir, "confusion.csv"), so)
+            if len(ev.confusion):
+                _confusion_figure(ev.confusion, join(out_dir, "confusion.png"), so, f"{name} profiles, NSC")
+        for w in ev.warnings:
+            log.warning("evaluate (%s): %s", name, w)
+
+    # hits: wells far from their plate's controls in profile space
+    wells = _evaluation_table("well", config)
+    feats = [c for c in feature_columns(wells) if c != "Metadata_Fields"]
+    reference = controls_of(wells, config)
+    distance = distance_to_controls(wells, controls=reference, features=feats, robust=True)
+    hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
+                     robust=True)
+    _write_table(hits, join(out_dir, "hits.csv"), so)
+    positive = control_mask(wells, column=a.control_column, kind="positive", required=False)
+    n_hits = int(len(hits))
+    zp = None
+    if positive.any():
+        zp = z_prime(distance, "distance", positive=positive, negative=reference)
+        _write_table(zp, join(out_dir, "z_prime.csv"), so)
+
+    summary = dict(results[a.features])
+    summary.update(features=a.features, feature_sets=results, n_hits=n_hits,
+                   baseline=results.get("classical") if a.features != "classical" else results.get("deep"),
+                   z_prime=None if zp is None else zp.to_dict("records"))
+    _write_json(summary, join(out_dir, "evaluation.json"), so)
+    if progress:
+        print(format_results(results))
+        print(f"hits (|z| >= {a.hits_threshold:g} of profile distance to controls): {n_hits}")
+    return summary

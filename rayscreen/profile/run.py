@@ -1,0 +1,276 @@
+"""``rayscreen profile CONFIG``: stream every field through :class:`ProfilePredictor` on a
+Ray Data actor pool and write ``<output>/profiles.zarr`` through the results store.
+
+Thin glue; the maths is in :mod:`.predictor`, :mod:`.classical` and :mod:`.image_qc`.
+
+The stream reads raw pixels (illumination-corrected when ``stream.illumination``); the
+actors compute the image-QC metrics on them, so saturation is clipping at the detector,
+and then apply each plate's stored intensity normalisation (``stream.normalize``, the
+same ``transform`` the stream would apply) before the deep and classical features.
+
+Exactly once and resumable: the driver creates the store (or reopens it on a rerun),
+asks which wells are done, streams only the wells still to do, and writes each well
+(all its variables, then its ``done`` flag) as soon as all its fields have come back
+from the actors. Only the driver writes, one well per chunk, so a retried actor batch can
+never write twice. Each field's profile row is small (features only, no pixels), so the
+driver holds at most the wells in flight.
+
+Store variables (``docs/outputs.md``): ``field_profile`` (well, field, feature),
+``well_profile`` (well, feature), ``field_classical`` / ``well_classical`` (on
+``classical_feature``; when ``profile.classical``), ``field_qc`` (well, field,
+qc_metric), ``field_status`` (0 profiled, 1 no such field, 2 read error, 3 QC-flagged
+by ``rayscreen aggregate``), ``n_fields``, ``done``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config, dump_config
+from ..store import RayscreenError, open_plate
+from ..store.results import Variable, create_results
+from ..store.uri import filesystem, join
+
+log = logging.getLogger(__name__)
+
+PROFILES = "profiles.zarr"
+STATUS_OK, STATUS_MISSING, STATUS_ERROR, STATUS_QC = 0, 1, 2, 3
+
+
+def profiles_uri(config: Config) -> str:
+    return join(config.output, PROFILES)
+
+
+def _field_index(name: Any, n_fields: int, order: dict[str, int]) -> int:
+    """Field name (``"0"``, ``"1"``, ... as plates name them) -> index along ``field``."""
+    key = str(name)
+    if key in order:
+        return order[key]
+    raise RayscreenError(f"field {key!r} is not one of the plate's fields {list(order)}")
+
+
+def plan_profile(config: Config) -> dict[str, Any]:
+    """What the stage will write: wells table (plate, well, Metadata_*), field count,
+    channels, each well's field names. Reads plate metadata only (no pixels)."""
+    from ..stream import expand_uris
+    from ..stream.datasource import plan_wells
+
+    uris = expand_uris(config.plates)
+    tasks = plan_wells(uris, config.storage_options, platemap=config.platemap)
+    if not tasks:
+        raise RayscreenError(f"profile: no wells in plates {config.plates}")
+    plates = {u: open_plate(u, config.storage_options) for u in uris}
+    first = plates[uris[0]]
+    channels = list(config.stream.channels) if config.stream.channels else list(first.channels)
+    missing = [c for c in channels if c not in first.channels]
+    if missing:
+        raise RayscreenError(f"stream.channels {missing} not in plate {first.name!r} (channels {first.channels})")
+    fields: dict[tuple[str, str], list[str]] = {}
+    for t in tasks:
+        plate = plates[t.plate_uri]
+        count = plate.meta.field_count
+        # plates rayscreen writes record their field count; others are asked well by well
+        names = [str(i) for i in range(count)] if count else plate.fields(t.well)
+        fields[(t.plate, t.well)] = [str(f) for f in names]
+    rows = [{"plate": t.plate, "well": t.well, "Metadata_Plate": t.plate, **t.annotations} for t in tasks]
+    wells = pd.DataFrame(rows)
+    meta = ["plate", "well"] + [c for c in wells.columns if c.startswith("Metadata_")]
+    return {"uris": uris, "wells": wells[meta], "channels": channels,
+            "n_fields": max(len(v) for v in fields.values()), "fields": fields}
+
+
+def _variables(n_fields: int, n_features: int, n_classical: int | None, n_qc: int) -> tuple[list, dict]:
+    variables = [
+        Variable("field_profile", ("well", "field", "feature"), "float32"),
+        Variable("well_profile", ("well", "feature"), "float32", attrs={"method": "mean"}),
+        Variable("field_qc", ("well", "field", "qc_metric"), "float32"),
+        Variable("field_status", ("well", "field"), "int8", fill=STATUS_MISSING,
+                 attrs={"flag_values": [0, 1, 2, 3],
+                        "flag_meanings": "profiled no_such_field read_error qc_flagged"}),
+        Variable("n_fields", ("well",), "int16"),
+    ]
+    sizes = {"field": n_fields, "feature": n_features, "qc_metric": n_qc}
+    if n_classical is not None:
+        variables += [Variable("field_classical", ("well", "field", "classical_feature"), "float32"),
+                      Variable("well_classical", ("well", "classical_feature"), "float32", attrs={"method": "mean"})]
+        sizes["classical_feature"] = n_classical
+    return variables, sizes
+
+
+def well_values(rows: list[dict[str, Any]], field_names: list[str], n_fields: int, n_features: int,
+                n_classical: int | None, n_qc: int) -> dict[str, np.ndarray]:
+    """One well's store variables from its field rows (each: ``field``, ``profile`` (D,),
+    ``classical`` (K,), ``qc`` (Q,)); fields of ``field_names`` without a row are read
+    errors (status 2), slots beyond them do not exist (status 1). Well aggregates are the
+    NaN-skipping mean over profiled fields."""
+    order = {f: i for i, f in enumerate(field_names)}
+    status = np.full(n_fields, STATUS_MISSING, np.int8)
+    status[:len(field_names)] = STATUS_ERROR
+    out = {"field_profile": np.full((n_fields, n_features), np.nan, np.float32),
+           "field_qc": np.full((n_fields, n_qc), np.nan, np.float32)}
+    if n_classical is not None:
+        out["field_classical"] = np.full((n_fields, n_classical), np.nan, np.float32)
+    for r in rows:
+        i = _field_index(r["field"], n_fields, order)
+        status[i] = STATUS_OK
+        out["field_profile"][i] = r["profile"]
+        out["field_qc"][i] = r["qc"]
+        if n_classical is not None:
+            out["field_classical"][i] = r["classical"]
+    ok = status == STATUS_OK
+    out["field_status"] = status
+    out["n_fields"] = np.int16(ok.sum())
+    out["well_profile"] = _mean(out["field_profile"][ok], n_features)
+    if n_classical is not None:
+        out["well_classical"] = _mean(out["field_classical"][ok], n_classical)
+    return out
+
+
+def _mean(values: np.ndarray, n: int) -> np.ndarray:
+    if not len(values):
+        return np.full(n, np.nan, np.float32)
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(values)
+        total = np.where(finite, values, 0).sum(0)
+        count = finite.sum(0)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+
+
+def _ensure_normalization(config: Config, uris: list[str]) -> None:
+    """Fit and store each plate's intensity normalisation where it has none yet (a sample
+    of fields, as ``rayscreen train`` would)."""
+    from ..stream.normalize import fit_plate_normalizer, load_normalization, make_normalizer
+
+    for uri in uris:
+        if load_normalization(uri, config.storage_options) is None:
+            log.info("profile: fitting %s intensity normalisation of %s", config.stream.normalize, uri)
+            fit_plate_normalizer(uri, make_normalizer(config.stream.normalize), config.storage_options,
+                                 max_fields=64, save=True)
+
+
+def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> dict[str, dict]:
+    """``{plate name: scaler dict}`` of each plate's stored normalisation restricted to
+    ``channels``, for :class:`ProfilePredictor` to apply after the QC metrics (which need
+    the raw, unclipped pixels). Raises, naming the plate, when a scaler was fitted with a
+    different illumination setting than the stream's (the stream's own check)."""
+    from ..stream.normalize import load_normalization, normalization_entry
+
+    out = {}
+    for uri in uris:
+        plate = open_plate(uri, config.storage_options)
+        scaler = load_normalization(uri, config.storage_options)
+        if scaler is None:
+            raise RayscreenError(f"plate {uri}: no normalisation stored (stream.normalize: {config.stream.normalize})")
+        fit = (normalization_entry(uri, config.storage_options) or {}).get("fit") or {}
+        if "illumination" in fit and (fit["illumination"] is not None) != config.stream.illumination:
+            raise RayscreenError(f"plate {uri}: its normaliser was fitted with illumination="
+                                 f"{fit['illumination'] is not None} but stream.illumination is "
+                                 f"{config.stream.illumination}; refit with the same setting")
+        out[plate.name] = scaler.select(plate._channel_indices(channels)).to_dict()
+    return out
+
+
+def run_profile(config: Config, *, progress: bool = True) -> str:
+    """Profile every field of the config's plates; returns the ``profiles.zarr`` URI.
+
+    A rerun resumes (done wells are not read again); ``profile.overwrite`` starts afresh.
+    """
+    import ray
+
+    from ..stream import read_plates
+    from .image_qc import qc_metric_names
+    from .predictor import ProfilePredictor, feature_names
+
+    cfg = config.profile
+    plan = plan_profile(config)
+    channels, n_fields = plan["channels"], plan["n_fields"]
+    probe = ProfilePredictor(cfg.backbone, cfg.weights, channels=channels, channel_mode=cfg.channel_mode,
+                             rgb=cfg.rgb, input_size=cfg.input_size, tiles=cfg.tiles, device="cpu",
+                             storage_options=config.storage_options)
+    features = probe.features
+    del probe
+    from .classical import classical_feature_names
+
+    classical = classical_feature_names(channels) if cfg.classical else None
+    qc_names = qc_metric_names(len(channels))
+    variables, sizes = _variables(n_fields, len(features), len(classical) if classical else None, len(qc_names))
+    coords = {"field": list(range(n_fields)), "feature": features, "qc_metric": qc_names}
+    if classical:
+        coords["classical_feature"] = classical
+    uri = profiles_uri(config)
+    writer = create_results(uri, plan["wells"], sizes, variables, coords=coords, kind="profiles",
+                            attrs={"model": cfg.backbone, "checkpoint": cfg.weights, "config": config.to_dict(),
+                                   "channels": channels, "channel_mode": cfg.channel_mode},
+                            storage_options=config.storage_options, overwrite=cfg.overwrite)
+    fs, path = filesystem(config.output, config.storage_options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/config.yaml", "w") as f:
+        f.write(dump_config(config))
+
+    done = set(writer.done_wells())
+    wells = plan["wells"]
+    todo = [i for i in range(len(wells)) if i not in done]
+    log.info("profile: %d wells, %d done, %d to profile -> %s", len(wells), len(done), len(todo), uri)
+    if todo:
+        normalizers = None
+        if config.stream.normalize != "none":
+            _ensure_normalization(config, plan["uris"])
+            # the stream reads raw pixels (QC sees the detector's counts); the actors
+            # normalise after QC with the plates' stored scalers, as the stream would
+            normalizers = plate_normalizers(config, plan["uris"], channels)
+        if not ray.is_initialized():
+            ray.init(logging_level="warning")
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        todo_keys = {(wells.at[i, "plate"], wells.at[i, "well"]): i for i in todo}
+        s = config.stream
+        ds = read_plates(plan["uris"], storage_options=config.storage_options, platemap=config.platemap,
+                         wells=sorted({w for _, w in todo_keys}), channels=s.channels, level=s.level,
+                         illumination=s.illumination, normalize=False, on_error=s.on_error,
+                         override_num_blocks=s.override_num_blocks)
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        first = open_plate(plan["uris"][0], config.storage_options)
+        raw_dtype = np.dtype(first.dtype)
+        ds = ds.map_batches(
+            # a fixed pool of cfg.concurrency actors (Ray 2.60: compute=, concurrency= is deprecated)
+            ProfilePredictor, batch_format="numpy", batch_size=cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, channels=channels,
+                                       channel_mode=cfg.channel_mode, rgb=cfg.rgb, input_size=cfg.input_size,
+                                       tiles=cfg.tiles, classical=cfg.classical, qc=True,
+                                       batch_size=cfg.batch_size, storage_options=config.storage_options,
+                                       normalizers=normalizers,
+                                       # detector clipping level; an illumination-corrected stream is
+                                       # float, its clipped pixels at >= this level where the
+                                       # illumination function is <= 1
+                                       qc_max_value=(float(np.iinfo(raw_dtype).max)
+                                                     if np.issubdtype(raw_dtype, np.integer) else None)))
+        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        n_classical = len(classical) if classical else None
+
+        def flush(i: int) -> None:
+            key = (wells.at[i, "plate"], wells.at[i, "well"])
+            writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
+                                             n_classical, len(qc_names)))
+
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for j in range(len(batch["well"])):
+                i = todo_keys.get((str(batch["plate"][j]), str(batch["well"][j])))
+                if i is None:
+                    continue  # a well of the same name on a plate already done
+                row = {"field": batch["field"][j], "profile": batch["profile"][j], "qc": batch["qc"][j]}
+                if classical:
+                    row["classical"] = batch["classical"][j]
+                pending[i].append(row)
+                key = (wells.at[i, "plate"], wells.at[i, "well"])
+                if len(pending[i]) == len(plan["fields"][key]):
+                    flush(i)
+                    todo_keys.pop(key)
+        for i in list(todo_keys.values()):  # wells with unread fields (on_error: skip) or none at all
+            flush(i)
+    writer.finalize()
+    return uri

@@ -1,0 +1,139 @@
+"""synth_moa -> run_profile (local Ray, resnet18 with weights the test saves) -> run_aggregate
+-> run_evaluate: NSC above chance, QC classifier F1 >= 0.9 on the fields not annotated from 50
+labelled fields, tables readable by pycytominer, reruns resume.
+
+A smaller screen than benchmarks/moa.py (2 fields of 96 x 96 per well instead of 3 of
+128 x 128; 20 % artefacts so that 20 of them can be annotated and ~20 remain to test on),
+to keep the test under a minute on two loaded cores."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rayscreen.analysis.stages import AnalysisError, run_aggregate, run_evaluate
+from rayscreen.config import config_from_dict
+from rayscreen.models import save_backbone_weights
+from rayscreen.profile import run_profile
+from rayscreen.synth import load_moa_fields, synth_moa
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moa")
+    uris = synth_moa(str(root / "plates"), n_plates=2, fields_per_well=2, field_shape=(96, 96),
+                     artefact_fraction=0.2, seed=0)
+    weights = save_backbone_weights("resnet18", str(root / "resnet18.pt"), seed=0)
+    truth = load_moa_fields(str(root / "plates"))
+    # 50 annotated fields: 20 artefacts, 30 normal (a person's quick annotation round:
+    # browse, mark artefacts and normal fields until 20 + 30)
+    abnormal = truth[truth["is_artefact"]].sample(20, random_state=0)
+    normal = truth[~truth["is_artefact"]].sample(30, random_state=0)
+    ann = pd.concat([abnormal, normal])
+    pd.DataFrame({"Metadata_Plate": ann["plate"], "Metadata_Well": ann["well"], "field": ann["field"],
+                  "label": np.where(ann["is_artefact"], "abnormal", "normal")}).to_csv(root / "qc.csv", index=False)
+    truth["annotated"] = truth.index.isin(ann.index)
+    return root, uris, weights, truth
+
+
+def make_config(root, uris, weights, **analysis):
+    return config_from_dict({
+        "plates": uris, "output": str(root / "run"),
+        "profile": {"backbone": "resnet18", "weights": weights, "input_size": 64, "batch_size": 32},
+        "analysis": {"qc": {"annotations": str(root / "qc.csv"), "method": "linear"}, **analysis},
+    })
+
+
+def test_profile_aggregate_evaluate(screen, ray_local, capsys):
+    root, uris, weights, truth = screen
+    config = make_config(root, uris, weights)
+    store = run_profile(config, progress=False)
+
+    ds = xr.open_zarr(store)  # plain xarray, no rayscreen needed
+    assert ds.sizes["well"] == 96 and ds.sizes["field"] == 2 and ds.sizes["feature"] == 3 * 512
+    assert int(ds["done"].sum()) == 96 and (ds["field_status"].to_numpy() == 0).all()
+    assert np.isfinite(ds["field_profile"].to_numpy()).all()
+    assert "well_classical" in ds and "Metadata_MOA" in ds.coords
+    np.testing.assert_allclose(ds["well_profile"].to_numpy(), ds["field_profile"].mean("field").to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+    # resume: a rerun on the complete store reads nothing and changes nothing
+    before = ds["field_profile"].isel(well=5).to_numpy()
+    assert run_profile(config, progress=False) == store
+    np.testing.assert_array_equal(xr.open_zarr(store)["field_profile"].isel(well=5).to_numpy(), before)
+
+    tables = run_aggregate(config)
+    for key in ("well", "treatment", "well_classical", "treatment_classical", "qc"):
+        assert key in tables and os.path.exists(tables[key])
+    treatment = pd.read_parquet(tables["treatment"])
+    meta = [c for c in treatment.columns if c.startswith("Metadata_")]
+    assert list(treatment.columns[:len(meta)]) == meta  # Metadata_* first
+    assert {"Metadata_Compound", "Metadata_Concentration", "Metadata_MOA", "Metadata_Batch"} <= set(meta)
+    assert os.path.exists(tables["treatment"].replace(".parquet", ".csv"))
+
+    # QC from 50 annotated fields: F1 on the fields NOT annotated (ground truth of synth_moa).
+    # On this screen the held-out F1 over 10 annotation draws was 0.76-0.98 (median 0.955),
+    # 0.978 for this draw; on the benchmark screen (3 fields of 128 x 128) 0.94-1.0
+    # (docs/results.md). Linear probe on the image-QC metrics computed on raw pixels.
+    qc = json.loads((root / "run" / "tables" / "qc.json").read_text())
+    assert qc["n_annotated"] == 50 and qc["f1"] >= 0.85  # cross-validated on the 50
+    flags = pd.read_csv(tables["qc"]).merge(
+        truth.rename(columns={"plate": "Metadata_Plate", "well": "Metadata_Well"})
+        .assign(Metadata_Field=lambda t: t["field"].astype(int)), on=["Metadata_Plate", "Metadata_Well",
+                                                                      "Metadata_Field"])
+    assert len(flags) == 192
+    held = flags[~flags["annotated"]]
+    assert held["is_artefact"].sum() >= 15  # enough artefacts left to measure F1 on
+    tp = (held["Metadata_QC_Abnormal"] & held["is_artefact"]).sum()
+    f1 = 2 * tp / (held["Metadata_QC_Abnormal"].sum() + held["is_artefact"].sum())
+    assert f1 >= 0.9, f1
+    status = xr.open_zarr(store)["field_status"].to_numpy()
+    assert (status == 3).sum() == flags["Metadata_QC_Abnormal"].sum()  # flagged fields listed in the store
+
+    result = run_evaluate(config)
+    printed = capsys.readouterr().out
+    assert "deep" in printed and "classical" in printed and "NSC" in printed
+    evaluation = json.loads((root / "run" / "evaluation" / "evaluation.json").read_text())
+    # treatments (compound, dose, batch) left with at least one well after QC exclusion
+    # (72 without QC; a well whose 2 fields are both flagged is left out)
+    kept = flags[~flags["Metadata_QC_Abnormal"]].merge(
+        pd.read_parquet(tables["well"])[["Metadata_Plate", "Metadata_Well", "Metadata_Compound",
+                                          "Metadata_Concentration", "Metadata_Batch"]])
+    expected = len(kept.loc[kept["Metadata_Compound"] != "DMSO", ["Metadata_Compound", "Metadata_Concentration",
+                                                                   "Metadata_Batch"]].drop_duplicates())
+    assert 60 <= expected <= 72
+    for name in ("deep", "classical"):
+        r = evaluation["feature_sets"][name]
+        assert r["n_queries"] == expected and all(r[k] is not None for k in ("nsc", "nscb", "map"))
+    chance = 1 / 6  # six MOAs of two compounds each
+    assert evaluation["baseline"]["nsc"] >= 3 * chance  # classical baseline: well above chance
+    # deep profiles of an UNTRAINED resnet18 are not asserted above chance: 0.26 on the benchmark
+    # screen, 0.11 on this smaller one (docs/results.md); they are evaluated, side by side
+    assert 0.0 <= evaluation["nsc"] <= 1.0 and evaluation["features"] == "deep"
+    for name in ("confusion.csv", "confusion.png", "hits.csv"):
+        assert (root / "run" / "evaluation" / name).exists()
+    assert result["nsc"] == evaluation["nsc"]
+
+    # pycytominer reads the exported tables as they are
+    pycytominer = pytest.importorskip("pycytominer")
+    well = pd.read_csv(tables["well_classical"].replace(".parquet", ".csv"))
+    features = [c for c in well.columns if not c.startswith("Metadata_")]
+    agg = pycytominer.aggregate(well, strata=["Metadata_Compound", "Metadata_Concentration"],
+                                features=features, operation="median")
+    assert len(agg) == 37  # 36 treatments + DMSO
+
+
+def test_evaluate_names_missing_annotation_columns(screen, tmp_path):
+    root, uris, weights, _ = screen
+    config = make_config(root, uris, weights)
+    out = tmp_path / "run"
+    (out / "tables").mkdir(parents=True)
+    treatment = pd.read_parquet(root / "run" / "tables" / "treatment.parquet")
+    treatment.drop(columns=["Metadata_MOA"]).to_parquet(out / "tables" / "treatment.parquet")
+    with pytest.raises(AnalysisError, match="Metadata_MOA"):
+        run_evaluate(config.replace(output=str(out)))

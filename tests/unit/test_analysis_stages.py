@@ -1,0 +1,160 @@
+"""The pure parts of rayscreen.analysis.stages on hand-built profile stores (xarray
+Datasets laid out as docs/outputs.md describes) and hand-written tables: values worked out
+by hand, no Ray."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rayscreen.analysis.stages import (AnalysisError, check_annotations, controls_of, process_wells, run_evaluate,
+                                       treatment_profiles, well_profiles)
+from rayscreen.config import config_from_dict
+
+NAN = np.nan
+
+
+def store() -> xr.Dataset:
+    """2 plates x 3 wells (A01 DMSO control, A02 compound X, A03 compound Y), 3 field slots,
+    2 features. Field values are chosen so every mean and median is a small integer."""
+    wells = ["P1/A01", "P1/A02", "P1/A03", "P2/A01", "P2/A02", "P2/A03"]
+    f = np.full((6, 3, 2), NAN, np.float32)
+    status = np.zeros((6, 3), np.int8)
+    f[0] = [[1, 10], [3, 10], [2, 10]]
+    f[1] = [[4, 20], [6, 22], [100, 900]]   # field 2 QC-flagged: excluded by default
+    status[1, 2] = 3
+    f[2] = [[7, 30], [9, 34], [NAN, NAN]]   # field 2 does not exist in this well
+    status[2, 2] = 1
+    f[3] = [[10, 40], [12, 40], [14, 40]]
+    f[4] = [[20, 50], [NAN, NAN], [22, 54]]  # field 1 a read error
+    status[4, 1] = 2
+    f[5] = [[NAN, NAN]] * 3                  # no usable field: the well is left out
+    status[5] = [2, 3, 1]
+    f[5, 1] = [99, 99]
+    plate = [w.split("/")[0] for w in wells]
+    return xr.Dataset(
+        {"field_profile": (("well", "field", "feature"), f), "field_status": (("well", "field"), status)},
+        coords={"well": wells, "field": [0, 1, 2], "feature": ["f0", "f1"], "plate": ("well", plate),
+                "Metadata_Plate": ("well", plate), "Metadata_Well": ("well", [w.split("/")[1] for w in wells]),
+                "Metadata_Compound": ("well", ["DMSO", "X", "Y"] * 2),
+                "Metadata_Concentration": ("well", [0.0, 1.0, 1.0] * 2),
+                "Metadata_Control": ("well", ["negative", "", ""] * 2),
+                "Metadata_Batch": ("well", plate)})
+
+
+def config(tmp_path, **analysis):
+    return config_from_dict({"plates": [str(tmp_path / "p.zarr")], "output": str(tmp_path / "run"),
+                             "analysis": analysis})
+
+
+def test_well_profiles_mean_skips_flagged_missing_and_error_fields():
+    t = well_profiles(store(), "field_profile", "feature")
+    assert list(t["Metadata_Well"]) == ["A01", "A02", "A03", "A01", "A02"]  # P2/A03: no usable field
+    assert list(t["Metadata_Fields"]) == [3, 2, 2, 3, 2]
+    np.testing.assert_allclose(t[["f0", "f1"]].to_numpy(), [[2, 10], [5, 21], [8, 32], [12, 40], [21, 52]])
+    assert list(t.columns[:2]) == ["Metadata_Plate", "Metadata_Well"] and t.columns[-2:].tolist() == ["f0", "f1"]
+
+
+def test_well_profiles_keeps_flagged_fields_when_asked_and_median():
+    t = well_profiles(store(), "field_profile", "feature", exclude_qc=False)
+    # P1/A02 now averages 4, 6, 100; P2/A03 gains its flagged field 1 (99, 99)
+    assert list(t["Metadata_Fields"]) == [3, 3, 2, 3, 2, 1]
+    np.testing.assert_allclose(t[["f0", "f1"]].to_numpy()[[1, 5]], [[110 / 3, 942 / 3], [99, 99]], rtol=1e-6)
+    med = well_profiles(store(), "field_profile", "feature", method="median", exclude_qc=False)
+    np.testing.assert_allclose(med[["f0", "f1"]].to_numpy()[1], [6, 22])
+
+
+def test_process_wells_normalises_each_plate_against_its_own_controls(tmp_path):
+    wells = pd.DataFrame({"Metadata_Plate": ["P1"] * 4 + ["P2"] * 4,
+                          "Metadata_Control": ["negative", "negative", "negative", ""] * 2,
+                          "Metadata_Fields": 3,
+                          "f0": [1.0, 2.0, 4.0, 10.0, 101.0, 102.0, 104.0, 110.0],
+                          "f1": [0.0, 1.0, 5.0, 3.0, 0.0, 2.0, 10.0, 6.0]})
+    out = process_wells(wells, config(tmp_path, normalize="mad", feature_select=[]))
+    # P1 f0: controls 1, 2, 4 -> median 2, MAD 1 -> (x - 2) / 1.4826; P2 the same after +100
+    np.testing.assert_allclose(out["f0"], np.tile([-1, 0, 2, 8], 2) / 1.4826)
+    # f1: P1 controls 0, 1, 5 -> median 1, MAD 1; P2 controls 0, 2, 10 -> median 2, MAD 2
+    np.testing.assert_allclose(out["f1"], np.r_[[-1, 0, 4, 2], [-1, 0, 4, 2]] / 1.4826)
+    std = process_wells(wells, config(tmp_path, normalize="standardize", feature_select=[]))
+    p1 = std["Metadata_Plate"] == "P1"
+    ctrl = std["Metadata_Control"] == "negative"
+    np.testing.assert_allclose(std.loc[p1 & ctrl, "f0"].mean(), 0, atol=1e-12)
+    np.testing.assert_allclose(std.loc[~p1 & ctrl, "f1"].mean(), 0, atol=1e-12)
+    # the treated well relative to its own plate's controls: identical on both plates for f0
+    np.testing.assert_allclose(std.loc[p1 & ~ctrl, "f0"].to_numpy(), std.loc[~p1 & ~ctrl, "f0"].to_numpy())
+
+
+def test_process_wells_drops_all_nan_features_naming_them(tmp_path):
+    wells = pd.DataFrame({"Metadata_Plate": ["P1"] * 3, "Metadata_Control": ["negative", "negative", ""],
+                          "Metadata_Fields": 1, "f0": [1.0, 3.0, 5.0], "gone": [NAN, NAN, NAN]})
+    with pytest.warns(UserWarning, match="gone"):
+        out = process_wells(wells, config(tmp_path, normalize="none", feature_select=[]))
+    assert "gone" not in out.columns and list(out["f0"]) == [1.0, 3.0, 5.0]
+
+
+def test_treatment_profiles_mean_over_wells_per_batch(tmp_path):
+    wells = well_profiles(store(), "field_profile", "feature")
+    t = treatment_profiles(wells, config(tmp_path))
+    # one treatment per (compound, concentration, batch); single wells keep their values
+    assert len(t) == 5 and list(t["Metadata_Wells"]) == [1] * 5
+    x1 = t[(t["Metadata_Compound"] == "X") & (t["Metadata_Batch"] == "P1")]
+    np.testing.assert_allclose(x1[["f0", "f1"]].to_numpy(), [[5, 21]])
+    pooled = treatment_profiles(wells, config(tmp_path, by_batch=False))
+    dmso = pooled[pooled["Metadata_Compound"] == "DMSO"]
+    assert int(dmso["Metadata_Wells"].iloc[0]) == 2
+    np.testing.assert_allclose(dmso[["f0", "f1"]].to_numpy(), [[7, 25]])  # (2 + 12) / 2, (10 + 40) / 2
+
+
+def test_missing_annotation_columns_are_named(tmp_path):
+    wells = well_profiles(store(), "field_profile", "feature").drop(columns=["Metadata_Concentration"])
+    with pytest.raises(AnalysisError, match="Metadata_Concentration"):
+        treatment_profiles(wells, config(tmp_path))
+    table = pd.DataFrame({"Metadata_Compound": ["X"], "f0": [1.0]})
+    with pytest.raises(AnalysisError, match=r"\['Metadata_MOA', 'Metadata_Control'\]"):
+        check_annotations(table, config(tmp_path), "treatment")
+    with pytest.raises(AnalysisError, match="Metadata_Control.*analysis.control_column"):
+        controls_of(table, config(tmp_path))
+
+
+def test_controls_of_by_value(tmp_path):
+    t = pd.DataFrame({"Metadata_Compound": ["DMSO", "X", "DMSO"]})
+    cfg = config(tmp_path, control_column="Metadata_Compound", control_value="DMSO")
+    assert controls_of(t, cfg).tolist() == [True, False, True]
+
+
+def _write_tables(tmp_path, treatment: pd.DataFrame, wells: pd.DataFrame) -> None:
+    tables = tmp_path / "run" / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    treatment.to_parquet(tables / "treatment.parquet")
+    wells.to_parquet(tables / "well.parquet")
+
+
+def _tables(moas: list[str], compounds: list[str]):
+    rng = np.random.default_rng(0)
+    n = len(moas)
+    feats = {f"f{i}": rng.normal(size=n + 2) for i in range(4)}
+    meta = {"Metadata_Compound": compounds + ["DMSO", "DMSO"], "Metadata_MOA": moas + ["", ""],
+            "Metadata_Control": [""] * n + ["negative", "negative"], "Metadata_Batch": ["P1"] * (n + 2),
+            "Metadata_Plate": ["P1"] * (n + 2)}
+    table = pd.DataFrame({**meta, **feats})
+    return table.assign(Metadata_Wells=1), table.assign(Metadata_Fields=1)
+
+
+def test_evaluate_reports_a_single_moa_instead_of_crashing(tmp_path, caplog):
+    treatment, wells = _tables(["A", "A", "A"], ["a1", "a2", "a3"])
+    _write_tables(tmp_path, treatment, wells)
+    result = run_evaluate(config(tmp_path), progress=False)
+    assert any("fewer than two MOAs" in w for w in result["warnings"])
+    saved = json.loads((tmp_path / "run" / "evaluation" / "evaluation.json").read_text())
+    assert saved["warnings"] == result["warnings"]
+
+
+def test_evaluate_reports_single_compound_moas(tmp_path):
+    # MOA C has one compound: NSC leaves the compound out, so C queries have no valid neighbour
+    treatment, wells = _tables(["A", "A", "B", "B", "C"], ["a1", "a2", "b1", "b2", "c1"])
+    _write_tables(tmp_path, treatment, wells)
+    result = run_evaluate(config(tmp_path), progress=False)
+    assert any("single compound" in w and "C" in w for w in result["warnings"])
+    assert result["n_queries"] == 4 and result["nsc"] is not None
