@@ -70,7 +70,10 @@ def cmd_stage(args) -> int:
     from .pipeline import run_stage
 
     config = _load(args)
-    if args.command in ("train", "infer", "profile"):  # aggregate/evaluate/report need no Ray
+    # no ray.init here: a stage validates its config first (bad configs fail in a second,
+    # not after starting Ray); Ray Data / Ray Train then start or join Ray themselves.
+    # illum spreads its Ray tasks only over a Ray that is already up: start or join it.
+    if args.command == "illum":
         _init_ray()
     result = run_stage(config, args.command, progress=not args.quiet)
     if result is not None and not args.quiet:
@@ -101,7 +104,6 @@ def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
     config = _load(args)
-    _init_ray()
     stages = args.stages.split(",") if args.stages else None
     run_pipeline(config, stages=stages, progress=not args.quiet, force=args.force)
     return 0

@@ -38,7 +38,7 @@ _READS = {
 def stage_function(stage: str) -> Callable[..., Any]:
     """The function behind ``rayscreen <stage> CONFIG`` (imported lazily: stages pull in torch/Ray)."""
     if stage == "illum":
-        from .stream.illum_job import run_illum as fn
+        from .stream.fit import run_illum as fn
     elif stage == "train":
         from .train import run_train as fn
     elif stage == "infer":
@@ -153,4 +153,4 @@ def _say(progress: bool, message: str) -> None:
     # pipeline stage lines are the job log's backbone: printed (flushed) unless --quiet
     if progress:
         print(f"[rayscreen] {message}", flush=True)
-    log.info(message)
+    log.debug(message)

@@ -230,14 +230,14 @@ def test_ingest_job(ray_head, tmp_path):
     assert "RAY_AUTH_TOKEN" not in result.logs and ray_head.env["RAY_AUTH_TOKEN"] not in result.logs
 
 
-# Switch: the pipeline job runs when this is True (or RAYSCREEN_TEST_PIPELINE=1 is set);
-# off while jobs/pipeline.py and its stages are being written.
-RUN_PIPELINE = False
+# Switch: the pipeline job runs when this is True (or RAYSCREEN_TEST_PIPELINE=1 is set).
+RUN_PIPELINE = True
 
 # The tiny screen of the pipeline job; the lead adjusts keys as the stages settle.
 PIPELINE_CONFIG = """\
 plates: [{plates}/*.zarr]
 output: {output}
+stages: [illum, train, infer, report]
 label:
   column: Metadata_Label
   positive: [1]
@@ -249,6 +249,7 @@ train:
   batch_size: 8
   num_workers: 1
   use_gpu: false
+  split: {{by: well, val: 0.25, test: 0.0}}
 infer:
   batch_size: 8
   concurrency: 1
@@ -275,3 +276,7 @@ def test_pipeline_job(ray_head, tmp_path):
     assert bool((ds["done"] == 1).all())
     scores = ds["well_scores"].values
     assert np.isfinite(scores).all() and np.allclose(scores.sum(axis=-1), 1, atol=1e-4)
+    # the job log shows the pipeline's stage lines and the training epoch line
+    for line in ("[1/4] illum", "[2/4] train", "[3/4] infer", "[4/4] report: done"):
+        assert line in result.logs, result.logs[-3000:]
+    assert os.path.exists(tmp_path / "run" / "report" / "index.html")
