@@ -13,8 +13,11 @@ normalisation and ``on_error`` handling as ``read_plates``), runs the
 :class:`~rayscreen.infer.predictor.Predictor` on their fields, aggregates, and writes
 each well with :meth:`ResultsWriter.write_well` -- all its chunks, then its done flag.
 A retried call rewrites the same chunks with the same bytes, so a well is written
-exactly once in effect, and no two calls share a chunk. Reading the next well runs
-in a thread while the model works on the current one (I/O hidden behind compute).
+exactly once in effect, and no two calls share a chunk. Reading the next wells and
+writing the last one run in two threads while the model works on the current one (I/O
+hidden behind compute); a call returns only once all its wells are written. Each call
+gets at least 4 forward batches of work, so Ray's per-call overhead and the one read a
+call cannot hide (its first well's) stay small; ``benchmarks/infer.py`` measures it.
 
 Resume: wells already done are dropped from the dataset before anything is read.
 Every check of the inputs (checkpoint, channels, classes, input size, output URI)
