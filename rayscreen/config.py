@@ -118,6 +118,7 @@ class InferConfig:
     saliency_downsample: int = 4
     saliency_sigma: float = 2.0
     mask_threshold: float = 0.5  # of each map's maximum
+    mask_nms_size: int = 21  # local non-maximum suppression window (about the object size, px)
     split: Literal["all", "test", "val"] = "all"  # which wells of the train split to score
     overwrite: bool = False
     num_cpus: float = 1.0  # CPUs per actor (its torch threads); GPUs: 1 per actor when present

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,7 @@ class PredictorSettings:
     saliency_downsample: int = 4
     saliency_sigma: float = 2.0  # Gaussian smoothing, in field pixels (before downsampling)
     mask_threshold: float = 0.5  # of each field's saliency maximum
+    mask_nms_size: int = 21  # local non-maximum suppression window, about the object size (px)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -60,23 +60,11 @@ def downsample_mean(images: np.ndarray, factor: int) -> np.ndarray:
     return images[:, : ys * factor, : xs * factor].reshape(b, ys, factor, xs, factor).mean(axis=(2, 4))
 
 
-def saliency_mask(saliency: np.ndarray, threshold: float) -> np.ndarray:
-    """(B, y, x) -> uint8 mask: 1 where saliency >= threshold * the field's maximum (> 0)."""
-    peak = saliency.reshape(saliency.shape[0], -1).max(axis=1)[:, None, None]
-    return ((saliency >= threshold * peak) & (peak > 0)).astype(np.uint8)
-
-
-class _ReluBackward:
-    """Kraus' Jacobian maps: ReLU on the back-propagated signal at every ReLU (sharper maps)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.handles = [m.register_full_backward_hook(lambda mod, gin, gout: tuple(
-            None if g is None else g.clamp(min=0) for g in gin)) for m in model.modules()
-            if isinstance(m, torch.nn.ReLU)]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def downsample_any(masks: np.ndarray, factor: int) -> np.ndarray:
+    """(B, Y, X) bool -> (B, Y // factor, X // factor) uint8: 1 where any pixel of the block is set."""
+    b, y, x = masks.shape
+    ys, xs = y // factor, x // factor
+    return masks[:, : ys * factor, : xs * factor].reshape(b, ys, factor, xs, factor).any(axis=(2, 4)).astype(np.uint8)
 
 
 class Predictor:
@@ -110,47 +98,37 @@ class Predictor:
         return out
 
     def _forward(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        from ..models.saliency import cam_saliency, jacobian_saliency, saliency_masks, smooth
+
         s = self.settings
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-        grad = s.saliency in ("jacobian", "jacobian_relu")
-        hooks = _ReluBackward(self.model) if s.saliency == "jacobian_relu" else None
-        try:
-            with torch.set_grad_enabled(grad):
-                if grad:
-                    x.requires_grad_(True)
-                out = self.model.forward_maps(x)
-                logits = out["logits"]
-                probs = probabilities(logits.detach())
-                k = logits.shape[1]
-                cls = saliency_class(k, probs.argmax(dim=1).cpu().numpy())
-                cls_t = torch.from_numpy(cls).to(self.device)
-                if grad:
-                    chosen = logits.gather(1, cls_t[:, None]).sum()
-                    (g,) = torch.autograd.grad(chosen, x)
-                    sal = g.abs().sum(dim=1)  # (B, Y, X): summed over input channels
-        finally:
-            if hooks:
-                hooks.remove()
-        maps = out["class_maps"].detach()
+        with torch.no_grad():
+            out = self.model.forward_maps(x)
+        probs = probabilities(out["logits"])
+        cls = torch.from_numpy(saliency_class(probs.shape[1], probs.argmax(dim=1).cpu().numpy())).to(self.device)
+        maps = out["class_maps"]
         field_shape = tuple(images.shape[-2:])
-        if s.saliency == "cam":
-            cam = maps.gather(1, cls_t[:, None, None, None].expand(-1, 1, *maps.shape[-2:]))
-            sal = torch.nn.functional.interpolate(cam, size=field_shape, mode="bilinear", align_corners=False)[:, 0]
-            sal = sal.clamp(min=0)
         d = max(1, int(s.saliency_downsample))
+        # one saliency implementation for the whole project (rayscreen.models.saliency):
+        # Jacobian of the class-specific map's evidence (WSCNN), Kraus' ReLU variant, or CAM
+        if s.saliency in ("jacobian", "jacobian_relu"):
+            sal = jacobian_saliency(self.model, x, class_index=cls, relu=s.saliency == "jacobian_relu")
+        elif s.saliency == "cam":
+            sal = cam_saliency(maps, field_shape, class_index=cls).clamp(min=0)
         if s.saliency == "none":
             small = np.zeros((len(images), field_shape[0] // d, field_shape[1] // d), np.float32)
+            mask = small.astype(np.uint8)
         else:
-            sal_np = sal.detach().cpu().numpy().astype(np.float32)
-            if s.saliency_sigma > 0:
-                sal_np = ndimage.gaussian_filter(sal_np, sigma=(0, s.saliency_sigma, s.saliency_sigma), mode="nearest")
-            small = downsample_mean(sal_np, d)
+            sal = sal.detach().float()
+            smoothed = smooth(sal, s.saliency_sigma) if s.saliency_sigma > 0 else sal
+            small = downsample_mean(smoothed.cpu().numpy(), d)
+            masks = saliency_masks(sal, sigma=s.saliency_sigma, threshold=s.mask_threshold, nms_size=s.mask_nms_size)
+            mask = downsample_any(masks.cpu().numpy(), d)
         maps_np = maps.cpu().numpy().astype(np.float32)
         peak, py, px = map_peaks(maps_np, field_shape)
         return {"scores": probs.cpu().numpy().astype(np.float32), "map_max": peak, "map_y": py, "map_x": px,
-                "profile": out["features"].detach().cpu().numpy().astype(np.float32),
-                "saliency": small.astype(np.float16), "mask": saliency_mask(small, s.mask_threshold),
-                "class_maps": maps_np}
+                "profile": out["features"].cpu().numpy().astype(np.float32),
+                "saliency": small.astype(np.float16), "mask": mask, "class_maps": maps_np}
 
 
 def aggregate_well(scores: np.ndarray, method: str, class_maps: np.ndarray | None = None,

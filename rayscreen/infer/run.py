@@ -280,7 +280,7 @@ def plan_infer(config: Config) -> InferPlan:
                                      "run `rayscreen illum` first or set stream.normalize: none")
     settings = PredictorSettings(batch_size=ic.batch_size, saliency=ic.saliency,
                                  saliency_downsample=ic.saliency_downsample, saliency_sigma=ic.saliency_sigma,
-                                 mask_threshold=ic.mask_threshold)
+                                 mask_threshold=ic.mask_threshold, mask_nms_size=ic.mask_nms_size)
     return InferPlan(checkpoint=checkpoint, results_uri=join(config.output, "results.zarr"), wells=wells,
                      n_fields=max(n_fields, 1), field_shape=field_shape, classes=[str(c) for c in meta.classes],
                      feature_dim=int(model.feature_dim), options=options, settings=settings, meta=meta)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from rayscreen.infer.predictor import (Predictor, PredictorSettings, aggregate_well, downsample_mean, map_peaks,
-                                       saliency_mask)
+from rayscreen.infer.predictor import (Predictor, PredictorSettings, aggregate_well, downsample_any, downsample_mean,
+                                       map_peaks)
 
 
 class ToyMaps(nn.Module):
@@ -91,7 +91,8 @@ def test_pure_helpers():
     with pytest.raises(ValueError, match="median"):
         aggregate_well(scores, "median")
     np.testing.assert_array_equal(downsample_mean(np.arange(16.0).reshape(1, 4, 4), 2), [[[2.5, 4.5], [10.5, 12.5]]])
-    np.testing.assert_array_equal(saliency_mask(np.array([[[0.0, 0.4], [0.5, 1.0]]]), 0.5), [[[0, 0], [1, 1]]])
-    np.testing.assert_array_equal(saliency_mask(np.zeros((1, 2, 2)), 0.5), np.zeros((1, 2, 2)))
+    block = np.zeros((1, 4, 4), bool)
+    block[0, 3, 0] = True
+    np.testing.assert_array_equal(downsample_any(block, 2), [[[0, 0], [1, 0]]])
     peak, y, x = map_peaks(np.array([[[[0, 1], [3, 2]]]], np.float32), (20, 40))
     assert peak[0, 0] == 3 and y[0, 0] == 15 and x[0, 0] == 10
