@@ -1,23 +1,33 @@
-"""Ray Train throughput vs a plain PyTorch loop, same fields, model and batch size.
+"""Ray Train throughput vs a plain PyTorch loop, same fields, model, batch size and threads.
 
-    python benchmarks/train.py --preset small [--out DIR] [--epochs N]
+    python benchmarks/train.py --preset small|medium [--epochs N] [--repeats R] [--cpus C]
 
 Writes a synthetic WSCNN screen, fits its normalisation, then measures training
-samples/s (training batches only, validation excluded; epoch 1 is warm-up and dropped):
+samples/s (training batches only: validation and checkpoints excluded in both paths;
+epoch 1 is warm-up and dropped):
 
-- plain: one process, every training field already in memory (normalised float32),
-  the same :func:`rayscreen.train.step.train_step`, same model, batch size, augmentation;
-- ray-1 / ray-2: :func:`rayscreen.train.run_train` with 1 and 2 workers, streaming the
-  same fields from the plate (Ray Data read -> iter_torch_batches -> DDP).
+- plain: one process, every training field already in memory (normalised float32), the
+  same :func:`rayscreen.train.step.train_step`, model, batch size and augmentation, torch
+  at its normal settings (intra-op threads = torch's default for this machine) unless
+  ``--cpus C`` sets C threads;
+- ray-1: :func:`rayscreen.train.run_train`, 1 worker reserving the ``C`` CPUs (so it
+  runs as many torch threads as the plain loop; the local Ray gets ``READ_FREE_CPUS``
+  more logical CPUs for the read tasks, which share the cores), streaming the same
+  fields from the plate (Ray Data read -> ``iter_torch_batches``); its time includes
+  waiting for every batch, the first included;
+- ray-2: the same with 2 workers (DDP) sharing those CPUs.
 
-Ratios (ray / plain) are printed from this one run. On CPU each Ray worker reserves
-``--cpus-per-worker`` CPUs; the Ray Data read uses what remains.
+With ``--repeats R`` the three paths run R times alternately (plain, ray-1, ray-2, plain,
+...) and the medians are printed, with ratios taken within each repeat. The local Ray is
+started as ``run_train`` starts one (``LOCAL_RAY_SYSTEM_CONFIG``: idle read workers kept
+between epochs); ``--ray-defaults`` starts it with Ray's defaults instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -26,8 +36,11 @@ import numpy as np
 import torch
 
 PRESETS = {
-    # n_images, fields (Y, X), width, batch size, epochs
+    # n_images (2 fields each), fields (Y, X), width, batch size, epochs
     "small": dict(n_images=320, shape=(96, 128), grid=(3, 4), n_objects=(8, 12), width=0.25, batch_size=16, epochs=4),
+    # 4x the fields of small: the per-epoch start of the stream is amortised over ~4x the work
+    "medium": dict(n_images=1280, shape=(96, 128), grid=(3, 4), n_objects=(8, 12), width=0.25, batch_size=16,
+                   epochs=3),
     "paper": dict(n_images=4000, shape=(210, 280), grid=(6, 8), n_objects=(30, 48), width=1.0, batch_size=32, epochs=3),
 }
 
@@ -58,14 +71,11 @@ def config(uris, output, p, workers, cpus_per_worker):
     })
 
 
-def plain_loop(cfg, threads: int) -> float:
-    """Samples/s of a single-process loop over the training fields held in memory."""
-    from rayscreen.models import create_model
+def training_fields(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's training fields (N, C, Y, X), normalised float32, and labels (N,), in memory."""
     from rayscreen.store import open_plate
     from rayscreen.stream.normalize import load_normalization
-    from rayscreen.train.loop import make_transform
     from rayscreen.train.plan import plan_run
-    from rayscreen.train.step import make_optimizer, train_step
 
     plan = plan_run(cfg)
     images, labels = [], []
@@ -76,63 +86,105 @@ def plain_loop(cfg, threads: int) -> float:
             for f in plate.fields(row.Metadata_Well):
                 images.append(norm.transform(plate.read(row.Metadata_Well, f)))
                 labels.append(row.label_index)
-    x, y = torch.from_numpy(np.stack(images)), torch.tensor(labels)
-    torch.set_num_threads(threads)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+
+
+def plain_loop(cfg, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
+    """Samples/s of a single-process loop over fields held in memory (epochs 2.. averaged)."""
+    from rayscreen.models import create_model
+    from rayscreen.train.loop import make_transform
+    from rayscreen.train.step import make_optimizer, train_step
+
     torch.manual_seed(0)
     t = cfg.train
-    model = create_model(cfg.model.name, in_channels=x.shape[1], num_classes=len(plan.classes), **cfg.model.kwargs)
+    model = create_model(cfg.model.name, in_channels=x.shape[1], num_classes=n_classes, **cfg.model.kwargs)
     opt = make_optimizer(model.parameters(), t)
     rates = []
     for epoch in range(1, t.epochs + 1):
         transform = make_transform(cfg, 0, epoch)
         order = torch.randperm(len(x))
-        start = time.time()
+        start = time.perf_counter()
         for i in range(0, len(x), t.batch_size):
             idx = order[i:i + t.batch_size]
             train_step(model, opt, x[idx], y[idx], transform=transform)
-        rates.append(len(x) / (time.time() - start))
-    return float(np.mean(rates[1:])), len(x)
+        rates.append(len(x) / (time.perf_counter() - start))
+    return float(np.mean(rates[1:]))
 
 
-def ray_rate(result) -> float:
+def ray_rate(result) -> tuple[float, float]:
+    """(samples/s over epochs 2.., mean seconds per epoch waiting for batches)."""
     m = result.metrics.iloc[1:]  # epoch 1: warm-up (worker start, first reads)
-    return float((m["train_samples"] / m["train_seconds"]).mean())
+    return float((m["train_samples"] / m["train_seconds"]).mean()), float(m["data_wait_seconds"].mean())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--out", help="working directory (default: a temporary one)")
+    ap.add_argument("--out", help="working directory (default: a temporary one; an existing screen is reused)")
     ap.add_argument("--epochs", type=int)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
-    ap.add_argument("--cpus-per-worker", type=float, default=None,
-                    help="CPUs per Ray Train worker (default: cpus / 2 / workers, the rest for the read)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of the three paths; medians printed")
+    ap.add_argument("--cpus", type=int, default=None,
+                    help="torch threads of the plain loop and CPUs the Ray workers reserve together "
+                         "(default: torch's default threads, the plain loop left at its normal setting)")
+    ap.add_argument("--ray-defaults", action="store_true",
+                    help="start the local Ray with Ray's defaults (idle read workers killed after 1 s)")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     if args.epochs:
         p["epochs"] = args.epochs
     import ray
 
-    out = args.out or tempfile.mkdtemp(prefix="rayscreen-bench-train-")
-    uris = make_screen(out, p)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="error", configure_logging=False,
-             log_to_driver=False)
     from rayscreen.train import run_train
+    from rayscreen.train.loop import LOCAL_RAY_SYSTEM_CONFIG, READ_FREE_CPUS, worker_threads
 
-    per1 = args.cpus_per_worker or max(0.5, args.cpus / 2)
-    plain, n = plain_loop(config(uris, os.path.join(out, "plain"), p, 1, per1), threads=max(1, int(per1)))
-    rates = {}
-    for workers in (1, 2):
-        per = args.cpus_per_worker or max(0.5, args.cpus / 2 / workers)
-        result = run_train(config(uris, os.path.join(out, f"ray{workers}"), p, workers, per), progress=False)
-        rates[workers] = (ray_rate(result), per)
+    out = args.out or tempfile.mkdtemp(prefix="rayscreen-bench-train-")
+    plates = os.path.join(out, "plates")
+    if os.path.isdir(plates):
+        uris = sorted(os.path.join(plates, d) for d in os.listdir(plates) if d.endswith(".zarr"))
+    else:
+        uris = make_screen(out, p)
+    if args.cpus is None:
+        args.cpus = torch.get_num_threads()  # the plain loop's normal setting, left as it is
+    else:
+        torch.set_num_threads(args.cpus)
+    threads = torch.get_num_threads()
+    ray.init(num_cpus=args.cpus + READ_FREE_CPUS, include_dashboard=False, logging_level="error",
+             configure_logging=False, log_to_driver=False,
+             **({} if args.ray_defaults else {"_system_config": LOCAL_RAY_SYSTEM_CONFIG}))
+    # the workers reserve all the machine's CPUs (same torch threads as the plain loop);
+    # the Ray gets READ_FREE_CPUS more logical CPUs for the read tasks, which therefore
+    # compete with the training threads for the same cores: the price of streaming
+    per = {1: args.cpus, 2: args.cpus / 2}
+    cfg = config(uris, os.path.join(out, "plain"), p, 1, per[1])
+    x, y = training_fields(cfg)
+    rows: dict[str, list[float]] = {"plain": [], "ray-1": [], "ray-2": [], "wait-1": [], "wait-2": []}
+    loads = []
+    for r in range(args.repeats):
+        loads.append(os.getloadavg()[0])
+        rows["plain"].append(plain_loop(cfg, x, y, 2))
+        for workers in (1, 2):
+            run_out = os.path.join(out, f"ray{workers}-{time.time_ns()}")
+            result = run_train(config(uris, run_out, p, workers, per[workers]), progress=False)
+            rate, wait = ray_rate(result)
+            rows[f"ray-{workers}"].append(rate)
+            rows[f"wait-{workers}"].append(wait)
+        print(f"repeat {r + 1}/{args.repeats} (load {loads[-1]:.1f}): plain {rows['plain'][-1]:.1f}  "
+              f"ray-1 {rows['ray-1'][-1]:.1f}  ray-2 {rows['ray-2'][-1]:.1f} samples/s", flush=True)
+    loads.append(os.getloadavg()[0])
+    med = statistics.median
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"preset {args.preset}: {n} training fields {p['shape']}, wscnn width {p['width']}, batch {p['batch_size']}, "
-          f"{p['epochs']} epochs (first dropped), {args.cpus} CPUs, device {dev}")
-    print(f"plain PyTorch loop (in memory, {max(1, int(per1))} threads): {plain:8.1f} samples/s")
-    for workers, (rate, per) in rates.items():
-        print(f"Ray Train {workers} worker(s) x {per:g} CPU (streamed):  {rate:8.1f} samples/s   "
-              f"ratio to plain {rate / plain:.2f}x")
+    print(f"preset {args.preset}: {len(x)} training fields {p['shape']}, wscnn width {p['width']}, "
+          f"batch {p['batch_size']}, {p['epochs']} epochs (first dropped), "
+          f"{args.cpus} CPUs (+{READ_FREE_CPUS:g} for reads), device {dev}, "
+          f"{args.repeats} repeat(s), load average {min(loads):.1f}-{max(loads):.1f}, "
+          f"{'Ray defaults' if args.ray_defaults else 'idle workers kept'}")
+    print(f"plain PyTorch loop (in memory, {threads} threads):   {med(rows['plain']):8.1f} samples/s (median)")
+    for workers in (1, 2):
+        ratios = [a / b for a, b in zip(rows[f"ray-{workers}"], rows["plain"])]
+        print(f"Ray Train {workers} worker(s) x {per[workers]:g} CPU, {worker_threads(per[workers])} thread(s) each "
+              f"(streamed): {med(rows[f'ray-{workers}']):8.1f} samples/s   ratio to plain {med(ratios):.2f}x "
+              f"(per repeat {', '.join(f'{v:.2f}' for v in ratios)}; waiting for data "
+              f"{med(rows[f'wait-{workers}']):.2f} s/epoch)")
     ray.shutdown()
     return 0
 

@@ -23,7 +23,10 @@ def ray_local():
     if not ray.is_initialized():
         # a small object store: several test sessions may share this machine
         ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=False,
-                 object_store_memory=512 * 1024**2)
+                 object_store_memory=512 * 1024**2,
+                 # keep idle worker processes: on 2 CPUs Ray otherwise kills Ray Data's read
+                 # workers between epochs and every epoch re-imports zarr/pandas (see rayscreen.train.loop)
+                 _system_config={"idle_worker_killing_time_threshold_ms": 60000})
     yield ray
     ray.shutdown()
 

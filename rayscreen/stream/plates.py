@@ -102,6 +102,7 @@ def read_plates(
     error_report: str | None = None,
     override_num_blocks: int | None = None,
     concurrency: int | None = None,
+    num_cpus: float | None = None,
 ) -> Dataset:
     """A Ray Dataset with one row per field (or tile) of the plates.
 
@@ -111,6 +112,8 @@ def read_plates(
     (annotation column -> value or list of values). ``illumination``/``normalize`` apply
     the per-plate functions stored with each plate (float32 out). ``on_error="skip"``
     records bad fields under ``error_report`` (see ``load_error_report``) instead of failing.
+    ``num_cpus``: CPUs each read task reserves (Ray's default 1 when None); a fraction lets
+    reads share a node with CPU-bound consumers, e.g. training workers that keep whole CPUs.
     """
     if on_error not in ("raise", "skip"):
         raise RayscreenError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
@@ -148,6 +151,6 @@ def read_plates(
     if override_num_blocks is None:
         override_num_blocks = _default_num_tasks(len(tasks), len(tasks) * fields_per_well * field_bytes)
     ds = read_datasource(PlateDatasource(tasks, options, field_bytes, fields_per_well),
-                         override_num_blocks=override_num_blocks, concurrency=concurrency)
+                         override_num_blocks=override_num_blocks, concurrency=concurrency, num_cpus=num_cpus)
     ds._rayscreen_error_report = error_report  # where skipped fields are recorded
     return ds

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import Config, ConfigError, config_from_dict
 from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -37,6 +37,26 @@ from .step import (augment_config, classification_metrics, make_optimizer, make_
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
 EVENTS = "events.jsonl"  # one line per worker-group start: {"event": "start", "from_epoch": k, ...}
 WORKERS = "workers"  # <run_dir>/workers/rank-<r>.json: pid, host, epoch, batch (where each worker is)
+
+
+# CPUs each read task of the training data reserves: a fraction, so that two reads (one
+# decoding while the other waits on storage) share each CPU the training workers leave over.
+READ_CPUS = 0.5
+# CPUs the workers must leave free on a fixed cluster: Ray Data holds part of its budget
+# back per operator, and with 0.5 CPU left over (Ray 2.60) it starts no read at all.
+READ_FREE_CPUS = 1.0
+# Ray kills a worker process idle for 1 s once a node runs more worker processes than it
+# has CPUs (`num_workers_soft_limit`), and Ray Train's own actors (controller, workers,
+# split coordinator, ...) already exceed that on small nodes: every epoch's read tasks
+# then start fresh Python processes (import Ray Data, zarr, pandas: seconds each under
+# load; measured 3-9 s per epoch on 2 CPUs vs 0.6 s with the workers kept). A Ray that
+# run_train starts itself keeps idle workers for this long; for a cluster set
+# RAY_idle_worker_killing_time_threshold_ms on its nodes (docs/benchmarks.md, Training).
+IDLE_WORKER_KEEP_MS = 60_000
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
+# A rank's validation batches are kept in its memory after the first epoch up to this size
+# (and read again every epoch when larger): see BatchCache.
+VAL_CACHE_BYTES = 512 * 1024**2
 
 
 class TrainingError(RayscreenError):
@@ -72,7 +92,7 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
         ds = read_plates(plan.uris, storage_options=config.storage_options, channels=s.channels,
                          where={SPLIT_COL: name}, platemap=platemap, level=s.level, tile=s.tile, stride=s.stride,
                          illumination=s.illumination, normalize=s.normalize != "none", dtype="float32",
-                         on_error=s.on_error, override_num_blocks=s.override_num_blocks)
+                         on_error=s.on_error, override_num_blocks=s.override_num_blocks, num_cpus=READ_CPUS)
         return ds.select_columns(["image", LABEL_COL])
 
     out = {"train": read("train")}
@@ -83,6 +103,18 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
     for name in plan.val_names:
         out[name] = read(name)
     return out
+
+
+def check_cpus(num_workers: int, cpus_per_worker: float, cluster_cpus: float) -> None:
+    """Refuse (before any worker starts) a run whose workers fit the cluster but leave
+    less than ``READ_FREE_CPUS`` for the reads: the read tasks would wait forever."""
+    workers = num_workers * cpus_per_worker
+    need = workers + READ_FREE_CPUS
+    # only when the workers fit today: a cluster too small for them may be autoscaling
+    if workers <= cluster_cpus + 1e-9 < need:
+        raise ConfigError(f"train.cpus_per_worker: {num_workers} worker(s) x {cpus_per_worker:g} CPU + "
+                          f"{READ_FREE_CPUS:g} CPU for the reads = {need:g} > the cluster's {cluster_cpus:g} CPUs; "
+                          "lower train.cpus_per_worker or train.num_workers")
 
 
 def _use_gpu(setting: bool | None) -> bool:
@@ -154,9 +186,11 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
 
     plan = plan_run(config)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning",
-                 log_to_driver=progress, configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, logging_level="warning", log_to_driver=progress, configure_logging=False,
+                 **({} if address else {"_system_config": LOCAL_RAY_SYSTEM_CONFIG}))
     t = config.train
+    check_cpus(t.num_workers, t.cpus_per_worker, ray.cluster_resources().get("CPU", 0))
     write_split(plan)
     write_run_config(plan)
     storage_path, storage_fs = _storage(plan)
@@ -245,6 +279,78 @@ def _append(uri: str, line: dict[str, Any], storage_options=None) -> None:
         f.write(old + json.dumps(line) + "\n")
 
 
+class BatchCache:
+    """Keeps the (images, labels) batches of the first pass over a dataset while they total at
+    most ``max_bytes``, so later passes replay them from memory instead of reading again.
+
+    For validation: its batches are the same every epoch (no augmentation, fixed order), and
+    each pass over a Ray Dataset is a new execution (planning, read tasks) that can cost more
+    than scoring a small validation set. A larger set streams every epoch as before.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.full = False  # a complete first pass is held
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def fill(self, batches):
+        """Yield ``batches`` through, keeping them while they fit; complete pass -> ``full``."""
+        size, keep = 0, self.max_bytes > 0
+        self._batches = []
+        for images, labels in batches:
+            if keep:
+                size += images.element_size() * images.nelement() + labels.element_size() * labels.nelement()
+                keep = size <= self.max_bytes
+                if keep:
+                    self._batches.append((images, labels))
+                else:  # too large: stream every pass, hold nothing
+                    self._batches = []
+            yield images, labels
+        self.full = keep
+
+    def batches(self):
+        return iter(self._batches)
+
+
+class EarlyStart:
+    """An iterator whose first item is fetched at once by a background thread.
+
+    ``next()`` on a Ray Data iterator starts the dataset's execution and blocks until the
+    first batch; creating this starts that wait early so it overlaps other work.
+    """
+
+    def __init__(self, iterable):
+        import threading
+
+        self._it = iter(iterable)
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, daemon=True, name="rayscreen-early-start")
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = [next(self._it)]
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised in the consumer
+            self._error = e
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            if self._first:
+                return self._first.pop()
+            raise StopIteration
+        return next(self._it)
+
+
 def _where(run_dir: str, rank: int, epoch: int, batch: int, storage_options=None) -> None:
     """Record which process runs rank ``rank`` and how far it is (operators; the fault test)."""
     fs, path = filesystem(join(run_dir, WORKERS, f"rank-{rank}.json"), storage_options)
@@ -266,6 +372,11 @@ def _gather(obj: Any) -> list[Any]:
 
 def _finite(v: float | None) -> bool:
     return v is not None and isinstance(v, float) and math.isfinite(v)
+
+
+def worker_threads(cpus_per_worker: float) -> int:
+    """Torch intra-op threads for a CPU worker that reserved ``cpus_per_worker`` CPUs (at least 1)."""
+    return max(1, math.ceil(cpus_per_worker - 1e-9))
 
 
 def make_transform(config: Config, rank: int, epoch: int):
@@ -306,6 +417,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     run_dir = cfg["run_dir"]
     device = ray.train.torch.get_device()
     amp = t.amp and device.type == "cuda"
+    if device.type == "cpu":
+        # intra-op threads = the CPUs this worker reserved (rounded up): more would contend with the
+        # read tasks and the other workers on the same node, fewer would idle its cores
+        torch.set_num_threads(worker_threads(t.cpus_per_worker))
 
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = create_model(config.model.name, in_channels=len(cfg["channels"]), num_classes=len(cfg["classes"]),
@@ -332,36 +447,60 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             scheduler.load_state_dict(loaded["scheduler"])
     if rank == 0:
         _append(join(run_dir, EVENTS), {"event": "start", "from_epoch": state.epoch, "world_size": world,
-                                        "time": time.time()}, so)
+                                        "torch_threads": torch.get_num_threads(), "time": time.time()}, so)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_name = f"val_{rank}"
     val_shard = ray.train.get_dataset_shard(val_name) if val_name in cfg["val_names"] else None
     dtypes = {"image": torch.float32, LABEL_COL: torch.int64}
     mode = metric_mode(t.metric)
+    val_cache = BatchCache(VAL_CACHE_BYTES)
 
+    def epoch_batches(epoch: int) -> EarlyStart:
+        return EarlyStart(train_shard.iter_torch_batches(
+            batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2,
+            # a streaming shuffle: wells arrive in plate order, batches should not
+            local_shuffle_buffer_size=max(4 * t.batch_size, 64), local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank))
+
+    upcoming = None
     for epoch in range(state.epoch + 1, t.epochs + 1):
         start = time.time()
         transform = make_transform(config, rank, epoch)
         loss_sum, n = 0.0, 0
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2,
-            # a streaming shuffle: wells arrive in plate order, batches should not
-            local_shuffle_buffer_size=max(4 * t.batch_size, 64), local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank)
-        for i, batch in enumerate(batches):
+        batches = upcoming if upcoming is not None else epoch_batches(epoch)
+        upcoming = None
+        wait, first_wait, i = 0.0, None, 0
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            waited = time.perf_counter() - t0
+            if batch is None:
+                break
+            wait += waited
+            first_wait = waited if first_wait is None else first_wait
             images, labels = batch["image"], batch[LABEL_COL]
             loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip, amp=amp)
             loss_sum += loss * len(labels)
             n += len(labels)
             if i == 0:
                 _where(run_dir, rank, epoch, i + 1, so)
+            i += 1
         train_seconds = time.time() - start
+        # start the next epoch's stream early: its read tasks run while this epoch validates
+        # and checkpoints, instead of after (the first batch otherwise waits ~0.5 s and more);
+        # but not while validation still reads, whose reads it would hold up
+        if epoch < t.epochs and (val_shard is None or val_cache.full):
+            upcoming = epoch_batches(epoch + 1)
         if val_shard is not None:
-            probs, ys, vloss, vn = predict(model, ((b["image"], b[LABEL_COL]) for b in val_shard.iter_torch_batches(
-                batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2)), amp=amp)
+            val_batches = val_cache.batches() if val_cache.full else val_cache.fill(
+                (b["image"], b[LABEL_COL]) for b in val_shard.iter_torch_batches(
+                    batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2))
+            probs, ys, vloss, vn = predict(model, val_batches, amp=amp)
+            if epoch < t.epochs and upcoming is None:
+                upcoming = epoch_batches(epoch + 1)
         else:
             probs, ys, vloss, vn = np.zeros((0, len(cfg["classes"])), np.float32), np.zeros(0, np.int64), 0.0, 0
-        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds))
+        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0))
         total = sum(p[1] for p in parts)
         all_probs = np.concatenate([p[2] for p in parts if len(p[2])] or [np.zeros((0, len(cfg["classes"])))])
         all_ys = np.concatenate([p[3] for p in parts])
@@ -370,7 +509,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                    "seconds": time.time() - start, "lr": optimizer.param_groups[0]["lr"],
                    "train_samples": total, "val_samples": len(all_ys),
                    # the slowest rank's training time: what the epoch waited for
-                   "train_seconds": max(p[6] for p in parts)}
+                   "train_seconds": max(p[6] for p in parts),
+                   # time blocked waiting for training batches (the first includes starting the read)
+                   "data_wait_seconds": max(p[7] for p in parts), "first_batch_seconds": max(p[8] for p in parts)}
         value = metrics[t.metric]
         score = (value if mode == "max" else -value) if _finite(value) else -math.inf
         metrics["score"] = score

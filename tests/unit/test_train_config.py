@@ -105,3 +105,31 @@ def test_jobs_entry_point_reports_config_errors(plates, tmp_path, capsys):
                     "label: {column: Metadata_Label, positive: [pos]}\n")
     assert job_main("train", ["--config", str(path), "--set", "label.column=Metadata_Nope"]) == 2
     assert "label.column: 'Metadata_Nope' is not an annotation column" in capsys.readouterr().err
+
+
+def test_balanced_plan_repeats_the_rare_class_to_about_the_common_ones_count(plates, tmp_path):
+    import numpy as np
+
+    from rayscreen.train.step import repeat_rows
+
+    plan = plan_run(cfg(plates, tmp_path, train={"balanced": True, "split": {"val": 0.25, "test": 0.0}}))
+    train = plan.wells[plan.wells["split"] == "train"]
+    n_neg, n_pos = int((train["label_index"] == 0).sum()), int((train["label_index"] == 1).sum())
+    assert n_neg > n_pos > 0  # 2 of 3 wells are negative
+    assert plan.repeats == {0: 1, 1: int(round(n_neg / n_pos))}
+    # the rows the training stream would see: every positive field repeated, negatives once
+    out = repeat_rows({"y": train["label_index"].to_numpy(), "i": np.arange(len(train))}, "y", plan.repeats)
+    counts = np.bincount(out["y"])
+    assert counts[0] == n_neg and counts[1] == n_pos * plan.repeats[1]
+    assert abs(int(counts[1]) - int(counts[0])) <= max(n_pos, 1)  # balanced to within one repeat
+    assert plan_run(cfg(plates, tmp_path)).repeats is None  # off by default
+
+
+def test_worker_threads_and_cpu_check():
+    from rayscreen.train.loop import check_cpus, worker_threads
+
+    assert [worker_threads(c) for c in (0.25, 0.5, 1.0, 1.5, 2.0)] == [1, 1, 1, 2, 2]
+    check_cpus(2, 0.5, 2.0)  # 1 CPU of workers + the reads: fits
+    check_cpus(4, 1.0, 2.0)  # the workers do not fit yet: maybe an autoscaling cluster, Ray Train waits
+    with pytest.raises(ConfigError, match="train.cpus_per_worker"):
+        check_cpus(1, 1.5, 2.0)  # the workers fit, the reads never would (0.5 CPU left starves them)

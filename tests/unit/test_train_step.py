@@ -156,3 +156,45 @@ def test_checkpoint_load_refuses_pickled_objects(tmp_path):
     torch.save({"w": Evil()}, tmp_path / "model.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(str(tmp_path))
+
+
+def test_batch_cache_replays_a_small_pass_and_holds_nothing_of_a_large_one():
+    from rayscreen.train.loop import BatchCache
+
+    batches = [(torch.full((2, 1, 2, 2), float(i)), torch.tensor([i, i])) for i in range(3)]
+    nbytes = 2 * 4 * 4 + 2 * 8  # one batch: 8 float32 + 2 int64
+    cache = BatchCache(3 * nbytes)
+    first = list(cache.fill(iter(batches)))
+    assert [b[1].tolist() for b in first] == [[0, 0], [1, 1], [2, 2]] and cache.full
+    assert all(a[0] is b[0] for a, b in zip(cache.batches(), batches))
+    small = BatchCache(3 * nbytes - 1)  # the third batch does not fit: every batch still passes through
+    assert [b[1].tolist() for b in small.fill(iter(batches))] == [[0, 0], [1, 1], [2, 2]]
+    assert not small.full and list(small.batches()) == []
+    partial = BatchCache(10 * nbytes)
+    it = partial.fill(iter(batches))
+    next(it)  # an abandoned pass is not a complete one
+    assert not partial.full
+
+
+def test_early_start_fetches_the_first_item_ahead_and_yields_everything_in_order():
+    import threading
+
+    from rayscreen.train.loop import EarlyStart
+
+    fetched = threading.Event()
+
+    def gen():
+        fetched.set()
+        yield from range(4)
+
+    it = EarlyStart(gen())
+    assert fetched.wait(5)  # started before anyone asked
+    assert list(it) == [0, 1, 2, 3]
+    assert list(EarlyStart(iter([]))) == []
+
+    def bad():
+        raise OSError("plate gone")
+        yield
+
+    with pytest.raises(OSError, match="plate gone"):
+        next(EarlyStart(bad()))
