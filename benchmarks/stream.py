@@ -314,8 +314,12 @@ def memory_child(uri_sets: list[list[str]]) -> list[dict]:
     the larger one, so the order only makes the comparison harder)."""
     import ray
 
+    # A fixed object store (512 MB, as the tests' Ray): Ray Data bounds a stream's buffered
+    # blocks by a fraction of the store, so the store's size - a cluster setting - is what
+    # bounds memory; with the default (30% of RAM) a small screen never reaches the bound and
+    # 1 vs 4 plates would measure how much idle store a longer stream gets to use.
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING,
-             configure_logging=False)
+             configure_logging=False, object_store_memory=512 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.range(4).take_all()  # start the workers Ray Data uses before measuring
     time.sleep(1.0)

@@ -41,3 +41,9 @@ def chunk_bytes(store_dir):
                 p = os.path.join(dirpath, f)
                 out[os.path.relpath(p, store_dir)] = open(p, "rb").read()
     return out
+
+
+def differing_chunks(a_dir, b_dir):
+    """Paths of the data chunks whose bytes differ between two stores (or exist in one only)."""
+    a, b = chunk_bytes(a_dir), chunk_bytes(b_dir)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

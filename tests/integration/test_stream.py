@@ -116,19 +116,17 @@ def _benchmark_module():
     return module
 
 
-def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path, ray_local):
+def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path):
     """Backpressure: streaming 4 plates peaks at most 25% above streaming 1 plate of the
-    same size. Measured as the summed PSS (shared object-store pages counted once) of this
-    process and all its descendants - the local Ray's GCS, raylet and workers - sampled
-    every 50 ms (benchmarks/stream.py); 1 plate first, so what it leaves behind counts
-    against the 4-plate run."""
+    same size. Measured as the summed PSS (shared object-store pages counted once) of a
+    fresh process and all its descendants - its own local Ray's GCS, raylet and workers -
+    sampled every 50 ms (benchmarks/stream.py --memory); a fresh process, so that what
+    earlier tests of this session left running does not dilute the comparison. 1 plate
+    first, so what it leaves behind counts against the 4-plate run."""
     bench = _benchmark_module()
-    ray_local.data.DataContext.get_current().enable_progress_bars = False
-    plates, plate_bytes = bench.memory_plates("tiny", str(tmp_path))
-    read_plates(plates[0], wells=["A01"], fields=[0]).take_all()  # workers started and warm, unmeasured
-    one = bench.stream_peak(plates[:1])
-    four = bench.stream_peak(plates)
-    result = bench.compare(one, four, plate_bytes)
+    result = bench.memory("tiny", str(tmp_path))
+    plate_bytes = int(result["plate_mb"] * 1e6)
+    one, four = result["one"], result["four"]
     summary = {k: result[k] for k in ("plate_mb", "ratio", "ratios")} | {
         n: {k: v // 2**20 for k, v in result[n]["peak"].items()} for n in ("one", "four")}
     assert one["fields"] == 64 and four["fields"] == 4 * 64
