@@ -177,3 +177,34 @@ def test_rerun_with_same_name_resumes_instead_of_starting_over(trained, screen):
     assert read_events(result.run_dir)[-1]["from_epoch"] == EPOCHS
     assert again.epochs_completed == EPOCHS
     pd.testing.assert_frame_equal(again.metrics, result.metrics)
+
+
+def test_train_then_infer_separates_held_out_wells(trained, screen):
+    """train -> infer on the local Ray (issue: batch inference): read back with plain
+    xarray.open_zarr, every well is present exactly once and the trained model's well
+    scores separate the held-out positive wells from the negative ones."""
+    import xarray as xr
+
+    from rayscreen.infer import run_infer
+
+    result, _, _, output = trained
+    from rayscreen.config import InferConfig
+
+    config = make_config(screen[0], output).replace(
+        infer=InferConfig(batch_size=8, aggregate="max", saliency="cam"))
+    uri = run_infer(config, progress=False)
+    ds = xr.open_zarr(uri)
+    keys = [str(k) for k in ds["well"].values]
+    assert len(keys) == len(set(keys)) == 80 and bool((ds["done"] == 1).all())
+    assert int(ds["n_fields"].sum()) == 160
+    split = pd.read_csv(os.path.join(result.run_dir, "split.csv"))
+    val = split[split["split"] == "val"]
+    index = {k: i for i, k in enumerate(keys)}
+    rows = [index[f"{p}/{w}"] for p, w in zip(val["Metadata_Plate"], val["Metadata_Well"])]
+    classes = [str(c) for c in ds["class"].values]
+    score = ds["well_scores"].values[rows, classes.index("positive")]
+    positive = (val["label"].astype(str) == "positive").to_numpy()
+    assert positive.any() and (~positive).any()
+    # ROC-AUC of held-out wells: the fraction of (positive, negative) pairs ranked right
+    auc = (score[positive][:, None] > score[~positive][None, :]).mean()
+    assert auc >= 0.8, (auc, score, positive)
