@@ -389,7 +389,9 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     wells = _evaluation_table("well", config)
     feats = [c for c in feature_columns(wells) if c != "Metadata_Fields"]
     reference = controls_of(wells, config)
-    distance = distance_to_controls(wells, controls=reference, features=feats, robust=True)
+    # euclidean, not cosine: after control-based normalisation the control centroid is ~0,
+    # so the cosine to it is noise; the euclidean distance is the phenotype's strength
+    distance = distance_to_controls(wells, controls=reference, features=feats, robust=True, metric="euclidean")
     hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
                      robust=True)
     _write_table(hits, join(out_dir, "hits.csv"), so)

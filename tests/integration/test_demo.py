@@ -40,6 +40,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path, ray_local, capsys):
         ev = json.load(f)
     # the classical baseline retrieves MOAs far above chance (1/6) on this screen
     assert ev["feature_sets"]["classical"]["nsc"] > 0.4
+    # treated wells differ from DMSO on this screen: hits are called (controls never are)
+    assert ev["n_hits"] > 0
     assert 0 <= summary["test_well_accuracy"] <= 1 and summary["test_wells"] > 0
     assert os.path.exists(summary["report"])
     printed = capsys.readouterr().out
