@@ -271,13 +271,10 @@ def plan_infer(config: Config) -> InferPlan:
                             dtype="float32", on_error=config.stream.on_error,
                             error_report=join(config.output, "infer", "errors"))
     if options.normalize:
-        from ..stream.normalize import load_normalization
+        from ..stream.normalize import stream_normalizer
 
-        for p in plates:
-            if load_normalization(p.uri, so) is None:
-                raise RayscreenError(f"plate {p.name!r} ({p.uri}): stream.normalize is "
-                                     f"{config.stream.normalize!r} but the plate has no fitted normalisation; "
-                                     "run `rayscreen illum` first or set stream.normalize: none")
+        for p in plates:  # the stream's own checks, before any field is read
+            stream_normalizer(p.uri, so, illumination=config.stream.illumination)
     settings = PredictorSettings(batch_size=ic.batch_size, saliency=ic.saliency,
                                  saliency_downsample=ic.saliency_downsample, saliency_sigma=ic.saliency_sigma,
                                  mask_threshold=ic.mask_threshold, mask_nms_size=ic.mask_nms_size)

@@ -156,21 +156,13 @@ def _ensure_normalization(config: Config, uris: list[str]) -> None:
 def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> dict[str, dict]:
     """``{plate name: scaler dict}`` of each plate's stored normalisation restricted to
     ``channels``, for :class:`ProfilePredictor` to apply after the QC metrics (which need
-    the raw, unclipped pixels). Raises, naming the plate, when a scaler was fitted with a
-    different illumination setting than the stream's (the stream's own check)."""
-    from ..stream.normalize import load_normalization, normalization_entry
+    the raw, unclipped pixels). The stream's own checks (:func:`stream_normalizer`) apply."""
+    from ..stream.normalize import stream_normalizer
 
     out = {}
     for uri in uris:
         plate = open_plate(uri, config.storage_options)
-        scaler = load_normalization(uri, config.storage_options)
-        if scaler is None:
-            raise RayscreenError(f"plate {uri}: no normalisation stored (stream.normalize: {config.stream.normalize})")
-        fit = (normalization_entry(uri, config.storage_options) or {}).get("fit") or {}
-        if "illumination" in fit and (fit["illumination"] is not None) != config.stream.illumination:
-            raise RayscreenError(f"plate {uri}: its normaliser was fitted with illumination="
-                                 f"{fit['illumination'] is not None} but stream.illumination is "
-                                 f"{config.stream.illumination}; refit with the same setting")
+        scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination)
         out[plate.name] = scaler.select(plate._channel_indices(channels)).to_dict()
     return out
 

@@ -129,8 +129,8 @@ class _Corrections:
         self._cache: dict[tuple[str, tuple[int, int]], tuple[Any, Any]] = {}
 
     def _load(self, plate_uri: str, channel_idx: list[int] | None, shape: tuple[int, int]):
-        from .illumination import illumination_at, illumination_entry, load_illumination
-        from .normalize import load_normalization, normalization_entry
+        from .illumination import illumination_at, load_illumination
+        from .normalize import stream_normalizer
 
         o = self.options
         illum = norm = None
@@ -141,22 +141,7 @@ class _Corrections:
                                      "run `rayscreen illum` on it first")
             illum = illumination_at(illum if channel_idx is None else illum[channel_idx], shape)
         if o.normalize:
-            norm = load_normalization(plate_uri, o.storage_options)
-            if norm is None:
-                raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one with `rayscreen illum` "
-                                     "(stream.normalize) first")
-            fit = normalization_entry(plate_uri, o.storage_options).get("fit") or {}
-            if "illumination" in fit and (fit["illumination"] is not None) != o.illumination:
-                # statistics of corrected fields applied to raw ones (or the reverse) would be
-                # silently wrong by the illumination's factor
-                raise RayscreenError(
-                    f"plate {plate_uri}: its normaliser was fitted on "
-                    f"{'illumination-corrected' if fit['illumination'] is not None else 'uncorrected'} fields "
-                    f"but the stream has illumination={o.illumination}; refit with the same setting")
-            if o.illumination and fit.get("illumination") not in (None, illumination_entry(
-                    plate_uri, o.storage_options).get("params")):
-                raise RayscreenError(f"plate {plate_uri}: its normaliser was fitted after another illumination "
-                                     "function than the one stored now; rerun `rayscreen illum`")
+            norm = stream_normalizer(plate_uri, o.storage_options, illumination=o.illumination)
             if channel_idx is not None:
                 norm = norm.select(channel_idx)
         return illum, norm

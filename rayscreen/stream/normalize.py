@@ -370,3 +370,31 @@ def load_normalization(plate_uri: str, storage_options: dict[str, Any] | None = 
     except (TypeError, ValueError) as e:
         raise RayscreenError(f"plate {plate_uri}: stored normalisation {entry.get('method')!r} cannot be read "
                              f"({e}); refit it with `rayscreen illum`") from None
+
+
+def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = None, *,
+                      illumination: bool) -> IntensityScaler:
+    """The plate's stored scaler, checked for a stream with ``illumination`` on or off.
+
+    Raises, naming the plate, when none is stored, when it was fitted on fields corrected
+    differently from what the stream feeds it (statistics of corrected fields applied to raw
+    ones, or the reverse, are silently wrong by the illumination's factor), or when it was
+    fitted after another illumination function than the one stored now.
+    """
+    from .illumination import illumination_entry
+
+    norm = load_normalization(plate_uri, storage_options)
+    if norm is None:
+        raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one with `rayscreen illum` "
+                             "(stream.normalize) first")
+    fit = normalization_entry(plate_uri, storage_options).get("fit") or {}
+    if "illumination" in fit and (fit["illumination"] is not None) != illumination:
+        raise RayscreenError(
+            f"plate {plate_uri}: its normaliser was fitted on "
+            f"{'illumination-corrected' if fit['illumination'] is not None else 'uncorrected'} fields "
+            f"but the stream has illumination={illumination}; refit with the same setting")
+    if illumination and fit.get("illumination") not in (None, illumination_entry(
+            plate_uri, storage_options).get("params")):
+        raise RayscreenError(f"plate {plate_uri}: its normaliser was fitted after another illumination "
+                             "function than the one stored now; rerun `rayscreen illum`")
+    return norm
