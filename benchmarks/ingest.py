@@ -86,7 +86,9 @@ def main() -> None:
     if not args.no_ray:
         import ray
 
-        ray.init(include_dashboard=False, logging_level="warning", configure_logging=False)
+        from rayscreen.raylocal import local_init_kwargs
+
+        ray.init(**local_init_kwargs(include_dashboard=False))
         ingest(csv, os.path.join(root, "warm"), use_ray=True, progress=False)  # warm the workers
         shutil.rmtree(os.path.join(root, "warm"))
         t_ray = timed(lambda: ingest(csv, os.path.join(root, "plates_ray"), use_ray=True, progress=False))

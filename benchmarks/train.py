@@ -19,7 +19,7 @@ epoch 1 is warm-up and dropped):
 
 With ``--repeats R`` the three paths run R times alternately (plain, ray-1, ray-2, plain,
 ...) and the medians are printed, with ratios taken within each repeat. The local Ray is
-started as ``run_train`` starts one (``LOCAL_RAY_SYSTEM_CONFIG``: idle read workers kept
+started as ``run_train`` starts one (``rayscreen.raylocal.LOCAL_RAY_SYSTEM_CONFIG``: idle read workers kept
 between epochs); ``--ray-defaults`` starts it with Ray's defaults instead.
 """
 
@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     import ray
 
     from rayscreen.train import run_train
-    from rayscreen.train.loop import LOCAL_RAY_SYSTEM_CONFIG, READ_FREE_CPUS, worker_threads
+    from rayscreen.raylocal import local_init_kwargs
+    from rayscreen.train.loop import READ_FREE_CPUS, worker_threads
 
     out = args.out or tempfile.mkdtemp(prefix="rayscreen-bench-train-")
     plates = os.path.join(out, "plates")
@@ -148,9 +149,8 @@ def main(argv=None) -> int:
     else:
         torch.set_num_threads(args.cpus)
     threads = torch.get_num_threads()
-    ray.init(num_cpus=args.cpus + READ_FREE_CPUS, include_dashboard=False, logging_level="error",
-             configure_logging=False, log_to_driver=False,
-             **({} if args.ray_defaults else {"_system_config": LOCAL_RAY_SYSTEM_CONFIG}))
+    ray.init(**local_init_kwargs(num_cpus=args.cpus + READ_FREE_CPUS, include_dashboard=False, logging_level="error",
+                                 log_to_driver=False, **({"_system_config": {}} if args.ray_defaults else {})))
     # the workers reserve all the machine's CPUs (same torch threads as the plain loop);
     # the Ray gets READ_FREE_CPUS more logical CPUs for the read tasks, which therefore
     # compete with the training threads for the same cores: the price of streaming

@@ -395,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    from rayscreen.raylocal import local_init_kwargs
+
     if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="warning", configure_logging=False,
-                 object_store_memory=512 * 1024**2)
+        ray.init(**local_init_kwargs(num_cpus=args.num_cpus, include_dashboard=False,
+                                     object_store_memory=512 * 1024**2))
     out = args.out or tempfile.mkdtemp(prefix="wscnn_sim_")
     os.makedirs(out, exist_ok=True)
     start = time.time()

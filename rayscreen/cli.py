@@ -60,10 +60,9 @@ def _load(args):
 def _init_ray() -> None:
     # Under `ray job submit` RAY_ADDRESS points at the cluster and ray.init() joins it;
     # on a laptop the same call starts a local embedded Ray.
-    import ray
+    from .raylocal import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=False)
+    ensure_ray()
 
 
 def cmd_stage(args) -> int:

@@ -26,6 +26,7 @@ import pandas as pd
 from .config import load_config, parse_overrides
 from .ingest import ingest
 from .ingest.export import export_loaddata
+from .raylocal import ensure_ray
 from .store.info import plate_info
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,7 @@ def run_demo(out: str = "demo_out", *, quiet: bool = False, seed: int = 0, overr
     step("export: TIFF files + LoadData CSV")
     csv = export_loaddata(synth_uris, os.path.join(out, "raw"))
     step(f"ingest: {csv} -> OME-Zarr plates on a local Ray")
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=False, include_dashboard=False)
+    ensure_ray(include_dashboard=False)
     plates = ingest(csv, os.path.join(out, "plates"), progress=not quiet)
     n_fields = sum(plate_info(uri)["fields"] for uri in plates)
     write_qc_labels(load_moa_fields(synth_dir), os.path.join(out, "qc_labels.csv"), seed=seed)
@@ -149,7 +147,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  hits      {ev['n_hits']} wells far from their plate's DMSO controls")
     qc = s.get("qc") or {}
     if qc:
-        lines.append(f"  QC        " + ", ".join(f"{k} {_fmt(v)}" for k, v in qc.items() if isinstance(v, (int, float))))
+        lines.append("  QC        " + ", ".join(f"{k} {_fmt(v)}" for k, v in qc.items() if isinstance(v, (int, float))))
     lines.append(f"  report    {s['report']}")
     return "\n".join(lines)
 

@@ -21,12 +21,11 @@ def ray_local():
     """A real local Ray cluster with 2 CPUs, shared by the integration tests."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        # a small object store: several test sessions may share this machine
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=False,
-                 object_store_memory=512 * 1024**2,
-                 # keep idle worker processes: on 2 CPUs Ray otherwise kills Ray Data's read
-                 # workers between epochs and every epoch re-imports zarr/pandas (see rayscreen.train.loop)
-                 _system_config={"idle_worker_killing_time_threshold_ms": 60000})
+        from rayscreen.raylocal import local_init_kwargs
+
+        # the local Ray rayscreen starts (kept idle workers, quiet internals), with a small
+        # object store: several test sessions may share this machine
+        ray.init(**local_init_kwargs(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2))
     yield ray
     ray.shutdown()
 

@@ -19,6 +19,7 @@ from ..store import RayscreenError, create_plate, read_platemap
 from ..store.annotations import PLATE_COL, WELL_COL
 from ..store.plate import check_finite
 from ..store.uri import join
+from ..raylocal import ensure_ray
 from ..store.writer import PlateWriter
 from .loaddata import SITE_COL, LoadData, read_image, read_loaddata
 
@@ -106,8 +107,7 @@ def ingest(
 
     import ray
 
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, configure_logging=False)
+    ensure_ray()
     remote = ray.remote(write_wells)
     data_ref = ray.put(loaddata)
     pending = [remote.remote(data_ref, writer, group) for writer, group in jobs]

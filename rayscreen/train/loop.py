@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
+from ..raylocal import ensure_ray
 from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -45,15 +46,6 @@ READ_CPUS = 0.5
 # CPUs the workers must leave free on a fixed cluster: Ray Data holds part of its budget
 # back per operator, and with 0.5 CPU left over (Ray 2.60) it starts no read at all.
 READ_FREE_CPUS = 1.0
-# Ray kills a worker process idle for 1 s once a node runs more worker processes than it
-# has CPUs (`num_workers_soft_limit`), and Ray Train's own actors (controller, workers,
-# split coordinator, ...) already exceed that on small nodes: every epoch's read tasks
-# then start fresh Python processes (import Ray Data, zarr, pandas: seconds each under
-# load; measured 3-9 s per epoch on 2 CPUs vs 0.6 s with the workers kept). A Ray that
-# run_train starts itself keeps idle workers for this long; for a cluster set
-# RAY_idle_worker_killing_time_threshold_ms on its nodes (docs/benchmarks.md, Training).
-IDLE_WORKER_KEEP_MS = 60_000
-LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
 # A rank's validation batches are kept in its memory after the first epoch up to this size
 # (and read again every epoch when larger): see BatchCache.
 VAL_CACHE_BYTES = 512 * 1024**2
@@ -185,10 +177,7 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
     import ray
 
     plan = plan_run(config)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, logging_level="warning", log_to_driver=progress, configure_logging=False,
-                 **({} if address else {"_system_config": LOCAL_RAY_SYSTEM_CONFIG}))
+    ensure_ray(log_to_driver=progress)
     t = config.train
     check_cpus(t.num_workers, t.cpus_per_worker, ray.cluster_resources().get("CPU", 0))
     write_split(plan)

@@ -1,0 +1,73 @@
+"""Starting or joining Ray the same way in every stage, the CLI, the demo and the tests.
+
+``ensure_ray()`` joins the cluster named by ``RAY_ADDRESS`` (what ``ray job submit`` sets)
+or starts a local Ray on a laptop; one function so that a pipeline run, whose first stage
+starts Ray, gets the same local settings that each stage would have chosen alone:
+
+- idle worker processes are kept for a minute (``LOCAL_RAY_SYSTEM_CONFIG``; see
+  ``IDLE_WORKER_KEEP_MS``), which training needs to be fast on small nodes;
+- a worker set-up hook quiets one internal Ray logger that floods the console when the Ray
+  dashboard (and with it the state API) is not running (``quiet_ray_loggers``).
+
+This module imports nothing from rayscreen (every layer may use it) and nothing heavy at
+import time: Ray imports it in every worker process of a local Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+# Ray kills a worker process idle for 1 s once a node runs more worker processes than it
+# has CPUs (`num_workers_soft_limit`), and Ray Train's own actors (controller, workers,
+# split coordinator, ...) already exceed that on small nodes: every epoch's read tasks
+# then start fresh Python processes (import Ray Data, zarr, pandas: seconds each under
+# load; measured 3-9 s per epoch on 2 CPUs vs 0.6 s with the workers kept). A local Ray
+# started here keeps idle workers for this long; for a cluster set
+# RAY_idle_worker_killing_time_threshold_ms on its nodes (docs/benchmarks.md, Training).
+IDLE_WORKER_KEEP_MS = 60_000
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
+
+# Ray Train 2.60's placement-group cleaner asks the state API once a second whether the
+# training controller is alive and logs a warning every time the API is unavailable, which
+# it always is on a Ray started without its dashboard (our demo, tests and benchmarks):
+# ~60 lines a minute of training. Errors of that logger still show.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+SETUP_HOOK = f"{__name__}.quiet_ray_loggers"
+
+
+def quiet_ray_loggers() -> None:
+    """Worker set-up hook (``runtime_env={"worker_process_setup_hook": SETUP_HOOK}``):
+    raise :data:`QUIET_LOGGERS` to ERROR in this process."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
+    """``ray.init`` keyword arguments of a local Ray started by rayscreen (``overrides`` win)."""
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False,
+                              "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG),
+                              "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def ensure_ray(**overrides: Any) -> bool:
+    """Join or start Ray unless this process already did; returns True when it did now.
+
+    With ``RAY_ADDRESS`` set (``ray job submit``, a cluster) it joins that cluster with the
+    cluster's own settings; otherwise it starts a local Ray with :func:`local_init_kwargs`.
+    ``overrides`` go to ``ray.init`` (e.g. ``num_cpus``, ``include_dashboard``,
+    ``log_to_driver``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False, **overrides)
+    else:
+        ray.init(**local_init_kwargs(**overrides))
+    return True
