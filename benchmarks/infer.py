@@ -35,12 +35,12 @@ swings by 3x within a minute, so the best of the rounds of each path is compared
 Memory (``--memory``): one fresh Python process starts its own local Ray and runs
 ``run_infer`` over 1 plate, then over 4 plates (1 first: whatever the first run leaves
 behind counts against the larger one; each run starts once the last one's actors are
-gone), sampling every 20 ms the resident memory (RSS, /proc via psutil) of every process in its tree:
-the driver, Ray's own processes (GCS, raylet -- which maps the object store -- and
-agents) and every Ray worker (the actor pool). Reported: the peak of the sum over all
-processes, and of the driver + worker processes only. Shared pages count once per
-process that maps them (as ``ps`` shows them); the ratio between the cases is what
-matters. ``tests/integration/test_infer_memory.py`` runs the same measurement
+gone), sampling every 20 ms the resident memory (RSS, from /proc, by
+:class:`rayscreen.testing.MemorySampler`) of every process in its tree: the driver, Ray's
+own processes (GCS, raylet -- which maps the object store -- and agents) and every Ray
+worker (the actor pool). Reported: the peak of the sum over all processes, and of the
+driver + worker processes only. Shared pages count once per process that maps them (as
+``ps`` shows them); the ratio between the cases is what matters. ``tests/integration/test_infer_memory.py`` runs the same measurement
 (:func:`measure_runs`, ``tiny`` memory preset) on the test session's Ray.
 """
 
@@ -54,7 +54,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -72,7 +71,6 @@ MEMORY_PRESETS = {
     "large": dict(wells=24, fields=8, size=256),
 }
 WELL_NAMES = [f"{r}{c:02d}" for r in "ABCDEFGH" for c in range(1, 13)]
-RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "agent", "runtime_env")  # not ray::
 
 
 def make_artefact(root: str, width: float = 0.25) -> str:
@@ -242,88 +240,18 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
 # -- memory
 
 
-class PeakSampler(threading.Thread):
-    """Samples, every ``interval`` s, the RSS of a process and all its descendants; keeps
-    the peak of the sum over all of them and of the driver + Ray worker processes."""
-
-    def __init__(self, interval: float = 0.02):
-        super().__init__(daemon=True)
-        import psutil
-
-        self.root = psutil.Process()
-        self.interval, self._stop_event = interval, threading.Event()
-        self.peak = {"all": 0, "driver_workers": 0}
-        self.at_peak: dict[str, int] = {}
-        self._is_system: dict[int, bool] = {}  # pid -> one of Ray's own processes (never changes)
-
-    @staticmethod
-    def _cmdline(proc) -> list[str]:
-        try:
-            return proc.cmdline()
-        except Exception:  # noqa: BLE001 -- the process ended while we looked
-            return []
-
-    @classmethod
-    def _label(cls, proc) -> str:
-        words = cls._cmdline(proc)
-        if not words:
-            return "?"
-        if words[0].startswith("ray::"):
-            return words[0].split(" ")[0]
-        return " ".join(os.path.basename(w) for w in words[:2])
-
-    def _system(self, proc) -> bool:
-        if proc.pid not in self._is_system:
-            label = self._label(proc)
-            # Ray's own processes: GCS, raylet, dashboard, log monitor and the agents (whose
-            # titles start with ray:: too); everything else under ray:: is a worker
-            self._is_system[proc.pid] = (any(s in label for s in RAY_SYSTEM) if not label.startswith("ray::")
-                                         else label.endswith("Agent"))
-        return self._is_system[proc.pid]
-
-    def sample(self) -> None:
-        procs = [self.root] + self.root.children(recursive=True)
-        rss = {}
-        for proc in procs:
-            try:
-                rss[proc.pid] = (proc, proc.memory_info().rss)
-            except Exception:  # noqa: BLE001 -- gone
-                continue
-        total = sum(r for _, r in rss.values())
-        ours = sum(r for proc, r in rss.values()
-                   if proc.pid == self.root.pid or not self._system(proc))
-        if total > self.peak["all"]:
-            self.at_peak = {}
-            for proc, r in rss.values():
-                name = self._label(proc)
-                self.at_peak[name] = self.at_peak.get(name, 0) + r
-        self.peak["all"] = max(self.peak["all"], total)
-        self.peak["driver_workers"] = max(self.peak["driver_workers"], ours)
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def stop(self) -> dict[str, int]:
-        self._stop_event.set()
-        self.join()
-        self.sample()
-        return self.peak
-
-
 def _wait_pool_gone(timeout: float = 60.0) -> None:
     """Wait until the last run's actors have released their CPUs and their processes are
     gone (Ray kills a finished pool asynchronously), so no run is charged for the last one's."""
-    import psutil
     import ray
+
+    from rayscreen.testing.memory import cmdline, process_tree
 
     total = ray.cluster_resources().get("CPU", 0)
     deadline = time.time() + timeout
     while time.time() < deadline:
         busy = ray.available_resources().get("CPU", 0) < total
-        alive = any("InferWells" in " ".join(PeakSampler._cmdline(p))
-                    for p in psutil.Process().children(recursive=True))
+        alive = any("InferWells" in " ".join(cmdline(pid)) for pid in process_tree(os.getpid())[1:])
         if not busy and not alive:
             return
         time.sleep(0.1)
@@ -331,17 +259,18 @@ def _wait_pool_gone(timeout: float = 60.0) -> None:
 
 def measure_runs(sets: list[list[str]], ckpt: str, root: str, **infer) -> list[dict]:
     """On the current Ray: ``run_infer`` over each set of plate URIs in turn, the process
-    tree's peak RSS sampled meanwhile (see :class:`PeakSampler`)."""
+    tree's peak RSS sampled meanwhile every 20 ms (:class:`rayscreen.testing.MemorySampler`,
+    RSS only): ``all`` summed over the tree, ``driver_workers`` over the driver and Ray's
+    workers only."""
+    from rayscreen.testing import MemorySampler
+
     out = []
     for i, uris in enumerate(sets):
         _wait_pool_gone()
         cfg = infer_config(uris, ckpt, os.path.join(root, f"mem{i}"), **infer)
-        sampler = PeakSampler()
-        sampler.start()
-        try:
+        with MemorySampler(interval=0.02, pss=False) as sampler:
             run = infer_pass(cfg)
-        finally:
-            peak = sampler.stop()
+        peak = {"all": sampler.peak["rss"], "driver_workers": sampler.peak["rss_driver_workers"]}
         out.append({"plates": len(uris), "wells": len(run["stamps"]), "seconds": round(run["total_s"], 2),
                     "peak": peak, "at_peak_mb": {k: round(v / 1e6) for k, v in
                                                   sorted(sampler.at_peak.items(), key=lambda kv: -kv[1])}})

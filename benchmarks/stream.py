@@ -16,7 +16,8 @@ timed passes, interleaved across paths; the best pass of each path is reported.
 
 Memory (``--memory``): a fresh Python process starts its own local Ray, streams 1 plate,
 then 4 plates of the same size through ``read_plates(...).iter_batches`` and samples, every
-50 ms, the memory of its whole process tree: the driver, GCS, raylet and every Ray worker.
+50 ms, the memory of its whole process tree (:class:`rayscreen.testing.MemorySampler`): the
+driver, GCS, raylet and every Ray worker.
 The figure is the summed PSS (/proc/PID/smaps_rollup): each shared page (Ray's object
 store lives in shared memory mapped by several processes) split among the processes
 mapping it, so the sum is the job's physical memory; RSS, which counts a shared page once
@@ -36,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -196,113 +196,21 @@ def throughput(preset: str, root: str, batch_size: int = 8, repeats: int = 3) ->
 # -- memory
 
 
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # the process ended while we looked
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-KEYS = ("rss", "pss", "pss_anon", "pss_shmem")
-
-
-def _status(pid: int) -> tuple[int, ...]:
-    """(Rss, Pss, Pss_Anon, Pss_Shmem) of a process in bytes, from /proc/PID/smaps_rollup;
-    zeros if it is gone. PSS splits each shared page among the processes mapping it, so
-    summed over processes it counts the object store's shared memory once."""
-    wanted = {"Rss:": 0, "Pss:": 1, "Pss_Anon:": 2, "Pss_Shmem:": 3}
-    out = [0, 0, 0, 0]
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key = line.split(None, 1)[0]
-                if key in wanted:
-                    out[wanted[key]] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return tuple(out)
-
-
-def _name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            words = f.read().split("\0")
-    except OSError:
-        return "?"
-    if words[0].startswith("ray::"):
-        return words[0].split(" ")[0].split("->")[0]
-    return " ".join(os.path.basename(w) for w in words[:2])
-
-
-def tree_memory(root: int | None = None) -> dict[str, int]:
-    """Summed Rss, Pss, Pss_Anon (private heaps) and Pss_Shmem (Ray's object store) in bytes
-    over a process and all its descendants (Linux /proc)."""
-    totals = dict.fromkeys(KEYS, 0)
-    for pid in _process_tree(root or os.getpid()):
-        for key, value in zip(KEYS, _status(pid)):
-            totals[key] += value
-    return totals
-
-
-class PeakSampler(threading.Thread):
-    """Samples :func:`tree_memory` every ``interval`` s; keeps the peak of each figure
-    and, at the peak of the total PSS, the PSS of each kind of process."""
-
-    def __init__(self, root: int | None = None, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.root, self.interval, self._stop_event = root or os.getpid(), interval, threading.Event()
-        self.peak = dict.fromkeys(KEYS, 0)
-        self.at_peak: dict[str, int] = {}
-
-    def sample(self) -> None:
-        status = {pid: _status(pid) for pid in _process_tree(self.root)}
-        totals = [sum(s[i] for s in status.values()) for i in range(len(KEYS))]
-        if totals[1] > self.peak["pss"]:
-            self.at_peak = {}
-            for pid, s in status.items():
-                self.at_peak[_name(pid)] = self.at_peak.get(_name(pid), 0) + s[1]
-        for key, value in zip(KEYS, totals):
-            self.peak[key] = max(self.peak[key], value)
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def stop(self) -> dict[str, int]:
-        self._stop_event.set()
-        self.join()
-        self.sample()
-        return self.peak
-
-
 def stream_peak(uris: list[str], storage_options=None) -> dict:
     """Stream every field of ``uris`` through ``read_plates(...).iter_batches`` on the
-    current Ray and measure the peak memory of this process's tree meanwhile."""
+    current Ray and measure the peak memory of this process's tree meanwhile
+    (:class:`rayscreen.testing.MemorySampler`, every 50 ms)."""
     from rayscreen.stream import read_plates
+    from rayscreen.testing.memory import FIGURES, MemorySampler, tree_memory
 
     idle = tree_memory()
-    sampler = PeakSampler()
-    sampler.start()
     start = time.perf_counter()
     n = 0
-    try:
+    with MemorySampler(interval=0.05) as sampler:
         for batch in read_plates(uris, storage_options=storage_options).iter_batches(batch_size=None):
             n += len(batch["image"])
             float(batch["image"][:, :, ::64, ::64].mean())  # touch the data, as a consumer would
-    finally:
-        peak = sampler.stop()
+    peak = {key: sampler.peak[key] for key in FIGURES}  # rss, pss, pss_anon, pss_shmem (bytes)
     return {"plates": len(uris), "fields": n, "seconds": round(time.perf_counter() - start, 2),
             "idle": idle, "peak": peak,
             "at_peak_mb": {k: round(v / 1e6) for k, v in sorted(sampler.at_peak.items(), key=lambda kv: -kv[1])}}
@@ -342,7 +250,9 @@ def memory_plates(preset: str, root: str) -> tuple[list[str], int]:
 def compare(one: dict, four: dict, plate_bytes: int) -> dict:
     """Peak(4 plates) / peak(1 plate) for each figure; ``ratio`` is the one the target is on:
     summed PSS, the physical memory of the job's processes."""
-    ratios = {key: round(four["peak"][key] / max(one["peak"][key], 1), 3) for key in KEYS}
+    from rayscreen.testing.memory import FIGURES
+
+    ratios = {key: round(four["peak"][key] / max(one["peak"][key], 1), 3) for key in FIGURES}
     return {"plate_mb": round(plate_bytes / 1e6, 1), "one": one, "four": four, "ratio": ratios["pss"],
             "ratios": ratios}
 
