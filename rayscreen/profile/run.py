@@ -6,7 +6,9 @@ Thin glue; the maths is in :mod:`.predictor`, :mod:`.classical` and :mod:`.image
 The stream reads raw pixels (illumination-corrected when ``stream.illumination``); the
 actors compute the image-QC metrics on them, so saturation is clipping at the detector,
 and then apply each plate's stored intensity normalisation (``stream.normalize``, the
-same ``transform`` the stream would apply) before the deep and classical features.
+same ``transform`` the stream would apply) before the deep and classical features. The
+normalisers are fitted by ``rayscreen illum``, never here: a plate without one fails the
+stage before any work, naming the plate.
 
 Exactly once and resumable: the driver creates the store (or reopens it on a rerun),
 asks which wells are done, streams only the wells still to do, and writes each well
@@ -32,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config, dump_config
+from ..raylocal import ensure_ray
 from ..store import RayscreenError, open_plate
 from ..store.results import Variable, create_results
 from ..store.uri import filesystem, join
@@ -60,7 +63,7 @@ def plan_profile(config: Config) -> dict[str, Any]:
     from ..stream import expand_uris
     from ..stream.datasource import plan_wells
 
-    uris = expand_uris(config.plates)
+    uris = expand_uris(config.plates, config.storage_options)
     tasks = plan_wells(uris, config.storage_options, platemap=config.platemap)
     if not tasks:
         raise RayscreenError(f"profile: no wells in plates {config.plates}")
@@ -141,28 +144,19 @@ def _mean(values: np.ndarray, n: int) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
-def _ensure_normalization(config: Config, uris: list[str]) -> None:
-    """Fit and store each plate's intensity normalisation where it has none yet (a sample
-    of fields, as ``rayscreen train`` would)."""
-    from ..stream.normalize import fit_plate_normalizer, load_normalization, make_normalizer
-
-    for uri in uris:
-        if load_normalization(uri, config.storage_options) is None:
-            log.info("profile: fitting %s intensity normalisation of %s", config.stream.normalize, uri)
-            fit_plate_normalizer(uri, make_normalizer(config.stream.normalize), config.storage_options,
-                                 max_fields=64, save=True)
-
-
 def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> dict[str, dict]:
     """``{plate name: scaler dict}`` of each plate's stored normalisation restricted to
     ``channels``, for :class:`ProfilePredictor` to apply after the QC metrics (which need
-    the raw, unclipped pixels). The stream's own checks (:func:`stream_normalizer`) apply."""
+    the raw, unclipped pixels). The stream's own checks (:func:`stream_normalizer`) apply:
+    a plate without a normaliser, or with a stale one, raises naming the plate. The
+    profile stage never fits one itself: that is ``rayscreen illum``'s job."""
     from ..stream.normalize import stream_normalizer
 
     out = {}
     for uri in uris:
         plate = open_plate(uri, config.storage_options)
-        scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination)
+        scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination,
+                                   method=config.stream.normalize)
         out[plate.name] = scaler.select(plate._channel_indices(channels)).to_dict()
     return out
 
@@ -176,11 +170,17 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
     from ..stream import read_plates
     from .image_qc import qc_metric_names
-    from .predictor import ProfilePredictor, feature_names
+    from .predictor import ProfilePredictor
 
     cfg = config.profile
     plan = plan_profile(config)
     channels, n_fields = plan["channels"], plan["n_fields"]
+    normalizers = None
+    if config.stream.normalize != "none":
+        # checked before any work (a missing normaliser fails in a second, not after the
+        # backbone loads); the stream reads raw pixels (QC sees the detector's counts) and
+        # the actors normalise after QC with the plates' stored scalers, as the stream would
+        normalizers = plate_normalizers(config, plan["uris"], channels)
     probe = ProfilePredictor(cfg.backbone, cfg.weights, channels=channels, channel_mode=cfg.channel_mode,
                              rgb=cfg.rgb, input_size=cfg.input_size, tiles=cfg.tiles, device="cpu",
                              storage_options=config.storage_options)
@@ -209,14 +209,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     todo = [i for i in range(len(wells)) if i not in done]
     log.info("profile: %d wells, %d done, %d to profile -> %s", len(wells), len(done), len(todo), uri)
     if todo:
-        normalizers = None
-        if config.stream.normalize != "none":
-            _ensure_normalization(config, plan["uris"])
-            # the stream reads raw pixels (QC sees the detector's counts); the actors
-            # normalise after QC with the plates' stored scalers, as the stream would
-            normalizers = plate_normalizers(config, plan["uris"], channels)
-        if not ray.is_initialized():
-            ray.init(logging_level="warning")
+        ensure_ray()
         ray.data.DataContext.get_current().enable_progress_bars = progress
         todo_keys = {(wells.at[i, "plate"], wells.at[i, "well"]): i for i in todo}
         s = config.stream

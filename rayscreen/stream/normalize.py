@@ -373,10 +373,11 @@ def load_normalization(plate_uri: str, storage_options: dict[str, Any] | None = 
 
 
 def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = None, *,
-                      illumination: bool) -> IntensityScaler:
-    """The plate's stored scaler, checked for a stream with ``illumination`` on or off.
+                      illumination: bool, method: str | None = None) -> IntensityScaler:
+    """The plate's stored scaler, checked for a stream with ``illumination`` on or off (and,
+    when given, fitted by ``method``: the config's ``stream.normalize``).
 
-    Raises, naming the plate, when none is stored, when it was fitted on fields corrected
+    Raises, naming the plate, when none is stored, when it is another method's, when it was fitted on fields corrected
     differently from what the stream feeds it (statistics of corrected fields applied to raw
     ones, or the reverse, are silently wrong by the illumination's factor), or when it was
     fitted after another illumination function than the one stored now.
@@ -386,7 +387,10 @@ def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = N
     norm = load_normalization(plate_uri, storage_options)
     if norm is None:
         raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one with `rayscreen illum` "
-                             "(stream.normalize) first")
+                             "(stream.normalize) first, or set stream.normalize: none")
+    if method is not None and norm.method != method:
+        raise RayscreenError(f"plate {plate_uri}: stores a {norm.method!r} normalisation but stream.normalize is "
+                             f"{method!r}; rerun `rayscreen illum` or change stream.normalize")
     fit = normalization_entry(plate_uri, storage_options).get("fit") or {}
     if "illumination" in fit and (fit["illumination"] is not None) != illumination:
         raise RayscreenError(

@@ -75,20 +75,22 @@ def annotations_of(config: Config, uris: list[str]) -> tuple[pd.DataFrame, list[
 
 
 def _normalization(config: Config, uris: list[str]) -> dict[str, Any] | None:
+    """What the stream will apply: ``{"method", "illumination", "plates": {plate name:
+    scaler dict}}``. Each plate's scaler is loaded and checked once, by the stream's own
+    checker (:func:`stream_normalizer`: missing, stale or another method's); any failure
+    is a :class:`ConfigError` naming the plate."""
     method = config.stream.normalize
     if method == "none":
         return {"method": "none", "illumination": config.stream.illumination, "plates": {}}
-    from ..stream.normalize import load_normalization
+    from ..stream.normalize import stream_normalizer
 
     plates = {}
     for uri in uris:
-        scaler = load_normalization(uri, config.storage_options)
-        if scaler is None:
-            raise ConfigError(f"stream.normalize: {method!r} but plate {uri} has no stored normalisation; "
-                              "fit one first (`rayscreen illum`) or set stream.normalize: none")
-        if scaler.method != method:
-            raise ConfigError(f"stream.normalize: {method!r} but plate {uri} stores a {scaler.method!r} "
-                              "normalisation; refit it or change stream.normalize")
+        try:
+            scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination,
+                                       method=method)
+        except RayscreenError as e:
+            raise ConfigError(f"stream.normalize: {method!r}: {e}") from None
         plates[open_plate(uri, config.storage_options).name] = scaler.to_dict()
     return {"method": method, "illumination": config.stream.illumination, "plates": plates}
 
@@ -162,7 +164,7 @@ def plan_run(config: Config) -> TrainPlan:
     if not config.plates:
         raise ConfigError("plates: no plate given")
     try:
-        uris = expand_uris(config.plates)
+        uris = expand_uris(config.plates, config.storage_options)
     except RayscreenError as e:
         raise ConfigError(f"plates: {e}") from None
     annotations, names, channels = annotations_of(config, uris)

@@ -18,7 +18,11 @@ from rayscreen.analysis.stages import AnalysisError, run_aggregate, run_evaluate
 from rayscreen.config import config_from_dict
 from rayscreen.models import save_backbone_weights
 from rayscreen.profile import run_profile
+from rayscreen.store import RayscreenError
+from rayscreen.stream.fit import run_illum
+from rayscreen.stream.normalize import normalization_entry
 from rayscreen.synth import load_moa_fields, synth_moa
+from rayscreen.testing import make_plate
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +56,9 @@ def make_config(root, uris, weights, **analysis):
 def test_profile_aggregate_evaluate(screen, ray_local, capsys):
     root, uris, weights, truth = screen
     config = make_config(root, uris, weights)
+    # the illum stage fits the plates' normalisers (stream.normalize: percentile, the
+    # default); profile only applies them
+    assert set(run_illum(config, progress=False)["normalization"].values()) == {"fitted"}
     store = run_profile(config, progress=False)
 
     ds = xr.open_zarr(store)  # plain xarray, no rayscreen needed
@@ -137,3 +144,23 @@ def test_evaluate_names_missing_annotation_columns(screen, tmp_path):
     treatment.drop(columns=["Metadata_MOA"]).to_parquet(out / "tables" / "treatment.parquet")
     with pytest.raises(AnalysisError, match="Metadata_MOA"):
         run_evaluate(config.replace(output=str(out)))
+
+
+def test_profile_without_a_stored_normaliser_fails_before_any_work(tmp_path):
+    """stream.normalize set and a plate with no normaliser: the profile stage neither fits
+    one (that is `rayscreen illum`'s job) nor starts; it names the plate and both ways out.
+    Fails before Ray is needed, so no ray_local here."""
+    fitted = make_plate(str(tmp_path / "P1.zarr"), "P1", wells=("A01",), fields=1, field_shape=(16, 16))
+    bare = make_plate(str(tmp_path / "P2.zarr"), "P2", wells=("A01",), fields=1, field_shape=(16, 16))
+    output = tmp_path / "run"
+    config = config_from_dict({"plates": [fitted, bare], "output": str(output),
+                               "stream": {"normalize": "meanstd"}})
+    run_illum(config.replace(plates=[fitted]), progress=False)
+    with pytest.raises(RayscreenError) as err:
+        run_profile(config, progress=False)
+    message = str(err.value)
+    assert "P2.zarr" in message and "P1.zarr" not in message, message
+    assert "no normalisation stored" in message and "`rayscreen illum`" in message, message
+    assert "stream.normalize: none" in message, message
+    assert normalization_entry(bare) is None  # the input plate was not written to
+    assert not output.exists()  # no store, no config copy: nothing was started

@@ -181,3 +181,18 @@ def test_fit_normalization_in_partials_matches_one_pass_and_resumes(control_plat
         fit_normalization(uri, "control", controls="Metadata_Compound == 'none'", use_ray=False, progress=False)
     with pytest.raises(RayscreenError, match="zscore"):
         fit_normalization(uri, "zscore", use_ray=False)
+
+
+def test_stream_normalizer_names_the_plate_and_the_way_out(control_plate):
+    """One checker for every stage: missing normaliser, or another method's than the config's."""
+    from rayscreen.store import RayscreenError
+    from rayscreen.stream.normalize import stream_normalizer
+
+    with pytest.raises(RayscreenError, match=r"P\.zarr: no normalisation stored.*rayscreen illum.*normalize: none"):
+        stream_normalizer(control_plate, illumination=False)
+    fit_plate_normalizer(control_plate, MeanStdScaler(), save=True)
+    assert isinstance(stream_normalizer(control_plate, illumination=False, method="meanstd"), MeanStdScaler)
+    assert isinstance(stream_normalizer(control_plate, illumination=False), MeanStdScaler)  # method not asked
+    with pytest.raises(RayscreenError, match=r"P\.zarr: stores a 'meanstd' normalisation but stream.normalize is "
+                                             r"'percentile'"):
+        stream_normalizer(control_plate, illumination=False, method="percentile")

@@ -65,7 +65,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"train": {"metric": "val_auc"}}, "train.metric: 'val_auc'"),
     ({"model__name": "nonet"}, "model.name: unknown model 'nonet'"),
     ({"model__kwargs": {"depth": 3}}, "model.kwargs"),
-    ({"stream__normalize": "percentile"}, "stream.normalize: 'percentile' but plate .* has no stored normalisation"),
+    ({"stream__normalize": "percentile"}, "stream.normalize: 'percentile': plate .*a\\.zarr: no normalisation stored"),
     ({"train": {"max_failures": -1}}, "train.max_failures"),
     ({"train": {"crop": 64}}, "train.crop: 64 is larger than the fields"),
 ])
