@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..config import Config
 from ..store import RayscreenError
-from ..store.uri import filesystem, is_remote, join
+from ..store.uri import expand_uris, filesystem, is_remote, join
 from . import figures as F
 from .html import FigureRef, Section, render_page
 
@@ -421,7 +421,7 @@ class _PlateCache:
 
             self._plates = {}
             try:
-                for uri in _expand(self.config.plates):
+                for uri in expand_uris(self.config.plates, self.config.storage_options):
                     plate = open_plate(uri, self.config.storage_options)
                     self._plates[plate.name] = plate
             except (RayscreenError, OSError) as e:
@@ -439,16 +439,3 @@ class _PlateCache:
             return p.read(well, names[field]), list(p.channels), ""
         except (RayscreenError, IndexError, KeyError) as e:
             return None, None, f"cannot read plate {plate!r} well {well} field {field}: {e}"
-
-
-def _expand(uris: list[str]) -> list[str]:
-    # rayscreen.stream.plates.expand_uris, without importing Ray into the report.
-    import glob
-
-    out = []
-    for uri in uris:
-        if not is_remote(uri) and any(ch in uri for ch in "*?["):
-            out += sorted(glob.glob(uri))
-        else:
-            out.append(str(uri).rstrip("/"))
-    return out

@@ -11,8 +11,9 @@ in ``storage_options``. ``redact`` keeps secrets out of messages and logs.
 
 from __future__ import annotations
 
+import glob
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 import zarr
@@ -20,7 +21,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from .errors import MissingChunkError
+from .errors import MissingChunkError, RayscreenError
 
 _SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
@@ -105,3 +106,28 @@ def make_store(
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
     return fs.exists(path)
+
+
+def expand_uris(uris: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Plate URIs from URIs or globs, local (``plates/*.zarr``) or remote
+    (``s3://bucket/screen/*.zarr``, listed through fsspec with ``storage_options``).
+
+    Each glob is replaced by its matches, sorted; remote matches keep their protocol
+    (``s3://...``). A glob matching nothing is an error naming it. Other entries are kept
+    as given (trailing ``/`` removed), unchecked.
+    """
+    out: list[str] = []
+    for uri in [uris] if isinstance(uris, str) else list(uris):
+        uri = str(uri)
+        if not any(ch in uri for ch in "*?["):
+            out.append(uri.rstrip("/"))
+            continue
+        if is_remote(uri):
+            fs, path = filesystem(uri, storage_options)
+            found = sorted(fs.unstrip_protocol(p).rstrip("/") for p in fs.glob(path.rstrip("/")))
+        else:
+            found = sorted(glob.glob(uri))
+        if not found:
+            raise RayscreenError(f"plate glob {uri!r} matches nothing")
+        out += found
+    return out

@@ -31,6 +31,7 @@ import zlib
 from typing import Any, Callable, Sequence
 
 from ..store import RayscreenError, open_plate
+from ..store.uri import expand_uris
 from .illumination import (IlluminationAccumulator, illumination_entry, illumination_function,
                            illumination_params, load_illumination, save_illumination, select_fields)
 from .normalize import (ChannelStats, IntensityScaler, fit_params, fit_wells, make_normalizer,
@@ -196,15 +197,13 @@ def compute_illumination(
     fields instead of all. Returns ``{plate_uri: "computed" | "skipped"}`` (skipped: the
     plate already holds a function with the same parameters; see the module's resume rule).
     """
-    from .plates import expand_uris
-
     if fields_per_task < 1:
         raise RayscreenError(f"fields_per_task={fields_per_task}: expected >= 1")
     params = illumination_params(method, size, clip_percentile, max_fields, seed)
     status: dict[str, str] = {}
     jobs: list[tuple[str, list[tuple]]] = []
     channels: dict[str, list[str]] = {}
-    for uri in expand_uris(uris):
+    for uri in expand_uris(uris, storage_options):
         plate = open_plate(uri, storage_options)
         entry = illumination_entry(uri, storage_options)
         if not overwrite and entry and entry.get("version") == 1 and _same(entry.get("params"), params):
@@ -263,8 +262,6 @@ def fit_normalization(
     sees what the stream will feed it). The driver merges them per plate, fits a fresh
     scaler and stores it with the plate. Returns ``{plate_uri: "fitted" | "skipped"}``.
     """
-    from .plates import expand_uris
-
     if fields_per_task < 1:
         raise RayscreenError(f"fields_per_task={fields_per_task}: expected >= 1")
     try:
@@ -274,7 +271,7 @@ def fit_normalization(
     status: dict[str, str] = {}
     jobs: list[tuple[str, list[tuple]]] = []
     fits: dict[str, dict[str, Any]] = {}
-    for uri in expand_uris(uris):
+    for uri in expand_uris(uris, storage_options):
         plate = open_plate(uri, storage_options, platemap=platemap)
         illum_entry = illumination_entry(uri, storage_options) if illumination else None
         if illumination and not illum_entry:
@@ -330,10 +327,8 @@ def run_illum(config, *, progress: bool = True) -> dict[str, Any]:
     """
     import ray
 
-    from .plates import expand_uris
-
     start = time.perf_counter()
-    uris = expand_uris(config.plates)
+    uris = expand_uris(config.plates, config.storage_options)
     use_ray = ray.is_initialized()
     out: dict[str, Any] = {"plates": uris, "illumination": {}, "normalization": {}}
     if config.stream.illumination:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import tempfile
 import uuid
@@ -14,22 +13,8 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ..store import RayscreenError, open_plate
-from ..store.uri import is_remote
+from ..store.uri import expand_uris  # noqa: F401  (rayscreen.stream.expand_uris)
 from .datasource import StreamOptions, WellTask, plan_wells, read_wells, split_tasks
-
-
-def expand_uris(uris: str | Sequence[str]) -> list[str]:
-    """Plate URIs from URIs or local globs (``plates/*.zarr``); a glob matching nothing is an error."""
-    out: list[str] = []
-    for uri in [uris] if isinstance(uris, str) else list(uris):
-        if not is_remote(uri) and any(ch in uri for ch in "*?["):
-            found = sorted(glob.glob(uri))
-            if not found:
-                raise RayscreenError(f"plate glob {uri!r} matches nothing")
-            out += found
-        else:
-            out.append(str(uri).rstrip("/"))
-    return out
 
 
 # Read tasks carry at least this much decompressed data when the cluster has enough
@@ -117,7 +102,7 @@ def read_plates(
     """
     if on_error not in ("raise", "skip"):
         raise RayscreenError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
-    uris = expand_uris(uris)
+    uris = expand_uris(uris, storage_options)
     if not uris:
         raise RayscreenError("read_plates: no plate URIs given")
     if on_error == "skip" and error_report is None:
