@@ -49,11 +49,12 @@ from .predictor import Predictor, PredictorSettings, aggregate_well
 OK, ABSENT, READ_ERROR, QC_FLAGGED = 0, 1, 2, 3
 
 
-def results_variables(n_fields: int, n_classes: int, n_features: int, saliency_shape: tuple[int, int]
+def results_variables(n_fields: int, n_classes: int, n_features: int, saliency_shape: tuple[int, int] | None
                       ) -> tuple[dict[str, int], list[Variable]]:
-    """(sizes, variables) of a results store; see docs/outputs.md for their meaning."""
-    ys, xs = saliency_shape
-    sizes = {"field": n_fields, "class": n_classes, "feature": n_features, "y": ys, "x": xs}
+    """(sizes, variables) of a results store; see docs/outputs.md for their meaning.
+    ``saliency_shape`` None (``infer.saliency: none``): no ``saliency`` / ``mask`` variables
+    (a profiles-only run does not store field-sized arrays of zeros)."""
+    sizes = {"field": n_fields, "class": n_classes, "feature": n_features}
     fk, wf = ("well", "field", "class"), ("well", "field")
     variables = [
         Variable("field_status", wf, "int8", ABSENT,
@@ -64,12 +65,14 @@ def results_variables(n_fields: int, n_classes: int, n_features: int, saliency_s
         Variable("field_map_y", fk, "int32", -1, {"units": "field pixels"}),
         Variable("field_map_x", fk, "int32", -1, {"units": "field pixels"}),
         Variable("field_profile", ("well", "field", "feature"), "float32"),
-        Variable("saliency", ("well", "field", "y", "x"), "float16"),
-        Variable("mask", ("well", "field", "y", "x"), "uint8", 0),
         Variable("well_scores", ("well", "class"), "float32"),
         Variable("well_profile", ("well", "feature"), "float32"),
         Variable("n_fields", ("well",), "int16", 0, {"long_name": "fields used for the well's aggregates"}),
     ]
+    if saliency_shape is not None:
+        sizes["y"], sizes["x"] = saliency_shape
+        variables += [Variable("saliency", ("well", "field", "y", "x"), "float16"),
+                      Variable("mask", ("well", "field", "y", "x"), "uint8", 0)]
     return sizes, variables
 
 
@@ -101,8 +104,9 @@ def well_outputs(fields: list[str], read: dict[str, np.ndarray], pred: dict[str,
         out["field_map_y"][slot] = pred["map_y"][r]
         out["field_map_x"][slot] = pred["map_x"][r]
         out["field_profile"][slot] = pred["profile"][r]
-        out["saliency"][slot] = pred["saliency"][r]
-        out["mask"][slot] = pred["mask"][r]
+        for name in ("saliency", "mask"):
+            if name in out:  # absent from a store written with infer.saliency: none
+                out[name][slot] = pred[name][r]
     used = np.array(rows, dtype=int)
     scores = pred["scores"][used] if len(used) else np.zeros((0, shapes["well_scores"][0]), np.float32)
     maps = pred["class_maps"][used] if len(used) else None
@@ -215,7 +219,7 @@ def plan_infer(config: Config) -> InferPlan:
         model, meta = build_model(checkpoint, so)
     except FileNotFoundError as e:
         raise ConfigError(f"infer.checkpoint {checkpoint}: not found ({e})") from None
-    uris = expand_uris(config.plates)
+    uris = expand_uris(config.plates, config.storage_options)
     if not uris:
         raise ConfigError("plates: no plate URIs given")
     plates = [open_plate(u, so) for u in uris]
@@ -274,7 +278,7 @@ def plan_infer(config: Config) -> InferPlan:
         from ..stream.normalize import stream_normalizer
 
         for p in plates:  # the stream's own checks, before any field is read
-            stream_normalizer(p.uri, so, illumination=config.stream.illumination)
+            stream_normalizer(p.uri, so, illumination=config.stream.illumination, method=config.stream.normalize)
     settings = PredictorSettings(batch_size=ic.batch_size, saliency=ic.saliency,
                                  saliency_downsample=ic.saliency_downsample, saliency_sigma=ic.saliency_sigma,
                                  mask_threshold=ic.mask_threshold, mask_nms_size=ic.mask_nms_size)
@@ -308,9 +312,9 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
 
     plan = plan_infer(config)
     ic = config.infer
-    sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim,
-                                         (plan.field_shape[0] // ic.saliency_downsample,
-                                          plan.field_shape[1] // ic.saliency_downsample))
+    saliency_shape = None if ic.saliency == "none" else (plan.field_shape[0] // ic.saliency_downsample,
+                                                         plan.field_shape[1] // ic.saliency_downsample)
+    sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim, saliency_shape)
     coords = {"class": plan.classes, "feature": [f"deep_{i}" for i in range(plan.feature_dim)]}
     store_wells = plan.wells.drop(columns=["plate_uri"])
     attrs = {"model": plan.meta.model, "checkpoint": plan.checkpoint, "config": config.to_dict(),
