@@ -175,12 +175,22 @@ def smooth(saliency: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[0] if squeeze else out
 
 
+def box_max(s: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W) float -> (B, H, W): the maximum of each pixel's ``size`` x ``size`` window
+    (odd ``size``; even sizes are rounded up; the window is clipped at the border).
+
+    Separable: a row max then a column max, the same values as one square ``max_pool2d``
+    at 2k instead of k^2 comparisons per pixel (k = 55 is 27x fewer: the mask grid of the
+    WSCNN benchmark and inference's NMS both run it per image)."""
+    size = int(size) | 1
+    x = F.max_pool2d(s[:, None], (1, size), stride=1, padding=(0, size // 2))
+    return F.max_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0))[:, 0]
+
+
 def local_maxima(s: torch.Tensor, size: int) -> torch.Tensor:
     """(B, H, W) -> bool (B, H, W): pixels equal to the maximum of their size x size window
     (odd ``size``; even sizes are rounded up)."""
-    size = int(size) | 1
-    m = F.max_pool2d(s[:, None], size, stride=1, padding=size // 2)[:, 0]
-    return s >= m
+    return s >= box_max(s, size)
 
 
 def saliency_masks(saliency: torch.Tensor, sigma: float = 2.0, threshold: float = 0.3, nms_size: int = 21,
@@ -208,7 +218,6 @@ def saliency_masks(saliency: torch.Tensor, sigma: float = 2.0, threshold: float 
         s = s / top[:, None, None]
     above = s >= threshold
     peaks = local_maxima(s, nms_size) & above & (s > 0)
-    size = int(nms_size) | 1
-    near = F.max_pool2d(peaks[:, None].float(), size, stride=1, padding=size // 2)[:, 0] > 0
+    near = box_max(peaks.float(), nms_size) > 0
     masks = above & near
     return (masks, peaks) if return_peaks else masks

@@ -162,3 +162,16 @@ def test_saliency_on_gpu():
     sal = jacobian_saliency(model, x, class_index=1)
     assert sal.device.type == "cuda"
     assert saliency_masks(sal, sigma=1.0, threshold=0.5, nms_size=7).device.type == "cuda"
+
+
+def test_box_max_equals_a_square_max_pool():
+    """The separable window maximum is the square one, borders included, odd and even sizes."""
+    import torch.nn.functional as F
+
+    from rayscreen.models.saliency import box_max
+
+    s = torch.randn(3, 23, 31, generator=torch.Generator().manual_seed(0))
+    for size in (1, 3, 8, 21, 55):
+        k = size | 1
+        square = F.max_pool2d(s[:, None], k, stride=1, padding=k // 2)[:, 0]
+        assert torch.equal(box_max(s, size), square), size
