@@ -1,0 +1,51 @@
+"""Weakly supervised profiles end to end on the local Ray, from the shipped config
+``jobs/configs/learned-profiles.yaml``: illum -> train (compound labels) -> infer (profiles
+only) -> aggregate the results store -> evaluate MOA retrieval.
+
+A smaller screen and fewer epochs than ``benchmarks/moa.py --learned`` (figures in
+docs/results.md), to keep the test near a minute and a half on two cores."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rayscreen.config import load_config
+from rayscreen.pipeline import run_pipeline
+from rayscreen.synth import synth_moa
+
+pytestmark = pytest.mark.integration
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "learned-profiles.yaml")
+
+
+def test_learned_profiles_retrieve_moa_above_chance(tmp_path, ray_local):
+    uris = synth_moa(str(tmp_path / "plates"), n_plates=2, fields_per_well=2, field_shape=(96, 96), seed=0)
+    out = tmp_path / "learned"
+    config = load_config(CONFIG, overrides={"plates": uris, "output": str(out), "train.epochs": 12})
+    results = run_pipeline(config, progress=False)
+    assert list(results) == ["illum", "train", "infer", "aggregate", "evaluate"]
+
+    # the classifier learned the compounds (13 classes with DMSO: chance 0.077)
+    metrics = pd.read_csv(out / "train" / "metrics.csv")
+    assert metrics["val_balanced_accuracy"].max() >= 0.25, metrics
+
+    ds = xr.open_zarr(out / "results.zarr")  # plain xarray
+    assert ds.sizes["well"] == 96 and ds.sizes["feature"] == 128 and int(ds["done"].sum()) == 96
+    assert "saliency" not in ds and "mask" not in ds  # infer.saliency: none stores none
+    ok = ds["field_status"].to_numpy() == 0
+    assert ok.all() and np.isfinite(ds["field_profile"].to_numpy()[ok]).all()
+    assert len(set(ds["Metadata_Compound"].to_numpy().tolist())) == 13
+
+    treatment = pd.read_parquet(out / "tables" / "treatment.parquet")
+    assert len(treatment) == 2 * 37  # (36 treatments + DMSO) x 2 batches
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    deep = evaluation["feature_sets"]["deep"]
+    assert deep["n_queries"] == 72
+    print(f"learned profiles: best val balanced accuracy {metrics['val_balanced_accuracy'].max():.3f}, "
+          f"NSC {deep['nsc']:.3f}, NSCB {deep['nscb']:.3f}, mAP {deep['map']:.3f}")
+    # six MOAs of two compounds: chance NSC 1/6; MOA labels were never seen in training
+    assert deep["nsc"] >= 2 / 6, deep
