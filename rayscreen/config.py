@@ -106,6 +106,7 @@ class TrainConfig:
     metric: str = "val_balanced_accuracy"  # picks the best epoch
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)
     keep_checkpoints: int | None = 3  # best checkpoints kept by `metric` (the latest is always kept)
+    deterministic: bool = False  # same batches every run (Ray Data keeps read order; streams a little slower)
 
 
 @dataclass(frozen=True)

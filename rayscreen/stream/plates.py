@@ -13,7 +13,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ..store import RayscreenError, open_plate
-from ..store.uri import expand_uris  # noqa: F401  (rayscreen.stream.expand_uris)
+from ..store.uri import expand_uris
 from .datasource import StreamOptions, WellTask, plan_wells, read_wells, split_tasks
 
 

@@ -2,7 +2,9 @@
 background thread. Linux only: everything is read from ``/proc``.
 
 Used by the memory benchmarks (``benchmarks/stream.py``, ``benchmarks/infer.py``) and the
-tests that run them.
+tests that run them. Read by hand rather than through psutil: psutil is not among
+rayscreen's dependencies (nor installed with Ray here), and three /proc files are all
+this needs.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ def _trainer(plan: TrainPlan, loop_config: dict[str, Any], storage_path: str, st
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         datasets=build_datasets(plan),
         # val_<rank> datasets are already one per rank: only the training data is split
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(t.deterministic)),
         run_config=RunConfig(
             name=t.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -227,6 +227,21 @@ def _trainer(plan: TrainPlan, loop_config: dict[str, Any], storage_path: str, st
                                                checkpoint_score_order="max"),
         ),
     )
+
+
+def _ingest_options(deterministic: bool):
+    """Ray Data options of the training shards: Ray Train's defaults, plus ``preserve_order``
+    when ``train.deterministic``. Without it, blocks reach the shuffle buffer in the order
+    their read tasks finish, so two runs with the same seed see different batches from the
+    first epoch on (measured: the same WSCNN config at 0.60 and 0.87 val accuracy after 10
+    epochs); with it, a run is repeatable for a given number of workers."""
+    if not deterministic:
+        return None  # Ray Train's default_ingest_options
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _finish(plan: TrainPlan, result) -> TrainResult:

@@ -208,3 +208,20 @@ def test_train_then_infer_separates_held_out_wells(trained, screen):
     # ROC-AUC of held-out wells: the fraction of (positive, negative) pairs ranked right
     auc = (score[positive][:, None] > score[~positive][None, :]).mean()
     assert auc >= 0.8, (auc, score, positive)
+
+
+def test_deterministic_runs_repeat_exactly(ray_local, screen, tmp_path):
+    """train.deterministic: two runs with the same seed see the same batches and end with
+    the same losses, epoch for epoch (without it the read order, and so the batches, vary)."""
+    from rayscreen.train import run_train
+
+    uris, _ = screen
+    losses = []
+    for k in range(2):
+        output = str(tmp_path / f"run{k}")
+        run_train(make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=2, max_failures=0,
+                              deterministic=True), progress=False)
+        metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
+        losses.append(metrics[["epoch", "train_loss", "val_loss"]].to_numpy())
+    assert losses[0].shape == (2, 3)
+    np.testing.assert_array_equal(losses[0], losses[1])
