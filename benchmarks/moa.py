@@ -7,7 +7,8 @@ Both profile sets see the same stream: illumination-corrected (``rayscreen illum
 first) and percentile-normalised per plate.
 
 ``--learned`` adds weakly supervised profiles (Caicedo et al. 2018; the supervision that
-WS-DINO builds on): a Kraus-style class-map network (``milnet``, mean pooling) trained
+WS-DINO builds on), with the settings of ``jobs/configs/learned-profiles.yaml``: a
+Kraus-style class-map network (``milnet``, mean pooling) trained on random crops
 through ``rayscreen train`` to tell the wells' **compounds** apart (the only label a screen
 always has; MOA labels are never seen in training), then ``rayscreen infer`` writes its
 pooled trunk features per field to ``results.zarr`` and ``aggregate`` / ``evaluate`` run
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -40,28 +42,24 @@ import warnings
 import numpy as np
 import pandas as pd
 
-PRESETS = {"small": dict(n_plates=2, fields_per_well=3, field_shape=(128, 128), input_size=64, learned_epochs=30),
-           "medium": dict(n_plates=3, fields_per_well=4, field_shape=(192, 192), input_size=128, learned_epochs=30)}
+PRESETS = {"small": dict(n_plates=2, fields_per_well=3, field_shape=(128, 128), input_size=64),
+           "medium": dict(n_plates=3, fields_per_well=4, field_shape=(192, 192), input_size=128)}
 
 
-def learned_config(uris: list[str], output: str, epochs: int, seed: int = 0) -> dict:
-    """Config (dict) of the weakly supervised profile: train a class-map network on the
-    wells' compound labels (DMSO is one more class), infer every well, aggregate the
-    inference store. Settings: milnet's small trunk (32/64/128 filters) with mean pooling
-    (every cell of a treated well carries the phenotype, so mean, not max, is the MIL
-    assumption here), class-balanced sampling (DMSO wells outnumber each compound 4:1),
-    AdamW with a cosine schedule, flips / 90-degree turns / shifts."""
-    return {
-        "plates": uris, "output": output, "stream": {"illumination": True},
-        "label": {"column": "Metadata_Compound"},
-        "model": {"name": "milnet", "kwargs": {"pooling": "mean", "width": 1.0}},
-        "train": {"num_workers": 1, "epochs": epochs, "batch_size": 16, "optimizer": "adamw", "lr": 0.001,
-                  "weight_decay": 1e-4, "schedule": "cosine", "balanced": True, "seed": seed,
-                  "split": {"by": "well", "val": 0.15, "test": 0.0, "seed": seed},
-                  "augment": {"flips": True, "rot90": True, "rotate": False, "translate": 8.0}},
-        "infer": {"batch_size": 32, "saliency": "none"},
-        "analysis": {"source": "results"},
-    }
+LEARNED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs", "configs",
+                              "learned-profiles.yaml")
+
+
+def learned_config(uris: list[str], output: str, qc: dict, epochs: int | None = None, seed: int = 0):
+    """The shipped ``jobs/configs/learned-profiles.yaml`` on this screen: train a class-map
+    network on the wells' compound labels, infer every well, aggregate the inference store
+    (settings and their reasons are in the YAML); ``qc``: the analysis.qc section."""
+    from rayscreen.config import load_config
+
+    overrides = {"plates": uris, "output": output, "analysis.qc": qc, "train.seed": seed, "train.split.seed": seed}
+    if epochs:
+        overrides["train.epochs"] = epochs
+    return load_config(LEARNED_CONFIG, overrides=overrides)
 
 
 def qc_study(store: str, truth: pd.DataFrame, seeds: int = 10, method: str = "linear") -> list[str]:
@@ -117,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--qc-features", default="qc", choices=["deep", "classical", "qc"])
     p.add_argument("--qc-seeds", type=int, default=10, help="annotation draws of the held-out QC study")
     p.add_argument("--learned", action="store_true", help="also train and evaluate weakly supervised profiles")
-    p.add_argument("--learned-epochs", type=int, help="training epochs of --learned (default: the preset's)")
+    p.add_argument("--learned-epochs", type=int, help="training epochs of --learned (default: the config's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
@@ -171,12 +169,10 @@ def main(argv=None) -> int:
     learned, t_learned = None, 0.0
     if args.learned:
         t0 = time.perf_counter()
-        ldict = learned_config(uris, f"{out}/run-learned", args.learned_epochs or preset["learned_epochs"],
-                               seed=args.seed)
         # the same 50 annotated fields; the results store has no image-QC metrics, so the
         # artefact probe runs on the learned embeddings
-        ldict["analysis"]["qc"] = {"annotations": f"{out}/qc.csv", "method": args.qc_method, "features": "deep"}
-        lconfig = config_from_dict(ldict)
+        lconfig = learned_config(uris, f"{out}/run-learned", {"annotations": f"{out}/qc.csv", "method": args.qc_method,
+                                                               "features": "deep"}, args.learned_epochs, args.seed)
         learned = run_pipeline(lconfig, stages=["train", "infer", "aggregate", "evaluate"],
                                progress=False)["evaluate"]["feature_sets"]["deep"]
         t_learned = time.perf_counter() - t0
