@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--qc-seeds", type=int, default=10, help="annotation draws of the held-out QC study")
     p.add_argument("--learned", action="store_true", help="also train and evaluate weakly supervised profiles")
     p.add_argument("--learned-epochs", type=int, help="training epochs of --learned (default: the config's)")
+    p.add_argument("--learned-seed", type=int, help="training (and well split) seed of --learned (default: --seed); "
+                   "the run goes to <out>/run-learned-s<seed>")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
@@ -171,8 +173,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         # the same 50 annotated fields; the results store has no image-QC metrics, so the
         # artefact probe runs on the learned embeddings
-        lconfig = learned_config(uris, f"{out}/run-learned", {"annotations": f"{out}/qc.csv", "method": args.qc_method,
-                                                               "features": "deep"}, args.learned_epochs, args.seed)
+        lseed = args.seed if args.learned_seed is None else args.learned_seed
+        lout = f"{out}/run-learned" if args.learned_seed is None else f"{out}/run-learned-s{lseed}"
+        lconfig = learned_config(uris, lout, {"annotations": f"{out}/qc.csv", "method": args.qc_method,
+                                              "features": "deep"}, args.learned_epochs, lseed)
         learned = run_pipeline(lconfig, stages=["train", "infer", "aggregate", "evaluate"],
                                progress=False)["evaluate"]["feature_sets"]["deep"]
         t_learned = time.perf_counter() - t0
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
     rows = {("transfer" if k == "deep" else k): r for k, r in result["feature_sets"].items()}
     if learned is not None:
         rows["learned"] = learned
-        lqc = json.loads(open(f"{out}/run-learned/tables/qc.json").read())
+        lqc = json.loads(open(f"{lout}/tables/qc.json").read())
     for name, r in rows.items():
         print(f"{name:<12} {r['nsc']:>6.3f} {r['nscb']:>6.3f} {r['map']:>6.3f} {r['n_queries']:>8}")
     print(f"QC ({qc['method']} on {qc['features']}, {qc['n_annotated']} labelled fields): "
