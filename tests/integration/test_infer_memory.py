@@ -1,21 +1,10 @@
 """Issue 7 item 5: peak resident memory of inference over 4 plates within 25% of 1 plate's."""
 
-import importlib.util
-import os
-
 import pytest
 
+from ..bench_loader import load_benchmark
+
 pytestmark = pytest.mark.integration
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_infer", os.path.join(ROOT, "benchmarks", "infer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_peak_rss_four_plates_within_25_percent_of_one(tmp_path, ray_local):
     """What is measured (``benchmarks/infer.py``'s memory case, ``tiny`` preset, run here on
@@ -40,7 +29,7 @@ def test_peak_rss_four_plates_within_25_percent_of_one(tmp_path, ray_local):
     read, a few wells per actor call), and ``benchmarks/infer.py --memory --preset large``
     checks it at scale in a fresh process with its own Ray.
     """
-    bench = _bench()
+    bench = load_benchmark("infer")
     uris, ckpt, plate_mb = bench.memory_plates("tiny", str(tmp_path))
     one, four = bench.measure_runs([uris[:1], uris], ckpt, str(tmp_path), concurrency=1)
     r = bench.compare("tiny", plate_mb, one, four)

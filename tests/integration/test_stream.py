@@ -11,6 +11,8 @@ from rayscreen.stream import load_error_report, read_plates, read_wells
 from rayscreen.stream.datasource import StreamOptions, plan_wells
 from rayscreen.testing import make_plate, random_field
 
+from ..bench_loader import load_benchmark
+
 pytestmark = pytest.mark.integration
 
 WELLS = ("A01", "A02", "B01", "B02", "C03")
@@ -106,16 +108,6 @@ def test_read_wells_without_ray(tmp_path):
     assert sum(len(b["well"]) for b in batches) == 15 and batches[0]["image"].shape == (4, 2, 32, 40)
 
 
-def _benchmark_module():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "stream.py")
-    spec = importlib.util.spec_from_file_location("bench_stream", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path):
     """Backpressure: streaming 4 plates peaks at most 25% above streaming 1 plate of the
     same size. Measured as the summed PSS (shared object-store pages counted once) of a
@@ -123,7 +115,7 @@ def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path):
     sampled every 50 ms (benchmarks/stream.py --memory); a fresh process, so that what
     earlier tests of this session left running does not dilute the comparison. 1 plate
     first, so what it leaves behind counts against the 4-plate run."""
-    bench = _benchmark_module()
+    bench = load_benchmark("stream")
     result = bench.memory("tiny", str(tmp_path))
     plate_bytes = int(result["plate_mb"] * 1e6)
     one, four = result["one"], result["four"]

@@ -6,27 +6,18 @@ accuracy is not asserted (one epoch on 16 images), only that every figure is pro
 in range and consistent with its counts.
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from ..bench_loader import load_benchmark
+
 pytestmark = pytest.mark.integration
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_wscnn_sim", os.path.join(ROOT, "benchmarks", "wscnn_sim.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_smoke_preset_produces_the_table(ray_local, tmp_path):
-    bench = _bench()
+    bench = load_benchmark("wscnn_sim")
     out, fig = str(tmp_path / "out"), str(tmp_path / "fig.png")
     summary = bench.run("smoke", out, ["max"], seed=0, figure_path=fig, progress=False)
 
