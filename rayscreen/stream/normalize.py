@@ -362,7 +362,11 @@ def normalization_entry(plate_uri: str, storage_options: dict[str, Any] | None =
 
 def load_normalization(plate_uri: str, storage_options: dict[str, Any] | None = None) -> IntensityScaler | None:
     """The plate's stored scaler, or ``None`` if it has none."""
-    entry = normalization_entry(plate_uri, storage_options)
+    return _scaler_of(plate_uri, normalization_entry(plate_uri, storage_options))
+
+
+def _scaler_of(plate_uri: str, entry: dict[str, Any] | None) -> IntensityScaler | None:
+    """The scaler of a stored normalisation entry (``None`` for none), errors naming the plate."""
     if not entry:
         return None
     try:
@@ -377,21 +381,23 @@ def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = N
     """The plate's stored scaler, checked for a stream with ``illumination`` on or off (and,
     when given, fitted by ``method``: the config's ``stream.normalize``).
 
-    Raises, naming the plate, when none is stored, when it is another method's, when it was fitted on fields corrected
-    differently from what the stream feeds it (statistics of corrected fields applied to raw
-    ones, or the reverse, are silently wrong by the illumination's factor), or when it was
-    fitted after another illumination function than the one stored now.
+    Raises, naming the plate, when none is stored, when it is another method's, when it was
+    fitted on fields corrected differently from what the stream feeds it (statistics of
+    corrected fields applied to raw ones, or the reverse, are silently wrong by the
+    illumination's factor), or when it was fitted after another illumination function than
+    the one stored now.
     """
     from .illumination import illumination_entry
 
-    norm = load_normalization(plate_uri, storage_options)
+    entry = normalization_entry(plate_uri, storage_options)  # read once: a remote plate's attrs are a GET
+    norm = _scaler_of(plate_uri, entry)
     if norm is None:
         raise RayscreenError(f"plate {plate_uri}: no normalisation stored; fit one with `rayscreen illum` "
                              "(stream.normalize) first, or set stream.normalize: none")
     if method is not None and norm.method != method:
         raise RayscreenError(f"plate {plate_uri}: stores a {norm.method!r} normalisation but stream.normalize is "
                              f"{method!r}; rerun `rayscreen illum` or change stream.normalize")
-    fit = normalization_entry(plate_uri, storage_options).get("fit") or {}
+    fit = entry.get("fit") or {}
     if "illumination" in fit and (fit["illumination"] is not None) != illumination:
         raise RayscreenError(
             f"plate {plate_uri}: its normaliser was fitted on "
