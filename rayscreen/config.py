@@ -121,6 +121,9 @@ class InferConfig:
     mask_threshold: float = 0.5  # of each map's maximum
     mask_nms_size: int = 21  # local non-maximum suppression window (about the object size, px)
     split: Literal["all", "test", "val"] = "all"  # which wells of the train split to score
+    # also write each field's mask as an NGFF label image of this name into the input
+    # plates (<well>/<field>/labels/<name>), for napari & co.; needs write access to them
+    labels: str | None = None
     overwrite: bool = False
     num_cpus: float = 1.0  # CPUs per actor (its torch threads); GPUs: 1 per actor when present
 

@@ -19,6 +19,10 @@ hidden behind compute); a call returns only once all its wells are written. Each
 gets at least 4 forward batches of work, so Ray's per-call overhead and the one read a
 call cannot hide (its first well's) stay small; ``benchmarks/infer.py`` measures it.
 
+With ``infer.labels: NAME`` each field's mask is also written into the input plate as
+an NGFF label image (:class:`rayscreen.store.labels.LabelWriter`), queued on the write
+thread before the well's results, so the well's done flag covers it too.
+
 Resume: wells already done are dropped from the dataset before anything is read.
 Every check of the inputs (checkpoint, channels, classes, input size, output URI)
 happens on the driver before the first pixel is read.
@@ -39,6 +43,7 @@ import pandas as pd
 
 from ..config import Config, ConfigError, dump_config
 from ..store import MissingWellError, RayscreenError, open_plate
+from ..store.labels import LabelWriter, check_label_name
 from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, join
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
@@ -137,6 +142,7 @@ class InferPlan:
     options: StreamOptions
     settings: PredictorSettings
     meta: Any
+    labels: str | None = None  # label image name: masks also written into the plates
 
 
 def _device() -> str:
@@ -167,6 +173,17 @@ class InferWells:
         # one (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
         self.reader, self.writes = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self._plates: dict[str, Any] = {}  # plate URI -> Plate (metadata read once per actor)
+        self._labels: dict[str, LabelWriter] = {}  # plate URI -> its label writer (infer.labels)
+
+    def _write_labels(self, row: dict[str, Any], names: list[str], masks: np.ndarray) -> None:
+        uri = row["plate_uri"]
+        writer = self._labels.get(uri) or self._labels.setdefault(
+            uri, LabelWriter(uri, self.plan.options.storage_options))
+        for name, mask in zip(names, masks):
+            writer.write(row["well"], name, mask, self.plan.labels, level=self.plan.options.level,
+                         downsample=self.plan.settings.saliency_downsample,
+                         description=f"rayscreen infer: {self.plan.settings.saliency} saliency mask "
+                                     f"({self.plan.checkpoint})")
 
     def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
         uri = row["plate_uri"]
@@ -195,6 +212,9 @@ class InferWells:
             for row, fut in zip(rows, futures):
                 fields, names, images = fut.result()
                 pred = self.predictor({"image": images}) if images is not None else None
+                if self.plan.labels and pred is not None:
+                    # queued before the well's results: its done flag, written last, covers them
+                    written.append(self.writes.submit(self._write_labels, row, names, pred["mask"]))
                 values = well_outputs([str(f) for f in fields], {n: i for i, n in enumerate(names)}, pred,
                                       self.plan.n_fields, self.aggregate, self.shapes, self.model)
                 written.append(self.writes.submit(self.writer.write_well, int(row["index"]), values))
@@ -256,6 +276,13 @@ def plan_infer(config: Config) -> InferPlan:
         raise ConfigError(f"infer.saliency_downsample {ic.saliency_downsample}: expected 1..{min(field_shape)}")
     if ic.batch_size < 1 or ic.concurrency < 1:
         raise ConfigError("infer.batch_size and infer.concurrency must be >= 1")
+    if ic.labels is not None:
+        if ic.saliency == "none":
+            raise ConfigError(f"infer.labels {ic.labels!r}: needs a saliency mask; infer.saliency is 'none'")
+        try:
+            check_label_name(ic.labels)
+        except RayscreenError as e:
+            raise ConfigError(f"infer.labels: {e}") from None
 
     tasks = plan_wells(uris, so)
     if ic.split != "all":
@@ -284,7 +311,8 @@ def plan_infer(config: Config) -> InferPlan:
                                  mask_threshold=ic.mask_threshold, mask_nms_size=ic.mask_nms_size)
     return InferPlan(checkpoint=checkpoint, results_uri=join(config.output, "results.zarr"), wells=wells,
                      n_fields=max(n_fields, 1), field_shape=field_shape, classes=[str(c) for c in meta.classes],
-                     feature_dim=int(model.feature_dim), options=options, settings=settings, meta=meta)
+                     feature_dim=int(model.feature_dim), options=options, settings=settings, meta=meta,
+                     labels=ic.labels)
 
 
 def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:

@@ -33,7 +33,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 from skimage.filters import gaussian
 
 from .common import (STREAM_COMPOUND, STREAM_LAYOUT, STREAM_PLATE, field_rng, import_create_plate, join, plate_uri,

@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 import torch
 
 from rayscreen.config import config_from_dict

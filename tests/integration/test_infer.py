@@ -113,6 +113,34 @@ def test_corrupt_field_skipped_and_reported(tmp_path, screen):
         run_infer(infer_config([plate], ckpt, tmp_path / "strict"), progress=False)
 
 
+def test_masks_as_ngff_labels_in_the_plates(tmp_path, screen):
+    """infer.labels: every scored field gets its results mask, at full resolution, as a label
+    image in the (copied) plate; a rerun of the finished store rewrites nothing."""
+    from rayscreen.store.labels import read_label
+
+    uris, ckpt, root, reference = screen
+    plates = [shutil.copytree(u, str(tmp_path / os.path.basename(u))) for u in uris]
+    out = run_infer(infer_config(plates, ckpt, tmp_path / "out", labels="saliency"), progress=False)
+    ds, ref = xr.open_zarr(out), xr.open_zarr(reference)
+    np.testing.assert_array_equal(ds["mask"].values, ref["mask"].values)  # results unchanged by labels
+    assert ds["mask"].values.any()
+    for i, key in enumerate(ds["well"].values):
+        plate, well = key.split("/")
+        for f in range(3):
+            label = read_label(plates[int(plate[1]) - 1], well, f, "saliency")
+            np.testing.assert_array_equal(label, np.kron(ds["mask"].values[i, f], np.ones((4, 4), np.uint8)))
+    labels = [os.path.join(d, f) for p in plates for d, _, fs in os.walk(p) if "/labels" in d for f in fs]
+    stamps = {f: os.stat(f).st_mtime_ns for f in labels}
+    assert len(stamps) > 2 * len(WELLS) * 3  # an array chunk and metadata per field at least
+    run_infer(infer_config(plates, ckpt, tmp_path / "out", labels="saliency"), progress=False)
+    assert {f: os.stat(f).st_mtime_ns for f in labels} == stamps
+    with pytest.raises(ConfigError, match="infer.labels 'saliency': needs a saliency mask"):
+        run_infer(infer_config(plates, ckpt, tmp_path / "o", labels="saliency", saliency="none"), progress=False)
+    with pytest.raises(ConfigError, match="infer.labels: label name 'a/b'"):
+        run_infer(infer_config(plates, ckpt, tmp_path / "o", labels="a/b"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_inputs_fail_before_reading(tmp_path, screen):
     uris, ckpt, root, ref = screen
     with pytest.raises(RayscreenError, match="not a rayscreen model artefact"):

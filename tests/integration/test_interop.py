@@ -68,7 +68,7 @@ def test_our_plates_read_in_ome_zarr_py(tmp_path, ngff):
 
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 def test_our_plates_validate_against_ngff_schemas(tmp_path, ngff):
-    models = pytest.importorskip("ome_zarr_models")
+    pytest.importorskip("ome_zarr_models")
     from ome_zarr_models import v04, v05
 
     uri = make_plate(str(tmp_path / "ours.zarr"), ngff=ngff)
@@ -77,3 +77,54 @@ def test_our_plates_validate_against_ngff_schemas(tmp_path, ngff):
     hcs = (v05 if ngff == "0.5" else v04).HCS.from_zarr(group)
     assert hcs.n_wells == 4
     assert len(list(hcs.well_groups)) == 4
+
+
+def _label_nodes(image_uri):
+    """{label name: ome-zarr-py node} of the label images ome-zarr-py finds under an image."""
+    return {n.metadata.get("name"): n for n in Reader(parse_url(image_uri))()
+            if "Label" in [type(s).__name__ for s in n.specs]}
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_label_images_read_in_ome_zarr_py_and_validate(tmp_path, ngff):
+    pytest.importorskip("ome_zarr_models")
+    from ome_zarr_models import v04, v05
+
+    from rayscreen.store.labels import LabelWriter
+
+    uri = make_plate(str(tmp_path / "ours.zarr"), ngff=ngff, levels=2)  # fields 32 x 40
+    mask = np.zeros((8, 10), np.uint8)
+    mask[2:4, 3:5] = 1
+    LabelWriter(uri).write("B01", 1, mask, "saliency", downsample=4, description="test mask")
+    labels = _label_nodes(f"{uri}/B/1/1")
+    assert list(labels) == ["saliency"]
+    level0, level1 = (np.asarray(d) for d in labels["saliency"].data)
+    expected = np.kron(mask, np.ones((4, 4), np.uint8))
+    np.testing.assert_array_equal(level0, expected)
+    np.testing.assert_array_equal(level1, expected[::2, ::2])
+    # the plate, its images and the label group all still validate; the pixels are untouched
+    models = v05 if ngff == "0.5" else v04
+    group = zarr.open_group(uri, mode="r")
+    assert models.HCS.from_zarr(group).n_wells == 4
+    listed = models.Labels.from_zarr(group["B/1/1/labels"]).attributes
+    assert (listed.ome.labels if ngff == "0.5" else listed.labels) == ["saliency"]
+    np.testing.assert_array_equal(open_plate(uri).read("B01", 1), random_field(0, "B01", 1, (2, 32, 40)))
+
+
+@pytest.mark.parametrize("fmt", [FormatV04(), FormatV05()], ids=["0.4", "0.5"])
+def test_label_images_into_an_ome_zarr_py_plate(tmp_path, fmt):
+    """A foreign plate (czyx, 2x pyramid): the label has axes zyx with z of size 1, the image's scales."""
+    from rayscreen.store.labels import LabelWriter, read_label
+
+    _write_with_ome_zarr(tmp_path / "ozp.zarr", fmt)
+    uri = str(tmp_path / "ozp.zarr")
+    mask = np.zeros((16, 12), np.uint8)  # level 1 (32 x 24) downsampled 2x
+    mask[5, 7] = 1
+    LabelWriter(uri).write("A03", "1", mask, "cells", level=1, downsample=2)
+    node = _label_nodes(f"{uri}/A/3/1")["cells"]
+    assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
+    level0 = np.asarray(node.data[0])
+    assert level0.shape == (1, 64, 48)
+    # one mask pixel = 2 level-1 pixels = 4 level-0 pixels
+    assert level0.sum() == 16 and level0[0, 20:24, 28:32].all()
+    np.testing.assert_array_equal(read_label(uri, "A03", "1", "cells", level=1), np.kron(mask, np.ones((2, 2))))

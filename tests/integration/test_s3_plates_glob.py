@@ -1,5 +1,5 @@
-"""``plates:`` globs on S3 (``s3://bucket/screen/*.zarr``) expand through fsspec, against a
-real S3-protocol server (moto) on 127.0.0.1."""
+"""Plates on S3, against a real S3-protocol server (moto) on 127.0.0.1: ``plates:`` globs
+(``s3://bucket/screen/*.zarr``) expand through fsspec; label images write and read back."""
 
 import re
 
@@ -38,3 +38,27 @@ def test_s3_glob_matching_nothing_names_the_pattern(s3_bucket):
     pattern = f"{bucket}/screen/*.ome.zarr"
     with pytest.raises(RayscreenError, match=re.escape(f"plate glob '{pattern}' matches nothing")):
         expand_uris([pattern], options)
+
+
+def test_label_images_on_s3(s3_bucket):
+    """Label images written into an s3:// plate read back through our reader and ome-zarr-models."""
+    import numpy as np
+    import zarr
+
+    from rayscreen.store.labels import LabelWriter, read_label
+    from rayscreen.store.uri import make_store
+
+    bucket, options = s3_bucket
+    uri = make_plate(f"{bucket}/screen/PL.zarr", "PL", wells=("A01", "B02"), fields=2, field_shape=(16, 24),
+                     levels=2, storage_options=options)
+    mask = np.zeros((4, 6), np.uint8)
+    mask[1, 2] = 1
+    LabelWriter(uri, options).write("B02", 1, mask, "saliency", downsample=4)
+    np.testing.assert_array_equal(read_label(uri, "B02", 1, "saliency", storage_options=options),
+                                  np.kron(mask, np.ones((4, 4), np.uint8)))
+    assert read_label(uri, "B02", 1, "saliency", level=1, storage_options=options).shape == (8, 12)
+    models = pytest.importorskip("ome_zarr_models.v05")
+    group = zarr.open_group(store=make_store(uri, options, read_only=True, strict=False), mode="r")
+    assert models.Labels.from_zarr(group["B/2/1/labels"]).attributes.ome.labels == ["saliency"]
+    with pytest.raises(RayscreenError, match="well A01 field 0: no label image"):
+        read_label(uri, "A01", 0, "saliency", storage_options=options)

@@ -1,0 +1,63 @@
+"""NGFF label images: the pyramid mapping on arrays, and writing into a plate's fields."""
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from rayscreen.store import RayscreenError
+from rayscreen.store.labels import LabelWriter, label_levels, read_label
+from rayscreen.testing import make_plate
+
+
+def test_label_levels_maps_each_level_pixel_to_the_mask_pixel_of_its_corner():
+    mask = np.array([[1, 0, 0], [0, 0, 1]], np.uint8)  # step 4: covers 8 x 12 level-0 pixels
+    level0, level1, level2 = label_levels(mask, 4, [(10, 13), (5, 6), (2, 3)], [1, 2, 4])
+    expected = np.zeros((10, 13), np.uint8)
+    expected[:4, :4] = 1
+    expected[4:8, 8:12] = 1  # rows 8-9 and column 12: beyond the mask, 0
+    np.testing.assert_array_equal(level0, expected)
+    np.testing.assert_array_equal(level1, expected[::2, ::2][:5, :6])
+    np.testing.assert_array_equal(level2, [[1, 0, 0], [0, 0, 1]])
+
+
+def test_label_levels_identity_at_step_one():
+    mask = (np.random.default_rng(0).random((7, 9)) > 0.5).astype(np.uint8)
+    (out,) = label_levels(mask, 1, [(7, 9)], [1])
+    np.testing.assert_array_equal(out, mask)
+
+
+def _files(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            out[os.path.relpath(os.path.join(d, f), root)] = open(os.path.join(d, f), "rb").read()
+    return out
+
+
+def test_rewrite_is_byte_identical_and_other_labels_and_wells_are_kept(tmp_path):
+    uri = make_plate(str(tmp_path / "p.zarr"), field_shape=(16, 20))
+    writer = LabelWriter(uri)
+    mask = np.eye(4, 5, dtype=np.uint8)
+    writer.write("A01", 0, mask, "nuclei", downsample=4)
+    writer.write("A01", 0, mask, "saliency", downsample=4)
+    before = _files(uri)
+    writer.write("A01", 0, mask, "saliency", downsample=4)
+    assert _files(uri) == before
+    listed = zarr.open_group(uri, mode="r")["A/1/0/labels"].attrs.asdict()["ome"]["labels"]
+    assert listed == ["nuclei", "saliency"]
+    assert not any("/labels/" in k for k in before if not k.startswith("A/1/0/"))
+    np.testing.assert_array_equal(read_label(uri, "A01", 0, "saliency"), np.kron(mask, np.ones((4, 4))))
+
+
+def test_bad_label_input_names_plate_well_and_field(tmp_path):
+    uri = make_plate(str(tmp_path / "p.zarr"), field_shape=(16, 20))
+    writer = LabelWriter(uri)
+    with pytest.raises(RayscreenError, match=r"plate 'P1' well A02 field 1: mask shape \(3, 3\); expected \(4, 5\)"):
+        writer.write("A02", 1, np.zeros((3, 3), np.uint8), "saliency", downsample=4)
+    with pytest.raises(RayscreenError, match="label name 'a/b'"):
+        writer.write("A02", 1, np.zeros((4, 5), np.uint8), "a/b", downsample=4)
+    with pytest.raises(RayscreenError, match="plate 'P1' well A02 field 0: no label image 'saliency'"):
+        read_label(uri, "A02", 0, "saliency")
+    assert "labels" not in zarr.open_group(uri, mode="r")["A/2/1"]  # nothing written by the failed calls
