@@ -50,13 +50,16 @@ LEARNED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
                               "learned-profiles.yaml")
 
 
-def learned_config(uris: list[str], output: str, qc: dict, epochs: int | None = None, seed: int = 0):
+def learned_config(uris: list[str], output: str, qc: dict, epochs: int | None = None, seed: int = 0,
+                   settings: dict | None = None):
     """The shipped ``jobs/configs/learned-profiles.yaml`` on this screen: train a class-map
     network on the wells' compound labels, infer every well, aggregate the inference store
-    (settings and their reasons are in the YAML); ``qc``: the analysis.qc section."""
+    (settings and their reasons are in the YAML); ``qc``: the analysis.qc section;
+    ``settings``: further ``{"train.mixup": 0.2, ...}`` overrides (``--learned-set``)."""
     from rayscreen.config import load_config
 
-    overrides = {"plates": uris, "output": output, "analysis.qc": qc, "train.seed": seed, "train.split.seed": seed}
+    overrides = {**(settings or {}), "plates": uris, "output": output, "analysis.qc": qc, "train.seed": seed,
+                 "train.split.seed": seed}
     if epochs:
         overrides["train.epochs"] = epochs
     return load_config(LEARNED_CONFIG, overrides=overrides)
@@ -118,7 +121,14 @@ def main(argv=None) -> int:
     p.add_argument("--learned-epochs", type=int, help="training epochs of --learned (default: the config's)")
     p.add_argument("--learned-seed", type=int, help="training (and well split) seed of --learned (default: --seed); "
                    "the run goes to <out>/run-learned-s<seed>")
+    p.add_argument("--learned-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the learned config (YAML value), e.g. --learned-set train.mixup=0.2; "
+                        "the run goes to <out>/run-learned-<name> with --learned-name")
+    p.add_argument("--learned-name", help="suffix of the learned run's directory (default: from --learned-seed)")
     args = p.parse_args(argv)
+    from rayscreen.config import parse_overrides
+
+    learned_settings = parse_overrides(args.learned_set)
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
 
@@ -175,8 +185,10 @@ def main(argv=None) -> int:
         # artefact probe runs on the learned embeddings
         lseed = args.seed if args.learned_seed is None else args.learned_seed
         lout = f"{out}/run-learned" if args.learned_seed is None else f"{out}/run-learned-s{lseed}"
+        if args.learned_name:
+            lout = f"{out}/run-learned-{args.learned_name}"
         lconfig = learned_config(uris, lout, {"annotations": f"{out}/qc.csv", "method": args.qc_method,
-                                              "features": "deep"}, args.learned_epochs, lseed)
+                                              "features": "deep"}, args.learned_epochs, lseed, learned_settings)
         learned = run_pipeline(lconfig, stages=["train", "infer", "aggregate", "evaluate"],
                                progress=False)["evaluate"]["feature_sets"]["deep"]
         t_learned = time.perf_counter() - t0

@@ -99,6 +99,9 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     crop: int | None = None  # random crops of this size for training
+    # regularisers for noisy weak labels (a low-dose well may look like the control):
+    mixup: float = 0.0  # Beta(a, a) of mixup (Zhang et al. 2018) between images of a batch; 0: off
+    label_smoothing: float = 0.0  # of the training cross-entropy (validation loss stays plain)
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
     run_name: str = "train"

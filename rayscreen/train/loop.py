@@ -33,7 +33,7 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .step import (augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
-                   random_crops, repeat_rows, step_scheduler, train_step)
+                   mixup, random_crops, repeat_rows, step_scheduler, train_step)
 
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
 EVENTS = "events.jsonl"  # one line per worker-group start: {"event": "start", "from_epoch": k, ...}
@@ -383,9 +383,10 @@ def worker_threads(cpus_per_worker: float) -> int:
     return max(1, math.ceil(cpus_per_worker - 1e-9))
 
 
-def make_transform(config: Config, rank: int, epoch: int):
+def make_transform(config: Config, rank: int, epoch: int, num_classes: int | None = None):
     """(images, labels) -> (images, labels) for training: mosaics, crops, augmentation,
-    seeded by (train.seed, rank, epoch) so a resumed epoch draws what it drew before."""
+    mixup (labels become (B, num_classes) soft targets), seeded by (train.seed, rank,
+    epoch) so a resumed epoch draws what it drew before."""
     from ..stream.augment import Augmenter, class_mosaics
 
     t = config.train
@@ -401,6 +402,8 @@ def make_transform(config: Config, rank: int, epoch: int):
             images = random_crops(images, t.crop, generator)
         if augmenter is not None:
             images = augmenter(images)
+        if t.mixup > 0:
+            images, labels = mixup(images, labels, num_classes, t.mixup, generator)
         return images, labels
 
     return transform
@@ -469,7 +472,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     upcoming = None
     for epoch in range(state.epoch + 1, t.epochs + 1):
         start = time.time()
-        transform = make_transform(config, rank, epoch)
+        transform = make_transform(config, rank, epoch, len(cfg["classes"]))
         loss_sum, n = 0.0, 0
         batches = upcoming if upcoming is not None else epoch_batches(epoch)
         upcoming = None
@@ -483,7 +486,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             wait += waited
             first_wait = waited if first_wait is None else first_wait
             images, labels = batch["image"], batch[LABEL_COL]
-            loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip, amp=amp)
+            loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip, amp=amp,
+                              label_smoothing=t.label_smoothing)
             loss_sum += loss * len(labels)
             n += len(labels)
             if i == 0:

@@ -159,6 +159,10 @@ def plan_run(config: Config) -> TrainPlan:
         raise ConfigError(f"train.cpus_per_worker: {t.cpus_per_worker}; expected > 0")
     if t.crop is not None and t.crop < 8:
         raise ConfigError(f"train.crop: {t.crop}; expected a size of at least 8 pixels or null")
+    if t.mixup < 0:
+        raise ConfigError(f"train.mixup: {t.mixup}; expected the Beta parameter alpha > 0 (e.g. 0.2), or 0 for off")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing: {t.label_smoothing}; expected 0 <= value < 1")
     if t.augment.scale is not None and (len(t.augment.scale) != 2 or not 0 < t.augment.scale[0] <= t.augment.scale[1]):
         raise ConfigError(f"train.augment.scale: {t.augment.scale}; expected [low, high] with 0 < low <= high")
     if not config.plates:

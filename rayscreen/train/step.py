@@ -72,6 +72,22 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
     return torch.stack([images[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))])
 
 
+def mixup(images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float,
+          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch.
+
+    images (B, C, H, W), labels (B,) class indices -> images (B, C, H, W) and soft targets
+    (B, K): ``lam * x + (1 - lam) * x[perm]`` and the same mix of one-hot labels, with one
+    ``lam ~ Beta(alpha, alpha)`` per batch and ``perm`` a random permutation, both drawn
+    from ``generator`` (so a resumed epoch draws the same).
+    """
+    # torch's Beta has no generator argument: draw a seed from the generator for numpy's
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).beta(alpha, alpha))
+    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    one_hot = F.one_hot(labels, num_classes).to(images.dtype)
+    return lam * images + (1 - lam) * images[perm], lam * one_hot + (1 - lam) * one_hot[perm]
+
+
 def balance_repeats(counts: dict[int, int]) -> dict[int, int]:
     """Class-balanced sampling by repetition: each class's rows are repeated
     ``round(max_count / count)`` times per epoch, so every class contributes about as
@@ -94,12 +110,13 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def model_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               amp: bool = False) -> torch.Tensor:
-    """Cross-entropy of the model's logits (B, K) for ``labels`` (B,), plus the model's
-    auxiliary loss where it defines one (``model.aux_loss(logits, labels)``)."""
+               amp: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the model's logits (B, K) for ``labels`` (B,) class indices or
+    (B, K) class probabilities (mixup), plus the model's auxiliary loss where it defines
+    one (``model.aux_loss(logits, labels)``)."""
     with _autocast(images.device, amp):
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     aux = getattr(_unwrap(model), "aux_loss", None)
     if callable(aux):
         extra = aux(logits, labels)
@@ -115,16 +132,17 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, transform: Callable[[torch.Tensor, torch.Tensor],
                                                             tuple[torch.Tensor, torch.Tensor]] | None = None,
-               grad_clip: float | None = None, amp: bool = False) -> float:
+               grad_clip: float | None = None, amp: bool = False, label_smoothing: float = 0.0) -> float:
     """One optimisation step on a batch (B, C, H, W) with labels (B,); returns the loss.
 
-    ``transform(images, labels) -> (images, labels)`` runs first (mosaics, crops, augmentation).
+    ``transform(images, labels) -> (images, labels)`` runs first (mosaics, crops,
+    augmentation, mixup: it may turn the labels into (B, K) soft targets).
     """
     model.train()
     if transform is not None:
         images, labels = transform(images, labels)
     optimizer.zero_grad(set_to_none=True)
-    loss = model_loss(model, images, labels, amp)
+    loss = model_loss(model, images, labels, amp, label_smoothing)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()}; lower train.lr or set train.grad_clip")
     loss.backward()

@@ -9,8 +9,8 @@ from torch import nn
 
 from rayscreen.config import TrainConfig
 from rayscreen.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from rayscreen.train.step import (balance_repeats, classification_metrics, make_optimizer, make_scheduler, predict,
-                                  random_crops, repeat_rows, step_scheduler, train_step)
+from rayscreen.train.step import (balance_repeats, classification_metrics, make_optimizer, make_scheduler, mixup,
+                                  model_loss, predict, random_crops, repeat_rows, step_scheduler, train_step)
 
 
 def test_metrics_binary_by_hand():
@@ -59,6 +59,43 @@ def test_random_crops_are_windows_of_each_image():
         assert torch.equal(crops[i], images[i, :, y:y + 4, x:x + 4])
     with pytest.raises(ValueError, match="larger than the fields"):
         random_crops(images, 7, torch.Generator())
+
+
+def test_mixup_blends_pairs_of_the_batch_and_their_labels():
+    # image i is the constant i and has class i, so each soft target tells which pair was mixed
+    images = torch.arange(4, dtype=torch.float32).reshape(4, 1, 1, 1).expand(4, 1, 2, 2).clone()
+    labels = torch.arange(4)
+    mixed, targets = mixup(images, labels, 4, 0.4, torch.Generator().manual_seed(3))
+    assert mixed.shape == (4, 1, 2, 2) and targets.shape == (4, 4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    lams = targets[torch.arange(4), labels]
+    lam = lams.min().item()  # one lam per batch; an image the permutation maps to itself keeps 1
+    assert 0 < lam < 1 and all(abs(v - lam) < 1e-6 or abs(v - 1) < 1e-6 for v in lams.tolist())
+    partners = []
+    for i in range(4):
+        other = targets[i].clone()
+        other[i] -= lam
+        j = int(other.argmax())  # the class (= image) mixed in with weight 1 - lam (i itself if fixed)
+        partners.append(j)
+        torch.testing.assert_close(mixed[i], torch.full((1, 2, 2), lam * i + (1 - lam) * j))
+    assert sorted(partners) == [0, 1, 2, 3]  # a permutation of the batch
+    again = mixup(images, labels, 4, 0.4, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], targets)  # seeded: a resumed epoch repeats
+    # alpha -> 0: lam is ~0 or ~1, every image (nearly) one of the batch
+    near, _ = mixup(images, labels, 4, 1e-3, torch.Generator().manual_seed(0))
+    assert torch.allclose(near, near.round(), atol=1e-2)
+
+
+def test_model_loss_soft_targets_and_label_smoothing():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = toy(8)
+    hard = model_loss(model, x, y)
+    one_hot = nn.functional.one_hot(y, 2).float()
+    torch.testing.assert_close(model_loss(model, x, one_hot), hard)  # one-hot targets = class indices
+    logp = nn.functional.log_softmax(model(x), 1)
+    smoothed = -(0.9 * one_hot + 0.05) * logp  # smoothing 0.1 over 2 classes
+    torch.testing.assert_close(model_loss(model, x, y, label_smoothing=0.1), smoothed.sum(1).mean())
 
 
 class Tiny(nn.Module):
