@@ -148,6 +148,9 @@ def format_summary(s: dict) -> str:
     qc = s.get("qc") or {}
     if qc:
         lines.append("  QC        " + ", ".join(f"{k} {_fmt(v)}" for k, v in qc.items() if isinstance(v, (int, float))))
+    if s.get("plates"):
+        lines.append(f"  masks     NGFF label images in the plates ({os.path.dirname(s['plates'][0])}/*.zarr/<row>/<column>/"
+                     "<field>/labels/saliency): napari overlays them")
     lines.append(f"  report    {s['report']}")
     return "\n".join(lines)
 

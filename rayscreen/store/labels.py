@@ -126,7 +126,9 @@ class LabelWriter:
         # the listing last: a reader never finds a listed label without its arrays
         listed, _ = ome_attributes(dict(labels.attrs.asdict()))
         names = [n for n in listed.get("labels", []) if n != name] + [name]
-        labels.attrs.update(wrap_ome({"labels": names}, version))
+        # other keys another tool keeps there survive (0.5: inside "ome")
+        extra = {k: v for k, v in listed.items() if k not in ("labels", "version")}
+        labels.attrs.update(wrap_ome({**extra, "labels": names}, version))
 
 
 def read_label(uri: str, well: str, field: str | int, name: str, level: int = 0,

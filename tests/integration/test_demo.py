@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from rayscreen.demo import run_demo
@@ -34,6 +35,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path, ray_local, capsys):
     results = xr.open_zarr(str(run / "results.zarr"))
     assert results.sizes["well"] == 96 and bool((results["done"] == 1).all())
     assert int(results["n_fields"].sum()) == 288
+    # infer.labels: the masks are in the plates as NGFF label images, at full resolution
+    from rayscreen.store.labels import read_label
+
+    plate, well = str(results["well"].values[5]).split("/")
+    uri = next(u for u in summary["plates"] if open_plate(u).name == plate)
+    mask = results["mask"].values[5, 1]
+    np.testing.assert_array_equal(read_label(uri, well, 1, "saliency"), np.kron(mask, np.ones((2, 2), np.uint8)))
     profiles = xr.open_zarr(str(run / "profiles.zarr"))
     assert profiles.sizes["well"] == 96
     with open(run / "evaluation" / "evaluation.json") as f:
