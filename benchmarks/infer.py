@@ -3,6 +3,7 @@
     python benchmarks/infer.py --preset small               # throughput, ratio printed
     python benchmarks/infer.py --preset small --memory      # also: peak RSS, 1 plate vs 4 plates
     python benchmarks/infer.py --preset small --concurrency 2 --num-cpus 1   # pool shape
+    python benchmarks/infer.py --preset small --labels      # also: the cost of infer.labels
 
 Throughput: fields/s of
 
@@ -188,7 +189,7 @@ def infer_pass(cfg) -> dict:
 
 
 def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_size: int | None,
-               repeats: int = 3) -> dict:
+               repeats: int = 3, labels: bool = False) -> dict:
     from rayscreen.infer.run import plan_infer
     from rayscreen.stream.datasource import plan_wells, read_wells
 
@@ -199,8 +200,9 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
     ckpt = make_artefact(root)
     per_plate = p["wells"] * p["fields"]
     n_fields = p["plates"] * per_plate
-    cfg = lambda plates, out: infer_config(plates, ckpt, os.path.join(root, out), batch_size=batch,  # noqa: E731
-                                           concurrency=concurrency, num_cpus=num_cpus)
+    cfg = lambda plates, out, **extra: infer_config(plates, ckpt, os.path.join(root, out),  # noqa: E731
+                                                    batch_size=batch, concurrency=concurrency, num_cpus=num_cpus,
+                                                    **extra)
     # the same fields, in memory, exactly as run_infer's actors hand them to the model
     options = plan_infer(cfg(uris, "plan")).options
     fields = np.concatenate([b["image"] for b in read_wells(plan_wells(uris), options)])
@@ -221,6 +223,10 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
         rounds.append({"forward": forwards, "forward_best": best, "run_infer_total": n_fields / run["total_s"],
                        "run_infer_steady": steady, "first_well_s": stamps[0],
                        "steady_vs_forward": steady / forwards[best]})
+        if labels:  # the same run, also writing every field's mask into the plates (infer.labels)
+            stamps = infer_pass(cfg(uris, f"labels{r}", labels="saliency"))["stamps"]
+            rounds[-1]["labels_steady"] = (len(stamps) - 1 - skip) * p["fields"] / (stamps[-1] - stamps[skip])
+            rounds[-1]["labels_vs_plain"] = rounds[-1]["labels_steady"] / steady
     rnd = lambda x: round(x, 2)  # noqa: E731
     best_forward = max(max(r["forward"].values()) for r in rounds)
     best_steady = max(r["run_infer_steady"] for r in rounds)
@@ -234,7 +240,11 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
             "total_fields_per_s": rnd(best_total),
             "steady_vs_forward": round(best_steady / best_forward, 3),
             "steady_vs_forward_median_round": round(float(np.median([r["steady_vs_forward"] for r in rounds])), 3),
-            "total_vs_forward": round(best_total / best_forward, 3)}
+            "total_vs_forward": round(best_total / best_forward, 3),
+            **({"labels_steady_fields_per_s": rnd(max(r["labels_steady"] for r in rounds)),
+                "labels_vs_plain": round(max(r["labels_steady"] for r in rounds) / best_steady, 3),
+                "labels_vs_plain_median_round": round(float(np.median([r["labels_vs_plain"] for r in rounds])), 3)}
+               if labels else {})}
 
 
 # -- memory
@@ -333,6 +343,10 @@ def _print_throughput(r: dict) -> None:
           f"total {r['total_fields_per_s']} fields/s")
     print(f"run_infer steady / forward = {r['steady_vs_forward']}x (target >= 0.85; median of rounds "
           f"{r['steady_vs_forward_median_round']}x)   total (start-up included) / forward = {r['total_vs_forward']}x")
+    if "labels_vs_plain" in r:
+        print(f"with infer.labels (masks also written into the plates): steady {r['labels_steady_fields_per_s']} "
+              f"fields/s = {r['labels_vs_plain']}x of run_infer without (median of rounds "
+              f"{r['labels_vs_plain_median_round']}x)")
 
 
 def _print_memory(r: dict) -> None:
@@ -356,6 +370,8 @@ def main(argv=None) -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS, 1 vs 4 plates")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurement")
     parser.add_argument("--memory-child", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--labels", action="store_true",
+                        help="each round also runs run_infer with infer.labels (masks into the plates) and compares")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -368,7 +384,7 @@ def main(argv=None) -> None:
     try:
         if not args.memory_only:
             results["throughput"] = throughput(args.preset, root, concurrency, args.num_cpus, args.batch_size,
-                                               args.repeats)
+                                               args.repeats, args.labels)
             if not args.json:
                 _print_throughput(results["throughput"])
         if args.memory or args.memory_only:

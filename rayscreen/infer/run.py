@@ -179,11 +179,10 @@ class InferWells:
         uri = row["plate_uri"]
         writer = self._labels.get(uri) or self._labels.setdefault(
             uri, LabelWriter(uri, self.plan.options.storage_options))
-        for name, mask in zip(names, masks):
-            writer.write(row["well"], name, mask, self.plan.labels, level=self.plan.options.level,
-                         downsample=self.plan.settings.saliency_downsample,
-                         description=f"rayscreen infer: {self.plan.settings.saliency} saliency mask "
-                                     f"({self.plan.checkpoint})")
+        writer.write_fields(row["well"], names, masks, self.plan.labels, level=self.plan.options.level,
+                            downsample=self.plan.settings.saliency_downsample,
+                            description=f"rayscreen infer: {self.plan.settings.saliency} saliency mask "
+                                        f"({self.plan.checkpoint})")
 
     def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
         uri = row["plate_uri"]
