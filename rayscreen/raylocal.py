@@ -6,8 +6,9 @@ starts Ray, gets the same local settings that each stage would have chosen alone
 
 - idle worker processes are kept for a minute (``LOCAL_RAY_SYSTEM_CONFIG``; see
   ``IDLE_WORKER_KEEP_MS``), which training needs to be fast on small nodes;
-- a worker set-up hook quiets one internal Ray logger that floods the console when the Ray
-  dashboard (and with it the state API) is not running (``quiet_ray_loggers``).
+- a worker set-up hook quiets internal Ray Train loggers that flood the console
+  (``quiet_ray_loggers``): one when the Ray dashboard (and with it the state API) is not
+  running, and the per-epoch INFO lines that repeat what rayscreen's own progress says.
 
 This module imports nothing from rayscreen (every layer may use it) and nothing heavy at
 import time: Ray imports it in every worker process of a local Ray.
@@ -34,14 +35,32 @@ LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_
 # it always is on a Ray started without its dashboard (our demo, tests and benchmarks):
 # ~60 lines a minute of training. Errors of that logger still show.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Ray Train logs at INFO, from every worker and every epoch, "Reporting training result N:
+# TrainingReport(...)" (the whole metrics dict) and "Checkpoint successfully created at
+# ...": two long lines per epoch beside rayscreen's own epoch line, which says the same.
+# Warnings and errors of these loggers still show.
+REPORT_LOGGERS = ("ray.train.v2._internal.execution.storage", "ray.train._internal.storage")
+# ... and the first one's logger is named after its file, not its module
+REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
 SETUP_HOOK = f"{__name__}.quiet_ray_loggers"
+
+
+def report_loggers() -> list[str]:
+    """Names of the per-epoch INFO loggers of Ray Train (:data:`REPORT_LOGGERS` and the one
+    named by its file path, found without importing Ray Train)."""
+    import ray
+
+    return [*REPORT_LOGGERS, os.path.join(os.path.dirname(ray.__file__), *REPORT_LOGGER_FILE)]
 
 
 def quiet_ray_loggers() -> None:
     """Worker set-up hook (``runtime_env={"worker_process_setup_hook": SETUP_HOOK}``):
-    raise :data:`QUIET_LOGGERS` to ERROR in this process."""
+    raise :data:`QUIET_LOGGERS` to ERROR and Ray Train's per-epoch INFO loggers to
+    WARNING in this process."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in report_loggers():
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def local_init_kwargs(**overrides: Any) -> dict[str, Any]:

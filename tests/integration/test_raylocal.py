@@ -15,9 +15,18 @@ def test_worker_processes_run_the_setup_hook(ray_local):
 
     @ray_local.remote
     def levels():
-        return [logging.getLogger(name).level for name in QUIET_LOGGERS]
+        # the per-epoch INFO loggers, looked up the way Ray Train names them
+        import ray.train._internal.storage as v1_storage
+        import ray.train.v2._internal.execution.context as context
+        import ray.train.v2._internal.execution.storage as storage
 
-    assert ray_local.get(levels.remote()) == [logging.ERROR] * len(QUIET_LOGGERS)
+        report = [logging.getLogger(context.__file__), logging.getLogger(storage.__name__),
+                  logging.getLogger(v1_storage.__name__)]
+        return [logging.getLogger(name).level for name in QUIET_LOGGERS], [lg.level for lg in report]
+
+    quiet, report = ray_local.get(levels.remote())
+    assert quiet == [logging.ERROR] * len(QUIET_LOGGERS)
+    assert report == [logging.WARNING] * 3
     # and the driver's own loggers are left alone
     assert logging.getLogger(QUIET_LOGGERS[0]).level != logging.ERROR
 
