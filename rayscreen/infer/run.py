@@ -20,8 +20,9 @@ gets at least 4 forward batches of work, so Ray's per-call overhead and the one 
 call cannot hide (its first well's) stay small; ``benchmarks/infer.py`` measures it.
 
 With ``infer.labels: NAME`` each field's mask is also written into the input plate as
-an NGFF label image (:class:`rayscreen.store.labels.LabelWriter`), queued on the write
-thread before the well's results, so the well's done flag covers it too.
+an NGFF label image (:class:`rayscreen.store.labels.LabelWriter`), by the write thread
+just before the well's results, so the well's done flag covers it too (a well whose
+labels failed is not marked done).
 
 Resume: wells already done are dropped from the dataset before anything is read.
 Every check of the inputs (checkpoint, channels, classes, input size, output URI)
@@ -45,7 +46,7 @@ from ..config import Config, ConfigError, dump_config
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.labels import LabelWriter, check_label_name
 from ..store.results import ResultsWriter, Variable, create_results
-from ..store.uri import filesystem, join
+from ..store.uri import filesystem, is_remote, join
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
@@ -175,14 +176,25 @@ class InferWells:
         self._plates: dict[str, Any] = {}  # plate URI -> Plate (metadata read once per actor)
         self._labels: dict[str, LabelWriter] = {}  # plate URI -> its label writer (infer.labels)
 
-    def _write_labels(self, row: dict[str, Any], names: list[str], masks: np.ndarray) -> None:
-        uri = row["plate_uri"]
-        writer = self._labels.get(uri) or self._labels.setdefault(
-            uri, LabelWriter(uri, self.plan.options.storage_options))
-        writer.write_fields(row["well"], names, masks, self.plan.labels, level=self.plan.options.level,
-                            downsample=self.plan.settings.saliency_downsample,
-                            description=f"rayscreen infer: {self.plan.settings.saliency} saliency mask "
-                                        f"({self.plan.checkpoint})")
+    def _write(self, row: dict[str, Any], values: dict[str, np.ndarray], names: list[str], pred) -> None:
+        """Write one well: its label images first (``infer.labels``), then its results,
+        whose done flag comes last -- a well whose labels failed is not marked done."""
+        if self.plan.labels and pred is not None:
+            uri = row["plate_uri"]
+            try:
+                writer = self._labels.get(uri) or self._labels.setdefault(
+                    uri, LabelWriter(uri, self.plan.options.storage_options))
+                writer.write_fields(row["well"], names, pred["mask"], self.plan.labels,
+                                    level=self.plan.options.level, downsample=self.plan.settings.saliency_downsample,
+                                    description=f"rayscreen infer: {self.plan.settings.saliency} saliency mask "
+                                                f"({self.plan.checkpoint})")
+            except RayscreenError:
+                raise
+            except Exception as e:  # the store's own errors (permissions, network) name no well
+                raise RayscreenError(f"plate {row['plate']!r} well {row['well']}: cannot write label image "
+                                     f"{self.plan.labels!r} into {uri} ({type(e).__name__}: {e}); infer.labels "
+                                     "needs write access to the plates") from e
+        self.writer.write_well(int(row["index"]), values)
 
     def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
         uri = row["plate_uri"]
@@ -211,12 +223,9 @@ class InferWells:
             for row, fut in zip(rows, futures):
                 fields, names, images = fut.result()
                 pred = self.predictor({"image": images}) if images is not None else None
-                if self.plan.labels and pred is not None:
-                    # queued before the well's results: its done flag, written last, covers them
-                    written.append(self.writes.submit(self._write_labels, row, names, pred["mask"]))
                 values = well_outputs([str(f) for f in fields], {n: i for i, n in enumerate(names)}, pred,
                                       self.plan.n_fields, self.aggregate, self.shapes, self.model)
-                written.append(self.writes.submit(self.writer.write_well, int(row["index"]), values))
+                written.append(self.writes.submit(self._write, row, values, names, pred))
                 n_used.append(int(values["n_fields"]))
         finally:
             for fut in futures + written:
@@ -282,6 +291,10 @@ def plan_infer(config: Config) -> InferPlan:
             check_label_name(ic.labels)
         except RayscreenError as e:
             raise ConfigError(f"infer.labels: {e}") from None
+        for p in plates:  # the label images go into the plates: fail now, not after the first well
+            if not is_remote(p.uri) and not os.access(p.uri, os.W_OK):
+                raise ConfigError(f"infer.labels {ic.labels!r}: plate {p.name!r} ({p.uri}) is not writable; "
+                                  "label images are written into the plates")
 
     tasks = plan_wells(uris, so)
     if ic.split != "all":

@@ -141,6 +141,30 @@ def test_masks_as_ngff_labels_in_the_plates(tmp_path, screen):
     assert not (tmp_path / "o").exists()
 
 
+def test_failed_label_write_leaves_the_well_not_done_and_a_rerun_finishes(tmp_path, screen):
+    """A label image that cannot be written (a file where its group must go) fails the run
+    naming plate and well; that well is not marked done, and a rerun writes it."""
+    from rayscreen.store.labels import read_label
+
+    uris, ckpt, root, reference = screen
+    plate = shutil.copytree(uris[0], str(tmp_path / "P1.zarr"))
+    blocker = os.path.join(plate, "B", "1", "2", "labels")
+    open(blocker, "w").write("not a group")
+    cfg = infer_config([plate], ckpt, tmp_path / "out", labels="saliency")
+    with pytest.raises(Exception, match=r"plate 'P1' well B01: cannot write label image 'saliency'"):
+        run_infer(cfg, progress=False)
+    store = tmp_path / "out" / "results.zarr"
+    done = xr.open_zarr(str(store), consolidated=False)["done"].values
+    wells = list(xr.open_zarr(str(store), consolidated=False)["well"].values)
+    assert done[wells.index("P1/B01")] == 0
+    os.remove(blocker)
+    ds = xr.open_zarr(run_infer(cfg, progress=False))
+    assert (ds["done"].values == 1).all()
+    i = wells.index("P1/B01")
+    np.testing.assert_array_equal(read_label(plate, "B01", 2, "saliency"),
+                                  np.kron(ds["mask"].values[i, 2], np.ones((4, 4), np.uint8)))
+
+
 def test_bad_inputs_fail_before_reading(tmp_path, screen):
     uris, ckpt, root, ref = screen
     with pytest.raises(RayscreenError, match="not a rayscreen model artefact"):
