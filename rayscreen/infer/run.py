@@ -348,8 +348,6 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     ``on_well(summary)`` is called on the driver for each well written (index,
     n_fields, pid of the actor that wrote it) -- progress hooks and fault tests.
     """
-    import ray
-
     plan = plan_infer(config)
     ic = config.infer
     saliency_shape = None if ic.saliency == "none" else (plan.field_shape[0] // ic.saliency_downsample,
@@ -369,23 +367,9 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score "
               f"-> {plan.results_uri}", file=sys.stderr)
     if todo:
-        gpu = _device() == "cuda"
-        # >= 4 batches of work per actor call: the per-call overhead (Ray's, and the first
-        # well's read, which nothing earlier in the call can hide) stays a small share
-        per_call = max(1, math.ceil(4 * ic.batch_size / plan.n_fields))
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * ic.concurrency * 4)))
-        ds = ds.map_batches(InferWells, fn_constructor_kwargs={"plan": plan, "aggregate": ic.aggregate,
-                                                               "storage_options": config.storage_options,
-                                                               "num_cpus": ic.num_cpus},
-                            batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency), num_gpus=1 if gpu else None,
-                            num_cpus=ic.num_cpus, batch_format="numpy")
-        n = 0
-        for row in ds.iter_rows():
-            n += 1
-            if on_well is not None:
-                on_well(row)
-            if progress and (n % 50 == 0 or n == len(todo)):
-                print(f"infer: {n}/{len(todo)} wells", file=sys.stderr)
+        failure = _score_wells(plan, config, todo, on_well, progress)
+        if failure is not None:
+            raise failure
     missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
     if missing:
         raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")
@@ -393,6 +377,46 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
                     last_run={"computed": len(todo), "skipped": int(done.sum())})
     _write_config(config)
     return plan.results_uri
+
+
+def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
+                 on_well: Callable[[dict[str, Any]], None] | None, progress: bool) -> Exception | None:
+    """Run the actor pool over ``todo``; returns the error that stopped it (None when done).
+
+    Returned, not raised, without tracebacks: the frames of a traceback through here (this one's ``ds``, Ray
+    Data's executor) hold the actor pool, which then keeps its CPUs for as long as anyone
+    holds the error (a notebook, a test, a retrying caller). The caller raises it once this
+    frame is gone; a worker's error keeps its remote traceback in its text.
+    """
+    import ray
+
+    ic = config.infer
+    gpu = _device() == "cuda"
+    # >= 4 batches of work per actor call: the per-call overhead (Ray's, and the first
+    # well's read, which nothing earlier in the call can hide) stays a small share
+    per_call = max(1, math.ceil(4 * ic.batch_size / plan.n_fields))
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * ic.concurrency * 4)))
+    ds = ds.map_batches(InferWells, fn_constructor_kwargs={"plan": plan, "aggregate": ic.aggregate,
+                                                           "storage_options": config.storage_options,
+                                                           "num_cpus": ic.num_cpus},
+                        batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency),
+                        num_gpus=1 if gpu else None, num_cpus=ic.num_cpus, batch_format="numpy")
+    n = 0
+    try:
+        for row in ds.iter_rows():
+            n += 1
+            if on_well is not None:
+                on_well(row)
+            if progress and (n % 50 == 0 or n == len(todo)):
+                print(f"infer: {n}/{len(todo)} wells", file=sys.stderr)
+    except Exception as e:
+        seen, chained = set(), e
+        while chained is not None and id(chained) not in seen:  # the error and those it chains
+            seen.add(id(chained))
+            chained.with_traceback(None)
+            chained = chained.__cause__ or chained.__context__
+        return e
+    return None
 
 
 def _write_config(config: Config) -> None:

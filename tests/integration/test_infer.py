@@ -141,7 +141,7 @@ def test_masks_as_ngff_labels_in_the_plates(tmp_path, screen):
     assert not (tmp_path / "o").exists()
 
 
-def test_failed_label_write_leaves_the_well_not_done_and_a_rerun_finishes(tmp_path, screen):
+def test_failed_label_write_leaves_the_well_not_done_and_a_rerun_finishes(tmp_path, screen, ray_local):
     """A label image that cannot be written (a file where its group must go) fails the run
     naming plate and well; that well is not marked done, and a rerun writes it."""
     from rayscreen.store.labels import read_label
@@ -151,8 +151,14 @@ def test_failed_label_write_leaves_the_well_not_done_and_a_rerun_finishes(tmp_pa
     blocker = os.path.join(plate, "B", "1", "2", "labels")
     open(blocker, "w").write("not a group")
     cfg = infer_config([plate], ckpt, tmp_path / "out", labels="saliency")
-    with pytest.raises(Exception, match=r"plate 'P1' well B01: cannot write label image 'saliency'"):
+    with pytest.raises(Exception, match=r"plate 'P1' well B01: cannot write label image 'saliency'") as failed:
         run_infer(cfg, progress=False)
+    # the failed run's actor pool is gone although its traceback is still held here
+    deadline = time.time() + 20
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.time() < deadline, f"CPUs still held after the failed run: {ray_local.available_resources()}"
+        time.sleep(0.2)
+    assert failed.value is not None
     store = tmp_path / "out" / "results.zarr"
     done = xr.open_zarr(str(store), consolidated=False)["done"].values
     wells = list(xr.open_zarr(str(store), consolidated=False)["well"].values)
