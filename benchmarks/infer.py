@@ -211,6 +211,10 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
     infer_pass(cfg(uris[:1], "warmup"))  # Ray's worker processes, imports, page cache
     per_call = max(1, -(-4 * batch // p["fields"]))  # wells per actor call, as run_infer sizes them
     skip = min(concurrency * per_call, p["plates"] * p["wells"] - 2)  # the first round of calls
+
+    def steady_rate(stamps: list[float]) -> float:  # fields/s between the done flags of well `skip` and the last
+        return (len(stamps) - 1 - skip) * p["fields"] / (stamps[-1] - stamps[skip])
+
     rounds = []
     for r in range(repeats):
         forwards = {f"1 process x {cores} threads": n_fields / forward_pass(fields, ckpt, batch, cores)}
@@ -218,14 +222,13 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
             forwards[f"{cores} processes x 1 thread"] = n_fields / forward_processes(fields, ckpt, batch, cores, root)
         run = infer_pass(cfg(uris, f"all{r}"))
         stamps = run["stamps"]
-        steady = (len(stamps) - 1 - skip) * p["fields"] / (stamps[-1] - stamps[skip])
+        steady = steady_rate(stamps)
         best = max(forwards, key=forwards.get)
         rounds.append({"forward": forwards, "forward_best": best, "run_infer_total": n_fields / run["total_s"],
                        "run_infer_steady": steady, "first_well_s": stamps[0],
                        "steady_vs_forward": steady / forwards[best]})
         if labels:  # the same run, also writing every field's mask into the plates (infer.labels)
-            stamps = infer_pass(cfg(uris, f"labels{r}", labels="saliency"))["stamps"]
-            rounds[-1]["labels_steady"] = (len(stamps) - 1 - skip) * p["fields"] / (stamps[-1] - stamps[skip])
+            rounds[-1]["labels_steady"] = steady_rate(infer_pass(cfg(uris, f"labels{r}", labels="saliency"))["stamps"])
             rounds[-1]["labels_vs_plain"] = rounds[-1]["labels_steady"] / steady
     rnd = lambda x: round(x, 2)  # noqa: E731
     best_forward = max(max(r["forward"].values()) for r in rounds)

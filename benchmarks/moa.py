@@ -50,18 +50,16 @@ LEARNED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
                               "learned-profiles.yaml")
 
 
-def learned_config(uris: list[str], output: str, qc: dict, epochs: int | None = None, seed: int = 0,
-                   settings: dict | None = None):
+def learned_config(uris: list[str], output: str, qc: dict, seed: int = 0, settings: dict | None = None):
     """The shipped ``jobs/configs/learned-profiles.yaml`` on this screen: train a class-map
     network on the wells' compound labels, infer every well, aggregate the inference store
     (settings and their reasons are in the YAML); ``qc``: the analysis.qc section;
-    ``settings``: further ``{"train.mixup": 0.2, ...}`` overrides (``--learned-set``)."""
+    ``settings``: further ``{"train.mixup": 0.2, ...}`` overrides (``--learned-set``,
+    ``--learned-epochs``)."""
     from rayscreen.config import load_config
 
     overrides = {**(settings or {}), "plates": uris, "output": output, "analysis.qc": qc, "train.seed": seed,
                  "train.split.seed": seed}
-    if epochs:
-        overrides["train.epochs"] = epochs
     return load_config(LEARNED_CONFIG, overrides=overrides)
 
 
@@ -129,6 +127,8 @@ def main(argv=None) -> int:
     from rayscreen.config import parse_overrides
 
     learned_settings = parse_overrides(args.learned_set)
+    if args.learned_epochs:
+        learned_settings["train.epochs"] = args.learned_epochs
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
 
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         if args.learned_name:
             lout = f"{out}/run-learned-{args.learned_name}"
         lconfig = learned_config(uris, lout, {"annotations": f"{out}/qc.csv", "method": args.qc_method,
-                                              "features": "deep"}, args.learned_epochs, lseed, learned_settings)
+                                              "features": "deep"}, lseed, learned_settings)
         learned = run_pipeline(lconfig, stages=["train", "infer", "aggregate", "evaluate"],
                                progress=False)["evaluate"]["feature_sets"]["deep"]
         t_learned = time.perf_counter() - t0
