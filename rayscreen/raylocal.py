@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 # Ray kills a worker process idle for 1 s once a node runs more worker processes than it
@@ -90,3 +91,27 @@ def ensure_ray(**overrides: Any) -> bool:
     else:
         ray.init(**local_init_kwargs(**overrides))
     return True
+
+
+def drain(rows: Iterable[Any], handle: Callable[[Any], None]) -> Exception | None:
+    """Pass every item of ``rows`` (a Ray Data iterator) to ``handle``; returns the error that
+    stopped it, or None when all went through.
+
+    Returned, not raised, and without tracebacks (its own and those of the errors it chains):
+    the frames of a traceback through a Ray Data iterator hold its executor and with it an
+    actor pool, whose CPUs (and GPUs) then stay taken for as long as anyone holds the error
+    (a notebook, a test, a retrying caller). Build the dataset in a function that calls this
+    and returns its result, and raise it in the caller once that frame is gone; a worker's
+    error keeps its remote traceback in its text.
+    """
+    try:
+        for row in rows:
+            handle(row)
+    except Exception as e:
+        seen, chained = set(), e
+        while chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            chained.with_traceback(None)
+            chained = chained.__cause__ or chained.__context__
+        return e
+    return None

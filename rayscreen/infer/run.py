@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config, ConfigError, dump_config
+from ..raylocal import drain
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.labels import LabelWriter, check_label_name
 from ..store.results import ResultsWriter, Variable, create_results
@@ -381,13 +382,8 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
 
 def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
                  on_well: Callable[[dict[str, Any]], None] | None, progress: bool) -> Exception | None:
-    """Run the actor pool over ``todo``; returns the error that stopped it (None when done).
-
-    Returned, not raised, without tracebacks: the frames of a traceback through here (this one's ``ds``, Ray
-    Data's executor) hold the actor pool, which then keeps its CPUs for as long as anyone
-    holds the error (a notebook, a test, a retrying caller). The caller raises it once this
-    frame is gone; a worker's error keeps its remote traceback in its text.
-    """
+    """Run the actor pool over ``todo``; returns the error that stopped it (None when done),
+    for the caller to raise once this frame (and the pool) is gone: :func:`drain`."""
     import ray
 
     ic = config.infer
@@ -402,21 +398,16 @@ def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
                         batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency),
                         num_gpus=1 if gpu else None, num_cpus=ic.num_cpus, batch_format="numpy")
     n = 0
-    try:
-        for row in ds.iter_rows():
-            n += 1
-            if on_well is not None:
-                on_well(row)
-            if progress and (n % 50 == 0 or n == len(todo)):
-                print(f"infer: {n}/{len(todo)} wells", file=sys.stderr)
-    except Exception as e:
-        seen, chained = set(), e
-        while chained is not None and id(chained) not in seen:  # the error and those it chains
-            seen.add(id(chained))
-            chained.with_traceback(None)
-            chained = chained.__cause__ or chained.__context__
-        return e
-    return None
+
+    def handle(row: dict[str, Any]) -> None:
+        nonlocal n
+        n += 1
+        if on_well is not None:
+            on_well(row)
+        if progress and (n % 50 == 0 or n == len(todo)):
+            print(f"infer: {n}/{len(todo)} wells", file=sys.stderr)
+
+    return drain(ds.iter_rows(), handle)
 
 
 def _write_config(config: Config) -> None:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from ..config import Config, dump_config
-from ..raylocal import ensure_ray
+from ..raylocal import drain, ensure_ray
 from ..store import RayscreenError, open_plate
 from ..store.results import Variable, create_results
 from ..store.uri import filesystem, join
@@ -168,7 +168,6 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     """
     import ray
 
-    from ..stream import read_plates
     from .image_qc import qc_metric_names
     from .predictor import ProfilePredictor
 
@@ -212,28 +211,6 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         ensure_ray()
         ray.data.DataContext.get_current().enable_progress_bars = progress
         todo_keys = {(wells.at[i, "plate"], wells.at[i, "well"]): i for i in todo}
-        s = config.stream
-        ds = read_plates(plan["uris"], storage_options=config.storage_options, platemap=config.platemap,
-                         wells=sorted({w for _, w in todo_keys}), channels=s.channels, level=s.level,
-                         illumination=s.illumination, normalize=False, on_error=s.on_error,
-                         override_num_blocks=s.override_num_blocks)
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        first = open_plate(plan["uris"][0], config.storage_options)
-        raw_dtype = np.dtype(first.dtype)
-        ds = ds.map_batches(
-            # a fixed pool of cfg.concurrency actors (Ray 2.60: compute=, concurrency= is deprecated)
-            ProfilePredictor, batch_format="numpy", batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if use_gpu else 0,
-            fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, channels=channels,
-                                       channel_mode=cfg.channel_mode, rgb=cfg.rgb, input_size=cfg.input_size,
-                                       tiles=cfg.tiles, classical=cfg.classical, qc=True,
-                                       batch_size=cfg.batch_size, storage_options=config.storage_options,
-                                       normalizers=normalizers,
-                                       # detector clipping level; an illumination-corrected stream is
-                                       # float, its clipped pixels at >= this level where the
-                                       # illumination function is <= 1
-                                       qc_max_value=(float(np.iinfo(raw_dtype).max)
-                                                     if np.issubdtype(raw_dtype, np.integer) else None)))
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         n_classical = len(classical) if classical else None
 
@@ -242,7 +219,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
                                              n_classical, len(qc_names)))
 
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        def on_batch(batch: dict[str, np.ndarray]) -> None:
             for j in range(len(batch["well"])):
                 i = todo_keys.get((str(batch["plate"][j]), str(batch["well"][j])))
                 if i is None:
@@ -255,7 +232,45 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                 if len(pending[i]) == len(plan["fields"][key]):
                     flush(i)
                     todo_keys.pop(key)
+
+        failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
+        if failure is not None:
+            raise failure  # wells written so far stay done; a rerun profiles the rest
         for i in list(todo_keys.values()):  # wells with unread fields (on_error: skip) or none at all
             flush(i)
     writer.finalize()
     return uri
+
+
+def _profile_fields(config: Config, plan: dict[str, Any], wells: list[str], normalizers: dict | None,
+                    on_batch: Callable[[dict[str, np.ndarray]], None]) -> Exception | None:
+    """Stream ``wells`` of the plan's plates through a pool of :class:`ProfilePredictor`
+    actors, passing each batch of field rows to ``on_batch``; returns the error that stopped
+    it (None when done), for the caller to raise once this frame and the pool are gone
+    (:func:`~rayscreen.raylocal.drain`)."""
+    import ray
+
+    from ..stream import read_plates
+    from .predictor import ProfilePredictor
+
+    cfg, s = config.profile, config.stream
+    ds = read_plates(plan["uris"], storage_options=config.storage_options, platemap=config.platemap,
+                     wells=wells, channels=s.channels, level=s.level, illumination=s.illumination,
+                     normalize=False, on_error=s.on_error, override_num_blocks=s.override_num_blocks)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    raw_dtype = np.dtype(open_plate(plan["uris"][0], config.storage_options).dtype)
+    ds = ds.map_batches(
+        # a fixed pool of cfg.concurrency actors (Ray 2.60: compute=, concurrency= is deprecated)
+        ProfilePredictor, batch_format="numpy", batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_gpus=1 if use_gpu else 0,
+        fn_constructor_kwargs=dict(backbone=cfg.backbone, weights=cfg.weights, channels=plan["channels"],
+                                   channel_mode=cfg.channel_mode, rgb=cfg.rgb, input_size=cfg.input_size,
+                                   tiles=cfg.tiles, classical=cfg.classical, qc=True,
+                                   batch_size=cfg.batch_size, storage_options=config.storage_options,
+                                   normalizers=normalizers,
+                                   # detector clipping level; an illumination-corrected stream is
+                                   # float, its clipped pixels at >= this level where the
+                                   # illumination function is <= 1
+                                   qc_max_value=(float(np.iinfo(raw_dtype).max)
+                                                 if np.issubdtype(raw_dtype, np.integer) else None)))
+    return drain(ds.iter_batches(batch_size=None, batch_format="numpy"), on_batch)

@@ -164,3 +164,50 @@ def test_profile_without_a_stored_normaliser_fails_before_any_work(tmp_path):
     assert "stream.normalize: none" in message, message
     assert normalization_entry(bare) is None  # the input plate was not written to
     assert not output.exists()  # no store, no config copy: nothing was started
+
+
+
+@pytest.mark.parametrize("failure", ["read", "actor"])
+def test_a_failed_profile_run_releases_its_actors_and_a_rerun_finishes(tmp_path, ray_local, monkeypatch, failure):
+    """A field that cannot be read (on_error: raise), or an actor that fails on a well, fails
+    the stage naming what failed; the actor pool's CPUs come back while the error is still
+    held (an actor's error used to keep the pool alive through the traceback); the well is
+    not marked done, and a rerun once the fault is gone profiles what is left."""
+    import time
+
+    import rayscreen.profile.predictor as predictor
+
+    wells = ("A01", "A02", "B01", "B02", "C01", "C02")
+    uri = make_plate(str(tmp_path / "P1.zarr"), "P1", wells=wells, fields=2, field_shape=(32, 32))
+    chunk = tmp_path / "P1.zarr" / "B" / "2" / "1" / "0" / "c" / "0" / "0" / "0"
+    good = chunk.read_bytes()
+    if failure == "read":
+        chunk.write_bytes(good[: len(good) // 3])
+        expected = "plate 'P1' well B02 field 1"
+    else:
+        class FailingOnB02(predictor.ProfilePredictor):  # defined here: Ray pickles it by value
+            def __call__(self, batch):
+                if "B02" in set(map(str, batch["well"])):
+                    raise OSError("fault injected on B02")
+                return super().__call__(batch)
+
+        monkeypatch.setattr(predictor, "ProfilePredictor", FailingOnB02)
+        expected = "fault injected on B02"
+    weights = save_backbone_weights("resnet18", str(tmp_path / "resnet18.pt"), seed=0)
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "run"), "stream": {"normalize": "none"},
+                               "profile": {"backbone": "resnet18", "weights": weights, "input_size": 32,
+                                           "batch_size": 2, "classical": False}})
+    with pytest.raises(Exception, match=expected) as failed:
+        run_profile(config, progress=False)
+    deadline = time.time() + 20
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.time() < deadline, f"CPUs still held after the failed run: {ray_local.available_resources()}"
+        time.sleep(0.2)
+    assert failed.value is not None
+    ds = xr.open_zarr(str(tmp_path / "run" / "profiles.zarr"), consolidated=False)
+    assert ds["done"].values[list(ds["well"].values).index("P1/B02")] == 0
+    chunk.write_bytes(good)
+    monkeypatch.undo()
+    ds = xr.open_zarr(run_profile(config, progress=False), consolidated=False)
+    assert (ds["done"].values == 1).all() and (ds["field_status"].values == 0).all()
+    assert np.isfinite(ds["well_profile"].values).all()
