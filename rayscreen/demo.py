@@ -98,7 +98,8 @@ def run_demo(out: str = "demo_out", *, quiet: bool = False, seed: int = 0, overr
     run_pipeline(config, progress=not quiet)
 
     summary = summarise(config.output, synth_dir)
-    summary.update(plates=plates, fields=n_fields, seconds=round(time.perf_counter() - start, 1))
+    summary.update(plates=plates, fields=n_fields, labels=config.infer.labels,
+                   seconds=round(time.perf_counter() - start, 1))
     print(format_summary(summary))
     return summary
 
@@ -148,9 +149,9 @@ def format_summary(s: dict) -> str:
     qc = s.get("qc") or {}
     if qc:
         lines.append("  QC        " + ", ".join(f"{k} {_fmt(v)}" for k, v in qc.items() if isinstance(v, (int, float))))
-    if s.get("plates"):
+    if s.get("plates") and s.get("labels"):  # infer.labels: the masks went into the plates
         lines.append(f"  masks     NGFF label images in the plates ({os.path.dirname(s['plates'][0])}/*.zarr/<row>/<column>/"
-                     "<field>/labels/saliency): napari overlays them")
+                     f"<field>/labels/{s['labels']}): napari overlays them")
     lines.append(f"  report    {s['report']}")
     return "\n".join(lines)
 

@@ -54,6 +54,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, ray_local, capsys):
     assert os.path.exists(summary["report"])
     printed = capsys.readouterr().out
     assert "NSC" in printed and "report" in printed and str(summary["report"]) in printed
+    assert "labels/saliency" in printed  # demo.yaml sets infer.labels: saliency
 
     # a rerun of the pipeline skips every complete stage
     from rayscreen.config import load_config
