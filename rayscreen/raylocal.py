@@ -41,7 +41,9 @@ QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cl
 # ...": two long lines per epoch beside rayscreen's own epoch line, which says the same.
 # Warnings and errors of these loggers still show.
 REPORT_LOGGERS = ("ray.train.v2._internal.execution.storage", "ray.train._internal.storage")
-# ... and the first one's logger is named after its file, not its module
+# ... and the first one's logger is named after its file, not its module. Ray Train v2 resets
+# the ray.train.* levels when it configures a training worker's logging, so for its runs
+# rayscreen also sets RunConfig(logging_config=LoggingConfig("WARNING")) (train/loop.py).
 REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
 SETUP_HOOK = f"{__name__}.quiet_ray_loggers"
 

@@ -209,6 +209,11 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
 
 def _trainer(plan: TrainPlan, loop_config: dict[str, Any], storage_path: str, storage_fs, use_gpu: bool):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    try:
+        from ray.train import LoggingConfig
+        quiet = {"logging_config": LoggingConfig(log_level="WARNING")}
+    except ImportError:  # Ray Train without it (before v2's LoggingConfig): its INFO lines show
+        quiet = {}
     from ray.train.torch import TorchTrainer
 
     t = plan.config.train
@@ -225,6 +230,12 @@ def _trainer(plan: TrainPlan, loop_config: dict[str, Any], storage_path: str, st
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="score",
                                                checkpoint_score_order="max"),
+            # Ray Train's own INFO lines ("Checkpoint successfully created at ..." every
+            # epoch, from every worker) repeat rayscreen's epoch line; its warnings and errors
+            # still show, and Ray's session logs (ray-train-sys-*.log) keep everything. The
+            # worker set-up hook cannot do this: Ray Train's logging dictConfig resets the
+            # levels of the ray.train.* loggers when a worker starts.
+            **quiet,
         ),
     )
 

@@ -124,6 +124,21 @@ def test_two_workers_learn_well_above_chance(trained):
     print(f"training run with one kill: {seconds:.1f} s")
 
 
+def test_ray_train_info_lines_stay_off_the_console(trained, ray_local):
+    """Ray Train logs "Checkpoint successfully created" at INFO every epoch from every
+    worker; rayscreen's runs send only its warnings and errors to the console and the
+    application log (the same filter), while Ray's system log keeps the line."""
+    import glob
+
+    from ray._private.worker import _global_node
+
+    logs = os.path.join(_global_node.get_session_dir_path(), "logs", "train")
+    text = {kind: "".join(open(f).read() for f in glob.glob(os.path.join(logs, f"ray-train-{kind}-worker-*.log")))
+            for kind in ("sys", "app")}
+    assert "Checkpoint successfully created" in text["sys"]  # emitted...
+    assert "Checkpoint successfully created" not in text["app"]  # ...and filtered like the console
+
+
 def test_killed_worker_resumes_from_last_checkpoint(trained):
     result, killed, _, _ = trained
     from rayscreen.train import read_events
