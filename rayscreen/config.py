@@ -81,6 +81,7 @@ class AugmentSection:
     translate: float = 40.0
     scale: list[float] | None = None  # [low, high], e.g. [0.9, 1.1]
     mosaic: bool = False  # WSCNN cell-data mosaics (2x2 fields of one class)
+    intensity: float = 0.0  # log-gain sd of a random gain per image and channel (0: off)
 
 
 @dataclass(frozen=True)

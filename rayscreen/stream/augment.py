@@ -6,7 +6,11 @@ Augmentations, each drawn independently per image:
 (ii)  rotation by an angle drawn uniformly from [-20, 20] U [160, 200] degrees;
 (iii) translation by up to +-40 pixels in y and in x;
 (iv)  scaling by a factor in [0.8, 1.2] (the paper's "+-50 pixels" on its ~250-pixel
-      images), about the image centre.
+      images), about the image centre;
+(v)   optional, not in WSCNN: a random gain per image and channel, ``exp(N(0, intensity))``
+      (:func:`random_gain`), which simulates the plate-to-plate differences in stain and
+      exposure that per-plate normalisation leaves, so that features learned across
+      plates lean less on them (off by default).
 
 (ii)-(iv) are one affine map per image, applied in a single ``affine_grid``/``grid_sample``
 pass, so each pixel is interpolated once. Pixels that come from outside the image are 0
@@ -63,6 +67,7 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.8, 1.2)
     mode: str = "bilinear"
     padding_mode: str = "zeros"
+    intensity: float = 0.0
 
     def __post_init__(self):
         if not self.angles or any(lo > hi for lo, hi in self.angles):
@@ -71,6 +76,8 @@ class AugmentConfig:
             raise ValueError(f"max_translate {self.max_translate}: expected >= 0 pixels")
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale {self.scale}: expected 0 < min <= max")
+        if not 0 <= self.intensity <= 1:
+            raise ValueError(f"intensity {self.intensity}: expected a log-gain standard deviation in [0, 1]")
 
 
 def as_generator(seed: int | torch.Generator | None) -> torch.Generator:
@@ -113,6 +120,15 @@ def random_rot90(images: torch.Tensor, generator: int | torch.Generator | None =
         if len(idx):
             out[idx] = torch.rot90(images[idx], turns, dims=(-2, -1))
     return out
+
+
+def random_gain(images: torch.Tensor, sigma: float, generator: int | torch.Generator | None = None) -> torch.Tensor:
+    """Multiply each channel of each image (B, C, H, W) by ``exp(N(0, sigma))``, drawn per
+    (image, channel): a multiplicative change of stain or exposure, as between plates."""
+    g = as_generator(generator)
+    b, c = images.shape[:2]
+    gain = torch.exp(sigma * torch.randn(b, c, generator=g, dtype=torch.float64))
+    return images * gain.to(images.device, images.dtype)[:, :, None, None]
 
 
 # -- one affine pass
@@ -189,7 +205,10 @@ def augment(images: torch.Tensor, config: AugmentConfig = AugmentConfig(),
         out = random_flips(out, g)
     if config.rot90:
         out = random_rot90(out, g)
-    return affine(out, sample_affine(out.shape[0], config, g), config.mode, config.padding_mode)
+    out = affine(out, sample_affine(out.shape[0], config, g), config.mode, config.padding_mode)
+    if config.intensity > 0:  # drawn last: configs without it keep their draws
+        out = random_gain(out, config.intensity, g)
+    return out
 
 
 class Augmenter:

@@ -165,6 +165,9 @@ def plan_run(config: Config) -> TrainPlan:
         raise ConfigError(f"train.label_smoothing: {t.label_smoothing}; expected 0 <= value < 1")
     if t.augment.scale is not None and (len(t.augment.scale) != 2 or not 0 < t.augment.scale[0] <= t.augment.scale[1]):
         raise ConfigError(f"train.augment.scale: {t.augment.scale}; expected [low, high] with 0 < low <= high")
+    if not 0 <= t.augment.intensity <= 1:
+        raise ConfigError(f"train.augment.intensity: {t.augment.intensity}; expected a log-gain standard deviation "
+                          "in [0, 1] (0: off; 0.2 is a +-20 % gain per image and channel)")
     if not config.plates:
         raise ConfigError("plates: no plate given")
     try:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rayscreen.stream.augment import (AffineParams, AugmentConfig, Augmenter, affine, augment, class_mosaics, mosaic,
-                                      random_flips, random_rot90, sample_affine, sample_angles)
+                                      random_flips, random_gain, random_rot90, sample_affine, sample_angles)
 
 
 def batch(seed=0, shape=(8, 2, 16, 16)):
@@ -127,3 +127,27 @@ def test_class_mosaics_take_four_fields_of_one_class():
     assert torch.equal(again, mosaics)
     small, _ = class_mosaics(images, labels.numpy(), generator=0, out_size=(4, 4))
     assert small.shape == (8, 1, 4, 4)
+
+
+def test_random_gain_scales_each_channel_of_each_image_by_one_log_normal_factor():
+    x = batch(shape=(4000, 2, 4, 4)) + 0.5
+    out = random_gain(x, 0.3, generator=0)
+    ratio = out / x
+    # one factor per (image, channel), the same over all its pixels
+    torch.testing.assert_close(ratio, ratio[:, :, :1, :1].expand_as(ratio))
+    log_gain = ratio[:, :, 0, 0].log()
+    assert abs(float(log_gain.mean())) < 0.02 and abs(float(log_gain.std()) - 0.3) < 0.02
+    assert abs(float(np.corrcoef(log_gain[:, 0], log_gain[:, 1])[0, 1])) < 0.1  # channels drawn apart
+    # off by default: the geometric draws of a seed are unchanged by the new option
+    y = batch()
+    torch.testing.assert_close(augment(y, AugmentConfig(intensity=0.0), generator=5), augment(y, generator=5),
+                               rtol=0, atol=0)
+    plain, gained = augment(y, generator=5), augment(y, AugmentConfig(intensity=0.2), generator=5)
+    assert not torch.equal(plain, gained)
+    # the gain comes after the geometry: the same pixels, each (image, channel) scaled by one factor
+    inside = plain > 0.05
+    ratio = torch.where(inside, gained / plain.clamp_min(1e-6), torch.nan)
+    per_channel = ratio.flatten(2).nanmedian(-1).values
+    torch.testing.assert_close(torch.where(inside, ratio, 0), torch.where(inside, per_channel[..., None, None], 0))
+    with pytest.raises(ValueError, match="intensity"):
+        AugmentConfig(intensity=-0.1)
