@@ -17,6 +17,7 @@ from rayscreen.store.errors import RayscreenError
 from rayscreen.store.results import NotAResultsStoreError
 
 from .infer_helpers import WELLS, chunk_bytes, differing_chunks, infer_config, make_screen
+from .ray_helpers import assert_cpus_come_back
 
 pytestmark = pytest.mark.integration
 
@@ -154,10 +155,7 @@ def test_failed_label_write_leaves_the_well_not_done_and_a_rerun_finishes(tmp_pa
     with pytest.raises(Exception, match=r"plate 'P1' well B01: cannot write label image 'saliency'") as failed:
         run_infer(cfg, progress=False)
     # the failed run's actor pool is gone although its traceback is still held here
-    deadline = time.time() + 20
-    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
-        assert time.time() < deadline, f"CPUs still held after the failed run: {ray_local.available_resources()}"
-        time.sleep(0.2)
+    assert_cpus_come_back(ray_local, within=20)
     assert failed.value is not None
     store = tmp_path / "out" / "results.zarr"
     done = xr.open_zarr(str(store), consolidated=False)["done"].values

@@ -24,6 +24,8 @@ from rayscreen.stream.normalize import normalization_entry
 from rayscreen.synth import load_moa_fields, synth_moa
 from rayscreen.testing import make_plate
 
+from .ray_helpers import assert_cpus_come_back
+
 pytestmark = pytest.mark.integration
 
 
@@ -173,8 +175,6 @@ def test_a_failed_profile_run_releases_its_actors_and_a_rerun_finishes(tmp_path,
     the stage naming what failed; the actor pool's CPUs come back while the error is still
     held (an actor's error used to keep the pool alive through the traceback); the well is
     not marked done, and a rerun once the fault is gone profiles what is left."""
-    import time
-
     import rayscreen.profile.predictor as predictor
 
     wells = ("A01", "A02", "B01", "B02", "C01", "C02")
@@ -199,10 +199,7 @@ def test_a_failed_profile_run_releases_its_actors_and_a_rerun_finishes(tmp_path,
                                            "batch_size": 2, "classical": False}})
     with pytest.raises(Exception, match=expected) as failed:
         run_profile(config, progress=False)
-    deadline = time.time() + 20
-    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
-        assert time.time() < deadline, f"CPUs still held after the failed run: {ray_local.available_resources()}"
-        time.sleep(0.2)
+    assert_cpus_come_back(ray_local, within=20)
     assert failed.value is not None
     ds = xr.open_zarr(str(tmp_path / "run" / "profiles.zarr"), consolidated=False)
     assert ds["done"].values[list(ds["well"].values).index("P1/B02")] == 0
