@@ -82,6 +82,7 @@ class AugmentSection:
     scale: list[float] | None = None  # [low, high], e.g. [0.9, 1.1]
     mosaic: bool = False  # WSCNN cell-data mosaics (2x2 fields of one class)
     intensity: float = 0.0  # log-gain sd of a random gain per image and channel (0: off)
+    noise: float = 0.0  # largest sd of additive Gaussian noise, drawn per image (0: off)
 
 
 @dataclass(frozen=True)

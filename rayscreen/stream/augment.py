@@ -10,7 +10,10 @@ Augmentations, each drawn independently per image:
 (v)   optional, not in WSCNN: a random gain per image and channel, ``exp(N(0, intensity))``
       (:func:`random_gain`), which simulates the plate-to-plate differences in stain and
       exposure that per-plate normalisation leaves, so that features learned across
-      plates lean less on them (off by default).
+      plates lean less on them (off by default);
+(vi)  optional: additive Gaussian noise with a standard deviation drawn per image from
+      [0, ``noise``] (:func:`random_noise`), in the stream's normalised units: exposure
+      and gain also change the shot noise a network can see (off by default).
 
 (ii)-(iv) are one affine map per image, applied in a single ``affine_grid``/``grid_sample``
 pass, so each pixel is interpolated once. Pixels that come from outside the image are 0
@@ -68,6 +71,7 @@ class AugmentConfig:
     mode: str = "bilinear"
     padding_mode: str = "zeros"
     intensity: float = 0.0
+    noise: float = 0.0
 
     def __post_init__(self):
         if not self.angles or any(lo > hi for lo, hi in self.angles):
@@ -78,6 +82,8 @@ class AugmentConfig:
             raise ValueError(f"scale {self.scale}: expected 0 < min <= max")
         if not 0 <= self.intensity <= 1:
             raise ValueError(f"intensity {self.intensity}: expected a log-gain standard deviation in [0, 1]")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise {self.noise}: expected the largest noise standard deviation, in [0, 1]")
 
 
 def as_generator(seed: int | torch.Generator | None) -> torch.Generator:
@@ -129,6 +135,15 @@ def random_gain(images: torch.Tensor, sigma: float, generator: int | torch.Gener
     b, c = images.shape[:2]
     gain = torch.exp(sigma * torch.randn(b, c, generator=g, dtype=torch.float64))
     return images * gain.to(images.device, images.dtype)[:, :, None, None]
+
+
+def random_noise(images: torch.Tensor, max_sd: float, generator: int | torch.Generator | None = None) -> torch.Tensor:
+    """Add Gaussian noise to each image (B, C, H, W), its standard deviation drawn per image
+    uniformly from [0, ``max_sd``] (the same for its channels)."""
+    g = as_generator(generator)
+    sd = max_sd * torch.rand(images.shape[0], generator=g, dtype=torch.float64)
+    noise = torch.randn(images.shape, generator=g, dtype=torch.float32)
+    return images + (sd.to(torch.float32)[:, None, None, None] * noise).to(images.device, images.dtype)
 
 
 # -- one affine pass
@@ -208,6 +223,8 @@ def augment(images: torch.Tensor, config: AugmentConfig = AugmentConfig(),
     out = affine(out, sample_affine(out.shape[0], config, g), config.mode, config.padding_mode)
     if config.intensity > 0:  # drawn last: configs without it keep their draws
         out = random_gain(out, config.intensity, g)
+    if config.noise > 0:
+        out = random_noise(out, config.noise, g)
     return out
 
 

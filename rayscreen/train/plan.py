@@ -168,6 +168,9 @@ def plan_run(config: Config) -> TrainPlan:
     if not 0 <= t.augment.intensity <= 1:
         raise ConfigError(f"train.augment.intensity: {t.augment.intensity}; expected a log-gain standard deviation "
                           "in [0, 1] (0: off; 0.2 is a +-20 % gain per image and channel)")
+    if not 0 <= t.augment.noise <= 1:
+        raise ConfigError(f"train.augment.noise: {t.augment.noise}; expected the largest noise standard deviation, "
+                          "in [0, 1] (the stream's normalised units; 0: off)")
     if not config.plates:
         raise ConfigError("plates: no plate given")
     try:

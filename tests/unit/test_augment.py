@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rayscreen.stream.augment import (AffineParams, AugmentConfig, Augmenter, affine, augment, class_mosaics, mosaic,
-                                      random_flips, random_gain, random_rot90, sample_affine, sample_angles)
+                                      random_flips, random_gain, random_noise, random_rot90, sample_affine, sample_angles)
 
 
 def batch(seed=0, shape=(8, 2, 16, 16)):
@@ -151,3 +151,19 @@ def test_random_gain_scales_each_channel_of_each_image_by_one_log_normal_factor(
     torch.testing.assert_close(torch.where(inside, ratio, 0), torch.where(inside, per_channel[..., None, None], 0))
     with pytest.raises(ValueError, match="intensity"):
         AugmentConfig(intensity=-0.1)
+
+
+def test_random_noise_has_a_per_image_sd_up_to_the_maximum():
+    x = torch.zeros(2000, 2, 16, 16)
+    out = random_noise(x, 0.1, generator=0)
+    sd = out.flatten(1).std(1)
+    assert float(sd.max()) <= 0.1 * 1.1 and float(sd.min()) < 0.01  # per image, from [0, max]
+    assert abs(float(sd.mean()) - 0.05) < 0.005  # uniform: mean max / 2
+    assert abs(float(out.mean())) < 1e-3
+    assert torch.equal(random_noise(x, 0.1, generator=0), out)
+    y = batch()
+    plain = augment(y, AugmentConfig(intensity=0.2), generator=5)
+    noisy = augment(y, AugmentConfig(intensity=0.2, noise=0.05), generator=5)
+    assert 0 < float((noisy - plain).std()) < 0.05  # the same draws up to the gain, then noise
+    with pytest.raises(ValueError, match="noise"):
+        AugmentConfig(noise=2.0)

@@ -71,6 +71,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"train": {"mixup": -0.2}}, "train.mixup: -0.2; expected the Beta parameter"),
     ({"train": {"label_smoothing": 1.0}}, r"train.label_smoothing: 1.0; expected 0 <= value < 1"),
     ({"train": {"augment": {"intensity": -0.1}}}, r"train.augment.intensity: -0.1; expected a log-gain"),
+    ({"train": {"augment": {"noise": 1.5}}}, r"train.augment.noise: 1.5; expected the largest noise"),
 ])
 def test_bad_configs_fail_before_workers(plates, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
