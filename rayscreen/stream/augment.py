@@ -142,6 +142,8 @@ def random_noise(images: torch.Tensor, max_sd: float, generator: int | torch.Gen
     uniformly from [0, ``max_sd``] (the same for its channels)."""
     g = as_generator(generator)
     sd = max_sd * torch.rand(images.shape[0], generator=g, dtype=torch.float64)
+    # drawn on the CPU like every draw here (the same noise for a seed on CPU and GPU), at
+    # the cost of a host-to-device copy the size of the batch
     noise = torch.randn(images.shape, generator=g, dtype=torch.float32)
     return images + (sd.to(torch.float32)[:, None, None, None] * noise).to(images.device, images.dtype)
 
