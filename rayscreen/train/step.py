@@ -117,13 +117,32 @@ def model_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     one (``model.aux_loss(logits, labels)``)."""
     with _autocast(images.device, amp):
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    return classification_loss(model, logits, labels, label_smoothing)
+
+
+def classification_loss(model: torch.nn.Module, out: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the logits (B, K) (``out``, or ``out["logits"]`` of ``forward_maps``)
+    plus ``model.aux_loss(out, labels)`` where the model defines one."""
+    logits = out["logits"] if isinstance(out, dict) else out
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     aux = getattr(_unwrap(model), "aux_loss", None)
     if callable(aux):
-        extra = aux(logits, labels)
+        extra = aux(out, labels)
         if extra is not None:
             loss = loss + extra
     return loss
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   grad_clip: float | None = None) -> None:
+    """Backward, optional gradient clipping, step; a non-finite loss raises first."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()}; lower train.lr or set train.grad_clip")
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -144,12 +163,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
         images, labels = transform(images, labels)
     optimizer.zero_grad(set_to_none=True)
     loss = model_loss(model, images, labels, amp, label_smoothing)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss.item()}; lower train.lr or set train.grad_clip")
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    optimizer_step(loss, model, optimizer, grad_clip)
     return float(loss.detach())
 
 
