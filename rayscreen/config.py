@@ -86,6 +86,28 @@ class AugmentSection:
 
 
 @dataclass(frozen=True)
+class DistillSection:
+    """WS-DINO (Cross-Zamirski et al. 2022): DINO self-distillation (Caron et al. 2021) whose
+    views come from different fields that share a weak label. See rayscreen.train.distill."""
+
+    enabled: bool = False
+    pair_by: Literal["label", "image"] = "label"  # label: views of other fields of the label (WS-DINO); image: DINO
+    weight: float = 1.0  # of the self-distillation loss
+    classify: float = 1.0  # of the weak-label cross-entropy on the global views (0: self-distillation only)
+    out_dim: int = 256  # prototypes of the projection head
+    hidden: int = 512  # projection head MLP width
+    bottleneck: int = 128  # projection head bottleneck (L2-normalised before the prototypes)
+    bank: int = 8  # fields of each label kept from earlier batches as partners (0: partners from the batch only)
+    local_crops: int = 4  # small views per field (multi-crop); 0: the two global views only
+    local_crop: int = 24  # side of the small views, px (the global views are train.crop, or whole fields)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.01  # DINO: 0.04 (ViT, 65536 prototypes); ours went uniform at 0.04 and 0.02
+    momentum: float = 0.99  # of the teacher's exponential moving average of the student
+    center_momentum: float = 0.9  # of the running centre subtracted from the teacher's output
+    export: Literal["teacher", "student"] = "teacher"  # which network is validated, checkpointed and exported
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
@@ -106,11 +128,15 @@ class TrainConfig:
     label_smoothing: float = 0.0  # of the training cross-entropy (validation loss stays plain)
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     run_name: str = "train"
     max_failures: int = 1
     metric: str = "val_balanced_accuracy"  # picks the best epoch
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)
     keep_checkpoints: int | None = 3  # best checkpoints kept by `metric` (the latest is always kept)
+    # rows of the streaming shuffle of the training data (default max(4 x batch_size, 64)); wells
+    # stream in plate order, so batches mix plates only as far as this buffer reaches
+    shuffle_buffer: int | None = None
     deterministic: bool = False  # same batches every run (Ray Data keeps read order; streams a little slower)
 
 

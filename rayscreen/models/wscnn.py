@@ -104,8 +104,15 @@ class ClassMapNet(nn.Module):
         mil = self.pooling(maps)
         logits = self.fc(mil) if self.fc is not None else mil
         self._last_mil_logits = mil if self.fc is not None else None
-        pooled = feats.amax(dim=(2, 3)) if self.feature_pool == "max" else feats.mean(dim=(2, 3))
-        return {"logits": logits, "class_maps": maps, "features": pooled, "mil_logits": mil}
+        return {"logits": logits, "class_maps": maps, "features": self._pool_features(feats), "mil_logits": mil}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) float -> the profile vector (B, D): the pooled trunk output alone."""
+        self._check(x)
+        return self._pool_features(self.trunk(x))
+
+    def _pool_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.amax(dim=(2, 3)) if self.feature_pool == "max" else feats.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) float -> logits (B, K)."""

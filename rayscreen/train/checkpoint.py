@@ -6,6 +6,7 @@ A checkpoint directory (one per epoch, handed to ``ray.train.Checkpoint``) holds
     optimizer.pt   optimiser state_dict (tensors, numbers, lists)
     scheduler.pt   scheduler state_dict (numbers), absent without a schedule
     rng.pt         the CPU torch generators' states (uint8 tensors) of augmentation and crops
+    extra.pt       further named state dicts of tensors (WS-DINO: its student, teacher and centre)
     state.json     epoch, best epoch/value, metric history, resolved config, classes,
                    channels, normalisation statistics, class map of the split
 
@@ -22,7 +23,8 @@ from typing import Any
 
 import torch
 
-MODEL, OPTIMIZER, SCHEDULER, RNG, STATE = "model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"
+MODEL, OPTIMIZER, SCHEDULER, RNG, EXTRA, STATE = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "extra.pt",
+                                                  "state.json")
 
 
 @dataclass
@@ -58,7 +60,8 @@ def _json_safe(v: Any) -> Any:
 
 def save_checkpoint(directory: str, state: TrainState, model: dict[str, torch.Tensor],
                     optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
-                    rng: dict[str, torch.Tensor] | None = None) -> str:
+                    rng: dict[str, torch.Tensor] | None = None,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write a checkpoint into an existing local ``directory``; returns it."""
     torch.save({k: v.detach().cpu() for k, v in model.items()}, os.path.join(directory, MODEL))
     if optimizer is not None:
@@ -67,6 +70,9 @@ def save_checkpoint(directory: str, state: TrainState, model: dict[str, torch.Te
         torch.save(scheduler, os.path.join(directory, SCHEDULER))
     if rng:
         torch.save(rng, os.path.join(directory, RNG))
+    if extra:
+        torch.save({name: {k: v.detach().cpu() for k, v in sd.items()} for name, sd in extra.items()},
+                   os.path.join(directory, EXTRA))
     with open(os.path.join(directory, STATE), "w") as f:
         json.dump(_json_safe(state.to_dict()), f, indent=1, default=str)
     return directory
@@ -74,7 +80,7 @@ def save_checkpoint(directory: str, state: TrainState, model: dict[str, torch.Te
 
 def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``{"state": TrainState, "model": ..., "optimizer": ... | None, "scheduler": ... | None,
-    "rng": ... | None}`` from a checkpoint directory; tensors via ``weights_only=True``."""
+    "rng": ... | None, "extra": ... | None}`` from a checkpoint directory; tensors via ``weights_only=True``."""
     def load(name):
         path = os.path.join(directory, name)
         return torch.load(path, map_location=map_location, weights_only=True) if os.path.exists(path) else None
@@ -82,4 +88,4 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
     with open(os.path.join(directory, STATE)) as f:
         state = TrainState.from_dict(json.load(f))
     return {"state": state, "model": load(MODEL), "optimizer": load(OPTIMIZER), "scheduler": load(SCHEDULER),
-            "rng": load(RNG)}
+            "rng": load(RNG), "extra": load(EXTRA)}

@@ -32,7 +32,8 @@ from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
-from .step import (augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
+from .distill import distill_step
+from .step import (_unwrap, augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
                    mixup, random_crops, repeat_rows, step_scheduler, train_step)
 
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
@@ -394,17 +395,25 @@ def worker_threads(cpus_per_worker: float) -> int:
     return max(1, math.ceil(cpus_per_worker - 1e-9))
 
 
+def _epoch_random(config: Config, rank: int, epoch: int):
+    """(generator, augmenter or None) of an epoch, seeded by (train.seed, rank, epoch) so a
+    resumed epoch draws what it drew before."""
+    from ..stream.augment import Augmenter
+
+    t = config.train
+    seed = (t.seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+    aug_cfg = augment_config(t.augment)
+    return torch.Generator().manual_seed(seed), Augmenter(aug_cfg, seed=seed + 1) if aug_cfg is not None else None
+
+
 def make_transform(config: Config, rank: int, epoch: int, num_classes: int | None = None):
     """(images, labels) -> (images, labels) for training: mosaics, crops, augmentation,
     mixup (labels become (B, num_classes) soft targets), seeded by (train.seed, rank,
     epoch) so a resumed epoch draws what it drew before."""
-    from ..stream.augment import Augmenter, class_mosaics
+    from ..stream.augment import class_mosaics
 
     t = config.train
-    seed = (t.seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
-    generator = torch.Generator().manual_seed(seed)
-    aug_cfg = augment_config(t.augment)
-    augmenter = Augmenter(aug_cfg, seed=seed + 1) if aug_cfg is not None else None
+    generator, augmenter = _epoch_random(config, rank, epoch)
 
     def transform(images: torch.Tensor, labels: torch.Tensor):
         if t.augment.enabled and t.augment.mosaic:
@@ -418,6 +427,16 @@ def make_transform(config: Config, rank: int, epoch: int, num_classes: int | Non
         return images, labels
 
     return transform
+
+
+def make_view_fn(config: Config, rank: int, epoch: int):
+    """(images, labels) -> WS-DINO views (:func:`.distill.make_views`), seeded like
+    :func:`make_transform`."""
+    from .distill import make_views
+
+    generator, augmenter = _epoch_random(config, rank, epoch)
+    t = config.train
+    return lambda images, labels, bank=None: make_views(images, labels, t.distill, t.crop, generator, augmenter, bank)
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -452,10 +471,26 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             loaded = load_checkpoint(d)
-        model.load_state_dict(loaded["model"])
         state = loaded["state"]
         state.meta = meta
-    model = ray.train.torch.prepare_model(model)
+    distiller = None
+    if t.distill.enabled:
+        # WS-DINO: the optimiser trains the net and its projection head together (one DDP
+        # module); the checkpoint's model is the network train.distill.export names
+        from .distill import DistillNet, Distiller, ProjectionHead
+
+        dc = t.distill
+        model = DistillNet(model, ProjectionHead(model.feature_dim, dc.out_dim, dc.hidden, dc.bottleneck))
+        if loaded is not None:
+            model.load_state_dict(loaded["extra"]["student"])
+        model = ray.train.torch.prepare_model(model)
+        distiller = Distiller(model, dc)
+        if loaded is not None:
+            distiller.load_state_dict(loaded["extra"])
+    else:
+        if loaded is not None:
+            model.load_state_dict(loaded["model"])
+        model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t)
     if loaded is not None:
@@ -478,13 +513,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return EarlyStart(train_shard.iter_torch_batches(
             batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2,
             # a streaming shuffle: wells arrive in plate order, batches should not
-            local_shuffle_buffer_size=max(4 * t.batch_size, 64), local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank))
+            local_shuffle_buffer_size=t.shuffle_buffer or max(4 * t.batch_size, 64), local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank))
+
+    def exported() -> torch.nn.Module:
+        """The network that is validated, checkpointed and exported."""
+        if distiller is None:
+            return model
+        return distiller.teacher.net if t.distill.export == "teacher" else _unwrap(model).net
 
     upcoming = None
     for epoch in range(state.epoch + 1, t.epochs + 1):
         start = time.time()
-        transform = make_transform(config, rank, epoch, len(cfg["classes"]))
-        loss_sum, n = 0.0, 0
+        if distiller is None:
+            transform = make_transform(config, rank, epoch, len(cfg["classes"]))
+        else:
+            views = make_view_fn(config, rank, epoch)
+        loss_sum, distill_sum, n = 0.0, 0.0, 0
         batches = upcoming if upcoming is not None else epoch_batches(epoch)
         upcoming = None
         wait, first_wait, i = 0.0, None, 0
@@ -497,8 +541,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             wait += waited
             first_wait = waited if first_wait is None else first_wait
             images, labels = batch["image"], batch[LABEL_COL]
-            loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip, amp=amp,
-                              label_smoothing=t.label_smoothing)
+            if distiller is None:
+                loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
+                                  amp=amp, label_smoothing=t.label_smoothing)
+            else:
+                loss, distill_loss = distill_step(model, distiller, optimizer, images, labels, views=views,
+                                                  grad_clip=t.grad_clip, amp=amp, label_smoothing=t.label_smoothing)
+                distill_sum += distill_loss * len(labels)
             loss_sum += loss * len(labels)
             n += len(labels)
             if i == 0:
@@ -514,12 +563,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             val_batches = val_cache.batches() if val_cache.full else val_cache.fill(
                 (b["image"], b[LABEL_COL]) for b in val_shard.iter_torch_batches(
                     batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2))
-            probs, ys, vloss, vn = predict(model, val_batches, amp=amp)
+            probs, ys, vloss, vn = predict(exported(), val_batches, amp=amp)
             if epoch < t.epochs and upcoming is None:
                 upcoming = epoch_batches(epoch + 1)
         else:
             probs, ys, vloss, vn = np.zeros((0, len(cfg["classes"])), np.float32), np.zeros(0, np.int64), 0.0, 0
-        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0))
+        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0, distill_sum))
         total = sum(p[1] for p in parts)
         all_probs = np.concatenate([p[2] for p in parts if len(p[2])] or [np.zeros((0, len(cfg["classes"])))])
         all_ys = np.concatenate([p[3] for p in parts])
@@ -531,6 +580,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                    "train_seconds": max(p[6] for p in parts),
                    # time blocked waiting for training batches (the first includes starting the read)
                    "data_wait_seconds": max(p[7] for p in parts), "first_batch_seconds": max(p[8] for p in parts)}
+        if distiller is not None:
+            metrics["train_distill_loss"] = sum(p[9] for p in parts) / total if total else float("nan")
         value = metrics[t.metric]
         score = (value if mode == "max" else -value) if _finite(value) else -math.inf
         metrics["score"] = score
@@ -544,13 +595,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             write_metrics(state.history, run_dir, so)
             if cfg.get("progress", True):
                 print(f"[rayscreen train] epoch {epoch}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                      f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.3f}  "
+                      + (f"distill_loss {metrics['train_distill_loss']:.4f}  " if distiller is not None else "")
+                      + f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.3f}  "
                       f"val_bacc {metrics['val_balanced_accuracy']:.3f}  val_auc {metrics['val_roc_auc']:.3f}  "
                       f"({metrics['seconds']:.1f} s, {total / max(metrics['seconds'], 1e-9):.1f} fields/s)",
                       flush=True)
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, state, getattr(model, "module", model).state_dict(), optimizer.state_dict(),
-                                scheduler.state_dict() if scheduler is not None else None)
+                extra = None if distiller is None else {"student": _unwrap(model).state_dict(),
+                                                        **distiller.state_dict()}
+                save_checkpoint(d, state, _unwrap(exported()).state_dict(), optimizer.state_dict(),
+                                scheduler.state_dict() if scheduler is not None else None, extra=extra)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)

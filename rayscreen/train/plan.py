@@ -171,6 +171,10 @@ def plan_run(config: Config) -> TrainPlan:
     if not 0 <= t.augment.noise <= 1:
         raise ConfigError(f"train.augment.noise: {t.augment.noise}; expected the largest noise standard deviation, "
                           "in [0, 1] (the stream's normalised units; 0: off)")
+    if t.shuffle_buffer is not None and t.shuffle_buffer < t.batch_size:
+        raise ConfigError(f"train.shuffle_buffer: {t.shuffle_buffer}; expected at least train.batch_size "
+                          f"({t.batch_size}) rows, or null for the default")
+    _check_distill(t)
     if not config.plates:
         raise ConfigError("plates: no plate given")
     try:
@@ -184,6 +188,7 @@ def plan_run(config: Config) -> TrainPlan:
             raise ConfigError(f"train.crop: {t.crop} is larger than the fields "
                               f"({y >> config.stream.level} x {x >> config.stream.level})")
     labels, classes = resolve_labels(annotations, config.label)
+    _check_distill_fields(config, uris[0], len(channels), len(classes))
     splits = assign_splits(annotations, labels, t.split)
     wells = annotations[["Metadata_Plate", "Metadata_Well"]].copy()
     wells["split"] = splits
@@ -217,13 +222,76 @@ def plan_run(config: Config) -> TrainPlan:
                      repeats=repeats, val_names=val_names)
 
 
+def _check_distill(t) -> None:
+    """``train.distill`` (WS-DINO) settings that cannot work, named by key."""
+    d = t.distill
+    if not d.enabled:
+        return
+    if t.mixup > 0 or t.augment.mosaic:
+        raise ConfigError("train.distill: WS-DINO draws its own views of each field; turn train.mixup (0) and "
+                          "train.augment.mosaic (false) off")
+    if d.weight < 0 or d.classify < 0 or d.weight + d.classify == 0:
+        raise ConfigError(f"train.distill.weight {d.weight}, train.distill.classify {d.classify}: expected "
+                          "weights >= 0, not both 0")
+    if d.student_temp <= 0 or d.teacher_temp <= 0:
+        raise ConfigError(f"train.distill.student_temp {d.student_temp}, teacher_temp {d.teacher_temp}: "
+                          "expected > 0 (DINO: 0.1 and 0.04)")
+    for key in ("momentum", "center_momentum"):
+        if not 0 <= getattr(d, key) < 1:
+            raise ConfigError(f"train.distill.{key}: {getattr(d, key)}; expected 0 <= value < 1")
+    if min(d.out_dim, d.hidden, d.bottleneck) < 2:
+        raise ConfigError(f"train.distill: out_dim {d.out_dim}, hidden {d.hidden}, bottleneck {d.bottleneck}; "
+                          "expected sizes >= 2")
+    if d.bank < 0:
+        raise ConfigError(f"train.distill.bank: {d.bank}; expected >= 0 fields per label")
+    if d.local_crops < 0:
+        raise ConfigError(f"train.distill.local_crops: {d.local_crops}; expected >= 0")
+    if d.local_crops and (d.local_crop < 8 or (t.crop is not None and d.local_crop > t.crop)):
+        raise ConfigError(f"train.distill.local_crop: {d.local_crop}; expected at least 8 px and at most "
+                          f"train.crop ({t.crop})")
+    if d.classify == 0 and t.metric != "train_loss":
+        raise ConfigError(f"train.metric: {t.metric!r} with train.distill.classify 0: the class head is not "
+                          "trained, so its validation metrics cannot pick an epoch; set train.metric: train_loss")
+
+
+# the most memory WS-DINO's field bank may hold per training worker
+BANK_BYTES = 2 * 1024**3
+
+
+def _check_distill_fields(config: Config, uri: str, channels: int, classes: int) -> None:
+    """``train.distill`` against the fields the stream gives: local views must fit in them,
+    and the field bank must hold at most BANK_BYTES."""
+    d, s = config.train.distill, config.stream
+    if not d.enabled:
+        return
+    _, y, x = open_plate(uri, config.storage_options).shape
+    h, w = (s.tile, s.tile) if s.tile else (y >> s.level, x >> s.level)
+    if d.local_crops and d.local_crop > min(h, w):
+        raise ConfigError(f"train.distill.local_crop: {d.local_crop} px is larger than the fields ({h} x {w})")
+    nbytes = classes * d.bank * channels * h * w * 4
+    if d.pair_by == "label" and nbytes > BANK_BYTES:
+        raise ConfigError(f"train.distill.bank: {d.bank} fields x {classes} classes of {channels} x {h} x {w} "
+                          f"float32 = {nbytes / 1024**3:.1f} GiB per worker (at most {BANK_BYTES / 1024**3:g} GiB); "
+                          "lower it, or stream tiles (stream.tile)")
+
+
 def _check_model(config: Config, in_channels: int, num_classes: int) -> None:
     """Build the model once on the driver (CPU, cheap) so a bad name or kwarg fails here."""
     from ..models import create_model
 
     try:
-        create_model(config.model.name, in_channels=in_channels, num_classes=num_classes, **config.model.kwargs)
+        model = create_model(config.model.name, in_channels=in_channels, num_classes=num_classes,
+                             **config.model.kwargs)
     except KeyError as e:
         raise ConfigError(f"model.name: {e.args[0] if e.args else e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.kwargs: {e}") from None
+    d = config.train.distill
+    if not d.enabled:
+        return
+    if not (hasattr(model, "features") and hasattr(model, "feature_dim")):
+        raise ConfigError(f"train.distill: model {config.model.name!r} has no profile features "
+                          "(a class-map net such as milnet or wscnn is needed)")
+    if d.local_crops and d.local_crop < getattr(model, "min_size", 1):
+        raise ConfigError(f"train.distill.local_crop: {d.local_crop} px is smaller than the smallest input of "
+                          f"{config.model.name} ({model.min_size} px)")

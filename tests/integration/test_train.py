@@ -243,3 +243,45 @@ def test_deterministic_runs_repeat_exactly(ray_local, screen, tmp_path):
         losses.append(metrics[["epoch", "train_loss", "val_loss"]].to_numpy())
     assert losses[0].shape == (2, 3)
     np.testing.assert_array_equal(losses[0], losses[1])
+
+
+def test_ws_dino_trains_resumes_its_teacher_and_exports_it(ray_local, screen, tmp_path):
+    """train.distill (WS-DINO): one epoch, then a rerun with two resumes from the checkpoint
+    (student, teacher and centre come back) and exports the teacher of the best epoch."""
+    from rayscreen.config import ModelConfig
+    from rayscreen.models.artefact import build_model
+    from rayscreen.train import read_events, run_train
+    from rayscreen.train.checkpoint import load_checkpoint
+
+    uris, _ = screen
+    output = str(tmp_path / "dino")
+    distill = {"enabled": True, "local_crops": 2, "local_crop": 24, "out_dim": 64, "hidden": 64, "bottleneck": 16}
+
+    milnet = ModelConfig(name="milnet", kwargs={"width": 0.25, "pooling": "mean"})
+
+    def config(epochs):
+        return make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=epochs, max_failures=0,
+                           crop=48, distill=distill).replace(model=milnet)
+
+    first = run_train(config(1), progress=False)
+    assert first.epochs_completed == 1
+    result = run_train(config(2), progress=False)
+    assert [e["from_epoch"] for e in read_events(result.run_dir)] == [0, 1]
+    m = result.metrics
+    assert m["epoch"].tolist() == [1, 2] and np.isfinite(m["train_distill_loss"]).all(), m.to_string()
+    assert (m["train_loss"] >= m["train_distill_loss"]).all()  # plus the weak-label cross-entropy
+
+    ckpts = {}
+    for d, _, files in os.walk(os.path.join(result.run_dir, "checkpoints")):
+        if "state.json" in files:
+            ckpts[load_checkpoint(d)["state"].epoch] = d
+    assert set(ckpts) == {1, 2}
+    best = load_checkpoint(ckpts[result.best_epoch])
+    assert set(best["extra"]) == {"student", "teacher", "center"}
+    teacher = {k[len("net."):]: v for k, v in best["extra"]["teacher"].items() if k.startswith("net.")}
+    student = {k[len("net."):]: v for k, v in best["extra"]["student"].items() if k.startswith("net.")}
+    model, meta = build_model(result.artefact)
+    exported = model.state_dict()
+    assert meta.epoch == result.best_epoch and set(exported) == set(teacher)
+    assert all(torch.equal(exported[k], teacher[k]) for k in exported)
+    assert not all(torch.equal(exported[k], student[k]) for k in exported)  # the EMA, not the student

@@ -72,6 +72,13 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"train": {"label_smoothing": 1.0}}, r"train.label_smoothing: 1.0; expected 0 <= value < 1"),
     ({"train": {"augment": {"intensity": -0.1}}}, r"train.augment.intensity: -0.1; expected a log-gain"),
     ({"train": {"augment": {"noise": 1.5}}}, r"train.augment.noise: 1.5; expected the largest noise"),
+    ({"train": {"shuffle_buffer": 4, "batch_size": 8}}, r"train.shuffle_buffer: 4; expected at least train.batch_size"),
+    ({"train": {"distill": {"enabled": True, "local_crop": 24}}}, r"train.distill.local_crop: 24 px is larger than "
+                                                                  r"the fields \(16 x 16\)"),
+    ({"train": {"distill": {"enabled": True, "local_crop": 12, "bank": 10**8}}},
+     r"train.distill.bank: 100000000 fields x 2 classes of 2 x 16 x 16 float32 = 381.5 GiB"),
+    ({"model__name": "wscnn", "train": {"distill": {"enabled": True, "local_crop": 12}}},
+     r"train.distill.local_crop: 12 px is smaller than the smallest input of wscnn \(46 px\)"),
 ])
 def test_bad_configs_fail_before_workers(plates, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
