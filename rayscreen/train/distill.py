@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DistillSection
+from .step import _autocast, classification_loss, optimizer_step, random_crops, unwrap
 
 
 class ProjectionHead(nn.Module):
@@ -163,8 +164,6 @@ def make_views(images: torch.Tensor, labels: torch.Tensor, cfg: DistillSection, 
     global views (2B, C, g, g), local views (nB, C, l, l) or None, and the labels of the
     global views (2B,).
     """
-    from .step import random_crops
-
     b = images.shape[0]
     pool, pool_labels = bank.pool(images, labels) if bank is not None else (images, labels)
 
@@ -227,7 +226,7 @@ class Distiller:
 
     def __init__(self, student: nn.Module, cfg: DistillSection):
         self.cfg = cfg
-        inner = getattr(student, "module", student)
+        inner = unwrap(student)
         self.teacher = make_teacher(inner)
         self.center = torch.zeros(cfg.out_dim, device=next(inner.parameters()).device)
         self.bank = FieldBank(cfg.bank) if cfg.bank > 0 and cfg.pair_by == "label" else None
@@ -247,8 +246,6 @@ def distill_step(student: nn.Module, distiller: Distiller, optimizer: torch.opti
     """One WS-DINO step on a batch (B, C, H, W), labels (B,): views, student and teacher
     forward, ``weight * distill_loss + classify * cross-entropy``, backward, optimiser step,
     teacher EMA and centre update. Returns (total loss, self-distillation loss)."""
-    from .step import _autocast, classification_loss, optimizer_step
-
     cfg = distiller.cfg
     student.train()
     distiller.teacher.train()
@@ -265,10 +262,10 @@ def distill_step(student: nn.Module, distiller: Distiller, optimizer: torch.opti
                           cfg.student_temp, cfg.teacher_temp)
     loss = cfg.weight * d_loss
     if cfg.classify > 0:
-        net = getattr(student, "module", student).net
+        net = unwrap(student).net
         loss = loss + cfg.classify * classification_loss(net, out, view_labels, label_smoothing)
     optimizer_step(loss, student, optimizer, grad_clip)
-    ema_update(distiller.teacher, getattr(student, "module", student), cfg.momentum)
+    ema_update(distiller.teacher, unwrap(student), cfg.momentum)
     distiller.center = update_center(distiller.center, teacher_out, cfg.center_momentum)
     if distiller.bank is not None:
         distiller.bank.remember(images, labels)

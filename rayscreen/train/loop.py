@@ -33,8 +33,8 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .distill import distill_step
-from .step import (_unwrap, augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
-                   mixup, random_crops, repeat_rows, step_scheduler, train_step)
+from .step import (augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
+                   mixup, random_crops, repeat_rows, step_scheduler, train_step, unwrap)
 
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
 EVENTS = "events.jsonl"  # one line per worker-group start: {"event": "start", "from_epoch": k, ...}
@@ -513,13 +513,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return EarlyStart(train_shard.iter_torch_batches(
             batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2,
             # a streaming shuffle: wells arrive in plate order, batches should not
-            local_shuffle_buffer_size=t.shuffle_buffer or max(4 * t.batch_size, 64), local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank))
+            local_shuffle_buffer_size=t.shuffle_buffer or max(4 * t.batch_size, 64),
+            local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank))
 
     def exported() -> torch.nn.Module:
         """The network that is validated, checkpointed and exported."""
         if distiller is None:
             return model
-        return distiller.teacher.net if t.distill.export == "teacher" else _unwrap(model).net
+        return distiller.teacher.net if t.distill.export == "teacher" else unwrap(model).net
 
     upcoming = None
     for epoch in range(state.epoch + 1, t.epochs + 1):
@@ -601,9 +602,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                       f"({metrics['seconds']:.1f} s, {total / max(metrics['seconds'], 1e-9):.1f} fields/s)",
                       flush=True)
             with tempfile.TemporaryDirectory() as d:
-                extra = None if distiller is None else {"student": _unwrap(model).state_dict(),
+                extra = None if distiller is None else {"student": unwrap(model).state_dict(),
                                                         **distiller.state_dict()}
-                save_checkpoint(d, state, _unwrap(exported()).state_dict(), optimizer.state_dict(),
+                save_checkpoint(d, state, unwrap(exported()).state_dict(), optimizer.state_dict(),
                                 scheduler.state_dict() if scheduler is not None else None, extra=extra)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:

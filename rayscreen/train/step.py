@@ -126,7 +126,7 @@ def classification_loss(model: torch.nn.Module, out: torch.Tensor | dict[str, to
     plus ``model.aux_loss(out, labels)`` where the model defines one."""
     logits = out["logits"] if isinstance(out, dict) else out
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    aux = getattr(_unwrap(model), "aux_loss", None)
+    aux = getattr(unwrap(model), "aux_loss", None)
     if callable(aux):
         extra = aux(out, labels)
         if extra is not None:
@@ -145,7 +145,8 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.
     optimizer.step()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (the model itself when it has none)."""
     return getattr(model, "module", model)
 
 
@@ -172,7 +173,7 @@ def predict(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
             amp: bool = False) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Class probabilities (N, K) and labels (N,) over batches of (images, labels), plus the
     summed cross-entropy and N (so workers' shards combine exactly)."""
-    model = _unwrap(model)  # no DDP collectives: ranks may see different numbers of batches
+    model = unwrap(model)  # no DDP collectives: ranks may see different numbers of batches
     model.eval()
     probs, ys, loss_sum, n = [], [], 0.0, 0
     for images, labels in batches:

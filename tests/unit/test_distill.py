@@ -133,13 +133,17 @@ def toy_batch(n=16, seed=0):
     return x * torch.exp(torch.randn(n, 1, 1, 1, generator=g) * 0.5), y
 
 
+def views(dc, g):
+    return lambda images, labels, bank: make_views(images, labels, dc, 16, g, bank=bank)
+
+
 def test_distill_step_trains_the_student_moves_teacher_and_centre():
     student, distiller, opt, dc = _distill_setup(momentum=0.9)  # 30 steps: a teacher that follows faster
     x, y = toy_batch()
     g = torch.Generator().manual_seed(0)
     teacher_before = [p.clone() for p in distiller.teacher.parameters()]
     for _ in range(30):
-        total, d = distill_step(student, distiller, opt, x, y, views=lambda a, b, bank: make_views(a, b, dc, 16, g, bank=bank))
+        total, d = distill_step(student, distiller, opt, x, y, views=views(dc, g))
         assert math.isfinite(total) and math.isfinite(d) and total >= d  # + the classification term
     assert not all(torch.equal(a, b) for a, b in zip(teacher_before, distiller.teacher.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(student.parameters(), distiller.teacher.parameters()))
@@ -157,17 +161,17 @@ def test_pure_self_distillation_leaves_the_class_head_alone():
     head_before = student.net.head.weight.clone()
     x, y = toy_batch()
     g = torch.Generator().manual_seed(0)
-    distill_step(student, distiller, opt, x, y, views=lambda a, b, bank: make_views(a, b, dc, 16, g, bank=bank))
+    distill_step(student, distiller, opt, x, y, views=views(dc, g))
     assert torch.equal(student.net.head.weight, head_before)
-    assert any(not torch.equal(a, b) for a, b in zip(student.net.trunk.parameters(),
-                                                    distiller.teacher.net.trunk.parameters()))
+    trunks = zip(student.net.trunk.parameters(), distiller.teacher.net.trunk.parameters())
+    assert any(not torch.equal(a, b) for a, b in trunks)
 
 
 def test_distill_state_round_trips_through_a_checkpoint(tmp_path):
     student, distiller, opt, dc = _distill_setup()
     x, y = toy_batch()
     g = torch.Generator().manual_seed(0)
-    distill_step(student, distiller, opt, x, y, views=lambda a, b, bank: make_views(a, b, dc, 16, g, bank=bank))
+    distill_step(student, distiller, opt, x, y, views=views(dc, g))
     save_checkpoint(str(tmp_path), TrainState(epoch=1), distiller.teacher.net.state_dict(),
                     extra={"student": student.state_dict(), **distiller.state_dict()})
     loaded = load_checkpoint(str(tmp_path))
