@@ -43,7 +43,7 @@ class ProjectionHead(nn.Module):
     train that norm too.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 1024, hidden: int = 512, bottleneck: int = 128,
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden: int = 512, bottleneck: int = 128,
                  batch_norm: bool = True):
         super().__init__()
 

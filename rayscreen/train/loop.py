@@ -483,7 +483,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         model = DistillNet(model, ProjectionHead(model.feature_dim, dc.out_dim, dc.hidden, dc.bottleneck))
         if loaded is not None:
             model.load_state_dict(loaded["extra"]["student"])
-        model = ray.train.torch.prepare_model(model)
+        # classify 0 leaves the class head out of the loss: DDP must be told, or it waits
+        # for those gradients forever (unused parameters cost a graph walk per step)
+        model = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True} if dc.classify == 0 else None)
         distiller = Distiller(model, dc)
         if loaded is not None:
             distiller.load_state_dict(loaded["extra"])
