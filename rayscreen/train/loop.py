@@ -483,8 +483,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         model = DistillNet(model, ProjectionHead(model.feature_dim, dc.out_dim, dc.hidden, dc.bottleneck))
         if loaded is not None:
             model.load_state_dict(loaded["extra"]["student"])
-        # classify 0 leaves the class head out of the loss: DDP must be told, or it waits
-        # for those gradients forever (unused parameters cost a graph walk per step)
+        # classify 0 leaves the class head out of the loss: DDP must be told, or the second
+        # step fails ("Expected to have finished reduction in the prior iteration"); finding
+        # unused parameters costs a graph walk per step
         model = ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": True} if dc.classify == 0 else None)
         distiller = Distiller(model, dc)
