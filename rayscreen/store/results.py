@@ -22,7 +22,8 @@ How it stays exactly-once under retries (Ray re-runs a batch when an actor dies)
   a crash between the two leaves the well not done, and a rerun rewrites it;
 - a rerun of :func:`create_results` on the same layout reopens the store (resume), so
   :meth:`ResultsWriter.done_wells` tells the caller which wells to leave out *before*
-  reading any pixels.
+  reading any pixels; it also removes the temporary files of chunk writes that a killed
+  worker left behind (see :func:`sweep_interrupted_writes`).
 
 Typical use (driver creates, workers write, driver finalizes)::
 
@@ -42,6 +43,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -52,7 +55,7 @@ import zarr
 
 from .errors import RayscreenError
 from .plate import NAMESPACE
-from .uri import filesystem, make_store
+from .uri import filesystem, is_remote, local_path, make_store
 from .wells import parse_well, well_name
 
 WELL_DIM = "well"
@@ -226,6 +229,7 @@ def create_results(
                 raise ResultsLayoutError(
                     f"{uri} is a rayscreen {ns.get('kind')} store for other wells, sizes or variables "
                     f"(this run: {kind}, {len(keys)} wells, sizes {sizes}); use a new output or overwrite: true")
+            sweep_interrupted_writes(uri)
             return ResultsWriter(uri, storage_options)
 
     used_dims = {d for v in variables for d in v.dims[1:]}
@@ -269,6 +273,32 @@ def create_results(
         warnings.simplefilter("ignore")
         ds.to_zarr(store, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
     return ResultsWriter(uri, storage_options)
+
+
+# zarr's LocalStore writes a chunk to "<chunk>.<uuid4 hex>.partial" and renames it into
+# place; a worker killed between the two (SIGKILL, a lost node) leaves that file behind.
+_INTERRUPTED_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def sweep_interrupted_writes(uri: str) -> list[str]:
+    """Delete the temporary files of interrupted chunk writes under a local store; returns
+    their paths. Readers ignore these files, but they are litter that would grow with every
+    killed run. Object stores (S3) write a key in one request, so they have none and are not
+    listed. Call it only while no worker writes to the store (the driver, before a rerun):
+    a live write's temporary file would be removed under it and that write would fail."""
+    if is_remote(uri):
+        return []
+    removed = []
+    for dirpath, _, files in os.walk(local_path(uri)):
+        for f in files:
+            if _INTERRUPTED_WRITE.search(f):
+                path = os.path.join(dirpath, f)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:  # renamed into place by a writer still finishing
+                    continue
+                removed.append(path)
+    return removed
 
 
 class ResultsWriter:

@@ -144,3 +144,22 @@ def test_bad_definitions_named(tmp_path):
         create_results(str(tmp_path / "a"), WELLS, SIZES, [Variable("p", ("well", "feature"), "float32")])
     with pytest.raises(RayscreenError, match="wells listed twice"):
         create_results(str(tmp_path / "b"), pd.concat([WELLS, WELLS.iloc[:1]]), SIZES, VARS)
+
+
+def test_resume_sweeps_the_temporary_files_of_killed_writes(tmp_path):
+    """A worker killed inside zarr's write (temp file, then rename) leaves "<chunk>.<hex>.partial";
+    reopening to resume removes it and nothing else."""
+    uri = tmp_path / "r.zarr"
+    _create(uri).write_well(1, _values(1))
+    chunk_dir = uri / "well_scores" / "c" / "0"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    litter = chunk_dir / f"0.{'ab12' * 8}.partial"
+    litter.write_bytes(b"half a chunk")
+    keep = chunk_dir / "notes.partial"  # not zarr's name pattern: not ours to delete
+    keep.write_bytes(b"x")
+    before = sorted(p.name for p in (uri / "well_scores" / "c").rglob("*") if p.is_file() and p != litter)
+    again = _create(uri)
+    assert not litter.exists()
+    assert keep.exists()
+    assert sorted(p.name for p in (uri / "well_scores" / "c").rglob("*") if p.is_file()) == before
+    assert again.done_wells() == [1]
