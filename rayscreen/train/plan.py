@@ -182,13 +182,14 @@ def plan_run(config: Config) -> TrainPlan:
     except RayscreenError as e:
         raise ConfigError(f"plates: {e}") from None
     annotations, names, channels = annotations_of(config, uris)
-    if config.stream.tile is None and t.crop is not None:
-        c, y, x = open_plate(uris[0], config.storage_options).shape
-        if t.crop > min(y >> config.stream.level, x >> config.stream.level):
-            raise ConfigError(f"train.crop: {t.crop} is larger than the fields "
-                              f"({y >> config.stream.level} x {x >> config.stream.level})")
+    if t.crop is not None or t.distill.enabled:
+        h, w = streamed_field_size(config, uris[0])
+        if t.crop is not None and t.crop > min(h, w):
+            raise ConfigError(f"train.crop: {t.crop} is larger than the {'tiles' if config.stream.tile else 'fields'} "
+                              f"({h} x {w})")
     labels, classes = resolve_labels(annotations, config.label)
-    _check_distill_fields(config, uris[0], len(channels), len(classes))
+    if t.distill.enabled:
+        _check_distill_fields(config, (h, w), len(channels), len(classes))
     splits = assign_splits(annotations, labels, t.split)
     wells = annotations[["Metadata_Plate", "Metadata_Well"]].copy()
     wells["split"] = splits
@@ -258,14 +259,22 @@ def _check_distill(t) -> None:
 BANK_BYTES = 2 * 1024**3
 
 
-def _check_distill_fields(config: Config, uri: str, channels: int, classes: int) -> None:
-    """``train.distill`` against the fields the stream gives: local views must fit in them,
-    and the field bank must hold at most BANK_BYTES."""
-    d, s = config.train.distill, config.stream
-    if not d.enabled:
-        return
+def streamed_field_size(config: Config, uri: str) -> tuple[int, int]:
+    """(height, width) of the images the stream gives a model: ``stream.tile`` when it
+    tiles, else the fields of the plate at ``uri`` at ``stream.level`` (plates of one run
+    share a field shape)."""
+    s = config.stream
+    if s.tile:
+        return s.tile, s.tile
     _, y, x = open_plate(uri, config.storage_options).shape
-    h, w = (s.tile, s.tile) if s.tile else (y >> s.level, x >> s.level)
+    return y >> s.level, x >> s.level
+
+
+def _check_distill_fields(config: Config, field_size: tuple[int, int], channels: int, classes: int) -> None:
+    """``train.distill`` against the (height, width) of the streamed fields: local views must
+    fit in them, and the field bank must hold at most BANK_BYTES."""
+    d = config.train.distill
+    h, w = field_size
     if d.local_crops and d.local_crop > min(h, w):
         raise ConfigError(f"train.distill.local_crop: {d.local_crop} px is larger than the fields ({h} x {w})")
     nbytes = classes * d.bank * channels * h * w * 4

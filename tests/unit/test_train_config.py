@@ -68,6 +68,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"stream__normalize": "percentile"}, "stream.normalize: 'percentile': plate .*a\\.zarr: no normalisation stored"),
     ({"train": {"max_failures": -1}}, "train.max_failures"),
     ({"train": {"crop": 64}}, "train.crop: 64 is larger than the fields"),
+    ({"stream__tile": 8, "train": {"crop": 12}}, r"train.crop: 12 is larger than the tiles \(8 x 8\)"),
     ({"train": {"mixup": -0.2}}, "train.mixup: -0.2; expected the Beta parameter"),
     ({"train": {"label_smoothing": 1.0}}, r"train.label_smoothing: 1.0; expected 0 <= value < 1"),
     ({"train": {"augment": {"intensity": -0.1}}}, r"train.augment.intensity: -0.1; expected a log-gain"),
