@@ -54,8 +54,11 @@ class ProjectionHead(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(z, F.normalize(self.prototypes, dim=-1))
+        # cosines in float32 even under autocast: bf16 resolves ~0.004 near 1, which the
+        # teacher's division by its low temperature (0.01) would blow up to ~0.4 logits
+        z = self.mlp(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(F.normalize(z.float(), dim=-1), F.normalize(self.prototypes.float(), dim=-1))
 
 
 class DistillNet(nn.Module):
@@ -71,8 +74,13 @@ class DistillNet(nn.Module):
         ``forward_maps`` dict of the global views (``logits`` (G, K), ...), projections
         of the global views (G, P), of the local views (L, P) or None)."""
         out = self.net.forward_maps(global_views)
-        local = self.head(self.net.features(local_views)) if local_views is not None else None
-        return out, self.head(out["features"]), local
+        if local_views is None:
+            return out, self.head(out["features"]), None
+        # one head pass over all views, as DINO: its batch norm sees every view together
+        # (and never a batch of one local view)
+        g = global_views.shape[0]
+        proj = self.head(torch.cat([out["features"], self.net.features(local_views)]))
+        return out, proj[:g], proj[g:]
 
 
 def make_teacher(student: DistillNet) -> DistillNet:
@@ -203,19 +211,40 @@ class FieldBank:
     def __len__(self) -> int:
         return sum(len(v) for v in self._fields.values())
 
-    def pool(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch (B, C, H, W) followed by the held fields: (B + N, C, H, W), labels (B + N,)."""
+    def pool(self, images: torch.Tensor, labels: torch.Tensor) -> tuple["FieldPool", torch.Tensor]:
+        """The batch (B, C, H, W) followed by the held fields, as a :class:`FieldPool` of
+        B + N fields, and their labels (B + N,)."""
         held = [(k, f) for k, fields in self._fields.items() for f in fields if f.shape == images.shape[1:]]
-        if not held:
-            return images, labels
-        return (torch.cat([images, torch.stack([f for _, f in held]).to(images.device)]),
-                torch.cat([labels, torch.tensor([k for k, _ in held], dtype=labels.dtype, device=labels.device)]))
+        pool_labels = torch.cat([labels, torch.tensor([k for k, _ in held], dtype=labels.dtype,
+                                                      device=labels.device)])
+        return FieldPool(images, [f for _, f in held]), pool_labels
 
     def remember(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         for image, label in zip(images.detach(), labels.tolist()):
             fields = self._fields.setdefault(int(label), [])
-            fields.append(image)
+            # a copy: a slice of the batch would keep the whole batch's storage alive
+            fields.append(image.clone())
             del fields[:-self.size]
+
+
+class FieldPool:
+    """A batch (B, C, H, W) followed by N held fields, indexed like one (B + N, C, H, W)
+    tensor; only the fields indexed are gathered (stacking the whole bank every step would
+    copy all of it, several times the memory the config check allows)."""
+
+    def __init__(self, images: torch.Tensor, held: list[torch.Tensor]):
+        self.images, self.held = images, held
+
+    def __len__(self) -> int:
+        return self.images.shape[0] + len(self.held)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        """index (K,) -> (K, C, H, W) on the batch's device."""
+        b = self.images.shape[0]
+        if not self.held or bool((index < b).all()):
+            return self.images[index]
+        return torch.stack([self.images[i] if i < b else self.held[i - b].to(self.images.device)
+                            for i in index.tolist()])
 
 
 class Distiller:

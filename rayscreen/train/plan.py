@@ -8,6 +8,7 @@ key, instead of after a cluster has started workers.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +232,14 @@ def _check_distill(t) -> None:
     if t.mixup > 0 or t.augment.mosaic:
         raise ConfigError("train.distill: WS-DINO draws its own views of each field; turn train.mixup (0) and "
                           "train.augment.mosaic (false) off")
+    numbers = ("weight", "classify", "student_temp", "teacher_temp", "momentum", "center_momentum")
+    for key in numbers:  # NaN passes every comparison below
+        if not math.isfinite(getattr(d, key)):
+            raise ConfigError(f"train.distill.{key}: {getattr(d, key)}; expected a finite number")
+    if d.pair_by == "image" and t.crop is None and not t.augment.enabled:
+        raise ConfigError("train.distill.pair_by: 'image' with train.crop null and train.augment off makes both "
+                          "views of a field the same image (nothing to learn); set train.crop or turn "
+                          "train.augment on, or pair_by: label")
     if d.weight < 0 or d.classify < 0 or d.weight + d.classify == 0:
         raise ConfigError(f"train.distill.weight {d.weight}, train.distill.classify {d.classify}: expected "
                           "weights >= 0, not both 0")

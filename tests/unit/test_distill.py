@@ -32,15 +32,20 @@ def test_the_bank_keeps_the_last_fields_of_each_label_and_lends_them_as_partners
     assert len(bank) == 3  # label 0 holds its last two fields
     images, labels = torch.zeros(2, 1, 4, 4), torch.tensor([0, 2])
     pool, pool_labels = bank.pool(images, labels)
-    assert pool_labels.tolist() == [0, 2, 0, 0, 1]
-    assert pool[2:, 0, 0, 0].tolist() == [11.0, 12.0, 20.0]
+    assert pool_labels.tolist() == [0, 2, 0, 0, 1] and len(pool) == 5
+    assert pool[torch.tensor([2, 3, 4, 1])][:, 0, 0, 0].tolist() == [11.0, 12.0, 20.0, 0.0]
     g = torch.Generator().manual_seed(0)
     cfg = DistillSection(enabled=True, local_crops=0)
     global_views, _, view_labels = make_views(images, labels, cfg, None, g, bank=bank)
     # field 0 (label 0, alone in its batch) takes its partner from the bank; label 2 has none
     assert float(global_views[2, 0, 0, 0]) in (11.0, 12.0) and float(global_views[3, 0, 0, 0]) == 0.0
     assert view_labels.tolist() == [0, 2, 0, 2]
-    assert FieldBank(2).pool(images, labels)[0] is images  # empty: the batch alone
+    empty, empty_labels = FieldBank(2).pool(images, labels)
+    assert len(empty) == 2 and torch.equal(empty_labels, labels)  # empty: the batch alone
+    # a held field is a copy: it does not pin the batch it came from
+    batch = torch.zeros(8, 1, 4, 4)
+    bank.remember(batch[:1], torch.tensor([3]))
+    assert bank._fields[3][0].untyped_storage().size() == 16 * 4
 
 
 def test_distill_loss_by_hand():
@@ -215,3 +220,16 @@ def test_good_distill_settings_pass():
                                "train": {"crop": 48, "metric": "train_loss",
                                          "distill": {"enabled": True, "classify": 0.0}}})
     _check_distill(config.train)
+
+
+def test_the_head_projects_in_float32_under_autocast_and_takes_a_single_local_view():
+    """Cosines / 0.01 need float32 (bf16 resolves ~0.004 near 1); one field with one local
+    view must not give the head's batch norm a batch of one."""
+    head = ProjectionHead(16, out_dim=8, hidden=16, bottleneck=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.nn.Linear(8, 16)(torch.randn(4, 8))
+        assert x.dtype == torch.bfloat16 and head(x).dtype == torch.float32
+    trunk = create_model("milnet", in_channels=1, num_classes=2, width=[4, 4, 4])
+    net = DistillNet(trunk, ProjectionHead(trunk.feature_dim, out_dim=8, hidden=16, bottleneck=4))
+    out, g, loc = net.train()(torch.randn(2, 1, 24, 24), torch.randn(1, 1, 16, 16))
+    assert g.shape == (2, 8) and loc.shape == (1, 8) and out["logits"].shape == (2, 2)

@@ -78,6 +78,10 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
                                                                   r"the fields \(16 x 16\)"),
     ({"train": {"distill": {"enabled": True, "local_crop": 12, "bank": 10**8}}},
      r"train.distill.bank: 100000000 fields x 2 classes of 2 x 16 x 16 float32 = 381.5 GiB"),
+    ({"train": {"distill": {"enabled": True, "local_crop": 12, "teacher_temp": float("nan")}}},
+     r"train.distill.teacher_temp: nan; expected a finite number"),
+    ({"train": {"augment": {"enabled": False}, "distill": {"enabled": True, "local_crop": 12, "pair_by": "image"}}},
+     r"train.distill.pair_by: 'image' with train.crop null and train.augment off"),
     ({"model__name": "wscnn", "train": {"distill": {"enabled": True, "local_crop": 12}}},
      r"train.distill.local_crop: 12 px is smaller than the smallest input of wscnn \(46 px\)"),
 ])
