@@ -189,7 +189,8 @@ class AnalysisConfig:
     features: str = "deep"  # feature set in the store (deep, classical)
     aggregate: Literal["mean", "median"] = "mean"
     normalize: Literal["none", "standardize", "mad"] = "mad"
-    whiten: bool = False
+    whiten: bool = False  # ZCA sphering on the control wells, per plate, after `normalize`
+    whiten_shrinkage: Literal["ledoit_wolf", "oas", "none"] = "ledoit_wolf"  # its covariance estimate
     feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])
     control_column: str = "Metadata_Control"
     control_value: Any = "negative"

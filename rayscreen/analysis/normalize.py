@@ -5,7 +5,8 @@ control rows of one plate and applied to all its rows:
 
 - :class:`Standardize`: ``(x - mean) / std`` of the controls,
 - :class:`RobustMAD`: ``(x - median) / (1.4826 * MAD)`` of the controls,
-- :class:`Whiten`: ZCA (or PCA) sphering fitted on the controls, regularised by ``epsilon``.
+- :class:`Whiten`: ZCA (or PCA) sphering fitted on the controls, its covariance shrunk
+  towards a scaled identity (Ledoit-Wolf by default) and regularised by ``epsilon``.
 
 Their fitted state is a few plain lists of numbers (``to_dict``/``from_dict``), so a
 normaliser travels in checkpoints and results stores as JSON.
@@ -207,27 +208,42 @@ class RobustMAD(Normalizer):
         return obj
 
 
+SHRINKAGE = ("none", "ledoit_wolf", "oas")
+
+
 class Whiten(Normalizer):
     """Sphering fitted on the controls: ``(x - mean) @ W.T`` with, from the controls'
-    covariance ``C = E diag(lam) E^T`` (ddof=1),
+    covariance ``C = E diag(lam) E^T``,
 
     - ZCA: ``W = E diag(1 / sqrt(lam + epsilon)) E^T`` (stays in feature space, keeps names),
     - PCA: ``W = diag(1 / sqrt(lam + epsilon)) E^T`` (principal axes, named PC1, PC2, ...).
 
-    ``epsilon`` is a ridge on the eigenvalues (variance units): directions the controls do
-    not span are scaled by ``1 / sqrt(epsilon)`` instead of infinity, so fewer controls
-    than features still give a finite transform. Control rows must be free of NaN.
+    ``shrinkage`` estimates ``C``: ``"none"`` is the sample covariance (ddof=1; pycytominer's
+    ``Spherize``); ``"ledoit_wolf"`` (default) and ``"oas"`` shrink it towards
+    ``mean(lam) * I`` by the amount scikit-learn's ``LedoitWolf`` / ``OAS`` estimate from the
+    data; a number ``s`` in [0, 1] shrinks by ``s``. Why shrink: a plate has a dozen control
+    wells and a profile 50-500 features, so the sample covariance is singular, its small
+    eigenvalues are noise, and sphering by them multiplies that noise by up to
+    ``1 / sqrt(epsilon)`` (on the synthetic MOA screens it sank NSCB; docs/results.md).
+    ``epsilon`` is a further ridge on the eigenvalues (variance units), which keeps the
+    unshrunk transform finite. Control rows must be free of NaN.
     """
 
     method = "whiten"
 
-    def __init__(self, epsilon: float = 1e-6, kind: str = "ZCA"):
+    def __init__(self, epsilon: float = 1e-6, kind: str = "ZCA", shrinkage: str | float = "ledoit_wolf"):
         super().__init__()
         if kind not in ("ZCA", "PCA"):
             raise ValueError(f"kind must be 'ZCA' or 'PCA', got {kind!r}")
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        if isinstance(shrinkage, str) and shrinkage not in SHRINKAGE:
+            raise ValueError(f"shrinkage must be one of {list(SHRINKAGE)} or a number in [0, 1], got {shrinkage!r}")
+        if not isinstance(shrinkage, str) and not 0 <= shrinkage <= 1:
+            raise ValueError(f"shrinkage must be one of {list(SHRINKAGE)} or a number in [0, 1], got {shrinkage!r}")
         self.epsilon, self.kind = float(epsilon), kind
+        self.shrinkage = shrinkage if isinstance(shrinkage, str) else float(shrinkage)
+        self.shrinkage_: float | None = None  # the amount used (estimated or given)
         self.mean_: np.ndarray | None = None
         self.W_: np.ndarray | None = None
 
@@ -242,6 +258,16 @@ class Whiten(Normalizer):
             raise ValueError("Whiten needs at least 2 control rows to estimate a covariance")
         self.mean_ = X.mean(axis=0)
         cov = np.cov(X - self.mean_, rowvar=False, ddof=1).reshape(X.shape[1], X.shape[1])
+        if self.shrinkage in ("ledoit_wolf", "oas"):
+            from sklearn.covariance import OAS, LedoitWolf
+
+            estimator = (LedoitWolf if self.shrinkage == "ledoit_wolf" else OAS)().fit(X)
+            self.shrinkage_ = float(estimator.shrinkage_)
+        else:
+            self.shrinkage_ = 0.0 if self.shrinkage == "none" else float(self.shrinkage)
+        # (1 - s) C + s mean(lam) I, on the ddof=1 covariance (scikit-learn shrinks the
+        # ddof=0 one; the amount is what we take from it)
+        cov = (1 - self.shrinkage_) * cov + self.shrinkage_ * np.trace(cov) / len(cov) * np.eye(len(cov))
         lam, E = np.linalg.eigh(cov)
         lam = np.clip(lam, 0.0, None)  # round-off can make null directions slightly negative
         if self.epsilon == 0 and (lam <= 0).any():
@@ -264,11 +290,14 @@ class Whiten(Normalizer):
 
     def to_dict(self):
         return {"method": self.method, "features": self.features, "kind": self.kind, "epsilon": self.epsilon,
+                "shrinkage": self.shrinkage, "shrinkage_": self.shrinkage_,
                 "mean": _to_list(self.mean_), "W": [_to_list(row) for row in self.W_]}
 
     @classmethod
     def _from_dict(cls, d):
-        obj = cls(epsilon=d.get("epsilon", 1e-6), kind=d.get("kind", "ZCA"))
+        # stores written before shrinkage existed used the sample covariance
+        obj = cls(epsilon=d.get("epsilon", 1e-6), kind=d.get("kind", "ZCA"), shrinkage=d.get("shrinkage", "none"))
+        obj.shrinkage_ = d.get("shrinkage_")
         obj.features, obj.mean_ = d.get("features"), _from_list(d["mean"])
         obj.W_ = np.array([_from_list(row) for row in d["W"]], dtype=float)
         return obj

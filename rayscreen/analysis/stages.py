@@ -173,7 +173,7 @@ def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
         cols = feature_columns(table)
         finite = np.isfinite(table[cols].to_numpy()).all(axis=0)
         table = table.drop(columns=[c for c, ok in zip(cols, finite) if not ok])
-        table = normalize(table, "whiten", controls=controls)
+        table = normalize(table, "whiten", controls=controls, shrinkage=a.whiten_shrinkage)
     ops = ["drop_na"] + [op for op in a.feature_select if op != "drop_na"]
     table = feature_select(table, ops)
     # A feature still missing in some wells (no object found in any field of a well) is

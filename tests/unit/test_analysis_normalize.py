@@ -41,7 +41,7 @@ def test_whiten_gives_identity_covariance_on_controls(kind):
     rng = np.random.default_rng(1)
     mixing = rng.normal(size=(4, 4))
     controls = rng.normal(size=(500, 4)) @ mixing + 3.0
-    norm = Whiten(epsilon=1e-9, kind=kind).fit(controls)
+    norm = Whiten(epsilon=1e-9, kind=kind, shrinkage="none").fit(controls)
     white = norm.transform(controls)
     np.testing.assert_allclose(white.mean(axis=0), 0, atol=1e-9)
     np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(4), atol=1e-6)
@@ -53,13 +53,40 @@ def test_whiten_gives_identity_covariance_on_controls(kind):
 
 def test_whiten_with_fewer_controls_than_features_is_finite():
     rng = np.random.default_rng(2)
-    norm = Whiten(epsilon=1e-3).fit(rng.normal(size=(5, 20)))
+    norm = Whiten(epsilon=1e-3, shrinkage="none").fit(rng.normal(size=(5, 20)))
     assert np.isfinite(norm.transform(rng.normal(size=(3, 20)))).all()
     with pytest.raises(ValueError, match="singular"):
-        Whiten(epsilon=0).fit(rng.normal(size=(5, 20)))
+        Whiten(epsilon=0, shrinkage="none").fit(rng.normal(size=(5, 20)))
+    # shrunk, the covariance has full rank without any ridge
+    assert np.isfinite(Whiten(epsilon=0).fit(rng.normal(size=(5, 20))).W_).all()
 
 
-@pytest.mark.parametrize("norm", [Standardize(), RobustMAD(), Whiten(epsilon=1e-4), Whiten(kind="PCA")])
+def test_whiten_shrinkage_takes_scikit_learns_amount_and_tames_the_noise_directions():
+    """Ledoit-Wolf / OAS: the amount is scikit-learn's; with 12 controls of 40 features the
+    unshrunk sphering multiplies some direction by ~1/sqrt(epsilon), the shrunk one does not."""
+    from sklearn.covariance import OAS, LedoitWolf
+
+    rng = np.random.default_rng(5)
+    controls = rng.normal(size=(12, 40)) * np.linspace(0.5, 2.0, 40)
+    for name, cls in (("ledoit_wolf", LedoitWolf), ("oas", OAS)):
+        norm = Whiten(shrinkage=name).fit(controls)
+        assert norm.shrinkage_ == pytest.approx(cls().fit(controls).shrinkage_)
+        assert 0 < norm.shrinkage_ <= 1
+    gain = lambda w: np.linalg.norm(w.W_, 2)  # noqa: E731 - the largest factor the transform applies
+    assert gain(Whiten(shrinkage="none").fit(controls)) > 100
+    shrunk = Whiten().fit(controls)
+    mean_var = np.trace(np.cov(controls, rowvar=False)) / 40
+    assert gain(shrunk) <= 1 / np.sqrt(shrunk.shrinkage_ * mean_var) + 1e-9
+    # full shrinkage: one scale for every feature, 1 / sqrt(mean variance)
+    full = Whiten(shrinkage=1.0, epsilon=0).fit(controls)
+    np.testing.assert_allclose(full.W_, np.eye(40) / np.sqrt(mean_var), atol=1e-9)
+    for bad in ("lw", 1.5, -0.1):
+        with pytest.raises(ValueError, match="shrinkage must be one of"):
+            Whiten(shrinkage=bad)
+
+
+@pytest.mark.parametrize("norm", [Standardize(), RobustMAD(), Whiten(epsilon=1e-4), Whiten(kind="PCA"),
+                                  Whiten(shrinkage=0.3), Whiten(shrinkage="none")])
 def test_to_dict_round_trips_through_json(norm):
     rng = np.random.default_rng(3)
     controls = pd.DataFrame(rng.normal(size=(30, 3)), columns=["a", "b", "c"])

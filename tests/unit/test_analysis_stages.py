@@ -86,6 +86,34 @@ def test_process_wells_normalises_each_plate_against_its_own_controls(tmp_path):
     np.testing.assert_allclose(std.loc[p1 & ~ctrl, "f0"].to_numpy(), std.loc[~p1 & ~ctrl, "f0"].to_numpy())
 
 
+def test_process_wells_whitens_each_plate_with_the_shrinkage_asked_for(tmp_path):
+    """6 control wells of 20 features per plate: the sample covariance is singular; the
+    shrunk sphering (default) stays bounded where the unshrunk one blows a noise direction up."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(0)
+    n, feats = 8, [f"f{i}" for i in range(20)]
+    wells = pd.concat([pd.DataFrame({"Metadata_Plate": p, "Metadata_Control": ["negative"] * 6 + [""] * 2,
+                                     "Metadata_Fields": 3, **dict(zip(feats, rng.normal(size=(20, n)) * 2 + k))})
+                       for k, p in enumerate(["P1", "P2"])], ignore_index=True)
+    cfg = dict(normalize="none", feature_select=[], whiten=True)
+    shrunk = process_wells(wells, config(tmp_path, **cfg))
+    plain = process_wells(wells, config(tmp_path, **cfg, whiten_shrinkage="none"))
+    treated = wells["Metadata_Control"] == ""
+    assert np.abs(plain.loc[treated, feats].to_numpy()).max() > 100  # ~1/sqrt(1e-6) along a noise direction
+    assert np.abs(shrunk.loc[treated, feats].to_numpy()).max() < 20
+    # each plate on its own controls: their mean is 0 and, with Ledoit-Wolf's amount s, the
+    # controls' covariance has eigenvalues lam / ((1 - s) lam + s mean(lam)) <= 1 / (1 - s)
+    for p in ("P1", "P2"):
+        ctrl = (wells["Metadata_Plate"] == p) & ~treated
+        np.testing.assert_allclose(shrunk.loc[ctrl, feats].mean(), 0, atol=1e-9)
+        lam = np.linalg.eigvalsh(np.cov(shrunk.loc[ctrl, feats].to_numpy(), rowvar=False))
+        s = LedoitWolf().fit(wells.loc[ctrl, feats]).shrinkage_
+        assert 0 < s < 1 and 1 < lam.max() <= 1 / (1 - s) + 1e-9
+    with pytest.raises(Exception, match="analysis.whiten_shrinkage"):
+        config(tmp_path, whiten=True, whiten_shrinkage="lw")
+
+
 def test_process_wells_drops_all_nan_features_naming_them(tmp_path):
     wells = pd.DataFrame({"Metadata_Plate": ["P1"] * 3, "Metadata_Control": ["negative", "negative", ""],
                           "Metadata_Fields": 1, "f0": [1.0, 3.0, 5.0], "gone": [NAN, NAN, NAN]})
@@ -158,3 +186,4 @@ def test_evaluate_reports_single_compound_moas(tmp_path):
     result = run_evaluate(config(tmp_path), progress=False)
     assert any("single compound" in w and "C" in w for w in result["warnings"])
     assert result["n_queries"] == 4 and result["nsc"] is not None
+
