@@ -75,7 +75,15 @@ def cmd_stage(args) -> int:
     if args.command == "illum":
         _init_ray()
     result = run_stage(config, args.command, progress=not args.quiet)
-    if result is not None and not args.quiet:
+    if result is None or args.quiet:
+        return 0
+    if args.command == "evaluate":
+        # the comparison table is printed above; the full result (per-MOA figures, confusion
+        # matrices) is a page of JSON, so say where it is instead of printing it
+        from .store.uri import join
+
+        print(f"evaluation: {join(config.output, 'evaluation', 'evaluation.json')}")
+    else:
         print(json.dumps(result, default=str) if isinstance(result, dict) else result)
     return 0
 

@@ -187,3 +187,17 @@ def test_evaluate_reports_single_compound_moas(tmp_path):
     assert any("single compound" in w and "C" in w for w in result["warnings"])
     assert result["n_queries"] == 4 and result["nsc"] is not None
 
+
+def test_the_evaluate_command_prints_the_table_and_where_the_result_is(tmp_path, capsys):
+    import yaml
+
+    from rayscreen.cli import main
+
+    treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    _write_tables(tmp_path, treatment, wells)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path).to_dict()))
+    assert main(["evaluate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "NSC" in out and f"evaluation: {tmp_path / 'run' / 'evaluation' / 'evaluation.json'}" in out
+    assert "per_moa" not in out  # not the whole result as JSON
