@@ -2,6 +2,7 @@
 baseline, NSC / NSCB / mAP, and the QC classifier's F1, measured in one run.
 
     python benchmarks/moa.py --preset small [--out DIR] [--weights PATH] [--qc-seeds 10] [--learned]
+        [--analysis-set analysis.whiten=true]
 
 Both profile sets see the same stream: illumination-corrected (``rayscreen illum``, run
 first) and percentile-normalised per plate.
@@ -41,6 +42,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import yaml
 
 PRESETS = {"small": dict(n_plates=2, fields_per_well=3, field_shape=(128, 128), input_size=64),
            "medium": dict(n_plates=3, fields_per_well=4, field_shape=(192, 192), input_size=128)}
@@ -123,10 +125,16 @@ def main(argv=None) -> int:
                    help="override a key of the learned config (YAML value), e.g. --learned-set train.mixup=0.2; "
                         "the run goes to <out>/run-learned-<name> with --learned-name")
     p.add_argument("--learned-name", help="suffix of the learned run's directory (default: from --learned-seed)")
+    p.add_argument("--analysis-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an analysis.* key for every profile kind, e.g. --analysis-set analysis.whiten=true")
     args = p.parse_args(argv)
     from rayscreen.config import parse_overrides
 
-    learned_settings = parse_overrides(args.learned_set)
+    analysis_settings = parse_overrides(args.analysis_set)
+    wrong = [k for k in analysis_settings if not k.startswith("analysis.")]
+    if wrong:
+        p.error(f"--analysis-set takes analysis.* keys only, not {wrong}")
+    learned_settings = {**parse_overrides(args.learned_set), **analysis_settings}
     if args.learned_epochs:
         learned_settings["train.epochs"] = args.learned_epochs
     logging.basicConfig(level=logging.WARNING)
@@ -135,7 +143,7 @@ def main(argv=None) -> int:
     import ray
 
     from rayscreen.analysis.stages import run_aggregate, run_evaluate
-    from rayscreen.config import config_from_dict
+    from rayscreen.config import load_config
     from rayscreen.models import save_backbone_weights
     from rayscreen.pipeline import run_pipeline
     from rayscreen.profile import run_profile
@@ -155,12 +163,12 @@ def main(argv=None) -> int:
     pd.DataFrame({"Metadata_Plate": ann["plate"], "Metadata_Well": ann["well"], "field": ann["field"],
                   "label": np.where(ann["is_artefact"], "abnormal", "normal")}).to_csv(f"{out}/qc.csv", index=False)
     t_synth = time.perf_counter() - t0
-    config = config_from_dict({
+    config = load_config(yaml.safe_dump({
         "plates": uris, "output": f"{out}/run", "stream": {"illumination": True},
         "profile": {"backbone": "resnet18", "weights": weights, "input_size": preset["input_size"],
                     "batch_size": 32, "overwrite": True},
         "analysis": {"qc": {"annotations": f"{out}/qc.csv", "method": args.qc_method,
-                            "features": args.qc_features}}})
+                            "features": args.qc_features}}}), overrides=analysis_settings)
     ray.init(**local_init_kwargs(include_dashboard=False))
     t0 = time.perf_counter()
     run_illum(config, progress=False)
