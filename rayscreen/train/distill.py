@@ -18,7 +18,8 @@ Shapes: B fields per batch, C channels, K classes, D profile features, P prototy
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -268,13 +269,46 @@ class Distiller:
         self.center = state["center"]["center"].to(self.center.device)
 
 
+@torch.no_grad()
+def teacher_entropies(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> tuple[float, float]:
+    """(mean entropy of the teacher's targets per field and view, entropy of their mean over
+    the batch), in nats, of teacher (T, B, P). DINO's two ways to collapse show here: every
+    output uniform (the first near log P) or one prototype for all fields (the second near 0)."""
+    p = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    per_field = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()
+    mean = p.mean(dim=(0, 1))
+    return float(per_field), float(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
+
+
+def collapse(entropy: float, batch_entropy: float, out_dim: int) -> str | None:
+    """"uniform" or "one prototype" when the teacher's entropies (:func:`teacher_entropies`)
+    show a collapse, else None. The bounds are far from a learning teacher's: on the
+    synthetic screens it sat at 0.6-1.7 nats per field and 1.4-3.4 over the batch, of
+    log 256 = 5.5 (docs/results.md)."""
+    if entropy > 0.95 * math.log(out_dim):
+        return "uniform"
+    if batch_entropy < 0.05 * math.log(out_dim):
+        return "one prototype"
+    return None
+
+
+class DistillStats(NamedTuple):
+    """What :func:`distill_step` reports: the total and self-distillation losses and the
+    teacher's entropies (:func:`teacher_entropies`)."""
+
+    loss: float
+    distill_loss: float
+    teacher_entropy: float
+    teacher_batch_entropy: float
+
+
 def distill_step(student: nn.Module, distiller: Distiller, optimizer: torch.optim.Optimizer,
                  images: torch.Tensor, labels: torch.Tensor, *,
                  views: Callable[[torch.Tensor, torch.Tensor, FieldBank | None], tuple], grad_clip: float | None = None,
-                 label_smoothing: float = 0.0, amp: bool = False) -> tuple[float, float]:
+                 label_smoothing: float = 0.0, amp: bool = False) -> DistillStats:
     """One WS-DINO step on a batch (B, C, H, W), labels (B,): views, student and teacher
     forward, ``weight * distill_loss + classify * cross-entropy``, backward, optimiser step,
-    teacher EMA and centre update. Returns (total loss, self-distillation loss)."""
+    teacher EMA and centre update."""
     cfg = distiller.cfg
     student.train()
     distiller.teacher.train()
@@ -289,6 +323,7 @@ def distill_step(student: nn.Module, distiller: Distiller, optimizer: torch.opti
     teacher_out = t_global.float().reshape(2, b, -1)
     d_loss = distill_loss(torch.stack([v.float() for v in s_views]), teacher_out, distiller.center,
                           cfg.student_temp, cfg.teacher_temp)
+    entropy, batch_entropy = teacher_entropies(teacher_out, distiller.center, cfg.teacher_temp)
     loss = cfg.weight * d_loss
     if cfg.classify > 0:
         net = unwrap(student).net
@@ -298,4 +333,4 @@ def distill_step(student: nn.Module, distiller: Distiller, optimizer: torch.opti
     distiller.center = update_center(distiller.center, teacher_out, cfg.center_momentum)
     if distiller.bank is not None:
         distiller.bank.remember(images, labels)
-    return float(loss.detach()), float(d_loss.detach())
+    return DistillStats(float(loss.detach()), float(d_loss.detach()), entropy, batch_entropy)

@@ -13,6 +13,7 @@ stored config differs (other than ``plan.RESUMABLE`` keys such as ``train.epochs
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -32,9 +33,11 @@ from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
-from .distill import distill_step
+from .distill import collapse, distill_step
 from .step import (augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
                    mixup, random_crops, repeat_rows, step_scheduler, train_step, unwrap)
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
 EVENTS = "events.jsonl"  # one line per worker-group start: {"event": "start", "from_epoch": k, ...}
@@ -269,6 +272,9 @@ def _finish(plan: TrainPlan, result) -> TrainResult:
     with best.as_directory() as d:
         loaded = load_checkpoint(d)
     state = loaded["state"]
+    if latest.history and all(h.get("score", 0) == -math.inf for h in latest.history):
+        log.warning("train: no epoch had a finite %s%s; exported epoch %d anyway", config.train.metric,
+                    " with a teacher that had not collapsed" if config.train.distill.enabled else "", state.epoch)
     meta = state.meta
     artefact = join(plan.run_dir, "model")
     epoch_metrics = state.history[-1] if state.history else {}
@@ -388,6 +394,15 @@ def _gather(obj: Any) -> list[Any]:
 
 def _finite(v: float | None) -> bool:
     return v is not None and isinstance(v, float) and math.isfinite(v)
+
+
+def epoch_score(value: float | None, mode: str, collapsed: str | None = None) -> float:
+    """The score Ray keeps checkpoints by (higher is better): the metric, negated for a
+    loss; -inf for a metric that is not finite, or an epoch whose WS-DINO teacher collapsed
+    (its loss can be the run's lowest: one prototype for every field is trivially predicted)."""
+    if collapsed or not _finite(value):
+        return -math.inf
+    return value if mode == "max" else -value
 
 
 def worker_threads(cpus_per_worker: float) -> int:
@@ -533,7 +548,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             transform = make_transform(config, rank, epoch, len(cfg["classes"]))
         else:
             views = make_view_fn(config, rank, epoch)
-        loss_sum, distill_sum, n = 0.0, 0.0, 0
+        loss_sum, n = 0.0, 0
+        distill_sums = np.zeros(3)  # self-distillation loss, teacher entropies (x fields)
         batches = upcoming if upcoming is not None else epoch_batches(epoch)
         upcoming = None
         wait, first_wait, i = 0.0, None, 0
@@ -550,9 +566,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
                                   amp=amp, label_smoothing=t.label_smoothing)
             else:
-                loss, distill_loss = distill_step(model, distiller, optimizer, images, labels, views=views,
-                                                  grad_clip=t.grad_clip, amp=amp, label_smoothing=t.label_smoothing)
-                distill_sum += distill_loss * len(labels)
+                stats = distill_step(model, distiller, optimizer, images, labels, views=views,
+                                     grad_clip=t.grad_clip, amp=amp, label_smoothing=t.label_smoothing)
+                loss = stats.loss
+                distill_sums += np.array(stats[1:]) * len(labels)
             loss_sum += loss * len(labels)
             n += len(labels)
             if i == 0:
@@ -573,7 +590,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 upcoming = epoch_batches(epoch + 1)
         else:
             probs, ys, vloss, vn = np.zeros((0, len(cfg["classes"])), np.float32), np.zeros(0, np.int64), 0.0, 0
-        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0, distill_sum))
+        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0, distill_sums))
         total = sum(p[1] for p in parts)
         all_probs = np.concatenate([p[2] for p in parts if len(p[2])] or [np.zeros((0, len(cfg["classes"])))])
         all_ys = np.concatenate([p[3] for p in parts])
@@ -585,14 +602,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                    "train_seconds": max(p[6] for p in parts),
                    # time blocked waiting for training batches (the first includes starting the read)
                    "data_wait_seconds": max(p[7] for p in parts), "first_batch_seconds": max(p[8] for p in parts)}
+        collapsed = None
         if distiller is not None:
-            metrics["train_distill_loss"] = sum(p[9] for p in parts) / total if total else float("nan")
+            means = sum(p[9] for p in parts) / total if total else np.full(3, np.nan)
+            metrics.update(train_distill_loss=float(means[0]), train_teacher_entropy=float(means[1]),
+                           train_teacher_batch_entropy=float(means[2]))
+            collapsed = collapse(means[1], means[2], t.distill.out_dim)
         value = metrics[t.metric]
-        score = (value if mode == "max" else -value) if _finite(value) else -math.inf
-        metrics["score"] = score
+        metrics["score"] = epoch_score(value, mode, collapsed)
         step_scheduler(scheduler, value)
-        if _finite(value) and (state.best_value is None or
-                               (value > state.best_value if mode == "max" else value < state.best_value)):
+        if metrics["score"] > -math.inf and (state.best_value is None or
+                                             (value > state.best_value if mode == "max" else value < state.best_value)):
             state.best_value, state.best_epoch = value, epoch
         state.epoch = epoch
         state.history.append(metrics)
@@ -600,7 +620,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             write_metrics(state.history, run_dir, so)
             if cfg.get("progress", True):
                 print(f"[rayscreen train] epoch {epoch}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                      + (f"distill_loss {metrics['train_distill_loss']:.4f}  " if distiller is not None else "")
+                      + (f"distill_loss {metrics['train_distill_loss']:.4f}  teacher_entropy "
+                         f"{metrics['train_teacher_entropy']:.2f}/{metrics['train_teacher_batch_entropy']:.2f}  "
+                         if distiller is not None else "")
+                      + (f"TEACHER COLLAPSED ({collapsed}: this epoch is never kept)  " if collapsed else "")
                       + f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.3f}  "
                       f"val_bacc {metrics['val_balanced_accuracy']:.3f}  val_auc {metrics['val_roc_auc']:.3f}  "
                       f"({metrics['seconds']:.1f} s, {total / max(metrics['seconds'], 1e-9):.1f} fields/s)",

@@ -272,6 +272,9 @@ def test_ws_dino_trains_resumes_its_teacher_and_exports_it(ray_local, screen, tm
     m = result.metrics
     assert m["epoch"].tolist() == [1, 2] and np.isfinite(m["train_distill_loss"]).all(), m.to_string()
     np.testing.assert_allclose(m["train_loss"], m["train_distill_loss"], rtol=1e-6)  # no cross-entropy
+    # the teacher's entropies are logged per epoch (collapse shows there); H(batch mean) >= mean H
+    assert (0 <= m["train_teacher_entropy"]).all() and (m["train_teacher_entropy"] <= m["train_teacher_batch_entropy"]
+                                                        + 1e-6).all(), m.to_string()
 
     ckpts = {}
     for d, _, files in os.walk(os.path.join(result.run_dir, "checkpoints")):

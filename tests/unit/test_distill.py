@@ -8,8 +8,9 @@ import torch
 from rayscreen.config import DistillSection, TrainConfig
 from rayscreen.models import create_model
 from rayscreen.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from rayscreen.train.distill import (DistillNet, Distiller, FieldBank, ProjectionHead, distill_loss, distill_step,
-                                     ema_update, make_views, same_label_partners, update_center)
+from rayscreen.train.distill import (DistillNet, Distiller, FieldBank, ProjectionHead, collapse, distill_loss,
+                                     distill_step, ema_update, make_views, same_label_partners, teacher_entropies,
+                                     update_center)
 
 
 def test_partners_share_the_label_and_are_other_fields_when_the_batch_has_them():
@@ -148,8 +149,9 @@ def test_distill_step_trains_the_student_moves_teacher_and_centre():
     g = torch.Generator().manual_seed(0)
     teacher_before = [p.clone() for p in distiller.teacher.parameters()]
     for _ in range(30):
-        total, d = distill_step(student, distiller, opt, x, y, views=views(dc, g))
+        total, d, entropy, batch_entropy = distill_step(student, distiller, opt, x, y, views=views(dc, g))
         assert math.isfinite(total) and math.isfinite(d) and total >= d  # + the classification term
+        assert 0 <= entropy <= batch_entropy + 1e-6 <= math.log(dc.out_dim) + 1e-6  # H(mean) >= mean H
     assert not all(torch.equal(a, b) for a, b in zip(teacher_before, distiller.teacher.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(student.parameters(), distiller.teacher.parameters()))
     assert distiller.center.abs().sum() > 0
@@ -233,3 +235,21 @@ def test_the_head_projects_in_float32_under_autocast_and_takes_a_single_local_vi
     net = DistillNet(trunk, ProjectionHead(trunk.feature_dim, out_dim=8, hidden=16, bottleneck=4))
     out, g, loc = net.train()(torch.randn(2, 1, 24, 24), torch.randn(1, 1, 16, 16))
     assert g.shape == (2, 8) and loc.shape == (1, 8) and out["logits"].shape == (2, 2)
+
+
+def test_teacher_entropies_tell_the_two_collapses_from_a_learning_teacher():
+    p = 8
+    uniform = torch.zeros(2, 4, p)  # every output the same flat vector
+    h, hb = teacher_entropies(uniform, torch.zeros(p), teacher_temp=1.0)
+    assert h == pytest.approx(math.log(p)) and hb == pytest.approx(math.log(p))
+    assert collapse(h, hb, p) == "uniform"
+    one = torch.zeros(2, 4, p)
+    one[..., 3] = 10.0  # every field on prototype 3
+    h, hb = teacher_entropies(one, torch.zeros(p), teacher_temp=0.1)
+    assert h < 1e-6 and hb < 1e-6 and collapse(h, hb, p) == "one prototype"
+    # the centre is subtracted first: centring a one-prototype output makes it flat
+    assert teacher_entropies(one, one[0, 0], teacher_temp=0.1)[0] == pytest.approx(math.log(p))
+    sharp = torch.zeros(2, 4, p)
+    sharp[:, torch.arange(4), torch.arange(4)] = 10.0  # each field its own prototype
+    h, hb = teacher_entropies(sharp, torch.zeros(p), teacher_temp=0.1)
+    assert h < 1e-6 and hb == pytest.approx(math.log(4)) and collapse(h, hb, p) is None

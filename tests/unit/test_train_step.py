@@ -235,3 +235,13 @@ def test_early_start_fetches_the_first_item_ahead_and_yields_everything_in_order
 
     with pytest.raises(OSError, match="plate gone"):
         next(EarlyStart(bad()))
+
+
+def test_epoch_score_orders_epochs_and_never_keeps_a_collapsed_or_undefined_one():
+    from rayscreen.train.loop import epoch_score
+
+    assert epoch_score(0.8, "max") == 0.8 and epoch_score(0.3, "min") == -0.3
+    assert epoch_score(0.2, "min") > epoch_score(0.3, "min")
+    assert epoch_score(float("nan"), "max") == -math.inf and epoch_score(None, "min") == -math.inf
+    # a collapsed teacher's loss may be the lowest of the run: it still scores -inf
+    assert epoch_score(0.001, "min", collapsed="one prototype") == -math.inf
