@@ -1,0 +1,98 @@
+"""Probe: the learned profiles of a finished ``benchmarks/moa.py --learned`` run, computed three
+ways from its exported model, then aggregated and evaluated as the product does:
+
+- ``field``: the pooled trunk features of the whole field (what ``rayscreen infer`` writes;
+  reproduces the run's own figures);
+- ``cells``: the mean over 48 px crops centred on the nuclei (Otsu on the smoothed DNA
+  channel; single-cell crops as in Caicedo et al. / DeepProfiler);
+- ``random``: the mean over 16 random 48 px crops (the training views).
+
+    python benchmarks/cell_crops.py /tmp/exp5/s1-i0.4/run-learned-int0.4 [...]
+
+Fields the run's QC flagged are left out, as in the run. One CPU, no Ray Train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import numpy as np
+import pandas as pd
+
+CROP = 48  # the learned config's train.crop
+
+
+def nucleus_centres(dna: np.ndarray, min_area: int = 20) -> list[tuple[int, int]]:
+    """(y, x) centroids of the Otsu foreground objects of a (Y, X) DNA image."""
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.measure import label, regionprops
+
+    smooth = gaussian(dna, 1.5)
+    objects = label(smooth > threshold_otsu(smooth))
+    return [tuple(int(round(c)) for c in r.centroid) for r in regionprops(objects) if r.area >= min_area]
+
+
+def crops_at(image: np.ndarray, centres: list[tuple[int, int]], size: int = CROP) -> np.ndarray:
+    """(N, C, size, size) crops of a (C, Y, X) image centred on ``centres`` (reflected at the edges)."""
+    r = size // 2
+    padded = np.pad(image, ((0, 0), (r, r), (r, r)), mode="reflect")
+    return np.stack([padded[:, y:y + size, x:x + size] for y, x in centres])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="learned run directories (with config.yaml, train/model, tables/qc.csv)")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    import ray
+    import torch
+
+    from rayscreen.analysis.evaluate import evaluate_moa
+    from rayscreen.analysis.stages import process_wells, treatment_profiles
+    from rayscreen.config import load_config
+    from rayscreen.models.artefact import build_model
+    from rayscreen.stream import read_plates
+
+    torch.set_num_threads(1)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    scores: dict[str, list] = {}
+    for run in args.runs:
+        rng = np.random.default_rng(0)
+        config = load_config(f"{run}/config.yaml")
+        model = build_model(f"{run}/train/model")[0].eval()
+        qc = pd.read_csv(f"{run}/tables/qc.csv")
+        flagged = set(map(tuple, qc.loc[qc["Metadata_QC_Abnormal"], ["Metadata_Plate", "Metadata_Well",
+                                                                       "Metadata_Field"]].astype(str).values))
+        features: dict[str, list] = {"field": [], "cells": [], "random": []}
+        meta = []
+        with torch.no_grad():
+            for row in read_plates(config.plates, illumination=True, normalize=True).iter_rows():
+                if (row["plate"], row["well"], str(row["field"])) in flagged:
+                    continue
+                image = np.asarray(row["image"], np.float32)
+                centres = nucleus_centres(image[0]) or [(image.shape[1] // 2, image.shape[2] // 2)]
+                ys = rng.integers(0, image.shape[1] - CROP + 1, 16)
+                xs = rng.integers(0, image.shape[2] - CROP + 1, 16)
+                views = {"field": image[None], "cells": crops_at(image, centres),
+                         "random": np.stack([image[:, y:y + CROP, x:x + CROP] for y, x in zip(ys, xs)])}
+                for name, batch in views.items():
+                    features[name].append(model.features(torch.from_numpy(batch)).mean(0).numpy())
+                meta.append({k: v for k, v in row.items() if k.startswith("Metadata_")}
+                            | {"Metadata_Plate": row["plate"], "Metadata_Well": row["well"]})
+        meta = pd.DataFrame(meta)
+        for name, rows in features.items():
+            table = pd.concat([meta, pd.DataFrame(np.stack(rows)).add_prefix("f")], axis=1)
+            feats = [c for c in table.columns if not c.startswith("Metadata_")]
+            wells = table.groupby(list(meta.columns), as_index=False, dropna=False)[feats].mean()
+            e = evaluate_moa(treatment_profiles(process_wells(wells.assign(Metadata_Fields=1), config), config))
+            scores.setdefault(name, []).append((e.nsc, e.nscb, e.map))
+            print(f"{run}  {name:<7} NSC {e.nsc:.3f}  NSCB {e.nscb:.3f}  mAP {e.map:.3f}", flush=True)
+    for name, rows in scores.items():
+        print(f"mean of {len(rows)} runs  {name:<7} NSC / NSCB / mAP {np.round(np.mean(rows, axis=0), 3).tolist()}")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
