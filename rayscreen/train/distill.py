@@ -122,6 +122,12 @@ def same_label_partners(labels: torch.Tensor, generator: torch.Generator,
     return torch.multinomial(same.float(), 1, generator=generator).flatten().to(labels.device)
 
 
+def teacher_targets(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """The teacher's centred, sharpened outputs: softmax((teacher - center) / teacher_temp)
+    over the last dim, detached; teacher (..., P), center (P,)."""
+    return F.softmax((teacher.float() - center) / teacher_temp, dim=-1).detach()
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
                  student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
     """DINO's cross-entropy between the teacher's centred, sharpened outputs and the student's.
@@ -135,7 +141,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Ten
     if t_views * s_views - min(t_views, s_views) < 1:
         raise ValueError(f"distill_loss: {s_views} student and {t_views} teacher views; "
                          "at least one pair of different views is needed")
-    targets = F.softmax((teacher - center) / teacher_temp, dim=-1).detach()
+    targets = teacher_targets(teacher, center, teacher_temp)
     log_probs = F.log_softmax(student / student_temp, dim=-1)
     total, pairs = student.new_zeros(()), 0
     for t in range(t_views):
@@ -274,7 +280,7 @@ def teacher_entropies(teacher: torch.Tensor, center: torch.Tensor, teacher_temp:
     """(mean entropy of the teacher's targets per field and view, entropy of their mean over
     the batch), in nats, of teacher (T, B, P). DINO's two ways to collapse show here: every
     output uniform (the first near log P) or one prototype for all fields (the second near 0)."""
-    p = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    p = teacher_targets(teacher, center, teacher_temp)
     per_field = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()
     mean = p.mean(dim=(0, 1))
     return float(per_field), float(-(mean * torch.log(mean.clamp_min(1e-12))).sum())
