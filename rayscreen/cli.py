@@ -80,9 +80,10 @@ def cmd_stage(args) -> int:
     if args.command == "evaluate":
         # the comparison table is printed above; the full result (per-MOA figures, confusion
         # matrices) is a page of JSON, so say where it is instead of printing it
+        from .analysis.stages import evaluation_dir
         from .store.uri import join
 
-        print(f"evaluation: {join(config.output, 'evaluation', 'evaluation.json')}")
+        print(f"evaluation: {join(evaluation_dir(config), 'evaluation.json')}")
     else:
         print(json.dumps(result, default=str) if isinstance(result, dict) else result)
     return 0

@@ -349,6 +349,11 @@ def _confusion_figure(confusion: pd.DataFrame, uri: str, storage_options, title:
     fs.pipe(path, buf.getvalue())
 
 
+def evaluation_dir(config: Config) -> str:
+    """Where :func:`run_evaluate` writes (``<output>/evaluation``)."""
+    return join(config.output, "evaluation")
+
+
 def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """MOA evaluation of the treatment tables (deep and classical side by side) and hits.
 
@@ -360,7 +365,7 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """
     a = config.analysis
     so = config.storage_options
-    out_dir = join(config.output, "evaluation")
+    out_dir = evaluation_dir(config)
     main = _evaluation_table("treatment", config)
     check_annotations(main, config, "treatment")
     sets = {a.features: main}
