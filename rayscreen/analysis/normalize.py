@@ -237,9 +237,7 @@ class Whiten(Normalizer):
             raise ValueError(f"kind must be 'ZCA' or 'PCA', got {kind!r}")
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-        if isinstance(shrinkage, str) and shrinkage not in SHRINKAGE:
-            raise ValueError(f"shrinkage must be one of {list(SHRINKAGE)} or a number in [0, 1], got {shrinkage!r}")
-        if not isinstance(shrinkage, str) and not 0 <= shrinkage <= 1:
+        if not (shrinkage in SHRINKAGE if isinstance(shrinkage, str) else 0 <= shrinkage <= 1):
             raise ValueError(f"shrinkage must be one of {list(SHRINKAGE)} or a number in [0, 1], got {shrinkage!r}")
         self.epsilon, self.kind = float(epsilon), kind
         self.shrinkage = shrinkage if isinstance(shrinkage, str) else float(shrinkage)
