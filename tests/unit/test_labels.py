@@ -51,6 +51,21 @@ def test_rewrite_is_byte_identical_and_other_labels_and_wells_are_kept(tmp_path)
     np.testing.assert_array_equal(read_label(uri, "A01", 0, "saliency"), np.kron(mask, np.ones((4, 4))))
 
 
+def test_rewrite_of_a_label_removes_the_litter_of_an_interrupted_write(tmp_path):
+    """infer.labels writes a well's labels before its done flag: a worker killed inside
+    zarr's chunk write (temp file, then rename) leaves "<chunk>.<hex>.partial" in a well
+    that the rerun rewrites, and the rewrite replaces the label group whole."""
+    uri = make_plate(str(tmp_path / "p.zarr"), field_shape=(16, 20))
+    writer = LabelWriter(uri)
+    mask = np.eye(4, 5, dtype=np.uint8)
+    writer.write("A01", 0, mask, "saliency", downsample=4)
+    litter = tmp_path / "p.zarr" / "A" / "1" / "0" / "labels" / "saliency" / "0" / "c" / "0" / f"0.{'ab12' * 8}.partial"
+    litter.write_bytes(b"half a chunk")
+    writer.write("A01", 0, mask, "saliency", downsample=4)
+    assert not litter.exists()
+    np.testing.assert_array_equal(read_label(uri, "A01", 0, "saliency"), np.kron(mask, np.ones((4, 4))))
+
+
 def test_bad_label_input_names_plate_well_and_field(tmp_path):
     uri = make_plate(str(tmp_path / "p.zarr"), field_shape=(16, 20))
     writer = LabelWriter(uri)
