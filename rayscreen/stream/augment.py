@@ -61,12 +61,14 @@ ANGLES = ((-20.0, 20.0), (160.0, 200.0))
 @dataclass(frozen=True)
 class AugmentConfig:
     """What :func:`augment` does. Angles in degrees (intervals, drawn uniformly from their
-    union), ``max_translate`` in pixels, ``scale`` a (min, max) factor."""
+    union), ``translate`` the largest shift in pixels, ``scale`` a (min, max) factor.
+    Bounds are checked here only; ``train.augment`` errors name their key from these
+    messages, which start with the field name."""
 
     flips: bool = True
     rot90: bool = True
     angles: tuple[tuple[float, float], ...] = ANGLES
-    max_translate: float = 40.0
+    translate: float = 40.0
     scale: tuple[float, float] = (0.8, 1.2)
     mode: str = "bilinear"
     padding_mode: str = "zeros"
@@ -75,15 +77,17 @@ class AugmentConfig:
 
     def __post_init__(self):
         if not self.angles or any(lo > hi for lo, hi in self.angles):
-            raise ValueError(f"angles {self.angles}: expected (low, high) intervals with low <= high")
-        if self.max_translate < 0:
-            raise ValueError(f"max_translate {self.max_translate}: expected >= 0 pixels")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale {self.scale}: expected 0 < min <= max")
+            raise ValueError(f"angles: {self.angles}; expected (low, high) intervals with low <= high")
+        if not self.translate >= 0:
+            raise ValueError(f"translate: {self.translate}; expected the largest shift, >= 0 pixels")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale: {list(self.scale)}; expected [low, high] with 0 < low <= high")
         if not 0 <= self.intensity <= 1:
-            raise ValueError(f"intensity {self.intensity}: expected a log-gain standard deviation in [0, 1]")
+            raise ValueError(f"intensity: {self.intensity}; expected a log-gain standard deviation in [0, 1] "
+                             "(0: off; 0.2 is a +-20 % gain per image and channel)")
         if not 0 <= self.noise <= 1:
-            raise ValueError(f"noise {self.noise}: expected the largest noise standard deviation, in [0, 1]")
+            raise ValueError(f"noise: {self.noise}; expected the largest noise standard deviation, in [0, 1] "
+                             "(the stream's normalised units; 0: off)")
 
 
 def as_generator(seed: int | torch.Generator | None) -> torch.Generator:
@@ -178,7 +182,7 @@ def sample_affine(n: int, config: AugmentConfig = AugmentConfig(),
     """Draw ``n`` images' rotation, translation and scale from ``config`` (on the CPU)."""
     g = as_generator(generator)
     angle = sample_angles(n, config.angles, g)
-    translate = _uniform(2 * n, -config.max_translate, config.max_translate, g).reshape(n, 2)
+    translate = _uniform(2 * n, -config.translate, config.translate, g).reshape(n, 2)
     scale = _uniform(n, config.scale[0], config.scale[1], g)
     return AffineParams(angle, translate, scale)
 

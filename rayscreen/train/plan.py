@@ -164,14 +164,12 @@ def plan_run(config: Config) -> TrainPlan:
         raise ConfigError(f"train.mixup: {t.mixup}; expected the Beta parameter alpha > 0 (e.g. 0.2), or 0 for off")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: {t.label_smoothing}; expected 0 <= value < 1")
-    if t.augment.scale is not None and (len(t.augment.scale) != 2 or not 0 < t.augment.scale[0] <= t.augment.scale[1]):
-        raise ConfigError(f"train.augment.scale: {t.augment.scale}; expected [low, high] with 0 < low <= high")
-    if not 0 <= t.augment.intensity <= 1:
-        raise ConfigError(f"train.augment.intensity: {t.augment.intensity}; expected a log-gain standard deviation "
-                          "in [0, 1] (0: off; 0.2 is a +-20 % gain per image and channel)")
-    if not 0 <= t.augment.noise <= 1:
-        raise ConfigError(f"train.augment.noise: {t.augment.noise}; expected the largest noise standard deviation, "
-                          "in [0, 1] (the stream's normalised units; 0: off)")
+    from .step import augment_config  # torch: imported only when a run is planned
+
+    try:  # the stream's AugmentConfig holds the bounds; its messages start with the key
+        augment_config(t.augment)
+    except ValueError as e:
+        raise ConfigError(f"train.augment.{e}") from None
     if t.shuffle_buffer is not None and t.shuffle_buffer < t.batch_size:
         raise ConfigError(f"train.shuffle_buffer: {t.shuffle_buffer}; expected at least train.batch_size "
                           f"({t.batch_size}) rows, or null for the default")

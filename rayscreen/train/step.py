@@ -59,7 +59,7 @@ def augment_config(section: AugmentSection):
     scale = tuple(section.scale) if section.scale else (1.0, 1.0)
     return AugmentConfig(flips=section.flips, rot90=section.rot90,
                          angles=ANGLES if section.rotate else ((0.0, 0.0),),
-                         max_translate=section.translate, scale=scale, intensity=section.intensity,
+                         translate=section.translate, scale=scale, intensity=section.intensity,
                          noise=section.noise)
 
 
