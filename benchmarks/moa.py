@@ -42,7 +42,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import yaml
 
 PRESETS = {"small": dict(n_plates=2, fields_per_well=3, field_shape=(128, 128), input_size=64),
            "medium": dict(n_plates=3, fields_per_well=4, field_shape=(192, 192), input_size=128)}
@@ -143,7 +142,7 @@ def main(argv=None) -> int:
     import ray
 
     from rayscreen.analysis.stages import run_aggregate, run_evaluate
-    from rayscreen.config import load_config
+    from rayscreen.config import config_from_dict
     from rayscreen.models import save_backbone_weights
     from rayscreen.pipeline import run_pipeline
     from rayscreen.profile import run_profile
@@ -163,12 +162,12 @@ def main(argv=None) -> int:
     pd.DataFrame({"Metadata_Plate": ann["plate"], "Metadata_Well": ann["well"], "field": ann["field"],
                   "label": np.where(ann["is_artefact"], "abnormal", "normal")}).to_csv(f"{out}/qc.csv", index=False)
     t_synth = time.perf_counter() - t0
-    config = load_config(yaml.safe_dump({
+    config = config_from_dict({
         "plates": uris, "output": f"{out}/run", "stream": {"illumination": True},
         "profile": {"backbone": "resnet18", "weights": weights, "input_size": preset["input_size"],
                     "batch_size": 32, "overwrite": True},
         "analysis": {"qc": {"annotations": f"{out}/qc.csv", "method": args.qc_method,
-                            "features": args.qc_features}}}), overrides=analysis_settings)
+                            "features": args.qc_features}}}, overrides=analysis_settings)
     ray.init(**local_init_kwargs(include_dashboard=False))
     t0 = time.perf_counter()
     run_illum(config, progress=False)

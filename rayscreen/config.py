@@ -18,6 +18,7 @@ section only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -258,14 +259,17 @@ def load_config(path_or_text: str, *, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top, found {type(data).__name__}")
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-    return config_from_dict(data, source=source, lines=lines)
+    return config_from_dict(data, source=source, lines=lines, overrides=overrides)
 
 
-def config_from_dict(data: dict[str, Any], *, source: str = "<config>",
-                     lines: dict[str, int] | None = None) -> Config:
-    """Validate a plain dict into a :class:`Config`; errors name ``source:line: key``."""
+def config_from_dict(data: dict[str, Any], *, source: str = "<config>", lines: dict[str, int] | None = None,
+                     overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a plain dict into a :class:`Config`; errors name ``source:line: key``.
+    ``overrides`` (dotted keys, as in :func:`load_config`) are applied to a copy of ``data``."""
+    if overrides:
+        data = copy.deepcopy(data)
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
     return _build(Config, data, "", _Where(source, lines or {}))
 
 

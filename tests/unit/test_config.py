@@ -65,3 +65,12 @@ def test_overrides_and_round_trip():
         parse_overrides(["train.epochs"])
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
         load_config(MINIMAL, overrides={"train.epochs": "two"})
+
+
+def test_config_from_dict_applies_overrides_to_a_copy():
+    data = {"plates": ["p.zarr"], "output": "out", "analysis": {"whiten": False}}
+    c = config_from_dict(data, overrides={"analysis.whiten": True, "train.epochs": 3})
+    assert c.analysis.whiten is True and c.train.epochs == 3
+    assert data == {"plates": ["p.zarr"], "output": "out", "analysis": {"whiten": False}}  # caller's dict untouched
+    with pytest.raises(ConfigError, match="override analysis.whiten.x: whiten is not a section"):
+        config_from_dict(data, overrides={"analysis.whiten.x": 1})
