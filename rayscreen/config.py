@@ -106,6 +106,7 @@ class DistillSection:
     momentum: float = 0.99  # of the teacher's exponential moving average of the student
     center_momentum: float = 0.9  # of the running centre subtracted from the teacher's output
     export: Literal["teacher", "student"] = "teacher"  # which network is validated, checkpointed and exported
+    sync_batchnorm: bool = True  # DINO: BatchNorm statistics over all GPU workers (CUDA and >= 2 workers only)
 
 
 @dataclass(frozen=True)

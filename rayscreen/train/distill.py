@@ -84,6 +84,19 @@ class DistillNet(nn.Module):
         return out, proj[:g], proj[g:]
 
 
+def sync_batchnorm(student: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """The student with every BatchNorm a SyncBatchNorm (DINO does this to the student and
+    the teacher, its copy), so that with several GPU workers the statistics are those of
+    the whole global batch: per-GPU batches of a few fields give noisy statistics, and the
+    teacher's centring and sharpening act on outputs that they shift. torch's SyncBatchNorm
+    runs on CUDA only, and one worker has nothing to synchronise: there (and for a net
+    without BatchNorm) the student is returned unchanged."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+    if torch.device(device).type != "cuda" or world_size < 2 or not has_bn:
+        return student
+    return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
 def make_teacher(student: DistillNet) -> DistillNet:
     """A copy of the student that is never trained by gradients (only by :func:`ema_update`)."""
     teacher = copy.deepcopy(student)

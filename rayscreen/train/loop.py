@@ -492,12 +492,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if t.distill.enabled:
         # WS-DINO: the optimiser trains the net and its projection head together (one DDP
         # module); the checkpoint's model is the network train.distill.export names
-        from .distill import DistillNet, Distiller, ProjectionHead
+        from .distill import DistillNet, Distiller, ProjectionHead, sync_batchnorm
 
         dc = t.distill
         model = DistillNet(model, ProjectionHead(model.feature_dim, dc.out_dim, dc.hidden, dc.bottleneck))
         if loaded is not None:
             model.load_state_dict(loaded["extra"]["student"])
+        if dc.sync_batchnorm:  # before the teacher is copied from it, so both synchronise
+            model = sync_batchnorm(model, ray.train.torch.get_device(), world)
         # classify 0 leaves the class head out of the loss: DDP must be told, or the second
         # step fails ("Expected to have finished reduction in the prior iteration"); finding
         # unused parameters costs a graph walk per step

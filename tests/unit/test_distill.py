@@ -9,8 +9,8 @@ from rayscreen.config import DistillSection, TrainConfig
 from rayscreen.models import create_model
 from rayscreen.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from rayscreen.train.distill import (DistillNet, Distiller, FieldBank, ProjectionHead, collapse, distill_loss,
-                                     distill_step, ema_update, make_views, same_label_partners, teacher_entropies,
-                                     update_center)
+                                     distill_step, ema_update, make_views, same_label_partners, sync_batchnorm,
+                                     teacher_entropies, update_center)
 
 
 def test_partners_share_the_label_and_are_other_fields_when_the_batch_has_them():
@@ -172,6 +172,23 @@ def test_pure_self_distillation_leaves_the_class_head_alone():
     assert torch.equal(student.net.head.weight, head_before)
     trunks = zip(student.net.trunk.parameters(), distiller.teacher.net.trunk.parameters())
     assert any(not torch.equal(a, b) for a, b in trunks)
+
+
+def test_sync_batchnorm_only_for_several_cuda_workers_and_keeps_the_state_dict_keys():
+    """The conversion itself (torch's SyncBatchNorm *runs* on CUDA only: a multi-GPU run is
+    needed to exercise it, and none was available here)."""
+    student, _, _, _ = _distill_setup()
+    n_bn = sum(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in student.modules())
+    assert n_bn > 0  # the trunk's and the projection head's
+    for device, world in (("cpu", 4), ("cuda", 1)):
+        assert sync_batchnorm(student, torch.device(device), world) is student
+    synced = sync_batchnorm(student, torch.device("cuda", 0), 2)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in synced.modules())
+    assert synced.state_dict().keys() == student.state_dict().keys()  # checkpoints and exports load either way
+    # the teacher is copied from the converted student, so it synchronises too
+    teacher = Distiller(synced, DistillSection(enabled=True)).teacher
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in teacher.modules())
 
 
 def test_distill_state_round_trips_through_a_checkpoint(tmp_path):
