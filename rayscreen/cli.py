@@ -124,6 +124,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """``rayscreen config CONFIG``: the config with every default filled in, as the stages
+    see it (secrets in storage_options masked); ``--reference``: every key documented."""
+    from .config import ConfigError, dump_config
+
+    if args.reference:
+        from .config_doc import config_reference
+
+        print(config_reference(), end="")
+        return 0
+    if args.config is None:
+        raise ConfigError("give a CONFIG.yaml to print, or --reference for every key")
+    config = _load(args)
+    if config.storage_options:
+        from .store.uri import redact
+
+        config = config.replace(storage_options=redact(config.storage_options))
+    print(dump_config(config), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayscreen", description=__doc__.split("\n\n")[0])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -181,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     s.set_defaults(func=cmd_illum)
+
+    s = sub.add_parser("config", help="print a config with every default filled in, or the reference of every key")
+    s.add_argument("config", nargs="?", metavar="CONFIG.yaml")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    s.add_argument("--reference", action="store_true", help="every key with its type, default and meaning (Markdown)")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("run", help="all stages of a config in order, skipping complete ones", parents=[common])
     s.add_argument("--stages", help="comma-separated subset, e.g. train,infer")

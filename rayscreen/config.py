@@ -42,11 +42,13 @@ class StreamConfig:
     channels: list[str] | None = None  # names; None = all channels of the plates
     level: int = 0  # pyramid level (0 = full resolution)
     tile: int | None = None  # square tiles of this size (None = whole fields)
-    stride: int | None = None
+    stride: int | None = None  # step between tiles, px (None: the tile size, no overlap)
     illumination: bool = False  # apply the per-plate illumination function (`rayscreen illum`)
+    # intensity scaling per plate and channel, fitted by `rayscreen illum` and stored with the plate:
+    # percentile (1-99.8 %), meanstd (z-score), control (fitted on control wells only)
     normalize: Literal["none", "percentile", "meanstd", "control"] = "percentile"
-    on_error: Literal["raise", "skip"] = "raise"
-    override_num_blocks: int | None = None
+    on_error: Literal["raise", "skip"] = "raise"  # skip: a field that cannot be read is left out and reported
+    override_num_blocks: int | None = None  # Ray Data read tasks (None: from the screen's size)
 
 
 @dataclass(frozen=True)
@@ -59,27 +61,27 @@ class LabelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "wscnn"
+    name: str = "wscnn"  # one of rayscreen.models.list_models() (wscnn, milnet, ...)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_model
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    by: Literal["well", "plate", "column"] = "well"
+    by: Literal["well", "plate", "column"] = "well"  # unit kept whole in one split (stratified by label)
     column: str | None = None  # for by: column (e.g. held-out compounds)
-    val: float = 0.2
-    test: float = 0.2
+    val: float = 0.2  # fraction of the units
+    test: float = 0.2  # fraction of the units
     seed: int = 0
     column_values: dict[str, list[Any]] | None = None  # explicit {train/val/test: [values]} for by: column/plate
 
 
 @dataclass(frozen=True)
 class AugmentSection:
-    enabled: bool = True
-    flips: bool = True
-    rot90: bool = True
-    rotate: bool = True
-    translate: float = 40.0
+    enabled: bool = True  # random geometric augmentation of the training fields
+    flips: bool = True  # horizontal and vertical
+    rot90: bool = True  # turns by multiples of 90 degrees
+    rotate: bool = True  # +-20 and 160-200 degree rotations (the WSCNN paper's)
+    translate: float = 40.0  # largest shift, px
     scale: list[float] | None = None  # [low, high], e.g. [0.9, 1.1]
     mosaic: bool = False  # WSCNN cell-data mosaics (2x2 fields of one class)
     intensity: float = 0.0  # log-gain sd of a random gain per image and channel (0: off)
@@ -91,7 +93,7 @@ class DistillSection:
     """WS-DINO (Cross-Zamirski et al. 2022): DINO self-distillation (Caron et al. 2021) whose
     views come from different fields that share a weak label. See rayscreen.train.distill."""
 
-    enabled: bool = False
+    enabled: bool = False  # WS-DINO on (beside or instead of the weak-label loss)
     pair_by: Literal["label", "image"] = "label"  # label: views of other fields of the label (WS-DINO); image: DINO
     weight: float = 1.0  # of the self-distillation loss
     classify: float = 1.0  # of the weak-label cross-entropy on the global views (0: self-distillation only)
@@ -101,7 +103,7 @@ class DistillSection:
     bank: int = 8  # fields of each label kept from earlier batches as partners (0: partners from the batch only)
     local_crops: int = 4  # small views per field (multi-crop); 0: the two global views only
     local_crop: int = 24  # side of the small views, px (the global views are train.crop, or whole fields)
-    student_temp: float = 0.1
+    student_temp: float = 0.1  # softmax temperature of the student's outputs
     teacher_temp: float = 0.01  # DINO: 0.04 (ViT, 65536 prototypes); ours went uniform at 0.04 and 0.02
     momentum: float = 0.99  # of the teacher's exponential moving average of the student
     center_momentum: float = 0.9  # of the running centre subtracted from the teacher's output
@@ -111,19 +113,19 @@ class DistillSection:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (DDP); one GPU each when GPUs are used
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    epochs: int = 10
-    batch_size: int = 32
+    epochs: int = 10  # total: a resumed run trains up to this many
+    batch_size: int = 32  # fields per step on each worker
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
-    schedule: Literal["none", "plateau", "cosine"] = "plateau"
+    schedule: Literal["none", "plateau", "cosine"] = "plateau"  # plateau: lr x0.1 after 3 epochs without `metric` gain
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     balanced: bool = False  # class-balanced sampling (rare positives)
-    grad_clip: float | None = None
-    seed: int = 0
+    grad_clip: float | None = None  # largest gradient norm (None: no clipping)
+    seed: int = 0  # weights, shuffling and augmentation
     crop: int | None = None  # random crops of this size for training
     # regularisers for noisy weak labels (a low-dose well may look like the control):
     mixup: float = 0.0  # Beta(a, a) of mixup (Zhang et al. 2018) between images of a batch; 0: off
@@ -131,8 +133,8 @@ class TrainConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
     distill: DistillSection = field(default_factory=DistillSection)
-    run_name: str = "train"
-    max_failures: int = 1
+    run_name: str = "train"  # a rerun with the same name resumes from its last checkpoint
+    max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
     metric: str = "val_balanced_accuracy"  # picks the best epoch
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)
     keep_checkpoints: int | None = 3  # best checkpoints kept by `metric` (the latest is always kept)
@@ -145,43 +147,45 @@ class TrainConfig:
 @dataclass(frozen=True)
 class InferConfig:
     checkpoint: str | None = None  # model artefact URI; default: <output>/train/model
-    batch_size: int = 16
+    batch_size: int = 16  # fields per forward pass
     concurrency: int = 1  # actors in the pool
     aggregate: Literal["max", "mean", "model"] = "max"  # fields -> well scores
+    # per-field saliency map: jacobian (WSCNN), jacobian_relu (Kraus et al.), cam (the class map upsampled)
     saliency: Literal["jacobian", "jacobian_relu", "cam", "none"] = "jacobian"
-    saliency_downsample: int = 4
-    saliency_sigma: float = 2.0
+    saliency_downsample: int = 4  # saliency tiles stored at 1/this of the field's size
+    saliency_sigma: float = 2.0  # Gaussian smoothing of the saliency before masking, in field pixels
     mask_threshold: float = 0.5  # of each map's maximum
     mask_nms_size: int = 21  # local non-maximum suppression window (about the object size, px)
     split: Literal["all", "test", "val"] = "all"  # which wells of the train split to score
     # also write each field's mask as an NGFF label image of this name into the input
     # plates (<well>/<field>/labels/<name>), for napari & co.; needs write access to them
     labels: str | None = None
-    overwrite: bool = False
+    overwrite: bool = False  # start the results store afresh instead of resuming it
     num_cpus: float = 1.0  # CPUs per actor (its torch threads); GPUs: 1 per actor when present
 
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    backbone: str = "resnet18"
+    backbone: str = "resnet18"  # resnet18, resnet50, vgg16, inception_v3, convnext_tiny, vit_b_16
     weights: str | None = None  # local path/URI of backbone weights (no hub downloads)
-    channel_mode: Literal["concat", "rgb"] = "concat"
+    channel_mode: Literal["concat", "rgb"] = "concat"  # concat: each channel as greyscale, features concatenated
     rgb: list[str] | None = None  # channel names mapped to R, G, B for channel_mode: rgb
     input_size: int | None = None  # None: the backbone's default
     tiles: bool = False  # full-resolution tiles averaged instead of a downsampled field
-    batch_size: int = 16
-    concurrency: int = 1
+    batch_size: int = 16  # fields per forward pass
+    concurrency: int = 1  # actors in the pool
     classical: bool = True  # also compute the classical baseline features
-    overwrite: bool = False
+    overwrite: bool = False  # start the profiles store afresh instead of resuming it
 
 
 @dataclass(frozen=True)
 class QCConfig:
     annotations: str | None = None  # CSV: Metadata_Plate, Metadata_Well, field, label (normal/abnormal)
-    method: Literal["knn", "linear"] = "knn"
-    k: int = 5
+    method: Literal["knn", "linear"] = "knn"  # artefact classifier on the field embeddings
+    k: int = 5  # neighbours of method: knn
     exclude: bool = True  # drop flagged fields before aggregation
-    features: Literal["deep", "classical", "qc"] = "qc"  # field embeddings: image QC metrics work without pretrained weights; "deep" is the paper's (ImageNet weights)
+    # field embeddings: image QC metrics work without pretrained weights; "deep" is the paper's (ImageNet weights)
+    features: Literal["deep", "classical", "qc"] = "qc"
     label: str = "label"  # annotation CSV column: "abnormal" marks an artefact, anything else is normal
 
 
@@ -189,17 +193,19 @@ class QCConfig:
 class AnalysisConfig:
     source: Literal["profiles", "results"] = "profiles"  # which store to aggregate
     features: str = "deep"  # feature set in the store (deep, classical)
-    aggregate: Literal["mean", "median"] = "mean"
-    normalize: Literal["none", "standardize", "mad"] = "mad"
+    aggregate: Literal["mean", "median"] = "mean"  # field -> well -> treatment
+    normalize: Literal["none", "standardize", "mad"] = "mad"  # per plate, on its control wells (mad: robust z)
     whiten: bool = False  # ZCA sphering on the control wells, per plate, after `normalize`
     whiten_shrinkage: Literal["ledoit_wolf", "oas", "none"] = "ledoit_wolf"  # its covariance estimate
+    # any of drop_na, variance (near-constant), correlation (one of each pair with |r| > 0.9)
     feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])
-    control_column: str = "Metadata_Control"
-    control_value: Any = "negative"
+    control_column: str = "Metadata_Control"  # annotation marking control wells ...
+    control_value: Any = "negative"  # ... by this value
+    # the columns that make a treatment
     treatment: list[str] = field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])
-    compound: str = "Metadata_Compound"
-    moa: str = "Metadata_MOA"
-    batch: str = "Metadata_Batch"
+    compound: str = "Metadata_Compound"  # NSC leaves out the other treatments of the query's compound
+    moa: str = "Metadata_MOA"  # mechanism of action: what retrieval must match
+    batch: str = "Metadata_Batch"  # NSCB also leaves out the query's batch (when the column exists)
     qc: QCConfig = field(default_factory=QCConfig)
     by_batch: bool = True  # treatment profiles per batch (NSCB can then leave the query's batch out)
     hits_threshold: float = 3.0  # |z| of a well's profile distance to its plate's controls
@@ -207,16 +213,16 @@ class AnalysisConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    top_fields: int = 8
-    title: str | None = None
+    top_fields: int = 8  # highest-scoring fields shown with their saliency
+    title: str | None = None  # page title (None: "rayscreen report")
 
 
 @dataclass(frozen=True)
 class Config:
-    plates: list[str]
-    output: str
-    storage_options: dict[str, Any] | None = None
-    platemap: str | None = None
+    plates: list[str]  # OME-Zarr HCS plate URIs or globs (local, s3://)
+    output: str  # the run's output URI; every stage writes under it
+    storage_options: dict[str, Any] | None = None  # fsspec options, e.g. an S3 endpoint_url; no credentials
+    platemap: str | None = None  # CSV/TSV/parquet of Metadata_* annotations per well, overriding the plates'
     stream: StreamConfig = field(default_factory=StreamConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
