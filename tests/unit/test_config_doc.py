@@ -65,3 +65,5 @@ def test_rayscreen_config_prints_the_full_config_with_secrets_masked(tmp_path, c
         storage_options={"endpoint_url": "http://127.0.0.1:9000", "secret": "***"})
     assert main(["config"]) == 2
     assert "give a CONFIG.yaml" in capsys.readouterr().err
+    assert main(["config", "--reference"]) == 0
+    assert capsys.readouterr().out == config_reference()
