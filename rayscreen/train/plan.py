@@ -167,7 +167,7 @@ def plan_run(config: Config) -> TrainPlan:
     from .step import augment_config  # torch: imported only when a run is planned
 
     try:  # the stream's AugmentConfig holds the bounds; its messages start with the key
-        augment_config(t.augment)
+        augment_config(t.augment, always=True)
     except ValueError as e:
         raise ConfigError(f"train.augment.{e}") from None
     if t.shuffle_buffer is not None and t.shuffle_buffer < t.batch_size:

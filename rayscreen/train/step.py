@@ -50,13 +50,14 @@ def metric_mode(metric: str) -> str:
     return "min" if metric.endswith("loss") else "max"
 
 
-def augment_config(section: AugmentSection):
-    """The stream's :class:`~rayscreen.stream.augment.AugmentConfig` for ``train.augment``, or None."""
-    if not section.enabled:
+def augment_config(section: AugmentSection, *, always: bool = False):
+    """The stream's :class:`~rayscreen.stream.augment.AugmentConfig` for ``train.augment``,
+    or None when it is off; ``always``: built even then (its bounds check every config)."""
+    if not (section.enabled or always):
         return None
     from ..stream.augment import ANGLES, AugmentConfig
 
-    scale = tuple(section.scale) if section.scale else (1.0, 1.0)
+    scale = (1.0, 1.0) if section.scale is None else tuple(section.scale)
     return AugmentConfig(flips=section.flips, rot90=section.rot90,
                          angles=ANGLES if section.rotate else ((0.0, 0.0),),
                          translate=section.translate, scale=scale, intensity=section.intensity,

@@ -76,6 +76,8 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"train": {"augment": {"translate": -4}}}, r"train.augment.translate: -4.0; expected the largest shift"),
     ({"train": {"augment": {"scale": [1.2, 0.8]}}}, r"train.augment.scale: \[1.2, 0.8\]; expected \[low, high\]"),
     ({"train": {"augment": {"scale": [0.9]}}}, r"train.augment.scale: \[0.9\]; expected \[low, high\]"),
+    ({"train": {"augment": {"scale": []}}}, r"train.augment.scale: \[\]; expected \[low, high\]"),
+    ({"train": {"augment": {"enabled": False, "noise": 1.5}}}, r"train.augment.noise: 1.5; expected the largest noise"),
     ({"train": {"shuffle_buffer": 4, "batch_size": 8}}, r"train.shuffle_buffer: 4; expected at least train.batch_size"),
     ({"train": {"distill": {"enabled": True, "local_crop": 24}}}, r"train.distill.local_crop: 24 px is larger than "
                                                                   r"the fields \(16 x 16\)"),
