@@ -79,8 +79,10 @@ def start_head(timeout: float = 120) -> RayHead:
     """A Ray head on 127.0.0.1 with 2 CPUs and token auth; returns once its job API answers."""
     temp_dir = tempfile.mkdtemp(prefix="rsjob", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM, `ray start --block` first drains the node for
+    # Ray Serve (30 s by default, Ray 2.60); nothing here serves, so teardown skips that wait.
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-               PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
