@@ -167,7 +167,8 @@ class InferConfig:
 @dataclass(frozen=True)
 class ProfileConfig:
     backbone: str = "resnet18"  # resnet18, resnet50, vgg16, inception_v3, convnext_tiny, vit_b_16
-    weights: str | None = None  # local path/URI of backbone weights (no hub downloads)
+    # local path/URI of backbone weights (no hub downloads);
+    weights: str | None = None  # null: a random init, seeded: one network in every actor and (resumed) run
     channel_mode: Literal["concat", "rgb"] = "concat"  # concat: each channel as greyscale, features concatenated
     rgb: list[str] | None = None  # channel names mapped to R, G, B for channel_mode: rgb
     input_size: int | None = None  # None: the backbone's default

@@ -21,6 +21,11 @@ published by torchvision (e.g. ``resnet18-f37072fd.pth``; on a machine with inte
 weights switches on torchvision's ``transform_input`` (its ImageNet weights expect
 Google's [-1, 1] scaling; torchvision does the same when it loads them).
 :func:`save_backbone_weights` writes a randomly initialised one (tests, docs).
+
+Without ``weights`` the initialisation is random but **seeded** (``RANDOM_INIT_SEED``, or
+``seed``): every profiling actor of a pool, an actor Ray restarts, and a rerun that resumes
+a half-written store must all embed fields with the same network, or one screen's
+profiles would come from several unrelated networks.
 """
 
 from __future__ import annotations
@@ -93,8 +98,12 @@ def read_state_dict(uri: str, storage_options: dict[str, Any] | None = None) -> 
     return state
 
 
-def _torchvision_model(name: str, weights: str | None, storage_options: dict[str, Any] | None) -> nn.Module:
-    """The full torchvision classifier, random or with ``weights`` loaded strictly."""
+RANDOM_INIT_SEED = 0
+
+
+def _torchvision_model(name: str, weights: str | None, storage_options: dict[str, Any] | None,
+                       seed: int = RANDOM_INIT_SEED) -> nn.Module:
+    """The full torchvision classifier, with ``weights`` loaded strictly, or initialised from ``seed``."""
     from ..store.errors import RayscreenError
 
     spec = _spec(name)
@@ -102,7 +111,9 @@ def _torchvision_model(name: str, weights: str | None, storage_options: dict[str
     if name == "inception_v3":
         # aux head kept so torchvision's published state dict loads strictly; dropped after
         kw = dict(aux_logits=True, init_weights=weights is None, transform_input=weights is not None)
-    model = spec.build(**kw)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = spec.build(**kw)
     if weights is not None:
         state = read_state_dict(weights, storage_options)
         try:
@@ -138,10 +149,12 @@ class Backbone(nn.Module):
         return f"name={self.name!r}, feature_dim={self.feature_dim}, input_size={self.input_size}"
 
 
-def create_backbone(name: str, weights: str | None = None, storage_options: dict[str, Any] | None = None) -> Backbone:
-    """The feature extractor ``name`` (see the module docstring), weights from a path/URI or random."""
+def create_backbone(name: str, weights: str | None = None, storage_options: dict[str, Any] | None = None,
+                    seed: int = RANDOM_INIT_SEED) -> Backbone:
+    """The feature extractor ``name`` (see the module docstring), weights from a path/URI or,
+    without them, a random initialisation from ``seed``."""
     spec = _spec(name)
-    net = _torchvision_model(name, weights, storage_options)
+    net = _torchvision_model(name, weights, storage_options, seed)
     if name in ("resnet18", "resnet50"):
         net.fc = nn.Identity()
     elif name == "vgg16":
@@ -158,14 +171,12 @@ def create_backbone(name: str, weights: str | None = None, storage_options: dict
 
 
 def save_backbone_weights(name: str, path: str, storage_options: dict[str, Any] | None = None,
-                          seed: int = 0) -> str:
+                          seed: int = RANDOM_INIT_SEED) -> str:
     """Write a randomly initialised (seeded) torchvision state dict of ``name`` to ``path``
     (local or fsspec URI), in the format ``create_model(name, weights=path)`` reads."""
     import fsspec
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = _torchvision_model(name, None, None).state_dict()
+    state = _torchvision_model(name, None, None, seed).state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     with fsspec.open(str(path), "wb", **(storage_options or {})) as f:

@@ -194,6 +194,22 @@ def test_backbone_weights_round_trip(tmp_path):
     assert feats.shape == (2, 512) and torch.isfinite(feats).all()
 
 
+def test_a_backbone_without_weights_is_the_same_network_every_time(tmp_path):
+    """Every actor of a profiling pool, a restarted actor and a resumed run build it anew:
+    without weights they must still embed with one network. The caller's RNG is untouched."""
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = create_model("resnet18"), create_model("resnet18")
+    assert torch.equal(torch.rand(3), expected_draw)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    saved = torch.load(save_backbone_weights("resnet18", str(tmp_path / "r18.pth")), weights_only=True)
+    torch.testing.assert_close(a.net.conv1.weight, saved["conv1.weight"])  # the default seed: the same init
+    other = torch.load(save_backbone_weights("resnet18", str(tmp_path / "r18-1.pth"), seed=1), weights_only=True)
+    assert not torch.equal(other["conv1.weight"], saved["conv1.weight"])
+
+
 def test_backbone_weights_errors(tmp_path):
     with pytest.raises(RayscreenError, match="not found"):
         create_model("resnet18", weights=str(tmp_path / "missing.pth"))
