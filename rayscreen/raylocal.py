@@ -16,9 +16,10 @@ import time: Ray imports it in every worker process of a local Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 # Ray kills a worker process idle for 1 s once a node runs more worker processes than it
@@ -93,6 +94,24 @@ def ensure_ray(**overrides: Any) -> bool:
     else:
         ray.init(**local_init_kwargs(**overrides))
     return True
+
+
+@contextlib.contextmanager
+def ray_data_quiet() -> Iterator[None]:
+    """Ray Data's own progress off for datasets built and run inside: no bars, no logged
+    progress blocks (Ray Data logs them every few seconds when stdout is not a terminal, as
+    in ``ray job submit`` logs) and no "Starting execution" lines. Train, infer and profile
+    show their own progress (epoch lines, :class:`rayscreen.progress.Progress`). Ray Trainers
+    copy the driver's DataContext when they are built, so build them inside too."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
 def drain(rows: Iterable[Any], handle: Callable[[Any], None]) -> Exception | None:

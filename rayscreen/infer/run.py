@@ -43,7 +43,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config, ConfigError, dump_config
-from ..raylocal import drain
+from ..progress import Progress
+from ..raylocal import drain, ray_data_quiet
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.labels import LabelWriter, check_label_name
 from ..store.results import ResultsWriter, Variable, create_results
@@ -368,7 +369,8 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score "
               f"-> {plan.results_uri}", file=sys.stderr)
     if todo:
-        failure = _score_wells(plan, config, todo, on_well, progress)
+        with Progress(len(todo), "infer", "well", enabled=progress) as bar, ray_data_quiet():
+            failure = _score_wells(plan, config, todo, on_well, bar)
         if failure is not None:
             raise failure
     missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
@@ -381,7 +383,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
 
 
 def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
-                 on_well: Callable[[dict[str, Any]], None] | None, progress: bool) -> Exception | None:
+                 on_well: Callable[[dict[str, Any]], None] | None, bar: Progress) -> Exception | None:
     """Run the actor pool over ``todo``; returns the error that stopped it (None when done),
     for the caller to raise once this frame (and the pool) is gone: :func:`drain`."""
     import ray
@@ -397,15 +399,11 @@ def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
                                                            "num_cpus": ic.num_cpus},
                         batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency),
                         num_gpus=1 if gpu else None, num_cpus=ic.num_cpus, batch_format="numpy")
-    n = 0
 
     def handle(row: dict[str, Any]) -> None:
-        nonlocal n
-        n += 1
         if on_well is not None:
             on_well(row)
-        if progress and (n % 50 == 0 or n == len(todo)):
-            print(f"infer: {n}/{len(todo)} wells", file=sys.stderr)
+        bar.update()
 
     return drain(ds.iter_rows(), handle)
 

@@ -19,11 +19,13 @@ from ..store import RayscreenError, create_plate, read_platemap
 from ..store.annotations import PLATE_COL, WELL_COL
 from ..store.plate import check_finite
 from ..store.uri import join
+from ..progress import Progress, iter_progress
 from ..raylocal import ensure_ray
 from ..store.writer import PlateWriter
 from .loaddata import SITE_COL, LoadData, read_image, read_loaddata
 
 log = logging.getLogger(__name__)
+DESC = "ingest"
 
 
 def _site_image(loaddata: LoadData, row: pd.Series, where: str) -> np.ndarray:
@@ -101,7 +103,7 @@ def ingest(
         uris.append(uri)
 
     if not use_ray:
-        for writer, group in _progress(jobs, progress):
+        for writer, group in iter_progress(jobs, len(jobs), DESC, "well group", enabled=progress):
             write_wells(loaddata, writer, group)
         return uris
 
@@ -111,7 +113,7 @@ def ingest(
     remote = ray.remote(write_wells)
     data_ref = ray.put(loaddata)
     pending = [remote.remote(data_ref, writer, group) for writer, group in jobs]
-    bar = _bar(len(pending), progress)
+    bar = Progress(len(pending), DESC, "well group", enabled=progress)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -128,17 +130,3 @@ def ingest(
     finally:
         bar.close()
     return uris
-
-
-def _bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="ingest (well groups)", unit="task", disable=not enabled)
-
-
-def _progress(items: list, enabled: bool):
-    bar = _bar(len(items), enabled)
-    for item in items:
-        yield item
-        bar.update(1)
-    bar.close()

@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config, dump_config
-from ..raylocal import drain, ensure_ray
+from ..progress import Progress
+from ..raylocal import drain, ensure_ray, ray_data_quiet
 from ..store import RayscreenError, open_plate
 from ..store.results import Variable, create_results
 from ..store.uri import filesystem, join
@@ -166,8 +167,6 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
     A rerun resumes (done wells are not read again); ``profile.overwrite`` starts afresh.
     """
-    import ray
-
     from .image_qc import qc_metric_names
     from .predictor import ProfilePredictor
 
@@ -209,7 +208,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     log.info("profile: %d wells, %d done, %d to profile -> %s", len(wells), len(done), len(todo), uri)
     if todo:
         ensure_ray()
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        bar = Progress(len(todo), "profile", "well", enabled=progress)
         todo_keys = {(wells.at[i, "plate"], wells.at[i, "well"]): i for i in todo}
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         n_classical = len(classical) if classical else None
@@ -218,6 +217,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             key = (wells.at[i, "plate"], wells.at[i, "well"])
             writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
                                              n_classical, len(qc_names)))
+            bar.update()
 
         def on_batch(batch: dict[str, np.ndarray]) -> None:
             for j in range(len(batch["well"])):
@@ -233,11 +233,12 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                     flush(i)
                     todo_keys.pop(key)
 
-        failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
-        if failure is not None:
-            raise failure  # wells written so far stay done; a rerun profiles the rest
-        for i in list(todo_keys.values()):  # wells with unread fields (on_error: skip) or none at all
-            flush(i)
+        with bar, ray_data_quiet():
+            failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
+            if failure is not None:
+                raise failure  # wells written so far stay done; a rerun profiles the rest
+            for i in list(todo_keys.values()):  # wells with unread fields (on_error: skip) or none at all
+                flush(i)
     writer.finalize()
     return uri
 

@@ -34,6 +34,7 @@ from ..store import RayscreenError, open_plate
 from ..store.uri import expand_uris
 from .illumination import (IlluminationAccumulator, illumination_entry, illumination_function,
                            illumination_params, load_illumination, save_illumination, select_fields)
+from ..progress import Progress
 from .normalize import (ChannelStats, IntensityScaler, fit_params, fit_wells, make_normalizer,
                         normalization_entry, save_normalization)
 
@@ -80,7 +81,7 @@ def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish:
     """Run ``fn(*args)`` for every task of every plate and ``finish(plate_uri, merged)`` once
     per plate, as soon as all its partials are merged. ``jobs``: [(plate_uri, [args, ...])]."""
     total = sum(len(tasks) for _, tasks in jobs)
-    bar = _Progress(total, what, progress)
+    bar = Progress(total, what, "task", enabled=progress)
     if not use_ray:
         for uri, tasks in jobs:
             merged = None
@@ -136,28 +137,6 @@ def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish:
         for ref in pending:
             ray.cancel(ref)
         bar.close()
-
-
-class _Progress:
-    """A tqdm bar over tasks when tqdm is installed and ``enabled``; else nothing."""
-
-    def __init__(self, total: int, what: str, enabled: bool):
-        self.bar = None
-        if enabled and total:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=what, unit="task")
-            except ImportError:
-                pass
-
-    def update(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _same(stored: Any, wanted: Any) -> bool:
@@ -223,7 +202,7 @@ def compute_illumination(
         _log(progress, f"illum {uri}: {acc.count} fields averaged, stored")
 
     _reduce_per_plate(jobs, illumination_partial, finish, use_ray=use_ray, max_in_flight=max_in_flight,
-                      progress=progress, what="illumination (tasks)")
+                      progress=progress, what="illumination")
     return status
 
 
@@ -298,7 +277,7 @@ def fit_normalization(
         _log(progress, f"normalize {uri}: {scaler!r} fitted on {stats.fields} fields, stored")
 
     _reduce_per_plate(jobs, stats_partial, finish, use_ray=use_ray, max_in_flight=max_in_flight,
-                      progress=progress, what=f"normalisation {method} (tasks)")
+                      progress=progress, what=f"normalisation {method}")
     return status
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
-from ..raylocal import ensure_ray
+from ..raylocal import ensure_ray, quiet_ray_loggers, ray_data_quiet
 from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -193,17 +194,9 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
         "normalization": plan.normalization, "val_names": plan.val_names, "run_dir": plan.run_dir,
         "progress": progress, "plates": plan.plate_names,
     }
-    # one line per epoch is the progress: no Ray Data bars on the workers (the trainer
-    # copies the driver's DataContext when it is built, so set it around the construction)
-    from ray.data import DataContext
-
-    data_ctx = DataContext.get_current()
-    saved = (data_ctx.enable_progress_bars, data_ctx.print_on_execution_start)
-    data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = False, False
-    try:
+    # one line per epoch is the progress: no Ray Data bars on the workers
+    with ray_data_quiet():
         trainer = _trainer(plan, loop_config, storage_path, storage_fs, use_gpu)
-    finally:
-        data_ctx.enable_progress_bars, data_ctx.print_on_execution_start = saved
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause readable
@@ -405,6 +398,19 @@ def epoch_score(value: float | None, mode: str, collapsed: str | None = None) ->
     return value if mode == "max" else -value
 
 
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, Any], fields: int, collapsed: str | None = None,
+               distill: bool = False) -> str:
+    """The progress line of one epoch (rank 0 writes it; ``fields``: training fields seen)."""
+    m = metrics
+    return (f"[rayscreen train] epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  "
+            + (f"distill_loss {m['train_distill_loss']:.4f}  teacher_entropy "
+               f"{m['train_teacher_entropy']:.2f}/{m['train_teacher_batch_entropy']:.2f}  " if distill else "")
+            + (f"TEACHER COLLAPSED ({collapsed}: this epoch is never kept)  " if collapsed else "")
+            + f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.3f}  "
+            f"val_bacc {m['val_balanced_accuracy']:.3f}  val_auc {m['val_roc_auc']:.3f}  "
+            f"({m['seconds']:.1f} s, {fields / max(m['seconds'], 1e-9):.1f} fields/s)")
+
+
 def worker_threads(cpus_per_worker: float) -> int:
     """Torch intra-op threads for a CPU worker that reserved ``cpus_per_worker`` CPUs (at least 1)."""
     return max(1, math.ceil(cpus_per_worker - 1e-9))
@@ -461,6 +467,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from ..models import create_model
 
+    # here as well as in the local Ray's worker set-up hook: on a cluster joined through
+    # RAY_ADDRESS (ray job submit) there is no hook, and Ray Train's per-epoch
+    # "Reporting training result ..." lines would repeat the epoch line below
+    quiet_ray_loggers()
     config = config_from_dict(cfg["config"])
     t = config.train
     so = config.storage_options
@@ -621,15 +631,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             write_metrics(state.history, run_dir, so)
             if cfg.get("progress", True):
-                print(f"[rayscreen train] epoch {epoch}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                      + (f"distill_loss {metrics['train_distill_loss']:.4f}  teacher_entropy "
-                         f"{metrics['train_teacher_entropy']:.2f}/{metrics['train_teacher_batch_entropy']:.2f}  "
-                         if distiller is not None else "")
-                      + (f"TEACHER COLLAPSED ({collapsed}: this epoch is never kept)  " if collapsed else "")
-                      + f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.3f}  "
-                      f"val_bacc {metrics['val_balanced_accuracy']:.3f}  val_auc {metrics['val_roc_auc']:.3f}  "
-                      f"({metrics['seconds']:.1f} s, {total / max(metrics['seconds'], 1e-9):.1f} fields/s)",
-                      flush=True)
+                # sys.stdout.write, not print: Ray Train patches print in its workers to log the
+                # line as well as print it, and every epoch line reached the console twice
+                sys.stdout.write(epoch_line(epoch, t.epochs, metrics, total, collapsed, distiller is not None) + "\n")
+                sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
                 extra = None if distiller is None else {"student": unwrap(model).state_dict(),
                                                         **distiller.state_dict()}

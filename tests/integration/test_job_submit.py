@@ -282,7 +282,13 @@ def test_pipeline_job(ray_head, tmp_path):
     assert (scores.max(axis=-1) >= 0.5).all()  # two classes: some field's top class has p >= 0.5
     fields = ds["field_scores"].values[ds["field_status"].values == 0]
     assert len(fields) and np.allclose(fields.sum(axis=-1), 1, atol=1e-4)
-    # the job log shows the pipeline's stage lines and the training epoch line
+    # the job log shows the pipeline's stage lines, the training epoch line and inference progress
     for line in ("[1/4] illum", "[2/4] train", "[3/4] infer", "[4/4] report: done"):
         assert line in result.logs, result.logs[-3000:]
+    # once: Ray Train's patched print in the workers had logged every epoch line a second time
+    assert result.logs.count("[rayscreen train] epoch 1/1 ") == 1, result.logs[-3000:]
+    # ... and no Ray Train INFO line repeating it (no worker set-up hook on a joined cluster)
+    assert "Reporting training result" not in result.logs, result.logs[-3000:]
+    # rayscreen's own progress lines, not Ray Data's logged progress blocks (stdout is not a terminal)
+    assert "infer: 8/8 wells (100%" in result.logs and "Running Dataset" not in result.logs, result.logs[-3000:]
     assert os.path.exists(tmp_path / "run" / "report" / "index.html")
