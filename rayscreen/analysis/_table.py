@@ -38,16 +38,30 @@ def require_columns(profiles: pd.DataFrame, columns: Sequence[str], what: str = 
         raise ValueError(f"missing {what} column(s) {missing}; the table has {list(profiles.columns)}")
 
 
+# how a missing annotation reaches a table: NaN from pandas, "" from the results store
+# (string arrays have no NaN), "nan"/"None" from a column that went through astype(str)
+MISSING_WORDS = frozenset({"", "nan", "none", "<na>", "null"})
+
+
+def missing_values(values: pd.Series) -> np.ndarray:
+    """(n,) bool: the entries of an annotation column that say nothing (NaN, None, or a
+    blank, ``"nan"`` or ``"None"`` string)."""
+    na = values.isna().to_numpy()
+    words = values.astype(str).str.strip().str.lower().isin(MISSING_WORDS).to_numpy()
+    return na | words
+
+
 def _control_kind(value) -> str | None:
-    # Screens annotate controls either as a bool (True = the DMSO / negative control) or as a
-    # word ("negative", "positive"); anything else (False, "", "treated", NaN) is not a control.
+    # Screens annotate controls either as a bool (True = the DMSO / negative control), a 1/0
+    # (1.0/0.0 once a CSV column with blanks went through pandas), or a word ("negative",
+    # "positive"); anything else (False, 0, "", "treated", NaN) is not a control.
     if isinstance(value, (bool, np.bool_)):
         return "negative" if value else None
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer, float, np.floating)):
         return "negative" if value == 1 else None
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in ("negative", "neg", "true"):
+        if word in ("negative", "neg", "true", "1"):
             return "negative"
         if word in ("positive", "pos"):
             return "positive"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ._table import control_mask, feature_columns, metadata_columns, require_columns
+from ._table import control_mask, feature_columns, metadata_columns, missing_values, require_columns
 
 METRICS = ("cosine", "correlation")
 
@@ -62,8 +62,9 @@ class MOAEvaluation:
         def clean(v):
             return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
 
+        # astype(object): iterrows on mixed int/float columns would turn the counts into floats
         per_moa = {str(m): {k: clean(float(v)) if isinstance(v, (float, np.floating)) else int(v)
-                            for k, v in row.items()} for m, row in self.per_moa.iterrows()}
+                            for k, v in row.items()} for m, row in self.per_moa.astype(object).iterrows()}
         return {"nsc": clean(self.nsc), "nscb": clean(self.nscb), "map": clean(self.map),
                 "n_queries": self.n_queries, "n_queries_nscb": self.n_queries_nscb, "per_moa": per_moa,
                 "confusion": {str(k): {str(c): int(n) for c, n in row.items()}
@@ -118,10 +119,11 @@ def evaluate_moa(profiles: pd.DataFrame, *, moa: str = "Metadata_MOA", compound:
     notes: list[str] = []
 
     keep = ~control_mask(profiles, controls, kind="any", required=False)
-    missing_moa = keep & profiles[moa].isna().to_numpy()
-    if missing_moa.any():
-        notes.append(f"{int(missing_moa.sum())} non-control row(s) without a {moa} were left out")
-    keep &= ~missing_moa
+    for column in (moa, compound):  # blank annotations are missing, not one class named ""
+        missing = keep & missing_values(profiles[column])
+        if missing.any():
+            notes.append(f"{int(missing.sum())} non-control row(s) without a {column} were left out")
+        keep &= ~missing
     finite = np.isfinite(profiles[cols].to_numpy(dtype=float)).all(axis=1)
     if (keep & ~finite).any():
         notes.append(f"{int((keep & ~finite).sum())} row(s) with non-finite features were left out")

@@ -69,9 +69,14 @@ def distance_to_controls(profiles: pd.DataFrame, *, controls=None, metric: str =
 
     ``metric``: ``"cosine"`` (1 - cosine similarity) or ``"euclidean"``. The z-score is
     taken against the control wells' own distances (how far a control strays from the
-    control mean), so ``distance_z`` reads "how many control spreads away".
+    control mean), so ``distance_z`` reads "how many control spreads away". A control's own
+    distance is to the mean of the *other* controls of its plate (leave one out): a control
+    is part of the full mean, which pulls it in, so against it the controls would look
+    closer than any new well and every well's z-score would be inflated (by ~3 with 8
+    controls and 100 features). A plate with one control gets NaN z-scores.
 
-    Returns ``profiles``' ``Metadata_*`` columns plus ``distance`` and ``distance_z``.
+    Returns ``profiles``' ``Metadata_*`` columns (and ``plate_column``) plus ``distance``
+    and ``distance_z``.
     """
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
@@ -80,19 +85,34 @@ def distance_to_controls(profiles: pd.DataFrame, *, controls=None, metric: str =
     reference = _reference_mask(profiles, controls)
     distance = np.full(len(profiles), np.nan)
     for plate, rows in _plates(profiles, by_plate, plate_column).items():
-        if not (rows & reference).any():
+        ref = rows & reference
+        if not ref.any():
             raise ValueError(f"no control wells in plate {plate!r}")
-        center = np.nanmean(X[rows & reference], axis=0)
-        if metric == "euclidean":
-            distance[rows] = np.linalg.norm(X[rows] - center, axis=1)
-        else:
-            norms = np.linalg.norm(X[rows], axis=1) * np.linalg.norm(center)
-            distance[rows] = 1.0 - (X[rows] @ center) / np.where(norms > 0, norms, np.nan)
-    out = profiles[metadata_columns(profiles)].copy()
+        R = X[ref]
+        known = np.isfinite(R)
+        total, count = np.where(known, R, 0.0).sum(axis=0), known.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            center = total / count  # nanmean, without its all-NaN warning
+            others = (total - np.where(known, R, 0.0)) / (count - known)  # (n_controls, F)
+        distance[rows] = _distance(X[rows], center[None, :], metric)
+        if len(R) > 1:  # one control has no others: its distance stays 0 and the plate's spread 0 (z NaN)
+            distance[ref] = _distance(R, others, metric)
+    keep = metadata_columns(profiles)
+    if by_plate and plate_column not in keep:
+        keep.append(plate_column)
+    out = profiles[keep].copy()
     out["distance"] = distance
     out["distance_z"] = zscore(out, "distance", controls=reference, robust=robust, by_plate=by_plate,
                                plate_column=plate_column).to_numpy()
     return out
+
+
+def _distance(X: np.ndarray, centers: np.ndarray, metric: str) -> np.ndarray:
+    """Row-wise distance of X (n, F) to centers (n, F) or (1, F): euclidean or 1 - cosine."""
+    if metric == "euclidean":
+        return np.linalg.norm(X - centers, axis=1)
+    norms = np.linalg.norm(X, axis=1) * np.linalg.norm(centers, axis=1)
+    return 1.0 - (X * centers).sum(axis=1) / np.where(norms > 0, norms, np.nan)
 
 
 def z_prime(table: pd.DataFrame, score: str, *, positive=None, negative=None, by_plate: bool = True,
@@ -128,7 +148,8 @@ def call_hits(table: pd.DataFrame, score: str, *, threshold: float = 3.0, direct
     """Wells whose per-plate z-score of ``score`` passes ``threshold``.
 
     ``direction``: ``"both"`` (|z| >= threshold), ``"up"`` (z >= threshold) or ``"down"``
-    (z <= -threshold). Control wells (any kind in ``Metadata_Control``) are never hits.
+    (z <= -threshold). Control wells (any kind in ``Metadata_Control``, and the rows
+    ``controls`` selects) are never hits.
     Returns the hit rows: ``Metadata_*`` columns, ``score``, ``{score}_z``, sorted by |z|
     descending.
     """
@@ -140,5 +161,7 @@ def call_hits(table: pd.DataFrame, score: str, *, threshold: float = 3.0, direct
     zv = z.to_numpy()
     hit = {"both": np.abs(zv) >= threshold, "up": zv >= threshold, "down": zv <= -threshold}[direction]
     hit &= ~control_mask(table, kind="any", required=False)
+    if controls is not None and not (isinstance(controls, str) and controls == "all"):
+        hit &= ~control_mask(table, controls)
     out = out.loc[hit]
     return out.iloc[np.argsort(-np.abs(out[z.name].to_numpy()), kind="stable")]

@@ -51,6 +51,22 @@ def test_toy_by_hand():
     assert result.predictions["nscb_neighbor"].tolist() == [2, 3, 0, 4, 0]
     d = result.to_dict()
     assert d["nsc"] == pytest.approx(0.8) and d["confusion"]["B"] == {"A": 1, "B": 1}
+    assert d["per_moa"]["A"]["n_compounds"] == 2 and isinstance(d["per_moa"]["A"]["n_compounds"], int)
+
+
+@pytest.mark.parametrize("blank", ["", " ", "nan", "None", np.nan])
+def test_treatments_without_a_moa_or_compound_are_left_out_not_made_a_class(blank):
+    """The results store writes a missing annotation as ""; a screen's unannotated compounds
+    must not become one large MOA named "" that every query can match."""
+    table = toy()
+    extra = pd.DataFrame({"Metadata_Compound": ["u1", "u2", "u3", blank], "Metadata_Concentration": 1.0,
+                          "Metadata_MOA": [blank, blank, blank, "A"], "Metadata_Batch": "b1",
+                          "Metadata_Control": False, "f0": [0.9, 0.95, 1.0, 1.0], "f1": [0.55, 0.45, 0.0, 0.05]})
+    result = evaluate_moa(pd.concat([table, extra], ignore_index=True))
+    assert result.nsc == pytest.approx(4 / 5) and result.map == pytest.approx(0.85)  # the toy's own figures
+    assert sorted(result.per_moa.index) == ["A", "B"]
+    assert any("3 non-control row(s) without a Metadata_MOA" in w for w in result.warnings)
+    assert any("1 non-control row(s) without a Metadata_Compound" in w for w in result.warnings)
 
 
 def test_shortcuts_and_metric():
