@@ -56,7 +56,9 @@ class Plate:
         return f"<Plate {self.name!r} {self.uri} wells={len(self.wells)} ngff={self.ngff_version}>"
 
     def _open(self) -> None:
-        self._store = make_store(self.uri, self.storage_options, read_only=True, strict=self.strict)
+        # check_chunks: a truncated blosc chunk raises even when missing chunks fill (strict=False)
+        self._store = make_store(self.uri, self.storage_options, read_only=True, strict=self.strict,
+                                 check_chunks=True)
         try:
             self._root = zarr.open_group(store=self._store, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
@@ -257,8 +259,8 @@ class Plate:
                 index.append(slice(None))
         try:
             data = arr.oindex[tuple(index)] if channels is not None else arr[tuple(index)]
-        except MissingChunkError as e:
-            raise MissingChunkError(f"{where}: {e}") from None
+        except (MissingChunkError, CorruptDataError) as e:  # the store names the chunk; add plate, well, field
+            raise type(e)(f"{where}: {e}") from None
         except (RayscreenError, KeyError):
             raise
         except Exception as e:  # codec errors come from blosc/zstd/numcodecs with varied types
@@ -292,7 +294,8 @@ def open_plate(uri: str, storage_options: dict[str, Any] | None = None, *,
     ``storage_options`` go to fsspec (for S3: ``endpoint_url``, ``anon``, ``profile``...;
     credentials come from the standard places). ``platemap`` (a DataFrame or a file)
     overrides the annotations stored in the plate. ``strict=False`` reads missing
-    chunks as the fill value, for foreign plates written with ``write_empty_chunks=False``.
+    chunks as the fill value, for foreign plates written with ``write_empty_chunks=False``
+    (a truncated blosc chunk still raises ``CorruptDataError``).
     """
     return Plate(uri, storage_options, platemap, strict)
 

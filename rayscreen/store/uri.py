@@ -12,6 +12,7 @@ in ``storage_options``. ``redact`` keeps secrets out of messages and logs.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any, Sequence
 
@@ -21,7 +22,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from .errors import MissingChunkError, RayscreenError
+from .errors import CorruptDataError, MissingChunkError, RayscreenError
 
 _SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
@@ -66,26 +67,116 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
 
 
 class StrictStore(WrapperStore):
-    """A store wrapper that raises on a missing chunk.
+    """A store wrapper that raises on a missing chunk and on a truncated blosc chunk.
 
     zarr fills an absent chunk with the array's fill value, so a lost or never-written
     chunk would read back silently as zeros. Raising here costs no extra request: the
-    read that found nothing is the one that raises.
+    read that found nothing is the one that raises. ``fill_missing=True`` keeps zarr's
+    filling (for foreign plates written without empty chunks) but still checks chunks.
+
+    A truncated blosc chunk is worse than a missing one: Zarr v2 chunks carry no checksum
+    and c-blosc trusts the compressed size in the chunk's header, so a chunk cut short (an
+    interrupted copy) can decode into wrong pixels, nondeterministically, with no error.
+    So before zarr decodes a chunk of an array whose chunks are bare blosc frames, the
+    header's ``cbytes`` (bytes 12-16, little-endian uint32) must equal the chunk's length,
+    or ``CorruptDataError`` names the chunk. That reads 4 bytes of a buffer already fetched:
+    no request, no decode. Which arrays those are is learnt from the array metadata that
+    zarr reads through this store anyway (``.zarray``, ``zarr.json``, consolidated
+    ``.zmetadata``/``zarr.json``), so it costs no request either.
+
+    Other codecs need no such check: numcodecs' zstd, zlib, gzip, lz4, bz2 and lzma all
+    raise on a truncated stream (checked with numcodecs 0.16), and Zarr v3 chunks ending
+    in a crc32c codec (rayscreen writes blosc + crc32c) fail their checksum.
     """
+
+    def __init__(self, store, *, fill_missing: bool = False, _blosc: dict[str, bool] | None = None) -> None:
+        super().__init__(store)
+        self.fill_missing = fill_missing
+        # array prefix ("A/1/0/0/") -> whether its chunks are bare blosc frames
+        self._blosc: dict[str, bool] = {} if _blosc is None else _blosc
+
+    def _with_store(self, store):
+        return type(self)(store, fill_missing=self.fill_missing, _blosc=self._blosc)
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         value = await self._store.get(key, prototype, byte_range)
-        if value is None and not key.endswith(_METADATA_SUFFIXES):
-            raise MissingChunkError(f"chunk {key!r} is missing from {self._store}")
+        if key.endswith(_METADATA_SUFFIXES):
+            if value is not None and byte_range is None:
+                self._learn(key, value)
+        elif value is None:
+            if not self.fill_missing:
+                raise MissingChunkError(f"chunk {key!r} is missing from {self._store}")
+        elif byte_range is None and self._is_blosc_chunk(key):
+            self._check_blosc(key, value)
         return value
 
     async def get_partial_values(self, prototype, key_ranges):
+        # byte ranges (shards' inner chunks) are not whole blosc frames: only the missing check
         key_ranges = list(key_ranges)
         values = await self._store.get_partial_values(prototype, key_ranges)
         for (key, _), value in zip(key_ranges, values):
-            if value is None and not key.endswith(_METADATA_SUFFIXES):
+            if value is None and not self.fill_missing and not key.endswith(_METADATA_SUFFIXES):
                 raise MissingChunkError(f"chunk {key!r} is missing from {self._store}")
         return values
+
+    # -- which arrays have bare blosc chunks, learnt from the metadata zarr reads
+    def _learn(self, key: str, value: Buffer) -> None:
+        name = key.rsplit("/", 1)[-1]
+        if name not in (".zarray", ".zmetadata", "zarr.json"):
+            return
+        base = key[: -len(name)]
+        try:
+            meta = json.loads(value.to_bytes())
+            if name == ".zarray":
+                self._blosc[base] = _v2_bare_blosc(meta)
+            elif name == ".zmetadata":
+                for path, node in (meta.get("metadata") or {}).items():
+                    if path.rsplit("/", 1)[-1] == ".zarray":
+                        self._blosc[base + path[: -len(".zarray")]] = _v2_bare_blosc(node)
+            elif meta.get("node_type") == "array":
+                self._blosc[base] = _v3_bare_blosc(meta)
+            else:
+                consolidated = (meta.get("consolidated_metadata") or {}).get("metadata") or {}
+                for path, node in consolidated.items():
+                    if node.get("node_type") == "array":
+                        self._blosc[f"{base}{path.strip('/')}/"] = _v3_bare_blosc(node)
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+            pass  # unreadable metadata: zarr reports it itself; its chunks go unchecked
+
+    def _is_blosc_chunk(self, key: str) -> bool:
+        if not self._blosc:
+            return False
+        parts = key.split("/")
+        for i in range(len(parts) - 1, -1, -1):  # the longest known array prefix holds the chunk
+            found = self._blosc.get("/".join(parts[:i]) + "/" if i else "")
+            if found is not None:
+                return found
+        return False
+
+    def _check_blosc(self, key: str, value: Buffer) -> None:
+        size = len(value)
+        declared = int.from_bytes(value[12:16].to_bytes(), "little") if size >= _BLOSC_HEADER else None
+        if declared != size:
+            header = "is shorter than a blosc header" if declared is None else f"its blosc header declares {declared}"
+            raise CorruptDataError(f"chunk {key!r} in {self._store} is truncated or damaged: it holds {size} bytes "
+                                   f"and {header}")
+
+
+_BLOSC_HEADER = 16
+
+
+def _v2_bare_blosc(meta: dict) -> bool:
+    compressor = meta.get("compressor")
+    return isinstance(compressor, dict) and compressor.get("id") == "blosc"
+
+
+def _v3_bare_blosc(meta: dict) -> bool:
+    """Whether a v3 array's stored chunks are blosc frames: blosc is the last codec (no crc32c
+    after it, no sharding)."""
+    codecs = meta.get("codecs") or []
+    last = codecs[-1] if codecs else None
+    name = last.get("name") if isinstance(last, dict) else last
+    return name == "blosc"
 
 
 def make_store(
@@ -94,13 +185,20 @@ def make_store(
     *,
     read_only: bool = True,
     strict: bool = True,
+    check_chunks: bool = False,
 ) -> zarr.abc.store.Store:
-    """A zarr store for ``uri``; ``strict`` raises on missing chunks instead of filling."""
+    """A zarr store for ``uri``; ``strict`` raises on missing chunks instead of filling.
+
+    A strict store also refuses truncated blosc chunks (see ``StrictStore``);
+    ``check_chunks=True`` keeps that check on a non-strict store, whose missing chunks fill.
+    """
     if is_remote(uri):
         store = FsspecStore.from_url(str(uri), storage_options=storage_options, read_only=read_only)
     else:
         store = LocalStore(os.path.abspath(local_path(uri)), read_only=read_only)
-    return StrictStore(store) if strict else store
+    if strict or check_chunks:
+        return StrictStore(store, fill_missing=not strict)
+    return store
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -133,6 +133,56 @@ def test_corrupt_chunk_names_the_field(tmp_path, damage):
         open_plate(uri).read("A02", 0)
 
 
+@pytest.mark.parametrize("keep", ["half", "all but one byte", "part of the header"])
+def test_truncated_v2_blosc_chunk_raises_not_wrong_pixels(tmp_path, keep):
+    """Zarr v2 chunks have no checksum and c-blosc trusts its header's size, so a cut chunk
+    used to decode (sometimes) into wrong pixels with no error; its header is checked now."""
+    uri = make_plate(str(tmp_path / "p.zarr"), ngff="0.4", levels=2)
+    array = tmp_path / "p.zarr" / "A" / "2" / "1" / "0"
+    assert json.loads((array / ".zarray").read_text())["compressor"]["id"] == "blosc"
+    chunk = array / "1" / "0" / "0"  # channel Actin of well A02 field 1, level 0
+    data = chunk.read_bytes()
+    assert int.from_bytes(data[12:16], "little") == len(data)  # blosc's cbytes: the whole chunk
+    chunk.write_bytes(data[: {"half": len(data) // 2, "all but one byte": len(data) - 1, "part of the header": 10}[keep]])
+    expected = random_field(0, "A02", 1, (2, 32, 40))
+    message = r"plate 'P1' well A02 field 1: chunk 'A/2/1/0/1/0/0' .*truncated or damaged"
+    for plate in (open_plate(uri), open_plate(uri, strict=False)):  # filling missing chunks is no licence
+        for _ in range(3):  # the old failure was nondeterministic
+            with pytest.raises(CorruptDataError, match=message):
+                plate.read("A02", 1)
+            with pytest.raises(CorruptDataError, match=message):
+                plate.read("A02", "1", channels=["Actin"])
+        np.testing.assert_array_equal(plate.read("A02", 1, channels=["DNA"]), expected[:1])  # its other chunk is whole
+        np.testing.assert_array_equal(plate.read("A02", 1, level=1), downsample(expected))  # and so is level 1
+    # array metadata found through consolidated metadata (.zmetadata) is checked the same way
+    zarr.consolidate_metadata(uri, zarr_format=2)
+    with pytest.raises(CorruptDataError, match=message):
+        open_plate(uri).read("A02", 1)
+
+
+def test_truncated_v3_chunk_without_checksum_raises(tmp_path):
+    """A foreign Zarr v3 plate whose chunks end in blosc (no crc32c) gets the same header check;
+    one compressed with zstd raises from the codec itself."""
+    root = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
+    root.attrs["ome"] = {"version": "0.5", "plate": {"rows": [{"name": "A"}], "columns": [{"name": "1"}],
+                                                      "wells": [{"path": "A/1", "rowIndex": 0, "columnIndex": 0}]}}
+    well = root.create_group("A/1")
+    well.attrs["ome"] = {"version": "0.5", "well": {"images": [{"path": "0"}, {"path": "1"}]}}
+    data = random_field(0, "A01", 0, (1, 64, 64))[0]
+    for field, codec in (("0", zarr.codecs.BloscCodec()), ("1", zarr.codecs.ZstdCodec())):
+        img = well.create_group(field)
+        img.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "y"}, {"name": "x"}],
+                                                                "datasets": [{"path": "0"}]}]}
+        img.create_array("0", data=data, compressors=[codec])
+        chunk = tmp_path / "f.zarr" / "A" / "1" / field / "0" / "c" / "0" / "0"
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    plate = open_plate(str(tmp_path / "f.zarr"))
+    with pytest.raises(CorruptDataError, match=r"plate 'f' well A01 field 0: chunk 'A/1/0/0/c/0/0' .*truncated"):
+        plate.read("A01", 0)
+    with pytest.raises(CorruptDataError, match="plate 'f' well A01 field 1: cannot decode a chunk"):
+        plate.read("A01", 1)
+
+
 def test_not_a_plate(tmp_path):
     with pytest.raises(NotAPlateError, match="no Zarr group"):
         open_plate(str(tmp_path / "nothing.zarr"))
