@@ -3,12 +3,18 @@
 One row per site (field): ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site`` and,
 for each channel, ``FileName_<Channel>`` and ``PathName_<Channel>``. Other ``Metadata_*``
 columns that are constant within a well become the well's annotations.
+
+The CSV and the images may be local paths or URIs (``file://``, ``s3://``, any fsspec
+protocol); remote ones are read through fsspec with the ingest's ``storage_options``.
+A relative ``PathName`` is resolved against the CSV's folder, local or remote.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, field
 from typing import Any
 
 import imageio.v3 as iio
@@ -18,10 +24,23 @@ import tifffile
 
 from ..store import RayscreenError, well_name
 from ..store.annotations import PLATE_COL, WELL_COL
-from ..store.uri import filesystem
+from ..store.uri import filesystem, is_remote, local_path
 
 SITE_COL = "Metadata_Site"
 REQUIRED = (PLATE_COL, WELL_COL, SITE_COL)
+
+
+def _identifier_columns(columns: list[str]) -> list[str]:
+    """Columns read as text: identifiers and file names, never numbers (plate ``001`` stays
+    ``001``, a file ``0001`` keeps its zeros). Other ``Metadata_*`` keep pandas' types."""
+    return [c for c in columns if c in REQUIRED or c.startswith(("FileName_", "PathName_"))]
+
+
+def _site_order(values: pd.Series) -> pd.Series:
+    """Sort key for sites: numerically when every site is a number (site 10 after site 2),
+    as text otherwise."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    return numbers if numbers.notna().all() else values
 
 
 @dataclass(frozen=True)
@@ -31,20 +50,33 @@ class LoadData:
     source: str
     table: pd.DataFrame
     channels: tuple[str, ...]
+    # how to reach remote images (and the CSV); kept out of repr: it may hold credentials
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def plates(self) -> list[str]:
         return sorted(self.table[PLATE_COL].astype(str).unique())
 
     def image_path(self, row: pd.Series, channel: str) -> str:
-        folder = str(row[f"PathName_{channel}"])
+        """The image of ``channel`` for one site: a local path or a URI (``s3://...``)."""
+        folder = row[f"PathName_{channel}"]
+        folder = "" if pd.isna(folder) else str(folder)  # an empty PathName: the CSV's own folder
         name = str(row[f"FileName_{channel}"])
         if "://" in folder:
             return f"{folder.rstrip('/')}/{name}"
-        if not os.path.isabs(folder):
-            # relative folders are relative to the CSV, as CellProfiler resolves them
-            folder = os.path.join(os.path.dirname(os.path.abspath(self.source)), folder)
-        return os.path.join(folder, name)
+        if os.path.isabs(folder):
+            return os.path.join(folder, name)
+        # relative folders are relative to the CSV, as CellProfiler resolves them
+        if is_remote(self.source):
+            protocol, _, csv_path = self.source.partition("://")
+            # posixpath, not os.path: a URI's separators are "/" everywhere; normpath folds "../"
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(csv_path), folder, name))
+            return f"{protocol}://{path}"
+        return os.path.join(os.path.dirname(os.path.abspath(local_path(self.source))), folder, name)
+
+    def site_files(self, row: pd.Series) -> dict[str, str]:
+        """``{channel: image path or URI}`` of one site, in channel order."""
+        return {c: self.image_path(row, c) for c in self.channels}
 
     def annotations(self, plate: str) -> pd.DataFrame:
         """Per-well annotations of one plate: the ``Metadata_*`` columns constant within each well."""
@@ -60,7 +92,10 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
     if not fs.exists(fpath):
         raise RayscreenError(f"LoadData CSV {path} does not exist")
     with fs.open(fpath, "rb") as f:
-        table = pd.read_csv(f)
+        data = f.read()
+    # the header first: the identifier columns (FileName_<Channel>...) are named by the file
+    columns = list(pd.read_csv(io.BytesIO(data), nrows=0).columns)
+    table = pd.read_csv(io.BytesIO(data), dtype={c: str for c in _identifier_columns(columns)})
     missing = [c for c in REQUIRED if c not in table.columns]
     channels = tuple(c[len("FileName_"):] for c in table.columns if c.startswith("FileName_"))
     if missing:
@@ -73,6 +108,13 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
         raise RayscreenError(f"LoadData CSV {path}: FileName_{no_path[0]} has no matching PathName_{no_path[0]} column")
     if table.empty:
         raise RayscreenError(f"LoadData CSV {path} has no rows")
+    for col in [*REQUIRED, *(f"FileName_{c}" for c in channels)]:
+        blank = table[col].isna()
+        if blank.any():
+            i = int(np.flatnonzero(blank)[0])
+            raise RayscreenError(f"LoadData CSV {path} row {i + 2}: {col} is empty; expected a value in every row "
+                                 f"(plate {table[PLATE_COL].iloc[i]!r}, well {table[WELL_COL].iloc[i]!r}, "
+                                 f"site {table[SITE_COL].iloc[i]!r})")
     table = table.copy()
     table[PLATE_COL] = table[PLATE_COL].astype(str)
     table[WELL_COL] = [well_name(w, context=f"LoadData CSV {path} row {i + 2}") for i, w in enumerate(table[WELL_COL])]
@@ -81,16 +123,33 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
         p, w, site = table.loc[dup, [PLATE_COL, WELL_COL, SITE_COL]].iloc[0].tolist()
         raise RayscreenError(f"LoadData CSV {path}: duplicate rows for plate {p!r} well {w} site {site}: "
                              f"each site must appear once, with one file per channel")
-    return LoadData(path, table.sort_values([PLATE_COL, WELL_COL, SITE_COL]).reset_index(drop=True), channels)
+    table = table.sort_values([PLATE_COL, WELL_COL, SITE_COL], kind="stable",
+                              key=lambda c: _site_order(c) if c.name == SITE_COL else c).reset_index(drop=True)
+    # a local CSV's absolute path: relative PathNames must resolve the same in a Ray worker,
+    # whose working directory may differ from the driver's
+    source = path if is_remote(path) else os.path.abspath(local_path(path))
+    return LoadData(source, table, channels, storage_options)
 
 
-def read_image(path: str, where: str) -> np.ndarray:
-    """One greyscale plane (Y, X) from a TIFF or PNG; raises naming the file and the field."""
+def read_image(path: str, where: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """One greyscale plane (Y, X) from a TIFF or PNG at a local path or a URI; raises naming
+    ``where`` (plate, well, site, channel) and the file."""
+    tiff = path.lower().endswith((".tif", ".tiff"))
     try:
-        if path.lower().endswith((".tif", ".tiff")):
-            image = tifffile.imread(path)
+        if is_remote(path):
+            # one GET for the whole file: tifffile on a remote file object would issue a
+            # ranged request per tag and strip
+            fs, fpath = filesystem(path, storage_options)
+            source: Any = io.BytesIO(fs.cat_file(fpath))
         else:
-            image = iio.imread(path)
+            source = local_path(path)  # file:// is a local file: no fsspec round trip
+        if tiff:
+            image = tifffile.imread(source)
+        elif isinstance(source, io.BytesIO):
+            # bytes carry no file name: tell imageio the format by the URI's extension
+            image = iio.imread(source, extension=os.path.splitext(path)[1].lower() or None)
+        else:
+            image = iio.imread(source)
     except FileNotFoundError:
         raise RayscreenError(f"{where}: image file {path} is missing") from None
     except Exception as e:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store import RayscreenError, create_plate, read_platemap
+from ..store import BadImageError, RayscreenError, create_plate, read_platemap
 from ..store.annotations import PLATE_COL, WELL_COL
 from ..store.plate import check_finite
 from ..store.uri import join
@@ -28,28 +28,60 @@ log = logging.getLogger(__name__)
 DESC = "ingest"
 
 
-def _site_image(loaddata: LoadData, row: pd.Series, where: str) -> np.ndarray:
-    planes = [read_image(loaddata.image_path(row, c), f"{where} channel {c}") for c in loaddata.channels]
-    shapes = {p.shape for p in planes}
-    dtypes = {p.dtype for p in planes}
-    if len(shapes) > 1 or len(dtypes) > 1:
-        raise RayscreenError(f"{where}: channels differ in shape {sorted(shapes)} or dtype {sorted(map(str, dtypes))}")
-    image = np.stack(planes)
-    check_finite(image, where)
+def _files(files: dict[str, str]) -> str:
+    return ", ".join(f"channel {c} file {path}" for c, path in files.items())
+
+
+def _site_image(
+    loaddata: LoadData,
+    row: pd.Series,
+    where: str,
+    expected: tuple[tuple[int, int, int], np.dtype, str] | None = None,
+) -> np.ndarray:
+    """The (C, Y, X) image of one LoadData row, channels in LoadData order.
+
+    ``where`` names the plate, well and site; ``expected`` is the plate's (C, Y, X) shape,
+    its dtype and the site that fixed them. Errors name the site and its file(s): the
+    writer would know only the 0-based field index, not which files made the image.
+    """
+    files = loaddata.site_files(row)
+    planes = {c: read_image(path, f"{where} channel {c}", loaddata.storage_options) for c, path in files.items()}
+    for c, plane in planes.items():
+        check_finite(plane, f"{where} channel {c} file {files[c]}")
+    if len({p.shape for p in planes.values()}) > 1 or len({p.dtype for p in planes.values()}) > 1:
+        found = "; ".join(f"channel {c} file {files[c]}: shape {p.shape} dtype {p.dtype}" for c, p in planes.items())
+        raise BadImageError(f"{where}: channels differ in shape or dtype ({found}); "
+                            "expected one (Y, X) shape and dtype for all channels of a site")
+    image = np.stack(list(planes.values()))
+    if expected is not None:
+        shape, dtype, reference = expected
+        if image.shape != tuple(shape) or image.dtype != dtype:
+            raise BadImageError(f"{where}: image shape {image.shape[1:]} (Y, X) dtype {image.dtype} "
+                                f"in {_files(files)}; expected shape {tuple(shape[1:])} dtype {np.dtype(dtype)} "
+                                f"like the rest of the plate (fixed by its first site, {reference})")
     return image
+
+
+def _reference(table: pd.DataFrame) -> str:
+    """The site whose image fixes a plate's shape and dtype: its first row."""
+    first = table.iloc[0]
+    return f"well {first[WELL_COL]} site {first[SITE_COL]}"
 
 
 def write_wells(loaddata: LoadData, writer: PlateWriter, wells: list[str]) -> list[str]:
     """Write the given wells of one plate (skipping complete ones). Returns the wells written."""
     done = []
     table = loaddata.table[loaddata.table[PLATE_COL] == writer.name]
+    expected = ((len(writer.channels), *writer.field_shape), writer.dtype, _reference(table))
     for well in wells:
         if writer.is_complete(well):
             continue
         sites = table[table[WELL_COL] == well]
         for field, (_, row) in enumerate(sites.iterrows()):
             where = f"plate {writer.name!r} well {well} site {row[SITE_COL]}"
-            writer.write_field(well, field, _site_image(loaddata, row, where))
+            image = _site_image(loaddata, row, where, expected)
+            writer.write_field(well, field, image,
+                               source=f"site {row[SITE_COL]}, {_files(loaddata.site_files(row))}")
         writer.complete_well(well, n_fields=len(sites))
         done.append(well)
     return done
@@ -76,15 +108,18 @@ def ingest(
 
     ``use_ray=False`` writes in this process (small inputs, unit tests). Errors name the
     plate, well, site and file; wells written before the error stay complete, the failing
-    well stays incomplete, and a rerun resumes.
+    well stays incomplete, and a rerun resumes. ``loaddata_csv`` and its ``PathName``s may be
+    URIs (``s3://...``); ``storage_options`` serve them as well as ``out_dir``.
     """
-    loaddata = read_loaddata(loaddata_csv)
+    # one storage_options for the CSV, its images and the plates: remote inputs and outputs
+    # usually live on the same object store
+    loaddata = read_loaddata(loaddata_csv, storage_options)
     platemap_df = read_platemap(platemap, storage_options) if platemap else None
     uris, jobs = [], []
     for plate in loaddata.plates:
         table = loaddata.table[loaddata.table[PLATE_COL] == plate]
         first = table.iloc[0]
-        probe = _site_image(loaddata, first, f"plate {plate!r} well {first[WELL_COL]} site {first[SITE_COL]}")
+        probe = _site_image(loaddata, first, f"plate {plate!r} {_reference(table)}")
         sites_per_well = table.groupby(WELL_COL).size()
         annotations = loaddata.annotations(plate)
         if platemap_df is not None:

@@ -18,6 +18,27 @@ from .wells import well_name
 
 PLATE_COL = "Metadata_Plate"
 WELL_COL = "Metadata_Well"
+# Identifiers, not quantities: read as text so that pandas' type guessing cannot turn
+# plate "001" into the number 1 (which then names another plate, or matches none).
+ID_COLS = (PLATE_COL, WELL_COL)
+
+
+def as_identifier(values: pd.Series) -> pd.Series:
+    """``values`` as text, missing values kept missing (not the string ``"nan"``).
+
+    For tables whose reader already guessed a type (parquet, a DataFrame given in code):
+    integers become their decimal text, and a float column holding whole numbers (an
+    integer column with a missing value) loses the ``.0`` it would otherwise gain.
+    """
+
+    def text(v: Any) -> Any:
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return pd.NA
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            return str(int(v))
+        return str(v)
+
+    return values.map(text).astype(object)
 
 
 def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -32,9 +53,10 @@ def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd
         raise RayscreenError(f"platemap {uri} does not exist")
     with fs.open(path, "rb") as f:
         if path.endswith(".parquet"):
-            df = pd.read_parquet(f)
+            df = pd.read_parquet(f)  # typed by its writer; normalise_platemap casts the identifiers
         else:
-            df = pd.read_csv(f, sep="\t" if path.endswith((".tsv", ".txt")) else ",")
+            df = pd.read_csv(f, sep="\t" if path.endswith((".tsv", ".txt")) else ",",
+                             dtype={c: str for c in ID_COLS})  # keys the file lacks are ignored
     return normalise_platemap(df, source=f"platemap {uri}")
 
 
@@ -42,6 +64,9 @@ def normalise_platemap(df: pd.DataFrame, source: str = "platemap") -> pd.DataFra
     if WELL_COL not in df.columns:
         raise RayscreenError(f"{source}: expected a {WELL_COL!r} column, found columns {list(df.columns)}")
     df = df.copy()
+    if PLATE_COL in df.columns:
+        # plate names are text wherever the table came from (parquet ints, a DataFrame in code)
+        df[PLATE_COL] = as_identifier(df[PLATE_COL])
     df[WELL_COL] = [well_name(w, context=source) for w in df[WELL_COL]]
     keys = [c for c in (PLATE_COL, WELL_COL) if c in df.columns]
     dup = df.duplicated(keys, keep=False)

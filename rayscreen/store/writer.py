@@ -105,13 +105,17 @@ class PlateWriter:
     def complete_wells(self) -> list[str]:
         return [w for w in self.wells if self.is_complete(w)]
 
-    def write_field(self, well: str, field: int, image: np.ndarray) -> None:
+    def write_field(self, well: str, field: int, image: np.ndarray, *, source: str | None = None) -> None:
         """Write field ``field`` (0-based) of ``well``: ``image`` is (C, Y, X) of the plate's dtype.
 
         Raises ``BadImageError`` naming the plate, well and field when shape, channel
-        count or dtype differ from the plate's, or a float image holds NaN/Inf.
+        count or dtype differ from the plate's, or a float image holds NaN/Inf. ``source``
+        says where the image came from (ingest: the LoadData site and its files); errors
+        name it, since the 0-based field index alone does not point at an input file.
         """
         where = f"plate {self.name!r} well {well_name(well)} field {field}"
+        if source:
+            where = f"{where} ({source})"
         image = np.asarray(image)
         expected = (len(self.channels), *self.field_shape)
         if image.shape != expected:

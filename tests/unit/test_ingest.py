@@ -89,7 +89,7 @@ def test_resume_after_a_missing_file(tmp_path):
 
 
 def _edit_csv(csv, fn):
-    df = pd.read_csv(csv)
+    df = pd.read_csv(csv, dtype=str)  # as text: the edit must not rewrite plate 001 as 1
     df = fn(df)
     df.to_csv(csv, index=False)
 
@@ -125,7 +125,8 @@ def test_inconsistent_shape_dtype_and_unreadable(tmp_path):
         ingest(str(csv), str(tmp_path / "o1"), use_ray=False, progress=False)
     for ch in CHANNELS:
         tifffile.imwrite(tmp_path / "PA" / f"A02_s1_{ch}.tif", np.zeros((24, 30), np.float32))
-    with pytest.raises(RayscreenError, match="plate 'PA' well A02 field 0: dtype float32; expected uint16"):
+    with pytest.raises(RayscreenError, match=r"plate 'PA' well A02 site 1: image shape \(24, 30\) \(Y, X\) dtype float32 "
+                                             r"in channel DNA file .*A02_s1_DNA.tif.*; expected shape \(24, 30\) dtype uint16"):
         ingest(str(csv), str(tmp_path / "o2"), use_ray=False, progress=False)
     (tmp_path / "PA" / "A02_s1_DNA.tif").write_bytes(b"not a tiff at all")
     with pytest.raises(RayscreenError, match="cannot read image file .*A02_s1_DNA.tif"):
@@ -142,7 +143,7 @@ def test_nan_float_images(tmp_path):
         if ch == "Actin":
             img[3, 4] = np.inf
         tifffile.imwrite(tmp_path / "PA" / f"A01_s1_{ch}.tif", img)
-    with pytest.raises(RayscreenError, match="plate 'PA' well A01 site 1: 1 NaN/Inf"):
+    with pytest.raises(RayscreenError, match="plate 'PA' well A01 site 1 channel Actin file .*A01_s1_Actin.tif: 1 NaN/Inf"):
         ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
 
 
@@ -154,3 +155,91 @@ def test_cli_errors_exit_nonzero_and_name_the_file(tmp_path, capsys):
     assert "A01_s1_DNA.tif is missing" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope.zarr")]) == 2
     assert "not an OME-Zarr HCS plate" in capsys.readouterr().err
+
+
+def test_numeric_looking_plate_ids_stay_text(tmp_path):
+    """Plate "001" is not the number 1: not in the plate's name, its file, or a platemap."""
+    csv = write_screen(tmp_path, plates=("001",), wells=("A01", "B03"), sites=1)
+    _edit_csv(csv, lambda d: d.assign(Metadata_Dose=[0.5, 2.0]))
+    assert "001,A01" in csv.read_text()  # the CSV itself says 001
+    pd.DataFrame({"Metadata_Plate": ["001", "1"], "Metadata_Well": ["B03", "A01"],
+                  "Metadata_MOA": ["tubulin", "plate 1, not 001"]}).to_csv(tmp_path / "pm.csv", index=False)
+    uri, = ingest(str(csv), str(tmp_path / "out"), platemap=str(tmp_path / "pm.csv"), use_ray=False, progress=False)
+    assert os.path.basename(uri) == "001.zarr"
+    plate = open_plate(uri)
+    ann = plate.annotations.set_index("Metadata_Well")
+    assert plate.name == "001" and set(ann["Metadata_Plate"]) == {"001"}
+    assert ann.loc["B03", "Metadata_MOA"] == "tubulin" and pd.isna(ann.loc["A01", "Metadata_MOA"])
+    assert ann["Metadata_Dose"].tolist() == [0.5, 2.0]  # other Metadata_* keep their types
+    # a platemap given when opening selects its rows by the same text
+    later = plate.with_platemap(str(tmp_path / "pm.csv")).annotations.set_index("Metadata_Well")
+    assert later.loc["B03", "Metadata_MOA"] == "tubulin"
+
+
+def test_platemap_plate_ids_typed_by_parquet_are_text(tmp_path):
+    """A parquet platemap whose writer stored plate 7 as an integer still selects plate "7"."""
+    pytest.importorskip("pyarrow")
+    csv = write_screen(tmp_path, plates=("7",), wells=("A01", "A02"), sites=1)
+    pd.DataFrame({"Metadata_Plate": [7, 8], "Metadata_Well": ["A01", "A01"],
+                  "Metadata_MOA": ["seven", "eight"]}).to_parquet(tmp_path / "pm.parquet")
+    uri, = ingest(str(csv), str(tmp_path / "out"), platemap=str(tmp_path / "pm.parquet"), use_ray=False, progress=False)
+    assert open_plate(uri).annotations.set_index("Metadata_Well").loc["A01", "Metadata_MOA"] == "seven"
+
+
+def test_sites_as_text_keep_numeric_order(tmp_path):
+    """Sites are read as text (as written in the LoadData) but ordered as numbers: site 10 is
+    field 9, not field 1."""
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=11)
+    uri, = ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    plate = open_plate(uri)
+    for field, site in ((1, 2), (9, 10), (10, 11)):
+        np.testing.assert_array_equal(plate.read("A01", field)[0], plane("PA", "A01", site, 0))
+
+
+def test_wrong_shape_names_site_and_files(tmp_path):
+    """The 0-based field index is the writer's business: the error names the LoadData site
+    (2, the second field) and the files that made the image, and the shape expected."""
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01", "A02"), sites=2)
+    for ch in CHANNELS:
+        tifffile.imwrite(tmp_path / "PA" / f"A02_s2_{ch}.tif", np.zeros((24, 31), np.uint16))
+    with pytest.raises(RayscreenError, match=r"plate 'PA' well A02 site 2: image shape \(24, 31\) \(Y, X\) dtype uint16 "
+                                             r"in channel DNA file .*/PA/A02_s2_DNA.tif, channel Actin file "
+                                             r".*/PA/A02_s2_Actin.tif; expected shape \(24, 30\) dtype uint16 .*"
+                                             r"first site, well A01 site 1"):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    # channels of one site that disagree: each channel's file and shape named
+    tifffile.imwrite(tmp_path / "PA" / "A02_s2_DNA.tif", np.zeros((24, 30), np.uint16))
+    with pytest.raises(RayscreenError, match=r"well A02 site 2: channels differ in shape or dtype \(channel DNA file "
+                                             r".*A02_s2_DNA.tif: shape \(24, 30\).*A02_s2_Actin.tif: shape \(24, 31\)"):
+        ingest(str(csv), str(tmp_path / "out2"), use_ray=False, progress=False)
+
+
+def test_loaddata_pathname_and_csv_as_file_uris(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01", "A02"), sites=2)
+    _edit_csv(csv, lambda d: d.assign(PathName_DNA=f"file://{tmp_path}/PA"))  # Actin stays relative
+    uri, = ingest(f"file://{csv}", str(tmp_path / "out"), use_ray=False, progress=False)
+    plate = open_plate(uri)
+    assert plate.present_wells() == (["A01", "A02"], [])
+    for c in range(2):
+        np.testing.assert_array_equal(plate.read("A02", 1)[c], plane("PA", "A02", 2, c))
+    (tmp_path / "PA" / "A02_s2_DNA.tif").unlink()
+    with pytest.raises(RayscreenError, match=rf"plate 'PA' well A02 site 2 channel DNA: image file file://{tmp_path}/PA/"
+                                             r"A02_s2_DNA.tif is missing"):
+        ingest(str(csv), str(tmp_path / "out2"), use_ray=False, progress=False)
+
+
+def test_relative_pathname_resolves_against_a_remote_csv():
+    from rayscreen.ingest import LoadData
+
+    ld = LoadData("s3://bucket/screen/csv/load_data.csv", pd.DataFrame(), ("DNA", "Actin"))
+    row = pd.Series({"FileName_DNA": "a.tif", "PathName_DNA": "../images",
+                     "FileName_Actin": "b.tif", "PathName_Actin": float("nan")})
+    assert ld.site_files(row) == {"DNA": "s3://bucket/screen/images/a.tif", "Actin": "s3://bucket/screen/csv/b.tif"}
+
+
+def test_loaddata_empty_identifier(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=2)
+    _edit_csv(csv, lambda d: d.assign(Metadata_Site=[1, None]))
+    with pytest.raises(RayscreenError, match=r"load_data.csv row 3: Metadata_Site is empty; expected a value in every "
+                                             r"row \(plate 'PA', well 'A01'"):
+        read_loaddata(str(csv))
