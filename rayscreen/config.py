@@ -187,7 +187,8 @@ class QCConfig:
     exclude: bool = True  # drop flagged fields before aggregation
     # field embeddings: image QC metrics work without pretrained weights; "deep" is the paper's (ImageNet weights)
     features: Literal["deep", "classical", "qc"] = "qc"
-    label: str = "label"  # annotation CSV column: "abnormal" marks an artefact, anything else is normal
+    # annotation CSV column: abnormal (abnormal/artefact/true/1) or normal (normal/false/0);
+    label: str = "label"  # a blank label leaves the row out, any other value is an error
 
 
 @dataclass(frozen=True)

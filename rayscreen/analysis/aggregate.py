@@ -4,7 +4,9 @@ Two inputs, one verb:
 
 - a profile table (pandas, ``Metadata_*`` columns + feature columns, one row per field or
   well) → a table with one row per group; ``Metadata_*`` columns that are constant inside
-  every group (``Metadata_MOA`` when grouping by compound) are kept, the others dropped.
+  every group (``Metadata_MOA`` when grouping by compound) are kept, the others dropped
+  (with a warning when a column is constant in some groups and not in others: a typo or
+  blank annotation in one well, which would otherwise silently drop the whole column).
 - an xarray ``DataArray``/``Dataset`` whose first dimension holds the rows (``field`` or
   ``well``) and carries the grouping keys as coordinates along it. Arrays backed by dask
   stay lazy: only the keys (small) are read, so a screen's profiles need not fit in memory.
@@ -12,6 +14,7 @@ Two inputs, one verb:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,8 +79,9 @@ def _aggregate_frame(profiles: pd.DataFrame, by: list[str], method: str,
     if count_column:
         parts.append(grouped.size().rename(count_column))
     if others:
-        n_unique = grouped[others].nunique(dropna=False).max()
-        constant = [c for c in others if n_unique[c] <= 1]
+        varies = grouped[others].nunique(dropna=False) > 1  # (groups, others)
+        constant = [c for c in others if not varies[c].any()]
+        _warn_inconsistent(profiles, grouped, varies, by)
         if constant:
             parts.append(grouped[constant].first())
     # one concat, not insert/join column by column: a wide profile table (thousands of
@@ -87,6 +91,31 @@ def _aggregate_frame(profiles: pd.DataFrame, by: list[str], method: str,
     # groupby result that pandas holds as one block per feature column
     keys = out.index.to_frame(index=False)
     return order_columns(pd.concat([keys, out.reset_index(drop=True)], axis=1))
+
+
+def _warn_inconsistent(profiles: pd.DataFrame, grouped, varies: pd.DataFrame, by: list[str]) -> None:
+    """Warn about each ``Metadata_*`` column dropped for differing within some groups while
+    constant within the other groups of several rows, naming how many groups and one of
+    them with its values.
+
+    A column that differs within every group of several rows (the field of a well, the
+    well of a treatment) is per-row metadata and goes silently; one that differs in a few
+    groups only is an annotation (a MOA) that one well got wrong or blank, and dropping it
+    for the whole table fails much later ("lacks Metadata_MOA") far from the cause.
+    """
+    multi = grouped.size().to_numpy() > 1
+    codes = grouped.ngroup().to_numpy()  # the group of each row, in the order of ``varies``
+    for c in varies.columns:
+        bad = varies[c].to_numpy()
+        if not bad.any() or bad[multi].all():
+            continue
+        first = int(np.flatnonzero(bad)[0])
+        key = varies.index[first]
+        key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        values = pd.unique(profiles[c].to_numpy()[codes == first]).tolist()
+        warnings.warn(f"aggregate: dropping {c!r}: it differs within {int(bad.sum())} of {len(bad)} group(s) by "
+                      f"{by} and is constant within the others; e.g. {key} has {values}. Fix the annotation "
+                      f"(or group by {c!r}) to keep it", UserWarning, stacklevel=4)
 
 
 def _aggregate_xarray(profiles, by: list[str], method: str, dim: str | None, count_column: str | None):

@@ -192,12 +192,52 @@ def treatment_profiles(wells: pd.DataFrame, config: Config) -> pd.DataFrame:
     if missing:
         raise AnalysisError(f"treatment columns {missing} (analysis.treatment / analysis.batch) are not annotations "
                             f"of the wells; they have {[c for c in wells.columns if c.startswith('Metadata_')]}")
-    feats = [c for c in feature_columns(wells) if c != "Metadata_Fields"]
-    return aggregate(wells.drop(columns=["Metadata_Fields"]), by=by, method=a.aggregate, features=feats,
-                     count_column="Metadata_Wells")
+    # Metadata_Fields counts a well's fields, it does not describe the treatment: dropped
+    # rather than kept where a treatment's wells agree (feature_columns leaves it out)
+    return aggregate(wells.drop(columns=["Metadata_Fields"]), by=by, method=a.aggregate,
+                     features=feature_columns(wells), count_column="Metadata_Wells")
 
 
 # --------------------------------------------------------------------------- QC
+
+
+QC_KEY = ["Metadata_Plate", "Metadata_Well", "Metadata_Field"]
+
+
+def read_qc_annotations(config: Config) -> pd.DataFrame:
+    """The CSV of ``analysis.qc.annotations``: plate, well, field, ``analysis.qc.label``
+    (``plate``/``well``/``field`` or their ``Metadata_*`` names) -> a table with the
+    ``Metadata_*`` names, plate and well as str and field as int, the store's types.
+
+    Plate and well are read as text, not left to pandas: plate names are often numbers
+    (1001, or 0001 whose zeros a number would lose), and an int64 plate column cannot be
+    merged with the store's str plates. The label column is left as read (bool, 0/1,
+    words): :func:`~rayscreen.analysis.qc.artefact_labels` reads it.
+    """
+    q = config.analysis.qc
+    fs, path = filesystem(q.annotations, config.storage_options)
+    if not fs.exists(path):
+        raise AnalysisError(f"analysis.qc.annotations: no file at {q.annotations}")
+    text = {c: str for c in ("Metadata_Plate", "plate", "Metadata_Well", "well")}
+    ann = pd.read_csv(io.BytesIO(fs.cat(path)), dtype=text)
+    ann = ann.rename(columns={"field": "Metadata_Field", "plate": "Metadata_Plate", "well": "Metadata_Well"})
+    need = QC_KEY + [q.label]
+    missing = [c for c in need if c not in ann.columns]
+    if missing:
+        raise AnalysisError(f"analysis.qc.annotations {q.annotations}: missing column(s) {missing}; "
+                            f"expected Metadata_Plate, Metadata_Well, field, {q.label} (analysis.qc.label)")
+    blank = ann[QC_KEY[:2]].isna().any(axis=1).to_numpy()
+    field = pd.to_numeric(ann["Metadata_Field"], errors="coerce")
+    bad = field.isna().to_numpy() | (field != field.round()).to_numpy() | blank
+    if bad.any():
+        rows = (np.flatnonzero(bad) + 1).tolist()
+        raise AnalysisError(f"analysis.qc.annotations {q.annotations}: data row(s) {rows[:10]} (1 = the first "
+                            f"after the header) lack a plate or well "
+                            f"or have a field that is not a whole number (the field's index in its well, from 0)")
+    ann["Metadata_Field"] = field.astype(int)
+    for c in QC_KEY[:2]:
+        ann[c] = ann[c].str.strip()
+    return ann[need]
 
 
 def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
@@ -209,17 +249,7 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     q = config.analysis.qc
     if not q.annotations:
         return None
-    fs, path = filesystem(q.annotations, config.storage_options)
-    if not fs.exists(path):
-        raise AnalysisError(f"analysis.qc.annotations: no file at {q.annotations}")
-    ann = pd.read_csv(io.BytesIO(fs.cat(path)))
-    ann = ann.rename(columns={"field": "Metadata_Field", "plate": "Metadata_Plate", "well": "Metadata_Well"})
-    need = ["Metadata_Plate", "Metadata_Well", "Metadata_Field", q.label]
-    missing = [c for c in need if c not in ann.columns]
-    if missing:
-        raise AnalysisError(f"analysis.qc.annotations {q.annotations}: missing column(s) {missing}; "
-                            f"expected Metadata_Plate, Metadata_Well, field, {q.label}")
-    ann["Metadata_Field"] = ann["Metadata_Field"].astype(int)
+    ann = read_qc_annotations(config)
     variable, dim = QC_EMBEDDINGS[q.features]
     if variable not in ds:
         raise AnalysisError(f"analysis.qc.features: {q.features!r} needs {variable!r}, not in {store_uri}")
@@ -232,8 +262,11 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     else:
         # embeddings with NaN (a feature undefined on a flat field) -> the median field
         fields[feats] = fields[feats].fillna(fields[feats].median()).fillna(0.0)
-    result = classify_artefacts(fields, ann[need], method=q.method, k=q.k, label=q.label,
-                                features=feats)
+    try:
+        result = classify_artefacts(fields, ann, method=q.method, k=q.k, label=q.label, features=feats,
+                                    source=f"analysis.qc.annotations {q.annotations}")
+    except ValueError as err:  # labels that are neither class, a field annotated twice
+        raise AnalysisError(str(err)) from err
     flagged = result.predictions.loc[result.predictions["Metadata_QC_Abnormal"]]
     # store: status 3 where flagged, back to 0 where a previous run flagged and this one does not
     writer = ResultsWriter(store_uri, config.storage_options)
@@ -250,8 +283,8 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     summary["features"] = q.features
     writer.update_attrs(qc=summary)
     writer.finalize()
-    table = result.predictions.merge(ann[need].rename(columns={q.label: "Metadata_QC_Annotation"}),
-                                     on=["Metadata_Plate", "Metadata_Well", "Metadata_Field"], how="left")
+    table = result.predictions.merge(ann.rename(columns={q.label: "Metadata_QC_Annotation"}), on=QC_KEY,
+                                     how="left")
     return table, summary
 
 
@@ -295,8 +328,9 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
             key = f"{kind}{suffix}"
             out[key] = _write_table(table, join(tables, f"{key}.parquet"), so)
             _write_table(table, join(tables, f"{key}.csv"), so)
+        # feature_columns leaves the Metadata_Wells count out already: nothing to subtract
         log.info("aggregate: %s: %d wells, %d treatments, %d features", name, len(wells), len(treatments),
-                 len(feature_columns(treatments)) - 1)
+                 len(feature_columns(treatments)))
     return out
 
 
@@ -378,10 +412,12 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     for name, table in sets.items():
         check_annotations(table, config, f"{name} treatment")
         batch = a.batch if a.batch in table.columns else None
+        # feature_columns leaves Metadata_* (the Metadata_Wells count too) out
+        feats = feature_columns(table)
         ev = evaluate_moa(table, moa=a.moa, compound=a.compound, batch=batch, controls=controls_of(table, config),
-                          features=[c for c in feature_columns(table) if c != "Metadata_Wells"])
+                          features=feats)
         results[name] = ev.to_dict()
-        results[name]["n_features"] = len(feature_columns(table)) - 1
+        results[name]["n_features"] = len(feats)
         _write_table(ev.confusion.reset_index(), join(out_dir, f"confusion_{name}.csv"), so)
         if name == a.features:
             _write_table(ev.confusion.reset_index(), join(out_dir, "confusion.csv"), so)
@@ -392,7 +428,7 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
     # hits: wells far from their plate's controls in profile space
     wells = _evaluation_table("well", config)
-    feats = [c for c in feature_columns(wells) if c != "Metadata_Fields"]
+    feats = feature_columns(wells)  # without Metadata_Fields (a Metadata_* column)
     reference = controls_of(wells, config)
     # euclidean, not cosine: after control-based normalisation the control centroid is ~0,
     # so the cosine to it is noise; the euclidean distance is the phenotype's strength

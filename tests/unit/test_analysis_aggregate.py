@@ -101,3 +101,25 @@ def test_xarray_dataset_with_per_field_scores():
     assert isinstance(out["score"].data, da.Array)
     assert out["score"].values.tolist() == [3.0, 2.0, 4.5]
     assert out["profile"].sel(feature="f1").values.tolist() == [2.0, 6.0, 10.0]
+
+
+def test_an_annotation_dropped_for_a_few_groups_is_named_in_a_warning():
+    """One well with a blank MOA used to drop Metadata_MOA for the whole table silently."""
+    import warnings
+
+    wells = pd.DataFrame({
+        "Metadata_Plate": ["P1", "P2"] * 3,
+        "Metadata_Well": ["A01", "A02", "B01", "B02", "C01", "C02"],
+        "Metadata_Compound": ["a", "a", "b", "b", "c", "c"],
+        "Metadata_MOA": ["m1", "m1", "m2", np.nan, "m3", "m3"],
+        "f": np.arange(6.0),
+    })
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = aggregate(wells, by="Metadata_Compound")
+    assert "Metadata_MOA" not in out
+    # Metadata_Plate / Metadata_Well differ within every group: per-well metadata, no warning
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "'Metadata_MOA'" in messages[0] and "1 of 3 group(s)" in messages[0]
+    assert "{'Metadata_Compound': 'b'} has ['m2', nan]" in messages[0]

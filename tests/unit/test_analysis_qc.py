@@ -178,3 +178,123 @@ def test_outlier_score_per_group_and_suggested_annotations():
     idx = suggest_annotations(score, n_outliers=2, n_random=5, seed=1)
     assert list(idx[:2]) == list(np.argsort(-score)[:2]) and len(set(idx)) == 7
     assert not set(idx[2:]) & {3, 30}
+
+
+def _annotated(labels):
+    """The embeddings of :func:`embeddings` and its first len(labels) fields annotated with
+    ``labels`` (a list or a Series: its dtype is kept, as read_csv would have typed it)."""
+    table, abnormal = embeddings()
+    annotated = table.iloc[:len(labels)][["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].copy()
+    annotated["Metadata_QC"] = pd.Series(labels).to_numpy() if isinstance(labels, pd.Series) else \
+        pd.Series(list(labels), index=annotated.index, dtype=object)
+    return table, annotated, abnormal
+
+
+@pytest.mark.parametrize("encode", [
+    lambda a: pd.Series(a),                                              # True/False (bool)
+    lambda a: pd.Series(a.astype(int)),                                  # 0/1 (int64)
+    lambda a: pd.Series(np.where(a, "1", "0")),                          # "1"/"0"
+    lambda a: pd.Series(np.where(a, " Artefact", "NORMAL ")),            # words, any case, padded
+    lambda a: pd.Series(np.where(a, "artifact", "false")),
+], ids=["bool", "int01", "str01", "words", "artifact"])
+def test_labels_are_read_whatever_way_they_are_written(encode):
+    """0/1 labels used to be compared with the string "abnormal": every field normal, no classifier."""
+    table, annotated, abnormal = _annotated(encode(embeddings()[1][:60]))
+    result = classify_artefacts(table, annotated)
+    assert result.n_annotated == 60 and result.f1 > 0.9 and result.warnings == []
+
+
+def test_blank_labels_are_left_out_with_a_warning_not_read_as_normal():
+    # True/False with one blank (what read_csv gives for a column with an empty cell: object
+    # dtype) used to be read as all normal; 1.0/0.0/NaN is the same column as numbers
+    _, _, abnormal = _annotated([])
+    labels = [bool(x) for x in abnormal[:60]]
+    labels[0] = None  # field 0 is abnormal: read as "normal" before
+    table, annotated, _ = _annotated(labels)
+    with pytest.warns(UserWarning, match=r"1 annotated field\(s\) without a 'Metadata_QC' label"):
+        result = classify_artefacts(table, annotated)
+    assert result.n_annotated == 59 and result.f1 > 0.9
+    assert any("without a 'Metadata_QC' label" in w for w in result.warnings)
+    floats = annotated.assign(Metadata_QC=[np.nan] + [float(x) for x in abnormal[1:60]])
+    with pytest.warns(UserWarning, match="1 annotated field"):
+        assert classify_artefacts(table, floats).n_annotated == 59
+
+
+def test_unknown_labels_are_an_error_naming_the_file_column_and_values():
+    _, _, abnormal = _annotated([])
+    labels = list(np.where(abnormal[:60], "abnormal", "normal"))
+    labels[3], labels[4] = "abnormall", "blurry"  # a typo and another vocabulary: not "normal"
+    table, annotated, _ = _annotated(labels)
+    with pytest.raises(ValueError, match=r"column 'Metadata_QC'.*'abnormall' \(1x\), 'blurry' \(1x\)"):
+        classify_artefacts(table, annotated)  # read as normal before
+    with pytest.raises(ValueError, match=r"^qc\.csv: column 'Metadata_QC'"):
+        classify_artefacts(table, annotated, source="qc.csv")
+    from rayscreen.analysis.qc import artefact_labels
+
+    y, missing = artefact_labels(pd.Series([True, "1", 1.0, " Abnormal", "bad", False, "0", 0, "Normal", "", None]),
+                                 abnormal="bad")
+    assert y.tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert missing.tolist() == [False] * 9 + [True, True]
+
+
+def test_numeric_plate_names_match_whatever_their_dtype_and_unmatched_fields_are_named():
+    # the store's plates are str; a CSV of plates named 1001 reads as int64 (float64 with a
+    # blank), and the field as int where the table has str: merging used to raise
+    n = 12
+    emb = pd.DataFrame({"Metadata_Plate": ["1001"] * n, "Metadata_Well": [f"A{i:02d}" for i in range(n)],
+                        "Metadata_Field": [str(i % 2) for i in range(n)],
+                        "e": np.r_[np.full(4, 5.0), np.zeros(8)] + np.linspace(0, 0.1, n)})
+    ann = pd.DataFrame({"Metadata_Plate": [1001] * (n + 1), "Metadata_Well": [f"A{i:02d}" for i in range(n)] + ["Z99"],
+                        "Metadata_Field": [i % 2 for i in range(n)] + [0],
+                        "Metadata_QC": ["abnormal"] * 4 + ["normal"] * 8 + ["normal"]})
+    with pytest.warns(UserWarning, match=r"1 annotated field\(s\) not found.*\['1001/Z99/0'\]"):
+        result = classify_artefacts(emb, ann)
+    assert result.n_annotated == 12 and result.f1 == 1.0
+    assert any("1001/Z99/0" in w for w in result.warnings)
+    # float64 plates (a column with a blank elsewhere) match too: 1001.0 -> "1001"
+    floats = ann.iloc[:n].assign(Metadata_Plate=1001.0)
+    assert classify_artefacts(emb, floats).n_annotated == 12
+
+
+def well_embeddings(n_wells=40, fields=4, seed=0):
+    """Fields of a well are near copies of each other (the well's own look), labels are
+    per well and unrelated to the look: nothing to learn, except which well a field is from."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=(n_wells, 8))
+    X = np.repeat(centre, fields, axis=0) + 0.05 * rng.normal(size=(n_wells * fields, 8))
+    table = pd.DataFrame(X, columns=[f"e{i}" for i in range(8)])
+    table.insert(0, "Metadata_Plate", "P1")
+    table.insert(1, "Metadata_Well", np.repeat([f"W{i:02d}" for i in range(n_wells)], fields))
+    table.insert(2, "Metadata_Field", np.tile(np.arange(fields), n_wells))
+    abnormal = np.repeat(rng.permutation(n_wells) < n_wells // 2, fields)
+    annotations = table[["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].assign(Metadata_QC=abnormal)
+    return table, annotations, abnormal
+
+
+def test_cross_validation_keeps_the_fields_of_a_well_together():
+    table, annotations, abnormal = well_embeddings()
+    X = table[[f"e{i}" for i in range(8)]].to_numpy()
+    # folds over fields: kNN finds the query's own well in training and looks good
+    leaky = cross_validate_artefacts(X, abnormal)
+    assert leaky["roc_auc"] > 0.85  # 0.89
+    result = classify_artefacts(table, annotations)
+    assert result.roc_auc < 0.6  # 0.46: chance, as it should be
+    assert result.cv_groups == "well" and result.n_splits == 5 and result.warnings == []
+    assert result.to_dict()["cv_groups"] == "well" and not leaky["grouped"]
+    grouped = cross_validate_artefacts(X, abnormal, groups=table["Metadata_Well"])
+    assert grouped["grouped"] and grouped["roc_auc"] == pytest.approx(result.roc_auc)
+
+
+def test_too_few_wells_for_grouped_folds_fall_back_to_fields_with_a_warning():
+    table, annotations, _ = well_embeddings(n_wells=6)
+    # every abnormal field in one well: no 2 grouped folds can both hold an abnormal field
+    annotations["Metadata_QC"] = annotations["Metadata_Well"] == "W00"
+    with pytest.warns(UserWarning, match=r"over fields, not wells.*1 with abnormal, 5 with normal"):
+        result = classify_artefacts(table, annotations)
+    assert result.cv_groups == "field" and result.n_splits == 4 and result.f1 is not None
+    assert any("not wells" in w for w in result.warnings)
+    # without plate and well columns the folds are over fields, as asked, without a warning
+    no_wells = table.rename(columns={"Metadata_Well": "Metadata_Site"})
+    result = classify_artefacts(no_wells, annotations.rename(columns={"Metadata_Well": "Metadata_Site"}),
+                                key=["Metadata_Plate", "Metadata_Site", "Metadata_Field"])
+    assert result.cv_groups == "field" and result.warnings == []

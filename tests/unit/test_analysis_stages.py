@@ -201,3 +201,64 @@ def test_the_evaluate_command_prints_the_table_and_where_the_result_is(tmp_path,
     out = capsys.readouterr().out
     assert "NSC" in out and f"evaluation: {tmp_path / 'run' / 'evaluation' / 'evaluation.json'}" in out
     assert "per_moa" not in out  # not the whole result as JSON
+
+
+def test_evaluate_counts_every_feature(tmp_path):
+    # feature_columns leaves the Metadata_Wells count out already; "- 1" reported 3 of 4
+    treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    _write_tables(tmp_path, treatment, wells)
+    result = run_evaluate(config(tmp_path), progress=False)
+    assert result["n_features"] == 4 and result["feature_sets"]["deep"]["n_features"] == 4
+
+
+def test_qc_annotations_read_with_the_store_key_types(tmp_path):
+    """Plates named by numbers read as int64 could not be merged with the store's str plates."""
+    from rayscreen.analysis.stages import read_qc_annotations
+
+    path = tmp_path / "qc.csv"
+    path.write_text("plate,Metadata_Well,field,label\n0001,A01,0,abnormal\n1002, B02 ,1,\n1002,B03,2.0,0\n")
+    ann = read_qc_annotations(config(tmp_path, qc={"annotations": str(path)}))
+    assert list(ann.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Field", "label"]
+    assert ann["Metadata_Plate"].tolist() == ["0001", "1002", "1002"]  # leading zeros kept
+    assert ann["Metadata_Well"].tolist() == ["A01", "B02", "B03"]
+    assert ann["Metadata_Field"].tolist() == [0, 1, 2] and ann["Metadata_Field"].dtype == np.int64
+    # the store's fields table (str plate, int field) merges with it, as run_qc does
+    store_fields = pd.DataFrame({"Metadata_Plate": ["0001", "1002"], "Metadata_Well": ["A01", "B03"],
+                                 "Metadata_Field": np.array([0, 2])})
+    assert len(store_fields.merge(ann, on=["Metadata_Plate", "Metadata_Well", "Metadata_Field"])) == 2
+    path.write_text("plate,well,field,label\nP1,A01,0,normal\nP1,A02,,abnormal\n")
+    with pytest.raises(AnalysisError, match=r"qc\.csv: data row\(s\) \[2\]"):
+        read_qc_annotations(config(tmp_path, qc={"annotations": str(path)}))
+
+
+def test_run_qc_on_numeric_plate_names(tmp_path, monkeypatch):
+    """A store whose plates are named 1001/1002 and an annotation CSV read by pandas: the
+    plates used to come out int64 and the merge with the store's str plates raised."""
+    import rayscreen.store.results
+    from rayscreen.analysis.stages import run_qc
+
+    class Writer:  # stands in for the store's writer: this test is about reading and matching keys
+        variables = ["field_profile", "field_status"]
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        write_well = update_attrs = finalize = lambda self, *args, **kwargs: None
+
+    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", Writer)
+    ds = store()
+    wells = [w.replace("P1", "1001").replace("P2", "1002") for w in ds["well"].values]
+    plates = [w.split("/")[0] for w in wells]
+    ds = ds.assign_coords(well=wells, plate=("well", plates), Metadata_Plate=("well", plates))
+    csv = tmp_path / "qc.csv"
+    csv.write_text("plate,well,field,label\n1001,A01,0,abnormal\n1001,A01,1,normal\n1001,A02,0,1\n1001,A02,1,0\n"
+                   "1001,A03,0,true\n1002,A01,0,normal\n1002,A01,1,artefact\n1002,A02,0,False\n1001,H12,0,normal\n")
+    cfg = config(tmp_path, qc={"annotations": str(csv), "features": "deep", "method": "linear"})
+    with pytest.warns(UserWarning, match=r"qc\.csv: 1 annotated field\(s\) not found.*\['1001/H12/0'\]"):
+        table, summary = run_qc(ds, cfg, "unused")
+    assert summary["n_annotated"] == 8 and summary["cv_groups"] == "well"
+    assert table["Metadata_Plate"].tolist()[:2] == ["1001", "1001"]
+    assert table["Metadata_QC_Annotation"].notna().sum() == 8
+    csv.write_text("plate,well,field,label\n1001,A01,0,blurry\n")
+    with pytest.raises(AnalysisError, match=r"qc\.csv: column 'label'.*'blurry'"):
+        run_qc(ds, cfg, "unused")
