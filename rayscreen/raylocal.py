@@ -97,21 +97,51 @@ def ensure_ray(**overrides: Any) -> bool:
 
 
 @contextlib.contextmanager
-def ray_data_quiet() -> Iterator[None]:
-    """Ray Data's own progress off for datasets built and run inside: no bars, no logged
-    progress blocks (Ray Data logs them every few seconds when stdout is not a terminal, as
-    in ``ray job submit`` logs) and no "Starting execution" lines. Train, infer and profile
-    show their own progress (epoch lines, :class:`rayscreen.progress.Progress`). Ray Trainers
-    copy the driver's DataContext when they are built, so build them inside too."""
+def stage_data_context() -> Iterator[None]:
+    """Ray Data settings for the datasets that train, infer and profile build and run inside:
+
+    - Ray Data's own progress off: no bars, no logged progress blocks (Ray Data logs them
+      every few seconds when stdout is not a terminal, as in ``ray job submit`` logs) and
+      no "Starting execution" lines; the stages show their own progress (epoch lines,
+      :class:`rayscreen.progress.Progress`);
+    - a failed map raises the worker's own exception instead of Ray Data's
+      ``UserCodeException``, whose cause does not survive the trip to the driver, so
+      :func:`cause_of` can find the error naming the plate, well and field.
+
+    Ray Trainers copy the driver's DataContext when they are built, so build them inside too.
+    """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    names = ("enable_progress_bars", "print_on_execution_start", "raise_original_map_exception")
+    saved = {n: getattr(ctx, n) for n in names}
+    ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.raise_original_map_exception = False, False, True
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        for n, v in saved.items():
+            setattr(ctx, n, v)
+
+
+def cause_of(error: BaseException, kind: type[BaseException]) -> BaseException:
+    """The exception of type ``kind`` that ``error`` wraps, else ``error`` itself.
+
+    Ray wraps what a task or actor raised in ``RayTaskError`` (its ``cause``), and Ray Data
+    wraps it once more (``UserCodeException``); the caller wants the error a worker raised
+    (e.g. a ``RayscreenError`` naming the plate, well and field), which the CLI prints as a
+    message instead of a traceback through Ray's internals."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        inner = getattr(current, "cause", None)  # a Ray wrapper; it also subclasses its cause's type
+        if isinstance(inner, BaseException):
+            current = inner
+            continue
+        if isinstance(current, kind):
+            return current
+        current = current.__cause__ or current.__context__
+    return error
 
 
 def drain(rows: Iterable[Any], handle: Callable[[Any], None]) -> Exception | None:
@@ -129,10 +159,15 @@ def drain(rows: Iterable[Any], handle: Callable[[Any], None]) -> Exception | Non
         for row in rows:
             handle(row)
     except Exception as e:
-        seen, chained = set(), e
-        while chained is not None and id(chained) not in seen:
+        # every exception reachable from e: Ray's wrappers hold the worker's error in .cause
+        seen, todo = set(), [e]
+        while todo:
+            chained = todo.pop()
+            if chained is None or id(chained) in seen:
+                continue
             seen.add(id(chained))
             chained.with_traceback(None)
-            chained = chained.__cause__ or chained.__context__
+            inner = getattr(chained, "cause", None)
+            todo += [inner if isinstance(inner, BaseException) else None, chained.__cause__, chained.__context__]
         return e
     return None

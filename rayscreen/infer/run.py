@@ -32,6 +32,8 @@ happens on the driver before the first pixel is read.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import math
 import os
 import sys
@@ -44,11 +46,11 @@ import pandas as pd
 
 from ..config import Config, ConfigError, dump_config
 from ..progress import Progress
-from ..raylocal import drain, ray_data_quiet
+from ..raylocal import cause_of, drain, stage_data_context
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.labels import LabelWriter, check_label_name
 from ..store.results import ResultsWriter, Variable, create_results
-from ..store.uri import filesystem, is_remote, join
+from ..store.uri import filesystem, is_remote, join, local_path
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
@@ -146,6 +148,7 @@ class InferPlan:
     settings: PredictorSettings
     meta: Any
     labels: str | None = None  # label image name: masks also written into the plates
+    model_fingerprint: str = ""  # sha256 of the weights and the artefact's metadata (infer_settings)
 
 
 def _device() -> str:
@@ -294,16 +297,14 @@ def plan_infer(config: Config) -> InferPlan:
         except RayscreenError as e:
             raise ConfigError(f"infer.labels: {e}") from None
         for p in plates:  # the label images go into the plates: fail now, not after the first well
-            if not is_remote(p.uri) and not os.access(p.uri, os.W_OK):
+            if not is_remote(p.uri) and not os.access(local_path(p.uri), os.W_OK):
                 raise ConfigError(f"infer.labels {ic.labels!r}: plate {p.name!r} ({p.uri}) is not writable; "
                                   "label images are written into the plates")
 
     tasks = plan_wells(uris, so)
     if ic.split != "all":
         tasks = _filter_split(config, tasks)
-    n_fields = 0
-    for p in plates:
-        n_fields = max(n_fields, p.meta.field_count or max((len(p.fields(w)) for w in p.wells[:1]), default=0))
+    n_fields = max(_max_fields(p) for p in plates)
     records = []
     for t in tasks:
         records.append({"plate": t.plate, "well": t.well, "plate_uri": t.plate_uri, "Metadata_Plate": t.plate,
@@ -326,7 +327,32 @@ def plan_infer(config: Config) -> InferPlan:
     return InferPlan(checkpoint=checkpoint, results_uri=join(config.output, "results.zarr"), wells=wells,
                      n_fields=max(n_fields, 1), field_shape=field_shape, classes=[str(c) for c in meta.classes],
                      feature_dim=int(model.feature_dim), options=options, settings=settings, meta=meta,
-                     labels=ic.labels)
+                     labels=ic.labels, model_fingerprint=model_fingerprint(model, meta))
+
+
+def _max_fields(plate) -> int:
+    """The most fields a well of ``plate`` has: its recorded field_count, else (plates of
+    other tools need not record it) the most of any well present; a sparse plate lists wells
+    it does not have."""
+    if plate.meta.field_count:
+        return int(plate.meta.field_count)
+    most = 0
+    for well in plate.wells:
+        try:
+            most = max(most, len(plate.fields(well)))
+        except MissingWellError:
+            continue
+    return most
+
+
+def model_fingerprint(model, meta) -> str:
+    """sha256 (16 hex digits) of the model's tensors, in key order, and the artefact's
+    metadata: two artefacts give the same one only if they score every field the same."""
+    digest = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:
@@ -339,6 +365,20 @@ def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:
     keep = set(zip(split.loc[split["split"] == config.infer.split, "Metadata_Plate"].astype(str),
                    split.loc[split["split"] == config.infer.split, "Metadata_Well"].astype(str)))
     return [t for t in tasks if (t.plate, t.well) in keep]
+
+
+def infer_settings(plan: InferPlan, config: Config) -> dict[str, Any]:
+    """What a well's stored values depend on: the model (its weights and metadata), the
+    stream and the scoring settings. A resumed run with other settings is refused rather
+    than mixed into the store (create_results)."""
+    ic, s = config.infer, config.stream
+    return {"model": plan.model_fingerprint, "stream.channels": list(plan.options.channels), "stream.level": s.level,
+            "stream.illumination": s.illumination, "stream.normalize": s.normalize,
+            "infer.aggregate": ic.aggregate, "infer.saliency": ic.saliency,
+            "infer.saliency_downsample": ic.saliency_downsample, "infer.saliency_sigma": ic.saliency_sigma,
+            "infer.mask_threshold": ic.mask_threshold, "infer.mask_nms_size": ic.mask_nms_size,
+            # done wells of a run without label images would never get them
+            "infer.labels": ic.labels}
 
 
 def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None = None,
@@ -360,7 +400,8 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     attrs = {"model": plan.meta.model, "checkpoint": plan.checkpoint, "config": config.to_dict(),
              "channels": list(plan.options.channels), "aggregate": ic.aggregate, "saliency": ic.saliency}
     writer = create_results(plan.results_uri, store_wells, sizes, variables, coords=coords, kind="results",
-                            attrs=attrs, storage_options=config.storage_options,
+                            attrs=attrs, settings=infer_settings(plan, config),
+                            storage_options=config.storage_options,
                             overwrite=ic.overwrite if overwrite is None else overwrite)
     done = writer.done_mask()
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
@@ -369,10 +410,10 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score "
               f"-> {plan.results_uri}", file=sys.stderr)
     if todo:
-        with Progress(len(todo), "infer", "well", enabled=progress) as bar, ray_data_quiet():
+        with Progress(len(todo), "infer", "well", enabled=progress) as bar, stage_data_context():
             failure = _score_wells(plan, config, todo, on_well, bar)
         if failure is not None:
-            raise failure
+            raise cause_of(failure, RayscreenError)
     missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
     if missing:
         raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")

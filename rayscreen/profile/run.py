@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..config import Config, dump_config
 from ..progress import Progress
-from ..raylocal import drain, ensure_ray, ray_data_quiet
+from ..raylocal import cause_of, drain, ensure_ray, stage_data_context
 from ..store import RayscreenError, open_plate
 from ..store.results import Variable, create_results
 from ..store.uri import filesystem, join
@@ -145,6 +145,24 @@ def _mean(values: np.ndarray, n: int) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
+def profile_settings(config: Config, channels: list[str]) -> dict[str, Any]:
+    """What a well's profiles depend on: the backbone and its weights (the file's identity:
+    path, size and modification time or ETag, from fsspec), channel handling, and the
+    stream. A resumed run with other settings is refused rather than mixed into the store."""
+    cfg, s = config.profile, config.stream
+    weights = None
+    if cfg.weights:
+        fs, path = filesystem(cfg.weights, config.storage_options)
+        weights = fs.ukey(path) if fs.exists(path) else cfg.weights
+    from ..models.backbones import RANDOM_INIT_SEED
+
+    return {"profile.backbone": cfg.backbone, "profile.weights": cfg.weights, "weights file": weights,
+            "random init seed": None if cfg.weights else RANDOM_INIT_SEED, "profile.channel_mode": cfg.channel_mode,
+            "profile.rgb": cfg.rgb, "profile.input_size": cfg.input_size, "profile.tiles": cfg.tiles,
+            "stream.channels": list(channels), "stream.level": s.level, "stream.illumination": s.illumination,
+            "stream.normalize": s.normalize}
+
+
 def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> dict[str, dict]:
     """``{plate name: scaler dict}`` of each plate's stored normalisation restricted to
     ``channels``, for :class:`ProfilePredictor` to apply after the QC metrics (which need
@@ -196,6 +214,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     writer = create_results(uri, plan["wells"], sizes, variables, coords=coords, kind="profiles",
                             attrs={"model": cfg.backbone, "checkpoint": cfg.weights, "config": config.to_dict(),
                                    "channels": channels, "channel_mode": cfg.channel_mode},
+                            settings=profile_settings(config, channels),
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
     fs, path = filesystem(config.output, config.storage_options)
     fs.makedirs(path, exist_ok=True)
@@ -233,10 +252,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                     flush(i)
                     todo_keys.pop(key)
 
-        with bar, ray_data_quiet():
+        with bar, stage_data_context():
             failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
             if failure is not None:
-                raise failure  # wells written so far stay done; a rerun profiles the rest
+                raise cause_of(failure, RayscreenError)  # wells written so far stay done; a rerun profiles the rest
             for i in list(todo_keys.values()):  # wells with unread fields (on_error: skip) or none at all
                 flush(i)
     writer.finalize()

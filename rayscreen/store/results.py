@@ -68,7 +68,8 @@ class NotAResultsStoreError(RayscreenError):
 
 
 class ResultsLayoutError(RayscreenError):
-    """An existing results store was created for other wells, sizes or variables."""
+    """An existing results store was created for other wells, sizes or variables, or with
+    other settings or annotations: resuming it would mix two runs."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def create_results(
     coords: dict[str, Sequence] | None = None,
     kind: str = "results",
     attrs: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> "ResultsWriter":
@@ -180,12 +182,16 @@ def create_results(
     (plus derived ``row`` letter and ``column`` number). ``sizes``: length of every
     non-well dim used by ``variables``. ``coords``: index coordinate values for those
     dims (default ``0..n-1``). ``attrs`` go under the root ``rayscreen`` attrs
-    (model, checkpoint, config...).
+    (model, checkpoint, config...). ``settings``: what the stored values are computed
+    with (a model fingerprint, the stream's and the stage's settings; JSON-able), kept in
+    the root attrs.
 
-    An existing store with the same layout (wells, sizes, variables, coords, kind) is
-    reopened and keeps its done wells; another layout raises ``ResultsLayoutError``
-    and a non-rayscreen object raises ``NotAResultsStoreError``, unless ``overwrite``,
-    which deletes it first.
+    An existing store with the same layout (wells, sizes, variables, coords, kind), the
+    same ``settings`` and the same annotation values is reopened and keeps its done wells;
+    anything else raises ``ResultsLayoutError`` naming what differs (resuming would mix two
+    runs in one store), and a non-rayscreen object raises ``NotAResultsStoreError``, unless
+    ``overwrite``, which deletes it first. A store whose creation was interrupted (no well
+    can be done in it yet) is created again.
     """
     import dask.array as da
     import xarray as xr
@@ -217,20 +223,28 @@ def create_results(
         if len(values) != sizes[dim]:
             raise RayscreenError(f"results store {uri}: {len(values)} {dim!r} coordinate values for size {sizes[dim]}")
     layout_hash = _layout_hash(keys, sizes, variables, coords)
+    settings = json.loads(json.dumps(settings or {}, default=str))  # as stored: lists, not tuples
 
+    fs, path = filesystem(uri, storage_options)
+    ns = None if overwrite else _read_root_attrs(uri, storage_options)
+    if ns is not None and ns.get("layout_hash") is None:
+        ns, overwrite = None, True  # its creation was interrupted: no worker has written to it
     if overwrite:
-        fs, path = filesystem(uri, storage_options)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    else:
-        ns = _read_root_attrs(uri, storage_options)
-        if ns is not None:
-            if ns.get("kind") != kind or ns.get("layout_hash") != layout_hash:
-                raise ResultsLayoutError(
-                    f"{uri} is a rayscreen {ns.get('kind')} store for other wells, sizes or variables "
-                    f"(this run: {kind}, {len(keys)} wells, sizes {sizes}); use a new output or overwrite: true")
-            sweep_interrupted_writes(uri)
-            return ResultsWriter(uri, storage_options)
+    elif ns is not None:
+        if ns.get("kind") != kind or ns.get("layout_hash") != layout_hash:
+            raise ResultsLayoutError(
+                f"{uri} is a rayscreen {ns.get('kind')} store for other wells, sizes or variables "
+                f"(this run: {kind}, {len(keys)} wells, sizes {sizes}); use a new output or overwrite: true")
+        changed = _changed_settings(ns.get("settings"), settings) + _changed_annotations(uri, storage_options, wells)
+        if changed:
+            raise ResultsLayoutError(
+                f"{uri} was written with other settings or annotations: {'; '.join(changed)}. Resuming would mix "
+                "two runs in one store; set overwrite: true in the stage's config section (or use a new output) "
+                "to compute it again")
+        sweep_interrupted_writes(uri)
+        return ResultsWriter(uri, storage_options)
 
     used_dims = {d for v in variables for d in v.dims[1:]}
     ds_coords: dict[str, Any] = {WELL_DIM: np.array(keys, dtype=object)}
@@ -263,16 +277,51 @@ def create_results(
             # zarr's fill_value only: xarray must not turn integer flags into masked floats
             encoding[name] = {"_FillValue": None, "fill_value": v.fill_value, "chunks": chunks}
     data_vars[DONE][2].update({"flag_values": [0, 1], "flag_meanings": "not_written complete"})
+    # layout_hash None until the whole skeleton is written: xarray writes the root attrs
+    # first, and a creation cut short must not be taken for a store to resume
     root_attrs = {NAMESPACE: {"kind": kind, "version": __version__,
                               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                              "layout_hash": layout_hash, "variables": [v.spec() for v in variables],
-                              "complete": False, **(attrs or {})}}
+                              "layout_hash": None, "variables": [v.spec() for v in variables],
+                              "settings": settings, "complete": False, **(attrs or {})}}
     ds = xr.Dataset(data_vars, coords=ds_coords, attrs=root_attrs)
     store = make_store(uri, storage_options, read_only=False, strict=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds.to_zarr(store, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-    return ResultsWriter(uri, storage_options)
+    writer = ResultsWriter(uri, storage_options)
+    writer.update_attrs(layout_hash=layout_hash)
+    return writer
+
+
+def _changed_settings(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
+    """``key (stored -> wanted)`` for every setting that differs; none for a store written
+    before settings were recorded (nothing to compare)."""
+    if stored is None:
+        return []
+    return [f"{k} ({stored.get(k)!r} -> {wanted.get(k)!r})" for k in sorted(set(stored) | set(wanted))
+            if stored.get(k) != wanted.get(k)]
+
+
+def _changed_annotations(uri: str, storage_options, wells: pd.DataFrame) -> list[str]:
+    """The annotation columns whose stored values differ from ``wells`` (added, removed or
+    changed, with the first well that differs): the store's coordinates would be stale."""
+    root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+    wanted = [c for c in wells.columns if c not in ("plate", "well")]
+    stored = set(root.array_keys())
+    changed = [f"annotation {c} (new)" for c in wanted if c not in stored]
+    changed += [f"annotation {c} (no longer given)" for c in sorted(stored)
+                if c.startswith("Metadata_") and c not in wanted]
+    keys = well_keys(wells)
+    for c in wanted:
+        if c not in stored:
+            continue
+        old = [str(v) for v in np.asarray(root[c][...]).tolist()]
+        new = [str(v) for v in _coord_values(wells[c]).tolist()]
+        if old != new:
+            i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+            at = f"well {keys[i]}: {old[i]!r} -> {new[i]!r}" if i < min(len(old), len(new)) else "length"
+            changed.append(f"annotation {c} ({at})")
+    return changed
 
 
 # zarr's LocalStore writes a chunk to "<chunk>.<uuid4 hex>.partial" and renames it into

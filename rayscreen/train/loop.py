@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
-from ..raylocal import ensure_ray, quiet_ray_loggers, ray_data_quiet
+from ..raylocal import ensure_ray, quiet_ray_loggers, stage_data_context
 from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -195,7 +195,7 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
         "progress": progress, "plates": plan.plate_names,
     }
     # one line per epoch is the progress: no Ray Data bars on the workers
-    with ray_data_quiet():
+    with stage_data_context():
         trainer = _trainer(plan, loop_config, storage_path, storage_fs, use_gpu)
     try:
         result = trainer.fit()

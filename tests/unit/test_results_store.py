@@ -111,6 +111,47 @@ def test_other_layout_refused_unless_overwrite(tmp_path):
     assert fresh.n_wells == 2 and fresh.done_wells() == []
 
 
+def test_resume_with_other_settings_or_annotations_is_refused(tmp_path):
+    """A rerun with another model (or stream, or scoring settings) would leave the done wells
+    computed one way and the rest another; changed annotations would be stale coordinates."""
+    uri = tmp_path / "r.zarr"
+    _create(uri, settings={"model": "aaaa", "stream.level": 0}).write_well(1, _values(1))
+    assert _create(uri, settings={"model": "aaaa", "stream.level": 0}).done_wells() == [1]  # same: resumed
+    with pytest.raises(ResultsLayoutError, match=r"model \('aaaa' -> 'bbbb'\).*overwrite: true"):
+        _create(uri, settings={"model": "bbbb", "stream.level": 0})
+    with pytest.raises(ResultsLayoutError, match=r"stream.level \(0 -> 1\)"):
+        _create(uri, settings={"model": "aaaa", "stream.level": 1})
+    fixed = WELLS.assign(Metadata_Compound=["dmso", "nocodazole", "taxol"])
+    with pytest.raises(ResultsLayoutError, match=r"annotation Metadata_Compound \(well P1/B02: '' -> 'nocodazole'\)"):
+        create_results(str(uri), fixed, SIZES, VARS, coords={"class": ["neg", "pos"]},
+                       settings={"model": "aaaa", "stream.level": 0})
+    with pytest.raises(ResultsLayoutError, match=r"annotation Metadata_MOA \(new\)"):
+        create_results(str(uri), WELLS.assign(Metadata_MOA="x"), SIZES, VARS, coords={"class": ["neg", "pos"]},
+                       settings={"model": "aaaa", "stream.level": 0})
+    assert _create(uri, settings={"model": "aaaa", "stream.level": 0}).done_wells() == [1]  # nothing was touched
+    assert _create(uri, settings={"model": "bbbb"}, overwrite=True).done_wells() == []
+
+
+def test_an_interrupted_creation_is_created_again(tmp_path):
+    """xarray writes the root attrs before the arrays: a creation cut short must not look
+    like a store to resume (it would fail later on a missing array, naming none)."""
+    import shutil
+
+    import zarr
+
+    uri = tmp_path / "r.zarr"
+    _create(uri)
+    assert zarr.open_group(str(uri), mode="r").attrs["rayscreen"]["layout_hash"]  # set once complete
+    # what a killed creation leaves: the root attrs of the start, some arrays missing
+    root = zarr.open_group(str(uri), mode="r+")
+    root.attrs["rayscreen"] = {**root.attrs["rayscreen"], "layout_hash": None}
+    shutil.rmtree(uri / "done")
+    writer = _create(uri)
+    assert writer.done_wells() == [] and (uri / "done").exists()
+    writer.write_well(0, _values(0))
+    assert _create(uri).done_wells() == [0]
+
+
 def test_foreign_output_refused_unless_overwrite(tmp_path):
     uri = tmp_path / "r.zarr"
     uri.mkdir()
