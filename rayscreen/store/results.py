@@ -146,7 +146,10 @@ def _read_root_attrs(uri: str, storage_options) -> dict[str, Any] | None:
     try:
         root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
         ns = root.attrs.get(NAMESPACE)
-    except Exception:  # noqa: BLE001 -- anything unreadable as a zarr group is "not ours"
+    except (PermissionError, ConnectionError, TimeoutError) as e:  # not an answer about what is there
+        raise RayscreenError(f"{uri}: cannot read it to see whether it is a results store "
+                             f"({type(e).__name__}: {e})") from None
+    except Exception:  # noqa: BLE001 -- anything else unreadable as a zarr group is "not ours"
         ns = None
     if not isinstance(ns, dict) or ns.get("kind") is None or "layout_hash" not in ns:
         raise NotAResultsStoreError(
@@ -236,7 +239,9 @@ def create_results(
         if ns.get("kind") != kind or ns.get("layout_hash") != layout_hash:
             raise ResultsLayoutError(
                 f"{uri} is a rayscreen {ns.get('kind')} store for other wells, sizes or variables "
-                f"(this run: {kind}, {len(keys)} wells, sizes {sizes}); use a new output or overwrite: true")
+                f"(this run: {kind}, {len(keys)} wells, sizes {sizes}; "
+                f"{_layout_differences(uri, storage_options, ns, keys, variables)}); "
+                "use a new output or overwrite: true")
         changed = _changed_settings(ns.get("settings"), settings) + _changed_annotations(uri, storage_options, wells)
         if changed:
             raise ResultsLayoutError(
@@ -291,6 +296,29 @@ def create_results(
     writer = ResultsWriter(uri, storage_options)
     writer.update_attrs(layout_hash=layout_hash)
     return writer
+
+
+def _layout_differences(uri: str, storage_options, ns: dict[str, Any], keys: list[str],
+                        variables: Sequence[Variable]) -> str:
+    """What differs between a stored layout and this run's: wells and variables (sizes and
+    coordinates show in the variables' shapes, which the message's caller states)."""
+    root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+    parts = []
+    try:
+        stored_keys = [str(k) for k in root[WELL_DIM][...].tolist()]
+    except KeyError:
+        stored_keys = []
+    if stored_keys != keys:
+        gone, new = sorted(set(stored_keys) - set(keys)), sorted(set(keys) - set(stored_keys))
+        parts.append(f"the store has {len(stored_keys)} wells" + (f"; this run adds {new[:5]}" if new else "")
+                     + (f"; drops {gone[:5]}" if gone else "")
+                     + ("; the same wells in another order" if not new and not gone else ""))
+    stored_vars = {v["name"]: v for v in ns.get("variables") or []}
+    wanted = {v.name: v.spec() for v in variables}
+    changed = sorted(n for n in set(stored_vars) | set(wanted) if stored_vars.get(n) != wanted.get(n))
+    if changed:
+        parts.append(f"variables that differ: {changed}")
+    return "; ".join(parts) or "sizes or coordinates differ"
 
 
 def _changed_settings(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:

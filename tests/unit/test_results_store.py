@@ -104,8 +104,11 @@ def test_resume_keeps_done_wells_and_pickles(tmp_path):
 def test_other_layout_refused_unless_overwrite(tmp_path):
     uri = tmp_path / "r.zarr"
     _create(uri).write_well(1, _values(1))
-    with pytest.raises(ResultsLayoutError, match="other wells, sizes or variables"):
+    with pytest.raises(ResultsLayoutError, match=r"other wells, sizes or variables.*drops \['P2/A01'\]"):
         create_results(str(uri), WELLS.iloc[:2], SIZES, VARS, coords={"class": ["neg", "pos"]})
+    with pytest.raises(ResultsLayoutError, match=r"variables that differ: \['extra'\]"):
+        create_results(str(uri), WELLS, SIZES, VARS + [Variable("extra", ("well",), "float32")],
+                       coords={"class": ["neg", "pos"]})
     fresh = create_results(str(uri), WELLS.iloc[:2], SIZES, VARS, coords={"class": ["neg", "pos"]},
                            overwrite=True)
     assert fresh.n_wells == 2 and fresh.done_wells() == []
