@@ -67,6 +67,14 @@ def quiet_ray_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_report_logger() -> None:
+    """Raise to WARNING the one per-epoch Ray Train INFO logger that its ``LoggingConfig``
+    does not reach (named by its file path: "Reporting training result ..."). For training
+    workers on any cluster; the ray.train.* loggers are left to ``LoggingConfig``, which keeps
+    their INFO lines in Ray's system log."""
+    logging.getLogger(report_loggers()[-1]).setLevel(logging.WARNING)
+
+
 def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
     """``ray.init`` keyword arguments of a local Ray started by rayscreen (``overrides`` win)."""
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False,

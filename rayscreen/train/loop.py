@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
-from ..raylocal import ensure_ray, quiet_ray_loggers, stage_data_context
+from ..raylocal import ensure_ray, quiet_report_logger, stage_data_context
 from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -470,7 +470,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # here as well as in the local Ray's worker set-up hook: on a cluster joined through
     # RAY_ADDRESS (ray job submit) there is no hook, and Ray Train's per-epoch
     # "Reporting training result ..." lines would repeat the epoch line below
-    quiet_ray_loggers()
+    quiet_report_logger()
     config = config_from_dict(cfg["config"])
     t = config.train
     so = config.storage_options
