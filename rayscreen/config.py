@@ -197,7 +197,7 @@ class AnalysisConfig:
     features: str = "deep"  # feature set in the store (deep, classical)
     aggregate: Literal["mean", "median"] = "mean"  # field -> well -> treatment
     normalize: Literal["none", "standardize", "mad"] = "mad"  # per plate, on its control wells (mad: robust z)
-    whiten: bool = False  # ZCA sphering on the control wells, per plate, after `normalize`
+    whiten: bool = False  # ZCA sphering on the control wells, per plate, after `normalize` and feature selection
     whiten_shrinkage: Literal["ledoit_wolf", "oas", "none"] = "ledoit_wolf"  # its covariance estimate
     # any of drop_na, variance (near-constant), correlation (one of each pair with |r| > 0.9)
     feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])

@@ -162,24 +162,28 @@ def well_profiles(ds, variable: str, dim: str, method: str = "mean", exclude_qc:
 
 
 def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Normalise per plate against controls, whiten, select features (pure, on a well table)."""
+    """Normalise per plate against controls, select features, whiten (pure, on a well table).
+
+    The order of the cytomining pipelines (pycytominer, the JUMP profiling recipe):
+    sphering comes after feature selection, so the control covariance it inverts is of the
+    selected, fewer and less redundant, features; a correlation filter after sphering would
+    see features already decorrelated on the controls."""
     a = config.analysis
     controls = controls_of(table, config)
     if a.normalize != "none":
         table = normalize(table, NORMALIZE[a.normalize], controls=controls)
-    if a.whiten:
-        # whitening needs finite inputs; features missing in some wells are dropped first
-        table = feature_select(table, ["drop_na"])
-        cols = feature_columns(table)
-        finite = np.isfinite(table[cols].to_numpy()).all(axis=0)
-        table = table.drop(columns=[c for c, ok in zip(cols, finite) if not ok])
-        table = normalize(table, "whiten", controls=controls, shrinkage=a.whiten_shrinkage)
     ops = ["drop_na"] + [op for op in a.feature_select if op != "drop_na"]
     table = feature_select(table, ops)
     # A feature still missing in some wells (no object found in any field of a well) is
     # the control level there after normalisation: 0.
     cols = feature_columns(table)
     table[cols] = table[cols].fillna(0.0) if a.normalize != "none" else table[cols]
+    if a.whiten:
+        # whitening needs finite inputs: without normalisation a missing value has no
+        # control level to stand for it, so such features are left out
+        finite = np.isfinite(table[cols].to_numpy()).all(axis=0)
+        table = table.drop(columns=[c for c, ok in zip(cols, finite) if not ok])
+        table = normalize(table, "whiten", controls=controls, shrinkage=a.whiten_shrinkage)
     return table
 
 

@@ -114,6 +114,24 @@ def test_process_wells_whitens_each_plate_with_the_shrinkage_asked_for(tmp_path)
         config(tmp_path, whiten=True, whiten_shrinkage="lw")
 
 
+def test_features_are_selected_before_whitening(tmp_path):
+    """The cytomining order (pycytominer, the JUMP recipe): normalise, select, then sphere.
+    A feature that duplicates another (r = 0.99) is dropped by the correlation filter before
+    the sphering is fitted, so the result is the sphering of the other four alone (had the
+    sphering come first, its transform would mix the duplicate into them)."""
+    rng = np.random.default_rng(1)
+    n = 16
+    base = {f"f{i}": rng.normal(size=n) for i in range(4)}
+    base["f0_copy"] = base["f0"] * 2 + rng.normal(size=n) * 0.05
+    wells = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Control": ["negative"] * 10 + [""] * 6,
+                          "Metadata_Fields": 3, **base})
+    out = process_wells(wells, config(tmp_path, normalize="none", feature_select=["correlation"], whiten=True))
+    assert sorted(c for c in out.columns if not c.startswith("Metadata_")) == ["f0", "f1", "f2", "f3"]
+    alone = process_wells(wells.drop(columns=["f0_copy"]), config(tmp_path, normalize="none", feature_select=[],
+                                                                    whiten=True))
+    np.testing.assert_allclose(out[["f0", "f1", "f2", "f3"]], alone[["f0", "f1", "f2", "f3"]], atol=1e-9)
+
+
 def test_process_wells_drops_all_nan_features_naming_them(tmp_path):
     wells = pd.DataFrame({"Metadata_Plate": ["P1"] * 3, "Metadata_Control": ["negative", "negative", ""],
                           "Metadata_Fields": 1, "f0": [1.0, 3.0, 5.0], "gone": [NAN, NAN, NAN]})
