@@ -36,7 +36,7 @@ import pandas as pd
 from ..config import Config, dump_config
 from ..progress import Progress
 from ..raylocal import cause_of, drain, ensure_ray, stage_data_context
-from ..store import RayscreenError, open_plate
+from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.results import Variable, create_results
 from ..store.uri import filesystem, join
 
@@ -85,7 +85,8 @@ def plan_profile(config: Config) -> dict[str, Any]:
     wells = pd.DataFrame(rows)
     meta = ["plate", "well"] + [c for c in wells.columns if c.startswith("Metadata_")]
     return {"uris": uris, "wells": wells[meta], "channels": channels,
-            "n_fields": max(len(v) for v in fields.values()), "fields": fields}
+            "n_fields": max(len(v) for v in fields.values()), "fields": fields,
+            "plate_uris": {t.plate: t.plate_uri for t in tasks}}
 
 
 def _variables(n_fields: int, n_features: int, n_classical: int | None, n_qc: int) -> tuple[list, dict]:
@@ -107,14 +108,19 @@ def _variables(n_fields: int, n_features: int, n_classical: int | None, n_qc: in
 
 
 def well_values(rows: list[dict[str, Any]], field_names: list[str], n_fields: int, n_features: int,
-                n_classical: int | None, n_qc: int) -> dict[str, np.ndarray]:
+                n_classical: int | None, n_qc: int, present: set[str] | None = None) -> dict[str, np.ndarray]:
     """One well's store variables from its field rows (each: ``field``, ``profile`` (D,),
     ``classical`` (K,), ``qc`` (Q,)); fields of ``field_names`` without a row are read
-    errors (status 2), slots beyond them do not exist (status 1). Well aggregates are the
-    NaN-skipping mean over profiled fields."""
+    errors (status 2), unless ``present`` (the well's fields on disk, when known) lacks
+    them; those, and slots beyond ``field_names``, do not exist (status 1). Well aggregates
+    are the NaN-skipping mean over profiled fields."""
     order = {f: i for i, f in enumerate(field_names)}
     status = np.full(n_fields, STATUS_MISSING, np.int8)
     status[:len(field_names)] = STATUS_ERROR
+    if present is not None:
+        for name, i in order.items():
+            if name not in present:
+                status[i] = STATUS_MISSING
     out = {"field_profile": np.full((n_fields, n_features), np.nan, np.float32),
            "field_qc": np.full((n_fields, n_qc), np.nan, np.float32)}
     if n_classical is not None:
@@ -232,10 +238,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         n_classical = len(classical) if classical else None
 
-        def flush(i: int) -> None:
+        def flush(i: int, present: set[str] | None = None) -> None:
             key = (wells.at[i, "plate"], wells.at[i, "well"])
             writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
-                                             n_classical, len(qc_names)))
+                                             n_classical, len(qc_names), present))
             bar.update()
 
         def on_batch(batch: dict[str, np.ndarray]) -> None:
@@ -256,8 +262,19 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
             if failure is not None:
                 raise cause_of(failure, RayscreenError)  # wells written so far stay done; a rerun profiles the rest
-            for i in list(todo_keys.values()):  # wells with unread fields (on_error: skip) or none at all
-                flush(i)
+            # wells with fields that never came: read errors (on_error: skip), or fields the
+            # plan counted from the plate's field_count that this well does not have; only
+            # these few wells' field lists are read, to tell the two apart
+            plates: dict[str, Any] = {}
+            for (plate_name, well), i in list(todo_keys.items()):
+                plate_uri = plan["plate_uris"][plate_name]
+                plate = plates.get(plate_uri) or plates.setdefault(plate_uri,
+                                                                   open_plate(plate_uri, config.storage_options))
+                try:
+                    present = set(map(str, plate.fields(well)))
+                except MissingWellError:
+                    present = set()
+                flush(i, present)
     writer.finalize()
     return uri
 

@@ -169,6 +169,27 @@ def test_profile_without_a_stored_normaliser_fails_before_any_work(tmp_path):
     assert not output.exists()  # no store, no config copy: nothing was started
 
 
+def test_a_well_with_fewer_fields_than_the_plate_counts(tmp_path, ray_local):
+    """The plate records field_count 3; well A02 has 1 field. Its two other slots do not
+    exist (status 1), they are not read errors (2)."""
+    from rayscreen.store import create_plate
+    from rayscreen.testing.plates import random_field
+
+    uri = str(tmp_path / "G.zarr")
+    writer = create_plate(uri, "G", ["A01", "A02"], ["DNA", "Actin"], (32, 32), "uint16", 3)
+    for well, n in (("A01", 3), ("A02", 1)):
+        for f in range(n):
+            writer.write_field(well, f, random_field(0, well, f, (2, 32, 32)))
+        writer.complete_well(well, n)
+    weights = save_backbone_weights("resnet18", str(tmp_path / "resnet18.pt"), seed=0)
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "run"), "stream": {"normalize": "none"},
+                               "profile": {"backbone": "resnet18", "weights": weights, "input_size": 32,
+                                           "classical": False}})
+    ds = xr.open_zarr(run_profile(config, progress=False), consolidated=False)
+    np.testing.assert_array_equal(ds["field_status"].values, [[0, 0, 0], [0, 1, 1]])
+    assert ds["n_fields"].values.tolist() == [3, 1] and (ds["done"].values == 1).all()
+
+
 
 @pytest.mark.parametrize("failure", ["read", "actor"])
 def test_a_failed_profile_run_releases_its_actors_and_a_rerun_finishes(tmp_path, ray_local, monkeypatch, failure):
