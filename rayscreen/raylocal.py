@@ -148,7 +148,9 @@ def cause_of(error: BaseException, kind: type[BaseException]) -> BaseException:
             continue
         if isinstance(current, kind):
             return current
-        current = current.__cause__ or current.__context__
+        # an explicit cause, or the error being handled when this one was raised, unless
+        # `raise ... from None` hid it (a worker that caught ours and failed otherwise)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return error
 
 

@@ -336,22 +336,28 @@ def _max_fields(plate) -> int:
     it does not have."""
     if plate.meta.field_count:
         return int(plate.meta.field_count)
-    most = 0
-    for well in plate.wells:
+
+    def count(well: str) -> int:
         try:
-            most = max(most, len(plate.fields(well)))
+            return len(plate.fields(well))
         except MissingWellError:
-            continue
-    return most
+            return 0
+
+    # one metadata request per well: concurrent, since on S3 each is a round trip
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return max(pool.map(count, plate.wells), default=0)
 
 
 def model_fingerprint(model, meta) -> str:
     """sha256 (16 hex digits) of the model's tensors, in key order, and the artefact's
     metadata: two artefacts give the same one only if they score every field the same."""
     digest = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
+    import torch
+
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # as raw bytes: numpy has no bfloat16
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

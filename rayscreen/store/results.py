@@ -326,8 +326,12 @@ def _changed_settings(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> 
     before settings were recorded (nothing to compare)."""
     if stored is None:
         return []
+
+    def same(a: Any, b: Any) -> bool:  # as JSON: NaN equals NaN, a tuple its list
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
     return [f"{k} ({stored.get(k)!r} -> {wanted.get(k)!r})" for k in sorted(set(stored) | set(wanted))
-            if stored.get(k) != wanted.get(k)]
+            if not same(stored.get(k), wanted.get(k))]
 
 
 def _changed_annotations(uri: str, storage_options, wells: pd.DataFrame) -> list[str]:

@@ -132,6 +132,10 @@ def test_resume_with_other_settings_or_annotations_is_refused(tmp_path):
         create_results(str(uri), WELLS.assign(Metadata_MOA="x"), SIZES, VARS, coords={"class": ["neg", "pos"]},
                        settings={"model": "aaaa", "stream.level": 0})
     assert _create(uri, settings={"model": "aaaa", "stream.level": 0}).done_wells() == [1]  # nothing was touched
+    nan = tmp_path / "nan.zarr"
+    _create(nan, settings={"infer.mask_threshold": float("nan"), "channels": ("DNA",)}).write_well(0, _values(0))
+    # the same settings again, NaN and tuple included: resumed (NaN != NaN must not refuse it)
+    assert _create(nan, settings={"infer.mask_threshold": float("nan"), "channels": ["DNA"]}).done_wells() == [0]
     assert _create(uri, settings={"model": "bbbb"}, overwrite=True).done_wells() == []
 
 
