@@ -121,14 +121,15 @@ def stage_data_context() -> Iterator[None]:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    names = ("enable_progress_bars", "print_on_execution_start", "raise_original_map_exception")
-    saved = {n: getattr(ctx, n) for n in names}
-    ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.raise_original_map_exception = False, False, True
+    wanted = {"enable_progress_bars": False, "print_on_execution_start": False, "raise_original_map_exception": True}
+    saved = {name: getattr(ctx, name) for name in wanted}
+    for name, value in wanted.items():
+        setattr(ctx, name, value)
     try:
         yield
     finally:
-        for n, v in saved.items():
-            setattr(ctx, n, v)
+        for name, value in saved.items():
+            setattr(ctx, name, value)
 
 
 def cause_of(error: BaseException, kind: type[BaseException]) -> BaseException:

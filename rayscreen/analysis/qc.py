@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..store.annotations import as_identifier
 from ._table import feature_columns, missing_values, require_columns
 
 # -- per-channel image metrics: computed in the profile stage's stream, so they live in
@@ -248,12 +249,10 @@ def artefact_labels(values: pd.Series, *, abnormal: str = "abnormal", source: st
 def _key_strings(values: pd.Series) -> pd.Series:
     """Key column -> str, the same whichever way it was read: a plate named 1001 is
     ``"1001"`` from the store (a string) and from a CSV (int64, or float64 1001.0 when the
-    column has blanks), so merging the raw columns would fail or never match."""
-    if pd.api.types.is_float_dtype(values):
-        finite = values.dropna()
-        if len(finite) and (finite == finite.round()).all():
-            values = values.astype("Int64")
-    return values.astype(str).str.strip()
+    column has blanks), so merging the raw columns would fail or never match. The store's
+    own identifier rule (:func:`~rayscreen.store.annotations.as_identifier`); a missing key
+    becomes ``"<NA>"``, which matches nothing real."""
+    return as_identifier(values).astype(str).str.strip()
 
 
 def _note(notes: list[str], message: str) -> None:

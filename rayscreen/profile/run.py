@@ -157,9 +157,9 @@ def profile_settings(config: Config, channels: list[str]) -> dict[str, Any]:
     stream. A resumed run with other settings is refused rather than mixed into the store."""
     cfg, s = config.profile, config.stream
     weights = None
-    if cfg.weights:
+    if cfg.weights:  # the probe predictor has loaded them already: the file is there
         fs, path = filesystem(cfg.weights, config.storage_options)
-        weights = fs.ukey(path) if fs.exists(path) else cfg.weights
+        weights = fs.ukey(path)
     from ..models.backbones import RANDOM_INIT_SEED
 
     return {"profile.backbone": cfg.backbone, "profile.weights": cfg.weights, "weights file": weights,

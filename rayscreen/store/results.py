@@ -135,6 +135,11 @@ def _layout_hash(keys: list[str], sizes: dict[str, int], variables: Sequence[Var
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _open_root(uri: str, storage_options) -> zarr.Group:
+    """The store's root group, read-only; missing chunks fill (coordinates are read whole)."""
+    return zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+
+
 def _read_root_attrs(uri: str, storage_options) -> dict[str, Any] | None:
     """The root ``rayscreen`` attrs of a results store at ``uri``; None if nothing is there;
     raises NotAResultsStoreError if something else is there."""
@@ -144,7 +149,7 @@ def _read_root_attrs(uri: str, storage_options) -> dict[str, Any] | None:
     if fs.isdir(path) and not fs.ls(path):
         return None  # an empty directory is as good as nothing
     try:
-        root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+        root = _open_root(uri, storage_options)
         ns = root.attrs.get(NAMESPACE)
     except (PermissionError, ConnectionError, TimeoutError) as e:  # not an answer about what is there
         raise RayscreenError(f"{uri}: cannot read it to see whether it is a results store "
@@ -302,7 +307,7 @@ def _layout_differences(uri: str, storage_options, ns: dict[str, Any], keys: lis
                         variables: Sequence[Variable]) -> str:
     """What differs between a stored layout and this run's: wells and variables (sizes and
     coordinates show in the variables' shapes, which the message's caller states)."""
-    root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+    root = _open_root(uri, storage_options)
     parts = []
     try:
         stored_keys = [str(k) for k in root[WELL_DIM][...].tolist()]
@@ -337,7 +342,7 @@ def _changed_settings(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> 
 def _changed_annotations(uri: str, storage_options, wells: pd.DataFrame) -> list[str]:
     """The annotation columns whose stored values differ from ``wells`` (added, removed or
     changed, with the first well that differs): the store's coordinates would be stale."""
-    root = zarr.open_group(store=make_store(uri, storage_options, read_only=True, strict=False), mode="r")
+    root = _open_root(uri, storage_options)
     wanted = [c for c in wells.columns if c not in ("plate", "well")]
     stored = set(root.array_keys())
     changed = [f"annotation {c} (new)" for c in wanted if c not in stored]

@@ -13,22 +13,24 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_log_gets_plain_lines_and_one_at_the_end():
+def _log_of(total: int, desc: str, every: float) -> str:
+    """What a Progress writes to a log (not a terminal) while counting ``total`` wells."""
     out = io.StringIO()
-    with Progress(5, "infer", "well", every=0, file=out) as bar:
-        for _ in range(5):
+    with Progress(total, desc, "well", every=every, file=out) as bar:
+        for _ in range(total):
             bar.update()
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 5 and "\r" not in out.getvalue()
+    return out.getvalue()
+
+
+def test_a_log_gets_plain_lines_and_one_at_the_end():
+    text = _log_of(5, "infer", every=0)
+    lines = text.splitlines()
+    assert len(lines) == 5 and "\r" not in text
     assert lines[0].startswith("infer: 1/5 wells (20%, ") and lines[-1].startswith("infer: 5/5 wells (100%, ")
 
 
 def test_lines_are_throttled_to_one_per_interval_plus_the_last():
-    out = io.StringIO()
-    with Progress(1000, "profile", "well", every=3600, file=out) as bar:
-        for _ in range(1000):
-            bar.update()
-    lines = out.getvalue().splitlines()
+    lines = _log_of(1000, "profile", every=3600).splitlines()
     assert len(lines) == 1 and lines[0].startswith("profile: 1000/1000 wells (100%, ")
 
 
