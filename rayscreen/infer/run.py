@@ -32,8 +32,6 @@ happens on the driver before the first pixel is read.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import math
 import os
 import sys
@@ -349,16 +347,11 @@ def _max_fields(plate) -> int:
 
 
 def model_fingerprint(model, meta) -> str:
-    """sha256 (16 hex digits) of the model's tensors, in key order, and the artefact's
-    metadata: two artefacts give the same one only if they score every field the same."""
-    digest = hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode())
-    import torch
+    """sha256 (16 hex digits) of the model's tensors and the artefact's metadata: two
+    artefacts give the same one only if they score every field the same."""
+    from ..models import weights_fingerprint
 
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        # as raw bytes: numpy has no bfloat16
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_fingerprint(model, meta.to_dict())
 
 
 def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:
@@ -409,11 +402,13 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
                             attrs=attrs, settings=infer_settings(plan, config),
                             storage_options=config.storage_options,
                             overwrite=ic.overwrite if overwrite is None else overwrite)
+    retried = writer.reopen_wells_where("field_status", READ_ERROR)  # maybe transient: tried again
     done = writer.done_mask()
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
             for i, r in enumerate(plan.wells.itertuples()) if not done[i]]
     if progress:
-        print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score "
+        again = f" ({len(retried)} of them again: they had read errors)" if retried else ""
+        print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score{again} "
               f"-> {plan.results_uri}", file=sys.stderr)
     if todo:
         with Progress(len(todo), "infer", "well", enabled=progress) as bar, stage_data_context():

@@ -65,10 +65,27 @@ def list_models(kind: str | None = None) -> list[str]:
     return [n for n in MODELS.names() if kind is None or _KINDS.get(n) == kind]
 
 
+def weights_fingerprint(model: nn.Module, extra: dict[str, Any] | None = None) -> str:
+    """sha256 (16 hex digits) of ``model``'s tensors, in key order, and of ``extra`` (JSON):
+    two models give the same one only if they compute the same function. A copied or
+    touched weights file keeps it; other weights, or another seeded initialisation, do not."""
+    import hashlib
+    import json
+
+    import torch
+
+    digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        # as raw bytes: numpy has no bfloat16
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def list_poolings() -> list[str]:
     """Registered MIL pooling names, sorted."""
     return POOLINGS.names()
 
 
 __all__ = ["create_model", "list_models", "create_pooling", "list_poolings", "MODELS", "POOLINGS",
-           "ClassMapNet", "MILPooling", "Backbone", "save_backbone_weights"]
+           "ClassMapNet", "MILPooling", "Backbone", "save_backbone_weights", "weights_fingerprint"]

@@ -151,22 +151,16 @@ def _mean(values: np.ndarray, n: int) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
-def profile_settings(config: Config, channels: list[str]) -> dict[str, Any]:
-    """What a well's profiles depend on: the backbone and its weights (the file's identity:
-    path, size and modification time or ETag, from fsspec), channel handling, and the
-    stream. A resumed run with other settings is refused rather than mixed into the store."""
+def profile_settings(config: Config, channels: list[str], backbone_fingerprint: str) -> dict[str, Any]:
+    """What a well's profiles depend on: the backbone and its weights (by content, the
+    ``weights_fingerprint`` of the loaded network, so a copied or touched weights file
+    resumes and other weights do not), channel handling, and the stream. A resumed run
+    with other settings is refused rather than mixed into the store."""
     cfg, s = config.profile, config.stream
-    weights = None
-    if cfg.weights:  # the probe predictor has loaded them already: the file is there
-        fs, path = filesystem(cfg.weights, config.storage_options)
-        weights = fs.ukey(path)
-    from ..models.backbones import RANDOM_INIT_SEED
-
-    return {"profile.backbone": cfg.backbone, "profile.weights": cfg.weights, "weights file": weights,
-            "random init seed": None if cfg.weights else RANDOM_INIT_SEED, "profile.channel_mode": cfg.channel_mode,
-            "profile.rgb": cfg.rgb, "profile.input_size": cfg.input_size, "profile.tiles": cfg.tiles,
-            "stream.channels": list(channels), "stream.level": s.level, "stream.illumination": s.illumination,
-            "stream.normalize": s.normalize}
+    return {"profile.backbone": cfg.backbone, "profile.weights": cfg.weights, "backbone": backbone_fingerprint,
+            "profile.channel_mode": cfg.channel_mode, "profile.rgb": cfg.rgb, "profile.input_size": cfg.input_size,
+            "profile.tiles": cfg.tiles, "stream.channels": list(channels), "stream.level": s.level,
+            "stream.illumination": s.illumination, "stream.normalize": s.normalize}
 
 
 def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> dict[str, dict]:
@@ -191,6 +185,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
     A rerun resumes (done wells are not read again); ``profile.overwrite`` starts afresh.
     """
+    from ..models import weights_fingerprint
     from .image_qc import qc_metric_names
     from .predictor import ProfilePredictor
 
@@ -207,6 +202,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                              rgb=cfg.rgb, input_size=cfg.input_size, tiles=cfg.tiles, device="cpu",
                              storage_options=config.storage_options)
     features = probe.features
+    backbone_fingerprint = weights_fingerprint(probe.model)
     del probe
     from .classical import classical_feature_names
 
@@ -220,17 +216,19 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     writer = create_results(uri, plan["wells"], sizes, variables, coords=coords, kind="profiles",
                             attrs={"model": cfg.backbone, "checkpoint": cfg.weights, "config": config.to_dict(),
                                    "channels": channels, "channel_mode": cfg.channel_mode},
-                            settings=profile_settings(config, channels),
+                            settings=profile_settings(config, channels, backbone_fingerprint),
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
     fs, path = filesystem(config.output, config.storage_options)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/config.yaml", "w") as f:
         f.write(dump_config(config))
 
+    retried = writer.reopen_wells_where("field_status", STATUS_ERROR)  # maybe transient: tried again
     done = set(writer.done_wells())
     wells = plan["wells"]
     todo = [i for i in range(len(wells)) if i not in done]
-    log.info("profile: %d wells, %d done, %d to profile -> %s", len(wells), len(done), len(todo), uri)
+    log.info("profile: %d wells, %d done, %d to profile%s -> %s", len(wells), len(done), len(todo),
+             f" ({len(retried)} of them again: they had read errors)" if retried else "", uri)
     if todo:
         ensure_ray()
         bar = Progress(len(todo), "profile", "well", enabled=progress)

@@ -469,6 +469,20 @@ class ResultsWriter:
         """Indices of wells whose data is complete (a rerun skips them)."""
         return np.flatnonzero(self.done_mask()).tolist()
 
+    def reopen_wells_where(self, name: str, value: Any) -> list[int]:
+        """Clear the done flag of every done well whose variable ``name`` holds ``value``
+        somewhere, and return their indices: a rerun computes them again. The stages use it
+        for fields recorded as read errors (``on_error: skip``), which may have been
+        transient (a dropped S3 connection). Cleared before anything is rewritten, so a
+        crash during the rewrite leaves those wells not done rather than half old, half new."""
+        done = self.done_mask()
+        values = np.asarray(self._array(name)[...])
+        hit = done & (values == value).reshape(len(values), -1).any(axis=1)
+        reopened = np.flatnonzero(hit).tolist()
+        for index in reopened:
+            self._array(DONE)[index] = 0
+        return reopened
+
     def update_attrs(self, **entries: Any) -> None:
         """Merge entries into the root ``rayscreen`` attrs (driver only; before finalize)."""
         ns = dict(self._root.attrs.get(NAMESPACE, {}))

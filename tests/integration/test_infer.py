@@ -94,7 +94,8 @@ def test_corrupt_field_skipped_and_reported(tmp_path, screen):
     uris, ckpt, root, reference = screen
     plate = shutil.copytree(uris[0], str(tmp_path / "P1.zarr"))
     chunk = os.path.join(plate, "A", "2", "1", "0", "c", "0", "0", "0")
-    raw = bytearray(open(chunk, "rb").read())
+    original = open(chunk, "rb").read()
+    raw = bytearray(original)
     raw[len(raw) // 2] ^= 0xFF
     open(chunk, "wb").write(bytes(raw))
     cfg = infer_config([plate], ckpt, tmp_path / "out")
@@ -116,6 +117,12 @@ def test_corrupt_field_skipped_and_reported(tmp_path, screen):
     with pytest.raises(RayscreenError, match="A02") as failed:
         run_infer(infer_config([plate], ckpt, tmp_path / "strict"), progress=False)
     assert "RayTaskError" not in type(failed.value).__name__
+    # a read error may be transient (S3): a rerun tries that well again, and only that well
+    open(chunk, "wb").write(original)
+    ds = xr.open_zarr(run_infer(cfg, progress=False))
+    assert ds.attrs["rayscreen"]["last_run"] == {"computed": 1, "skipped": len(WELLS) - 1}
+    np.testing.assert_array_equal(ds["field_status"].values, 0)
+    np.testing.assert_array_equal(ds["well_scores"].values, ref["well_scores"].values)
 
 
 def test_masks_as_ngff_labels_in_the_plates(tmp_path, screen):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayscreen.models import create_model, list_models, list_poolings, save_backbone_weights
+from rayscreen.models import create_model, list_models, list_poolings, save_backbone_weights, weights_fingerprint
 from rayscreen.models.backbones import SPECS
 from rayscreen.models.wscnn import min_input_size
 from rayscreen.store.errors import RayscreenError
@@ -208,6 +208,27 @@ def test_a_backbone_without_weights_is_the_same_network_every_time(tmp_path):
     torch.testing.assert_close(a.net.conv1.weight, saved["conv1.weight"])  # the default seed: the same init
     other = torch.load(save_backbone_weights("resnet18", str(tmp_path / "r18-1.pth"), seed=1), weights_only=True)
     assert not torch.equal(other["conv1.weight"], saved["conv1.weight"])
+
+
+def test_weights_fingerprint_follows_content_not_the_file(tmp_path):
+    """A resume is accepted or refused by it: a copied or touched weights file is the same
+    network, other weights (or the seeded init against a file) are not."""
+    import os
+    import shutil
+
+    path = save_backbone_weights("resnet18", str(tmp_path / "r18.pth"), seed=3)
+    first = weights_fingerprint(create_model("resnet18", weights=path))
+    copy = shutil.copy(path, tmp_path / "copy.pth")
+    os.utime(copy, (0, 0))
+    assert weights_fingerprint(create_model("resnet18", weights=str(copy))) == first
+    other = save_backbone_weights("resnet18", str(tmp_path / "r18-4.pth"), seed=4)
+    assert weights_fingerprint(create_model("resnet18", weights=other)) != first
+    assert weights_fingerprint(create_model("resnet18")) == weights_fingerprint(create_model("resnet18")) != first
+    # the extra metadata counts too (infer: the artefact's classes, pooling...)
+    model = create_model("resnet18", weights=path)
+    assert weights_fingerprint(model, {"classes": ["a", "b"]}) != weights_fingerprint(model, {"classes": ["b", "a"]})
+    # bfloat16 tensors (numpy has none) are hashed as bytes
+    assert len(weights_fingerprint(model.to(torch.bfloat16))) == 16
 
 
 def test_backbone_weights_errors(tmp_path):

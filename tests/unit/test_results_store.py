@@ -211,3 +211,17 @@ def test_resume_sweeps_the_temporary_files_of_killed_writes(tmp_path):
     assert keep.exists()
     assert sorted(p.name for p in (uri / "well_scores" / "c").rglob("*") if p.is_file()) == before
     assert again.done_wells() == [1]
+
+
+def test_wells_with_read_errors_are_reopened_for_a_rerun(tmp_path):
+    """A field recorded as a read error may have been transient: a rerun clears the done flag
+    of the wells that hold one (and only those), before anything is rewritten."""
+    writer = _create(tmp_path / "r.zarr")
+    clean = dict(_values(0), field_status=np.array([0, 0]))
+    writer.write_well(0, clean)
+    writer.write_well(1, _values(1))  # field 1 is a read error
+    assert writer.reopen_wells_where("field_status", 2) == [1]
+    assert writer.done_wells() == [0]
+    assert writer.reopen_wells_where("field_status", 2) == []  # not done: nothing more to reopen
+    writer.write_well(1, dict(_values(1), field_status=np.array([0, 0])))  # read this time
+    assert writer.reopen_wells_where("field_status", 2) == [] and writer.done_wells() == [0, 1]
