@@ -23,14 +23,18 @@ log = logging.getLogger(__name__)
 
 STAGES = ("illum", "train", "infer", "profile", "aggregate", "evaluate", "report")
 
-# which config sections each stage's outputs depend on (for the completion fingerprint)
+# which config sections (or dotted keys) each stage's outputs depend on, for the completion
+# fingerprint; a stage also depends on what the stages before it read (the control wells of
+# illum's normaliser come from the platemap and analysis.control_*; aggregate and evaluate
+# may read infer's results store, so the model and its training count too)
+_TRAINED = ("label", "model", "train")
 _READS = {
-    "illum": ("plates", "stream"),
-    "train": ("plates", "platemap", "stream", "label", "model", "train"),
-    "infer": ("plates", "platemap", "stream", "label", "model", "train", "infer"),
-    "profile": ("plates", "platemap", "stream", "profile"),
-    "aggregate": ("plates", "platemap", "stream", "profile", "analysis"),
-    "evaluate": ("plates", "platemap", "stream", "profile", "analysis"),
+    "illum": ("plates", "platemap", "stream", "analysis.control_column", "analysis.control_value"),
+    "train": ("plates", "platemap", "stream", *_TRAINED),
+    "infer": ("plates", "platemap", "stream", *_TRAINED, "infer"),
+    "profile": ("plates", "platemap", "stream", "analysis.control_column", "analysis.control_value", "profile"),
+    "aggregate": ("plates", "platemap", "stream", *_TRAINED, "infer", "profile", "analysis"),
+    "evaluate": ("plates", "platemap", "stream", *_TRAINED, "infer", "profile", "analysis"),
     "report": (),  # cheap: always rerun
 }
 
@@ -76,7 +80,12 @@ def applicable_stages(config: Config) -> list[str]:
 
 def fingerprint(config: Config, stage: str) -> str:
     d = asdict(config)
-    relevant = {k: d[k] for k in _READS[stage]}
+    relevant = {}
+    for key in _READS[stage]:
+        value = d
+        for part in key.split("."):
+            value = value[part]
+        relevant[key] = value
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -142,6 +151,9 @@ def run_pipeline(config: Config, *, stages: list[str] | None = None, progress: b
             _say(progress, f"[{i}/{len(todo)}] {stage}: complete, skipped")
             results[stage] = "skipped"
             continue
+        # a stage that runs may change what every later stage reads: they run too (each
+        # stage resumes its own work, so a later stage with nothing new to do is quick)
+        force = True
         _say(progress, f"[{i}/{len(todo)}] {stage} ...")
         start = time.perf_counter()
         results[stage] = run_stage(config, stage, progress=progress)

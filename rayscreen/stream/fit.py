@@ -256,14 +256,15 @@ def fit_normalization(
         if illumination and not illum_entry:
             raise RayscreenError(f"plate {plate.name!r} ({uri}): no illumination function stored to correct the "
                                  "fields with before fitting; compute it first (compute_illumination)")
-        fit = fit_params(max_fields, seed, illum_entry["params"] if illum_entry else None)
+        wells = fit_wells(plate, template)
+        fit = fit_params(max_fields, seed, illum_entry["params"] if illum_entry else None, wells)
         wanted = {**{k: v for k, v in template.to_dict().items() if k not in ("offset", "scale")}, "fit": fit}
         entry = normalization_entry(uri, storage_options)
         if not overwrite and entry and _same({k: v for k, v in entry.items() if k in wanted}, wanted):
             status[uri] = "skipped"
             _log(progress, f"normalize {plate.name}: up to date ({uri})")
             continue
-        pairs = select_fields(plate, max_fields, seed, fit_wells(plate, template))
+        pairs = select_fields(plate, max_fields, seed, wells)
         if not pairs:
             raise RayscreenError(f"plate {plate.name!r} ({uri}): no field to fit {template!r} on")
         fits[uri] = fit

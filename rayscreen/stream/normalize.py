@@ -19,7 +19,8 @@ The fitted state is plain JSON numbers (``to_dict``/``from_dict``), stored in th
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import hashlib
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -313,12 +314,14 @@ def fit_wells(plate, normalizer: IntensityScaler) -> list[str]:
 
 
 def fit_params(max_fields: int | None = None, seed: int = 0,
-               illumination: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How a scaler was fitted (JSON), stored beside it as ``fit``: the field subsample and
-    the parameters of the illumination function the fields were corrected with first
-    (``None``: raw fields). A resumed job refits when any of these changed."""
+               illumination: dict[str, Any] | None = None, wells: Sequence[str] | None = None) -> dict[str, Any]:
+    """How a scaler was fitted (JSON), stored beside it as ``fit``: the field subsample, the
+    parameters of the illumination function the fields were corrected with first (``None``:
+    raw fields) and a digest of the wells it was fitted on (:func:`fit_wells`: a new platemap
+    can make other wells the controls). A resumed job refits when any of these changed."""
+    digest = None if wells is None else hashlib.sha256("\n".join(sorted(wells)).encode()).hexdigest()[:16]
     return {"max_fields": None if max_fields is None else int(max_fields), "seed": int(seed),
-            "illumination": None if illumination is None else dict(illumination), "level": 0}
+            "illumination": None if illumination is None else dict(illumination), "level": 0, "wells": digest}
 
 
 def fit_plate_normalizer(plate_uri: str, normalizer: IntensityScaler, storage_options: dict[str, Any] | None = None,
@@ -328,7 +331,8 @@ def fit_plate_normalizer(plate_uri: str, normalizer: IntensityScaler, storage_op
     read one after another; ``illum`` corrects each field first, as the stream will.
     The distributed version, over many plates, is :func:`rayscreen.stream.fit.fit_normalization`."""
     plate = open_plate(plate_uri, storage_options, platemap=platemap)
-    pairs = select_fields(plate, max_fields, seed, fit_wells(plate, normalizer))
+    wells = fit_wells(plate, normalizer)
+    pairs = select_fields(plate, max_fields, seed, wells)
     if not pairs:
         raise RayscreenError(f"plate {plate_uri}: no field to fit {normalizer!r} on")
 
@@ -341,7 +345,8 @@ def fit_plate_normalizer(plate_uri: str, normalizer: IntensityScaler, storage_op
     if save:
         stored = illumination_entry(plate_uri, storage_options) if illum is not None else None
         save_normalization(plate_uri, normalizer, storage_options,
-                           fit=fit_params(max_fields, seed, stored["params"] if stored else None), fields=len(pairs))
+                           fit=fit_params(max_fields, seed, stored["params"] if stored else None, wells),
+                           fields=len(pairs))
     return normalizer
 
 

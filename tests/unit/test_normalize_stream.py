@@ -157,7 +157,9 @@ def test_fit_normalization_in_partials_matches_one_pass_and_resumes(control_plat
     np.testing.assert_allclose(loaded.offset, one_pass.offset, rtol=1e-12)
     np.testing.assert_allclose(loaded.scale, one_pass.scale, rtol=1e-10)
     entry = open_plate(uri).rayscreen_attrs()["normalization"]
-    assert entry["fields"] == 8 and entry["fit"] == {"max_fields": None, "seed": 0, "illumination": None, "level": 0}
+    assert entry["fields"] == 8 and entry["fit"] == {"max_fields": None, "seed": 0, "illumination": None, "level": 0,
+                                                     "wells": entry["fit"]["wells"]}
+    assert len(entry["fit"]["wells"]) == 16  # a digest of the wells fitted on
 
     assert fit_normalization(uri, "meanstd", use_ray=False, progress=False) == {uri: "skipped"}
     # another method, other parameters, or illumination now on: refitted
@@ -181,6 +183,29 @@ def test_fit_normalization_in_partials_matches_one_pass_and_resumes(control_plat
         fit_normalization(uri, "control", controls="Metadata_Compound == 'none'", use_ray=False, progress=False)
     with pytest.raises(RayscreenError, match="zscore"):
         fit_normalization(uri, "zscore", use_ray=False)
+
+
+def test_a_platemap_that_moves_the_controls_refits_the_control_scaler(control_plate, tmp_path):
+    """The query stays the same, but another platemap makes other wells the controls: the
+    stored scaler was fitted on the old ones and must not be kept as up to date."""
+    from rayscreen.stream.fit import fit_normalization
+
+    def platemap(name, controls):
+        path = tmp_path / name
+        pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": ["A01", "A02", "B01", "B02"],
+                      "Metadata_Control": [("negative" if w in controls else None) for w in
+                                           ["A01", "A02", "B01", "B02"]]}).to_csv(path, index=False)
+        return str(path)
+
+    old, new = platemap("old.csv", ["A01", "B01"]), platemap("new.csv", ["A02", "B02"])
+    assert fit_normalization(control_plate, "control", platemap=old, use_ray=False, progress=False) == {
+        control_plate: "fitted"}
+    assert abs(load_normalization(control_plate).offset[0] - 99.5) < 2
+    assert fit_normalization(control_plate, "control", platemap=old, use_ray=False, progress=False) == {
+        control_plate: "skipped"}
+    assert fit_normalization(control_plate, "control", platemap=new, use_ray=False, progress=False) == {
+        control_plate: "fitted"}
+    assert abs(load_normalization(control_plate).offset[0] - 299.5) < 2
 
 
 def test_stream_normalizer_names_the_plate_and_the_way_out(control_plate):

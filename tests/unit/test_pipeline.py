@@ -1,0 +1,52 @@
+"""The pipeline's completion markers: what makes a stage stale, and the cascade after a rerun."""
+
+import pytest
+
+from rayscreen import pipeline
+from rayscreen.config import config_from_dict
+
+
+def _config(tmp_path, **sections):
+    return config_from_dict({"plates": ["P.zarr"], "output": str(tmp_path / "out"), **sections})
+
+
+@pytest.mark.parametrize("stage, key, value, stale", [
+    # illum's control normaliser: which wells are controls
+    ("illum", "analysis", {"control_value": "cpd1"}, True),
+    ("illum", "platemap", "other.csv", True),
+    ("illum", "analysis", {"whiten": True}, False),  # not read by illum
+    # aggregate / evaluate may read infer's results store: the model and its training count
+    ("aggregate", "train", {"epochs": 7}, True),
+    ("evaluate", "infer", {"batch_size": 3}, True),
+    ("evaluate", "model", {"kwargs": {"width": 0.5}}, True),
+    ("train", "analysis", {"whiten": True}, False),
+])
+def test_fingerprint_follows_what_a_stage_reads(tmp_path, stage, key, value, stale):
+    base = _config(tmp_path)
+    changed = _config(tmp_path, **{key: value})
+    assert (pipeline.fingerprint(base, stage) != pipeline.fingerprint(changed, stage)) is stale
+
+
+def test_a_stage_that_runs_again_reruns_every_later_one(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(stage):
+        def run(config, progress=True):
+            calls.append(stage)
+            return stage
+        return run
+
+    # the stages' own work is tested elsewhere; here only the pipeline's bookkeeping
+    monkeypatch.setattr(pipeline, "stage_function", fake)
+    config = _config(tmp_path)
+    stages = ["illum", "profile", "aggregate", "evaluate"]
+    pipeline.run_pipeline(config, stages=stages, progress=False)
+    assert calls == stages
+    calls.clear()
+    assert set(pipeline.run_pipeline(config, stages=stages, progress=False).values()) == {"skipped"}
+    assert calls == []
+    # profile runs again (its marker is gone: an interrupted rerun, a store deleted by hand):
+    # everything after it runs too, though aggregate's and evaluate's own markers still match
+    (tmp_path / "out" / "stages" / "profile.json").unlink()
+    results = pipeline.run_pipeline(config, stages=stages, progress=False)
+    assert results["illum"] == "skipped" and calls == ["profile", "aggregate", "evaluate"]
