@@ -14,7 +14,19 @@ from .store import RayscreenError
 
 def _storage_options(text: str | None) -> dict | None:
     """``--storage-options '{"endpoint_url": "http://127.0.0.1:5000"}'``; credentials stay in the environment."""
-    return json.loads(text) if text else None
+    from .config import ConfigError
+
+    if not text:
+        return None
+    example = """e.g. '{"endpoint_url": "http://127.0.0.1:5000"}'"""
+    try:
+        options = json.loads(text)
+    except ValueError as e:  # JSONDecodeError: a user's typo, not a traceback
+        raise ConfigError(f"--storage-options: expected a JSON object, {example}; "
+                          f"{text!r} is not JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--storage-options: expected a JSON object, {example}; found {type(options).__name__}")
+    return options
 
 
 def cmd_info(args) -> int:
@@ -51,10 +63,16 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def _load(args):
+def _load(args, extra: dict | None = None):
+    """The config of ``args.config`` with ``--set`` (then ``extra``, from a stage's own flags)
+    applied, and ``--storage-options`` merged over its ``storage_options`` (the flag's keys win)."""
     from .config import load_config, parse_overrides
 
-    return load_config(args.config, overrides=parse_overrides(args.set))
+    storage_options = _storage_options(getattr(args, "storage_options", None))
+    config = load_config(args.config, overrides={**parse_overrides(args.set), **(extra or {})})
+    if storage_options:
+        config = config.replace(storage_options={**(config.storage_options or {}), **storage_options})
+    return config
 
 
 def _init_ray() -> None:
@@ -68,7 +86,9 @@ def _init_ray() -> None:
 def cmd_stage(args) -> int:
     from .pipeline import run_stage
 
-    config = _load(args)
+    # illum's --normalize, given, sets the config's stream.normalize (over a --set of it)
+    normalize = getattr(args, "normalize", None)
+    config = _load(args, {"stream.normalize": normalize} if normalize else None)
     # no ray.init here: a stage validates its config first (bad configs fail in a second,
     # not after starting Ray); Ray Data / Ray Train then start or join Ray themselves.
     # illum spreads its Ray tasks only over a Ray that is already up: start or join it.
@@ -90,17 +110,22 @@ def cmd_stage(args) -> int:
 
 
 def cmd_illum(args) -> int:
-    from .config import Config, StreamConfig
+    from .config import config_from_dict, parse_overrides
 
     if len(args.config) == 1 and args.config[0].endswith((".yaml", ".yml")):
         args.config = args.config[0]
         return cmd_stage(args)
-    # plates given directly: illumination (and the chosen normaliser) for each
+    # plates given directly: illumination (and the chosen normaliser) for each; --set keys
+    # (stream.level, stream.channels, ...) apply as they would to a config, and are checked as strictly
     from .pipeline import stage_function
 
-    config = Config(plates=list(args.config), output="",
-                    storage_options=_storage_options(args.storage_options),
-                    stream=StreamConfig(illumination=True, normalize=args.normalize))
+    overrides = parse_overrides(args.set)
+    if args.normalize:
+        overrides["stream.normalize"] = args.normalize
+    config = config_from_dict({"plates": list(args.config), "output": "",
+                               "storage_options": _storage_options(args.storage_options),
+                               "stream": {"illumination": True, "normalize": "percentile"}},
+                              source="illum", overrides=overrides)
     _init_ray()
     result = stage_function("illum")(config, progress=not args.quiet)
     if not args.quiet:
@@ -109,10 +134,16 @@ def cmd_illum(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import STAGES, applicable_stages, is_complete, run_pipeline
 
     config = _load(args)
     stages = args.stages.split(",") if args.stages else None
+    # as in cmd_stage: illum spreads its fits over Ray only when Ray is already up, so start or
+    # join it when illum is going to run (the plan run_pipeline makes); otherwise a cluster's
+    # pipeline job fits every plate one after another on the head node
+    todo = [s for s in STAGES if s in stages] if stages else applicable_stages(config)
+    if "illum" in todo and (args.force or not is_complete(config, "illum")):
+        _init_ray()
     run_pipeline(config, stages=stages, progress=not args.quiet, force=args.force)
     return 0
 
@@ -181,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("config", metavar="CONFIG.yaml")
     common.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+    common.add_argument("--storage-options", metavar="JSON",
+                        help="JSON fsspec options merged over the config's storage_options")
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     for stage, text in [
         ("train", "weakly supervised training on Ray Train (label, model, train sections)"),
@@ -196,16 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("illum", help="per-plate illumination functions and normalisers, stored with the plates")
     s.add_argument("config", nargs="+", metavar="CONFIG.yaml | PLATE",
                    help="a config (stream section), or plate URIs/globs")
-    s.add_argument("--normalize", default="percentile", choices=["none", "percentile", "meanstd", "control"],
-                   help="with plates given directly: the normaliser to fit")
-    s.add_argument("--storage-options", help="JSON fsspec options (plates given directly)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--normalize", choices=["none", "percentile", "meanstd", "control"],
+                   help="the normaliser to fit (default: percentile, or the config's stream.normalize)")
+    s.add_argument("--storage-options", metavar="JSON",
+                   help="JSON fsspec options (with a config: merged over its storage_options)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set stream.level=1 (repeatable)")
     s.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     s.set_defaults(func=cmd_illum)
 
     s = sub.add_parser("config", help="print a config with every default filled in, or the reference of every key")
     s.add_argument("config", nargs="?", metavar="CONFIG.yaml")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    s.add_argument("--storage-options", metavar="JSON",
+                   help="JSON fsspec options merged over the config's storage_options")
     s.add_argument("--reference", action="store_true", help="every key with its type, default and meaning (Markdown)")
     s.set_defaults(func=cmd_config)
 

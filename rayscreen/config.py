@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ class ConfigError(RayscreenError):
     """A config key is unknown, missing or of the wrong type; the message names it."""
 
 
+class _InvalidValue(ConfigError):
+    """Raised by a section's ``__post_init__``: ``field`` holds a value of the right type that the
+    section cannot use. :func:`_build` re-raises it naming the key's line in the file (or its
+    ``--set``); a section built in code gets it as a plain ConfigError naming the dotted key."""
+
+    def __init__(self, section: str, field: str, problem: str):
+        super().__init__(f"{section}.{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -41,14 +52,36 @@ class ConfigError(RayscreenError):
 class StreamConfig:
     channels: list[str] | None = None  # names; None = all channels of the plates
     level: int = 0  # pyramid level (0 = full resolution)
-    tile: int | None = None  # square tiles of this size (None = whole fields)
-    stride: int | None = None  # step between tiles, px (None: the tile size, no overlap)
+    tile: int | None = None  # square tiles of this size, px (None = whole fields)
+    stride: int | None = None  # step between tiles, px, at most `tile` (None: the tile size, no overlap)
     illumination: bool = False  # apply the per-plate illumination function (`rayscreen illum`)
     # intensity scaling per plate and channel, fitted by `rayscreen illum` and stored with the plate:
     # percentile (1-99.8 %), meanstd (z-score), control (fitted on control wells only)
     normalize: Literal["none", "percentile", "meanstd", "control"] = "percentile"
     on_error: Literal["raise", "skip"] = "raise"  # skip: an unreadable field is left out and reported; a rerun tries its well again
     override_num_blocks: int | None = None  # Ray Data read tasks (None: from the screen's size)
+
+    def __post_init__(self):
+        # values the types allow but the stream cannot use fail here, when the config is parsed,
+        # not as a bare ValueError inside a Ray read task minutes later
+        if self.level < 0:
+            raise _InvalidValue("stream", "level", f"expected a pyramid level >= 0 (0 = full resolution), "
+                                                   f"found {self.level}")
+        if self.tile is not None and self.tile <= 0:
+            raise _InvalidValue("stream", "tile", f"expected a positive tile size in pixels, or null for whole "
+                                                  f"fields, found {self.tile}")
+        if self.stride is None:
+            return
+        if self.tile is None:
+            raise _InvalidValue("stream", "stride", f"{self.stride} is the step between tiles, but stream.tile "
+                                                    "is not set: set stream.tile too, or remove stream.stride")
+        if self.stride <= 0:
+            raise _InvalidValue("stream", "stride", f"expected a positive step in pixels, found {self.stride}")
+        if self.stride > self.tile:
+            # the tiling rule (stream/tiling.py) keeps every pixel in some tile only while
+            # tiles touch or overlap: a longer step leaves a gap between neighbours
+            raise _InvalidValue("stream", "stride", f"expected at most stream.tile ({self.tile}) so that no pixel "
+                                                    f"falls between tiles, found {self.stride}")
 
 
 @dataclass(frozen=True)
@@ -263,7 +296,7 @@ def load_config(path_or_text: str, *, overrides: dict[str, Any] | None = None) -
         source = path_or_text
     try:
         data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), source)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -273,13 +306,14 @@ def load_config(path_or_text: str, *, overrides: dict[str, Any] | None = None) -
 
 def config_from_dict(data: dict[str, Any], *, source: str = "<config>", lines: dict[str, int] | None = None,
                      overrides: dict[str, Any] | None = None) -> Config:
-    """Validate a plain dict into a :class:`Config`; errors name ``source:line: key``.
-    ``overrides`` (dotted keys, as in :func:`load_config`) are applied to a copy of ``data``."""
+    """Validate a plain dict into a :class:`Config`; errors name ``source:line: key``, or
+    ``--set key`` for a key that ``overrides`` (dotted keys, as in :func:`load_config`) set.
+    The overrides are applied to a copy of ``data``."""
     if overrides:
         data = copy.deepcopy(data)
         for key, value in overrides.items():
             _set_dotted(data, key, value)
-    return _build(Config, data, "", _Where(source, lines or {}))
+    return _build(Config, data, "", _Where(source, lines or {}, tuple(overrides or ())))
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -301,20 +335,33 @@ def dump_config(config: Config) -> str:
 class _Where:
     source: str
     lines: dict[str, int]
+    overrides: tuple[str, ...] = ()  # dotted keys set by --set: their values are not on any line of the file
 
     def at(self, key: str) -> str:
+        for o in self.overrides:
+            if key == o or key.startswith((o + ".", o + "[")):
+                return f"--set {key}"
+            if o.startswith(key + ".") and key not in self.lines:  # a section that only --set names
+                return f"--set {o}: {key}"
         line = self.lines.get(key)
         return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
 
 
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> 1-based line of that key in the YAML text."""
+def _key_lines(node, source: str, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML text. A key written twice in one
+    mapping is an error naming both lines: safe_load would keep the last one silently (two
+    ``train:`` blocks would lose the first block's settings)."""
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for k, v in node.value:
             key = f"{prefix}{k.value}"
-            out[key] = k.start_mark.line + 1
-            out.update(_key_lines(v, key + "."))
+            line = k.start_mark.line + 1
+            if key in seen and k.value != "<<":  # "<<" merges a mapping in; not a key of the config
+                raise ConfigError(f"{source}:{line}: {key}: written twice (lines {seen[key]} and {line}); "
+                                  "expected it once (merge the two)")
+            seen[key] = out[key] = line
+            out.update(_key_lines(v, source, key + "."))
     return out
 
 
@@ -322,7 +369,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or written empty (`stream:` alone): a section of defaults
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {p} is not a section")
     node[parts[-1]] = value
@@ -348,7 +397,10 @@ def _build(cls, data: Any, prefix: str, where: _Where):
                 raise ConfigError(f"{where.source}: {key}: required key missing")
             continue
         values[fname] = _coerce(hints[fname], data[fname], key, where)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except _InvalidValue as e:  # a section's own check (__post_init__): name the key's line
+        raise ConfigError(f"{where.at(prefix + e.field)}: {e.problem}") from None
 
 
 def _coerce(tp, value: Any, key: str, where: _Where):
@@ -397,6 +449,9 @@ def _coerce(tp, value: Any, key: str, where: _Where):
             raise ConfigError(f"{where.at(key)}: expected an integer, found {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string, not a float
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where.at(key)}: expected a number, found {value!r}")
         return float(value)
@@ -405,6 +460,10 @@ def _coerce(tp, value: Any, key: str, where: _Where):
             raise ConfigError(f"{where.at(key)}: expected a string, found {type(value).__name__} {value!r}")
         return value
     raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this module, not the user's
+
+
+# a decimal number in the notation of YAML 1.2 and JSON (1e-3, -2.5E+4, .5); not nan/inf words
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _describe(tp) -> str:

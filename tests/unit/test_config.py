@@ -74,3 +74,65 @@ def test_config_from_dict_applies_overrides_to_a_copy():
     assert data == {"plates": ["p.zarr"], "output": "out", "analysis": {"whiten": False}}  # caller's dict untouched
     with pytest.raises(ConfigError, match="override analysis.whiten.x: whiten is not a section"):
         config_from_dict(data, overrides={"analysis.whiten.x": 1})
+
+
+@pytest.mark.parametrize("stream, expected", [
+    ("tile: 0", "<config>:4: stream.tile: expected a positive tile size in pixels, or null for whole fields, found 0"),
+    ("tile: -16", "<config>:4: stream.tile: expected a positive tile size"),
+    ("level: -1", "<config>:4: stream.level: expected a pyramid level >= 0"),
+    ("tile: 32\n  stride: 48", "<config>:5: stream.stride: expected at most stream.tile (32)"),
+    ("tile: 32\n  stride: 0", "<config>:5: stream.stride: expected a positive step in pixels, found 0"),
+    ("stride: 16", "<config>:4: stream.stride: 16 is the step between tiles, but stream.tile is not set"),
+])
+def test_stream_values_the_tiling_cannot_use_fail_at_parse_time(stream, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(MINIMAL + f"stream:\n  {stream}\n")
+    assert expected in str(e.value)
+
+
+def test_stream_tiles_that_touch_or_overlap_are_accepted():
+    # stride == tile: tiles touch; stride < tile: they overlap; both leave no pixel out (tiling.py)
+    assert load_config(MINIMAL + "stream:\n  tile: 32\n  stride: 32\n").stream.stride == 32
+    assert load_config(MINIMAL + "stream:\n  tile: 32\n  stride: 8\n  level: 1\n").stream.level == 1
+    from rayscreen.config import StreamConfig
+
+    with pytest.raises(ConfigError, match="stream.level: expected a pyramid level >= 0"):
+        StreamConfig(level=-1)  # built in code, not parsed: the same check
+
+
+def test_a_key_written_twice_names_both_lines():
+    text = MINIMAL + "train:\n  epochs: 2\nstream:\n  tile: 64\ntrain:\n  lr: 0.1\n"
+    with pytest.raises(ConfigError, match=r"<config>:7: train: written twice \(lines 3 and 7\)"):
+        load_config(text)
+    with pytest.raises(ConfigError, match=r"<config>:5: train.epochs: written twice \(lines 4 and 5\)"):
+        load_config(MINIMAL + "train:\n  epochs: 2\n  epochs: 3\n")
+
+
+def test_a_bad_override_is_blamed_on_the_set_not_the_file_line():
+    text = MINIMAL + "train:\n  epochs: 3\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(text, overrides=parse_overrides(["train.epochs=ten"]))
+    assert str(e.value) == "--set train.epochs: expected an integer, found 'ten'"
+    with pytest.raises(ConfigError, match=r"^--set no.such.key: no: unknown key"):
+        load_config(text, overrides=parse_overrides(["no.such.key=1"]))
+    with pytest.raises(ConfigError, match=r"^--set stream.stride: 8 is the step between tiles"):
+        load_config(text, overrides=parse_overrides(["stream.stride=8"]))
+    # the file's own errors still name their line
+    with pytest.raises(ConfigError, match=r"^<config>:4: train.epochs: expected an integer"):
+        load_config(MINIMAL + "train:\n  epochs: ten\n", overrides=parse_overrides(["train.lr=0.1"]))
+
+
+def test_an_override_fills_a_section_written_empty():
+    c = load_config(MINIMAL + "stream:\n", overrides=parse_overrides(["stream.tile=64"]))
+    assert c.stream.tile == 64
+
+
+def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers():
+    # PyYAML (YAML 1.1) reads 1e-3 without a dot as the string '1e-3'
+    c = load_config(MINIMAL + "train:\n  lr: 1e-3\n  grad_clip: 5E+1\n")
+    assert c.train.lr == 0.001 and isinstance(c.train.lr, float) and c.train.grad_clip == 50.0
+    assert load_config(MINIMAL, overrides=parse_overrides(["train.lr=1e-4"])).train.lr == 1e-4
+    with pytest.raises(ConfigError, match=r"train.lr: expected a number, found 'nan'"):
+        load_config(MINIMAL + "train:\n  lr: nan\n")
+    with pytest.raises(ConfigError, match=r"--set train.lr: expected a number, found '1e-3x'"):
+        load_config(MINIMAL, overrides=parse_overrides(["train.lr=1e-3x"]))
