@@ -253,19 +253,26 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
 # -- memory
 
 
-def _wait_pool_gone(timeout: float = 60.0) -> None:
-    """Wait until the last run's actors have released their CPUs and their processes are
-    gone (Ray kills a finished pool asynchronously), so no run is charged for the last one's."""
+def _wait_pool_gone(cpus: float | None = None, timeout: float = 60.0) -> None:
+    """Wait until the last run's actor processes are gone and ``cpus`` CPUs are free again
+    (Ray kills a finished pool asynchronously), so no run is charged for the last one's.
+    ``cpus`` None: the cluster's total. Not every CPU need come back: on a shared Ray (the
+    tests') an earlier user may still hold some, which is no concern of this measurement."""
+    import warnings
+
     import ray
 
     from rayscreen.testing.memory import cmdline, process_tree
 
-    total = ray.cluster_resources().get("CPU", 0)
+    wanted = ray.cluster_resources().get("CPU", 0) if cpus is None else cpus
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        busy = ray.available_resources().get("CPU", 0) < total
+    while True:
+        free = ray.available_resources().get("CPU", 0)
         alive = any("InferWells" in " ".join(cmdline(pid)) for pid in process_tree(os.getpid())[1:])
-        if not busy and not alive:
+        if free >= wanted and not alive:
+            return
+        if time.time() > deadline:
+            warnings.warn(f"after {timeout:.0f} s: {free} of {wanted} CPUs free, inference actor alive: {alive}")
             return
         time.sleep(0.1)
 
@@ -277,9 +284,14 @@ def measure_runs(sets: list[list[str]], ckpt: str, root: str, **infer) -> list[d
     workers only."""
     from rayscreen.testing import MemorySampler
 
+    import ray
+
+    _wait_pool_gone(cpus=0)  # no actor process of an earlier run; the CPUs an earlier user of a
+    # shared Ray (the tests') still holds are measured, not waited for
+    free = ray.available_resources().get("CPU", 0)
     out = []
     for i, uris in enumerate(sets):
-        _wait_pool_gone()
+        _wait_pool_gone(free)
         cfg = infer_config(uris, ckpt, os.path.join(root, f"mem{i}"), **infer)
         with MemorySampler(interval=0.02, pss=False) as sampler:
             run = infer_pass(cfg)
