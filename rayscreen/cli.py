@@ -167,12 +167,7 @@ def cmd_config(args) -> int:
         return 0
     if args.config is None:
         raise ConfigError("give a CONFIG.yaml to print, or --reference for every key")
-    config = _load(args)
-    if config.storage_options:
-        from .store.uri import redact
-
-        config = config.replace(storage_options=redact(config.storage_options))
-    print(dump_config(config), end="")
+    print(dump_config(_load(args)), end="")
     return 0
 
 

@@ -272,6 +272,18 @@ class Config:
         """Plain dict (YAML/JSON-safe) that :func:`config_from_dict` reads back to an equal Config."""
         return dataclasses.asdict(self)
 
+    def to_record(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the secrets in ``storage_options`` masked (``***``): what rayscreen
+        writes beside its outputs (``config.yaml``, store attributes, checkpoints, the exported
+        model), which get shared and archived. Credentials come from the standard places and
+        are never written out."""
+        from .store.uri import redact
+
+        record = self.to_dict()
+        if record["storage_options"]:
+            record["storage_options"] = redact(record["storage_options"])
+        return record
+
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
@@ -328,7 +340,22 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as YAML, secrets masked (:meth:`Config.to_record`)."""
+    return yaml.safe_dump(config.to_record(), sort_keys=False)
+
+
+def write_config(config: Config) -> str:
+    """Write ``<output>/config.yaml``, the resolved config a stage ran with (secrets masked:
+    :func:`dump_config`); returns its URI. Every stage writes it, so an output says how it
+    was made whichever command made it."""
+    from .store.uri import filesystem, join
+
+    uri = join(config.output, "config.yaml")
+    fs, path = filesystem(uri, config.storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(dump_config(config))
+    return uri
 
 
 @dataclass(frozen=True)

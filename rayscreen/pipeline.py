@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from .config import Config, ConfigError, dump_config
+from .config import Config, ConfigError, write_config
 from .store.uri import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -121,18 +121,11 @@ def _summary(result: Any) -> Any:
     return repr(result)[:200]
 
 
-def write_resolved_config(config: Config) -> None:
-    fs, path = filesystem(join(config.output, "config.yaml"), config.storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(dump_config(config))
-
-
 def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
     """One stage, with its completion marker."""
     fn = stage_function(stage)
     start = time.perf_counter()
-    write_resolved_config(config)
+    write_config(config)
     result = fn(config, progress=progress)
     _mark_complete(config, stage, time.perf_counter() - start, result)
     return result

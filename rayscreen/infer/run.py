@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from ..config import Config, ConfigError, dump_config
+from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import cause_of, drain, stage_data_context
 from ..store import MissingWellError, RayscreenError, open_plate
@@ -396,7 +396,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim, saliency_shape)
     coords = {"class": plan.classes, "feature": [f"deep_{i}" for i in range(plan.feature_dim)]}
     store_wells = plan.wells.drop(columns=["plate_uri"])
-    attrs = {"model": plan.meta.model, "checkpoint": plan.checkpoint, "config": config.to_dict(),
+    attrs = {"model": plan.meta.model, "checkpoint": plan.checkpoint, "config": config.to_record(),
              "channels": list(plan.options.channels), "aggregate": ic.aggregate, "saliency": ic.saliency}
     writer = create_results(plan.results_uri, store_wells, sizes, variables, coords=coords, kind="results",
                             attrs=attrs, settings=infer_settings(plan, config),
@@ -420,7 +420,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")
     writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     last_run={"computed": len(todo), "skipped": int(done.sum())})
-    _write_config(config)
+    write_config(config)
     return plan.results_uri
 
 
@@ -448,9 +448,3 @@ def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
         bar.update()
 
     return drain(ds.iter_rows(), handle)
-
-
-def _write_config(config: Config) -> None:
-    fs, path = filesystem(join(config.output, "config.yaml"), config.storage_options)
-    with fs.open(path, "w") as f:
-        f.write(dump_config(config))

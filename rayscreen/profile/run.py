@@ -33,12 +33,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from ..config import Config, dump_config
+from ..config import Config, write_config
 from ..progress import Progress
 from ..raylocal import cause_of, drain, ensure_ray, stage_data_context
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.results import Variable, create_results
-from ..store.uri import filesystem, join
+from ..store.uri import join
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +214,11 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         coords["classical_feature"] = classical
     uri = profiles_uri(config)
     writer = create_results(uri, plan["wells"], sizes, variables, coords=coords, kind="profiles",
-                            attrs={"model": cfg.backbone, "checkpoint": cfg.weights, "config": config.to_dict(),
+                            attrs={"model": cfg.backbone, "checkpoint": cfg.weights, "config": config.to_record(),
                                    "channels": channels, "channel_mode": cfg.channel_mode},
                             settings=profile_settings(config, channels, backbone_fingerprint),
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
-    fs, path = filesystem(config.output, config.storage_options)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/config.yaml", "w") as f:
-        f.write(dump_config(config))
+    write_config(config)
 
     retried = writer.reopen_wells_where("field_status", STATUS_ERROR)  # maybe transient: tried again
     done = set(writer.done_wells())

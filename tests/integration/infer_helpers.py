@@ -46,3 +46,14 @@ def differing_chunks(a_dir, b_dir):
     """Paths of the data chunks whose bytes differ between two stores (or exist in one only)."""
     a, b = chunk_bytes(a_dir), chunk_bytes(b_dir)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# storage_options a user may pass (ignored by local paths): never to be written out
+FAKE_CREDENTIALS = {"key": "AKIAFAKEKEY123", "secret": "not-a-real-secret"}
+
+
+def files_holding(root, text: str) -> list[str]:
+    """Files under ``root`` whose bytes contain ``text``."""
+    needle = text.encode()
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+            if needle in open(os.path.join(d, f), "rb").read()]

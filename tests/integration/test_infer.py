@@ -17,7 +17,8 @@ from rayscreen.infer.run import run_infer
 from rayscreen.store.errors import RayscreenError
 from rayscreen.store.results import NotAResultsStoreError
 
-from .infer_helpers import WELLS, chunk_bytes, differing_chunks, infer_config, make_screen
+from .infer_helpers import (FAKE_CREDENTIALS, WELLS, chunk_bytes, differing_chunks, files_holding, infer_config,
+                            make_screen)
 from .ray_helpers import assert_cpus_come_back
 
 pytestmark = pytest.mark.integration
@@ -132,7 +133,11 @@ def test_masks_as_ngff_labels_in_the_plates(tmp_path, screen):
 
     uris, ckpt, root, reference = screen
     plates = [shutil.copytree(u, str(tmp_path / os.path.basename(u))) for u in uris]
-    out = run_infer(infer_config(plates, ckpt, tmp_path / "out", labels="saliency"), progress=False)
+    # with credentials in storage_options (local paths ignore them): never written out
+    config = infer_config(plates, ckpt, tmp_path / "out", labels="saliency")
+    config = config.replace(storage_options=FAKE_CREDENTIALS)
+    out = run_infer(config, progress=False)
+    assert not [f for secret in FAKE_CREDENTIALS.values() for f in files_holding(tmp_path, secret)]
     ds, ref = xr.open_zarr(out), xr.open_zarr(reference)
     np.testing.assert_array_equal(ds["mask"].values, ref["mask"].values)  # results unchanged by labels
     assert ds["mask"].values.any()

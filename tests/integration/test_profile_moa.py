@@ -25,6 +25,7 @@ from rayscreen.stream.normalize import normalization_entry
 from rayscreen.synth import load_moa_fields, synth_moa
 from rayscreen.testing import make_plate
 
+from .infer_helpers import FAKE_CREDENTIALS, files_holding
 from .ray_helpers import assert_cpus_come_back
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,8 @@ def make_config(root, uris, weights, **analysis):
 
 def test_profile_aggregate_evaluate(screen, ray_local, capsys):
     root, uris, weights, truth = screen
-    config = make_config(root, uris, weights)
+    # with credentials in storage_options (local paths ignore them): never written out
+    config = make_config(root, uris, weights).replace(storage_options=FAKE_CREDENTIALS)
     # the illum stage fits the plates' normalisers (stream.normalize: percentile, the
     # default); profile only applies them
     assert set(run_illum(config, progress=False)["normalization"].values()) == {"fitted"}
@@ -71,6 +73,9 @@ def test_profile_aggregate_evaluate(screen, ray_local, capsys):
     assert "well_classical" in ds and "Metadata_MOA" in ds.coords
     np.testing.assert_allclose(ds["well_profile"].to_numpy(), ds["field_profile"].mean("field").to_numpy(),
                                rtol=1e-5, atol=1e-6)
+
+    assert ds.attrs["rayscreen"]["config"]["storage_options"]["secret"] == "***"
+    assert not [f for secret in FAKE_CREDENTIALS.values() for f in files_holding(root, secret)]
 
     # resume: a rerun on the complete store reads nothing and changes nothing
     before = ds["field_profile"].isel(well=5).to_numpy()

@@ -136,3 +136,22 @@ def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_numbers():
         load_config(MINIMAL + "train:\n  lr: nan\n")
     with pytest.raises(ConfigError, match=r"--set train.lr: expected a number, found '1e-3x'"):
         load_config(MINIMAL, overrides=parse_overrides(["train.lr=1e-3x"]))
+
+
+def test_written_configs_never_hold_credentials(tmp_path):
+    """storage_options may carry keys (a --storage-options flag, a config); what rayscreen
+    writes beside its outputs masks them, and the config itself keeps them for the stages."""
+    from rayscreen.config import config_from_dict, dump_config, write_config
+
+    options = {"key": "AKIAFAKEKEY123", "secret": "not-a-real-secret", "endpoint_url": "http://127.0.0.1:9",
+               "client_kwargs": {"aws_session_token": "tok-xyz"}}
+    config = config_from_dict({"plates": ["P.zarr"], "output": str(tmp_path / "out"), "storage_options": options})
+    record = config.to_record()
+    assert record["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://127.0.0.1:9",
+                                         "client_kwargs": {"aws_session_token": "***"}}
+    assert config.storage_options == options  # the stages still get them
+    uri = write_config(config)
+    text = open(uri).read()
+    assert text == dump_config(config) and "endpoint_url" in text
+    for secret in ("AKIAFAKEKEY123", "not-a-real-secret", "tok-xyz"):
+        assert secret not in text
