@@ -134,15 +134,14 @@ def cmd_illum(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import STAGES, applicable_stages, is_complete, run_pipeline
+    from .pipeline import is_complete, planned_stages, run_pipeline
 
     config = _load(args)
     stages = args.stages.split(",") if args.stages else None
     # as in cmd_stage: illum spreads its fits over Ray only when Ray is already up, so start or
     # join it when illum is going to run (the plan run_pipeline makes); otherwise a cluster's
     # pipeline job fits every plate one after another on the head node
-    todo = [s for s in STAGES if s in stages] if stages else applicable_stages(config)
-    if "illum" in todo and (args.force or not is_complete(config, "illum")):
+    if "illum" in planned_stages(config, stages) and (args.force or not is_complete(config, "illum")):
         _init_ray()
     run_pipeline(config, stages=stages, progress=not args.quiet, force=args.force)
     return 0

@@ -131,13 +131,18 @@ def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
     return result
 
 
-def run_pipeline(config: Config, *, stages: list[str] | None = None, progress: bool = True,
-                 force: bool = False) -> dict[str, Any]:
-    """Run ``stages`` (default: :func:`applicable_stages`) in order; skip complete ones unless ``force``."""
-    todo = [s for s in STAGES if s in stages] if stages else applicable_stages(config)
+def planned_stages(config: Config, stages: list[str] | None = None) -> list[str]:
+    """``stages`` in pipeline order (default: :func:`applicable_stages`); unknown names raise."""
     unknown = [s for s in (stages or []) if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; expected some of: {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages] if stages else applicable_stages(config)
+
+
+def run_pipeline(config: Config, *, stages: list[str] | None = None, progress: bool = True,
+                 force: bool = False) -> dict[str, Any]:
+    """Run ``stages`` (default: :func:`applicable_stages`) in order; skip complete ones unless ``force``."""
+    todo = planned_stages(config, stages)
     results: dict[str, Any] = {}
     for i, stage in enumerate(todo, 1):
         if not force and is_complete(config, stage):
