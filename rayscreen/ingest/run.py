@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store import BadImageError, RayscreenError, create_plate, read_platemap
+from ..store import BadImageError, RayscreenError, create_plate, read_platemap, well_name
 from ..store.annotations import PLATE_COL, WELL_COL
 from ..store.plate import check_finite
 from ..store.uri import join
@@ -91,6 +91,18 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
+def _check_complete_wells(writer, uri: str, sites: dict[str, int], todo: list[str]) -> None:
+    """A rerun skips complete wells; one whose LoadData now lists another number of sites
+    (images added or dropped since it was written) would keep the old fields silently."""
+    changed = [(w, writer.complete_fields(w), sites[w]) for w in writer.wells if w not in todo]
+    changed = [c for c in changed if c[1] != c[2]]
+    if changed:
+        listed = ", ".join(f"{w} ({old} written, {new} in the LoadData)" for w, old, new in changed[:5])
+        raise RayscreenError(f"plate {writer.name!r} ({uri}): {len(changed)} complete well(s) have another number of "
+                             f"sites in the LoadData than they were written with: {listed}; ingest into a new "
+                             "OUT_DIR, or delete the plate to write it again")
+
+
 def ingest(
     loaddata_csv: str,
     out_dir: str,
@@ -131,6 +143,7 @@ def ingest(
                               probe.dtype, int(sites_per_well.max()), annotations=annotations, ngff=ngff,
                               levels=levels, chunks=chunks, storage_options=storage_options)
         todo = [w for w in writer.wells if not writer.is_complete(w)]
+        _check_complete_wells(writer, uri, {well_name(w): int(n) for w, n in sites_per_well.items()}, todo)
         skipped = len(writer.wells) - len(todo)
         if skipped:
             log.info("plate %s: %d well(s) already complete, %d to write", plate, skipped, len(todo))

@@ -102,6 +102,15 @@ class PlateWriter:
             return False
         return bool(group.attrs.get(NAMESPACE, {}).get("complete", False))
 
+    def complete_fields(self, well: str) -> int | None:
+        """How many fields a complete well was written with; ``None`` while it is incomplete."""
+        try:
+            group = self._root[self._path(well)]
+        except KeyError:
+            return None
+        ns = group.attrs.get(NAMESPACE, {})
+        return int(ns.get("fields", 0)) if ns.get("complete") else None
+
     def complete_wells(self) -> list[str]:
         return [w for w in self.wells if self.is_complete(w)]
 

@@ -243,3 +243,18 @@ def test_loaddata_empty_identifier(tmp_path):
     with pytest.raises(RayscreenError, match=r"load_data.csv row 3: Metadata_Site is empty; expected a value in every "
                                              r"row \(plate 'PA', well 'A01'"):
         read_loaddata(str(csv))
+
+
+def test_a_complete_well_whose_sites_changed_is_an_error_not_skipped(tmp_path):
+    """A rerun skips complete wells; if the LoadData now lists another number of sites for
+    one (images added since), keeping its old fields silently would lose the new ones."""
+    csv = write_screen(tmp_path, plates=("PA",))
+    full = pd.read_csv(csv, dtype=str)
+    # first ingest: A01 imaged at one site only
+    full[~((full["Metadata_Well"] == "A01") & (full["Metadata_Site"] == "2"))].to_csv(csv, index=False)
+    uri, = ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    assert len(open_plate(uri).fields("A01")) == 1
+    full.to_csv(csv, index=False)  # the second site of A01 arrives
+    with pytest.raises(RayscreenError, match=r"plate 'PA' .*1 complete well.*A01 \(1 written, 2 in the LoadData\)"):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    assert len(open_plate(uri).fields("A01")) == 1  # nothing was touched
