@@ -243,7 +243,17 @@ def memory_plates(preset: str, root: str) -> tuple[list[str], int]:
     plates = [first]
     for i in range(1, 4):
         # hard links: the same bytes, read and decoded again as another plate
-        plates.append(shutil.copytree(first, os.path.join(root, f"m{i}.zarr"), copy_function=os.link))
+        copy = shutil.copytree(first, os.path.join(root, f"m{i}.zarr"), copy_function=os.link)
+        # under a name of its own (a stream refuses two plates of one name); the root document
+        # is replaced, not written through, which would rename the first plate via the link
+        meta = os.path.join(copy, "zarr.json")
+        with open(meta) as f:
+            doc = json.load(f)
+        doc["attributes"]["ome"]["plate"]["name"] = f"{doc['attributes']['ome']['plate']['name']}{i}"
+        os.remove(meta)
+        with open(meta, "w") as f:
+            json.dump(doc, f)
+        plates.append(copy)
     return plates, p["wells"] * p["fields"] * p["channels"] * p["size"] ** 2 * 2
 
 

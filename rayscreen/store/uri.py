@@ -212,7 +212,9 @@ def expand_uris(uris: str | Sequence[str], storage_options: dict[str, Any] | Non
 
     Each glob is replaced by its matches, sorted; remote matches keep their protocol
     (``s3://...``). A glob matching nothing is an error naming it. Other entries are kept
-    as given (trailing ``/`` removed), unchecked.
+    as given (trailing ``/`` removed), unchecked. A plate listed twice (overlapping globs,
+    ``[screen/*.zarr, screen/A.zarr]``) is kept once, where it first appears: streaming it
+    twice would give every field of it twice under the same (plate, well, field) key.
     """
     out: list[str] = []
     for uri in [uris] if isinstance(uris, str) else list(uris):
@@ -224,8 +226,8 @@ def expand_uris(uris: str | Sequence[str], storage_options: dict[str, Any] | Non
             fs, path = filesystem(uri, storage_options)
             found = sorted(fs.unstrip_protocol(p).rstrip("/") for p in fs.glob(path.rstrip("/")))
         else:
-            found = sorted(glob.glob(uri))
+            found = sorted(p.rstrip("/") for p in glob.glob(uri))
         if not found:
             raise RayscreenError(f"plate glob {uri!r} matches nothing")
         out += found
-    return out
+    return list(dict.fromkeys(out))

@@ -11,7 +11,8 @@ Bad data mid-stream: ``on_error="raise"`` (default) fails the job with an error 
 plate/well/field; ``on_error="skip"`` records each bad field (and each well missing on
 disk) as one JSON line under ``error_report`` and streams on, so every field is either
 read or reported. Wells listed but absent on disk (sparse plates) are always reported,
-never fatal.
+never fatal. Settings the data cannot meet (a tile larger than a field, fields of
+different shapes in one batch) are not bad data: they fail the job in either mode.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..store import MissingWellError, RayscreenError, open_plate
+from ..store import BadImageError, MissingWellError, RayscreenError, open_plate
 from ..store.uri import filesystem
 
 ROW_KEYS = ("plate", "well", "field")
@@ -81,7 +82,10 @@ def plan_wells(uris: Sequence[str], storage_options=None, wells: Sequence[str] |
         for rec in ann.to_dict("records"):
             values = {k: _plain(v) for k, v in rec.items() if k not in ("Metadata_Plate",)}
             out.append(WellTask(plate.uri, plate.name, rec["Metadata_Well"], values))
-    return out
+    # plates may have different annotation columns: every well carries them all (None where its
+    # plate has none, as for a missing value), so every block of the stream has one schema
+    columns = list(dict.fromkeys(k for task in out for k in task.annotations))
+    return [WellTask(t.plate_uri, t.plate, t.well, {k: t.annotations.get(k) for k in columns}) for t in out]
 
 
 def _plain(v: Any) -> Any:
@@ -197,6 +201,13 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
             if options.tile:
                 from .tiling import tiles
 
+                # a settings/data mismatch, not an unreadable field: fails the job even when
+                # skipping bad fields (read_plates checks each plate's first field up front)
+                y, x = image.shape[-2:]
+                if options.tile[0] > y or options.tile[1] > x:
+                    raise RayscreenError(f"stream.tile {options.tile}: larger than plate {task.plate!r} well "
+                                         f"{task.well} field {f}, which is {y} x {x} pixels at level "
+                                         f"{options.level}; expected a tile of at most the field's size")
                 stack, positions = tiles(image, options.tile, options.stride or options.tile)
                 for t, (ty, tx) in zip(stack, positions):
                     rows.append({**base, "image": t, "tile_y": int(ty), "tile_x": int(tx)})
@@ -210,7 +221,17 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
 
 
 def _to_batch(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {k: [r.get(k) for r in rows] for k in rows[0]}
+    # rows of several plates may share a block: the block has every row's columns (None
+    # where a row has none, as plan_wells fills them)
+    batch = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
+    first = rows[0]
+    for r in rows[1:]:  # read_plates checks each plate's first field; this catches the others
+        if r["image"].shape != first["image"].shape or r["image"].dtype != first["image"].dtype:
+            raise BadImageError(
+                f"plate {r['plate']!r} well {r['well']} field {r['field']} streams a {r['image'].shape} "
+                f"{r['image'].dtype} image but plate {first['plate']!r} well {first['well']} field "
+                f"{first['field']} a {first['image'].shape} {first['image'].dtype} one; the fields of a "
+                "stream must share one shape and dtype to stack into a batch")
     batch["image"] = np.stack(batch["image"])
     for k, v in list(batch.items()):
         if k != "image":

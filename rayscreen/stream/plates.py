@@ -15,6 +15,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ..store import RayscreenError, open_plate
 from ..store.uri import expand_uris
 from .datasource import StreamOptions, WellTask, plan_wells, read_wells, split_tasks
+from .tiling import tile_positions
 
 
 # Read tasks carry at least this much decompressed data when the cluster has enough
@@ -37,7 +38,14 @@ def _default_num_tasks(n_wells: int, total_bytes: int) -> int | None:
 
 
 class PlateDatasource(Datasource):
-    """Read tasks are contiguous groups of wells across all plates of a screen."""
+    """Read tasks are contiguous groups of wells across all plates of a screen.
+
+    ``field_bytes``: what one field streams out (all its tiles), an estimate for Ray's
+    memory planning. Row counts are left unknown (``num_rows=None``), since Ray's
+    ``count()`` trusts them: the plate's ``field_count`` is only the most fields a well
+    has, wells may be missing on disk, and skipped fields are not streamed, so no count
+    made from metadata alone is exact.
+    """
 
     def __init__(self, wells: list[WellTask], options: StreamOptions, field_bytes: int, fields_per_well: int):
         self._wells = wells
@@ -56,8 +64,8 @@ class PlateDatasource(Datasource):
         tasks = []
         options = self._options
         for group in split_tasks(self._wells, parallelism):
-            rows = len(group) * self._fields_per_well
-            meta = BlockMetadata(num_rows=rows, size_bytes=int(rows * self._field_bytes), input_files=None,
+            n_fields = len(group) * self._fields_per_well
+            meta = BlockMetadata(num_rows=None, size_bytes=int(n_fields * self._field_bytes), input_files=None,
                                  exec_stats=None)
 
             def read_fn(group=group):
@@ -66,6 +74,25 @@ class PlateDatasource(Datasource):
 
             tasks.append(ReadTask(read_fn, meta, per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+def _row_layout(plate, level: int, n_channels: int, tile: tuple[int, int] | None,
+                stride: tuple[int, int] | None, dtype: np.dtype | None) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype) of the images a plate streams and its tiles per field, from the metadata
+    of its first field (rayscreen plates share one field shape). Raises naming ``stream.tile``
+    and the plate, well and field when a tile does not fit in the field."""
+    well, field = plate._first_field
+    arr = plate._array(well, field, level)  # raises naming the plate when it has no such level
+    dims = dict(zip(plate.multiscale(well, field).axis_names, arr.shape))
+    y, x = dims["y"], dims["x"]
+    dtype = dtype if dtype is not None else np.dtype(arr.dtype)
+    if tile is None:
+        return (n_channels, y, x), dtype, 1
+    if tile[0] > y or tile[1] > x:
+        raise RayscreenError(f"stream.tile {tile}: larger than the fields of plate {plate.name!r} ({plate.uri}): "
+                             f"well {well} field {field} is {y} x {x} pixels at level {level}; expected a tile "
+                             "of at most the field's size")
+    return (n_channels, *tile), dtype, len(tile_positions((y, x), tile, stride))
 
 
 def read_plates(
@@ -110,29 +137,57 @@ def read_plates(
     tasks = plan_wells(uris, storage_options, wells, where, platemap)
     if not tasks:
         raise RayscreenError(f"read_plates: the filters leave no well to read in {len(uris)} plate(s)")
+    pair = (lambda v: None if v is None else (v, v) if isinstance(v, int) else tuple(v))
+    tile, stride = pair(tile), pair(stride)
+    if stride is not None and tile is None:
+        raise RayscreenError(f"stream.stride {stride}: a stride needs a tile size (stream.tile); "
+                             "whole fields have no stride")
+    if tile is not None:
+        try:  # positive sizes, stride at most the tile: checked on a field of exactly one tile
+            tile_positions(tile, tile, stride)
+        except ValueError as e:
+            raise RayscreenError(f"stream.tile {tile}, stream.stride {stride}: {e}") from None
     first = open_plate(uris[0], storage_options)
-    channel_names = first.channels
-    for uri in uris[1:]:
-        other = open_plate(uri, storage_options).channels
-        if other != channel_names:
-            raise RayscreenError(f"plates have different channels: {uris[0]} has {channel_names}, {uri} has {other}")
     if channels:
         first._channel_indices(channels)  # raises naming the missing channel
-    c, y, x = first.shape
-    n_channels = len(channels) if channels else c
-    itemsize = 4 if (illumination or normalize) else np.dtype(dtype or first.dtype).itemsize
-    field_bytes = n_channels * (y >> level) * (x >> level) * itemsize
-    pair = (lambda v: None if v is None else (v, v) if isinstance(v, int) else tuple(v))
+    n_channels = len(channels) if channels else len(first.channels)
+    out_dtype = np.dtype(dtype) if dtype else np.dtype("float32") if (illumination or normalize) else None
+    # every plate against the first, from metadata only (no pixels read): rows are keyed by
+    # (plate, well, field), and a block stacks its rows' images into one array
+    seen: dict[str, str] = {}
+    for uri in uris:
+        plate = first if uri == uris[0] else open_plate(uri, storage_options)
+        if plate.channels != first.channels:
+            raise RayscreenError(f"plates have different channels: {uris[0]} has {first.channels}, "
+                                 f"{uri} has {plate.channels}")
+        if plate.name in seen:
+            raise RayscreenError(f"plates {seen[plate.name]} and {uri} are both named {plate.name!r}; one stream "
+                                 "keys its rows by (plate, well, field), so their wells would be ambiguous")
+        seen[plate.name] = uri
+        layout = _row_layout(plate, level, n_channels, tile, stride, out_dtype)
+        if plate is first:
+            row_shape, row_dtype, tiles_per_field = layout
+        elif layout[:2] != (row_shape, row_dtype):
+            what, fix = ("shapes", "tile them (stream.tile)") if layout[0] != row_shape else ("dtypes", "cast (dtype=)")
+            raise RayscreenError(
+                f"plates {first.name!r} ({uris[0]}) and {plate.name!r} ({uri}) stream images of different {what}: "
+                f"{row_shape} {row_dtype} and {layout[0]} {layout[1]} (C, Y, X at level {level}); a block stacks "
+                f"its images into one array, so read them in separate streams or {fix}")
+    row_bytes = int(np.prod(row_shape)) * row_dtype.itemsize
+    field_bytes = tiles_per_field * row_bytes
     options = StreamOptions(
         storage_options=storage_options,
         fields=tuple(str(f) for f in fields) if fields is not None else None,
         channels=tuple(channels) if channels else None,
-        level=level, tile=pair(tile), stride=pair(stride), illumination=illumination, normalize=normalize,
+        level=level, tile=tile, stride=stride, illumination=illumination, normalize=normalize,
         dtype=dtype, on_error=on_error, error_report=error_report,
         # blocks of ~16 MB: large enough to amortise per-block overhead, small enough to stream
-        fields_per_block=max(1, int(16e6 // max(field_bytes, 1))),
+        # (it counts rows: fields, or tiles when tiling)
+        fields_per_block=max(1, int(16e6 // max(row_bytes, 1))),
     )
     fields_per_well = first.meta.field_count or len(first.fields(first._first_field[0]))
+    if fields is not None:
+        fields_per_well = min(fields_per_well, len(set(options.fields)))
     if override_num_blocks is None:
         override_num_blocks = _default_num_tasks(len(tasks), len(tasks) * fields_per_well * field_bytes)
     ds = read_datasource(PlateDatasource(tasks, options, field_bytes, fields_per_well),

@@ -1,10 +1,10 @@
 """Tiles over large fields, and random crops for training.
 
-Tiling rule: tiles start every ``stride`` pixels from the top-left corner, and where the
-last regular tile stops short of the field's edge one more tile is added flush with the
-edge (it overlaps its neighbour). So no pixel is lost and every tile has the same shape,
-which lets tiles of many fields stack into one batch. A field smaller than a tile is an
-error rather than a padded tile, so no tile holds invented pixels.
+Tiling rule: tiles start every ``stride`` pixels (at most the tile) from the top-left
+corner, and where the last regular tile stops short of the field's edge one more tile is
+added flush with the edge (it overlaps its neighbour). So no pixel is lost and every tile
+has the same shape, which lets tiles of many fields stack into one batch. A field smaller
+than a tile is an error rather than a padded tile, so no tile holds invented pixels.
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ def tile_positions(shape: tuple[int, int], tile: int | tuple[int, int],
                    stride: int | tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Top-left (y, x) of every tile of a (Y, X) field, row by row (see the tiling rule).
 
-    ``stride`` defaults to the tile (no overlap but the edge tiles').
+    ``stride`` defaults to the tile (no overlap but the edge tiles'); a stride larger than
+    the tile is an error, since the pixels between two tiles would be in none.
     """
     ty, tx = _pair(tile, "tile")
     sy, sx = _pair(stride if stride is not None else (ty, tx), "stride")
+    if sy > ty or sx > tx:
+        raise ValueError(f"stride {(sy, sx)} is larger than the tile {(ty, tx)}: the pixels between "
+                         "two tiles would be in none; expected a stride of at most the tile")
     return [(y, x) for y in _starts(shape[0], ty, sy) for x in _starts(shape[1], tx, sx)]
 
 

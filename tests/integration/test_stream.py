@@ -127,3 +127,57 @@ def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path):
     assert result["ratio"] <= 1.25, summary
     # and the private memory of the processes (not the object store) does not grow with plates
     assert result["ratios"]["pss_anon"] <= 1.25, summary
+
+
+def test_count_is_the_number_of_rows_streamed(tmp_path, ray_local):
+    """Ray's count() trusts the read tasks' row counts: none is promised that the stream may not keep."""
+    import shutil
+
+    uri = make_plate(str(tmp_path / "p.zarr"), wells=("A01", "A02", "B01"), fields=2, field_shape=(32, 40))
+    shutil.rmtree(tmp_path / "p.zarr" / "B" / "1")  # a sparse plate: the well is listed, not on disk
+    for kwargs, n in (({}, 2 * 2), ({"tile": 16}, 2 * 2 * 6), ({"fields": [0]}, 2), ({"tile": 16, "fields": [1]}, 2 * 6)):
+        ds = read_plates(uri, **kwargs)
+        assert ds.count() == len(ds.take_all()) == n, kwargs
+
+
+def test_plates_of_different_field_shapes_are_rejected_before_reading_unless_tiles_make_them_equal(tmp_path,
+                                                                                                   ray_local):
+    a = make_plate(str(tmp_path / "a.zarr"), "A", wells=("A01",), fields=1, field_shape=(32, 40))
+    b = make_plate(str(tmp_path / "b.zarr"), "B", wells=("A01",), fields=1, field_shape=(48, 40))
+    # whatever the block layout: one block holding both plates used to fail in np.stack
+    for blocks in (1, 2):
+        with pytest.raises(RayscreenError, match=r"plates 'A' .* and 'B' .* different shapes: \(2, 32, 40\) uint16 "
+                                                 r"and \(2, 48, 40\) uint16"):
+            read_plates([a, b], override_num_blocks=blocks)
+    rows = read_plates([a, b], tile=16, override_num_blocks=1).take_all()
+    assert len(rows) == 2 * 3 + 3 * 3 and {r["image"].shape for r in rows} == {(2, 16, 16)}
+    c = make_plate(str(tmp_path / "c.zarr"), "C", wells=("A01",), fields=1, dtype="uint8")
+    with pytest.raises(RayscreenError, match=r"plates 'A' .* and 'C' .* different dtypes"):
+        read_plates([a, c])
+    rows = read_plates([a, c], dtype="float32", override_num_blocks=1).take_all()
+    assert {r["image"].dtype for r in rows} == {np.dtype("float32")} and len(rows) == 2
+
+
+def test_overlapping_globs_stream_a_plate_once_and_two_plates_of_one_name_are_rejected(tmp_path, ray_local):
+    import re
+
+    a = make_plate(str(tmp_path / "screen" / "A.zarr"), "A", wells=("A01",), fields=1)
+    rows = read_plates([str(tmp_path / "screen" / "*.zarr"), a + "/"]).take_all()
+    assert [(r["plate"], r["well"], r["field"]) for r in rows] == [("A", "A01", "0")]
+    p1 = make_plate(str(tmp_path / "batch1" / "P1.zarr"), "P1", wells=("A01",), fields=1, seed=1)
+    p2 = make_plate(str(tmp_path / "batch2" / "P1.zarr"), "P1", wells=("A01",), fields=1, seed=2)
+    with pytest.raises(RayscreenError, match=re.escape(f"plates {p1} and {p2} are both named 'P1'")):
+        read_plates([p1, p2])
+
+
+def test_tile_settings_the_plates_cannot_meet_fail_before_reading_even_when_skipping(tmp_path, ray_local):
+    uri = make_plate(str(tmp_path / "p.zarr"), "P", wells=("A01",), fields=1, field_shape=(32, 40))
+    with pytest.raises(RayscreenError, match=r"stream.tile \(64, 64\): larger than the fields of plate 'P' .*"
+                                             r"well A01 field 0 is 32 x 40 pixels at level 0"):
+        read_plates(uri, tile=64, on_error="skip")
+    with pytest.raises(RayscreenError, match=r"stream.stride \(48, 48\): stride \(48, 48\) is larger than the tile"):
+        read_plates(uri, tile=32, stride=48)
+    with pytest.raises(RayscreenError, match=r"stream.stride \(8, 8\): a stride needs a tile size"):
+        read_plates(uri, stride=8)
+    with pytest.raises(RayscreenError, match="plate 'P' well A01 field 0: no level 1"):
+        read_plates(uri, level=1)

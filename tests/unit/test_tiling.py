@@ -38,6 +38,15 @@ def test_stride_defaults_to_the_tile_and_sizes_may_be_scalars():
         tile_positions((32, 40), (16, 16), (0, 16))
 
 
+def test_a_stride_larger_than_the_tile_is_rejected_since_pixels_would_be_lost():
+    # tile 32 every 48 px over 100 columns would leave columns 32-47 (and 80-83) in no tile
+    with pytest.raises(ValueError, match=r"stride \(8, 48\) is larger than the tile \(8, 32\)"):
+        tiles(np.zeros((1, 8, 100)), (8, 32), (8, 48))
+    with pytest.raises(ValueError, match="larger than the tile"):
+        tile_positions((32, 40), 16, (17, 8))
+    assert tile_positions((16, 40), 16, 16) == [(0, 0), (0, 16), (0, 24)]  # stride = tile is fine
+
+
 def test_random_crop_rejects_a_crop_larger_than_the_field():
     with pytest.raises(ValueError, match="larger than the field"):
         random_crop(np.zeros((1, 8, 8)), (9, 4), np.random.default_rng(0))
