@@ -60,11 +60,18 @@ class ArtefactMeta:
 
 def save_artefact(uri: str, state_dict: dict[str, torch.Tensor], meta: ArtefactMeta,
                   storage_options: dict[str, Any] | None = None) -> str:
-    """Write weights then metadata (metadata last: a half-written artefact has no artefact.json)."""
+    """Write weights then metadata (metadata last: a half-written artefact has no artefact.json).
+
+    The directory may hold an earlier artefact (``<output>/train/model`` is rewritten by
+    every run): its artefact.json goes first, so a crash while writing leaves no metadata
+    beside the new weights, not the old model's. (Not a temporary directory and a rename:
+    on S3 a rename is a copy, and a crash during it would mix files the same way.)"""
     fs, path = filesystem(uri, storage_options)
     fs.makedirs(path, exist_ok=True)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
+    if fs.exists(f"{path}/{META}"):
+        fs.rm(f"{path}/{META}")
     with fs.open(f"{path}/{WEIGHTS}", "wb") as f:
         f.write(buf.getvalue())
     with fs.open(f"{path}/{META}", "w") as f:

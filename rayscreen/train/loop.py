@@ -7,7 +7,8 @@ moves things between them and Ray.
 Resuming: Ray Train V2 restores a run from ``storage_path/name`` when that run exists,
 so rerunning with the same ``train.run_name`` resumes from its latest checkpoint;
 a new name starts fresh. :func:`.plan.check_resume` refuses to resume a run whose
-stored config differs (other than ``plan.RESUMABLE`` keys such as ``train.epochs``).
+stored config differs (other than ``plan.RESUMABLE`` keys such as ``train.epochs``), or
+whose plates and labels now give other classes or another split of the wells.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .distill import collapse, distill_step
-from .step import (augment_config, classification_metrics, make_optimizer, make_scheduler, metric_mode, predict,
-                   mixup, random_crops, repeat_rows, step_scheduler, train_step, unwrap)
+from .step import (augment_config, broadcast_buffers, classification_metrics, make_optimizer, make_scheduler,
+                   metric_mode, mixup, predict, random_crops, repeat_rows, restore_scheduler, step_scheduler,
+                   train_step, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -261,11 +263,13 @@ def _finish(plan: TrainPlan, result) -> TrainResult:
         raise TrainingError(f"training run {config.train.run_name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         latest = load_checkpoint(d)["state"]
-    best = result.get_best_checkpoint("score", "max") or result.checkpoint
+    # not result.get_best_checkpoint: among tied scores it returns the earliest kept, where
+    # the loop's best_epoch (and Ray's deletion order) take the latest
+    best = best_checkpoint(result.best_checkpoints or []) or result.checkpoint
     with best.as_directory() as d:
         loaded = load_checkpoint(d)
     state = loaded["state"]
-    if latest.history and all(h.get("score", 0) == -math.inf for h in latest.history):
+    if no_finite_score(latest.history):
         log.warning("train: no epoch had a finite %s%s; exported epoch %d anyway", config.train.metric,
                     " with a teacher that had not collapsed" if config.train.distill.enabled else "", state.epoch)
     meta = state.meta
@@ -398,6 +402,34 @@ def epoch_score(value: float | None, mode: str, collapsed: str | None = None) ->
     return value if mode == "max" else -value
 
 
+def is_new_best(score: float, value: float | None, best_value: float | None, mode: str) -> bool:
+    """Whether an epoch of metric ``value`` (and :func:`epoch_score` ``score``) becomes the
+    best epoch. A tie goes to the later epoch, as in :func:`best_checkpoint`: Ray deletes the
+    earliest of tied checkpoints first, so the latest tie is the one still kept."""
+    if score == -math.inf:
+        return False
+    return best_value is None or (value >= best_value if mode == "max" else value <= best_value)
+
+
+def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
+    s = metrics.get("score")
+    s = s if isinstance(s, (int, float)) and not math.isnan(s) else -math.inf
+    return s, int(metrics.get("epoch") or 0)
+
+
+def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]]):
+    """The checkpoint to export of Ray's kept ``(checkpoint, metrics)`` pairs: the highest
+    score, the latest epoch among ties (the rule of :func:`is_new_best`); None when empty."""
+    return max(kept, key=lambda pair: _score_key(pair[1]))[0] if kept else None
+
+
+def no_finite_score(history: list[dict[str, Any]]) -> bool:
+    """True when every epoch of a (checkpointed) history scored -inf: ``train.metric`` was
+    never finite (or every WS-DINO teacher collapsed). The checkpoint's JSON stores -inf as
+    null, so both count."""
+    return bool(history) and all(_score_key(h)[0] == -math.inf for h in history)
+
+
 def epoch_line(epoch: int, epochs: int, metrics: dict[str, Any], fields: int, collapsed: str | None = None,
                distill: bool = False) -> str:
     """The progress line of one epoch (rank 0 writes it; ``fields``: training fields seen)."""
@@ -528,7 +560,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if loaded["optimizer"] is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded["scheduler"] is not None:
-            scheduler.load_state_dict(loaded["scheduler"])
+            restore_scheduler(scheduler, loaded["scheduler"], t)
     if rank == 0:
         _append(join(run_dir, EVENTS), {"event": "start", "from_epoch": state.epoch, "world_size": world,
                                         "torch_threads": torch.get_num_threads(), "time": time.time()}, so)
@@ -593,6 +625,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # but not while validation still reads, whose reads it would hold up
         if epoch < t.epochs and (val_shard is None or val_cache.full):
             upcoming = epoch_batches(epoch + 1)
+        # every rank, with validation wells or not (a collective): validate rank 0's statistics,
+        # the ones checkpointed and exported
+        broadcast_buffers(exported())
         if val_shard is not None:
             val_batches = val_cache.batches() if val_cache.full else val_cache.fill(
                 (b["image"], b[LABEL_COL]) for b in val_shard.iter_torch_batches(
@@ -623,8 +658,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         value = metrics[t.metric]
         metrics["score"] = epoch_score(value, mode, collapsed)
         step_scheduler(scheduler, value)
-        if metrics["score"] > -math.inf and (state.best_value is None or
-                                             (value > state.best_value if mode == "max" else value < state.best_value)):
+        if is_new_best(metrics["score"], value, state.best_value, mode):
             state.best_value, state.best_epoch = value, epoch
         state.epoch = epoch
         state.history.append(metrics)

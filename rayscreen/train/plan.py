@@ -23,6 +23,7 @@ from .splits import assign_splits, check_split
 
 SPLIT_COL = "Metadata_TrainSplit"  # "train", "val/<rank>", "test", "none": which dataset a well feeds
 CONFIG_FILE = "rayscreen_config.json"  # the config a run was started with, beside Ray's run state
+SPLIT_FILE = "rayscreen_split.json"  # its classes and each well's split (plan.split_record), beside it
 METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
            "val_f1", "val_roc_auc")
 # keys that may change when a run resumes: they change how, not what, is trained
@@ -114,9 +115,43 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
     return [k for k in keys if not k.startswith(UNRELATED) and k not in RESUMABLE and a.get(k) != b.get(k)]
 
 
-def check_resume(config: Config, storage_path: str, run_name: str) -> bool:
-    """True when run ``run_name`` exists and was started with an equivalent config; raises
-    :class:`ConfigError` listing the keys when the stored config differs."""
+def split_record(wells: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """What a run trains and validates on, as JSON: the classes in label-index order and
+    ``[plate, well, split, label_index]`` per well (the split, not the val rank it is dealt
+    to: that follows ``train.num_workers``, which may change on resume)."""
+    rows = wells[["Metadata_Plate", "Metadata_Well", "split", "label_index"]].itertuples(index=False)
+    return {"classes": [str(c) for c in classes],
+            "wells": [[str(p), str(w), str(s), int(i)] for p, w, s, i in rows]}
+
+
+def split_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How two :func:`split_record` s differ, one phrase per class list or well
+    (``"PA/A01: train -> val"``, ``"PA/A02: label 0 -> 1"``, ``"PC/A01: new"``,
+    ``"PB/B02: gone"``); empty when they are the same. Changed classes come first, then
+    wells trained on that would now be validated or tested on (the worst), then the rest."""
+    first, leaks, rest = [], [], []
+    if stored["classes"] != current["classes"]:
+        first.append(f"classes {stored['classes']} -> {current['classes']}")
+    old = {(p, w): (s, i) for p, w, s, i in stored["wells"]}
+    new = {(p, w): (s, i) for p, w, s, i in current["wells"]}
+    for key in sorted(set(old) | set(new)):
+        name = "/".join(key)
+        if key not in new:
+            rest.append(f"{name}: gone")
+        elif key not in old:
+            rest.append(f"{name}: new")
+        elif old[key][0] != new[key][0]:
+            (leaks if old[key][0] == "train" and new[key][0] in ("val", "test") else rest).append(
+                f"{name}: {old[key][0]} -> {new[key][0]}")
+        elif old[key][1] != new[key][1]:
+            rest.append(f"{name}: label {old[key][1]} -> {new[key][1]}")
+    return first + leaks + rest
+
+
+def check_resume(config: Config, storage_path: str, run_name: str, split: dict[str, Any] | None = None) -> bool:
+    """True when run ``run_name`` exists and was started with an equivalent config and, when
+    ``split`` (:func:`split_record`) is given, the same classes and split of wells; raises
+    :class:`ConfigError` listing the keys, classes or wells that differ."""
     fs, path = filesystem(join(storage_path, run_name), config.storage_options)
     if not fs.exists(path):
         return False
@@ -130,12 +165,32 @@ def check_resume(config: Config, storage_path: str, run_name: str) -> bool:
         raise ConfigError(f"train.run_name: run {run_name!r} exists and was started with a different config "
                           f"({', '.join(diff[:8])} differ); refusing to resume it. Use a new train.run_name "
                           "to start fresh, or restore those keys to resume")
+    # the split is recomputed from the data, which a same config can still change (a plate the
+    # plates: glob now matches, an edited platemap): wells the model trained on could become
+    # validation or test wells, and label indices could shift under the checkpoint
+    split_file = f"{path}/{SPLIT_FILE}"
+    if split is not None and fs.exists(split_file):  # absent: a run started before the split was kept
+        changes = split_differences(json.loads(fs.cat(split_file)), split)
+        if changes:
+            raise ConfigError(f"train.run_name: run {run_name!r} exists but the plates and labels now give another "
+                              f"split or classes than it was started with ({len(changes)} change(s), e.g. "
+                              f"{'; '.join(changes[:5])}); refusing to resume it, as wells it trained on could be "
+                              "validated or tested on. Use a new train.run_name to start fresh, or restore the "
+                              "plates and platemap it was started with")
     return True
 
 
 def write_run_config(plan: TrainPlan) -> None:
+    """The run's config and split (:func:`split_record`) beside Ray's run state, which
+    :func:`check_resume` compares on the next start. The split is written once, when the
+    run starts (or on the first resume of a run from before it was kept), and never
+    replaced; the config goes last, as the marker of a complete run directory."""
     fs, path = filesystem(join(plan.storage_path, plan.config.train.run_name), plan.config.storage_options)
     fs.makedirs(path, exist_ok=True)
+    split_file = f"{path}/{SPLIT_FILE}"
+    if not fs.exists(split_file):
+        with fs.open(split_file, "w") as f:
+            f.write(json.dumps(split_record(plan.wells, plan.classes)))
     with fs.open(f"{path}/{CONFIG_FILE}", "w") as f:
         f.write(json.dumps(plan.config.to_dict(), default=str))
 
@@ -150,14 +205,26 @@ def plan_run(config: Config) -> TrainPlan:
         raise ConfigError(f"train.num_workers: {t.num_workers}; expected >= 1")
     if t.epochs < 1 or t.batch_size < 1:
         raise ConfigError(f"train.epochs={t.epochs}, train.batch_size={t.batch_size}: both must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: {t.lr}; expected > 0")
+    # math.isfinite first: NaN passes every comparison, and an inf lr or CPU count fails only on the workers
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"train.lr: {t.lr}; expected a finite number > 0")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay: {t.weight_decay}; expected a finite number >= 0")
+    if not 0 <= t.momentum < 1:
+        raise ConfigError(f"train.momentum: {t.momentum}; expected 0 <= value < 1")
+    # a negative norm would flip every gradient (the optimiser would climb the loss), 0 zero them
+    if t.grad_clip is not None and not (math.isfinite(t.grad_clip) and t.grad_clip > 0):
+        raise ConfigError(f"train.grad_clip: {t.grad_clip}; expected the largest gradient norm, a finite "
+                          "number > 0, or null for no clipping")
     if t.max_failures < 0:
         raise ConfigError(f"train.max_failures: {t.max_failures}; expected >= 0 (Ray's retries after a failure)")
+    if t.keep_checkpoints is not None and t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints: {t.keep_checkpoints}; expected >= 1, or null to keep every "
+                          "epoch's checkpoint")
     if t.metric not in METRICS:
         raise ConfigError(f"train.metric: {t.metric!r}; expected one of {list(METRICS)}")
-    if t.cpus_per_worker <= 0:
-        raise ConfigError(f"train.cpus_per_worker: {t.cpus_per_worker}; expected > 0")
+    if not (math.isfinite(t.cpus_per_worker) and t.cpus_per_worker > 0):
+        raise ConfigError(f"train.cpus_per_worker: {t.cpus_per_worker}; expected a finite number > 0")
     if t.crop is not None and t.crop < 8:
         raise ConfigError(f"train.crop: {t.crop}; expected a size of at least 8 pixels or null")
     if t.mixup < 0:
@@ -216,7 +283,7 @@ def plan_run(config: Config) -> TrainPlan:
         repeats = balance_repeats({int(k): int(v) for k, v in counts.items()})
     run_dir = join(config.output, "train")
     storage_path = join(run_dir, "checkpoints")
-    resume = check_resume(config, storage_path, t.run_name)
+    resume = check_resume(config, storage_path, t.run_name, split_record(wells, classes))
     return TrainPlan(config=config, uris=uris, plate_names=names, channels=channels, classes=classes, wells=wells,
                      normalization=normalization, run_dir=run_dir, storage_path=storage_path, resume=resume,
                      repeats=repeats, val_names=val_names)

@@ -35,6 +35,27 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
     return None
 
 
+def restore_scheduler(scheduler, state: dict, train: TrainConfig) -> None:
+    """Load a checkpoint's scheduler ``state`` into ``scheduler`` (made by :func:`make_scheduler`
+    for ``train``), after the optimiser's state has been loaded.
+
+    ``train.epochs`` may change on resume (``plan.RESUMABLE``), but a cosine schedule's
+    state holds the old ``T_max``: past it the lr would climb back up (cosine annealing is
+    periodic). So ``T_max`` becomes the new epoch count and the lr is set to the closed form
+    at the epochs done, continuing on the cosine of the new length (torch's recursive step
+    from there follows that curve). ``plateau`` does not depend on the epoch count."""
+    scheduler.load_state_dict(state)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        return
+    scheduler.T_max = max(1, train.epochs)
+    done = min(scheduler.last_epoch, scheduler.T_max)  # past the end (fewer epochs now): the bottom
+    lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * done / scheduler.T_max)) / 2
+           for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def step_scheduler(scheduler, metric_value: float | None) -> None:
     if scheduler is None:
         return
@@ -167,6 +188,24 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     loss = model_loss(model, images, labels, amp, label_smoothing)
     optimizer_step(loss, model, optimizer, grad_clip)
     return float(loss.detach())
+
+
+@torch.no_grad()
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Every rank's buffers (BatchNorm running statistics) set to rank ``src``'s; a no-op
+    without an initialised process group of two or more.
+
+    Called on every rank before validation: only rank 0's model is checkpointed and
+    exported, but each rank validates its own share of the wells. DDP copies rank 0's
+    buffers only at the start of each forward, so after an epoch's last step each rank's
+    statistics are those of its own batches, and a WS-DINO teacher (not wrapped in DDP) has
+    its own all epoch; without this the metrics were not the exported model's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for buffer in unwrap(model).buffers():
+        dist.broadcast(buffer, src)
 
 
 @torch.no_grad()

@@ -157,11 +157,17 @@ def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, screen)
     from rayscreen.models.artefact import build_model
     from rayscreen.store import open_plate
     from rayscreen.stream.normalize import load_normalization
+    from rayscreen.train.checkpoint import load_checkpoint
 
     result, _, _, _ = trained
     model, meta = build_model(result.artefact)
     m = result.metrics.set_index("epoch")
-    assert meta.epoch == int(m["val_balanced_accuracy"].idxmax())
+    bacc = m["val_balanced_accuracy"]
+    assert meta.epoch == int(bacc.index[bacc == bacc.max()].max())  # ties: the latest, as Ray keeps it
+    # the export, the result and the run's own record name the same epoch
+    states = [load_checkpoint(d)["state"] for d, _, files in os.walk(os.path.join(result.run_dir, "checkpoints"))
+              if "state.json" in files]
+    assert max(states, key=lambda s: s.epoch).best_epoch == meta.epoch == result.best_epoch
     assert meta.classes == ["negative", "positive"] and meta.channels == ["Grey"]
     assert meta.normalization["method"] == "percentile" and set(meta.normalization["plates"]) == {"simdata1-p01"}
     # score the validation fields outside Ray with the exported model: same accuracy as the run reported
@@ -261,9 +267,9 @@ def test_ws_dino_trains_resumes_its_teacher_and_exports_it(ray_local, screen, tm
 
     milnet = ModelConfig(name="milnet", kwargs={"width": 0.25, "pooling": "mean"})
 
-    def config(epochs):
+    def config(epochs):  # cosine: the resume to more epochs must continue on the longer curve
         return make_config(uris, output, num_workers=2, cpus_per_worker=0.5, epochs=epochs, max_failures=0,
-                           crop=48, distill=distill, metric="train_loss").replace(model=milnet)
+                           crop=48, distill=distill, metric="train_loss", schedule="cosine").replace(model=milnet)
 
     first = run_train(config(1), progress=False)
     assert first.epochs_completed == 1
@@ -271,6 +277,8 @@ def test_ws_dino_trains_resumes_its_teacher_and_exports_it(ray_local, screen, tm
     assert [e["from_epoch"] for e in read_events(result.run_dir)] == [0, 1]
     m = result.metrics
     assert m["epoch"].tolist() == [1, 2] and np.isfinite(m["train_distill_loss"]).all(), m.to_string()
+    # a fresh 2-epoch cosine's lrs (the 1-epoch run's stored schedule had ended at lr 0)
+    np.testing.assert_allclose(m["lr"], [0.003, 0.0015], rtol=1e-6)
     np.testing.assert_allclose(m["train_loss"], m["train_distill_loss"], rtol=1e-6)  # no cross-entropy
     # the teacher's entropies are logged per epoch (collapse shows there); H(batch mean) >= mean H
     assert (0 <= m["train_teacher_entropy"]).all() and (m["train_teacher_entropy"] <= m["train_teacher_batch_entropy"]

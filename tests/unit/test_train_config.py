@@ -67,6 +67,22 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"model__kwargs": {"depth": 3}}, "model.kwargs"),
     ({"stream__normalize": "percentile"}, "stream.normalize: 'percentile': plate .*a\\.zarr: no normalisation stored"),
     ({"train": {"max_failures": -1}}, "train.max_failures"),
+    # a negative clip norm flips the gradients (the loss rose every step), 0 zeroes them
+    ({"train": {"grad_clip": -1.0}}, r"train.grad_clip: -1.0; expected the largest gradient norm, a finite number > 0"),
+    ({"train": {"grad_clip": 0.0}}, r"train.grad_clip: 0.0; expected"),
+    ({"train": {"grad_clip": float("inf")}}, r"train.grad_clip: inf; expected"),
+    ({"train": {"lr": float("nan")}}, r"train.lr: nan; expected a finite number > 0"),
+    ({"train": {"lr": float("inf")}}, r"train.lr: inf; expected a finite number > 0"),
+    ({"train": {"lr": 0.0}}, r"train.lr: 0.0; expected a finite number > 0"),
+    ({"train": {"weight_decay": -0.1}}, r"train.weight_decay: -0.1; expected a finite number >= 0"),
+    ({"train": {"weight_decay": float("nan")}}, r"train.weight_decay: nan; expected a finite number >= 0"),
+    ({"train": {"momentum": -0.5}}, r"train.momentum: -0.5; expected 0 <= value < 1"),
+    ({"train": {"momentum": 1.0}}, r"train.momentum: 1.0; expected 0 <= value < 1"),
+    ({"train": {"momentum": float("nan")}}, r"train.momentum: nan; expected 0 <= value < 1"),
+    ({"train": {"keep_checkpoints": 0}}, r"train.keep_checkpoints: 0; expected >= 1, or null"),
+    ({"train": {"cpus_per_worker": float("nan")}}, r"train.cpus_per_worker: nan; expected a finite number > 0"),
+    ({"train": {"cpus_per_worker": float("inf")}}, r"train.cpus_per_worker: inf; expected a finite number > 0"),
+    ({"train": {"cpus_per_worker": 0.0}}, r"train.cpus_per_worker: 0.0; expected a finite number > 0"),
     ({"train": {"crop": 64}}, "train.crop: 64 is larger than the fields"),
     ({"stream__tile": 8, "train": {"crop": 12}}, r"train.crop: 12 is larger than the tiles \(8 x 8\)"),
     ({"train": {"mixup": -0.2}}, "train.mixup: -0.2; expected the Beta parameter"),
@@ -110,6 +126,75 @@ def test_resume_refuses_a_different_config_and_allows_more_epochs(plates, tmp_pa
         plan_run(cfg(plates, tmp_path, train={"lr": 0.5, "split": {"val": 0.25, "test": 0.0}}))
     fresh = plan_run(cfg(plates, tmp_path, train={"lr": 0.5, "run_name": "other", "split": {"val": 0.25, "test": 0.0}}))
     assert not fresh.resume
+
+
+def test_good_optimiser_values_plan(plates, tmp_path):
+    plan_run(cfg(plates, tmp_path, train={"grad_clip": 1.0, "momentum": 0.0, "weight_decay": 0.0,
+                                          "keep_checkpoints": None, "split": {"val": 0.25, "test": 0.0}}))
+
+
+def _glob_plates(root, names, labels=("pos", "neg", "neg")):
+    wells = [f"{r}{c:02d}" for r in "AB" for c in range(1, 7)]
+    ann = pd.DataFrame({"Metadata_Well": wells, "Metadata_Label": [labels[i % len(labels)] for i in range(12)]})
+    for name in names:
+        make_plate(str(root / "plates" / f"{name}.zarr"), name, wells=wells, fields=1, annotations=ann,
+                   field_shape=(16, 16))
+    return [str(root / "plates" / "*.zarr")]
+
+
+def test_resume_refuses_a_changed_split_of_the_wells_and_keeps_the_stored_one(tmp_path):
+    """A plate the plates: glob now matches reshuffles the split (a same config): wells the run
+    trained on could be validated on, so the run does not resume."""
+    import dataclasses
+    import json
+
+    from rayscreen.train.plan import SPLIT_FILE
+
+    glob = _glob_plates(tmp_path, ["P1", "P2"])
+    config = config_from_dict({"plates": glob, "output": str(tmp_path / "out"), "stream": {"normalize": "none"},
+                               "label": {"column": "Metadata_Label", "positive": ["pos"]},
+                               "model": {"name": "milnet", "kwargs": {"width": [4, 4, 4]}},
+                               "train": {"split": {"val": 0.25, "test": 0.0}}})
+    first = plan_run(config)
+    write_run_config(first)
+    stored_file = tmp_path / "out" / "train" / "checkpoints" / "train" / SPLIT_FILE
+    stored = stored_file.read_text()
+    assert json.loads(stored)["classes"] == ["neg", "pos"] and len(json.loads(stored)["wells"]) == 24
+    again = plan_run(config)  # the same data: resumes, and the stored split stays as it was
+    assert again.resume
+    write_run_config(again)
+    assert stored_file.read_text() == stored
+    _glob_plates(tmp_path, ["P3"])
+    with pytest.raises(ConfigError, match=r"train.run_name: run 'train' exists but the plates and labels now give "
+                                          r"another split or classes .* e.g. P\d/\w+: train -> val.*new train.run_name"):
+        plan_run(config)
+    assert stored_file.read_text() == stored
+    assert not plan_run(config.replace(train=dataclasses.replace(config.train, run_name="more"))).resume  # fresh
+
+
+def test_resume_refuses_changed_classes(tmp_path):
+    glob = _glob_plates(tmp_path, ["P1", "P2"], labels=("a", "b", "c"))
+    config = config_from_dict({"plates": glob, "output": str(tmp_path / "out"), "stream": {"normalize": "none"},
+                               "label": {"column": "Metadata_Label"},
+                               "model": {"name": "milnet", "kwargs": {"width": [4, 4, 4]}},
+                               "train": {"split": {"by": "plate", "val": 0.5, "test": 0.0}}})
+    write_run_config(plan_run(config))
+    _glob_plates(tmp_path, ["P0"], labels=("a", "b", "c", "d"))  # a new label value: the classes change
+    with pytest.raises(ConfigError, match=r"train.run_name: .*classes \['a', 'b', 'c'\] -> \['a', 'b', 'c', 'd'\]"):
+        plan_run(config)
+
+
+def test_split_differences_name_each_changed_well():
+    from rayscreen.train.plan import split_differences
+
+    old = {"classes": ["neg", "pos"], "wells": [["P", "A01", "train", 0], ["P", "A02", "val", 1], ["P", "A03", "train", 1]]}
+    new = {"classes": ["neg", "pos"], "wells": [["P", "A01", "val", 0], ["P", "A02", "val", 0], ["Q", "A01", "test", 1]]}
+    assert split_differences(old, old) == []
+    assert split_differences(old, new) == ["P/A01: train -> val", "P/A02: label 1 -> 0", "P/A03: gone", "Q/A01: new"]
+    new["classes"] = ["a", "b"]
+    new["wells"][1][2] = "train"  # val -> train: after the wells trained on that are now validated on
+    assert split_differences(old, new)[:3] == ["classes ['neg', 'pos'] -> ['a', 'b']", "P/A01: train -> val",
+                                               "P/A02: val -> train"]
 
 
 def test_config_differences_ignore_resumable_and_later_stages():

@@ -9,8 +9,9 @@ from torch import nn
 
 from rayscreen.config import TrainConfig
 from rayscreen.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from rayscreen.train.step import (balance_repeats, classification_metrics, make_optimizer, make_scheduler, mixup,
-                                  model_loss, predict, random_crops, repeat_rows, step_scheduler, train_step)
+from rayscreen.train.step import (balance_repeats, broadcast_buffers, classification_metrics, make_optimizer,
+                                  make_scheduler, mixup, model_loss, predict, random_crops, repeat_rows,
+                                  restore_scheduler, step_scheduler, train_step)
 
 
 def test_metrics_binary_by_hand():
@@ -158,6 +159,60 @@ def test_schedulers():
     assert make_scheduler(opt, TrainConfig(schedule="none")) is None
 
 
+def _lrs(cfg, epochs, opt, sched):
+    """The lr of each epoch, stepped once per epoch as the loop does."""
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        step_scheduler(sched, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("first, total", [(2, 4), (10, 20), (6, 8), (4, 3)])
+def test_resumed_cosine_follows_the_new_epoch_count(first, total):
+    """train.epochs may change on resume: the cosine continues on the curve of the new length
+    (the stored T_max made the lr climb back up after the old end, or train at lr 0)."""
+    import dataclasses
+
+    cfg = TrainConfig(lr=0.1, momentum=0.0, schedule="cosine", epochs=first)
+    opt = make_optimizer(Tiny().parameters(), cfg)
+    sched = make_scheduler(opt, cfg)
+    _lrs(cfg, first, opt, sched)
+    more = dataclasses.replace(cfg, epochs=total)
+    opt2 = make_optimizer(Tiny().parameters(), more)
+    opt2.load_state_dict(opt.state_dict())  # as the loop: the optimiser first (its lr), then the schedule
+    sched2 = make_scheduler(opt2, more)
+    restore_scheduler(sched2, sched.state_dict(), more)
+    fresh_cfg = make_optimizer(Tiny().parameters(), more)
+    fresh = _lrs(more, total, fresh_cfg, make_scheduler(fresh_cfg, more))
+    resumed = _lrs(more, max(0, total - first), opt2, sched2)
+    assert resumed == pytest.approx(fresh[first:], abs=1e-12)
+    assert all(b <= a + 1e-12 for a, b in zip(fresh, fresh[1:]))  # never back up
+
+
+def test_restore_scheduler_leaves_plateau_as_stored():
+    cfg = TrainConfig(lr=1.0, schedule="plateau", metric="val_loss", epochs=3)
+    opt = make_optimizer(Tiny().parameters(), cfg)
+    sched = make_scheduler(opt, cfg)
+    for _ in range(5):
+        step_scheduler(sched, 1.0)
+    opt2 = make_optimizer(Tiny().parameters(), cfg)
+    opt2.load_state_dict(opt.state_dict())
+    sched2 = make_scheduler(opt2, cfg)
+    restore_scheduler(sched2, sched.state_dict(), TrainConfig(lr=1.0, schedule="plateau", metric="val_loss",
+                                                              epochs=30))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1) and sched2.num_bad_epochs == sched.num_bad_epochs
+
+
+def test_broadcast_buffers_without_a_process_group_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    model.train()(torch.rand(4, 1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broadcast_buffers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_checkpoint_round_trip_tensors_and_json(tmp_path):
     model = Tiny()
     cfg = TrainConfig(lr=0.5, schedule="cosine")
@@ -245,3 +300,37 @@ def test_epoch_score_orders_epochs_and_never_keeps_a_collapsed_or_undefined_one(
     assert epoch_score(float("nan"), "max") == -math.inf and epoch_score(None, "min") == -math.inf
     # a collapsed teacher's loss may be the lowest of the run: it still scores -inf
     assert epoch_score(0.001, "min", collapsed="one prototype") == -math.inf
+
+
+def test_ties_go_to_the_latest_epoch_in_the_loop_and_the_export():
+    """The loop's best_epoch and the exported checkpoint agree on tied metrics: the latest
+    tie, the one Ray keeps (it deletes the earliest of tied checkpoints first)."""
+    from rayscreen.train.loop import best_checkpoint, epoch_score, is_new_best
+
+    for mode, values in (("max", [0.5, 0.5, 0.4, 0.5, float("nan")]), ("min", [0.3, 0.2, 0.2, 0.25, 0.2])):
+        best_value = best_epoch = None
+        for epoch, v in enumerate(values, 1):
+            if is_new_best(epoch_score(v, mode), v, best_value, mode):
+                best_value, best_epoch = v, epoch
+        assert best_epoch == (4 if mode == "max" else 5)
+        kept = [(f"ckpt{e}", {"epoch": e, "score": epoch_score(v, mode)}) for e, v in enumerate(values, 1)]
+        for k in (1, 2, len(kept)):  # whichever of the ties Ray still keeps: the latest of them
+            survivors = sorted(kept, key=lambda p: (p[1]["score"], p[1]["epoch"]))[-k:]
+            assert best_checkpoint(survivors) == f"ckpt{best_epoch}"
+    assert not is_new_best(-math.inf, 0.9, None, "max")  # an undefined or collapsed epoch is never best
+    # scores as read back (null for -inf): the latest epoch, never a crash
+    assert best_checkpoint([("a", {"epoch": 1, "score": None}), ("b", {"epoch": 2, "score": None})]) == "b"
+    assert best_checkpoint([]) is None
+
+
+def test_no_finite_score_warning_condition_survives_the_checkpoint(tmp_path):
+    """-inf scores are stored as JSON null: the warning that no epoch had a finite metric
+    must still see them."""
+    from rayscreen.train.loop import epoch_score, no_finite_score
+
+    history = [{"epoch": e, "score": epoch_score(float("nan"), "max")} for e in (1, 2)]
+    save_checkpoint(str(tmp_path), TrainState(epoch=2, history=history), {"w": torch.zeros(1)})
+    stored = load_checkpoint(str(tmp_path))["state"].history
+    assert no_finite_score(history) and no_finite_score(stored)
+    assert not no_finite_score(stored + [{"epoch": 3, "score": 0.7}])
+    assert not no_finite_score([])
