@@ -282,7 +282,7 @@ def _finish(plan: TrainPlan, result) -> TrainResult:
         input={"level": config.stream.level, "tile": config.stream.tile, "crop": config.train.crop,
                "dtype": "float32"},
         epoch=state.epoch, metrics={k: v for k, v in epoch_metrics.items() if v is None or isinstance(v, (int, float))},
-        config=config.to_dict()), config.storage_options)
+        config=config.to_record()), config.storage_options)
     metrics = write_metrics(latest.history, plan.run_dir, config.storage_options)
     return TrainResult(run_dir=plan.run_dir, artefact=artefact, metrics=metrics, epochs_completed=latest.epoch,
                        best_epoch=state.epoch)
@@ -521,7 +521,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                          **config.model.kwargs)
     meta = {"channels": cfg["channels"], "classes": cfg["classes"], "normalization": cfg["normalization"],
             "plates": cfg["plates"], "model": {"name": config.model.name, "kwargs": config.model.kwargs},
-            "config": cfg["config"]}
+            "config": config.to_record()}
     state = TrainState(meta=meta)
     loaded = None
     checkpoint = ray.train.get_checkpoint()

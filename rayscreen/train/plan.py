@@ -30,7 +30,9 @@ METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "v
 RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.use_gpu",
              "train.cpus_per_worker", "train.keep_checkpoints")
 # sections that do not affect training (a later stage's settings)
-UNRELATED = ("infer", "profile", "analysis", "report", "stages")
+# storage_options and output say how the data and the run are reached (credentials rotate; a
+# relative and an absolute output name one run), not what is trained
+UNRELATED = ("infer", "profile", "analysis", "report", "stages", "storage_options", "output")
 
 
 @dataclass
@@ -160,7 +162,7 @@ def check_resume(config: Config, storage_path: str, run_name: str, split: dict[s
         raise ConfigError(f"train.run_name: {run_name!r} exists under {storage_path} but holds no {CONFIG_FILE}; "
                           "choose another train.run_name")
     stored = json.loads(fs.cat(stored_file))
-    diff = config_differences(stored, config.to_dict())
+    diff = config_differences(stored, config.to_record())
     if diff:
         raise ConfigError(f"train.run_name: run {run_name!r} exists and was started with a different config "
                           f"({', '.join(diff[:8])} differ); refusing to resume it. Use a new train.run_name "
@@ -192,7 +194,7 @@ def write_run_config(plan: TrainPlan) -> None:
         with fs.open(split_file, "w") as f:
             f.write(json.dumps(split_record(plan.wells, plan.classes)))
     with fs.open(f"{path}/{CONFIG_FILE}", "w") as f:
-        f.write(json.dumps(plan.config.to_dict(), default=str))
+        f.write(json.dumps(plan.config.to_record(), default=str))
 
 
 def plan_run(config: Config) -> TrainPlan:
@@ -281,7 +283,7 @@ def plan_run(config: Config) -> TrainPlan:
 
         counts = wells.loc[wells["split"] == "train", "label_index"].value_counts()
         repeats = balance_repeats({int(k): int(v) for k, v in counts.items()})
-    run_dir = join(config.output, "train")
+    run_dir = join(config.output, "train")  # absolute when local (config_from_dict): see store.uri.absolute
     storage_path = join(run_dir, "checkpoints")
     resume = check_resume(config, storage_path, t.run_name, split_record(wells, classes))
     return TrainPlan(config=config, uris=uris, plate_names=names, channels=channels, classes=classes, wells=wells,

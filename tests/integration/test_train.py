@@ -18,6 +18,8 @@ import torch
 
 from rayscreen.config import config_from_dict
 
+from .infer_helpers import FAKE_CREDENTIALS, files_holding
+
 pytestmark = pytest.mark.integration
 
 EPOCHS = 3
@@ -96,7 +98,8 @@ def trained(ray_local, screen, tmp_path_factory):
     thread.start()
     start = time.time()
     try:
-        result = run_train(make_config(uris, output), progress=False)
+        # with credentials in storage_options (local paths ignore them): never written out
+        result = run_train(make_config(uris, output).replace(storage_options=FAKE_CREDENTIALS), progress=False)
     finally:
         stop.set()
         thread.join(5)
@@ -196,7 +199,11 @@ def test_rerun_with_same_name_resumes_instead_of_starting_over(trained, screen):
     from rayscreen.train import read_events, run_train
 
     result, _, _, output = trained
-    again = run_train(make_config(screen[0], output), progress=False)
+    # the run's run config, checkpoints and exported model hold no credential
+    assert not [f for secret in FAKE_CREDENTIALS.values() for f in files_holding(output, secret)]
+    # credentials rotated since: how the data is reached, not what is trained, so it resumes
+    rotated = {"key": "AKIAROTATED", "secret": "another-fake-secret"}
+    again = run_train(make_config(screen[0], output).replace(storage_options=rotated), progress=False)
     # restored from the run's latest checkpoint (epoch EPOCHS): nothing left to train
     assert read_events(result.run_dir)[-1]["from_epoch"] == EPOCHS
     assert again.epochs_completed == EPOCHS
