@@ -325,7 +325,24 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", lines: d
         data = copy.deepcopy(data)
         for key, value in overrides.items():
             _set_dotted(data, key, value)
-    return _build(Config, data, "", _Where(source, lines or {}, tuple(overrides or ())))
+    return _absolute_paths(_build(Config, data, "", _Where(source, lines or {}, tuple(overrides or ()))))
+
+
+def _absolute_paths(config: Config) -> Config:
+    """Local paths of a config made absolute, relative to the directory the command runs in:
+    Ray's workers may run elsewhere (Ray Train's own directory, a cluster started in another
+    one). Plate lists are resolved where they are expanded (``expand_uris``)."""
+    from .store.uri import absolute
+
+    def fix(value):
+        return absolute(value) if value else value
+
+    return dataclasses.replace(
+        config, output=fix(config.output), platemap=fix(config.platemap),
+        infer=dataclasses.replace(config.infer, checkpoint=fix(config.infer.checkpoint)),
+        profile=dataclasses.replace(config.profile, weights=fix(config.profile.weights)),
+        analysis=dataclasses.replace(config.analysis, qc=dataclasses.replace(
+            config.analysis.qc, annotations=fix(config.analysis.qc.annotations))))
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pandas as pd
 from ..store import BadImageError, RayscreenError, create_plate, read_platemap, well_name
 from ..store.annotations import PLATE_COL, WELL_COL
 from ..store.plate import check_finite
-from ..store.uri import join
+from ..store.uri import absolute, join
 from ..progress import Progress, iter_progress
 from ..raylocal import ensure_ray
 from ..store.writer import PlateWriter
@@ -126,6 +126,7 @@ def ingest(
     # one storage_options for the CSV, its images and the plates: remote inputs and outputs
     # usually live on the same object store
     loaddata = read_loaddata(loaddata_csv, storage_options)
+    out_dir = absolute(out_dir)  # the plates' URIs travel to Ray workers, which may run elsewhere
     platemap_df = read_platemap(platemap, storage_options) if platemap else None
     uris, jobs = [], []
     for plate in loaddata.plates:

@@ -39,6 +39,15 @@ def local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (``file://`` dropped); a remote URI as given. Paths are
+    handed to Ray workers, which may run in another directory than the driver: Ray Train
+    runs its workers in a directory of its own, and a cluster started elsewhere keeps its
+    own working directory."""
+    uri = str(uri)
+    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI without ``os.path`` mangling ``s3://``."""
     out = str(uri).rstrip("/")
@@ -211,8 +220,9 @@ def expand_uris(uris: str | Sequence[str], storage_options: dict[str, Any] | Non
     (``s3://bucket/screen/*.zarr``, listed through fsspec with ``storage_options``).
 
     Each glob is replaced by its matches, sorted; remote matches keep their protocol
-    (``s3://...``). A glob matching nothing is an error naming it. Other entries are kept
-    as given (trailing ``/`` removed), unchecked. A plate listed twice (overlapping globs,
+    (``s3://...``), local ones are made absolute (:func:`absolute`). A glob matching nothing
+    is an error naming it. Other entries are kept (local ones made absolute, trailing ``/``
+    removed), unchecked. A plate listed twice (overlapping globs,
     ``[screen/*.zarr, screen/A.zarr]``) is kept once, where it first appears: streaming it
     twice would give every field of it twice under the same (plate, well, field) key.
     """
@@ -220,13 +230,13 @@ def expand_uris(uris: str | Sequence[str], storage_options: dict[str, Any] | Non
     for uri in [uris] if isinstance(uris, str) else list(uris):
         uri = str(uri)
         if not any(ch in uri for ch in "*?["):
-            out.append(uri.rstrip("/"))
+            out.append(absolute(uri.rstrip("/")))
             continue
         if is_remote(uri):
             fs, path = filesystem(uri, storage_options)
             found = sorted(fs.unstrip_protocol(p).rstrip("/") for p in fs.glob(path.rstrip("/")))
         else:
-            found = sorted(p.rstrip("/") for p in glob.glob(uri))
+            found = sorted(absolute(p.rstrip("/")) for p in glob.glob(local_path(uri)))
         if not found:
             raise RayscreenError(f"plate glob {uri!r} matches nothing")
         out += found

@@ -13,12 +13,15 @@ from rayscreen.synth import load_moa_fields
 pytestmark = pytest.mark.integration
 
 
-def test_demo_runs_the_whole_pipeline(tmp_path, ray_local, capsys):
+def test_demo_runs_the_whole_pipeline(tmp_path, ray_local, capsys, monkeypatch):
     import xarray as xr
 
     out = tmp_path / "demo"
-    # fewer epochs than the demo's default: the test checks the wiring, the demo shows the figures
-    summary = run_demo(str(out), quiet=True, overrides=["train.epochs=2"])
+    # a relative output, as `make demo` gives it (Ray Train runs its workers in a directory of
+    # its own); fewer epochs than the demo's default: the test checks the wiring, the demo
+    # shows the figures
+    monkeypatch.chdir(tmp_path)
+    summary = run_demo("demo", quiet=True, overrides=["train.epochs=2"])
     assert len(summary["plates"]) == 2 and summary["fields"] == 288
     # ingest: the ingested plates hold the synthetic screen's pixels and annotations
     synth = open_plate(str(out / "synth" / "moa-p01.zarr"))

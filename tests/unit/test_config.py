@@ -1,5 +1,7 @@
 """The config parser: strict, typed, errors name the dotted key and its line."""
 
+import os
+
 import pytest
 
 from rayscreen.config import Config, ConfigError, config_from_dict, dump_config, load_config, parse_overrides
@@ -10,7 +12,8 @@ MINIMAL = "plates: [plates/*.zarr]\noutput: out\n"
 def test_defaults_and_sections():
     c = load_config(MINIMAL + "train:\n  epochs: 3\n  split:\n    by: plate\n")
     assert isinstance(c, Config)
-    assert c.plates == ["plates/*.zarr"] and c.output == "out"
+    # a local output made absolute against the working directory: Ray's workers may run elsewhere
+    assert c.plates == ["plates/*.zarr"] and c.output == os.path.abspath("out")
     assert c.train.epochs == 3 and c.train.split.by == "plate"
     assert c.train.batch_size == 32  # default kept
     assert c.stream.normalize == "percentile"
@@ -155,3 +158,14 @@ def test_written_configs_never_hold_credentials(tmp_path):
     assert text == dump_config(config) and "endpoint_url" in text
     for secret in ("AKIAFAKEKEY123", "not-a-real-secret", "tok-xyz"):
         assert secret not in text
+
+
+def test_local_paths_are_absolute_remote_ones_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = config_from_dict({"plates": ["p/*.zarr"], "output": "run", "platemap": "file://pm.csv",
+                          "infer": {"checkpoint": "s3://b/model"}, "profile": {"weights": "w/r18.pth"},
+                          "analysis": {"qc": {"annotations": "qc.csv"}}})
+    assert c.output == str(tmp_path / "run") and c.platemap == str(tmp_path / "pm.csv")
+    assert c.infer.checkpoint == "s3://b/model" and c.profile.weights == str(tmp_path / "w" / "r18.pth")
+    assert c.analysis.qc.annotations == str(tmp_path / "qc.csv")
+    assert config_from_dict(c.to_dict()) == c  # round trip unchanged
