@@ -33,3 +33,25 @@ def test_no_keys_and_private_dashboard():
         assert node["node_config"]["IamInstanceProfile"]["Name"]  # S3 through an instance role
     assert all("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"] if "--head" in c)
     assert cfg["available_node_types"]["gpu"]["min_workers"] == 0 and cfg["idle_timeout_minutes"] > 0
+
+
+def test_nodes_run_an_image_that_can_install_the_package():
+    """The host AMI's Python (Ubuntu 22.04: 3.10, no pip) cannot install rayscreen: every node
+    runs Ray's image, whose Python satisfies requires-python, GPU nodes its -gpu variant."""
+    import re
+    import tomllib
+
+    cfg = _load()
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]
+    minimum = tuple(int(p) for p in re.search(r">=\s*(\d+)\.(\d+)", project["requires-python"]).groups())
+    images = {cfg["docker"]["image"]} | {n["docker"]["worker_image"] for n in cfg["available_node_types"].values()
+                                         if "docker" in n}
+    for image in images:
+        major, minor = re.search(r"-py(\d)(\d+)-", image).groups()
+        assert (int(major), int(minor)) >= minimum, image
+    for name, node in cfg["available_node_types"].items():
+        gpu = node["node_config"]["InstanceType"].startswith(("g", "p"))
+        image = node.get("docker", {}).get("worker_image", cfg["docker"]["image"])
+        assert image.endswith("-gpu") == gpu, (name, image)
+    assert any("pip install -e ~/rayscreen" in c for c in cfg["setup_commands"])
+    assert cfg["file_mounts"]["~/rayscreen"] == "."
