@@ -9,11 +9,11 @@ the marker's fingerprint matches, and reruns it when the config changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from typing import Any, Callable
 
 from .config import Config, ConfigError, write_config
@@ -79,7 +79,7 @@ def applicable_stages(config: Config) -> list[str]:
 
 
 def fingerprint(config: Config, stage: str) -> str:
-    d = asdict(config)
+    d = dataclasses.asdict(config)
     relevant = {}
     for key in _READS[stage]:
         value = d
@@ -114,8 +114,12 @@ def _mark_complete(config: Config, stage: str, seconds: float, result: Any) -> N
 
 
 def _summary(result: Any) -> Any:
+    """A stage's result for its marker: scalars as they are, dicts and dataclasses (train's
+    TrainResult) by their scalar entries; tables and arrays left out."""
     if isinstance(result, (str, int, float, type(None))):
         return result
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        result = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     if isinstance(result, dict):
         return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, type(None)))}
     return repr(result)[:200]

@@ -50,3 +50,25 @@ def test_a_stage_that_runs_again_reruns_every_later_one(tmp_path, monkeypatch):
     (tmp_path / "out" / "stages" / "profile.json").unlink()
     results = pipeline.run_pipeline(config, stages=stages, progress=False)
     assert results["illum"] == "skipped" and calls == ["profile", "aggregate", "evaluate"]
+
+
+def test_a_stage_marker_summarises_a_dataclass_result_by_its_scalars(tmp_path, monkeypatch):
+    """train returns a TrainResult (a dataclass holding a metrics table): its marker keeps the
+    run directory and epochs, not a truncated repr of the table."""
+    import dataclasses
+    import json
+
+    import pandas as pd
+
+    @dataclasses.dataclass
+    class Result:
+        run_dir: str
+        epochs_completed: int
+        metrics: pd.DataFrame
+
+    monkeypatch.setattr(pipeline, "stage_function",
+                        lambda stage: lambda config, progress=True: Result("/r", 3, pd.DataFrame({"a": [1]})))
+    config = _config(tmp_path)
+    pipeline.run_pipeline(config, stages=["train"], progress=False)
+    marker = json.loads((tmp_path / "out" / "stages" / "train.json").read_text())
+    assert marker["result"] == {"run_dir": "/r", "epochs_completed": 3}
