@@ -26,6 +26,7 @@ by ``rayscreen aggregate``), ``n_fields``, ``done``.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 from collections import defaultdict
 from typing import Any, Callable
@@ -270,7 +271,9 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                 except MissingWellError:
                     present = set()
                 flush(i, present)
-    writer.finalize()
+    # as infer's store: when it finished, and what this run computed and skipped
+    writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    last_run={"computed": len(todo), "skipped": len(done)})
     return uri
 
 

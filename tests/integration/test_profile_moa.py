@@ -75,12 +75,14 @@ def test_profile_aggregate_evaluate(screen, ray_local, capsys):
                                rtol=1e-5, atol=1e-6)
 
     assert ds.attrs["rayscreen"]["config"]["storage_options"]["secret"] == "***"
+    assert ds.attrs["rayscreen"]["last_run"] == {"computed": 96, "skipped": 0} and ds.attrs["rayscreen"]["finished"]
     assert not [f for secret in FAKE_CREDENTIALS.values() for f in files_holding(root, secret)]
 
     # resume: a rerun on the complete store reads nothing and changes nothing
     before = ds["field_profile"].isel(well=5).to_numpy()
     assert run_profile(config, progress=False) == store
     np.testing.assert_array_equal(xr.open_zarr(store)["field_profile"].isel(well=5).to_numpy(), before)
+    assert xr.open_zarr(store).attrs["rayscreen"]["last_run"] == {"computed": 0, "skipped": 96}
 
     tables = run_aggregate(config)
     for key in ("well", "treatment", "well_classical", "treatment_classical", "qc"):
