@@ -1,4 +1,4 @@
-"""``ray job submit ... -- python jobs/ingest.py LOADDATA.csv OUT_DIR [--platemap P]``.
+"""``ray job submit ... -- python jobs/ingest.py LOADDATA.csv OUT_DIR [--platemap P] [--quiet]``.
 
 The same function as ``rayscreen ingest``: the CLI's parser and code path.
 """

@@ -29,6 +29,33 @@ def _storage_options(text: str | None) -> dict | None:
     return options
 
 
+def _int_at_least(low: int):
+    """An argparse ``type``: an integer ``>= low``. A value out of range is a usage error
+    naming the flag (exit 2), caught before a command writes anything."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {low}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction in [0, 1]")
+    return value
+
+
 def cmd_info(args) -> int:
     from .store.info import format_info, plate_info
 
@@ -75,6 +102,15 @@ def _load(args, extra: dict | None = None):
     return config
 
 
+def _check_plates(config) -> None:
+    """Expand the config's plate globs before Ray starts: one that matches nothing is then
+    an error within a second, not after a local Ray has taken ~15 s to start (the stage
+    expands them again; a listing is cheap next to a Ray start)."""
+    from .store.uri import expand_uris
+
+    expand_uris(config.plates, config.storage_options)
+
+
 def _init_ray() -> None:
     # Under `ray job submit` RAY_ADDRESS points at the cluster and ray.init() joins it;
     # on a laptop the same call starts a local embedded Ray.
@@ -93,11 +129,14 @@ def cmd_stage(args) -> int:
     # not after starting Ray); Ray Data / Ray Train then start or join Ray themselves.
     # illum spreads its Ray tasks only over a Ray that is already up: start or join it.
     if args.command == "illum":
+        _check_plates(config)
         _init_ray()
     result = run_stage(config, args.command, progress=not args.quiet)
     if result is None or args.quiet:
         return 0
-    if args.command == "evaluate":
+    if args.command == "train":
+        print(_train_summary(result, config.train.metric))
+    elif args.command == "evaluate":
         # the comparison table is printed above; the full result (per-MOA figures, confusion
         # matrices) is a page of JSON, so say where it is instead of printing it
         from .analysis.stages import evaluation_dir
@@ -107,6 +146,20 @@ def cmd_stage(args) -> int:
     else:
         print(json.dumps(result, default=str) if isinstance(result, dict) else result)
     return 0
+
+
+def _train_summary(result, metric: str) -> str:
+    """A few lines on a training run (its result holds the whole metrics table, whose repr
+    pandas truncates to a meaningless excerpt): epochs, the best epoch and its score, where
+    the model and the run are."""
+    best, metrics, score = result.best_epoch, result.metrics, ""
+    if best is not None and metric in metrics.columns:
+        rows = metrics[metrics["epoch"] == best]
+        if len(rows):
+            score = f" ({metric} {float(rows[metric].iloc[-1]):.4g})"
+    return "\n".join([f"train: {result.epochs_completed} epoch(s); best epoch {best}{score}",
+                      f"model: {result.artefact}",
+                      f"run: {result.run_dir}"])
 
 
 def cmd_illum(args) -> int:
@@ -126,6 +179,7 @@ def cmd_illum(args) -> int:
                                "storage_options": _storage_options(args.storage_options),
                                "stream": {"illumination": True, "normalize": "percentile"}},
                               source="illum", overrides=overrides)
+    _check_plates(config)
     _init_ray()
     result = stage_function("illum")(config, progress=not args.quiet)
     if not args.quiet:
@@ -142,6 +196,7 @@ def cmd_run(args) -> int:
     # join it when illum is going to run (the plan run_pipeline makes); otherwise a cluster's
     # pipeline job fits every plate one after another on the head node
     if "illum" in planned_stages(config, stages) and (args.force or not is_complete(config, "illum")):
+        _check_plates(config)
         _init_ray()
     run_pipeline(config, stages=stages, progress=not args.quiet, force=args.force)
     return 0
@@ -175,40 +230,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="<stage>")
+    # every command takes --quiet after its name too (`rayscreen ingest CSV OUT --quiet`, and
+    # jobs/*.py, which put their arguments after the command); SUPPRESS: when not given there,
+    # the top-level flag's value stands
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
-    s = sub.add_parser("synth", help="write a synthetic screen (WSCNN simulation or MOA screen)")
+    s = sub.add_parser("synth", help="write a synthetic screen (WSCNN simulation or MOA screen)", parents=[quiet])
     s.add_argument("kind", choices=["wscnn", "moa"])
     s.add_argument("out_dir")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-images", type=int, default=400, help="wscnn: number of images (fields)")
-    s.add_argument("--rare-fraction", type=float, default=0.1, help="wscnn: circles among objects of positive images")
-    s.add_argument("--n-plates", type=int, default=2, help="moa: number of plates (batches)")
+    s.add_argument("--seed", type=_int_at_least(0), default=0)
+    s.add_argument("--n-images", type=_int_at_least(1), default=400, help="wscnn: number of images (fields)")
+    s.add_argument("--rare-fraction", type=_fraction, default=0.1,
+                   help="wscnn: circles among objects of positive images, in [0, 1]")
+    s.add_argument("--n-plates", type=_int_at_least(1), default=2, help="moa: number of plates (batches)")
     s.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint_url")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("ingest", help="LoadData CSV + TIFF/PNG images -> OME-Zarr plates")
+    s = sub.add_parser("ingest", help="LoadData CSV + TIFF/PNG images -> OME-Zarr plates", parents=[quiet])
     s.add_argument("loaddata", metavar="LOADDATA.csv")
     s.add_argument("out_dir", metavar="OUT_DIR")
     s.add_argument("--platemap", help="CSV/TSV/parquet of per-well annotations (overrides the CSV's)")
     s.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5")
-    s.add_argument("--levels", type=int, default=1, help="pyramid levels to write")
+    s.add_argument("--levels", type=_int_at_least(1), default=1, help="pyramid levels to write (1: no pyramid)")
     s.add_argument("--no-ray", action="store_true", help="write in this process instead of Ray tasks")
     s.add_argument("--storage-options", help="JSON fsspec options for an s3:// OUT_DIR")
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("info", help="summarise plates: wells, fields, channels, shape, chunks, bytes")
+    s = sub.add_parser("info", help="summarise plates: wells, fields, channels, shape, chunks, bytes",
+                       parents=[quiet])
     s.add_argument("uris", nargs="+", metavar="URI")
     s.add_argument("--json", action="store_true")
     s.add_argument("--storage-options", help="JSON fsspec options")
     s.set_defaults(func=cmd_info)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[quiet])
     common.add_argument("config", metavar="CONFIG.yaml")
     common.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=2 (repeatable)")
     common.add_argument("--storage-options", metavar="JSON",
                         help="JSON fsspec options merged over the config's storage_options")
-    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     for stage, text in [
         ("train", "weakly supervised training on Ray Train (label, model, train sections)"),
         ("infer", "batch inference to the results store: scores, saliency, profiles"),
@@ -220,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, help=text, parents=[common])
         s.set_defaults(func=cmd_stage)
 
-    s = sub.add_parser("illum", help="per-plate illumination functions and normalisers, stored with the plates")
+    s = sub.add_parser("illum", help="per-plate illumination functions and normalisers, stored with the plates",
+                       parents=[quiet])
     s.add_argument("config", nargs="+", metavar="CONFIG.yaml | PLATE",
                    help="a config (stream section), or plate URIs/globs")
     s.add_argument("--normalize", choices=["none", "percentile", "meanstd", "control"],
@@ -229,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON fsspec options (with a config: merged over its storage_options)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set stream.level=1 (repeatable)")
-    s.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     s.set_defaults(func=cmd_illum)
 
-    s = sub.add_parser("config", help="print a config with every default filled in, or the reference of every key")
+    s = sub.add_parser("config", help="print a config with every default filled in, or the reference of every key",
+                       parents=[quiet])
     s.add_argument("config", nargs="?", metavar="CONFIG.yaml")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     s.add_argument("--storage-options", metavar="JSON",
@@ -245,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rerun stages even when complete")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("demo", help="the main job on a local embedded Ray, on a small synthetic screen")
+    s = sub.add_parser("demo", help="the main job on a local embedded Ray, on a small synthetic screen",
+                       parents=[quiet])
     s.add_argument("--out", default="demo_out")
     s.set_defaults(func=cmd_demo)
     return p

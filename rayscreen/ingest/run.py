@@ -103,6 +103,34 @@ def _check_complete_wells(writer, uri: str, sites: dict[str, int], todo: list[st
                              "OUT_DIR, or delete the plate to write it again")
 
 
+def _is_int(value: Any, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
+
+
+def _check_arguments(ngff: str, levels: Any, chunks: Any, wells_per_task: Any) -> None:
+    """Errors naming the argument, before anything is read or written: a bad value would
+    otherwise write a plate that cannot be read (``levels=0``: no level 0), write nothing
+    (``wells_per_task < 0``) or fail deep in a Ray task."""
+    if ngff not in ("0.4", "0.5"):
+        raise RayscreenError(f"ngff={ngff!r}: expected '0.4' or '0.5'")
+    if not _is_int(levels, 1):
+        raise RayscreenError(f"levels={levels!r}: expected an integer >= 1 (1: level 0 only, no pyramid)")
+    if chunks is not None and not (isinstance(chunks, (tuple, list)) and len(chunks) == 3
+                                   and all(_is_int(c, 1) for c in chunks)):
+        raise RayscreenError(f"chunks={chunks!r}: expected None or a (c, y, x) triple of integers >= 1")
+    if not _is_int(wells_per_task, 1):
+        raise RayscreenError(f"wells_per_task={wells_per_task!r}: expected an integer >= 1")
+
+
+def _check_levels(levels: int, shape: tuple[int, ...], plate: str, reference: str) -> None:
+    """Each pyramid level halves Y and X: the last must keep at least one pixel."""
+    y, x = shape[-2:]
+    if min(y, x) >> (levels - 1) < 1:
+        most = min(y, x).bit_length()
+        raise RayscreenError(f"levels={levels}: plate {plate!r} has {y} x {x} images ({reference}), which halve "
+                             f"to nothing; expected at most {most} level(s)")
+
+
 def ingest(
     loaddata_csv: str,
     out_dir: str,
@@ -123,6 +151,7 @@ def ingest(
     well stays incomplete, and a rerun resumes. ``loaddata_csv`` and its ``PathName``s may be
     URIs (``s3://...``); ``storage_options`` serve them as well as ``out_dir``.
     """
+    _check_arguments(ngff, levels, chunks, wells_per_task)
     # one storage_options for the CSV, its images and the plates: remote inputs and outputs
     # usually live on the same object store
     loaddata = read_loaddata(loaddata_csv, storage_options)
@@ -133,6 +162,7 @@ def ingest(
         table = loaddata.table[loaddata.table[PLATE_COL] == plate]
         first = table.iloc[0]
         probe = _site_image(loaddata, first, f"plate {plate!r} {_reference(table)}")
+        _check_levels(levels, probe.shape, plate, _reference(table))
         sites_per_well = table.groupby(WELL_COL).size()
         annotations = loaddata.annotations(plate)
         if platemap_df is not None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..store import RayscreenError
 from ..store.uri import expand_uris, filesystem, is_remote, join
 from . import figures as F
@@ -128,6 +128,15 @@ class ReportWriter:
 def run_report(config: Config, *, progress: bool = True) -> str:
     """Write the report of the run under ``config.output``; returns the page's path (local
     runs) or URI (remote runs): ``<output>/report/index.html``."""
+    # the plates are opened only when a figure needs them (and a plate that cannot be opened
+    # costs only those figures), but a glob matching nothing is a mistake in the config, an
+    # error in every stage: expand the globs before anything is written
+    try:
+        expand_uris(config.plates, config.storage_options)
+    except RayscreenError as e:
+        raise ConfigError(f"plates: {e}") from None
+    except OSError:  # storage unreachable: not the config's fault; the figures that need plates say so
+        pass
     outputs = RunOutputs(config.output, config.storage_options)
     writer = ReportWriter(outputs)
     try:

@@ -8,6 +8,8 @@ task scheduling, resuming a half-written plate).
 
 from __future__ import annotations
 
+import math
+import numbers
 import string
 from typing import Any, Sequence
 
@@ -25,6 +27,39 @@ STREAM_COMPOUND = 4
 
 # Standard plate formats used here: wells -> (rows, columns).
 PLATE_GRID = {96: (8, 12), 384: (16, 24)}
+
+
+def invalid_argument(message: str) -> Exception:
+    # imported here: rayscreen.store pulls in zarr, which the pure generators do without
+    from rayscreen.store.errors import RayscreenError
+
+    return RayscreenError(message)
+
+
+def check_int(name: str, value: Any, low: int = 1) -> None:
+    """``value`` is an integer ``>= low``, else a :class:`~rayscreen.store.RayscreenError`
+    naming ``name``: checked before a screen writes anything, so a bad argument leaves no
+    half-written folder behind (and is a user error, not a traceback from numpy)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise invalid_argument(f"{name}={value!r}: expected an integer >= {low}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """``value`` is a number in [0, 1] (NaN is not), else an error naming ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            or not 0.0 <= value <= 1.0):
+        raise invalid_argument(f"{name}={value!r}: expected a fraction in [0, 1]")
+
+
+def check_shape(name: str, value: Any) -> None:
+    """``value`` is a (Y, X) pair of integers >= 1."""
+    try:
+        ok = len(value) == 2 and all(not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 1
+                                     for v in value)
+    except TypeError:  # not a sequence
+        ok = False
+    if not ok:
+        raise invalid_argument(f"{name}={value!r}: expected a (Y, X) pair of integers >= 1")
 
 
 def field_rng(seed: int, plate_idx: int, well_idx: int, field_idx: int) -> np.random.Generator:

@@ -28,6 +28,7 @@ The writer :func:`synth_moa` puts them into plates.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Mapping, Sequence
 
@@ -35,8 +36,9 @@ import numpy as np
 import pandas as pd
 from skimage.filters import gaussian
 
-from .common import (STREAM_COMPOUND, STREAM_LAYOUT, STREAM_PLATE, field_rng, import_create_plate, join, plate_uri,
-                     read_tables, stream_rng, well_at, well_index, write_table)
+from .common import (STREAM_COMPOUND, STREAM_LAYOUT, STREAM_PLATE, check_fraction, check_int, check_shape, field_rng,
+                     import_create_plate, invalid_argument, join, plate_uri, read_tables, stream_rng, well_at,
+                     well_index, write_table)
 
 CHANNELS = ("DNA", "Actin", "Tubulin")
 ARTEFACTS = ("blur", "saturation", "debris", "empty")
@@ -340,7 +342,7 @@ def make_compounds(seed: int = 0, n_moas: int = 6, compounds_per_moa: int = 2, j
     """
     moas = list(MOA_DIRECTIONS)
     if not 1 <= n_moas <= len(moas):
-        raise ValueError(f"n_moas={n_moas}: this generator knows {len(moas)} MOAs ({moas})")
+        raise invalid_argument(f"n_moas={n_moas!r}: expected 1 to {len(moas)} (the MOAs this generator knows: {moas})")
     rows = []
     for m, moa in enumerate(moas[:n_moas]):
         for k in range(compounds_per_moa):
@@ -455,13 +457,23 @@ def design_moa_screen(
     first wells of a 96-well plate taken column by column (384-well when more than 96 are
     needed). Concentrations are in µM; ``strength`` scales every effect (0: no signal).
     """
-    if n_plates < 1:
-        raise ValueError(f"n_plates={n_plates}: expected at least 1")
-    if not 0.0 <= rare_fraction <= 1.0 or not 0.0 <= artefact_fraction <= 1.0:
-        raise ValueError(f"rare_fraction={rare_fraction}, artefact_fraction={artefact_fraction}: expected fractions")
+    check_int("n_plates", n_plates)
+    check_int("seed", seed, 0)  # numpy seeds are non-negative
+    check_int("n_moas", n_moas)
+    check_int("compounds_per_moa", compounds_per_moa)
+    check_int("replicates", replicates)
+    check_int("n_controls", n_controls, 0)
+    check_int("fields_per_well", fields_per_well)
+    check_shape("field_shape", field_shape)
+    check_fraction("rare_fraction", rare_fraction)
+    check_fraction("artefact_fraction", artefact_fraction)
+    if not len(concentrations) or not all(isinstance(c, numbers.Real) and c > 0 for c in concentrations):
+        raise invalid_argument(f"concentrations={list(concentrations)!r}: expected one or more positive numbers (µM)")
+    if not strength >= 0:  # NaN too
+        raise invalid_argument(f"strength={strength!r}: expected a number >= 0 (0: no signal)")
     bad = sorted(set(artefact_kinds) - set(ARTEFACTS))
     if bad or not artefact_kinds:
-        raise ValueError(f"artefact kinds {list(artefact_kinds)}: expected some of {ARTEFACTS}")
+        raise invalid_argument(f"artefact_kinds={list(artefact_kinds)}: expected some of {ARTEFACTS}")
     compounds = make_compounds(seed, n_moas, compounds_per_moa)
     concentrations = tuple(float(c) for c in sorted(concentrations))
     treatments = [(c.compound, c.moa, d) for c in compounds.itertuples() for d in range(len(concentrations))]
@@ -469,7 +481,7 @@ def design_moa_screen(
     n_wells = len(conditions)
     plate_format = 96 if n_wells <= 96 else 384
     if n_wells > plate_format:
-        raise ValueError(f"{n_wells} wells per plate do not fit a 384-well plate; lower replicates or n_controls")
+        raise invalid_argument(f"{n_wells} wells per plate do not fit a 384-well plate; lower replicates or n_controls")
     wells = [well_at(i, plate_format, order="column") for i in range(n_wells)]
     rows = []
     for p in range(n_plates):
@@ -519,10 +531,11 @@ def synth_moa(
     back with :func:`load_moa_fields`). A rerun on an existing output resumes (complete
     wells are skipped) unless ``overwrite``.
     """
-    create_plate = import_create_plate()
+    # the design checks every argument: a bad one fails here, before any plate is created
     screen = design_moa_screen(seed, n_plates, field_shape=field_shape, fields_per_well=fields_per_well,
                                rare_fraction=rare_fraction, artefact_fraction=artefact_fraction,
                                name_prefix=name_prefix, **design_kwargs)
+    create_plate = import_create_plate()
     uris = []
     for plate in screen.plates:
         annotations = screen.annotations(plate)

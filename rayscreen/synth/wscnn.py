@@ -36,8 +36,8 @@ import pandas as pd
 from skimage.draw import ellipse as draw_ellipse
 from skimage.filters import gaussian
 
-from .common import (field_rng, import_create_plate, plate_uri, read_tables, stream_rng, STREAM_LAYOUT,
-                     well_at, join, write_table)
+from .common import (check_fraction, check_int, check_shape, field_rng, import_create_plate, plate_uri,
+                     read_tables, stream_rng, STREAM_LAYOUT, well_at, join, write_table)
 
 OBJECT_COLUMNS = ["object", "kind", "rare", "slot", "cy", "cx", "major_axis", "minor_axis", "orientation",
                   "intensity", "y0", "x0", "y1", "x1"]
@@ -113,6 +113,8 @@ def render_wscnn_image(
     labels : int32 (Y, X), 0 background and ``object + 1`` on each object's drawn
         pixels; only when ``return_labels``.
     """
+    # numpy's choice of circles would fail, unhelpfully, on a fraction above 1
+    check_fraction("rare_fraction", rare_fraction)
     positions = grid_positions(shape, grid)
     lo, hi = n_objects
     n = int(rng.integers(lo, min(hi, len(positions)), endpoint=True))
@@ -170,10 +172,10 @@ def wscnn_layout(n_images: int, fields_per_well: int = 4, positive_fraction: flo
     ``well_idx`` (row-major position in the plate), ``Metadata_Label`` ("positive" or
     "negative"), ``Metadata_Split`` ("train", "val", "test").
     """
-    if n_images < 1 or fields_per_well < 1:
-        raise ValueError(f"n_images={n_images} and fields_per_well={fields_per_well}: both must be >= 1")
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction={positive_fraction}: expected a fraction in [0, 1]")
+    check_int("n_images", n_images)
+    check_int("fields_per_well", fields_per_well)
+    check_fraction("positive_fraction", positive_fraction)
+    check_int("seed", seed, 0)  # numpy seeds are non-negative
     n_wells = -(-n_images // fields_per_well)
     rng = stream_rng(seed, STREAM_LAYOUT)
     order = rng.permutation(n_wells)
@@ -225,8 +227,11 @@ def synth_wscnn(
     Images are pure functions of ``(seed, plate, well, field)``; a rerun on an existing
     output resumes (complete wells are skipped) unless ``overwrite``.
     """
-    create_plate = import_create_plate()
+    # every argument checked before the first plate is created: a bad one leaves no partial output
+    check_fraction("rare_fraction", rare_fraction)
+    check_shape("shape", shape)
     layout = wscnn_layout(n_images, fields_per_well, positive_fraction, seed, name_prefix)
+    create_plate = import_create_plate()
     uris = []
     for plate, wells in layout.groupby("plate", sort=True):
         annotations = pd.DataFrame({

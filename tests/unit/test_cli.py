@@ -89,3 +89,90 @@ def test_run_starts_ray_when_illum_will_run(config_path, recorded, monkeypatch):
     assert recorded["init_ray"] == 1  # illum complete: skipped
     assert main(["--quiet", "run", config_path, "--force"]) == 0
     assert recorded["init_ray"] == 2  # --force reruns it
+
+
+@pytest.mark.parametrize("argv", [
+    ["synth", "moa", "out"], ["ingest", "load_data.csv", "out"], ["info", "P.zarr"], ["demo"],
+    ["config", "screen.yaml"], ["illum", "P.zarr"], ["train", "screen.yaml"], ["run", "screen.yaml"],
+])
+def test_every_command_takes_quiet_after_its_name_and_the_top_level_flag_still_works(argv):
+    parser = build_parser()
+    assert parser.parse_args([*argv, "--quiet"]).quiet is True
+    assert parser.parse_args(["--quiet", *argv]).quiet is True
+    assert parser.parse_args(argv).quiet is False
+
+
+def test_jobs_ingest_passes_a_trailing_quiet_on(monkeypatch, tmp_path):
+    # jobs/ingest.py hands its arguments to `rayscreen ingest`: --quiet comes after the command
+    import os
+    import runpy
+    import sys
+
+    import rayscreen.ingest
+
+    calls = {}
+    monkeypatch.setattr(rayscreen.ingest, "ingest", lambda csv, out, **kw: calls.update(kw) or [])
+    monkeypatch.setattr(sys, "argv", ["jobs/ingest.py", "load_data.csv", str(tmp_path), "--no-ray", "--quiet"])
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "ingest.py")
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(script, run_name="__main__")
+    assert exit_.value.code == 0 and calls["progress"] is False and calls["use_ray"] is False
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["moa", "--n-plates", "0"], "argument --n-plates: 0: expected an integer >= 1"),
+    (["wscnn", "--n-images", "0"], "argument --n-images: 0: expected an integer >= 1"),
+    (["wscnn", "--n-images", "-3"], "argument --n-images: -3: expected an integer >= 1"),
+    (["wscnn", "--rare-fraction", "2"], "argument --rare-fraction: 2: expected a fraction in [0, 1]"),
+    (["wscnn", "--rare-fraction", "-0.1"], "argument --rare-fraction: -0.1: expected a fraction in [0, 1]"),
+    (["wscnn", "--rare-fraction", "nan"], "argument --rare-fraction: nan: expected a fraction in [0, 1]"),
+    (["moa", "--seed", "-1"], "argument --seed: -1: expected an integer >= 0"),
+])
+def test_synth_out_of_range_arguments_exit_2_naming_the_flag_and_write_nothing(tmp_path, capsys, argv, expected):
+    out = tmp_path / "screen"
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", argv[0], str(out), *argv[1:]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("levels", ["0", "-1"])
+def test_ingest_levels_below_1_exit_2(tmp_path, capsys, levels):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ingest", str(tmp_path / "load_data.csv"), str(tmp_path / "out"), "--levels", levels])
+    assert exit_.value.code == 2
+    assert f"argument --levels: {levels}: expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plate_glob_matching_nothing_fails_before_ray_starts(tmp_path, capsys, recorded):
+    nothing = str(tmp_path / "nope" / "*.zarr")
+    assert main(["--quiet", "illum", nothing]) == 2
+    assert f"rayscreen illum: error: plate glob '{nothing}' matches nothing" in capsys.readouterr().err
+    config = tmp_path / "glob.yaml"
+    config.write_text(f"plates: ['{nothing}']\noutput: {tmp_path / 'out'}\n"
+                      "stream: {illumination: true, normalize: meanstd}\n")
+    for command in ["illum", "run"]:
+        assert main(["--quiet", command, str(config)]) == 2
+        assert f"rayscreen {command}: error: plate glob '{nothing}' matches nothing" in capsys.readouterr().err
+    assert recorded["init_ray"] == 0 and "config" not in recorded
+
+
+def test_train_prints_a_short_summary_not_the_result_repr(config_path, capsys, monkeypatch):
+    import pandas as pd
+
+    from rayscreen.train.loop import TrainResult
+
+    metrics = pd.DataFrame({"epoch": [1, 2, 3], "val_balanced_accuracy": [0.5, 0.875, 0.75]})
+    result = TrainResult(run_dir="/o/train", artefact="/o/train/model", metrics=metrics, epochs_completed=3,
+                         best_epoch=2)
+    monkeypatch.setattr(pipeline, "run_stage", lambda config, stage, progress=True: result)
+    assert main(["train", config_path]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "train: 3 epoch(s); best epoch 2 (val_balanced_accuracy 0.875)",
+        "model: /o/train/model",
+        "run: /o/train",
+    ]
+    assert main(["train", config_path, "--quiet"]) == 0
+    assert capsys.readouterr().out == ""

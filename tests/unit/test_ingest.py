@@ -258,3 +258,28 @@ def test_a_complete_well_whose_sites_changed_is_an_error_not_skipped(tmp_path):
     with pytest.raises(RayscreenError, match=r"plate 'PA' .*1 complete well.*A01 \(1 written, 2 in the LoadData\)"):
         ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
     assert len(open_plate(uri).fields("A01")) == 1  # nothing was touched
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"levels": 0}, r"levels=0: expected an integer >= 1"),
+    ({"levels": -1}, r"levels=-1: expected an integer >= 1"),
+    ({"wells_per_task": 0}, r"wells_per_task=0: expected an integer >= 1"),
+    ({"wells_per_task": -2}, r"wells_per_task=-2: expected an integer >= 1"),
+    ({"chunks": (1, 0, 8)}, r"chunks=\(1, 0, 8\): expected None or a \(c, y, x\) triple of integers >= 1"),
+    ({"chunks": (1, 8)}, r"chunks=\(1, 8\): expected None or a \(c, y, x\) triple"),
+    ({"ngff": "0.3"}, r"ngff='0.3': expected '0.4' or '0.5'"),
+    # 24 x 30 images halve to 1 x 1 at level 4 (the fifth level) and to nothing after it
+    ({"levels": 6}, r"levels=6: plate 'PA' has 24 x 30 images \(well A01 site 1\), which halve to nothing; "
+                    r"expected at most 5 level\(s\)"),
+])
+def test_ingest_out_of_range_arguments_fail_before_writing(tmp_path, kwargs, expected):
+    csv = write_screen(tmp_path, plates=("PA",))
+    with pytest.raises(RayscreenError, match=expected):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ingest_most_levels_the_images_allow(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=1)
+    uri, = ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False, levels=5)
+    assert open_plate(uri).read("A01", 0, level=4).shape == (2, 1, 1)

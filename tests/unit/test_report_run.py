@@ -158,3 +158,24 @@ def test_rerun_removes_figures_of_the_previous_report(tmp_path):
     shutil.rmtree(os.path.join(config.output, "results.zarr"))
     run_report(config, progress=False)
     assert sorted(os.listdir(figures)) == ["training_curves.png"]
+
+
+def test_a_plate_glob_matching_nothing_is_an_error_and_writes_no_report(tmp_path, capsys):
+    # as in every other stage (docs/cluster.md): the report opens plates only for figures, so
+    # without this check an empty glob gave an empty report and exit 0
+    from rayscreen.cli import main
+    from rayscreen.config import ConfigError
+
+    nothing = str(tmp_path / "nope" / "*.zarr")
+    config = config_from_dict({"plates": [nothing], "output": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match=r"plates: plate glob '.*nope/\*\.zarr' matches nothing"):
+        run_report(config, progress=False)
+    assert not os.path.exists(os.path.join(config.output, "report"))
+
+    path = tmp_path / "screen.yaml"
+    path.write_text(f"plates: ['{nothing}']\noutput: {tmp_path / 'out'}\n")
+    assert main(["--quiet", "report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayscreen report: error: plates: plate glob") and "Traceback" not in err
+    assert not os.path.exists(os.path.join(config.output, "report"))
+    assert not os.path.exists(os.path.join(config.output, "stages", "report.json"))

@@ -427,3 +427,40 @@ def test_synth_moa_to_s3(s3_bucket):
     plate = store.open_plate(uris[0], storage_options=options)
     assert plate.read(plate.wells[0], "0").shape == (3, 48, 48)
     assert len(load_moa_fields(f"{bucket}/screen", storage_options=options)) == 4
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks: a user error (RayscreenError, exit 2), raised before anything is written
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, kwargs, expected", [
+    ("wscnn", {"n_images": 0}, "n_images=0: expected an integer >= 1"),
+    ("wscnn", {"n_images": -4}, "n_images=-4: expected an integer >= 1"),
+    ("wscnn", {"fields_per_well": 0}, "fields_per_well=0: expected an integer >= 1"),
+    ("wscnn", {"rare_fraction": 2}, "rare_fraction=2: expected a fraction in [0, 1]"),
+    ("wscnn", {"rare_fraction": float("nan")}, "rare_fraction=nan: expected a fraction in [0, 1]"),
+    ("wscnn", {"positive_fraction": -0.5}, "positive_fraction=-0.5: expected a fraction in [0, 1]"),
+    ("wscnn", {"seed": -1}, "seed=-1: expected an integer >= 0"),
+    ("wscnn", {"shape": (0, 280)}, "shape=(0, 280): expected a (Y, X) pair of integers >= 1"),
+    ("moa", {"n_plates": 0}, "n_plates=0: expected an integer >= 1"),
+    ("moa", {"fields_per_well": 0}, "fields_per_well=0: expected an integer >= 1"),
+    ("moa", {"rare_fraction": 1.5}, "rare_fraction=1.5: expected a fraction in [0, 1]"),
+    ("moa", {"artefact_fraction": -0.1}, "artefact_fraction=-0.1: expected a fraction in [0, 1]"),
+    ("moa", {"seed": -2}, "seed=-2: expected an integer >= 0"),
+    ("moa", {"field_shape": (64,)}, "field_shape=(64,): expected a (Y, X) pair of integers >= 1"),
+    ("moa", {"replicates": 0}, "replicates=0: expected an integer >= 1"),
+    ("moa", {"n_controls": -1}, "n_controls=-1: expected an integer >= 0"),
+    ("moa", {"n_moas": 99}, "n_moas=99: expected 1 to 8"),
+    ("moa", {"concentrations": ()}, "concentrations=[]: expected one or more positive numbers"),
+    ("moa", {"strength": -1.0}, "strength=-1.0: expected a number >= 0"),
+])
+def test_synth_out_of_range_arguments_are_user_errors_and_write_nothing(tmp_path, kind, kwargs, expected):
+    from rayscreen.store import RayscreenError
+    from rayscreen.synth import synth_moa, synth_wscnn
+
+    out = tmp_path / "screen"
+    with pytest.raises(RayscreenError) as e:
+        (synth_wscnn if kind == "wscnn" else synth_moa)(str(out), **kwargs)
+    assert expected in str(e.value)
+    assert not out.exists()
