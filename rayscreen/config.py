@@ -337,8 +337,12 @@ def _absolute_paths(config: Config) -> Config:
     def fix(value):
         return absolute(value) if value else value
 
+    kwargs = dict(config.model.kwargs)
+    if isinstance(kwargs.get("trunk_weights"), str):  # milnet's torchvision trunk, loaded in Ray Train's workers
+        kwargs["trunk_weights"] = fix(kwargs["trunk_weights"])
     return dataclasses.replace(
         config, output=fix(config.output), platemap=fix(config.platemap),
+        model=dataclasses.replace(config.model, kwargs=kwargs),
         infer=dataclasses.replace(config.infer, checkpoint=fix(config.infer.checkpoint)),
         profile=dataclasses.replace(config.profile, weights=fix(config.profile.weights)),
         analysis=dataclasses.replace(config.analysis, qc=dataclasses.replace(

@@ -32,7 +32,7 @@ _READS = {
     "illum": ("plates", "platemap", "stream", "analysis.control_column", "analysis.control_value"),
     "train": ("plates", "platemap", "stream", *_TRAINED),
     "infer": ("plates", "platemap", "stream", *_TRAINED, "infer"),
-    "profile": ("plates", "platemap", "stream", "analysis.control_column", "analysis.control_value", "profile"),
+    "profile": ("plates", "platemap", "stream", "profile"),
     "aggregate": ("plates", "platemap", "stream", *_TRAINED, "infer", "profile", "analysis"),
     "evaluate": ("plates", "platemap", "stream", *_TRAINED, "infer", "profile", "analysis"),
     "report": (),  # cheap: always rerun
@@ -82,6 +82,8 @@ def fingerprint(config: Config, stage: str) -> str:
     d = dataclasses.asdict(config)
     relevant = {}
     for key in _READS[stage]:
+        if key.startswith("analysis.control_") and config.stream.normalize != "control":
+            continue  # only the control normaliser reads which wells are controls
         value = d
         for part in key.split("."):
             value = value[part]

@@ -347,11 +347,16 @@ def _max_fields(plate) -> int:
 
 
 def model_fingerprint(model, meta) -> str:
-    """sha256 (16 hex digits) of the model's tensors and the artefact's metadata: two
-    artefacts give the same one only if they score every field the same."""
+    """sha256 (16 hex digits) of the model's tensors and of the metadata that decides how a
+    field is scored (architecture, channels, classes, normalisation, input): two artefacts
+    give the same one only if they score every field the same. Not the training config,
+    epoch or metrics: a finished run exported again (a resumed ``rayscreen run``) is the
+    same model."""
     from ..models import weights_fingerprint
 
-    return weights_fingerprint(model, meta.to_dict())
+    scoring = {k: v for k, v in meta.to_dict().items() if k in ("model", "channels", "classes", "normalization",
+                                                                 "input")}
+    return weights_fingerprint(model, scoring)
 
 
 def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:

@@ -158,7 +158,7 @@ def profile_settings(config: Config, channels: list[str], backbone_fingerprint: 
     resumes and other weights do not), channel handling, and the stream. A resumed run
     with other settings is refused rather than mixed into the store."""
     cfg, s = config.profile, config.stream
-    return {"profile.backbone": cfg.backbone, "profile.weights": cfg.weights, "backbone": backbone_fingerprint,
+    return {"profile.backbone": cfg.backbone, "backbone": backbone_fingerprint,
             "profile.channel_mode": cfg.channel_mode, "profile.rgb": cfg.rgb, "profile.input_size": cfg.input_size,
             "profile.tiles": cfg.tiles, "stream.channels": list(channels), "stream.level": s.level,
             "stream.illumination": s.illumination, "stream.normalize": s.normalize}

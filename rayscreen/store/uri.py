@@ -24,7 +24,12 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .errors import CorruptDataError, MissingChunkError, RayscreenError
 
-_SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+# a key containing any of these holds a secret (s3fs key/secret/token, adlfs account_key,
+# sas_token, connection_string, credential, client_secret; HTTP Authorization headers)
+_SECRET_KEYS = ("key", "secret", "token", "password", "passphrase", "credential", "connection_string", "auth",
+                "sas", "signature")
+# gcsfs's token may name a way to find credentials instead of holding one: shown as it is
+_TOKEN_MODES = ("anon", "google_default", "cloud", "browser")
 
 # Keys that hold metadata, not chunks: their absence is normal while probing formats.
 _METADATA_SUFFIXES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
@@ -59,11 +64,17 @@ def join(uri: str, *parts: str) -> str:
 def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """A copy safe to print: secret values replaced by ``***``."""
 
-    def scrub(d: dict) -> dict:
-        return {
-            k: ("***" if any(s in k.lower() for s in _SECRET_KEYS) else scrub(v) if isinstance(v, dict) else v)
-            for k, v in d.items()
-        }
+    def secret(key: str, value: Any) -> bool:
+        if value is None or (key.lower() == "token" and value in _TOKEN_MODES):
+            return False
+        return any(s in key.lower() for s in _SECRET_KEYS)
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: "***" if secret(str(k), v) else scrub(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [scrub(v) for v in value]
+        return value
 
     return scrub(dict(storage_options or {}))
 

@@ -31,8 +31,9 @@ RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.u
              "train.cpus_per_worker", "train.keep_checkpoints")
 # sections that do not affect training (a later stage's settings)
 # storage_options and output say how the data and the run are reached (credentials rotate; a
-# relative and an absolute output name one run), not what is trained
-UNRELATED = ("infer", "profile", "analysis", "report", "stages", "storage_options", "output")
+# relative and an absolute output name one run), not what is trained; platemap is a path too
+# (made absolute since): what it changes, each well's label and split, the split record checks
+UNRELATED = ("infer", "profile", "analysis", "report", "stages", "storage_options", "output", "platemap")
 
 
 @dataclass

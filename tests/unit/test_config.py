@@ -164,8 +164,28 @@ def test_local_paths_are_absolute_remote_ones_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = config_from_dict({"plates": ["p/*.zarr"], "output": "run", "platemap": "file://pm.csv",
                           "infer": {"checkpoint": "s3://b/model"}, "profile": {"weights": "w/r18.pth"},
+                          "model": {"name": "milnet", "kwargs": {"trunk": "resnet18", "trunk_weights": "w/r18.pth"}},
                           "analysis": {"qc": {"annotations": "qc.csv"}}})
     assert c.output == str(tmp_path / "run") and c.platemap == str(tmp_path / "pm.csv")
     assert c.infer.checkpoint == "s3://b/model" and c.profile.weights == str(tmp_path / "w" / "r18.pth")
     assert c.analysis.qc.annotations == str(tmp_path / "qc.csv")
+    assert c.model.kwargs == {"trunk": "resnet18", "trunk_weights": str(tmp_path / "w" / "r18.pth")}
     assert config_from_dict(c.to_dict()) == c  # round trip unchanged
+
+
+def test_redact_masks_the_credentials_of_every_fsspec_backend():
+    from rayscreen.store.uri import redact
+
+    options = {"key": "K", "secret": "S", "client_kwargs": {"aws_session_token": "T"},
+               "account_key": "AK", "sas_token": "SAS", "connection_string": "AccountKey=abc;", "credential": "C",
+               "tenant_id": "tenant", "client_secret": "CS", "headers": {"Authorization": "Bearer xyz"},
+               "endpoint_url": "http://127.0.0.1:9", "anon": False, "token": "google_default",
+               "profiles": [{"password": "P", "name": "n"}]}
+    masked = redact(options)
+    assert masked["endpoint_url"] == "http://127.0.0.1:9" and masked["anon"] is False
+    assert masked["token"] == "google_default"  # gcsfs: a way to find credentials, not one
+    assert masked["tenant_id"] == "tenant" and masked["profiles"][0]["name"] == "n"
+    text = repr(masked)
+    for secret in ("'K'", "'S'", "'T'", "AK", "SAS", "AccountKey", "'C'", "CS", "Bearer", "'P'"):
+        assert secret not in text, secret
+    assert redact({"token": "ya29.secret"})["token"] == "***"

@@ -17,3 +17,26 @@ def test_the_most_fields_of_a_plate_without_field_count(tmp_path):
     plate = open_plate(uri)
     assert plate.meta.field_count is None
     assert _max_fields(plate) == 3
+
+
+def test_the_model_fingerprint_follows_scoring_not_the_training_record():
+    """A finished run exported again (a resumed `rayscreen run`) records another config,
+    epoch or metrics: the same model, so an infer store made with it resumes. Other classes
+    or weights score differently and must not."""
+    import torch
+
+    from rayscreen.infer.run import model_fingerprint
+    from rayscreen.models import create_model
+    from rayscreen.models.artefact import ArtefactMeta
+
+    torch.manual_seed(0)
+    model = create_model("wscnn", in_channels=2, num_classes=2, width=0.25)
+    meta = ArtefactMeta(model={"name": "wscnn", "kwargs": {"width": 0.25}}, channels=["DNA", "Actin"],
+                        classes=["neg", "pos"], epoch=3, metrics={"val_accuracy": 0.9}, config={"output": "/a"})
+    first = model_fingerprint(model, meta)
+    again = ArtefactMeta(**{**meta.__dict__, "epoch": 5, "metrics": {}, "config": {"output": "/b"}})
+    assert model_fingerprint(model, again) == first
+    assert model_fingerprint(model, ArtefactMeta(**{**meta.__dict__, "classes": ["pos", "neg"]})) != first
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert model_fingerprint(model, meta) != first

@@ -11,9 +11,9 @@ def _config(tmp_path, **sections):
 
 
 @pytest.mark.parametrize("stage, key, value, stale", [
-    # illum's control normaliser: which wells are controls
-    ("illum", "analysis", {"control_value": "cpd1"}, True),
     ("illum", "platemap", "other.csv", True),
+    # which wells are controls: only the control normaliser reads it (test below)
+    ("illum", "analysis", {"control_value": "cpd1"}, False),
     ("illum", "analysis", {"whiten": True}, False),  # not read by illum
     # aggregate / evaluate may read infer's results store: the model and its training count
     ("aggregate", "train", {"epochs": 7}, True),
@@ -25,6 +25,12 @@ def test_fingerprint_follows_what_a_stage_reads(tmp_path, stage, key, value, sta
     base = _config(tmp_path)
     changed = _config(tmp_path, **{key: value})
     assert (pipeline.fingerprint(base, stage) != pipeline.fingerprint(changed, stage)) is stale
+
+
+def test_the_control_normaliser_makes_illum_depend_on_the_control_wells(tmp_path):
+    base = _config(tmp_path, stream={"normalize": "control"})
+    changed = _config(tmp_path, stream={"normalize": "control"}, analysis={"control_value": "cpd1"})
+    assert pipeline.fingerprint(base, "illum") != pipeline.fingerprint(changed, "illum")
 
 
 def test_a_stage_that_runs_again_reruns_every_later_one(tmp_path, monkeypatch):
