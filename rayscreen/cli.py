@@ -335,6 +335,30 @@ def job_main(stage: str, argv: list[str] | None = None) -> int:
     return main([*quiet, stage, config, *rest])
 
 
+def _storage_problem(error: BaseException) -> str | None:
+    """A user-facing message when ``error`` (or an exception it came from) says that storage
+    could not be reached or read: no credentials, an endpoint that does not answer, access
+    denied, a path that is not there. ``None`` for anything else, which keeps its traceback
+    (a bug). botocore's messages name the endpoint or the operation, never the credentials."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:  # s3fs not installed: no S3 errors to recognise
+        BotoCoreError = ClientError = NoCredentialsError = ()  # noqa: N806
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NoCredentialsError):
+            return ("S3: no credentials found (environment variables AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                    "an AWS profile or an instance role); for a public bucket pass --storage-options "
+                    "'{\"anon\": true}'")
+        if isinstance(error, (BotoCoreError, ClientError)):
+            return f"S3: {error}"
+        if isinstance(error, OSError) and not isinstance(error, (ConnectionRefusedError, TimeoutError)):
+            return f"storage: {error}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -343,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except RayscreenError as e:
         print(f"rayscreen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        problem = None if args.verbose else _storage_problem(e)
+        if problem is None:
+            raise
+        print(f"rayscreen {args.command}: error: {problem}", file=sys.stderr)
         return 2
     if not args.quiet:
         logging.getLogger(__name__).debug("%s took %.1f s", args.command, time.perf_counter() - start)

@@ -176,3 +176,17 @@ def test_train_prints_a_short_summary_not_the_result_repr(config_path, capsys, m
     ]
     assert main(["train", config_path, "--quiet"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_storage_without_credentials_is_a_message_not_a_traceback(monkeypatch, capsys):
+    """A common first mistake on a cluster or laptop: no AWS credentials anywhere. The real
+    botocore lookup fails (no server is contacted); the CLI says what to do and exits 2."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    code = main(["info", "s3://no-bucket/p.zarr", "--storage-options", '{"endpoint_url": "http://127.0.0.1:9"}'])
+    err = capsys.readouterr().err
+    assert code == 2 and "no credentials found" in err and '{"anon": true}' in err
+    assert "Traceback" not in err
