@@ -4,6 +4,7 @@ its ``jobs/`` entry point, so there is one code path for laptop and cluster."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import sys
@@ -362,6 +363,9 @@ def _storage_problem(error: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:  # botocore says at INFO where it found credentials: not the user's concern
+        for name in ("botocore", "aiobotocore", "s3fs"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
     try:
         code = args.func(args)
@@ -373,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None:
             raise
         print(f"rayscreen {args.command}: error: {problem}", file=sys.stderr)
+        # zarr's other reads of the failed request are left pending; when they are collected
+        # at exit aiobotocore raises in each ("Exception ignored in coroutine", a page of
+        # tracebacks under the message). The run has failed and said why: at exit (not now,
+        # for a caller that goes on) let them go quietly.
+        atexit.register(setattr, sys, "unraisablehook", lambda unraisable: None)
         return 2
     if not args.quiet:
         logging.getLogger(__name__).debug("%s took %.1f s", args.command, time.perf_counter() - start)

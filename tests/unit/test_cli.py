@@ -190,3 +190,18 @@ def test_storage_without_credentials_is_a_message_not_a_traceback(monkeypatch, c
     err = capsys.readouterr().err
     assert code == 2 and "no credentials found" in err and '{"anon": true}' in err
     assert "Traceback" not in err
+
+
+def test_an_endpoint_that_does_not_answer_is_a_message(monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake")
+    code = main(["info", "s3://no-bucket/p.zarr", "--storage-options",
+                 '{"endpoint_url": "http://127.0.0.1:%d", "config_kwargs": {"retries": {"max_attempts": 1}}}' % port])
+    err = capsys.readouterr().err
+    assert code == 2 and f"Could not connect to the endpoint URL: \"http://127.0.0.1:{port}" in err, err
+    assert "Traceback" not in err and "Found credentials" not in err
