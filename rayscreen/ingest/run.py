@@ -91,11 +91,11 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
-def _check_complete_wells(writer, uri: str, sites: dict[str, int], todo: list[str]) -> None:
-    """A rerun skips complete wells; one whose LoadData now lists another number of sites
-    (images added or dropped since it was written) would keep the old fields silently."""
-    changed = [(w, writer.complete_fields(w), sites[w]) for w in writer.wells if w not in todo]
-    changed = [c for c in changed if c[1] != c[2]]
+def _check_complete_wells(writer, uri: str, sites: dict[str, int], written: dict[str, int | None]) -> None:
+    """A rerun skips complete wells (``written``: each well's field count, ``None`` while
+    incomplete); one whose LoadData now lists another number of sites (images added or
+    dropped since it was written) would keep the old fields silently."""
+    changed = [(w, n, sites[w]) for w, n in written.items() if n is not None and n != sites[w]]
     if changed:
         listed = ", ".join(f"{w} ({old} written, {new} in the LoadData)" for w, old, new in changed[:5])
         raise RayscreenError(f"plate {writer.name!r} ({uri}): {len(changed)} complete well(s) have another number of "
@@ -173,8 +173,9 @@ def ingest(
         writer = create_plate(uri, plate, list(sites_per_well.index), list(loaddata.channels), probe.shape[1:],
                               probe.dtype, int(sites_per_well.max()), annotations=annotations, ngff=ngff,
                               levels=levels, chunks=chunks, storage_options=storage_options)
-        todo = [w for w in writer.wells if not writer.is_complete(w)]
-        _check_complete_wells(writer, uri, {well_name(w): int(n) for w, n in sites_per_well.items()}, todo)
+        written = {w: writer.complete_fields(w) for w in writer.wells}  # one metadata read per well
+        todo = [w for w, n in written.items() if n is None]
+        _check_complete_wells(writer, uri, {well_name(w): int(n) for w, n in sites_per_well.items()}, written)
         skipped = len(writer.wells) - len(todo)
         if skipped:
             log.info("plate %s: %d well(s) already complete, %d to write", plate, skipped, len(todo))

@@ -96,11 +96,7 @@ class PlateWriter:
         return self._paths[w]
 
     def is_complete(self, well: str) -> bool:
-        try:
-            group = self._root[self._path(well)]
-        except KeyError:
-            return False
-        return bool(group.attrs.get(NAMESPACE, {}).get("complete", False))
+        return self.complete_fields(well) is not None
 
     def complete_fields(self, well: str) -> int | None:
         """How many fields a complete well was written with; ``None`` while it is incomplete."""
