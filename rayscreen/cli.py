@@ -337,26 +337,27 @@ def job_main(stage: str, argv: list[str] | None = None) -> int:
 
 
 def _storage_problem(error: BaseException) -> str | None:
-    """A user-facing message when ``error`` (or an exception it came from) says that storage
-    could not be reached or read: no credentials, an endpoint that does not answer, access
-    denied, a path that is not there. ``None`` for anything else, which keeps its traceback
-    (a bug). botocore's messages name the endpoint or the operation, never the credentials."""
+    """A user-facing message when ``error`` (or an exception it came from, found as
+    :func:`~rayscreen.raylocal.cause_of` finds a worker's error) says that storage could not
+    be reached or read: no credentials, an endpoint that does not answer, access denied, a
+    path that is not there. ``None`` for anything else, which keeps its traceback (a bug).
+    botocore's messages name the endpoint or the operation, never the credentials."""
+    from .raylocal import cause_of
+
     try:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
     except ImportError:  # s3fs not installed: no S3 errors to recognise
         BotoCoreError = ClientError = NoCredentialsError = ()  # noqa: N806
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, NoCredentialsError):
-            return ("S3: no credentials found (environment variables AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                    "an AWS profile or an instance role); for a public bucket pass --storage-options "
-                    "'{\"anon\": true}'")
-        if isinstance(error, (BotoCoreError, ClientError)):
-            return f"S3: {error}"
-        if isinstance(error, OSError) and not isinstance(error, (ConnectionRefusedError, TimeoutError)):
-            return f"storage: {error}"
-        error = error.__cause__ or error.__context__
+    found = cause_of(error, (NoCredentialsError, BotoCoreError, ClientError, OSError))
+    if isinstance(found, NoCredentialsError):
+        return ("S3: no credentials found (environment variables AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "an AWS profile or an instance role); for a public bucket pass --storage-options "
+                "'{\"anon\": true}'")
+    if isinstance(found, (BotoCoreError, ClientError)):
+        return f"S3: {found}"
+    # a refused or timed-out connection may be Ray's own, not storage's: keep its traceback
+    if isinstance(found, OSError) and not isinstance(found, (ConnectionRefusedError, TimeoutError)):
+        return f"storage: {found}"
     return None
 
 

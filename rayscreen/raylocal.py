@@ -132,8 +132,9 @@ def stage_data_context() -> Iterator[None]:
             setattr(ctx, name, value)
 
 
-def cause_of(error: BaseException, kind: type[BaseException]) -> BaseException:
-    """The exception of type ``kind`` that ``error`` wraps, else ``error`` itself.
+def cause_of(error: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException:
+    """The exception of type ``kind`` (a type or a tuple of them) that ``error`` wraps, else
+    ``error`` itself.
 
     Ray wraps what a task or actor raised in ``RayTaskError`` (its ``cause``), and Ray Data
     wraps it once more (``UserCodeException``); the caller wants the error a worker raised
