@@ -264,8 +264,9 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             plates: dict[str, Any] = {}
             for (plate_name, well), i in list(todo_keys.items()):
                 plate_uri = plan["plate_uris"][plate_name]
-                plate = plates.get(plate_uri) or plates.setdefault(plate_uri,
-                                                                   open_plate(plate_uri, config.storage_options))
+                if plate_uri not in plates:
+                    plates[plate_uri] = open_plate(plate_uri, config.storage_options)
+                plate = plates[plate_uri]
                 try:
                     present = set(map(str, plate.fields(well)))
                 except MissingWellError:
