@@ -5,12 +5,13 @@ A checkpoint directory (one per epoch, handed to ``ray.train.Checkpoint``) holds
     model.pt       model state_dict (tensors only)
     optimizer.pt   optimiser state_dict (tensors, numbers, lists)
     scheduler.pt   scheduler state_dict (numbers), absent without a schedule
-    rng.pt         the CPU torch generators' states (uint8 tensors) of augmentation and crops
     extra.pt       further named state dicts of tensors (WS-DINO: its student, teacher and centre)
     state.json     epoch, best epoch/value, metric history, resolved config, classes,
                    channels, normalisation statistics, class map of the split
 
-All ``.pt`` files are read with ``torch.load(weights_only=True)``.
+All ``.pt`` files are read with ``torch.load(weights_only=True)``. No random state is
+stored: every random draw of an epoch (crops, augmentation, mixup, dropout, batch order)
+is seeded by (train.seed, rank, epoch), so a resumed epoch draws what it drew before.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from typing import Any
 
 import torch
 
-MODEL, OPTIMIZER, SCHEDULER, RNG, EXTRA, STATE = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "extra.pt",
-                                                  "state.json")
+MODEL, OPTIMIZER, SCHEDULER, EXTRA, STATE = "model.pt", "optimizer.pt", "scheduler.pt", "extra.pt", "state.json"
 
 
 @dataclass
@@ -60,7 +60,6 @@ def _json_safe(v: Any) -> Any:
 
 def save_checkpoint(directory: str, state: TrainState, model: dict[str, torch.Tensor],
                     optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
-                    rng: dict[str, torch.Tensor] | None = None,
                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write a checkpoint into an existing local ``directory``; returns it."""
     torch.save({k: v.detach().cpu() for k, v in model.items()}, os.path.join(directory, MODEL))
@@ -68,8 +67,6 @@ def save_checkpoint(directory: str, state: TrainState, model: dict[str, torch.Te
         torch.save(optimizer, os.path.join(directory, OPTIMIZER))
     if scheduler is not None:
         torch.save(scheduler, os.path.join(directory, SCHEDULER))
-    if rng:
-        torch.save(rng, os.path.join(directory, RNG))
     if extra:
         torch.save({name: {k: v.detach().cpu() for k, v in sd.items()} for name, sd in extra.items()},
                    os.path.join(directory, EXTRA))
@@ -80,7 +77,7 @@ def save_checkpoint(directory: str, state: TrainState, model: dict[str, torch.Te
 
 def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``{"state": TrainState, "model": ..., "optimizer": ... | None, "scheduler": ... | None,
-    "rng": ... | None, "extra": ... | None}`` from a checkpoint directory; tensors via ``weights_only=True``."""
+    "extra": ... | None}`` from a checkpoint directory; tensors via ``weights_only=True``."""
     def load(name):
         path = os.path.join(directory, name)
         return torch.load(path, map_location=map_location, weights_only=True) if os.path.exists(path) else None
@@ -88,4 +85,4 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
     with open(os.path.join(directory, STATE)) as f:
         state = TrainState.from_dict(json.load(f))
     return {"state": state, "model": load(MODEL), "optimizer": load(OPTIMIZER), "scheduler": load(SCHEDULER),
-            "rng": load(RNG), "extra": load(EXTRA)}
+            "extra": load(EXTRA)}

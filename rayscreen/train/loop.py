@@ -454,9 +454,15 @@ def _epoch_random(config: Config, rank: int, epoch: int):
     from ..stream.augment import Augmenter
 
     t = config.train
-    seed = (t.seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+    seed = epoch_seed(t.seed, rank, epoch)
     aug_cfg = augment_config(t.augment)
     return torch.Generator().manual_seed(seed), Augmenter(aug_cfg, seed=seed + 1) if aug_cfg is not None else None
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of everything random in one rank's epoch (a pure function: nothing random
+    needs checkpointing for a resumed epoch to repeat)."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
 
 
 def make_transform(config: Config, rank: int, epoch: int, num_classes: int | None = None):
@@ -588,6 +594,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     upcoming = None
     for epoch in range(state.epoch + 1, t.epochs + 1):
         start = time.time()
+        # torch's global generator (dropout; CPU and CUDA) restarts per epoch like the
+        # epoch's own generators, so a resumed epoch is the epoch an uninterrupted run trains
+        torch.manual_seed(epoch_seed(t.seed, rank, epoch) + 2)
         if distiller is None:
             transform = make_transform(config, rank, epoch, len(cfg["classes"]))
         else:
