@@ -5,6 +5,10 @@ resumable (it skips work whose outputs are complete). The pipeline adds one more
 level: when a stage finishes it writes ``<output>/stages/<stage>.json`` holding a
 fingerprint of the config sections that stage reads; a later run skips the stage when
 the marker's fingerprint matches, and reruns it when the config changed.
+
+A stage, and ``run`` across all its stages, holds ``<output>/.rayscreen.lock``
+(:mod:`.store.lock`): a second run on the same output fails naming the first instead of
+overwriting its stores.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from typing import Any, Callable
 
 from .config import Config, ConfigError, write_config
+from .store.lock import output_lock
 from .store.uri import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -128,12 +133,13 @@ def _summary(result: Any) -> Any:
 
 
 def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
-    """One stage, with its completion marker."""
+    """One stage, with its completion marker, holding the output's lock (one run per output)."""
     fn = stage_function(stage)
-    start = time.perf_counter()
-    write_config(config)
-    result = fn(config, progress=progress)
-    _mark_complete(config, stage, time.perf_counter() - start, result)
+    with output_lock(config.output, f"rayscreen {stage}", config.storage_options):
+        start = time.perf_counter()
+        write_config(config)
+        result = fn(config, progress=progress)
+        _mark_complete(config, stage, time.perf_counter() - start, result)
     return result
 
 
@@ -149,6 +155,11 @@ def run_pipeline(config: Config, *, stages: list[str] | None = None, progress: b
                  force: bool = False) -> dict[str, Any]:
     """Run ``stages`` (default: :func:`applicable_stages`) in order; skip complete ones unless ``force``."""
     todo = planned_stages(config, stages)
+    with output_lock(config.output, "rayscreen run", config.storage_options):
+        return _run_stages(config, todo, progress, force)
+
+
+def _run_stages(config: Config, todo: list[str], progress: bool, force: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for i, stage in enumerate(todo, 1):
         if not force and is_complete(config, stage):

@@ -205,3 +205,24 @@ def test_an_endpoint_that_does_not_answer_is_a_message(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"Could not connect to the endpoint URL: \"http://127.0.0.1:{port}" in err, err
     assert "Traceback" not in err and "Found credentials" not in err
+
+
+def test_a_stage_on_an_output_another_run_holds_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from .test_lock import hold_in_another_process
+
+    calls = []
+    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: (lambda config, progress=True: calls.append(stage)))
+    output = tmp_path / "out"
+    config = tmp_path / "screen.yaml"
+    config.write_text(f"plates: [p.zarr]\noutput: {output}\n")
+    proc = hold_in_another_process(str(output))
+    try:
+        for command in ["aggregate", "run"]:
+            assert main(["--quiet", command, str(config)]) == 2
+            err = capsys.readouterr().err
+            assert f"output {output} is in use by rayscreen train (pid {proc.pid}" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert calls == [] and sorted(p.name for p in output.iterdir()) == [".rayscreen.lock"]

@@ -1,0 +1,213 @@
+"""One run at a time per output: ``<output>/.rayscreen.lock``.
+
+Two runs writing one output (two ``rayscreen run`` of one config, a job resubmitted while
+the first still runs) would interleave their stores: one run may delete a store the
+other is still creating. A stage takes the lock for its output before it writes anything
+and removes it when it ends, however it ends.
+
+The lock file is JSON: ``{"token", "host", "pid", "what", "started", "heartbeat"}``
+(times in seconds since the epoch). It is created exclusively: ``O_EXCL`` on a local
+disk, a conditional PUT (``If-None-Match: *``) on S3; other fsspec filesystems check
+then write and read the file back, which leaves a narrow race. While the lock is held a
+daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds.
+
+A lock left behind by a run that died is taken over, with a warning, when its process
+is gone (same host) or when its heartbeat is older than ``stale_after_s`` (another host,
+whose processes cannot be seen from here). Otherwise :class:`OutputLockedError` names
+the run that holds it and the file to delete if that run is known to be dead.
+
+Taking the lock again in the process that holds it (``rayscreen run`` holds it across
+its stages, each stage takes it too) only counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .errors import RayscreenError
+from .uri import filesystem, is_remote, join, local_path
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".rayscreen.lock"
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0  # ten missed heartbeats
+
+
+class OutputLockedError(RayscreenError):
+    """Another run, alive as far as can be told, holds the output's lock."""
+
+
+# lock URI -> (record, count, stop event, heartbeat thread) of the locks this process holds
+_held: dict[str, list[Any]] = {}
+_held_guard = threading.Lock()
+
+
+def lock_uri(output: str) -> str:
+    return join(output, LOCK_NAME)
+
+
+def read_lock(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The lock record of ``output``, or None when it is not locked (or the file is unreadable)."""
+    fs, path = filesystem(lock_uri(output), storage_options)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # a half-written or foreign file: treated as no record
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def stale_reason(record: dict[str, Any], now: float, stale_after_s: float = STALE_AFTER_S) -> str | None:
+    """Why the lock ``record`` belongs to no living run (None: it may be alive).
+
+    A pure function of the record, this host and the clock: same host -> whether the pid
+    lives; another host -> whether the heartbeat is older than ``stale_after_s``.
+    """
+    if not record:
+        return "its lock file is unreadable"
+    if record.get("host") == socket.gethostname():
+        pid = int(record.get("pid", -1))
+        return None if pid > 0 and _pid_alive(pid) else f"process {pid} on this host is gone"
+    age = now - float(record.get("heartbeat", record.get("started", 0)))
+    return f"its heartbeat is {age:.0f} s old" if age > stale_after_s else None
+
+
+def describe(record: dict[str, Any], now: float) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("started", 0))))
+    seen = now - float(record.get("heartbeat", record.get("started", now)))
+    return (f"{record.get('what', 'a run')} (pid {record.get('pid')} on host {record.get('host')}, "
+            f"started {started}, last heartbeat {seen:.0f} s ago)")
+
+
+def _create(fs, path: str, data: bytes, uri: str) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; True when this call created it."""
+    if not is_remote(uri):
+        try:
+            fd = os.open(local_path(uri), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")  # s3fs: If-None-Match: * (atomic; FileExistsError on 412)
+    except FileExistsError:
+        return False
+    # filesystems without a conditional create checked then wrote: the last writer wins
+    return json.loads(fs.cat_file(path)).get("token") == json.loads(data)["token"]
+
+
+def _replace(fs, path: str, data: bytes, uri: str) -> None:
+    """Overwrite ``path`` so that a reader sees the old or the new bytes, never a truncated file
+    (an S3 PUT is atomic; a local file is written beside and renamed over)."""
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{local_path(uri)}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, local_path(uri))
+
+
+def acquire(output: str, what: str, storage_options: dict[str, Any] | None = None, *,
+            stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S) -> None:
+    """Take ``output``'s lock for ``what`` (e.g. "rayscreen train") or raise :class:`OutputLockedError`."""
+    uri = lock_uri(output)
+    with _held_guard:
+        if uri in _held:
+            _held[uri][1] += 1
+            return
+    fs, path = filesystem(uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    now = time.time()
+    record = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "what": what,
+              "started": now, "heartbeat": now}
+    for _ in range(3):  # a stale lock taken over by another run in between: look again
+        if _create(fs, path, json.dumps(record).encode(), uri):
+            break
+        other = read_lock(output, storage_options)
+        if other is None:
+            continue  # released in between
+        reason = stale_reason(other, time.time(), stale_after_s)
+        if reason is None:
+            raise OutputLockedError(
+                f"output {output} is in use by {describe(other, time.time())}. Two runs on one output would "
+                f"overwrite each other's stores: wait for it to finish, use another output, or, if that run "
+                f"is known to be dead, delete {uri}")
+        log.warning("taking over the lock of %s: %s, %s", output, describe(other, time.time()), reason)
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+    else:
+        raise OutputLockedError(f"could not take the lock {uri}: other runs keep taking it")
+    stop = threading.Event()
+    thread = threading.Thread(target=_beat, args=(output, storage_options, record, stop, heartbeat_s),
+                              name="rayscreen-lock-heartbeat", daemon=True)
+    with _held_guard:
+        _held[uri] = [record, 1, stop, thread]
+    thread.start()
+
+
+def _beat(output: str, storage_options: dict[str, Any] | None, record: dict[str, Any], stop: threading.Event,
+          every: float) -> None:
+    fs, path = filesystem(lock_uri(output), storage_options)
+    while not stop.wait(every):
+        try:
+            current = read_lock(output, storage_options)
+            if not current or current.get("token") != record["token"]:
+                log.warning("the lock of %s was taken by %s while this run held it", output,
+                            describe(current or {}, time.time()))
+                return
+            _replace(fs, path, json.dumps({**record, "heartbeat": time.time()}).encode(), lock_uri(output))
+        except Exception as e:  # a missed beat is not a failed run; ten in a row make the lock stale
+            log.warning("could not renew the lock of %s: %s", output, e)
+
+
+def release(output: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Give back a lock :func:`acquire` took (the file is removed when the last holder leaves)."""
+    uri = lock_uri(output)
+    with _held_guard:
+        entry = _held.get(uri)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _held[uri]
+    record, _, stop, thread = entry
+    stop.set()
+    thread.join(10)
+    current = read_lock(output, storage_options)
+    if current and current.get("token") == record["token"]:  # never remove a lock another run took over
+        fs, path = filesystem(uri, storage_options)
+        fs.rm_file(path)
+
+
+@contextmanager
+def output_lock(output: str, what: str, storage_options: dict[str, Any] | None = None, **kwargs) -> Iterator[None]:
+    """``with output_lock(config.output, "rayscreen train", config.storage_options): ...``"""
+    acquire(output, what, storage_options, **kwargs)
+    try:
+        yield
+    finally:
+        release(output, storage_options)

@@ -1,0 +1,126 @@
+"""One run per output: the lock of rayscreen.store.lock, taken by real processes."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from rayscreen.store.lock import OutputLockedError, acquire, lock_uri, output_lock, read_lock, release
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from rayscreen.store.lock import acquire
+    acquire(sys.argv[1], "rayscreen train", {so})
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def hold_in_another_process(output, storage_options=None):
+    """A real second process that takes the lock and keeps it until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(so=repr(storage_options)), output],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_is_taken_counted_and_removed(tmp_path):
+    output = str(tmp_path / "out")
+    with output_lock(output, "rayscreen run"):
+        record = read_lock(output)
+        assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+        assert record["what"] == "rayscreen run"
+        with output_lock(output, "rayscreen train"):  # the stage inside the run: counted, not refused
+            assert read_lock(output)["token"] == record["token"]
+        assert read_lock(output) == record  # the inner release left the run's lock
+    assert read_lock(output) is None and not os.path.exists(lock_uri(output))
+
+
+def test_lock_is_removed_when_the_stage_fails(tmp_path):
+    output = str(tmp_path / "out")
+    with pytest.raises(RuntimeError):
+        with output_lock(output, "rayscreen infer"):
+            raise RuntimeError("boom")
+    assert read_lock(output) is None
+
+
+def test_second_process_is_refused_then_takes_over_when_the_first_dies(tmp_path, caplog):
+    output = str(tmp_path / "out")
+    proc = hold_in_another_process(output)
+    try:
+        with pytest.raises(OutputLockedError) as e:
+            acquire(output, "rayscreen run")
+        message = str(e.value)
+        assert f"pid {proc.pid}" in message and "rayscreen train" in message and lock_uri(output) in message
+        assert read_lock(output)["pid"] == proc.pid  # the refused run left the lock alone
+    finally:
+        proc.kill()
+        proc.wait()
+    # the holder was killed (no release): its lock is stale, taken over with a warning
+    with caplog.at_level(logging.WARNING, logger="rayscreen.store.lock"):
+        with output_lock(output, "rayscreen run"):
+            assert read_lock(output)["pid"] == os.getpid()
+    assert f"process {proc.pid} on this host is gone" in caplog.text
+
+
+def write_foreign_lock(output, heartbeat_age):
+    os.makedirs(output, exist_ok=True)
+    now = time.time()
+    record = {"token": "t", "host": "another-host.example", "pid": 1, "what": "rayscreen profile",
+              "started": now - heartbeat_age - 5, "heartbeat": now - heartbeat_age}
+    with open(lock_uri(output), "w") as f:
+        json.dump(record, f)
+
+
+def test_lock_of_another_host_is_respected_until_its_heartbeat_is_stale(tmp_path):
+    output = str(tmp_path / "out")
+    write_foreign_lock(output, heartbeat_age=30)
+    with pytest.raises(OutputLockedError, match="another-host.example.*last heartbeat 30 s ago"):
+        acquire(output, "rayscreen run", stale_after_s=600)
+    write_foreign_lock(output, heartbeat_age=700)
+    with output_lock(output, "rayscreen run", stale_after_s=600):
+        assert read_lock(output)["host"] == socket.gethostname()
+
+
+def test_heartbeat_renews_the_lock(tmp_path):
+    output = str(tmp_path / "out")
+    with output_lock(output, "rayscreen run", heartbeat_s=0.02):
+        first = read_lock(output)
+        deadline = time.time() + 10
+        beats = set()
+        while len(beats) < 5 and time.time() < deadline:
+            record = read_lock(output)  # never a half-written file while the beat rewrites it
+            assert record["token"] == first["token"], record
+            beats.add(record["heartbeat"])
+        assert len(beats) == 5 and max(beats) > first["heartbeat"]
+    assert read_lock(output) is None
+
+
+def test_a_lock_taken_over_while_held_is_not_removed_on_release(tmp_path):
+    output = str(tmp_path / "out")
+    acquire(output, "rayscreen run")
+    write_foreign_lock(output, heartbeat_age=0)  # another run took it over (it judged ours stale)
+    release(output)
+    assert read_lock(output)["host"] == "another-host.example"  # not ours to remove
+
+
+@pytest.mark.integration
+def test_lock_on_s3_is_exclusive(s3_bucket):
+    bucket, storage_options = s3_bucket
+    output = f"{bucket}/run"
+    proc = hold_in_another_process(output, storage_options)
+    try:
+        with pytest.raises(OutputLockedError, match=f"pid {proc.pid}"):
+            acquire(output, "rayscreen run", storage_options)
+    finally:
+        proc.kill()
+        proc.wait()
+    with output_lock(output, "rayscreen run", storage_options):
+        assert read_lock(output, storage_options)["pid"] == os.getpid()
+    assert read_lock(output, storage_options) is None
