@@ -118,11 +118,15 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
     table = table.copy()
     table[PLATE_COL] = table[PLATE_COL].astype(str)
     table[WELL_COL] = [well_name(w, context=f"LoadData CSV {path} row {i + 2}") for i, w in enumerate(table[WELL_COL])]
-    dup = table.duplicated([PLATE_COL, WELL_COL, SITE_COL], keep=False)
+    # numeric sites compare as numbers: "1" and "01" name one site (one field), not two
+    keys = pd.DataFrame({"plate": table[PLATE_COL], "well": table[WELL_COL], "site": _site_order(table[SITE_COL])})
+    dup = keys.duplicated(keep=False)
     if dup.any():
-        p, w, site = table.loc[dup, [PLATE_COL, WELL_COL, SITE_COL]].iloc[0].tolist()
-        raise RayscreenError(f"LoadData CSV {path}: duplicate rows for plate {p!r} well {w} site {site}: "
-                             f"each site must appear once, with one file per channel")
+        p, w, site = keys[dup].iloc[0].tolist()
+        written = table.loc[dup & (keys["plate"] == p) & (keys["well"] == w) & (keys["site"] == site), SITE_COL]
+        spellings = "" if written.nunique() == 1 else f" (written {', '.join(map(repr, written.unique()))})"
+        raise RayscreenError(f"LoadData CSV {path}: duplicate rows for plate {p!r} well {w} site "
+                             f"{written.iloc[0]}{spellings}: each site must appear once, with one file per channel")
     table = table.sort_values([PLATE_COL, WELL_COL, SITE_COL], kind="stable",
                               key=lambda c: _site_order(c) if c.name == SITE_COL else c).reset_index(drop=True)
     # a local CSV's absolute path: relative PathNames must resolve the same in a Ray worker,

@@ -107,7 +107,14 @@ def test_loaddata_missing_columns(tmp_path):
 def test_loaddata_duplicate_site(tmp_path):
     csv = write_screen(tmp_path, plates=("PA",))
     _edit_csv(csv, lambda d: pd.concat([d, d.iloc[[0]]]))
-    with pytest.raises(RayscreenError, match="duplicate rows for plate 'PA' well A01 site 1"):
+    with pytest.raises(RayscreenError, match="duplicate rows for plate 'PA' well A01 site 1: each site"):
+        read_loaddata(str(csv))
+
+
+def test_loaddata_sites_1_and_01_are_one_site(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",))
+    _edit_csv(csv, lambda d: pd.concat([d, d.iloc[[0]].assign(Metadata_Site="01")]))
+    with pytest.raises(RayscreenError, match="duplicate rows for plate 'PA' well A01 site 1 \\(written '1', '01'\\)"):
         read_loaddata(str(csv))
 
 
