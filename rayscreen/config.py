@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -29,6 +30,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from .store.errors import RayscreenError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(RayscreenError):
@@ -325,7 +328,16 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", lines: d
         data = copy.deepcopy(data)
         for key, value in overrides.items():
             _set_dotted(data, key, value)
-    return _absolute_paths(_build(Config, data, "", _Where(source, lines or {}, tuple(overrides or ()))))
+    config = _absolute_paths(_build(Config, data, "", _Where(source, lines or {}, tuple(overrides or ()))))
+    from .store.uri import drop_masked
+
+    options, dropped = drop_masked(config.storage_options)
+    if dropped:
+        log.warning("%s: %s masked (***) when the config was recorded: left out, so credentials come from "
+                    "the standard places (environment, AWS profile, instance role) or --storage-options",
+                    source, ", ".join(dropped))
+        config = dataclasses.replace(config, storage_options=options)
+    return config
 
 
 def _absolute_paths(config: Config) -> Config:

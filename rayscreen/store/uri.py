@@ -61,6 +61,9 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+MASK = "***"  # what redact writes in place of a secret
+
+
 def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """A copy safe to print: secret values replaced by ``***``."""
 
@@ -71,12 +74,34 @@ def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
 
     def scrub(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: "***" if secret(str(k), v) else scrub(v) for k, v in value.items()}
+            return {k: MASK if secret(str(k), v) else scrub(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [scrub(v) for v in value]
         return value
 
     return scrub(dict(storage_options or {}))
+
+
+def drop_masked(storage_options: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """``storage_options`` without the values :func:`redact` masked, and the dotted keys
+    dropped: a recorded config (``<output>/config.yaml``) used again must not hand s3fs
+    ``***`` as a key, which fails as a confusing access denied."""
+    dropped: list[str] = []
+
+    def clean(value: Any, prefix: str) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if v == MASK:
+                    dropped.append(f"{prefix}{k}")
+                else:
+                    out[k] = clean(v, f"{prefix}{k}.")
+            return out
+        return value
+
+    if not storage_options:
+        return storage_options, dropped
+    return clean(storage_options, "storage_options."), dropped
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -160,6 +160,22 @@ def test_written_configs_never_hold_credentials(tmp_path):
         assert secret not in text
 
 
+def test_a_recorded_config_loads_without_its_masked_secrets(tmp_path, caplog):
+    """<output>/config.yaml used again (`rayscreen aggregate out/config.yaml`): the masked
+    values are left out, with a warning naming them, instead of reaching s3fs as '***'."""
+    from rayscreen.config import config_from_dict, write_config
+
+    options = {"key": "AKIAFAKEKEY123", "secret": "not-a-real-secret", "endpoint_url": "http://127.0.0.1:9",
+               "client_kwargs": {"aws_session_token": "tok-xyz", "region_name": "eu-west-1"}}
+    uri = write_config(config_from_dict({"plates": ["P.zarr"], "output": str(tmp_path / "out"),
+                                         "storage_options": options}))
+    with caplog.at_level("WARNING", logger="rayscreen.config"):
+        again = load_config(uri)
+    assert again.storage_options == {"endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"region_name": "eu-west-1"}}
+    assert ("storage_options.key, storage_options.secret, storage_options.client_kwargs.aws_session_token masked"
+            in caplog.text)
+
+
 def test_local_paths_are_absolute_remote_ones_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = config_from_dict({"plates": ["p/*.zarr"], "output": "run", "platemap": "file://pm.csv",
