@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 from .store import RayscreenError
 
@@ -361,6 +362,12 @@ def _storage_problem(error: BaseException) -> str | None:
     return None
 
 
+def _warning_printer(command: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"rayscreen {command}: warning: {message}", file=file or sys.stderr)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -369,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
     try:
-        code = args.func(args)
+        with warnings.catch_warnings():  # restored after the command (callers and tests go on)
+            if not args.verbose:  # a one-line message, not the source line of the warn call
+                warnings.showwarning = _warning_printer(args.command)
+            code = args.func(args)
     except RayscreenError as e:
         print(f"rayscreen {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -190,7 +190,9 @@ class RobustMAD(Normalizer):
         zero = np.flatnonzero(mad == 0)
         if len(zero):
             names = [self.features[i] for i in zero] if self.features else zero.tolist()
-            warnings.warn(f"{len(zero)} feature(s) have MAD 0 in the controls and are only centred: {names}",
+            # a random-weight backbone has dozens of such features: the first few tell the user enough
+            shown = f"{names[:10]} and {len(names) - 10} more" if len(names) > 10 else f"{names}"
+            warnings.warn(f"{len(zero)} feature(s) have MAD 0 in the controls and are only centred: {shown}",
                           stacklevel=3)
         self.mad_ = np.where(mad == 0, 1.0, mad)
 
@@ -356,7 +358,12 @@ def normalize(profiles: pd.DataFrame, method: str = "standardize", *, controls=N
         if not fit_rows.any():
             where = f"plate {plate!r}" if plate is not None else "the table"
             raise ValueError(f"no control rows in {where} to fit {method!r} on")
-        norm = create_normalizer(method, **kwargs).fit(profiles.loc[fit_rows, cols])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            norm = create_normalizer(method, **kwargs).fit(profiles.loc[fit_rows, cols])
+        for w in caught:  # the fit's warnings, told which plate's controls they are about
+            warnings.warn_explicit(f"plate {plate!r}: {w.message}" if plate is not None else w.message,
+                                   w.category, w.filename, w.lineno)
         fitted[plate] = norm
         parts.append(norm.transform(profiles.loc[rows, cols]))
     # Put rows back in table order (by position: the index need not be unique).

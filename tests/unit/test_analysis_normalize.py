@@ -36,6 +36,17 @@ def test_robust_mad_warns_on_zero_mad():
     assert out["flat"].iloc[0] == pytest.approx(2.0)
 
 
+def test_zero_mad_warning_names_the_plate_and_shows_the_first_ten_features():
+    flat = {f"f{i}": [4.0, 4.0, 4.0] for i in range(13)}
+    table = pd.DataFrame({"Metadata_Plate": ["P1"] * 3, "Metadata_Control": ["negative"] * 3,
+                          "ok": [1.0, 2.0, 3.0], **flat})
+    with pytest.warns(UserWarning) as record:
+        normalize(table, "robust_mad")
+    (message,) = [str(w.message) for w in record]
+    assert message.startswith("plate 'P1': 13 feature(s) have MAD 0 in the controls and are only centred: ")
+    assert message.endswith(f"{[f'f{i}' for i in range(10)]} and 3 more")
+
+
 @pytest.mark.parametrize("kind", ["ZCA", "PCA"])
 def test_whiten_gives_identity_covariance_on_controls(kind):
     rng = np.random.default_rng(1)

@@ -226,3 +226,18 @@ def test_a_stage_on_an_output_another_run_holds_exits_2_and_writes_nothing(tmp_p
         proc.kill()
         proc.wait()
     assert calls == [] and sorted(p.name for p in output.iterdir()) == [".rayscreen.lock"]
+
+
+def test_warnings_print_as_one_line_naming_the_command(config_path, capsys, monkeypatch):
+    import warnings
+
+    def stage(config, progress=True):
+        warnings.warn("2 feature(s) have MAD 0 in the controls", UserWarning)
+
+    monkeypatch.setattr(pipeline, "stage_function", lambda name: stage)
+    before = warnings.showwarning
+    assert main(["aggregate", config_path]) == 0
+    err = capsys.readouterr().err
+    assert "rayscreen aggregate: warning: 2 feature(s) have MAD 0 in the controls\n" in err
+    assert "test_cli.py" not in err  # no source location and line
+    assert warnings.showwarning is before  # restored for the caller
