@@ -86,6 +86,22 @@ class LoadData:
         return t.groupby(WELL_COL, sort=True)[constant].first().reset_index()
 
 
+def _check_plate_names(plates: pd.Series, path: str) -> None:
+    """A plate's name becomes its store's file name (``<out>/<plate>.zarr``): it must be one
+    path segment, and no two plates may differ only in case (one store on macOS/Windows disks)."""
+    names = sorted(set(plates))
+    folded: dict[str, str] = {}
+    for name in names:
+        if "/" in name or "\\" in name or name.strip() in ("", ".", ".."):
+            row = int(np.flatnonzero((plates == name).to_numpy())[0])
+            raise RayscreenError(f"LoadData CSV {path} row {row + 2}: Metadata_Plate {name!r} cannot name a plate "
+                                 "store; expected a name without '/' or '\\', not '.' or '..'")
+        other = folded.setdefault(name.casefold(), name)
+        if other != name:
+            raise RayscreenError(f"LoadData CSV {path}: plates {other!r} and {name!r} differ only in case; their "
+                                 "stores would be one folder on a case-insensitive disk. Rename one")
+
+
 def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> LoadData:
     """Read and validate a LoadData CSV; raises naming the file and the problem."""
     fs, fpath = filesystem(path, storage_options)
@@ -117,6 +133,7 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
                                  f"site {table[SITE_COL].iloc[i]!r})")
     table = table.copy()
     table[PLATE_COL] = table[PLATE_COL].astype(str)
+    _check_plate_names(table[PLATE_COL], path)
     table[WELL_COL] = [well_name(w, context=f"LoadData CSV {path} row {i + 2}") for i, w in enumerate(table[WELL_COL])]
     # numeric sites compare as numbers: "1" and "01" name one site (one field), not two
     keys = pd.DataFrame({"plate": table[PLATE_COL], "well": table[WELL_COL], "site": _site_order(table[SITE_COL])})

@@ -77,6 +77,8 @@ def write_wells(loaddata: LoadData, writer: PlateWriter, wells: list[str]) -> li
         if writer.is_complete(well):
             continue
         sites = table[table[WELL_COL] == well]
+        # an interrupted write may have left more fields than the LoadData now lists
+        writer.drop_fields_from(well, len(sites))
         for field, (_, row) in enumerate(sites.iterrows()):
             where = f"plate {writer.name!r} well {well} site {row[SITE_COL]}"
             image = _site_image(loaddata, row, where, expected)

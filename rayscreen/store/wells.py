@@ -46,7 +46,7 @@ def well_name(name: str, *, context: str = "") -> str:
     return f"{row}{col:02d}"
 
 
-def plate_format_for(wells: list[str]) -> tuple[int, int]:
+def plate_format_for(wells: list[str], *, context: str = "") -> tuple[int, int]:
     """Smallest standard (rows, columns) format holding all the wells."""
     need_rows = max(row_index(parse_well(w)[0]) for w in wells) + 1
     need_cols = max(parse_well(w)[1] for w in wells)
@@ -54,7 +54,11 @@ def plate_format_for(wells: list[str]) -> tuple[int, int]:
     for n_rows, n_cols in (PLATE_FORMATS[96], PLATE_FORMATS[384], PLATE_FORMATS[1536]):
         if need_rows <= n_rows and need_cols <= n_cols:
             return n_rows, n_cols
+    n_rows, n_cols = PLATE_FORMATS[1536]
+    outside = [well_name(w) for w in wells
+               if row_index(parse_well(w)[0]) >= n_rows or parse_well(w)[1] > n_cols]
+    shown = f"{outside[:10]} and {len(outside) - 10} more" if len(outside) > 10 else f"{outside}"
     raise RayscreenError(
-        f"wells reach row {row_name(need_rows - 1)} and column {need_cols}: "
-        "larger than a 1536-well plate (32 rows x 48 columns)"
+        f"{context + ': ' if context else ''}well(s) {shown} lie outside a 1536-well plate "
+        f"(rows A-{row_name(n_rows - 1)}, columns 1-{n_cols})"
     )

@@ -156,6 +156,21 @@ class PlateWriter:
                         channel_names=tuple(self.channels), version=self.meta.version)
         image_group.attrs.update(ms.to_attrs(name=f"{self.name}/{well_name(well)}/{field}"))
 
+    def drop_fields_from(self, well: str, n_fields: int) -> list[str]:
+        """Delete the field groups numbered ``n_fields`` and above of an incomplete well (an
+        interrupted write of a well that now has fewer sites); returns their names. A complete
+        well is refused: its fields are what readers see."""
+        group = self._root.get(self._path(well))
+        if group is None:
+            return []
+        if group.attrs.get(NAMESPACE, {}).get("complete"):
+            raise RayscreenError(f"plate {self.name!r} well {well_name(well)} is complete: its fields are not "
+                                 "dropped")
+        extra = [k for k in group.group_keys() if k.isdigit() and int(k) >= n_fields]
+        for k in extra:
+            del group[k]
+        return extra
+
     def complete_well(self, well: str, n_fields: int | None = None, acquisition: int = 0) -> None:
         """Mark a well complete by writing its NGFF well metadata, last of all its objects."""
         path = self._path(well)
@@ -230,6 +245,9 @@ def create_plate(
             writer = PlateWriter(uri, storage_options)
         except (RayscreenError, KeyError) as e:
             raise RayscreenError(f"{uri} exists and is not a rayscreen plate ({e}); pass overwrite=True to replace it") from None
+        if writer.name != name:  # two names that map to one store (case-insensitive disks)
+            raise RayscreenError(f"{uri} holds plate {writer.name!r}, not {name!r}: two plates cannot share a "
+                                 "store; use distinct plate names or another output")
         found = {"channels": writer.channels, "field_shape": list(writer.field_shape), "dtype": writer.dtype.str,
                  "levels": writer.levels, "chunks": list(writer.chunks)}
         if found != layout or sorted(writer.wells) != sorted(canonical) or writer.meta.version != ngff:
@@ -245,7 +263,7 @@ def create_plate(
             raise RayscreenError(f"plate_format {plate_format}: expected one of {sorted(PLATE_FORMATS)}")
         n_rows, n_cols = PLATE_FORMATS[plate_format]
     else:
-        n_rows, n_cols = plate_format_for(canonical)
+        n_rows, n_cols = plate_format_for(canonical, context=f"plate {name!r}")
     rows = tuple(row_name(i) for i in range(n_rows))
     columns = tuple(str(i + 1) for i in range(n_cols))
     refs = []

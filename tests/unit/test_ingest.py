@@ -88,6 +88,56 @@ def test_resume_after_a_missing_file(tmp_path):
     np.testing.assert_array_equal(plate.read("B03", 1)[1], plane("PA", "B03", 2, 1))
 
 
+def test_rerun_drops_fields_an_interrupted_write_left_beyond_the_sites_now_listed(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",), sites=4)
+    (tmp_path / "PA" / "B03_s4_Actin.tif").unlink()  # B03's fields 0-2 are written, then site 4 fails
+    with pytest.raises(RayscreenError, match="well B03 site 4 channel Actin"):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    # the user drops B03's sites 3 and 4 and reruns: the third field written before must go
+    _edit_csv(csv, lambda d: d[~((d.Metadata_Well == "B03") & d.Metadata_Site.isin(["3", "4"]))])
+    ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    plate = open_plate(str(tmp_path / "out" / "PA.zarr"))
+    assert plate.present_wells() == (["A01", "A02", "B03"], []) and plate.fields("B03") == ["0", "1"]
+    assert sorted(os.listdir(tmp_path / "out" / "PA.zarr" / "B" / "3")) == ["0", "1", "zarr.json"]
+    np.testing.assert_array_equal(plate.read("B03", 1)[0], plane("PA", "B03", 2, 0))
+
+
+@pytest.mark.parametrize("plate, expected", [
+    ("../escaped", "row 2: Metadata_Plate '../escaped' cannot name a plate store"),
+    ("a/b", "Metadata_Plate 'a/b' cannot name a plate store"),
+    ("..", "Metadata_Plate '..' cannot name a plate store"),
+])
+def test_plate_names_that_are_not_one_path_segment_are_refused(tmp_path, plate, expected):
+    csv = write_screen(tmp_path, plates=("PA",))
+    _edit_csv(csv, lambda d: d.assign(Metadata_Plate=plate))
+    with pytest.raises(RayscreenError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.zarr").exists()
+
+
+def test_plates_differing_only_in_case_are_refused(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA", "pa"))
+    with pytest.raises(RayscreenError, match="plates 'PA' and 'pa' differ only in case"):
+        read_loaddata(str(csv))
+
+
+def test_a_store_holding_another_plate_is_not_reused(tmp_path):
+    from rayscreen.store.writer import create_plate
+
+    uri = str(tmp_path / "P.zarr")
+    create_plate(uri, "P", ["A01"], ["DNA"], (8, 8), np.uint16)
+    with pytest.raises(RayscreenError, match="holds plate 'P', not 'p'"):
+        create_plate(uri, "p", ["A01"], ["DNA"], (8, 8), np.uint16)
+
+
+def test_wells_beyond_a_1536_well_plate_are_named_with_the_plate(tmp_path):
+    from rayscreen.store.writer import create_plate
+
+    with pytest.raises(RayscreenError, match=r"plate 'P7': well\(s\) \['AG01'\] lie outside a 1536-well plate "
+                                             r"\(rows A-AF, columns 1-48\)"):
+        create_plate(str(tmp_path / "P7.zarr"), "P7", ["B02", "AG01"], ["DNA"], (8, 8), np.uint16)
+
+
 def _edit_csv(csv, fn):
     df = pd.read_csv(csv, dtype=str)  # as text: the edit must not rewrite plate 001 as 1
     df = fn(df)
