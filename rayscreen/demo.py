@@ -25,6 +25,7 @@ import pandas as pd
 
 from .config import load_config, parse_overrides
 from .ingest import ingest
+from .store.annotations import read_csv_table
 from .ingest.export import export_loaddata
 from .raylocal import ensure_ray
 from .store.info import plate_info
@@ -113,7 +114,7 @@ def summarise(output: str, synth_dir: str) -> dict:
     best = metrics.loc[metrics["val_balanced_accuracy"].idxmax()]
     s["val_accuracy"] = float(best["val_accuracy"])
     s["val_balanced_accuracy"] = float(best["val_balanced_accuracy"])
-    split = pd.read_csv(os.path.join(output, "train", "split.csv"))
+    split = read_csv_table(os.path.join(output, "train", "split.csv"))
     ds = open_results(os.path.join(output, "results.zarr"))
     classes = [str(c) for c in ds["class"].values]
     predicted = np.asarray(classes, dtype=object)[ds["well_scores"].argmax("class").values]

@@ -9,6 +9,7 @@ import os
 import pandas as pd
 import xarray as xr
 
+from ..store.annotations import read_csv_table
 from ._table import METADATA_PREFIX, order_columns
 
 
@@ -57,4 +58,4 @@ def read_table(path: str) -> pd.DataFrame:
     """Read a profile table written by :func:`write_table` (or by pycytominer)."""
     if path.endswith(".parquet"):
         return pd.read_parquet(path)
-    return pd.read_csv(path)
+    return read_csv_table(path)

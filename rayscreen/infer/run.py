@@ -46,6 +46,7 @@ from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import cause_of, drain, stage_data_context
 from ..store import MissingWellError, RayscreenError, open_plate
+from ..store.annotations import read_csv_table
 from ..store.labels import LabelWriter, check_label_name
 from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path
@@ -365,7 +366,7 @@ def _filter_split(config: Config, tasks: list[WellTask]) -> list[WellTask]:
     if not fs.exists(path):
         raise ConfigError(f"infer.split {config.infer.split!r}: no {uri}; run `rayscreen train` first or use split: all")
     with fs.open(path) as f:
-        split = pd.read_csv(f)
+        split = read_csv_table(f)
     keep = set(zip(split.loc[split["split"] == config.infer.split, "Metadata_Plate"].astype(str),
                    split.loc[split["split"] == config.infer.split, "Metadata_Well"].astype(str)))
     return [t for t in tasks if (t.plate, t.well) in keep]

@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..config import Config, ConfigError
 from ..store import RayscreenError
+from ..store.annotations import read_csv_table
 from ..store.uri import expand_uris, filesystem, is_remote, join
 from . import figures as F
 from .html import FigureRef, Section, render_page
@@ -69,7 +70,7 @@ class RunOutputs:
         with self.fs.open(self.path(rel), "rb") as f:
             if rel.endswith(".parquet"):
                 return pd.read_parquet(f)
-            return pd.read_csv(f, index_col=0 if rel.endswith("confusion.csv") else None)
+            return read_csv_table(f, index_col=0 if rel.endswith("confusion.csv") else None)
 
     def json(self, rel: str) -> dict:
         with self.fs.open(self.path(rel), "rb") as f:

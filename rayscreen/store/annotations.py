@@ -21,6 +21,16 @@ WELL_COL = "Metadata_Well"
 # Identifiers, not quantities: read as text so that pandas' type guessing cannot turn
 # plate "001" into the number 1 (which then names another plate, or matches none).
 ID_COLS = (PLATE_COL, WELL_COL)
+# the identifier columns of rayscreen's own tables (split.csv, profile tables, qc.csv, hits)
+TABLE_ID_COLS = (*ID_COLS, "Metadata_Field", "Metadata_Site", "Metadata_Batch", "Metadata_Compound", "Metadata_MOA")
+
+
+def read_csv_table(source: Any, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv`` of a table rayscreen wrote, with its identifier columns (plate, well,
+    field, batch, compound, MOA) as text: what was written as plate ``001`` reads back as
+    ``"001"``, not the number 1, and still matches the plate's stores. Quantities
+    (concentration, features) keep pandas' types."""
+    return pd.read_csv(source, dtype={c: str for c in TABLE_ID_COLS}, **kwargs)
 
 
 def as_identifier(values: pd.Series) -> pd.Series:

@@ -66,3 +66,12 @@ def test_normalisers_match_pycytominer(ours_method, theirs_method, extra):
     kwargs = {"epsilon": 1e-12, "shrinkage": "none"} if ours_method == "whiten" else {}
     ours = normalize(table, method=ours_method, **kwargs)
     np.testing.assert_allclose(ours[features].to_numpy(), theirs[features].to_numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_identifiers_that_look_like_numbers_read_back_as_written(tmp_path, suffix):
+    table = pd.DataFrame({"Metadata_Plate": ["001", "002"], "Metadata_Well": ["A01", "B02"],
+                          "Metadata_Compound": ["0123", "DMSO"], "Metadata_Concentration": [0.1, 1.0],
+                          "f1": [1.0, 2.0]})
+    loaded = read_table(write_table(table, str(tmp_path / f"wells{suffix}")))
+    pd.testing.assert_frame_equal(loaded, table)  # plate "001" stays "001"; concentration stays a number

@@ -40,3 +40,18 @@ def test_the_model_fingerprint_follows_scoring_not_the_training_record():
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert model_fingerprint(model, meta) != first
+
+
+def test_infer_split_matches_plates_whose_names_look_like_numbers(tmp_path):
+    import pandas as pd
+
+    from rayscreen.config import config_from_dict
+    from rayscreen.infer.run import _filter_split
+    from rayscreen.stream.datasource import WellTask
+
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    pd.DataFrame({"Metadata_Plate": ["001", "001"], "Metadata_Well": ["A01", "A02"],
+                  "split": ["test", "train"]}).to_csv(tmp_path / "out" / "train" / "split.csv", index=False)
+    config = config_from_dict({"plates": ["p.zarr"], "output": str(tmp_path / "out"), "infer": {"split": "test"}})
+    tasks = [WellTask("p.zarr", "001", "A01"), WellTask("p.zarr", "001", "A02")]
+    assert [t.well for t in _filter_split(config, tasks)] == ["A01"]

@@ -179,3 +179,15 @@ def test_a_plate_glob_matching_nothing_is_an_error_and_writes_no_report(tmp_path
     assert err.startswith("rayscreen report: error: plates: plate glob") and "Traceback" not in err
     assert not os.path.exists(os.path.join(config.output, "report"))
     assert not os.path.exists(os.path.join(config.output, "stages", "report.json"))
+
+
+def test_run_tables_keep_plate_names_that_look_like_numbers(tmp_path):
+    import pandas as pd
+
+    from rayscreen.report.run import RunOutputs
+
+    (tmp_path / "tables").mkdir()
+    pd.DataFrame({"Metadata_Plate": ["001"], "Metadata_Well": ["A01"], "Metadata_Field": ["0"],
+                  "Metadata_QC_Abnormal": [True]}).to_csv(tmp_path / "tables" / "qc.csv", index=False)
+    table = RunOutputs(str(tmp_path)).table("tables/qc.csv")
+    assert table["Metadata_Plate"].tolist() == ["001"] and table["Metadata_Field"].tolist() == ["0"]
