@@ -26,7 +26,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from . import annotations as ann
 from .errors import BadImageError, RayscreenError
-from .ngff import Acquisition, Axis, Multiscale, PlateMeta, WellImage, WellMeta, WellRef, sort_wells
+from .ngff import (Acquisition, Axis, Multiscale, PlateMeta, WellImage, WellMeta, WellRef, display_windows,
+                   sort_wells)
 from .plate import NAMESPACE, check_finite
 from .uri import exists, filesystem, make_store
 from .wells import PLATE_FORMATS, parse_well, plate_format_for, row_index, row_name, well_name
@@ -154,7 +155,8 @@ class PlateWriter:
         ms = Multiscale(axes=(Axis("c", "channel"), Axis("y", "space"), Axis("x", "space")),
                         paths=tuple(str(i) for i in range(self.levels)), scales=tuple(scales),
                         channel_names=tuple(self.channels), version=self.meta.version)
-        image_group.attrs.update(ms.to_attrs(name=f"{self.name}/{well_name(well)}/{field}"))
+        image_group.attrs.update(ms.to_attrs(name=f"{self.name}/{well_name(well)}/{field}",
+                                             windows=display_windows(image)))
 
     def drop_fields_from(self, well: str, n_fields: int) -> list[str]:
         """Delete the field groups numbered ``n_fields`` and above of an incomplete well (an

@@ -263,3 +263,24 @@ def test_multiple_acquisitions(tmp_path):
     assert plate.acquisitions == [1, 2] and plate.fields("B03") == ["0", "1"]
     assert plate.fields("B03", acquisition=2) == ["1"]
     assert plate.read("B03", plate.fields("B03", acquisition=2)[0]).max() == 2
+
+
+@pytest.mark.parametrize("dtype, values", [(np.uint8, (0, 254)), (np.float32, (0.0, 1.0)), (np.uint16, (1, 4000))])
+def test_display_window_follows_the_data_so_viewers_do_not_show_black(tmp_path, dtype, values):
+    """ome-zarr-py hands the omero window to napari as contrast limits: a uint8 or 0-1 float
+    plate under a 0-65535 window shows black."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from rayscreen.store import create_plate
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(*values, size=(2, 32, 32)).astype(dtype)
+    uri = str(tmp_path / "W.zarr")
+    create_plate(uri, "W", ["A01"], ["DNA", "Actin"], (32, 32), dtype, 1).write_field("A01", 0, image)
+    node = next(iter(Reader(parse_url(f"{uri}/A/1/0"))()))
+    limits = node.metadata["contrast_limits"]
+    assert len(limits) == 2
+    for (start, end), channel in zip(limits, image):
+        assert np.percentile(channel, 0.5) <= end and start <= np.percentile(channel, 99.5) and start < end
+        assert end <= float(np.max(channel)) + 1e-6 and start >= float(np.min(channel)) - 1e-6
