@@ -107,9 +107,15 @@ def controls_of(table: pd.DataFrame, config: Config) -> np.ndarray:
     if a.control_column not in table.columns:
         raise AnalysisError(f"no control column {a.control_column!r} (analysis.control_column); "
                             f"columns are {[c for c in table.columns if str(c).startswith('Metadata_')]}")
-    if isinstance(a.control_value, str) and a.control_value.lower() in ("negative", "positive"):
-        return control_mask(table, column=a.control_column, kind=a.control_value.lower())
-    return (table[a.control_column] == a.control_value).to_numpy()
+    value = a.control_value
+    if isinstance(value, str) and value.lower() in ("negative", "positive"):
+        return control_mask(table, column=a.control_column, kind=value.lower())
+    if value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1):
+        # True / 1: however the column holds it (bool, 1.0, or "True" text once a blank made it text)
+        return control_mask(table, column=a.control_column, kind="negative")
+    column = table[a.control_column]
+    # compared as read and as text: the store keeps a column with blanks as text ("5" for 5)
+    return ((column == value) | (column.astype(str).str.strip() == str(value))).to_numpy()
 
 
 def _well_metadata(ds) -> pd.DataFrame:
@@ -320,8 +326,10 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         qc_table, summary = qc
         out["qc"] = _write_table(qc_table, join(tables, "qc.csv"), so)
         _write_json(summary, join(tables, "qc.json"), so)
-        log.info("aggregate: QC %s classifier on %d annotated fields: cross-validated F1 %.3f; %d field(s) flagged",
-                 summary["method"], summary["n_annotated"], summary["f1"], summary["n_flagged"])
+        f1 = summary["f1"]  # None: too few annotations to cross-validate
+        log.info("aggregate: QC %s classifier on %d annotated fields: cross-validated F1 %s; %d field(s) flagged",
+                 summary["method"], summary["n_annotated"], "n/a" if f1 is None else f"{f1:.3f}",
+                 summary["n_flagged"])
     for name in [a.features] + [s for s in sets if s != a.features]:
         variable, dim = FEATURE_SETS[name]
         suffix = "" if name == a.features else f"_{name}"
@@ -418,8 +426,11 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
         batch = a.batch if a.batch in table.columns else None
         # feature_columns leaves Metadata_* (the Metadata_Wells count too) out
         feats = feature_columns(table)
-        ev = evaluate_moa(table, moa=a.moa, compound=a.compound, batch=batch, controls=controls_of(table, config),
-                          features=feats)
+        # both kinds of controls are left out: a positive control is a reference compound, not a
+        # treatment of unknown mechanism (evaluate_moa's own default)
+        controls = controls_of(table, config) | control_mask(table, column=a.control_column, kind="positive",
+                                                             required=False)
+        ev = evaluate_moa(table, moa=a.moa, compound=a.compound, batch=batch, controls=controls, features=feats)
         results[name] = ev.to_dict()
         results[name]["n_features"] = len(feats)
         _write_table(ev.confusion.reset_index(), join(out_dir, f"confusion_{name}.csv"), so)

@@ -170,6 +170,20 @@ def test_controls_of_by_value(tmp_path):
     assert controls_of(t, cfg).tolist() == [True, False, True]
 
 
+@pytest.mark.parametrize("value", [True, 1])
+def test_controls_of_true_matches_a_bool_column_stored_as_text(tmp_path, value):
+    # a bool annotation with one blank well is kept by the store as text: "True", "False", ""
+    t = pd.DataFrame({"Metadata_IsControl": ["True", "False", "", "True"]})
+    cfg = config(tmp_path, control_column="Metadata_IsControl", control_value=value)
+    assert controls_of(t, cfg).tolist() == [True, False, False, True]
+
+
+def test_controls_of_by_a_number_matches_its_text(tmp_path):
+    t = pd.DataFrame({"Metadata_Dose": ["0", "5", ""]})
+    assert controls_of(t, config(tmp_path, control_column="Metadata_Dose", control_value=0)).tolist() == [
+        True, False, False]
+
+
 def _write_tables(tmp_path, treatment: pd.DataFrame, wells: pd.DataFrame) -> None:
     tables = tmp_path / "run" / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -219,6 +233,16 @@ def test_the_evaluate_command_prints_the_table_and_where_the_result_is(tmp_path,
     out = capsys.readouterr().out
     assert "NSC" in out and f"evaluation: {tmp_path / 'run' / 'evaluation' / 'evaluation.json'}" in out
     assert "per_moa" not in out  # not the whole result as JSON
+
+
+def test_evaluate_leaves_positive_controls_out_of_the_moa_retrieval(tmp_path):
+    treatment, wells = _tables(["A", "A", "B", "B", "kinase inhibitor"], ["a1", "a2", "b1", "b2", "stauro"])
+    treatment.loc[treatment["Metadata_Compound"] == "stauro", "Metadata_Control"] = "positive"
+    _write_tables(tmp_path, treatment, wells)
+    result = run_evaluate(config(tmp_path), progress=False)
+    assert result["n_queries"] == 4 and set(result["per_moa"]) == {"A", "B"}
+    # never a neighbour either: no column of the confusion matrix
+    assert all(set(row) <= {"A", "B"} for row in result["confusion"].values())
 
 
 def test_evaluate_counts_every_feature(tmp_path):
