@@ -85,12 +85,12 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
     return float(np.mean(np.arange(1, len(ranks) + 1) / ranks))
 
 
-def _unit_rows(X: np.ndarray, metric: str) -> tuple[np.ndarray, int]:
+def _unit_rows(X: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows scaled to unit norm, (n,) mask of the rows of norm 0, which cannot be scaled)."""
     if metric == "correlation":
         X = X - X.mean(axis=1, keepdims=True)  # Pearson = cosine of centred profiles
     norms = np.linalg.norm(X, axis=1, keepdims=True)
-    zero = int((norms == 0).sum())
-    return X / np.where(norms == 0, 1.0, norms), zero
+    return X / np.where(norms == 0, 1.0, norms), norms[:, 0] == 0
 
 
 def evaluate_moa(profiles: pd.DataFrame, *, moa: str = "Metadata_MOA", compound: str = "Metadata_Compound",
@@ -128,11 +128,16 @@ def evaluate_moa(profiles: pd.DataFrame, *, moa: str = "Metadata_MOA", compound:
     if (keep & ~finite).any():
         notes.append(f"{int((keep & ~finite).sum())} row(s) with non-finite features were left out")
     keep &= finite
+    X, zero = _unit_rows(profiles.loc[keep, cols].to_numpy(dtype=float), metric)
+    if zero.any():
+        # similarity 0 to everything: every reference ties, so the "nearest" one is the first in
+        # table order and the ranking puts the positives first (AP 1): neither means anything
+        what = "constant" if metric == "correlation" else "0"
+        notes.append(f"{int(zero.sum())} profile(s) of zero norm (every feature {what}) were left out")
+        rows = np.flatnonzero(keep)
+        keep[rows[zero]] = False
+        X = X[~zero]
     table = profiles.loc[keep]
-
-    X, n_zero = _unit_rows(table[cols].to_numpy(dtype=float), metric)
-    if n_zero:
-        notes.append(f"{n_zero} profile(s) have zero norm; their similarity to everything is 0")
     moas = table[moa].astype(str).to_numpy()
     compounds = table[compound].astype(str).to_numpy()
     has_batch = batch is not None and batch in table.columns

@@ -108,11 +108,21 @@ def distance_to_controls(profiles: pd.DataFrame, *, controls=None, metric: str =
 
 
 def _distance(X: np.ndarray, centers: np.ndarray, metric: str) -> np.ndarray:
-    """Row-wise distance of X (n, F) to centers (n, F) or (1, F): euclidean or 1 - cosine."""
-    if metric == "euclidean":
-        return np.linalg.norm(X - centers, axis=1)
-    norms = np.linalg.norm(X, axis=1) * np.linalg.norm(centers, axis=1)
-    return 1.0 - (X * centers).sum(axis=1) / np.where(norms > 0, norms, np.nan)
+    """Row-wise distance of X (n, F) to centers (n, F) or (1, F): euclidean or 1 - cosine,
+    over the features finite in both (n,). A well missing a few features keeps a distance
+    (euclidean scaled by sqrt(F / n_finite), as if the missing ones differed like the rest)
+    instead of NaN, which would drop it from hit calling; with no finite feature it is NaN."""
+    X, centers = np.broadcast_arrays(np.asarray(X, dtype=float), np.asarray(centers, dtype=float))
+    known = np.isfinite(X) & np.isfinite(centers)
+    n_known = known.sum(axis=1)
+    X, centers = np.where(known, X, 0.0), np.where(known, centers, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "euclidean":
+            d = np.sqrt(((X - centers) ** 2).sum(axis=1) * X.shape[1] / n_known)
+        else:
+            norms = np.linalg.norm(X, axis=1) * np.linalg.norm(centers, axis=1)
+            d = 1.0 - (X * centers).sum(axis=1) / np.where(norms > 0, norms, np.nan)
+    return np.where(n_known > 0, d, np.nan)
 
 
 def z_prime(table: pd.DataFrame, score: str, *, positive=None, negative=None, by_plate: bool = True,

@@ -252,8 +252,12 @@ class Whiten(Normalizer):
         return self.W_ is not None
 
     def _fit_array(self, X):
-        if not np.isfinite(X).all():
-            raise ValueError("Whiten needs finite control profiles; drop or impute NaN features first")
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=0))
+        if len(bad):
+            names = [self.features[i] for i in bad] if self.features else bad.tolist()
+            shown = f"{names[:10]} and {len(names) - 10} more" if len(names) > 10 else f"{names}"
+            raise ValueError(f"Whiten needs finite control profiles; feature(s) {shown} hold NaN or inf in the "
+                             "controls: drop or impute them first")
         if len(X) < 2:
             raise ValueError("Whiten needs at least 2 control rows to estimate a covariance")
         self.mean_ = X.mean(axis=0)
@@ -360,7 +364,12 @@ def normalize(profiles: pd.DataFrame, method: str = "standardize", *, controls=N
             raise ValueError(f"no control rows in {where} to fit {method!r} on")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            norm = create_normalizer(method, **kwargs).fit(profiles.loc[fit_rows, cols])
+            try:
+                norm = create_normalizer(method, **kwargs).fit(profiles.loc[fit_rows, cols])
+            except ValueError as e:
+                if plate is None:
+                    raise
+                raise ValueError(f"plate {plate!r}: {e}") from e
         for w in caught:  # the fit's warnings, told which plate's controls they are about
             warnings.warn_explicit(f"plate {plate!r}: {w.message}" if plate is not None else w.message,
                                    w.category, w.filename, w.lineno)

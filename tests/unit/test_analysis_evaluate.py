@@ -156,3 +156,16 @@ def test_separated_moas_score_perfectly_and_blocks_do_not_matter():
     full, blocked = evaluate_moa(table), evaluate_moa(table, block_size=3)
     assert full.nsc == 1.0 and full.map == pytest.approx(1.0)
     pd.testing.assert_frame_equal(full.predictions, blocked.predictions)
+
+
+def test_zero_norm_profiles_are_left_out_not_scored_as_perfect():
+    """A zero profile ties with every reference: its 'nearest neighbour' was the first row in
+    table order and its AP 1 whatever the labels."""
+    t = pd.DataFrame({"Metadata_MOA": ["A", "A", "A", "B", "B", "C", "C"],
+                      "Metadata_Compound": ["a1", "a2", "a3", "b1", "b2", "c1", "c2"],
+                      "f0": [0.0, 1.0, 0.9, -1.0, -0.9, 0.1, 0.2],
+                      "f1": [0.0, 0.1, 0.2, 0.0, 0.1, 1.0, 0.9]})
+    ev = evaluate_moa(t, batch=None)
+    assert "a1" not in set(ev.predictions["Metadata_Compound"]) and ev.n_queries == 6
+    assert any("1 profile(s) of zero norm" in w for w in ev.warnings)
+    assert ev.nsc == 1.0 and ev.map == 1.0  # the rest are cleanly separated

@@ -118,3 +118,21 @@ def test_distance_to_controls_keeps_a_plate_column_outside_metadata():
                           "f0": [1.0, 1.1, 0.9, 3.0]})
     out = distance_to_controls(table, plate_column="plate", metric="euclidean")
     assert out["plate"].tolist() == ["P1"] * 4 and np.isfinite(out["distance_z"]).all()
+
+
+def test_a_well_missing_a_feature_keeps_its_distance_and_its_hit():
+    rng = np.random.default_rng(0)
+    n, f = 12, 20
+    table = pd.DataFrame(rng.normal(size=(n, f)), columns=[f"f{i}" for i in range(f)])
+    table.insert(0, "Metadata_Plate", "P1")
+    table.insert(1, "Metadata_Well", [f"A{i + 1:02d}" for i in range(n)])
+    table.insert(2, "Metadata_Control", ["negative"] * 8 + [""] * 4)
+    table.loc[10, "f0":"f19"] += 8.0  # a strong phenotype
+    complete = distance_to_controls(table, metric="euclidean")
+    table.loc[10, "f3"] = np.nan  # one of its 20 features missing
+    missing = distance_to_controls(table, metric="euclidean")
+    assert np.isfinite(missing["distance"]).all()
+    assert missing.loc[10, "distance"] == pytest.approx(complete.loc[10, "distance"], rel=0.1)
+    assert "A11" in set(call_hits(missing, "distance", threshold=3.0, direction="up")["Metadata_Well"])
+    table.loc[10, "f0":"f19"] = np.nan  # nothing to measure: no distance
+    assert np.isnan(distance_to_controls(table, metric="euclidean").loc[10, "distance"])

@@ -173,3 +173,13 @@ def test_normalize_bad_inputs():
         normalize(table, controls=(table["Metadata_Plate"] == "P1").to_numpy())
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalize(table, method="zscore", controls="all")
+
+
+def test_whiten_errors_name_the_plate_and_the_features():
+    table = pd.DataFrame({"Metadata_Plate": ["P1", "P1", "P1", "P7", "P7"],
+                          "Metadata_Control": ["negative"] * 5,
+                          "f1": [1.0, 2.0, 3.0, 1.0, 2.0], "f2": [1.0, 0.0, 2.0, np.nan, 1.0]})
+    with pytest.raises(ValueError, match=r"plate 'P7': Whiten needs finite control profiles; feature\(s\) \['f2'\]"):
+        normalize(table, "whiten")
+    with pytest.raises(ValueError, match="plate 'P7': Whiten needs at least 2 control rows"):
+        normalize(table.drop(index=4).fillna(0.0), "whiten")
