@@ -20,24 +20,9 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from rayscreen.stream.cells import crops_at, nucleus_centres
+
 CROP = 48  # the learned config's train.crop
-
-
-def nucleus_centres(dna: np.ndarray, min_area: int = 20) -> list[tuple[int, int]]:
-    """(y, x) centroids of the Otsu foreground objects of a (Y, X) DNA image."""
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.measure import label, regionprops
-
-    smooth = gaussian(dna, 1.5)
-    objects = label(smooth > threshold_otsu(smooth))
-    return [tuple(int(round(c)) for c in r.centroid) for r in regionprops(objects) if r.area >= min_area]
-
-
-def crops_at(image: np.ndarray, centres: list[tuple[int, int]], size: int = CROP) -> np.ndarray:
-    """(N, C, size, size) crops of a (C, Y, X) image centred on ``centres`` (reflected at the edges)."""
-    r = size // 2
-    padded = np.pad(image, ((0, 0), (r, r), (r, r)), mode="reflect")
-    return np.stack([padded[:, y:y + size, x:x + size] for y, x in centres])
 
 
 def main(argv=None) -> int:
@@ -71,10 +56,12 @@ def main(argv=None) -> int:
                 if (row["plate"], row["well"], str(row["field"])) in flagged:
                     continue
                 image = np.asarray(row["image"], np.float32)
-                centres = nucleus_centres(image[0]) or [(image.shape[1] // 2, image.shape[2] // 2)]
+                centres = nucleus_centres(image[0])
+                if not len(centres):
+                    centres = np.array([[image.shape[1] // 2, image.shape[2] // 2]])
                 ys = rng.integers(0, image.shape[1] - CROP + 1, 16)
                 xs = rng.integers(0, image.shape[2] - CROP + 1, 16)
-                views = {"field": image[None], "cells": crops_at(image, centres),
+                views = {"field": image[None], "cells": crops_at(image, centres, CROP),
                          "random": np.stack([image[:, y:y + CROP, x:x + CROP] for y, x in zip(ys, xs)])}
                 for name, batch in views.items():
                     features[name].append(model.features(torch.from_numpy(batch)).mean(0).numpy())

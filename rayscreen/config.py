@@ -163,6 +163,10 @@ class TrainConfig:
     grad_clip: float | None = None  # largest gradient norm (None: no clipping)
     seed: int = 0  # weights, shuffling and augmentation
     crop: int | None = None  # random crops of this size for training
+    # where the crops are: anywhere in the field (random), or centred on a nucleus found by
+    # Otsu on train.nucleus_channel, a different nucleus each time (single-cell crops, DeepProfiler)
+    crop_centre: Literal["random", "nuclei"] = "random"
+    nucleus_channel: str | None = None  # the DNA channel's name for crop_centre nuclei (default: the first)
     # regularisers for noisy weak labels (a low-dose well may look like the control):
     mixup: float = 0.0  # Beta(a, a) of mixup (Zhang et al. 2018) between images of a batch; 0: off
     label_smoothing: float = 0.0  # of the training cross-entropy (validation loss stays plain)

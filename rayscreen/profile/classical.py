@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage, stats
 
+from ..stream.cells import otsu_mask
+
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "ASM", "correlation")
 OBJECT_STATS = ("count", "density", "area_mean", "area_std", "eccentricity", "solidity", "formfactor",
@@ -46,15 +48,6 @@ def classical_feature_names(channels: Sequence[str], distances: Sequence[int] = 
         names += [f"{ch}_obj_{s}" for s in OBJECT_STATS]
     names += [f"{a}_{b}_corr" for i, a in enumerate(channels) for b in channels[i + 1:]]
     return names
-
-
-def _otsu_mask(plane: np.ndarray, sigma: float) -> np.ndarray:
-    from skimage.filters import threshold_otsu
-
-    smooth = ndimage.gaussian_filter(plane, sigma) if sigma > 0 else plane
-    if smooth.max() <= smooth.min():
-        return np.zeros(plane.shape, dtype=bool)
-    return smooth > threshold_otsu(smooth)
 
 
 def _glcm(plane: np.ndarray, distances: Sequence[int], levels: int) -> list[float]:
@@ -112,7 +105,7 @@ def classical_features(image, *, distances: Sequence[int] = (1, 3), levels: int 
                 else [0.0, 0.0])
         gy, gx = np.gradient(plane)
         out += [float(np.hypot(gy, gx).mean()), float(ndimage.laplace(plane, mode="reflect").var())]
-        mask = _otsu_mask(plane, sigma)
+        mask = otsu_mask(plane, sigma)
         fg = plane[mask].mean() if mask.any() else plane.mean()
         bg = plane[~mask].mean() if (~mask).any() else plane.mean()
         out += [float(mask.mean()), float(fg), float(bg), float(fg / bg) if bg > 0 else 0.0]

@@ -37,8 +37,8 @@ from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .distill import collapse, distill_step
 from .step import (augment_config, broadcast_buffers, classification_metrics, make_optimizer, make_scheduler,
-                   metric_mode, mixup, predict, random_crops, repeat_rows, restore_scheduler, step_scheduler,
-                   train_step, unwrap)
+                   metric_mode, mixup, nucleus_crops, predict, random_crops, repeat_rows, restore_scheduler,
+                   step_scheduler, train_step, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -465,19 +465,24 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
 
 
-def make_transform(config: Config, rank: int, epoch: int, num_classes: int | None = None):
+def make_transform(config: Config, rank: int, epoch: int, num_classes: int | None = None,
+                   channels: list[str] | None = None):
     """(images, labels) -> (images, labels) for training: mosaics, crops, augmentation,
     mixup (labels become (B, num_classes) soft targets), seeded by (train.seed, rank,
-    epoch) so a resumed epoch draws what it drew before."""
+    epoch) so a resumed epoch draws what it drew before. ``channels``: the images' channel
+    names (which one is train.nucleus_channel)."""
     from ..stream.augment import class_mosaics
 
     t = config.train
     generator, augmenter = _epoch_random(config, rank, epoch)
+    dna = channels.index(t.nucleus_channel) if t.nucleus_channel and channels else 0
 
     def transform(images: torch.Tensor, labels: torch.Tensor):
         if t.augment.enabled and t.augment.mosaic:
             images, labels = class_mosaics(images, labels, generator)
-        if t.crop:
+        if t.crop and t.crop_centre == "nuclei":
+            images = nucleus_crops(images, t.crop, generator, channel=dna)
+        elif t.crop:
             images = random_crops(images, t.crop, generator)
         if augmenter is not None:
             images = augmenter(images)
@@ -598,7 +603,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # epoch's own generators, so a resumed epoch is the epoch an uninterrupted run trains
         torch.manual_seed(epoch_seed(t.seed, rank, epoch) + 2)
         if distiller is None:
-            transform = make_transform(config, rank, epoch, len(cfg["classes"]))
+            transform = make_transform(config, rank, epoch, len(cfg["classes"]), cfg["channels"])
         else:
             views = make_view_fn(config, rank, epoch)
         loss_sum, n = 0.0, 0

@@ -251,6 +251,15 @@ def plan_run(config: Config) -> TrainPlan:
     except RayscreenError as e:
         raise ConfigError(f"plates: {e}") from None
     annotations, names, channels = annotations_of(config, uris)
+    if t.crop_centre == "nuclei":
+        if t.crop is None:
+            raise ConfigError("train.crop_centre: nuclei centres crops on nuclei: set train.crop (their size, px)")
+        if t.distill.enabled:
+            raise ConfigError("train.crop_centre: nuclei is not supported with train.distill (its views are "
+                              "random crops); use crop_centre: random")
+        if t.nucleus_channel is not None and t.nucleus_channel not in channels:
+            raise ConfigError(f"train.nucleus_channel: {t.nucleus_channel!r} is not a streamed channel; expected "
+                              f"one of {list(channels)}")
     if t.crop is not None or t.distill.enabled:
         h, w = streamed_field_size(config, uris[0])
         if t.crop is not None and t.crop > min(h, w):

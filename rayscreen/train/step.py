@@ -95,6 +95,32 @@ def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) ->
     return torch.stack([images[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))])
 
 
+def nucleus_crops(images: torch.Tensor, size: int, generator: torch.Generator, channel: int = 0,
+                  jitter: int = 4) -> torch.Tensor:
+    """A (B, C, size, size) crop of each image of (B, C, H, W) centred on one of its nuclei,
+    drawn at random (:func:`~rayscreen.stream.cells.nucleus_centres` on channel ``channel``),
+    moved by up to ``jitter`` px; an image without nuclei gets a random crop. A crop that
+    would reach over the border is moved inside the field (cells at the edge sit off-centre)."""
+    from ..stream.cells import nucleus_centres
+
+    b, _, h, w = images.shape
+    if size > h or size > w:
+        raise ValueError(f"train.crop {size} is larger than the fields ({h}, {w})")
+    dna = images[:, channel].detach().float().cpu().numpy()
+    crops = []
+    for i in range(b):
+        centres = nucleus_centres(dna[i])
+        if len(centres):
+            k = int(torch.randint(len(centres), (1,), generator=generator))
+            dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+            y, x = int(centres[k][0]) + dy - size // 2, int(centres[k][1]) + dx - size // 2
+        else:
+            y, x = (int(torch.randint(0, n - size + 1, (1,), generator=generator)) for n in (h, w))
+        y, x = min(max(y, 0), h - size), min(max(x, 0), w - size)
+        crops.append(images[i, :, y:y + size, x:x + size])
+    return torch.stack(crops)
+
+
 def mixup(images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float,
           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al. 2018): each image blended with another of the batch.
