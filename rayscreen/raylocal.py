@@ -8,7 +8,8 @@ starts Ray, gets the same local settings that each stage would have chosen alone
   ``IDLE_WORKER_KEEP_MS``), which training needs to be fast on small nodes;
 - a worker set-up hook quiets internal Ray Train loggers that flood the console
   (``quiet_ray_loggers``): one when the Ray dashboard (and with it the state API) is not
-  running, and the per-epoch INFO lines that repeat what rayscreen's own progress says.
+  running, and the per-epoch INFO lines that repeat what rayscreen's own progress says
+  (Ray Train's reports, Ray Data's "execution finished" lines).
 
 This module imports nothing from rayscreen (every layer may use it) and nothing heavy at
 import time: Ray imports it in every worker process of a local Ray.
@@ -47,6 +48,19 @@ REPORT_LOGGERS = ("ray.train.v2._internal.execution.storage", "ray.train._intern
 # rayscreen also sets RunConfig(logging_config=LoggingConfig("WARNING")) (train/loop.py).
 REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
 SETUP_HOOK = f"{__name__}.quiet_ray_loggers"
+# Ray Data logs "Dataset <id> execution finished in N seconds" at INFO when a dataset is
+# done: in a training run once per epoch per split coordinator, beside the epoch line that
+# says more. Dropped by a filter on that one logger (its other lines, and every warning of
+# Ray Data, still show).
+DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
+
+
+class _DropFinishedLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.WARNING and "execution finished in" in str(record.msg))
+
+
+DROP_FINISHED_LINES = _DropFinishedLines()
 
 
 def report_loggers() -> list[str]:
@@ -65,6 +79,7 @@ def quiet_ray_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in report_loggers():
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(DATA_EXECUTOR_LOGGER).addFilter(DROP_FINISHED_LINES)  # added once: filters are a set
 
 
 def quiet_report_logger() -> None:
@@ -125,11 +140,16 @@ def stage_data_context() -> Iterator[None]:
     saved = {name: getattr(ctx, name) for name in wanted}
     for name, value in wanted.items():
         setattr(ctx, name, value)
+    executor_log = logging.getLogger(DATA_EXECUTOR_LOGGER)
+    added = DROP_FINISHED_LINES not in executor_log.filters
+    executor_log.addFilter(DROP_FINISHED_LINES)  # the driver's own datasets (infer, profile)
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(ctx, name, value)
+        if added:
+            executor_log.removeFilter(DROP_FINISHED_LINES)
 
 
 def cause_of(error: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException:

@@ -46,3 +46,39 @@ def test_cause_of_ignores_an_error_that_was_only_being_handled():
     assert cause_of(failure, RayscreenError) is failure
     wrapped = Wrapper(failure)
     assert cause_of(wrapped, RayscreenError) is wrapped  # nothing of ours: the error as given
+
+
+def test_ray_data_finished_lines_are_dropped_inside_a_stage():
+    """Ray Data logs one 'execution finished' line per dataset (per epoch in training);
+    rayscreen's stages drop them and keep the logger's other lines and its warnings."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, as in a stage)
+
+    from rayscreen.raylocal import DATA_EXECUTOR_LOGGER, DROP_FINISHED_LINES, stage_data_context
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    log, handler = logging.getLogger(DATA_EXECUTOR_LOGGER), Keep()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    finished = "\u2714\ufe0f  Dataset train_0_1 execution finished in 1.83 seconds"
+    try:
+        with stage_data_context():
+            log.info(finished)
+            log.info("Starting execution of Dataset x")
+            log.warning("Dataset y execution finished in 2 s, with warnings")
+        log.info(finished)  # outside a stage: Ray's own behaviour again
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert handler.messages == ["Starting execution of Dataset x", "Dataset y execution finished in 2 s, with warnings",
+                                finished]
+    assert DROP_FINISHED_LINES not in log.filters
