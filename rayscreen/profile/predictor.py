@@ -47,12 +47,27 @@ def feature_names(backbone: str, feature_dim: int, channels: Sequence[str], chan
     return [f"{p}_{backbone}_{i}" for p in prefixes for i in range(feature_dim)]
 
 
-def to_unit_range(images: np.ndarray) -> np.ndarray:
-    """(B, C, Y, X) -> float32 in [0, 1]: integer images divided by their dtype's maximum;
-    float images (the stream's normalised output, already ~[0, 1]) clipped."""
-    if np.issubdtype(images.dtype, np.integer):
-        return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
-    return np.clip(images.astype(np.float32, copy=False), 0.0, 1.0)
+# the window of z-scores (mean/std normalisation) mapped onto the network's [0, 1] input:
+# +-3 standard deviations, the usual display window; brighter or darker pixels saturate
+Z_RANGE = (-3.0, 3.0)
+
+
+def to_unit_range(images: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """(B, C, Y, X) -> float32 in [0, 1], what an ImageNet network expects.
+
+    ``value_range`` (low, high) is mapped to (0, 1), values outside clipped: (0, 65535) for
+    flat-field-corrected uint16 counts, :data:`Z_RANGE` for z-scores. ``None``: integer
+    images divided by their dtype's maximum, float images taken as already in [0, 1] (the
+    percentile-normalised stream) and clipped.
+    """
+    if value_range is None:
+        if np.issubdtype(images.dtype, np.integer):
+            return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
+        return np.clip(images.astype(np.float32, copy=False), 0.0, 1.0)
+    low, high = (np.float32(v) for v in value_range)
+    out = np.subtract(images, low, dtype=np.float32)
+    out /= high - low
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 class ProfilePredictor:
@@ -79,6 +94,9 @@ class ProfilePredictor:
         batch row of a plate without one is an error. ``None``: images used as streamed.
     qc_max_value : saturation level of the QC metrics; ``None``: the dtype's maximum for
         integer images, 1.0 for float images (a clipped normalised stream).
+    value_range : (low, high) of the (normalised) images mapped to the network's [0, 1]
+        input (:func:`to_unit_range`); ``None``: integer images by their dtype, float
+        images taken as [0, 1].
     model : an already built extractor (skips the registry; tests).
 
     ``__call__(batch)`` returns ``plate``, ``well``, ``field`` (passed through), ``profile``
@@ -90,7 +108,7 @@ class ProfilePredictor:
                  input_size: int | None = None, tiles: bool = False, classical: bool = False, qc: bool = False,
                  batch_size: int = 16, device: str | None = None, storage_options: dict | None = None,
                  model: torch.nn.Module | None = None, normalizers: dict[str, dict] | None = None,
-                 qc_max_value: float | None = None):
+                 qc_max_value: float | None = None, value_range: tuple[float, float] | None = None):
         if channel_mode not in ("concat", "rgb"):
             raise RayscreenError(f"profile.channel_mode {channel_mode!r}: expected 'concat' or 'rgb'")
         self.channels = [str(c) for c in channels]
@@ -121,6 +139,9 @@ class ProfilePredictor:
         self.qc = bool(qc)
         self.batch_size = int(batch_size)
         self.qc_max_value = qc_max_value
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise RayscreenError(f"profile: value_range {value_range}: expected (low, high) with low < high")
         self.normalizers = None
         if normalizers is not None:
             from ..stream.normalize import IntensityScaler
@@ -133,7 +154,7 @@ class ProfilePredictor:
     def _network_inputs(self, images: np.ndarray) -> tuple[torch.Tensor, int]:
         """(B, C, Y, X) -> (B * P * V, 3, S, S) network inputs and V, the number of views
         per field (P = channels for concat, 1 for rgb; V = tiles per field, or 1)."""
-        x = torch.from_numpy(to_unit_range(images))
+        x = torch.from_numpy(to_unit_range(images, self.value_range))
         b, c, h, w = x.shape
         if self.channel_mode == "concat":
             x = x.reshape(b * c, 1, h, w).expand(-1, 3, -1, -1)  # grey -> RGB, per channel

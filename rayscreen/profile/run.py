@@ -278,6 +278,27 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     return uri
 
 
+def network_value_range(raw_dtype: np.dtype, normalizers: dict[str, dict] | None) -> tuple[float, float]:
+    """The range of the images the profile network gets, mapped to its [0, 1] input: (0, 1)
+    after clipping scalers (percentile), :data:`~.predictor.Z_RANGE` after mean/std ones
+    (z-scores), else the plate's raw range: (0, dtype max) for integer plates, whose
+    illumination-corrected fields are float counts (clipped at 1 they were all white)."""
+    from ..stream.normalize import IntensityScaler
+    from .predictor import Z_RANGE
+
+    if normalizers:
+        clipped = {bool(IntensityScaler.from_dict(d).clip) for d in normalizers.values()}
+        if clipped == {True}:
+            return (0.0, 1.0)
+        if clipped == {False}:
+            return Z_RANGE
+        raise RayscreenError("profile: the plates' stored normalisers mix clipping (percentile) and z-score "
+                             "(meanstd) scalers; run `rayscreen illum` with one stream.normalize for all plates")
+    if np.issubdtype(raw_dtype, np.integer):
+        return (0.0, float(np.iinfo(raw_dtype).max))
+    return (0.0, 1.0)
+
+
 def _profile_fields(config: Config, plan: dict[str, Any], wells: list[str], normalizers: dict | None,
                     on_batch: Callable[[dict[str, np.ndarray]], None]) -> Exception | None:
     """Stream ``wells`` of the plan's plates through a pool of :class:`ProfilePredictor`
@@ -308,5 +329,6 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[str], norm
                                    # float, its clipped pixels at >= this level where the
                                    # illumination function is <= 1
                                    qc_max_value=(float(np.iinfo(raw_dtype).max)
-                                                 if np.issubdtype(raw_dtype, np.integer) else None)))
+                                                 if np.issubdtype(raw_dtype, np.integer) else None),
+                                   value_range=network_value_range(raw_dtype, normalizers)))
     return drain(ds.iter_batches(batch_size=None, batch_format="numpy"), on_batch)

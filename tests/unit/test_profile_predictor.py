@@ -65,6 +65,28 @@ def test_uint16_scaled_by_dtype_maximum():
     np.testing.assert_allclose(pred.embed(images)[0], expected_colour((65535 // 5) / 65535), atol=1e-5)
 
 
+def test_flat_field_corrected_counts_and_z_scores_keep_their_contrast():
+    """A float stream that is not percentile-normalised (illumination only: float counts;
+    mean/std: z-scores) was clipped to [0, 1]: every count field became white."""
+    from rayscreen.profile.run import network_value_range
+    from rayscreen.stream.normalize import MeanStdScaler, PercentileScaler
+
+    counts = np.full((1, 1, 8, 8), 65535 // 5, dtype=np.uint16)
+    raw = ProfilePredictor(channels=["DNA"], model=ColourMeans(), input_size=8)
+    corrected = ProfilePredictor(channels=["DNA"], model=ColourMeans(), input_size=8,
+                                 value_range=network_value_range(np.dtype("uint16"), None))
+    np.testing.assert_allclose(corrected.embed(counts.astype(np.float32))[0], raw.embed(counts)[0], atol=1e-5)
+    z = ProfilePredictor(channels=["DNA"], model=ColourMeans(), input_size=8, value_range=(-3.0, 3.0))
+    np.testing.assert_allclose(z.embed(np.full((1, 1, 8, 8), 1.5, np.float32))[0], expected_colour(0.75), atol=1e-5)
+    fitted = {"P1": PercentileScaler().fit([np.arange(64.0).reshape(1, 8, 8)]).to_dict()}
+    assert network_value_range(np.dtype("uint16"), fitted) == (0.0, 1.0)
+    fitted_z = {"P1": MeanStdScaler().fit([np.arange(64.0).reshape(1, 8, 8)]).to_dict()}
+    assert network_value_range(np.dtype("uint16"), fitted_z) == (-3.0, 3.0)
+    with pytest.raises(RayscreenError, match="mix clipping"):
+        network_value_range(np.dtype("uint16"), {**fitted, "P2": fitted_z["P1"]})
+    assert network_value_range(np.dtype("float32"), None) == (0.0, 1.0)
+
+
 def test_tiles_average_full_resolution_tiles():
     # Left half 0, right half 1: 2 x 2 tiles of 8 px of a 16 x 16 field -> tile means 0, 1, 0, 1,
     # averaged 0.5; a resize to 8 px would give 0.5 too, so check the model saw 8 px tiles, 4 per field.
