@@ -53,24 +53,38 @@ def map_peaks(class_maps: np.ndarray, field_shape: tuple[int, int]) -> tuple[np.
     return np.take_along_axis(flat, idx[..., None], axis=2)[..., 0].astype(np.float32), y, x
 
 
-def downsample_mean(images: np.ndarray, factor: int) -> np.ndarray:
-    """(B, Y, X) -> (B, Y // factor, X // factor) by block means (edge remainder dropped)."""
+def downsampled_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(Y, X) of a field's saliency tile: ceil(Y / factor), ceil(X / factor); the last row and
+    column of blocks cover the field's remainder, so no strip of the field goes unmapped."""
+    return -(-int(shape[0]) // factor), -(-int(shape[1]) // factor)
+
+
+def _blocks(images: np.ndarray, factor: int, fill) -> np.ndarray:
+    """(B, Y, X) -> (B, ys, factor, xs, factor), the remainder padded with ``fill``."""
     b, y, x = images.shape
-    ys, xs = y // factor, x // factor
-    return images[:, : ys * factor, : xs * factor].reshape(b, ys, factor, xs, factor).mean(axis=(2, 4))
+    ys, xs = downsampled_shape((y, x), factor)
+    padded = np.pad(images, ((0, 0), (0, ys * factor - y), (0, xs * factor - x)), constant_values=fill)
+    return padded.reshape(b, ys, factor, xs, factor)
+
+
+def downsample_mean(images: np.ndarray, factor: int) -> np.ndarray:
+    """(B, Y, X) -> (B, ceil(Y / factor), ceil(X / factor)) block means; a block of the
+    remainder averages the pixels it has."""
+    if images.shape[1] % factor == 0 and images.shape[2] % factor == 0:
+        return _blocks(images, factor, 0).mean(axis=(2, 4))
+    return np.nanmean(_blocks(images.astype(np.float32), factor, np.nan), axis=(2, 4))
 
 
 def downsample_any(masks: np.ndarray, factor: int) -> np.ndarray:
-    """(B, Y, X) bool -> (B, Y // factor, X // factor) uint8: 1 where any pixel of the block is set."""
-    b, y, x = masks.shape
-    ys, xs = y // factor, x // factor
-    return masks[:, : ys * factor, : xs * factor].reshape(b, ys, factor, xs, factor).any(axis=(2, 4)).astype(np.uint8)
+    """(B, Y, X) bool -> (B, ceil(Y / factor), ceil(X / factor)) uint8: 1 where any pixel of
+    the block is set."""
+    return _blocks(np.asarray(masks, dtype=bool), factor, False).any(axis=(2, 4)).astype(np.uint8)
 
 
 class Predictor:
     """Callable: ``batch`` dict with ``image`` (B, C, Y, X) -> dict of per-field outputs.
 
-    Output keys (B = fields, K = classes, D = profile length, y, x = Y, X // downsample):
+    Output keys (B = fields, K = classes, D = profile length, y, x = ceil(Y, X / downsample)):
     ``scores`` (B, K) float32 probabilities, ``map_max`` (B, K) float32, ``map_y``,
     ``map_x`` (B, K) int32 (field pixels), ``profile`` (B, D) float32, ``saliency``
     (B, y, x) float16 (of :func:`saliency_class`), ``mask`` (B, y, x) uint8, ``class_maps``
@@ -116,7 +130,7 @@ class Predictor:
         elif s.saliency == "cam":
             sal = cam_saliency(maps, field_shape, class_index=cls).clamp(min=0)
         if s.saliency == "none":
-            small = np.zeros((len(images), field_shape[0] // d, field_shape[1] // d), np.float32)
+            small = np.zeros((len(images), *downsampled_shape(field_shape, d)), np.float32)
             mask = small.astype(np.uint8)
         else:
             sal = sal.detach().float()

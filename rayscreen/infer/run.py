@@ -52,7 +52,7 @@ from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
 from ..stream.plates import expand_uris
-from .predictor import Predictor, PredictorSettings, aggregate_well
+from .predictor import Predictor, PredictorSettings, aggregate_well, downsampled_shape
 
 # field_status values (docs/outputs.md)
 OK, ABSENT, READ_ERROR, QC_FLAGGED = 0, 1, 2, 3
@@ -397,8 +397,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     """
     plan = plan_infer(config)
     ic = config.infer
-    saliency_shape = None if ic.saliency == "none" else (plan.field_shape[0] // ic.saliency_downsample,
-                                                         plan.field_shape[1] // ic.saliency_downsample)
+    saliency_shape = None if ic.saliency == "none" else downsampled_shape(plan.field_shape, ic.saliency_downsample)
     sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim, saliency_shape)
     coords = {"class": plan.classes, "feature": [f"deep_{i}" for i in range(plan.feature_dim)]}
     store_wells = plan.wells.drop(columns=["plate_uri"])

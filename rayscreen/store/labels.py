@@ -119,7 +119,8 @@ class LabelWriter:
             raise RayscreenError(f"{where}: no level {level} (the image has {len(scales)})")
         arrays = await asyncio.gather(*(image.getitem(p) for p in ms.paths))
         shapes = [(a.shape[iy], a.shape[ix]) for a in arrays]
-        expected = (shapes[level][0] // downsample, shapes[level][1] // downsample)
+        # ceil: the last mask row/column covers the level's remainder (infer's saliency tiles)
+        expected = (-(-shapes[level][0] // downsample), -(-shapes[level][1] // downsample))
         if tuple(mask.shape) != expected:
             raise RayscreenError(f"{where}: mask shape {tuple(mask.shape)}; expected {expected} (level {level} "
                                  f"{shapes[level]} downsampled {downsample}x)")

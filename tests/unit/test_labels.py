@@ -94,3 +94,14 @@ def test_write_fields_of_a_well_equals_one_by_one_and_checks_all_first(tmp_path)
     with pytest.raises(RayscreenError, match="well A01 field 2: mask shape"):
         LabelWriter(a).write_fields("A01", [0, 1, 2], [masks[0], masks[1], masks[2, :3]], "saliency", downsample=4)
     assert not any("A/1/" in k and "/labels" in k for k in _files(a))
+
+
+def test_a_mask_of_ceil_size_covers_the_remainder_of_an_odd_sized_field(tmp_path):
+    uri = make_plate(str(tmp_path / "p.zarr"), field_shape=(18, 21))
+    mask = np.zeros((5, 6), np.uint8)  # ceil(18 / 4) x ceil(21 / 4), as infer's saliency tiles
+    mask[4, 5] = 1  # the block over rows 16-17, columns 20
+    LabelWriter(uri).write("A01", 0, mask, "saliency", downsample=4)
+    label = read_label(uri, "A01", 0, "saliency")
+    assert label.shape == (18, 21) and label[16:, 20:].all() and label.sum() == 2
+    with pytest.raises(RayscreenError, match=r"mask shape \(4, 5\); expected \(5, 6\)"):
+        LabelWriter(uri).write("A01", 0, mask[:4, :5], "saliency", downsample=4)

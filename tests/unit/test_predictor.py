@@ -96,3 +96,29 @@ def test_pure_helpers():
     np.testing.assert_array_equal(downsample_any(block, 2), [[[0, 0], [1, 0]]])
     peak, y, x = map_peaks(np.array([[[[0, 1], [3, 2]]]], np.float32), (20, 40))
     assert peak[0, 0] == 3 and y[0, 0] == 15 and x[0, 0] == 10
+
+
+def test_saliency_tiles_cover_the_remainder_of_fields_not_a_multiple_of_the_factor():
+    """A 5 x 5 field at factor 2: 3 x 3 blocks, the last ones over the remaining row and
+    column (an object there used to get no saliency, no mask and no label)."""
+    from rayscreen.infer.predictor import downsampled_shape
+
+    assert downsampled_shape((100, 100), 64) == (2, 2) and downsampled_shape((104, 140), 4) == (26, 35)
+    image = np.arange(25.0).reshape(1, 5, 5)
+    small = downsample_mean(image, 2)
+    assert small.shape == (1, 3, 3)
+    assert small[0, 0, 0] == np.mean([0, 1, 5, 6]) and small[0, 2, 2] == 24.0  # the corner block: one pixel
+    assert small[0, 0, 2] == np.mean([4, 9])  # the last column's block: the pixels it has
+    mask = np.zeros((1, 5, 5), bool)
+    mask[0, 4, 4] = True
+    assert downsample_any(mask, 2)[0].tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
+
+
+def test_predictor_saliency_and_mask_of_an_odd_sized_field_cover_it_whole():
+    from rayscreen.models import create_model
+
+    model = create_model("wscnn", in_channels=1, num_classes=2, width=0.25).eval()
+    out = Predictor(model, PredictorSettings(batch_size=2, saliency="cam", saliency_downsample=4))(
+        {"image": np.random.default_rng(0).random((2, 1, 50, 61)).astype(np.float32)})
+    assert out["saliency"].shape == (2, 13, 16) and out["mask"].shape == (2, 13, 16)
+    assert np.isfinite(out["saliency"].astype(np.float32)).all()
