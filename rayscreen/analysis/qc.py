@@ -82,14 +82,15 @@ def qc_embedding(table: pd.DataFrame, features: Sequence[str] | None = None) -> 
     The variance of the Laplacian spans orders of magnitude (blur, gain): its log is
     linear enough for a linear probe. The 0/1 empty flags are thresholds of the contrast
     and foreground metrics that are kept. A metric undefined on a field (NaN: a constant
-    channel) takes the median of that metric over the fields (0 where all are NaN), so
-    one bad field does not remove the metric from every other field.
+    channel; or infinite) takes the median of that metric over the fields (0 where all are
+    NaN), so one bad field does not remove the metric from every other field.
     """
     cols = [c for c in feature_columns(table, features) if not str(c).startswith("qc_empty")]
     out = table[cols].astype(float).copy()
     for c in cols:
         if "lapvar" in str(c):
             out[c] = np.log(out[c].clip(lower=0) + 1e-12)
+    out = out.replace([np.inf, -np.inf], np.nan)  # undefined too (e.g. contrast over a noiseless background)
     return out.fillna(out.median()).fillna(0.0)
 
 

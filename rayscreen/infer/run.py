@@ -55,7 +55,7 @@ from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well, downsampled_shape
 
 # field_status values (docs/outputs.md)
-OK, ABSENT, READ_ERROR, QC_FLAGGED = 0, 1, 2, 3
+OK, ABSENT, READ_ERROR, QC_FLAGGED, NOT_FINITE = 0, 1, 2, 3, 4
 
 
 def results_variables(n_fields: int, n_classes: int, n_features: int, saliency_shape: tuple[int, int] | None
@@ -67,8 +67,8 @@ def results_variables(n_fields: int, n_classes: int, n_features: int, saliency_s
     fk, wf = ("well", "field", "class"), ("well", "field")
     variables = [
         Variable("field_status", wf, "int8", ABSENT,
-                 {"flag_values": [OK, ABSENT, READ_ERROR, QC_FLAGGED],
-                  "flag_meanings": "scored absent read_error qc_flagged"}),
+                 {"flag_values": [OK, ABSENT, READ_ERROR, QC_FLAGGED, NOT_FINITE],
+                  "flag_meanings": "scored absent read_error qc_flagged not_finite"}),
         Variable("field_scores", fk, "float32", attrs={"long_name": "class probabilities per field"}),
         Variable("field_map_max", fk, "float32", attrs={"long_name": "maximum of each class-specific map"}),
         Variable("field_map_y", fk, "int32", -1, {"units": "field pixels"}),
@@ -92,8 +92,9 @@ def well_outputs(fields: list[str], read: dict[str, np.ndarray], pred: dict[str,
 
     ``fields``: the well's field names in order (slot i = fields[i]); ``read``: names of
     the fields actually read -> their row in ``pred`` (the Predictor's output for them,
-    in that order); fields listed but not read were read errors (skipped). ``shapes``:
-    per-variable shape without the well dim (from the store).
+    in that order); fields listed but not read were read errors (skipped); fields whose
+    scores or profile are not finite are left out of the well's aggregates (status 4).
+    ``shapes``: per-variable shape without the well dim (from the store).
     """
     out = {name: np.full(shape, np.nan if name in _FLOATS else 0, dtype=_DTYPES[name])
            for name, shape in shapes.items()}
@@ -106,6 +107,12 @@ def well_outputs(fields: list[str], read: dict[str, np.ndarray], pred: dict[str,
             out["field_status"][slot] = READ_ERROR
             continue
         r = read[name]
+        if not (np.isfinite(pred["scores"][r]).all() and np.isfinite(pred["profile"][r]).all()):
+            # NaN/inf pixels (a float plate of another tool) or weights: its scores are kept
+            # for inspection, but one such field would make the well's scores and profile NaN
+            out["field_status"][slot] = NOT_FINITE
+            out["field_scores"][slot] = pred["scores"][r]
+            continue
         rows.append(r)
         out["field_status"][slot] = OK
         out["field_scores"][slot] = pred["scores"][r]

@@ -77,7 +77,7 @@ def foreground(image, sigma: float = 2.0) -> tuple[float, float]:
     ``(mean_fg - mean_bg) / std_bg`` on the raw pixels: Otsu always splits an image in
     two, even pure noise, and the contrast says whether the split is real (cells several
     noise sigmas above background) or noise (well below 1). A constant image has no
-    foreground: (0.0, 0.0).
+    foreground: (0.0, 0.0); a noiseless background leaves the contrast undefined (NaN).
     """
     from skimage.filters import threshold_otsu
 
@@ -90,7 +90,7 @@ def foreground(image, sigma: float = 2.0) -> tuple[float, float]:
         return float(mask.mean()), 0.0
     fg, bg = plane[mask], plane[~mask]
     noise = bg.std()
-    contrast = (fg.mean() - bg.mean()) / noise if noise > 0 else float("inf")
+    contrast = (fg.mean() - bg.mean()) / noise if noise > 0 else float("nan")  # noiseless background: undefined
     return float(mask.mean()), float(contrast)
 
 

@@ -51,12 +51,13 @@ def profiles_uri(config: Config) -> str:
     return join(config.output, PROFILES)
 
 
-def _field_index(name: Any, n_fields: int, order: dict[str, int]) -> int:
+def _field_index(name: Any, n_fields: int, order: dict[str, int], where: str = "") -> int:
     """Field name (``"0"``, ``"1"``, ... as plates name them) -> index along ``field``."""
     key = str(name)
     if key in order:
         return order[key]
-    raise RayscreenError(f"field {key!r} is not one of the plate's fields {list(order)}")
+    raise RayscreenError(f"{where + ': ' if where else ''}field {key!r} is not one of the fields {list(order)} "
+                         "the plate's field_count implies (fields are expected to be named 0 .. field_count - 1)")
 
 
 def plan_profile(config: Config) -> dict[str, Any]:
@@ -109,7 +110,8 @@ def _variables(n_fields: int, n_features: int, n_classical: int | None, n_qc: in
 
 
 def well_values(rows: list[dict[str, Any]], field_names: list[str], n_fields: int, n_features: int,
-                n_classical: int | None, n_qc: int, present: set[str] | None = None) -> dict[str, np.ndarray]:
+                n_classical: int | None, n_qc: int, present: set[str] | None = None,
+                where: str = "") -> dict[str, np.ndarray]:
     """One well's store variables from its field rows (each: ``field``, ``profile`` (D,),
     ``classical`` (K,), ``qc`` (Q,)); fields of ``field_names`` without a row are read
     errors (status 2), unless ``present`` (the well's fields on disk, when known) lacks
@@ -127,7 +129,7 @@ def well_values(rows: list[dict[str, Any]], field_names: list[str], n_fields: in
     if n_classical is not None:
         out["field_classical"] = np.full((n_fields, n_classical), np.nan, np.float32)
     for r in rows:
-        i = _field_index(r["field"], n_fields, order)
+        i = _field_index(r["field"], n_fields, order, where)
         status[i] = STATUS_OK
         out["field_profile"][i] = r["profile"]
         out["field_qc"][i] = r["qc"]
@@ -237,7 +239,8 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         def flush(i: int, present: set[str] | None = None) -> None:
             key = (wells.at[i, "plate"], wells.at[i, "well"])
             writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
-                                             n_classical, len(qc_names), present))
+                                             n_classical, len(qc_names), present,
+                                             where=f"plate {key[0]!r} well {key[1]}"))
             bar.update()
 
         def on_batch(batch: dict[str, np.ndarray]) -> None:

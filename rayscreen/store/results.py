@@ -479,6 +479,8 @@ class ResultsWriter:
         values = np.asarray(self._array(name)[...])
         hit = done & (values == value).reshape(len(values), -1).any(axis=1)
         reopened = np.flatnonzero(hit).tolist()
+        if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
+            self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))
         for index in reopened:
             self._array(DONE)[index] = 0
         return reopened
@@ -508,8 +510,12 @@ def open_results(uri: str, storage_options: dict[str, Any] | None = None, *, chu
     """
     import xarray as xr
 
-    if _read_root_attrs(uri, storage_options) is None:
+    ns = _read_root_attrs(uri, storage_options)
+    if ns is None:
         raise RayscreenError(f"{uri}: no results store there")
+    if ns.get("layout_hash") is None:  # the skeleton's last write: some variables may be missing
+        raise RayscreenError(f"{uri}: the store's creation was interrupted (it has no layout recorded); "
+                             "run its stage again, which creates it afresh")
     store = make_store(uri, storage_options, read_only=True, strict=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

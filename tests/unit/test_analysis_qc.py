@@ -298,3 +298,16 @@ def test_too_few_wells_for_grouped_folds_fall_back_to_fields_with_a_warning():
     result = classify_artefacts(no_wells, annotations.rename(columns={"Metadata_Well": "Metadata_Site"}),
                                 key=["Metadata_Plate", "Metadata_Site", "Metadata_Field"])
     assert result.cv_groups == "field" and result.warnings == []
+
+
+def test_a_noiseless_background_leaves_the_contrast_undefined_and_the_embedding_finite():
+    from rayscreen.analysis import qc_embedding
+
+    image = np.zeros((32, 32))
+    image[8:16, 8:16] = 100.0  # a cell on a perfectly flat background
+    fraction, contrast = foreground(image)
+    assert fraction > 0 and np.isnan(contrast)
+    table = pd.DataFrame({"Metadata_Field": ["0", "1", "2"], "qc_contrast": [contrast, 3.0, np.inf],
+                          "qc_lapvar": [1.0, 2.0, 3.0]})
+    embedded = qc_embedding(table)
+    assert np.isfinite(embedded.to_numpy()).all() and embedded["qc_contrast"].tolist() == [3.0, 3.0, 3.0]

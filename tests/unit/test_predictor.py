@@ -122,3 +122,22 @@ def test_predictor_saliency_and_mask_of_an_odd_sized_field_cover_it_whole():
         {"image": np.random.default_rng(0).random((2, 1, 50, 61)).astype(np.float32)})
     assert out["saliency"].shape == (2, 13, 16) and out["mask"].shape == (2, 13, 16)
     assert np.isfinite(out["saliency"].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean", "model"])
+def test_a_field_with_non_finite_output_is_left_out_of_its_well(aggregate):
+    from rayscreen.infer.run import NOT_FINITE, OK, results_variables, well_outputs
+    from rayscreen.models.wscnn import milnet
+
+    torch.manual_seed(0)
+    model = milnet(in_channels=1, num_classes=2).eval()
+    x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    x[2, 0, 5, 5] = np.nan  # one bad pixel in field 2 (a float plate of another tool)
+    pred = Predictor(model, PredictorSettings(saliency="cam", saliency_downsample=4))({"image": x})
+    sizes, variables = results_variables(4, 2, model.feature_dim, (8, 8))
+    shapes = {v.name: tuple(sizes[d] for d in v.dims[1:]) for v in variables}
+    out = well_outputs(["0", "1", "2"], {"0": 0, "1": 1, "2": 2}, pred, 4, aggregate, shapes, model)
+    assert out["field_status"].tolist()[:3] == [OK, OK, NOT_FINITE] and int(out["n_fields"]) == 2
+    assert np.isfinite(out["well_scores"]).all() and np.isfinite(out["well_profile"]).all()
+    two = well_outputs(["0", "1"], {"0": 0, "1": 1}, pred, 4, aggregate, shapes, model)
+    np.testing.assert_allclose(out["well_scores"], two["well_scores"], rtol=1e-6)  # as if it were not there

@@ -147,3 +147,11 @@ def test_normalizers_apply_per_plate_after_qc_on_raw_pixels():
     np.testing.assert_allclose(out["profile"][1], np.tile(expected_colour(0.75 * 0.15 + 0.25), 2), rtol=1e-4)
     with pytest.raises(RayscreenError, match="P3"):
         pred({"image": images[:1], "plate": np.array(["P3"])})
+
+
+def test_a_field_name_outside_field_count_names_the_plate_and_well():
+    from rayscreen.profile.run import well_values
+
+    rows = [{"field": "2", "profile": np.zeros(2), "qc": np.zeros(1)}]
+    with pytest.raises(RayscreenError, match=r"plate 'P1' well B03: field '2' is not one of the fields \['0', '1'\]"):
+        well_values(rows, ["0", "1"], 2, 2, None, 1, where="plate 'P1' well B03")

@@ -153,6 +153,8 @@ def test_an_interrupted_creation_is_created_again(tmp_path):
     root = zarr.open_group(str(uri), mode="r+")
     root.attrs["rayscreen"] = {**root.attrs["rayscreen"], "layout_hash": None}
     shutil.rmtree(uri / "done")
+    with pytest.raises(RayscreenError, match="creation was interrupted"):  # a reader is told, not misled
+        open_results(str(uri))
     writer = _create(uri)
     assert writer.done_wells() == [] and (uri / "done").exists()
     writer.write_well(0, _values(0))
@@ -220,8 +222,14 @@ def test_wells_with_read_errors_are_reopened_for_a_rerun(tmp_path):
     clean = dict(_values(0), field_status=np.array([0, 0]))
     writer.write_well(0, clean)
     writer.write_well(1, _values(1))  # field 1 is a read error
+    writer.write_well(2, clean)
+    writer.finalize()
+    assert open_results(str(tmp_path / "r.zarr")).attrs["rayscreen"]["complete"] is True
     assert writer.reopen_wells_where("field_status", 2) == [1]
-    assert writer.done_wells() == [0]
+    assert writer.done_wells() == [0, 2]
+    # a rerun that dies now must not leave the store saying it is complete
+    attrs = open_results(str(tmp_path / "r.zarr")).attrs["rayscreen"]
+    assert attrs["complete"] is False and attrs["n_done"] == 2
     assert writer.reopen_wells_where("field_status", 2) == []  # not done: nothing more to reopen
     writer.write_well(1, dict(_values(1), field_status=np.array([0, 0])))  # read this time
-    assert writer.reopen_wells_where("field_status", 2) == [] and writer.done_wells() == [0, 1]
+    assert writer.reopen_wells_where("field_status", 2) == [] and writer.done_wells() == [0, 1, 2]
