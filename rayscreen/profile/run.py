@@ -56,8 +56,7 @@ def _field_index(name: Any, n_fields: int, order: dict[str, int], where: str = "
     key = str(name)
     if key in order:
         return order[key]
-    raise RayscreenError(f"{where + ': ' if where else ''}field {key!r} is not one of the fields {list(order)} "
-                         "the plate's field_count implies (fields are expected to be named 0 .. field_count - 1)")
+    raise RayscreenError(f"{where + ': ' if where else ''}field {key!r} is not one of the well's fields {list(order)}")
 
 
 def plan_profile(config: Config) -> dict[str, Any]:
@@ -110,20 +109,24 @@ def _variables(n_fields: int, n_features: int, n_classical: int | None, n_qc: in
 
 
 def well_values(rows: list[dict[str, Any]], field_names: list[str], n_fields: int, n_features: int,
-                n_classical: int | None, n_qc: int, present: set[str] | None = None,
+                n_classical: int | None, n_qc: int, present: list[str] | None = None,
                 where: str = "") -> dict[str, np.ndarray]:
     """One well's store variables from its field rows (each: ``field``, ``profile`` (D,),
-    ``classical`` (K,), ``qc`` (Q,)); fields of ``field_names`` without a row are read
-    errors (status 2), unless ``present`` (the well's fields on disk, when known) lacks
-    them; those, and slots beyond ``field_names``, do not exist (status 1). Well aggregates
-    are the NaN-skipping mean over profiled fields."""
-    order = {f: i for i, f in enumerate(field_names)}
+    ``classical`` (K,), ``qc`` (Q,)).
+
+    Slot i holds the i-th of the well's fields: of ``present`` (the well's fields on disk,
+    in the plate's order, when they were read), else of ``field_names`` (what the plan
+    expects: ``0 .. field_count - 1``). This is infer's rule too, so a slot names the same
+    image in both stores. Fields without a row are read errors (status 2); slots beyond the
+    well's fields do not exist (status 1). Well aggregates are the NaN-skipping mean over
+    profiled fields."""
+    names = list(present) if present is not None else list(field_names)
+    if len(names) > n_fields:
+        raise RayscreenError(f"{where + ': ' if where else ''}{len(names)} fields {names}, more than the "
+                             f"{n_fields} the store was sized for (the plate's field_count)")
+    order = {f: i for i, f in enumerate(names)}
     status = np.full(n_fields, STATUS_MISSING, np.int8)
-    status[:len(field_names)] = STATUS_ERROR
-    if present is not None:
-        for name, i in order.items():
-            if name not in present:
-                status[i] = STATUS_MISSING
+    status[:len(names)] = STATUS_ERROR
     out = {"field_profile": np.full((n_fields, n_features), np.nan, np.float32),
            "field_qc": np.full((n_fields, n_qc), np.nan, np.float32)}
     if n_classical is not None:
@@ -236,7 +239,19 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         n_classical = len(classical) if classical else None
 
-        def flush(i: int, present: set[str] | None = None) -> None:
+        plates: dict[str, Any] = {}
+
+        def fields_on_disk(plate_name: str, well: str) -> list[str]:
+            """The well's fields as the plate lists them (one metadata read; plates opened once)."""
+            plate_uri = plan["plate_uris"][plate_name]
+            if plate_uri not in plates:
+                plates[plate_uri] = open_plate(plate_uri, config.storage_options)
+            try:
+                return [str(f) for f in plates[plate_uri].fields(well)]
+            except MissingWellError:
+                return []
+
+        def flush(i: int, present: list[str] | None = None) -> None:
             key = (wells.at[i, "plate"], wells.at[i, "well"])
             writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
                                              n_classical, len(qc_names), present,
@@ -254,7 +269,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                 pending[i].append(row)
                 key = (wells.at[i, "plate"], wells.at[i, "well"])
                 if len(pending[i]) == len(plan["fields"][key]):
-                    flush(i)
+                    expected = set(plan["fields"][key])
+                    # fields named otherwise than 0 .. field_count - 1 (another tool's plate): by the plate's list
+                    odd = any(str(r["field"]) not in expected for r in pending[i])
+                    flush(i, fields_on_disk(*key) if odd else None)
                     todo_keys.pop(key)
 
         with bar, stage_data_context():
@@ -264,17 +282,8 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             # wells with fields that never came: read errors (on_error: skip), or fields the
             # plan counted from the plate's field_count that this well does not have; only
             # these few wells' field lists are read, to tell the two apart
-            plates: dict[str, Any] = {}
             for (plate_name, well), i in list(todo_keys.items()):
-                plate_uri = plan["plate_uris"][plate_name]
-                if plate_uri not in plates:
-                    plates[plate_uri] = open_plate(plate_uri, config.storage_options)
-                plate = plates[plate_uri]
-                try:
-                    present = set(map(str, plate.fields(well)))
-                except MissingWellError:
-                    present = set()
-                flush(i, present)
+                flush(i, fields_on_disk(plate_name, well))
     # as infer's store: when it finished, and what this run computed and skipped
     writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     last_run={"computed": len(todo), "skipped": len(done)})

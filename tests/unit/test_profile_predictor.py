@@ -153,5 +153,23 @@ def test_a_field_name_outside_field_count_names_the_plate_and_well():
     from rayscreen.profile.run import well_values
 
     rows = [{"field": "2", "profile": np.zeros(2), "qc": np.zeros(1)}]
-    with pytest.raises(RayscreenError, match=r"plate 'P1' well B03: field '2' is not one of the fields \['0', '1'\]"):
+    with pytest.raises(RayscreenError, match=r"plate 'P1' well B03: field '2' is not one of the well's fields "
+                                             r"\['0', '1'\]"):
         well_values(rows, ["0", "1"], 2, 2, None, 1, where="plate 'P1' well B03")
+
+
+def test_profile_slots_are_the_wells_fields_in_order_as_infer_places_them():
+    """A well with fields "0" and "2" of a plate whose field_count is 3: infer puts field "2"
+    in slot 1 (the i-th field of the well); so does profile now (it put it in slot 2)."""
+    from rayscreen.profile.run import STATUS_ERROR, STATUS_MISSING, STATUS_OK, well_values
+
+    rows = [{"field": "0", "profile": np.zeros(2), "qc": np.zeros(1)},
+            {"field": "2", "profile": np.ones(2), "qc": np.zeros(1)}]
+    out = well_values(rows, ["0", "1", "2"], 3, 2, None, 1, present=["0", "2"])
+    assert out["field_status"].tolist() == [STATUS_OK, STATUS_OK, STATUS_MISSING]
+    np.testing.assert_array_equal(out["field_profile"][1], [1, 1])
+    # a read error keeps its slot among the well's fields
+    out = well_values(rows[1:], ["0", "1", "2"], 3, 2, None, 1, present=["0", "2"])
+    assert out["field_status"].tolist() == [STATUS_ERROR, STATUS_OK, STATUS_MISSING]
+    with pytest.raises(RayscreenError, match="4 fields .* more than the 3 the store was sized for"):
+        well_values(rows, ["0", "1", "2"], 3, 2, None, 1, present=["0", "1", "2", "3"])
