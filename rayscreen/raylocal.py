@@ -50,17 +50,23 @@ REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
 SETUP_HOOK = f"{__name__}.quiet_ray_loggers"
 # Ray Data logs "Dataset <id> execution finished in N seconds" at INFO when a dataset is
 # done: in a training run once per epoch per split coordinator, beside the epoch line that
-# says more. Dropped by a filter on that one logger (its other lines, and every warning of
-# Ray Data, still show).
+# says more; and, at WARNING once per process, that progress bars are disabled, which the
+# stages do on purpose (they show their own). Dropped by a filter on those two loggers;
+# their other lines, and every other warning of Ray Data, still show.
 DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
+DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
-class _DropFinishedLines(logging.Filter):
+class _DropRayDataChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno < logging.WARNING and "execution finished in" in str(record.msg))
+        message = str(record.msg)
+        if record.levelno < logging.WARNING and "execution finished in" in message:
+            return False
+        return not message.startswith("Progress bars disabled.")
 
 
-DROP_FINISHED_LINES = _DropFinishedLines()
+DROP_DATA_CHATTER = _DropRayDataChatter()
+CHATTY_DATA_LOGGERS = (DATA_EXECUTOR_LOGGER, DATA_PROGRESS_LOGGER)
 
 
 def report_loggers() -> list[str]:
@@ -79,7 +85,8 @@ def quiet_ray_loggers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in report_loggers():
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger(DATA_EXECUTOR_LOGGER).addFilter(DROP_FINISHED_LINES)  # added once: filters are a set
+    for name in CHATTY_DATA_LOGGERS:
+        logging.getLogger(name).addFilter(DROP_DATA_CHATTER)  # added once: addFilter skips a filter it has
 
 
 def quiet_report_logger() -> None:
@@ -140,16 +147,17 @@ def stage_data_context() -> Iterator[None]:
     saved = {name: getattr(ctx, name) for name in wanted}
     for name, value in wanted.items():
         setattr(ctx, name, value)
-    executor_log = logging.getLogger(DATA_EXECUTOR_LOGGER)
-    added = DROP_FINISHED_LINES not in executor_log.filters
-    executor_log.addFilter(DROP_FINISHED_LINES)  # the driver's own datasets (infer, profile)
+    # the driver's own datasets (infer, profile); a filter the hook added stays
+    added = [log for log in map(logging.getLogger, CHATTY_DATA_LOGGERS) if DROP_DATA_CHATTER not in log.filters]
+    for log in added:
+        log.addFilter(DROP_DATA_CHATTER)
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(ctx, name, value)
-        if added:
-            executor_log.removeFilter(DROP_FINISHED_LINES)
+        for log in added:
+            log.removeFilter(DROP_DATA_CHATTER)
 
 
 def cause_of(error: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException:

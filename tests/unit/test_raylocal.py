@@ -55,7 +55,7 @@ def test_ray_data_finished_lines_are_dropped_inside_a_stage():
 
     import ray.data  # noqa: F401  (configures Ray Data's loggers, as in a stage)
 
-    from rayscreen.raylocal import DATA_EXECUTOR_LOGGER, DROP_FINISHED_LINES, stage_data_context
+    from rayscreen.raylocal import DATA_EXECUTOR_LOGGER, DROP_DATA_CHATTER, stage_data_context
 
     class Keep(logging.Handler):
         def __init__(self):
@@ -75,10 +75,11 @@ def test_ray_data_finished_lines_are_dropped_inside_a_stage():
             log.info(finished)
             log.info("Starting execution of Dataset x")
             log.warning("Dataset y execution finished in 2 s, with warnings")
+            log.warning("Progress bars disabled. To enable, set ...")  # the stages' own choice
         log.info(finished)  # outside a stage: Ray's own behaviour again
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
     assert handler.messages == ["Starting execution of Dataset x", "Dataset y execution finished in 2 s, with warnings",
                                 finished]
-    assert DROP_FINISHED_LINES not in log.filters
+    assert DROP_DATA_CHATTER not in log.filters
