@@ -20,8 +20,9 @@ Two families (attribute ``space`` of each module):
   families consistent: a bag of one instance has logit ``z``, and max-pooled
   probabilities give exactly max-pooled logits. It is computed in log space where a
   closed form exists (ISR: ``logit(P) = logsumexp(z)``; Noisy-OR through
-  ``sum(log(1 - p))``) and otherwise clamped to ``[EPS, 1 - EPS]``, so logits stay finite
-  (|logit| <= ~16 in float32).
+  ``sum(log(1 - p))``; the mean of probabilities and Noisy-AND through
+  :func:`mean_prob_logit` / :func:`noisy_and_logit`), so a bag that no instance supports
+  keeps its gradient; otherwise P is kept in ``[tiny, 1 - EPS]`` only against underflow.
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def lse_pool(x: torch.Tensor, r: float) -> torch.Tensor:
     """
     if r <= 0:
         raise ValueError(f"lse sharpness r={r}: expected r > 0")
-    # centred at the max and through expm1/log1p: no overflow for large r, and for small r
-    # no cancellation of log(N) (the naive form loses all digits as r -> 0 in float32)
+    # two forms, each where it is accurate in float32: logsumexp (no overflow) when the bag's
+    # instances spread over r * (max - min) >= 1; else centred at the max through
+    # expm1/log1p, which keeps the digits the logsumexp form loses to log(N) as r -> 0 (but
+    # sums N rounded terms: 5e-4 off at N = 10^4, r = 1, where logsumexp is 6e-7 off)
     m = x.amax(dim=-1, keepdim=True)
-    return m.squeeze(-1) + torch.log1p(torch.expm1(r * (x - m)).mean(dim=-1)) / r
+    centred = m.squeeze(-1) + torch.log1p(torch.expm1(r * (x - m)).mean(dim=-1)) / r
+    standard = (torch.logsumexp(r * x, dim=-1) - math.log(x.shape[-1])) / r
+    return torch.where(r * (m.squeeze(-1) - x.amin(dim=-1)) < 1.0, centred, standard)
 
 
 def gm_pool(p: torch.Tensor, r: float) -> torch.Tensor:
@@ -111,20 +116,62 @@ def noisy_and_pool(p: torch.Tensor, a: float, b: torch.Tensor) -> torch.Tensor:
 
 
 def prob_to_logit(P: torch.Tensor) -> torch.Tensor:
-    """Bag probability -> logit ``log P - log(1 - P)``, clamped to [EPS, 1 - EPS]."""
-    P = P.clamp(EPS, 1.0 - EPS)
+    """Bag probability -> logit ``log P - log(1 - P)``; P kept in [tiny, 1 - EPS] only so
+    that an underflow to 0 (or a rounding to 1) gives a finite logit. The floor is the
+    dtype's smallest normal number, not EPS: a floor at 1e-7 fixed the logit of every bag
+    below it at -16 with zero gradient, and a bag no instance supports could never recover."""
+    P = P.clamp(torch.finfo(P.dtype).tiny, 1.0 - EPS)
     return torch.log(P) - torch.log1p(-P)
+
+
+_LN2 = math.log(2.0)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate over the whole range (Maechler 2012:
+    ``log(-expm1(x))`` near 0, ``log1p(-exp(x))`` below -log 2). ``x`` is kept below
+    -tiny, so ``x = 0`` (an underflow upstream) gives about -87, not -inf. Each branch sees
+    only inputs valid for it: no NaN reaches the gradient through ``torch.where``."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    near = x > -_LN2
+    a = torch.log(-torch.expm1(torch.where(near, x, torch.full_like(x, -_LN2))))
+    b = torch.log1p(-torch.exp(torch.where(near, torch.full_like(x, -_LN2), x)))
+    return torch.where(near, a, b)
 
 
 def noisy_or_logit(z: torch.Tensor) -> torch.Tensor:
     """(..., N) instance logits -> (...) logit of the Noisy-OR bag probability.
 
-    ``log(1 - P) = sum log(1 - p) = sum logsigmoid(-z)`` (exact in log space), so the
-    logit stays accurate where ``1 - P`` underflows.
+    ``log(1 - P) = sum log(1 - p) = sum logsigmoid(-z)`` and ``log P = log1mexp(log(1 - P))``
+    (both exact in log space), so the logit stays accurate where ``P`` or ``1 - P`` underflows.
     """
     log_q = F.logsigmoid(-z).sum(dim=-1)  # log(1 - P) <= 0
-    log_p = torch.log((-torch.expm1(log_q)).clamp_min(EPS))  # log P, P clamped like prob_to_logit
-    return log_p - log_q
+    return log1mexp(log_q) - log_q
+
+
+def mean_prob_logit(z: torch.Tensor) -> torch.Tensor:
+    """(..., N) instance logits -> (...) logit of ``P = mean sigmoid(z)``, exactly:
+    ``log P - log(1 - P) = logsumexp(logsigmoid(z)) - logsumexp(logsigmoid(-z))`` (the
+    ``log N`` terms cancel); no clamp, so no bag loses its gradient."""
+    return torch.logsumexp(F.logsigmoid(z), dim=-1) - torch.logsumexp(F.logsigmoid(-z), dim=-1)
+
+
+def noisy_and_logit(z: torch.Tensor, a: float, b: torch.Tensor) -> torch.Tensor:
+    """(..., N) instance logits -> (...) logit of Kraus' Noisy-AND bag probability, exactly.
+
+    With ``pbar = mean sigmoid(z)``, ``u = a (pbar - b)``, ``v = -a b``, ``w = a (1 - b)``,
+    ``P = (s(u) - s(v)) / (s(w) - s(v))`` (:func:`noisy_and_pool`). Since
+    ``s(u) - s(v) = s(u) s(-v) (1 - exp(v - u))``,
+
+    ``logit P = u + logsigmoid(-v) - logsigmoid(w) + log1mexp(-a pbar) - log1mexp(-a (1 - pbar))``
+
+    in log space: finite and with a gradient for every bag, where the probability form
+    rounds P to 0 (or 1) and a clamp then stops the gradient.
+    """
+    pbar = torch.sigmoid(z).mean(dim=-1)
+    u = a * (pbar - b)
+    return (u + F.logsigmoid(a * b) - F.logsigmoid(a * (1.0 - b))
+            + log1mexp(-a * pbar) - log1mexp(-a * (1.0 - pbar)))
 
 
 def isr_logit(z: torch.Tensor) -> torch.Tensor:
@@ -181,6 +228,11 @@ class MeanPooling(MILPooling):
     def pool(self, x):
         return mean_pool(x)
 
+    def forward(self, maps):
+        if self.space == "probabilities":
+            return mean_prob_logit(flatten_instances(maps))
+        return self.bag(maps)
+
 
 class LSEPooling(MILPooling):
     """Log-sum-exp with sharpness ``r`` (default 5); on logits by default, or on
@@ -218,8 +270,8 @@ class GMPooling(MILPooling):
 
     def forward(self, maps):
         # in log space: log p = logsigmoid(z), so very negative logits do not underflow to 0
-        log_P = _gm_log(F.logsigmoid(flatten_instances(maps)), self.r).clamp(max=math.log1p(-EPS))
-        return log_P - torch.log((-torch.expm1(log_P)).clamp_min(EPS))
+        log_P = _gm_log(F.logsigmoid(flatten_instances(maps)), self.r)
+        return log_P - log1mexp(log_P)
 
     def extra_repr(self):
         return super().extra_repr() + f", r={self.r}"
@@ -264,6 +316,9 @@ class NoisyAndPooling(MILPooling):
 
     def pool(self, x):
         return noisy_and_pool(x, self.a, self.b.to(x.dtype))
+
+    def forward(self, maps):
+        return noisy_and_logit(flatten_instances(maps), self.a, self.b.to(maps.dtype))
 
     def extra_repr(self):
         return super().extra_repr() + f", a={self.a}"

@@ -169,3 +169,64 @@ def test_bad_parameters_are_named():
         create_pooling("mean", num_classes=2, space="odds")
     with pytest.raises(ValueError, match=r"\(B, K, h, w\)"):
         create_pooling("max", num_classes=2)(torch.zeros(2, 2, 5))
+
+
+def _reference_logits(name, maps, **kw):
+    """The paper's bag probability (formulas.md) as a logit, in 50-digit arithmetic (mpmath,
+    which torch installs): (B, K, h, w) instance logits -> (B, K) float64."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    out = torch.zeros(maps.shape[:2], dtype=torch.float64)
+    for bi in range(maps.shape[0]):
+        for k in range(maps.shape[1]):
+            p = [1 / (1 + mpmath.exp(-mpmath.mpf(float(z)))) for z in maps[bi, k].flatten().tolist()]
+            if name == "noisy_or":
+                bag = 1 - mpmath.fprod([1 - x for x in p])
+            elif name == "mean":
+                bag = mpmath.fsum(p) / len(p)
+            elif name == "gm":
+                bag = (mpmath.fsum([x ** kw["r"] for x in p]) / len(p)) ** (1 / mpmath.mpf(kw["r"]))
+            else:  # noisy_and
+                a, b = mpmath.mpf(kw["a"]), mpmath.mpf(kw["b"])
+                s = mpmath.sigmoid if hasattr(mpmath, "sigmoid") else (lambda t: 1 / (1 + mpmath.exp(-t)))
+                bag = (s(a * (mpmath.fsum(p) / len(p) - b)) - s(-a * b)) / (s(a * (1 - b)) - s(-a * b))
+            out[bi, k] = float(mpmath.log(bag) - mpmath.log(1 - bag))
+    return out
+
+
+PROBABILITY_POOLINGS = [("noisy_or", {}, {}), ("mean", {"space": "probabilities"}, {}), ("gm", {"r": 3.0}, {"r": 3.0}),
+                        ("noisy_and", {"a": 10.0, "b_init": 0.5}, {"a": 10.0, "b": 0.5})]
+
+
+@pytest.mark.parametrize("name, kwargs, ref", PROBABILITY_POOLINGS)
+def test_probability_poolings_match_the_papers_formula(name, kwargs, ref):
+    torch.manual_seed(0)
+    maps = torch.randn(2, 2, 3, 4) * 3
+    ours = create_pooling(name, 2, **kwargs)(maps).double()
+    torch.testing.assert_close(ours, _reference_logits(name, maps, **ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, kwargs, ref", PROBABILITY_POOLINGS)
+def test_a_bag_no_instance_supports_keeps_its_gradient(name, kwargs, ref):
+    """Every instance at z = -30 (P ~ 1e-13): a floor at P = 1e-7 fixed both classes' logits
+    at -16 with zero gradient (cross-entropy stuck at log 2); the paper's P has neither."""
+    pooling = create_pooling(name, 2, **kwargs)
+    maps = torch.full((1, 2, 21, 30), -30.0)
+    maps[:, 1] = -25.0
+    maps.requires_grad_(True)
+    logits = pooling(maps)
+    torch.testing.assert_close(logits.double(), _reference_logits(name, maps.detach(), **ref), rtol=1e-3, atol=1e-3)
+    loss = F.cross_entropy(logits, torch.tensor([0]))  # the truth is the class the maps support less
+    loss.backward()
+    assert loss.item() > 1.0 and maps.grad.abs().sum() > 0
+    if name == "noisy_and":
+        assert pooling.b.grad.abs().sum() > 0  # the learned thresholds learn too
+
+
+@pytest.mark.parametrize("n, r", [(10000, 1.0), (10000, 5.0), (630, 1.0), (630, 1e-4), (630, 50.0)])
+def test_lse_is_accurate_in_float32_for_large_bags(n, r):
+    torch.manual_seed(0)
+    x = torch.randn(3, n)
+    exact = (torch.logsumexp(r * x.double(), dim=-1) - math.log(n)) / r
+    torch.testing.assert_close(P.lse_pool(x, r).double(), exact, rtol=0, atol=2e-5)
