@@ -6,10 +6,10 @@ other is still creating. A stage takes the lock for its output before it writes 
 and removes it when it ends, however it ends.
 
 The lock file is JSON: ``{"token", "host", "pid", "what", "started", "heartbeat"}``
-(times in seconds since the epoch). It is created exclusively: ``O_EXCL`` on a local
-disk, a conditional PUT (``If-None-Match: *``) on S3; other fsspec filesystems check
-then write and read the file back, which leaves a narrow race. While the lock is held a
-daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds.
+(times in seconds since the epoch). It is created exclusively and whole: a hard link of
+a written file on a local disk, a conditional PUT (``If-None-Match: *``) on S3; other
+fsspec filesystems check then write and read the file back, which leaves a narrow race.
+While the lock is held a daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds.
 
 A lock left behind by a run that died is taken over, with a warning, when its process
 is gone (same host) or when its heartbeat is older than ``stale_after_s`` (another host,
@@ -17,7 +17,7 @@ whose processes cannot be seen from here). Otherwise :class:`OutputLockedError` 
 the run that holds it and the file to delete if that run is known to be dead.
 
 Taking the lock again in the process that holds it (``rayscreen run`` holds it across
-its stages, each stage takes it too) only counts.
+its stages, each stage takes it too) only counts; threads of one process share it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class OutputLockedError(RayscreenError):
 
 # lock URI -> (record, count, stop event, heartbeat thread) of the locks this process holds
 _held: dict[str, list[Any]] = {}
-_held_guard = threading.Lock()
+_held_guard = threading.RLock()
 
 
 def lock_uri(output: str) -> str:
@@ -99,14 +99,20 @@ def describe(record: dict[str, Any], now: float) -> str:
 
 
 def _create(fs, path: str, data: bytes, uri: str) -> bool:
-    """Create ``path`` holding ``data`` unless it exists; True when this call created it."""
+    """Create ``path`` holding ``data`` unless it exists; True when this call created it.
+    Locally the record is written to a file of its own, then hard-linked to the lock's name:
+    the link is atomic and fails if the lock exists, and a reader never finds the lock empty."""
     if not is_remote(uri):
+        target = local_path(uri)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
         try:
-            fd = os.open(local_path(uri), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, target)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            os.unlink(tmp)
         return True
     try:
         fs.pipe_file(path, data, mode="create")  # s3fs: If-None-Match: * (atomic; FileExistsError on 412)
@@ -128,14 +134,50 @@ def _replace(fs, path: str, data: bytes, uri: str) -> None:
     os.replace(tmp, local_path(uri))
 
 
+def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> None:
+    """Remove the lock judged stale, and only that one: another run may have taken it over
+    since it was read. Locally it is renamed aside first (one rename wins) and its token
+    checked; a fresh lock moved by mistake is linked back. Remote stores delete by name
+    (S3 has no conditional delete): two runs taking over one stale lock at the same instant
+    can then both go on, the one narrow race left."""
+    if is_remote(uri):
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        return
+    target = local_path(uri)
+    aside = f"{target}.{uuid.uuid4().hex}.stale"
+    try:
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return
+    try:
+        with open(aside, "rb") as f:
+            moved = json.loads(f.read() or b"{}")
+    except ValueError:
+        moved = {}
+    if moved.get("token") != stale.get("token"):
+        try:
+            os.link(aside, target)  # someone's fresh lock: back in place (unless a newer one is there)
+        except FileExistsError:
+            pass
+    os.unlink(aside)
+
+
 def acquire(output: str, what: str, storage_options: dict[str, Any] | None = None, *,
             stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S) -> None:
     """Take ``output``'s lock for ``what`` (e.g. "rayscreen train") or raise :class:`OutputLockedError`."""
     uri = lock_uri(output)
-    with _held_guard:
+    with _held_guard:  # the whole of it: two threads of this process never race each other
         if uri in _held:
             _held[uri][1] += 1
             return
+        _acquire(output, uri, what, storage_options, stale_after_s, heartbeat_s)
+
+
+def _acquire(output: str, uri: str, what: str, storage_options: dict[str, Any] | None, stale_after_s: float,
+             heartbeat_s: float) -> None:
     fs, path = filesystem(uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     now = time.time()
@@ -154,17 +196,13 @@ def acquire(output: str, what: str, storage_options: dict[str, Any] | None = Non
                 f"overwrite each other's stores: wait for it to finish, use another output, or, if that run "
                 f"is known to be dead, delete {uri}")
         log.warning("taking over the lock of %s: %s, %s", output, describe(other, time.time()), reason)
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        _remove_stale(fs, path, uri, other)
     else:
         raise OutputLockedError(f"could not take the lock {uri}: other runs keep taking it")
     stop = threading.Event()
     thread = threading.Thread(target=_beat, args=(output, storage_options, record, stop, heartbeat_s),
                               name="rayscreen-lock-heartbeat", daemon=True)
-    with _held_guard:
-        _held[uri] = [record, 1, stop, thread]
+    _held[uri] = [record, 1, stop, thread]  # the caller holds _held_guard
     thread.start()
 
 
@@ -186,7 +224,7 @@ def _beat(output: str, storage_options: dict[str, Any] | None, record: dict[str,
 def release(output: str, storage_options: dict[str, Any] | None = None) -> None:
     """Give back a lock :func:`acquire` took (the file is removed when the last holder leaves)."""
     uri = lock_uri(output)
-    with _held_guard:
+    with _held_guard:  # the file is removed under the guard too: a thread's acquire waits for it
         entry = _held.get(uri)
         if entry is None:
             return
@@ -194,13 +232,13 @@ def release(output: str, storage_options: dict[str, Any] | None = None) -> None:
         if entry[1] > 0:
             return
         del _held[uri]
-    record, _, stop, thread = entry
-    stop.set()
-    thread.join(10)
-    current = read_lock(output, storage_options)
-    if current and current.get("token") == record["token"]:  # never remove a lock another run took over
-        fs, path = filesystem(uri, storage_options)
-        fs.rm_file(path)
+        record, _, stop, thread = entry
+        stop.set()
+        thread.join(10)
+        current = read_lock(output, storage_options)
+        if current and current.get("token") == record["token"]:  # never remove a lock another run took over
+            fs, path = filesystem(uri, storage_options)
+            fs.rm_file(path)
 
 
 @contextmanager

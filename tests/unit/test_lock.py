@@ -124,3 +124,42 @@ def test_lock_on_s3_is_exclusive(s3_bucket):
     with output_lock(output, "rayscreen run", storage_options):
         assert read_lock(output, storage_options)["pid"] == os.getpid()
     assert read_lock(output, storage_options) is None
+
+
+def test_a_takeover_removes_only_the_stale_lock_it_judged(tmp_path):
+    """Two runs find one stale lock; the first takes it over. The second, judging the stale
+    record it read, must not remove the first's fresh lock."""
+    from rayscreen.store.lock import _remove_stale
+    from rayscreen.store.uri import filesystem
+
+    output = str(tmp_path / "out")
+    write_foreign_lock(output, heartbeat_age=10_000)
+    stale = read_lock(output)
+    fs, path = filesystem(lock_uri(output))
+    with output_lock(output, "rayscreen train"):  # the first run took over
+        fresh = read_lock(output)
+        _remove_stale(fs, path, lock_uri(output), stale)  # the second run, late
+        assert read_lock(output) == fresh
+    _remove_stale(fs, path, lock_uri(output), stale)  # nothing there: nothing happens
+    assert sorted(os.listdir(output)) == []  # no temporary or set-aside files left
+
+
+def test_threads_of_one_process_share_its_lock(tmp_path):
+    import threading
+
+    output, errors = str(tmp_path / "out"), []
+
+    def loop(what):
+        try:
+            for _ in range(100):
+                with output_lock(output, what):
+                    pass
+        except Exception as e:  # noqa: BLE001 -- collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in ("rayscreen infer", "rayscreen profile")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and read_lock(output) is None
