@@ -336,3 +336,15 @@ def test_no_finite_score_warning_condition_survives_the_checkpoint(tmp_path):
     assert no_finite_score(history) and no_finite_score(stored)
     assert not no_finite_score(stored + [{"epoch": 3, "score": 0.7}])
     assert not no_finite_score([])
+
+
+def test_epoch_seeds_are_pure_and_the_global_stream_is_its_own():
+    """Every random draw of an epoch comes from (train.seed, rank, epoch): a resumed epoch
+    repeats it. torch's global generator (dropout) gets a seed no crop/augmentation stream
+    of any nearby epoch or rank uses."""
+    from rayscreen.train.loop import epoch_seed, global_seed
+
+    assert global_seed(0, 0, 3) == global_seed(0, 0, 3) and epoch_seed(7, 1, 3) == epoch_seed(7, 1, 3)
+    others = {epoch_seed(s, r, e) + k for s in (0, 1) for r in range(4) for e in range(60) for k in (0, 1)}
+    globals_ = {global_seed(s, r, e) for s in (0, 1) for r in range(4) for e in range(60)}
+    assert len(globals_) == 2 * 4 * 60 and not globals_ & others
