@@ -29,6 +29,7 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import median_abs_deviation
 
+from ..store.errors import preview
 from ._table import PLATE_COLUMN, control_mask, feature_columns, require_columns
 
 MAD_SCALE = 1.4826  # MAD of a normal distribution is 0.6745 sigma: 1 / 0.6745 = 1.4826
@@ -191,8 +192,8 @@ class RobustMAD(Normalizer):
         if len(zero):
             names = [self.features[i] for i in zero] if self.features else zero.tolist()
             # a random-weight backbone has dozens of such features: the first few tell the user enough
-            shown = f"{names[:10]} and {len(names) - 10} more" if len(names) > 10 else f"{names}"
-            warnings.warn(f"{len(zero)} feature(s) have MAD 0 in the controls and are only centred: {shown}",
+            warnings.warn(f"{len(zero)} feature(s) have MAD 0 in the controls and are only centred: "
+                          f"{preview(names)}",
                           stacklevel=3)
         self.mad_ = np.where(mad == 0, 1.0, mad)
 
@@ -255,8 +256,7 @@ class Whiten(Normalizer):
         bad = np.flatnonzero(~np.isfinite(X).all(axis=0))
         if len(bad):
             names = [self.features[i] for i in bad] if self.features else bad.tolist()
-            shown = f"{names[:10]} and {len(names) - 10} more" if len(names) > 10 else f"{names}"
-            raise ValueError(f"Whiten needs finite control profiles; feature(s) {shown} hold NaN or inf in the "
+            raise ValueError(f"Whiten needs finite control profiles; feature(s) {preview(names)} hold NaN or inf in the "
                              "controls: drop or impute them first")
         if len(X) < 2:
             raise ValueError("Whiten needs at least 2 control rows to estimate a covariance")

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..store.labels import downsampled_shape
+
 
 @dataclass(frozen=True)
 class PredictorSettings:
@@ -51,12 +53,6 @@ def map_peaks(class_maps: np.ndarray, field_shape: tuple[int, int]) -> tuple[np.
     y = np.floor((iy + 0.5) * field_shape[0] / h).astype(np.int32)
     x = np.floor((ix + 0.5) * field_shape[1] / w).astype(np.int32)
     return np.take_along_axis(flat, idx[..., None], axis=2)[..., 0].astype(np.float32), y, x
-
-
-def downsampled_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
-    """(Y, X) of a field's saliency tile: ceil(Y / factor), ceil(X / factor); the last row and
-    column of blocks cover the field's remainder, so no strip of the field goes unmapped."""
-    return -(-int(shape[0]) // factor), -(-int(shape[1]) // factor)
 
 
 def _blocks(images: np.ndarray, factor: int, fill) -> np.ndarray:

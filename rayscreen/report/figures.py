@@ -143,20 +143,27 @@ def to_rgb(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) ->
     return np.clip(np.einsum("cyx,ck->yxk", scaled, colours), 0.0, 1.0)
 
 
-def upsample_nearest(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a (y, x) map to (Y, X): pixel (i, j) takes
-    ``array[i * y // Y, j * x // X]`` (saliency is stored downsampled; overlays need field size)."""
+def upsample_nearest(array: np.ndarray, shape: tuple[int, int], factor: int | None = None) -> np.ndarray:
+    """Nearest-neighbour resize of a (y, x) map to (Y, X) (saliency is stored downsampled;
+    overlays need field size). With ``factor`` (the map's block size, infer's
+    ``saliency_downsample``) pixel (i, j) takes the block holding it, ``array[i // factor,
+    j // factor]``; without, the map is spread evenly: ``array[i * y // Y, j * x // X]``."""
     array = np.asarray(array)
     y, x = array.shape
     Y, X = shape
-    return array[(np.arange(Y) * y // Y)[:, None], (np.arange(X) * x // X)[None, :]]
+    if factor:
+        rows, cols = np.minimum(np.arange(Y) // factor, y - 1), np.minimum(np.arange(X) // factor, x - 1)
+    else:
+        rows, cols = np.arange(Y) * y // Y, np.arange(X) * x // X
+    return array[rows[:, None], cols[None, :]]
 
 
 def saliency_figure(image: np.ndarray, saliency: np.ndarray | None, mask: np.ndarray | None = None, *,
-                    title: str = "", channels: Sequence[str] | None = None) -> Figure:
+                    title: str = "", channels: Sequence[str] | None = None, factor: int | None = None) -> Figure:
     """Raw field beside its saliency overlay (and the mask outline where given).
 
-    image: (C, Y, X) raw field; saliency: (y, x) map (any scale; NaN allowed); mask: (y, x) 0/1.
+    image: (C, Y, X) raw field; saliency: (y, x) map (any scale; NaN allowed); mask: (y, x) 0/1;
+    factor: field pixels per map pixel (:func:`upsample_nearest`).
     """
     rgb = to_rgb(image)
     shape = rgb.shape[:2]
@@ -167,14 +174,14 @@ def saliency_figure(image: np.ndarray, saliency: np.ndarray | None, mask: np.nda
     ax.set_title("raw" + (f" ({', '.join(channels)})" if channels else ""), fontsize=8)
     ax.set_axis_off()
     if saliency is not None:
-        sal = upsample_nearest(np.asarray(saliency, dtype=float), shape)
+        sal = upsample_nearest(np.asarray(saliency, dtype=float), shape, factor)
         top = np.nanmax(sal) if np.isfinite(sal).any() else 0.0
         sal = np.nan_to_num(sal / top if top > 0 else sal)
         ax = fig.add_subplot(1, panels, 2)
         ax.imshow(rgb.mean(axis=-1), cmap="gray", interpolation="nearest")
         ax.imshow(sal, cmap="inferno", alpha=0.55, vmin=0, vmax=1, interpolation="nearest")
         if mask is not None and np.any(mask):
-            ax.contour(upsample_nearest(np.asarray(mask, dtype=float), shape), levels=[0.5], colors="cyan",
+            ax.contour(upsample_nearest(np.asarray(mask, dtype=float), shape, factor), levels=[0.5], colors="cyan",
                        linewidths=0.8)
         ax.set_title("saliency" + (" + mask" if mask is not None and np.any(mask) else ""), fontsize=8)
         ax.set_axis_off()

@@ -240,6 +240,8 @@ def top_fields_section(outputs: RunOutputs, writer: ReportWriter, plates: "_Plat
     status = ds["field_status"].values if "field_status" in ds else None
     keys = _well_keys(ds)
     best = F.top_fields(scores, k, status)
+    # the saliency tiles' block size, as infer recorded it (older stores: spread evenly)
+    factor = (ds.attrs.get("rayscreen", {}).get("settings") or {}).get("infer.saliency_downsample")
     rows = []
     for rank, (w, f, score) in enumerate(best, 1):
         plate, well = keys["plate"].iat[w], keys["well"].iat[w]
@@ -253,7 +255,8 @@ def top_fields_section(outputs: RunOutputs, writer: ReportWriter, plates: "_Plat
                 continue
             image = np.zeros((1, *F.upsample_nearest(saliency, saliency.shape).shape))
         s.figures.append(writer.figure(f"top_{rank:02d}_{plate}_{well}_{f}",
-                                       F.saliency_figure(image, saliency, mask, title=title, channels=channels),
+                                       F.saliency_figure(image, saliency, mask, title=title, channels=channels,
+                                                         factor=factor),
                                        title))
         rows.append({"rank": rank, "plate": plate, "well": well, "field": f, what: score})
     if rows:

@@ -2,6 +2,13 @@
 what was expected and what was found, so a user can fix the input without a debugger."""
 
 
+def preview(items, limit: int = 10) -> str:
+    """A list for a message: all of it when short, else the first ``limit`` and how many more
+    (a message naming 1000 features helps no one)."""
+    items = list(items)
+    return f"{items[:limit]} and {len(items) - limit} more" if len(items) > limit else f"{items}"
+
+
 class RayscreenError(ValueError):
     """Base class of rayscreen's input errors (a ValueError: bad input, not a bug)."""
 

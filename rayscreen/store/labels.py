@@ -40,6 +40,13 @@ def check_label_name(name: str) -> str:
     return name
 
 
+def downsampled_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(Y, X) of a field downsampled ``factor`` times by blocks: ceil(Y / factor),
+    ceil(X / factor); the last row and column of blocks cover the field's remainder, so no
+    strip of the field goes unmapped (infer's saliency tiles and masks, label images)."""
+    return -(-int(shape[0]) // factor), -(-int(shape[1]) // factor)
+
+
 def label_levels(mask: np.ndarray, step: float, shapes: list[tuple[int, int]],
                  level_scales: list[float]) -> list[np.ndarray]:
     """Nearest-neighbour copies of ``mask`` on every pyramid level of the image.
@@ -119,8 +126,7 @@ class LabelWriter:
             raise RayscreenError(f"{where}: no level {level} (the image has {len(scales)})")
         arrays = await asyncio.gather(*(image.getitem(p) for p in ms.paths))
         shapes = [(a.shape[iy], a.shape[ix]) for a in arrays]
-        # ceil: the last mask row/column covers the level's remainder (infer's saliency tiles)
-        expected = (-(-shapes[level][0] // downsample), -(-shapes[level][1] // downsample))
+        expected = downsampled_shape(shapes[level], downsample)
         if tuple(mask.shape) != expected:
             raise RayscreenError(f"{where}: mask shape {tuple(mask.shape)}; expected {expected} (level {level} "
                                  f"{shapes[level]} downsampled {downsample}x)")

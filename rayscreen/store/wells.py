@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import string
 
-from .errors import RayscreenError
+from .errors import RayscreenError, preview
 
 _WELL_RE = re.compile(r"^\s*([A-Za-z]{1,2})\s*[/_\-]?\s*0*(\d{1,3})\s*$")
 
@@ -57,8 +57,7 @@ def plate_format_for(wells: list[str], *, context: str = "") -> tuple[int, int]:
     n_rows, n_cols = PLATE_FORMATS[1536]
     outside = [well_name(w) for w in wells
                if row_index(parse_well(w)[0]) >= n_rows or parse_well(w)[1] > n_cols]
-    shown = f"{outside[:10]} and {len(outside) - 10} more" if len(outside) > 10 else f"{outside}"
     raise RayscreenError(
-        f"{context + ': ' if context else ''}well(s) {shown} lie outside a 1536-well plate "
+        f"{context + ': ' if context else ''}well(s) {preview(outside)} lie outside a 1536-well plate "
         f"(rows A-{row_name(n_rows - 1)}, columns 1-{n_cols})"
     )

@@ -53,7 +53,9 @@ def test_ray_data_finished_lines_are_dropped_inside_a_stage():
     rayscreen's stages drop them and keep the logger's other lines and its warnings."""
     import logging
 
-    import ray.data  # noqa: F401  (configures Ray Data's loggers, as in a stage)
+    import importlib
+
+    importlib.import_module("ray.data")  # configures Ray Data's loggers, as in a stage
 
     from rayscreen.raylocal import DATA_EXECUTOR_LOGGER, DROP_DATA_CHATTER, stage_data_context
 

@@ -194,3 +194,11 @@ def test_render_page_escapes_text_and_links_figures_relatively():
     assert 'href="#stages-status"' in page and 'id="stages-status"' in page
     assert 'class="missing">train has not run' in page
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+
+
+def test_upsample_by_the_tile_block_size_puts_each_block_over_its_own_pixels():
+    """A 10-row field in 4-row blocks is 3 tile rows (ceil): rows 4-7 are block 1, not 4-6."""
+    tile = np.array([[0], [1], [2]])
+    rows = F.upsample_nearest(tile, (10, 1), factor=4)[:, 0].tolist()
+    assert rows == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert F.upsample_nearest(tile, (10, 1))[:, 0].tolist() != rows  # spread evenly: off by a row
