@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from .config import Config, ConfigError, write_config
-from .store.lock import output_lock
+from .store.lock import describe, live_holder, output_lock
 from .store.uri import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,18 @@ def _summary(result: Any) -> Any:
 
 
 def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
-    """One stage, with its completion marker, holding the output's lock (one run per output)."""
+    """One stage, with its completion marker, holding the output's lock (one run per output).
+
+    ``report`` only reads the run and writes ``<output>/report/``: while another run holds
+    the output it still runs (a look at a long run's progress), without the lock and
+    without touching the run's ``config.yaml`` or stage markers."""
     fn = stage_function(stage)
+    if stage == "report":
+        holder = live_holder(config.output, config.storage_options)
+        if holder is not None:
+            _say(progress, f"report: {config.output} is in use by {describe(holder, time.time())}; "
+                           "reporting the run so far")
+            return fn(config, progress=progress)
     with output_lock(config.output, f"rayscreen {stage}", config.storage_options):
         start = time.perf_counter()
         write_config(config)

@@ -66,6 +66,19 @@ def read_lock(output: str, storage_options: dict[str, Any] | None = None) -> dic
         return {}
 
 
+def live_holder(output: str, storage_options: dict[str, Any] | None = None,
+                stale_after_s: float = STALE_AFTER_S) -> dict[str, Any] | None:
+    """The lock record of another run that holds ``output`` and is alive as far as can be
+    told; None when it is free, stale, or held by this process."""
+    with _held_guard:
+        if lock_uri(output) in _held:
+            return None
+    record = read_lock(output, storage_options)
+    if not record or stale_reason(record, time.time(), stale_after_s) is not None:
+        return None
+    return record
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

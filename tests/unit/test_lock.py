@@ -163,3 +163,28 @@ def test_threads_of_one_process_share_its_lock(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and read_lock(output) is None
+
+
+def test_a_report_still_runs_while_another_run_holds_the_output(tmp_path, monkeypatch):
+    """A look at a long run's progress: `rayscreen report` reads the run and writes report/;
+    it runs beside the holder, leaving its lock, config.yaml and stage markers alone."""
+    from rayscreen import pipeline
+    from rayscreen.config import config_from_dict
+
+    calls = []
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: (lambda config, progress=True: calls.append(stage)))
+    output = tmp_path / "out"
+    config = config_from_dict({"plates": ["p.zarr"], "output": str(output)})
+    proc = hold_in_another_process(str(output))
+    try:
+        pipeline.run_stage(config, "report", progress=False)
+        assert calls == ["report"] and read_lock(str(output))["pid"] == proc.pid
+        assert sorted(p.name for p in output.iterdir()) == [".rayscreen.lock"]  # no config.yaml, no marker
+        with pytest.raises(OutputLockedError):  # every other stage is refused
+            pipeline.run_stage(config, "aggregate", progress=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    pipeline.run_stage(config, "report", progress=False)  # the output free again: the usual path
+    assert (output / "config.yaml").exists() and (output / "stages" / "report.json").exists()
+    assert read_lock(str(output)) is None
