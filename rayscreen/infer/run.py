@@ -47,12 +47,12 @@ from ..progress import Progress
 from ..raylocal import cause_of, drain, stage_data_context
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.annotations import read_csv_table
-from ..store.labels import LabelWriter, check_label_name
+from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
 from ..stream.plates import expand_uris
-from .predictor import Predictor, PredictorSettings, aggregate_well, downsampled_shape
+from .predictor import Predictor, PredictorSettings, aggregate_well
 
 # field_status values (docs/outputs.md)
 OK, ABSENT, READ_ERROR, QC_FLAGGED, NOT_FINITE = 0, 1, 2, 3, 4

@@ -61,9 +61,7 @@ def to_unit_range(images: np.ndarray, value_range: tuple[float, float] | None = 
     percentile-normalised stream) and clipped.
     """
     if value_range is None:
-        if np.issubdtype(images.dtype, np.integer):
-            return images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
-        return np.clip(images.astype(np.float32, copy=False), 0.0, 1.0)
+        value_range = (0, np.iinfo(images.dtype).max) if np.issubdtype(images.dtype, np.integer) else (0, 1)
     low, high = (np.float32(v) for v in value_range)
     out = np.subtract(images, low, dtype=np.float32)
     out /= high - low

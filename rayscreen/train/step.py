@@ -85,11 +85,17 @@ def augment_config(section: AugmentSection, *, always: bool = False):
                          noise=section.noise)
 
 
-def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """A (B, C, size, size) random crop of each image of (B, C, H, W); positions drawn on the CPU."""
+def _crop_check(images: torch.Tensor, size: int) -> tuple[int, int, int]:
+    """(B, H, W) of (B, C, H, W) ``images``, which must hold ``size`` x ``size`` crops."""
     b, _, h, w = images.shape
     if size > h or size > w:
         raise ValueError(f"train.crop {size} is larger than the fields ({h}, {w})")
+    return b, h, w
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A (B, C, size, size) random crop of each image of (B, C, H, W); positions drawn on the CPU."""
+    b, h, w = _crop_check(images, size)
     ys = torch.randint(0, h - size + 1, (b,), generator=generator).tolist()
     xs = torch.randint(0, w - size + 1, (b,), generator=generator).tolist()
     return torch.stack([images[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))])
@@ -103,9 +109,7 @@ def nucleus_crops(images: torch.Tensor, size: int, generator: torch.Generator, c
     would reach over the border is moved inside the field (cells at the edge sit off-centre)."""
     from ..stream.cells import nucleus_centres
 
-    b, _, h, w = images.shape
-    if size > h or size > w:
-        raise ValueError(f"train.crop {size} is larger than the fields ({h}, {w})")
+    b, h, w = _crop_check(images, size)
     dna = images[:, channel].detach().float().cpu().numpy()
     crops = []
     for i in range(b):
