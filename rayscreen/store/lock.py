@@ -59,10 +59,16 @@ def read_lock(output: str, storage_options: dict[str, Any] | None = None) -> dic
     """The lock record of ``output``, or None when it is not locked (or the file is unreadable)."""
     fs, path = filesystem(lock_uri(output), storage_options)
     try:
-        return json.loads(fs.cat_file(path))
+        return _parse(fs.cat_file(path))
     except FileNotFoundError:
         return None
-    except ValueError:  # a half-written or foreign file: treated as no record
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    """A lock record from its bytes; ``{}`` for an empty or foreign file (no record)."""
+    try:
+        return json.loads(data)
+    except ValueError:
         return {}
 
 
@@ -117,9 +123,7 @@ def _create(fs, path: str, data: bytes, uri: str) -> bool:
     the link is atomic and fails if the lock exists, and a reader never finds the lock empty."""
     if not is_remote(uri):
         target = local_path(uri)
-        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = _written_beside(target, data)
         try:
             os.link(tmp, target)
         except FileExistsError:
@@ -141,10 +145,15 @@ def _replace(fs, path: str, data: bytes, uri: str) -> None:
     if is_remote(uri):
         fs.pipe_file(path, data)
         return
-    tmp = f"{local_path(uri)}.{os.getpid()}.tmp"
+    os.replace(_written_beside(local_path(uri), data), local_path(uri))
+
+
+def _written_beside(target: str, data: bytes) -> str:
+    """A new file of its own beside ``target`` holding ``data``; returns its path."""
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, local_path(uri))
+    return tmp
 
 
 def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> None:
@@ -165,11 +174,8 @@ def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> None:
         os.rename(target, aside)
     except FileNotFoundError:
         return
-    try:
-        with open(aside, "rb") as f:
-            moved = json.loads(f.read() or b"{}")
-    except ValueError:
-        moved = {}
+    with open(aside, "rb") as f:
+        moved = _parse(f.read())
     if moved.get("token") != stale.get("token"):
         try:
             os.link(aside, target)  # someone's fresh lock: back in place (unless a newer one is there)
