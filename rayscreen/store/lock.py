@@ -14,7 +14,9 @@ While the lock is held a daemon thread rewrites ``heartbeat`` every ``heartbeat_
 A lock left behind by a run that died is taken over, with a warning, when its process
 is gone (same host) or when its heartbeat is older than ``stale_after_s`` (another host,
 whose processes cannot be seen from here). Otherwise :class:`OutputLockedError` names
-the run that holds it and the file to delete if that run is known to be dead.
+the run that holds it and the file to delete if that run is known to be dead. On S3, where a
+delete cannot be conditional, a takeover first wins a claim object (conditional PUT) named
+after the stale lock, so two runs finding one stale lock cannot both go on.
 
 Taking the lock again in the process that holds it (``rayscreen run`` holds it across
 its stages, each stage takes it too) only counts; threads of one process share it.
@@ -156,24 +158,34 @@ def _written_beside(target: str, data: bytes) -> str:
     return tmp
 
 
-def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> None:
+def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> bool:
     """Remove the lock judged stale, and only that one: another run may have taken it over
-    since it was read. Locally it is renamed aside first (one rename wins) and its token
-    checked; a fresh lock moved by mistake is linked back. Remote stores delete by name
-    (S3 has no conditional delete): two runs taking over one stale lock at the same instant
-    can then both go on, the one narrow race left."""
+    since it was read. True when this call removed it (or it was already gone); False when
+    another run is taking it over.
+
+    Locally it is renamed aside first (one rename wins) and its token checked; a fresh lock
+    moved by mistake is linked back. S3 has no conditional delete, so a run first creates
+    the claim ``<lock>.takeover-<stale token>`` (a conditional PUT: one run wins per stale
+    lock) and only the winner deletes. Claims are left in place: deleting one would let a
+    run that read the same stale record late win a second claim and delete the winner's
+    fresh lock. :func:`release` removes claims an hour old."""
     if is_remote(uri):
+        claim = {"token": uuid.uuid4().hex, "stale_token": stale.get("token"), "host": socket.gethostname(),
+                 "pid": os.getpid(), "at": time.time()}
+        if not _create(fs, _claim_path(path, stale), json.dumps(claim).encode(), uri):
+            return False
         try:
-            fs.rm_file(path)
+            if _parse(fs.cat_file(path)).get("token") == stale.get("token"):
+                fs.rm_file(path)
         except FileNotFoundError:
             pass
-        return
+        return True
     target = local_path(uri)
     aside = f"{target}.{uuid.uuid4().hex}.stale"
     try:
         os.rename(target, aside)
     except FileNotFoundError:
-        return
+        return True
     with open(aside, "rb") as f:
         moved = _parse(f.read())
     if moved.get("token") != stale.get("token"):
@@ -182,6 +194,28 @@ def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> None:
         except FileExistsError:
             pass
     os.unlink(aside)
+    return True
+
+
+CLAIM_KEEP_S = 3600.0
+
+
+def _claim_path(path: str, stale: dict[str, Any]) -> str:
+    return f"{path}.takeover-{stale.get('token') or 'unreadable'}"
+
+
+def _drop_old_claims(fs, path: str) -> None:
+    """Remove takeover claims older than an hour (a run that read a stale record acts on it
+    within seconds, so an old claim no longer guards anything)."""
+    prefix = path.rsplit("/", 1)[-1] + ".takeover-"
+    try:
+        names = [p for p in fs.ls(path.rsplit("/", 1)[0], detail=False, refresh=True)
+                 if p.rsplit("/", 1)[-1].startswith(prefix)]
+        for name in names:
+            if time.time() - float(_parse(fs.cat_file(name)).get("at", 0)) > CLAIM_KEEP_S:
+                fs.rm_file(name)
+    except (FileNotFoundError, OSError) as e:  # litter at worst; never fail a finished run for it
+        log.debug("could not tidy the lock's takeover claims beside %s: %s", path, e)
 
 
 def acquire(output: str, what: str, storage_options: dict[str, Any] | None = None, *,
@@ -214,10 +248,15 @@ def _acquire(output: str, uri: str, what: str, storage_options: dict[str, Any] |
                 f"output {output} is in use by {describe(other, time.time())}. Two runs on one output would "
                 f"overwrite each other's stores: wait for it to finish, use another output, or, if that run "
                 f"is known to be dead, delete {uri}")
-        log.warning("taking over the lock of %s: %s, %s", output, describe(other, time.time()), reason)
-        _remove_stale(fs, path, uri, other)
+        if _remove_stale(fs, path, uri, other):
+            log.warning("taking over the lock of %s: %s, %s", output, describe(other, time.time()), reason)
+        else:
+            time.sleep(1.0)  # another run is taking it over: its lock will be there to read next
     else:
-        raise OutputLockedError(f"could not take the lock {uri}: other runs keep taking it")
+        raise OutputLockedError(
+            f"could not take the lock {uri}: other runs keep taking it, or a run that claimed the takeover of a "
+            f"stale lock died before finishing it. If no other run is live, delete {uri} and "
+            f"{uri}.takeover-* beside it")
     stop = threading.Event()
     thread = threading.Thread(target=_beat, args=(output, storage_options, record, stop, heartbeat_s),
                               name="rayscreen-lock-heartbeat", daemon=True)
@@ -258,6 +297,8 @@ def release(output: str, storage_options: dict[str, Any] | None = None) -> None:
         if current and current.get("token") == record["token"]:  # never remove a lock another run took over
             fs, path = filesystem(uri, storage_options)
             fs.rm_file(path)
+            if is_remote(uri):
+                _drop_old_claims(fs, path)
 
 
 @contextmanager

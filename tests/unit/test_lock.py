@@ -188,3 +188,73 @@ def test_a_report_still_runs_while_another_run_holds_the_output(tmp_path, monkey
     pipeline.run_stage(config, "report", progress=False)  # the output free again: the usual path
     assert (output / "config.yaml").exists() and (output / "stages" / "report.json").exists()
     assert read_lock(str(output)) is None
+
+
+def write_stale_s3_lock(output, storage_options):
+    from rayscreen.store.uri import filesystem
+
+    fs, path = filesystem(lock_uri(output), storage_options)
+    record = {"token": "t", "host": "another-host.example", "pid": 1, "what": "rayscreen profile",
+              "started": time.time() - 10_000, "heartbeat": time.time() - 9_000}
+    fs.pipe_file(path, json.dumps(record).encode())
+    return fs, path
+
+
+@pytest.mark.integration
+def test_a_late_takeover_on_s3_does_not_delete_the_winners_lock(s3_bucket):
+    """S3 cannot delete conditionally: two runs that read one stale lock must not both go on.
+    The first wins the takeover claim; the second, late, removes nothing."""
+    from rayscreen.store.lock import CLAIM_KEEP_S, _remove_stale
+
+    bucket, storage_options = s3_bucket
+    output = f"{bucket}/run"
+    fs, path = write_stale_s3_lock(output, storage_options)
+    stale = read_lock(output, storage_options)
+    with output_lock(output, "rayscreen train", storage_options):  # the first run took over
+        fresh = read_lock(output, storage_options)
+        assert fresh["pid"] == os.getpid()
+        assert _remove_stale(fs, path, lock_uri(output), stale) is False  # the second run, late
+        assert read_lock(output, storage_options) == fresh
+    assert read_lock(output, storage_options) is None
+    claim = f"{path}.takeover-t"
+    assert fs.exists(claim)  # kept: it still guards against a late reader of the stale record
+    # an hour later a release tidies it away
+    record = json.loads(fs.cat_file(claim))
+    fs.pipe_file(claim, json.dumps({**record, "at": time.time() - CLAIM_KEEP_S - 1}).encode())
+    with output_lock(output, "rayscreen run", storage_options):
+        pass
+    fs.invalidate_cache()
+    assert not fs.exists(claim) and read_lock(output, storage_options) is None
+
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from rayscreen.store.lock import OutputLockedError, acquire
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all racers start together
+    try:
+        acquire(sys.argv[1], "rayscreen run", {so})
+    except OutputLockedError:
+        print("refused", flush=True)
+    else:
+        print("held", flush=True)
+        time.sleep(20)
+""")
+
+
+@pytest.mark.integration
+def test_racers_for_one_stale_s3_lock_let_exactly_one_run(s3_bucket):
+    bucket, storage_options = s3_bucket
+    output = f"{bucket}/run"
+    write_stale_s3_lock(output, storage_options)
+    start_at = time.time() + 8  # after every racer has imported s3fs
+    procs = [subprocess.Popen([sys.executable, "-c", RACER.format(so=repr(storage_options)), output, str(start_at)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        answers = sorted(p.stdout.readline().strip() for p in procs)
+        assert answers == ["held", "refused", "refused", "refused"], answers
+        holder = read_lock(output, storage_options)
+        assert holder["pid"] in {p.pid for p in procs}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
