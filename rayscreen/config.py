@@ -54,7 +54,7 @@ class _InvalidValue(ConfigError):
 @dataclass(frozen=True)
 class StreamConfig:
     channels: list[str] | None = None  # names; None = all channels of the plates
-    level: int = 0  # pyramid level (0 = full resolution)
+    level: int = 0  # pyramid level (0 = full resolution); `illum` fits the normaliser at this level
     tile: int | None = None  # square tiles of this size, px (None = whole fields)
     stride: int | None = None  # step between tiles, px, at most `tile` (None: the tile size, no overlap)
     illumination: bool = False  # apply the per-plate illumination function (`rayscreen illum`)

@@ -326,7 +326,8 @@ def plan_infer(config: Config) -> InferPlan:
         from ..stream.normalize import stream_normalizer
 
         for p in plates:  # the stream's own checks, before any field is read
-            stream_normalizer(p.uri, so, illumination=config.stream.illumination, method=config.stream.normalize)
+            stream_normalizer(p.uri, so, illumination=config.stream.illumination, method=config.stream.normalize,
+                              level=config.stream.level)
     settings = PredictorSettings(batch_size=ic.batch_size, saliency=ic.saliency,
                                  saliency_downsample=ic.saliency_downsample, saliency_sigma=ic.saliency_sigma,
                                  mask_threshold=ic.mask_threshold, mask_nms_size=ic.mask_nms_size)

@@ -181,7 +181,7 @@ def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> d
     for uri in uris:
         plate = open_plate(uri, config.storage_options)
         scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination,
-                                   method=config.stream.normalize)
+                                   method=config.stream.normalize, level=config.stream.level)
         out[plate.name] = scaler.select(plate._channel_indices(channels)).to_dict()
     return out
 

@@ -239,7 +239,9 @@ class Plate:
 
         ``channels`` selects by index or name (only those chunks are read). Raises
         ``MissingChunkError``/``CorruptDataError`` naming plate, well and field when a
-        chunk is absent or cannot be decoded.
+        chunk is absent or cannot be decoded, and ``BadImageError`` when a float field
+        holds NaN or Inf (one such pixel would otherwise turn a plate's illumination
+        function and normaliser into NaN or no-ops, and every field after them).
         """
         well = well_name(well)
         field = str(field)
@@ -272,6 +274,7 @@ class Plate:
         if "c" not in kept:
             data = data[np.newaxis]
             kept.insert(0, "c")
+        check_finite(data, where)
         return np.ascontiguousarray(np.transpose(data, [kept.index(a) for a in "cyx"]))
 
     def _channel_indices(self, channels: Sequence[int | str]) -> list[int]:
@@ -283,7 +286,10 @@ class Plate:
                     raise RayscreenError(f"plate {self.name!r} has no channel {c!r}; it has {names}")
                 out.append(names.index(c))
             else:
-                out.append(int(c))
+                if not -len(names) <= int(c) < len(names):
+                    raise RayscreenError(f"plate {self.name!r} has no channel index {c}; it has {len(names)} "
+                                         f"channels {names}")
+                out.append(int(c) % len(names))
         return out
 
 

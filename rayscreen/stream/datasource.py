@@ -145,7 +145,7 @@ class _Corrections:
                                      "run `rayscreen illum` on it first")
             illum = illumination_at(illum if channel_idx is None else illum[channel_idx], shape)
         if o.normalize:
-            norm = stream_normalizer(plate_uri, o.storage_options, illumination=o.illumination)
+            norm = stream_normalizer(plate_uri, o.storage_options, illumination=o.illumination, level=o.level)
             if channel_idx is not None:
                 norm = norm.select(channel_idx)
         return illum, norm

@@ -28,9 +28,10 @@ import json
 import sys
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
-from ..store import RayscreenError, open_plate
+from ..store import BadImageError, RayscreenError, open_plate
 from ..store.uri import expand_uris
 from .illumination import (IlluminationAccumulator, illumination_entry, illumination_function,
                            illumination_params, load_illumination, save_illumination, select_fields)
@@ -50,23 +51,38 @@ def illumination_partial(plate_uri: str, pairs: list[tuple[str, str]], storage_o
     plate = open_plate(plate_uri, storage_options)
     acc = IlluminationAccumulator(clip_percentile)
     for well, field in pairs:
-        acc.add(plate.read(well, field))
+        with _naming(plate, well, field):
+            acc.add(plate.read(well, field))
     return acc
 
 
 def stats_partial(plate_uri: str, pairs: list[tuple[str, str]], storage_options: dict[str, Any] | None,
-                  seed: list[int], illumination: bool) -> ChannelStats:
-    """Channel statistics over ``pairs`` of one plate, each field illumination-corrected first
-    when ``illumination`` (with the function stored on the plate, as the stream does)."""
-    from .illumination import correct
+                  seed: list[int], illumination: bool, level: int = 0) -> ChannelStats:
+    """Channel statistics over ``pairs`` of one plate at pyramid ``level``, each field
+    illumination-corrected first when ``illumination`` (with the function stored on the plate,
+    resampled to the level, as the stream does)."""
+    from .illumination import correct, illumination_at
 
     plate = open_plate(plate_uri, storage_options)
     illum = load_illumination(plate_uri, storage_options) if illumination else None
     stats = ChannelStats(seed=seed)
     for well, field in pairs:
-        image = plate.read(well, field)
-        stats.add(image if illum is None else correct(image, illum))
+        with _naming(plate, well, field):
+            image = plate.read(well, field, level)
+            stats.add(image if illum is None else correct(image, illumination_at(illum, image.shape[-2:])))
     return stats
+
+
+@contextmanager
+def _naming(plate, well: str, field: str) -> Iterator[None]:
+    """A field the accumulators cannot take (another shape than the plate's first fields)
+    raises naming it, as the stream does; errors that name it already pass through."""
+    try:
+        yield
+    except RayscreenError:
+        raise
+    except ValueError as e:
+        raise BadImageError(f"plate {plate.name!r} well {well} field {field}: {e}") from None
 
 
 # -- the driver's loop
@@ -74,6 +90,13 @@ def stats_partial(plate_uri: str, pairs: list[tuple[str, str]], storage_options:
 
 def _groups(pairs: list, size: int) -> list[list]:
     return [pairs[i:i + size] for i in range(0, len(pairs), size)]
+
+
+def _merge(uri: str, merged: Any, part: Any) -> Any:
+    try:
+        return merged.merge(part)
+    except ValueError as e:  # tasks of one plate saw fields of different shapes
+        raise BadImageError(f"plate {uri}: {e}; expected every field of a plate to have one shape") from None
 
 
 def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish: Callable[[str, Any], None], *,
@@ -87,7 +110,7 @@ def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish:
             merged = None
             for args in tasks:
                 part = fn(*args)
-                merged = part if merged is None else merged.merge(part)
+                merged = part if merged is None else _merge(uri, merged, part)
                 bar.update()
             finish(uri, merged)
         bar.close()
@@ -128,7 +151,7 @@ def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish:
                 raise
             del ready
             submit()
-            merged[uri] = part if uri not in merged else merged[uri].merge(part)
+            merged[uri] = part if uri not in merged else _merge(uri, merged[uri], part)
             remaining[uri] -= 1
             bar.update()
             if remaining[uri] == 0:
@@ -221,6 +244,7 @@ def fit_normalization(
     storage_options: dict[str, Any] | None = None,
     *,
     illumination: bool = False,
+    level: int = 0,
     max_fields: int | None = None,
     seed: int = 0,
     platemap=None,
@@ -238,7 +262,7 @@ def fit_normalization(
     fields - the control wells only for ``control`` (``Metadata_Control`` or
     ``controls="<pandas query>"``, annotations overridden by ``platemap``) - corrected by
     the plate's stored illumination function first when ``illumination`` (so the scaler
-    sees what the stream will feed it). The driver merges them per plate, fits a fresh
+    sees what the stream will feed it), read at pyramid ``level`` (the stream's). The driver merges them per plate, fits a fresh
     scaler and stores it with the plate. Returns ``{plate_uri: "fitted" | "skipped"}``.
     """
     if fields_per_task < 1:
@@ -257,7 +281,7 @@ def fit_normalization(
             raise RayscreenError(f"plate {plate.name!r} ({uri}): no illumination function stored to correct the "
                                  "fields with before fitting; compute it first (compute_illumination)")
         wells = fit_wells(plate, template)
-        fit = fit_params(max_fields, seed, illum_entry["params"] if illum_entry else None, wells)
+        fit = fit_params(max_fields, seed, illum_entry["params"] if illum_entry else None, wells, level)
         wanted = {**{k: v for k, v in template.to_dict().items() if k not in ("offset", "scale")}, "fit": fit}
         entry = normalization_entry(uri, storage_options)
         if not overwrite and entry and _same({k: v for k, v in entry.items() if k in wanted}, wanted):
@@ -268,7 +292,7 @@ def fit_normalization(
         if not pairs:
             raise RayscreenError(f"plate {plate.name!r} ({uri}): no field to fit {template!r} on")
         fits[uri] = fit
-        jobs.append((uri, [(uri, group, storage_options, _task_seed(seed, plate.name, i), illumination)
+        jobs.append((uri, [(uri, group, storage_options, _task_seed(seed, plate.name, i), illumination, level)
                            for i, group in enumerate(_groups(pairs, fields_per_task))]))
 
     def finish(uri: str, stats: ChannelStats) -> None:
@@ -296,8 +320,9 @@ def _control_query(config) -> str | None:
 
 def run_illum(config, *, progress: bool = True) -> dict[str, Any]:
     """The ``illum`` stage: for every plate of ``config.plates`` (globs expanded), compute
-    the illumination function when ``config.stream.illumination`` and fit the normaliser
-    ``config.stream.normalize`` (unless ``"none"``; fitted on illumination-corrected fields
+    the illumination function when ``config.stream.illumination`` (on level 0 fields: it is
+    smooth, and the stream resamples it to ``stream.level``) and fit the normaliser
+    ``config.stream.normalize`` at ``stream.level`` (unless ``"none"``; fitted on illumination-corrected fields
     when illumination is on, control wells from ``config.analysis.control_column`` /
     ``control_value`` for ``control``). Plates already up to date are skipped. Uses Ray when
     it is initialised (the caller's ``ray.init``), else runs in this process.
@@ -316,7 +341,8 @@ def run_illum(config, *, progress: bool = True) -> dict[str, Any]:
     if config.stream.normalize != "none":
         kwargs = {"controls": _control_query(config)} if config.stream.normalize == "control" else {}
         out["normalization"] = fit_normalization(uris, config.stream.normalize, config.storage_options,
-                                                 illumination=config.stream.illumination, platemap=config.platemap,
+                                                 illumination=config.stream.illumination, level=config.stream.level,
+                                                 platemap=config.platemap,
                                                  use_ray=use_ray, progress=progress, **kwargs)
     out["seconds"] = round(time.perf_counter() - start, 3)
     return out

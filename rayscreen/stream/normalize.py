@@ -289,7 +289,13 @@ def control_wells(annotations: pd.DataFrame, controls: str | None = None) -> lis
     ``Metadata_Control`` (True or ``"negative"``, as in :mod:`rayscreen.analysis`).
     """
     if controls is not None:
-        return list(annotations.query(controls)["Metadata_Well"])
+        try:
+            return list(annotations.query(controls)["Metadata_Well"])
+        except Exception as e:  # pandas raises NameError subclasses, SyntaxError, ValueError... for a bad query
+            columns = [c for c in annotations.columns if c != "Metadata_Well"]
+            raise RayscreenError(f"the control query {controls!r} (analysis.control_column / control_value) does "
+                                 f"not apply to the annotations ({type(e).__name__}: {e}); their columns are "
+                                 f"{columns}") from None
     if "Metadata_Control" not in annotations.columns:
         raise RayscreenError("no Metadata_Control column to find the control wells; pass controls= "
                              "(a query such as \"Metadata_Compound == 'DMSO'\")")
@@ -314,14 +320,18 @@ def fit_wells(plate, normalizer: IntensityScaler) -> list[str]:
 
 
 def fit_params(max_fields: int | None = None, seed: int = 0,
-               illumination: dict[str, Any] | None = None, wells: Sequence[str] | None = None) -> dict[str, Any]:
+               illumination: dict[str, Any] | None = None, wells: Sequence[str] | None = None,
+               level: int = 0) -> dict[str, Any]:
     """How a scaler was fitted (JSON), stored beside it as ``fit``: the field subsample, the
     parameters of the illumination function the fields were corrected with first (``None``:
-    raw fields) and a digest of the wells it was fitted on (:func:`fit_wells`: a new platemap
-    can make other wells the controls). A resumed job refits when any of these changed."""
+    raw fields), a digest of the wells it was fitted on (:func:`fit_wells`: a new platemap
+    can make other wells the controls) and the pyramid level of the fields (a coarser level
+    averages pixels, which narrows their percentiles and spread). A resumed job refits when
+    any of these changed."""
     digest = None if wells is None else hashlib.sha256("\n".join(sorted(wells)).encode()).hexdigest()[:16]
     return {"max_fields": None if max_fields is None else int(max_fields), "seed": int(seed),
-            "illumination": None if illumination is None else dict(illumination), "level": 0, "wells": digest}
+            "illumination": None if illumination is None else dict(illumination), "level": int(level),
+            "wells": digest}
 
 
 def fit_plate_normalizer(plate_uri: str, normalizer: IntensityScaler, storage_options: dict[str, Any] | None = None,
@@ -382,9 +392,10 @@ def _scaler_of(plate_uri: str, entry: dict[str, Any] | None) -> IntensityScaler 
 
 
 def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = None, *,
-                      illumination: bool, method: str | None = None) -> IntensityScaler:
+                      illumination: bool, method: str | None = None, level: int | None = None) -> IntensityScaler:
     """The plate's stored scaler, checked for a stream with ``illumination`` on or off (and,
-    when given, fitted by ``method``: the config's ``stream.normalize``).
+    when given, fitted by ``method``: the config's ``stream.normalize``, and on fields of
+    pyramid ``level``: the config's ``stream.level``).
 
     Raises, naming the plate, when none is stored, when it is another method's, when it was
     fitted on fields corrected differently from what the stream feeds it (statistics of
@@ -403,6 +414,11 @@ def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = N
         raise RayscreenError(f"plate {plate_uri}: stores a {norm.method!r} normalisation but stream.normalize is "
                              f"{method!r}; rerun `rayscreen illum` or change stream.normalize")
     fit = entry.get("fit") or {}
+    if level is not None and int(fit.get("level", 0)) != int(level):
+        raise RayscreenError(
+            f"plate {plate_uri}: its normaliser was fitted on level {fit.get('level', 0)} fields but stream.level is "
+            f"{level}; rerun `rayscreen illum` with stream.level: {level} (a coarser level averages pixels, so "
+            "its intensity percentiles and spread differ)")
     if "illumination" in fit and (fit["illumination"] is not None) != illumination:
         raise RayscreenError(
             f"plate {plate_uri}: its normaliser was fitted on "

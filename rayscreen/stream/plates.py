@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 import uuid
@@ -137,7 +138,8 @@ def read_plates(
     tasks = plan_wells(uris, storage_options, wells, where, platemap)
     if not tasks:
         raise RayscreenError(f"read_plates: the filters leave no well to read in {len(uris)} plate(s)")
-    pair = (lambda v: None if v is None else (v, v) if isinstance(v, int) else tuple(v))
+    pair = (lambda v: None if v is None else (int(v), int(v)) if isinstance(v, numbers.Integral)
+            else tuple(int(x) for x in v))
     tile, stride = pair(tile), pair(stride)
     if stride is not None and tile is None:
         raise RayscreenError(f"stream.stride {stride}: a stride needs a tile size (stream.tile); "
@@ -150,6 +152,14 @@ def read_plates(
     first = open_plate(uris[0], storage_options)
     if channels:
         first._channel_indices(channels)  # raises naming the missing channel
+    if fields is not None:
+        # checked on the first plate's first well: a filter that matches none of its fields
+        # most likely names fields another way (other tools' plates may not count from 0)
+        well0 = first._first_field[0]
+        have = [str(f) for f in first.fields(well0)]
+        if not set(map(str, fields)) & set(have):
+            raise RayscreenError(f"read_plates: fields={list(fields)} match no field of plate {first.name!r} well "
+                                 f"{well0}, which has fields {have}")
     n_channels = len(channels) if channels else len(first.channels)
     out_dtype = np.dtype(dtype) if dtype else np.dtype("float32") if (illumination or normalize) else None
     # every plate against the first, from metadata only (no pixels read): rows are keyed by

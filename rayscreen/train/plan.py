@@ -93,7 +93,7 @@ def _normalization(config: Config, uris: list[str]) -> dict[str, Any] | None:
     for uri in uris:
         try:
             scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination,
-                                       method=method)
+                                       method=method, level=config.stream.level)
         except RayscreenError as e:
             raise ConfigError(f"stream.normalize: {method!r}: {e}") from None
         plates[open_plate(uri, config.storage_options).name] = scaler.to_dict()

@@ -55,11 +55,15 @@ def test_filters(tmp_path, ray_local):
         read_plates(uris, channels=["GFP"])
     with pytest.raises(RayscreenError, match="column 'Metadata_MOA'"):
         read_plates(uris, where={"Metadata_MOA": "x"})
+    with pytest.raises(RayscreenError, match=r"channel index 2; it has 2 channels"):
+        read_plates(uris, channels=[2])
+    with pytest.raises(RayscreenError, match=r"fields=\['f1', 7\] match no field of plate .* fields \['0', '1', '2'\]"):
+        read_plates(uris, fields=["f1", 7])  # a filter that matched nothing streamed nothing, silently
 
 
 def test_tiles(tmp_path, ray_local):
     uri = make_plate(str(tmp_path / "p.zarr"), wells=("A01",), fields=1)
-    rows = read_plates([uri], tile=16).take_all()
+    rows = read_plates([uri], tile=np.int64(16)).take_all()  # a size computed from an array shape
     full = random_field(0, "A01", 0, (2, 32, 40))
     assert len(rows) == 2 * 3  # 32 / 16 rows of tiles x ceil(40 / 16) columns
     for r in rows:

@@ -221,3 +221,38 @@ def test_stream_normalizer_names_the_plate_and_the_way_out(control_plate):
     with pytest.raises(RayscreenError, match=r"P\.zarr: stores a 'meanstd' normalisation but stream.normalize is "
                                              r"'percentile'"):
         stream_normalizer(control_plate, illumination=False, method="percentile")
+
+
+def test_the_normaliser_is_fitted_at_the_streams_level_and_refused_at_another(tmp_path):
+    """A coarser level averages pixels: percentiles fitted at level 0 left a level-1 stream's
+    values far from [0, 1]'s ends (meanstd: std 0.5, not 1, on noise)."""
+    from rayscreen.store import RayscreenError
+    from rayscreen.stream.datasource import StreamOptions, plan_wells, read_wells
+    from rayscreen.stream.fit import fit_normalization
+    from rayscreen.stream.normalize import stream_normalizer
+    from rayscreen.testing import make_plate
+
+    uri = make_plate(str(tmp_path / "p.zarr"), fields=2, field_shape=(64, 64), levels=2)
+    assert fit_normalization(uri, "meanstd", level=1, use_ray=False, progress=False) == {uri: "fitted"}
+    assert open_plate(uri).rayscreen_attrs()["normalization"]["fit"]["level"] == 1
+    images = np.concatenate([b["image"] for b in read_wells(plan_wells([uri]), StreamOptions(level=1, normalize=True))])
+    np.testing.assert_allclose(images.mean(axis=(0, 2, 3)), 0, atol=1e-4)
+    np.testing.assert_allclose(images.std(axis=(0, 2, 3)), 1, rtol=1e-4)
+    with pytest.raises(RayscreenError, match=r"fitted on level 1 fields but stream.level is 0; rerun `rayscreen "
+                                             r"illum` with stream.level: 0"):
+        stream_normalizer(uri, illumination=False, level=0)
+    with pytest.raises(RayscreenError, match="stream.level is 0"):
+        list(read_wells(plan_wells([uri]), StreamOptions(level=0, normalize=True)))
+    # another level is another fit: not skipped as up to date
+    assert fit_normalization(uri, "meanstd", level=0, use_ray=False, progress=False) == {uri: "fitted"}
+
+
+def test_a_control_query_on_a_column_the_plate_lacks_names_it_and_the_columns(control_plate):
+    from rayscreen.store import RayscreenError
+    from rayscreen.stream.fit import fit_normalization
+
+    with pytest.raises(RayscreenError, match=r"plate 'P' .*: the control query \"`Metadata_Treatmnt` == 'DMSO'\" "
+                                             r"\(analysis.control_column / control_value\) does not apply .*"
+                                             r"'Metadata_Compound', 'Metadata_Control'"):
+        fit_normalization(control_plate, "control", controls="`Metadata_Treatmnt` == 'DMSO'", use_ray=False,
+                          progress=False)

@@ -66,3 +66,71 @@ def test_fields_of_different_shapes_in_one_block_name_both_fields(tmp_path):
     # in blocks of one field each, nothing is stacked together
     assert [batch["image"].shape for batch in read_wells(plan_wells([a, b]), StreamOptions(fields_per_block=1))] == [
         (1, 2, 32, 40), (1, 2, 48, 40)]
+
+
+def _plate_with_a_nan_pixel(tmp_path):
+    """A float plate as another tool may write it: one NaN pixel in well A01 field 0."""
+    import numpy as np
+    import zarr
+
+    from rayscreen.store import open_plate
+
+    uri = make_plate(str(tmp_path / "F.zarr"), "F", dtype="float32", field_shape=(32, 32), fields=2)
+    arr = zarr.open_group(uri, mode="r+")[open_plate(uri).well_path("A01") + "/0/0"]
+    data = arr[...]
+    data[..., 0, 5, 5] = np.nan
+    arr[...] = data
+    return uri
+
+
+def test_a_nan_pixel_is_a_bad_field_named_in_reads_fits_and_skipping_streams(tmp_path):
+    """One NaN pixel used to turn the plate's illumination function into ones and its
+    normaliser's offset into NaN, so every field of the plate streamed as NaN, unreported."""
+    from rayscreen.store import open_plate
+    from rayscreen.stream.fit import compute_illumination, fit_normalization
+
+    uri = _plate_with_a_nan_pixel(tmp_path)
+    with pytest.raises(BadImageError, match=r"plate 'F' well A01 field 0: 1 NaN/Inf pixel"):
+        open_plate(uri).read("A01", 0)
+    assert open_plate(uri).read("A01", 1).shape == (2, 32, 32)  # the other fields read as before
+    for fit in (lambda: compute_illumination(uri, use_ray=False, progress=False),
+                lambda: fit_normalization(uri, "percentile", use_ray=False, progress=False)):
+        with pytest.raises(BadImageError, match="plate 'F' well A01 field 0"):
+            fit()
+    report = tmp_path / "errors"
+    batches = list(read_wells(plan_wells([uri]), StreamOptions(on_error="skip", error_report=str(report))))
+    streamed = {(w, f) for b in batches for w, f in zip(b["well"], b["field"])}
+    assert ("A01", "0") not in streamed and ("A01", "1") in streamed and len(streamed) == 7
+    from rayscreen.stream.datasource import load_error_report
+
+    recorded = load_error_report(str(report))
+    assert recorded[["well", "field", "kind"]].values.tolist() == [["A01", "0", "BadImageError"]]
+
+
+def test_fields_of_another_shape_are_named_by_the_illumination_fit(tmp_path):
+    import numpy as np
+    import zarr
+
+    from rayscreen.store import open_plate
+    from rayscreen.stream.fit import compute_illumination
+
+    uri = make_plate(str(tmp_path / "P.zarr"), fields=1)
+    path = open_plate(uri).well_path("B01") + "/0/0"
+    group = zarr.open_group(uri, mode="r+")
+    old = group[path]
+    group.create_array(path, shape=(2, 30, 40), dtype=old.dtype, chunks=(1, 30, 40), overwrite=True,
+                       dimension_names=("c", "y", "x"))[...] = np.ones((2, 30, 40), old.dtype)
+    with pytest.raises(BadImageError, match=r"plate 'P1' well B01 field 0: field shape \(2, 30, 40\) differs"):
+        compute_illumination(uri, use_ray=False, progress=False)
+    # split into one task per field, the shapes first meet when the driver merges: the plate is named
+    with pytest.raises(BadImageError, match=r"P\.zarr: cannot merge .* expected every field of a plate"):
+        compute_illumination(uri, use_ray=False, progress=False, fields_per_task=1)
+
+
+def test_a_channel_index_the_plate_lacks_is_refused_naming_its_channels(tmp_path):
+    from rayscreen.store import open_plate
+
+    plate = open_plate(make_plate(str(tmp_path / "P.zarr"), fields=1))
+    with pytest.raises(RayscreenError, match=r"plate 'P1' has no channel index 5; it has 2 channels \['DNA', 'Actin'\]"):
+        plate.read("A01", 0, channels=[5])
+    assert (plate.read("A01", 0, channels=[-1]) == plate.read("A01", 0, channels=["Actin"])).all()
