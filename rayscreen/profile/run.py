@@ -51,7 +51,7 @@ def profiles_uri(config: Config) -> str:
     return join(config.output, PROFILES)
 
 
-def _field_index(name: Any, n_fields: int, order: dict[str, int], where: str = "") -> int:
+def _field_index(name: Any, order: dict[str, int], where: str = "") -> int:
     """Field name (``"0"``, ``"1"``, ... as plates name them) -> index along ``field``."""
     key = str(name)
     if key in order:
@@ -132,7 +132,7 @@ def well_values(rows: list[dict[str, Any]], field_names: list[str], n_fields: in
     if n_classical is not None:
         out["field_classical"] = np.full((n_fields, n_classical), np.nan, np.float32)
     for r in rows:
-        i = _field_index(r["field"], n_fields, order, where)
+        i = _field_index(r["field"], order, where)
         status[i] = STATUS_OK
         out["field_profile"][i] = r["profile"]
         out["field_qc"][i] = r["qc"]
