@@ -5,9 +5,14 @@ ways from its exported model, then aggregated and evaluated as the product does:
   reproduces the run's own figures);
 - ``cells``: the mean over 48 px crops centred on the nuclei (Otsu on the smoothed DNA
   channel; single-cell crops as in Caicedo et al. / DeepProfiler);
-- ``random``: the mean over 16 random 48 px crops (the training views).
+- ``random``: the mean over 16 random 48 px crops (the training views);
+- ``layers``: the whole field's output of every trunk block, each mean-pooled, concatenated
+  (early blocks keep intensity and fine texture that the last block's mean pools away;
+  ``--views`` adds it);
+- ``meanstd``: the last block's map pooled by mean and standard deviation over locations
+  (the spread of a phenotype across the field, not only its mean; ``--views`` adds it).
 
-    python benchmarks/cell_crops.py /tmp/exp5/s1-i0.4/run-learned-int0.4 [...]
+    python benchmarks/cell_crops.py /tmp/exp5/s1-i0.4/run-learned-int0.4 [...] [--views field,layers,meanstd]
 
 Fields the run's QC flagged are left out, as in the run. One CPU, no Ray Train.
 """
@@ -25,10 +30,32 @@ from rayscreen.stream.cells import crops_at, nucleus_centres
 CROP = 48  # the learned config's train.crop
 
 
+def trunk_pooled(trunk, field, how: str) -> np.ndarray:
+    """field (1, C, H, W) -> ``layers``: each block's output (after its max pooling) mean-pooled and
+    concatenated, (sum of block widths,); ``meanstd``: the last map's mean and standard deviation
+    over locations, (2 D,). ``trunk`` is the milnet's small trunk (an nn.Sequential of blocks)."""
+    import torch
+
+    outs, x = [], field
+    for layer in trunk:
+        x = layer(x)
+        if isinstance(layer, torch.nn.MaxPool2d):
+            outs.append(x.mean(dim=(2, 3)))
+    if how == "layers":
+        return torch.cat(outs, 1)[0].numpy()
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)[0].numpy()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="learned run directories (with config.yaml, train/model, tables/qc.csv)")
+    p.add_argument("--views", default="field,cells,random",
+                   help="comma-separated, of field, cells, random, layers, meanstd (default: %(default)s)")
     args = p.parse_args(argv)
+    views_wanted = args.views.split(",")
+    unknown = set(views_wanted) - {"field", "cells", "random", "layers", "meanstd"}
+    if unknown:
+        p.error(f"--views: unknown {sorted(unknown)}")
     warnings.simplefilter("ignore")
     import ray
     import torch
@@ -49,7 +76,7 @@ def main(argv=None) -> int:
         qc = pd.read_csv(f"{run}/tables/qc.csv")
         flagged = set(map(tuple, qc.loc[qc["Metadata_QC_Abnormal"], ["Metadata_Plate", "Metadata_Well",
                                                                        "Metadata_Field"]].astype(str).values))
-        features: dict[str, list] = {"field": [], "cells": [], "random": []}
+        features: dict[str, list] = {name: [] for name in views_wanted}
         meta = []
         with torch.no_grad():
             for row in read_plates(config.plates, illumination=True, normalize=True).iter_rows():
@@ -63,8 +90,11 @@ def main(argv=None) -> int:
                 xs = rng.integers(0, image.shape[2] - CROP + 1, 16)
                 views = {"field": image[None], "cells": crops_at(image, centres, CROP),
                          "random": np.stack([image[:, y:y + CROP, x:x + CROP] for y, x in zip(ys, xs)])}
-                for name, batch in views.items():
-                    features[name].append(model.features(torch.from_numpy(batch)).mean(0).numpy())
+                for name in views_wanted:
+                    if name in views:
+                        features[name].append(model.features(torch.from_numpy(views[name])).mean(0).numpy())
+                    else:
+                        features[name].append(trunk_pooled(model.trunk, torch.from_numpy(image[None]), name))
                 meta.append({k: v for k, v in row.items() if k.startswith("Metadata_")}
                             | {"Metadata_Plate": row["plate"], "Metadata_Well": row["well"]})
         meta = pd.DataFrame(meta)
