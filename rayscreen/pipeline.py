@@ -3,8 +3,11 @@
 Each stage is a function ``run_<stage>(config, *, progress) -> result`` that is itself
 resumable (it skips work whose outputs are complete). The pipeline adds one more
 level: when a stage finishes it writes ``<output>/stages/<stage>.json`` holding a
-fingerprint of the config sections that stage reads; a later run skips the stage when
-the marker's fingerprint matches, and reruns it when the config changed.
+fingerprint of what that stage reads: the config sections, the plates the ``plates``
+globs match now, and the size and modification stamp of the files the config names
+(platemap, QC annotations, model artefact, backbone weights). A later run skips the
+stage when the marker's fingerprint matches and its output is still there, and reruns
+it when any of that changed.
 
 A stage, and ``run`` across all its stages, holds ``<output>/.rayscreen.lock``
 (:mod:`.store.lock`): a second run on the same output fails naming the first instead of
@@ -22,7 +25,7 @@ from typing import Any, Callable
 
 from .config import Config, ConfigError, write_config
 from .store.lock import describe, live_holder, output_lock
-from .store.uri import filesystem, join
+from .store.uri import expand_uris, filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,12 @@ _READS = {
     "evaluate": ("plates", "platemap", "stream", *_TRAINED, "infer", "profile", "analysis"),
     "report": (),  # cheap: always rerun
 }
+# how the plates are read, not what is computed: a rerun with on_error: skip (the way past a
+# bad field) or more read tasks must not invalidate finished stages (train would refuse to
+# resume a finished run for it)
+_HOW = ("on_error", "override_num_blocks")
+# config keys naming files whose contents a stage reads; each counts where its section does
+_FILES = ("platemap", "analysis.qc.annotations", "infer.checkpoint", "profile.weights")
 
 
 def stage_function(stage: str) -> Callable[..., Any]:
@@ -84,16 +93,42 @@ def applicable_stages(config: Config) -> list[str]:
 
 
 def fingerprint(config: Config, stage: str) -> str:
+    """A digest of what ``stage`` reads: its config sections (without :data:`_HOW`), the plate
+    URIs the ``plates`` globs match now (a plate added to ``screen/*.zarr`` is new work), and
+    a stamp of each file of :data:`_FILES` in those sections (an edited platemap relabels wells)."""
     d = dataclasses.asdict(config)
-    relevant = {}
+    d["stream"] = {k: v for k, v in d["stream"].items() if k not in _HOW}
+    relevant: dict[str, Any] = {}
     for key in _READS[stage]:
         if key.startswith("analysis.control_") and config.stream.normalize != "control":
             continue  # only the control normaliser reads which wells are controls
-        value = d
-        for part in key.split("."):
-            value = value[part]
-        relevant[key] = value
+        relevant[key] = _value(d, key)
+    if "plates" in relevant:
+        relevant["plates (matched)"] = expand_uris(config.plates, config.storage_options)
+    for key in _FILES:
+        if key.split(".")[0] in relevant and _value(d, key):
+            relevant[f"{key} (file)"] = _stamp(_value(d, key), config.storage_options)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _value(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def _stamp(uri: str, storage_options: dict[str, Any] | None) -> Any:
+    """Size and modification stamp of a file, or of every file under a directory (a model
+    artefact); "missing" when absent. Cheap on S3 (listings, no reads): an ETag or mtime
+    that changes without the contents is a needless rerun, which resumes quickly."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        infos = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        return "missing"
+    keys = ("size", "ETag", "mtime", "LastModified", "last_modified")
+    return sorted((name.rsplit("/", 1)[-1] if name == path else name[len(path):],
+                   [str(info.get(k)) for k in keys if info.get(k) is not None]) for name, info in infos.items())
 
 
 def _marker(config: Config, stage: str) -> str:
@@ -101,15 +136,23 @@ def _marker(config: Config, stage: str) -> str:
 
 
 def is_complete(config: Config, stage: str) -> bool:
+    """Whether ``stage`` finished on what it reads now, and its output is still there
+    (a deleted results store is work to redo, not a stage to skip)."""
+    from .report.run import STAGE_OUTPUTS
+
     if not _READS[stage]:
         return False
     fs, path = filesystem(_marker(config, stage), config.storage_options)
     if not fs.exists(path):
         return False
     try:
-        return json.loads(fs.cat(path)).get("fingerprint") == fingerprint(config, stage)
+        if json.loads(fs.cat(path)).get("fingerprint") != fingerprint(config, stage):
+            return False
     except ValueError:
         return False
+    outputs = STAGE_OUTPUTS.get(stage)
+    return not outputs or any(fs.exists(filesystem(join(config.output, rel), config.storage_options)[1])
+                              for rel in outputs)
 
 
 def _mark_complete(config: Config, stage: str, seconds: float, result: Any) -> None:

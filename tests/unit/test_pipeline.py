@@ -33,12 +33,25 @@ def test_the_control_normaliser_makes_illum_depend_on_the_control_wells(tmp_path
     assert pipeline.fingerprint(base, "illum") != pipeline.fingerprint(changed, "illum")
 
 
+def write_output_of(config, stage):
+    """What shows that a stage ran (the report's STAGE_OUTPUTS), written by a stand-in stage."""
+    from pathlib import Path
+
+    from rayscreen.report.run import STAGE_OUTPUTS
+
+    for rel in STAGE_OUTPUTS.get(stage, [])[:1]:
+        path = Path(config.output) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+
+
 def test_a_stage_that_runs_again_reruns_every_later_one(tmp_path, monkeypatch):
     calls = []
 
     def fake(stage):
         def run(config, progress=True):
             calls.append(stage)
+            write_output_of(config, stage)
             return stage
         return run
 
@@ -78,3 +91,44 @@ def test_a_stage_marker_summarises_a_dataclass_result_by_its_scalars(tmp_path, m
     pipeline.run_pipeline(config, stages=["train"], progress=False)
     marker = json.loads((tmp_path / "out" / "stages" / "train.json").read_text())
     assert marker["result"] == {"run_dir": "/r", "epochs_completed": 3}
+
+
+def test_how_plates_are_read_leaves_every_stage_complete(tmp_path):
+    """on_error: skip is the way past a bad field; it used to invalidate illum (and so every
+    stage) and make train refuse to resume its finished run."""
+    base = _config(tmp_path)
+    changed = _config(tmp_path, stream={"on_error": "skip", "override_num_blocks": 8})
+    for stage in ("illum", "train", "infer", "profile", "aggregate", "evaluate"):
+        assert pipeline.fingerprint(base, stage) == pipeline.fingerprint(changed, stage)
+    assert pipeline.fingerprint(base, "profile") != pipeline.fingerprint(
+        _config(tmp_path, stream={"level": 1}), "profile")  # what is read still counts
+
+
+def test_a_plate_new_to_the_glob_or_an_edited_platemap_makes_stages_stale(tmp_path):
+    import os
+
+    from rayscreen.testing import make_plate
+
+    make_plate(str(tmp_path / "screen" / "A.zarr"), "A", wells=("A01",), fields=1)
+    platemap = tmp_path / "platemap.csv"
+    platemap.write_text("Metadata_Plate,Metadata_Well,Metadata_Compound\nA,A01,DMSO\n")
+    config = config_from_dict({"plates": [str(tmp_path / "screen" / "*.zarr")], "platemap": str(platemap),
+                               "output": str(tmp_path / "out")})
+    before = {s: pipeline.fingerprint(config, s) for s in ("illum", "train", "profile", "evaluate")}
+    assert before == {s: pipeline.fingerprint(config, s) for s in before}  # stable while nothing changes
+    make_plate(str(tmp_path / "screen" / "B.zarr"), "B", wells=("A01",), fields=1)
+    after_plate = {s: pipeline.fingerprint(config, s) for s in before}
+    assert all(after_plate[s] != before[s] for s in before)
+    platemap.write_text("Metadata_Plate,Metadata_Well,Metadata_Compound\nA,A01,taxol\n")  # a well relabelled
+    os.utime(platemap, (1, 1))  # and however the clock stands, the size changed
+    assert all(pipeline.fingerprint(config, s) != after_plate[s] for s in before)
+
+
+def test_a_stage_whose_output_was_deleted_is_not_complete(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "stage_function",
+                        lambda stage: lambda config, progress=True: write_output_of(config, stage))
+    config = _config(tmp_path)
+    pipeline.run_pipeline(config, stages=["profile", "aggregate"], progress=False)
+    assert pipeline.is_complete(config, "profile") and pipeline.is_complete(config, "aggregate")
+    (tmp_path / "out" / "profiles.zarr").unlink()  # the stand-in's output is a file
+    assert not pipeline.is_complete(config, "profile") and pipeline.is_complete(config, "aggregate")

@@ -203,8 +203,10 @@ def test_split_differences_name_each_changed_well():
 
 
 def test_config_differences_ignore_resumable_and_later_stages():
-    a = {"train": {"epochs": 1, "lr": 0.1, "split": {"seed": 0}}, "infer": {"batch_size": 1}, "model": {"kwargs": {"w": 1}}}
-    b = {"train": {"epochs": 5, "lr": 0.1, "split": {"seed": 1}}, "infer": {"batch_size": 9}, "model": {"kwargs": {"w": 2}}}
+    a = {"train": {"epochs": 1, "lr": 0.1, "split": {"seed": 0}}, "infer": {"batch_size": 1}, "model": {"kwargs": {"w": 1}},
+         "stream": {"on_error": "raise", "override_num_blocks": None, "level": 0}}
+    b = {"train": {"epochs": 5, "lr": 0.1, "split": {"seed": 1}}, "infer": {"batch_size": 9}, "model": {"kwargs": {"w": 2}},
+         "stream": {"on_error": "skip", "override_num_blocks": 8, "level": 0}}  # how plates are read: resumable
     assert config_differences(a, b) == ["model.kwargs", "train.split.seed"]
 
 
