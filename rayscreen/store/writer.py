@@ -16,6 +16,7 @@ parallel by Ray tasks, each with its own ``PlateWriter`` opened on the same URI.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numcodecs
@@ -78,6 +79,17 @@ class PlateWriter:
 
     def __getstate__(self):
         return {"uri": self.uri, "storage_options": self.storage_options}
+
+    def raise_field_count(self, n: int) -> None:
+        """Make the plate's ``field_count`` (and its acquisitions' ``maximumfieldcount``) at
+        least ``n``: a resumed write may give an unfinished well more fields than the first
+        run planned, and readers size their stores by this count."""
+        if (self.meta.field_count or 0) >= n:
+            return
+        acquisitions = tuple(dataclasses.replace(a, maximumfieldcount=max(a.maximumfieldcount, n))
+                             if a.maximumfieldcount is not None else a for a in self.meta.acquisitions)
+        self.meta = dataclasses.replace(self.meta, field_count=int(n), acquisitions=acquisitions)
+        self._root.attrs.update(self.meta.to_attrs())
 
     def __setstate__(self, state):
         self.__init__(state["uri"], state["storage_options"])
@@ -256,6 +268,8 @@ def create_plate(
             raise RayscreenError(f"{uri} exists with another layout ({found}, {len(writer.wells)} wells, "
                                  f"NGFF {writer.meta.version}); expected {layout}, {len(canonical)} wells, NGFF {ngff}. "
                                  "Use a new output or overwrite=True")
+        if field_count is not None:
+            writer.raise_field_count(int(field_count))
         if annotations is not None:
             writer.set_annotations(annotations)
         return writer

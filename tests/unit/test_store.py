@@ -226,6 +226,24 @@ def test_reopen_resumes_or_refuses(tmp_path):
     assert open_plate(uri).wells == ["A01"]
 
 
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_a_resumed_plate_counts_the_fields_it_now_plans(tmp_path, ngff):
+    """An ingest stopped, its LoadData then gave an unfinished well a third site: the plate's
+    field_count (by which infer and profile size their stores) must follow."""
+    uri = str(tmp_path / "p.zarr")
+    acquisitions = [{"id": 0, "maximumfieldcount": 2}]
+    create_plate(uri, "P1", ["A01"], ["DNA"], (8, 8), "uint16", 2, ngff=ngff, acquisitions=acquisitions)
+    writer = create_plate(uri, "P1", ["A01"], ["DNA"], (8, 8), "uint16", 3, ngff=ngff, acquisitions=acquisitions)
+    for f in range(3):
+        writer.write_field("A01", f, np.ones((1, 8, 8), np.uint16))
+    writer.complete_well("A01", 3)
+    plate = open_plate(uri)
+    assert plate.meta.field_count == 3 and plate.meta.acquisitions[0].maximumfieldcount == 3
+    assert plate.fields("A01") == ["0", "1", "2"] and plate.meta.version == ngff
+    create_plate(uri, "P1", ["A01"], ["DNA"], (8, 8), "uint16", 1, ngff=ngff)  # fewer: never lowered
+    assert open_plate(uri).meta.field_count == 3
+
+
 def test_axes_rule_tczyx_and_yx(tmp_path):
     """Foreign layouts: t and z indexed or max-projected; no c axis gives C = 1."""
     root = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
