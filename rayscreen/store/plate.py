@@ -37,7 +37,7 @@ class Plate:
     """An OME-Zarr HCS plate. See the module docstring for laziness and the axis rule."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None,
-                 platemap: pd.DataFrame | str | None = None, strict: bool = True):
+                 platemap: pd.DataFrame | str | None = None, strict: bool | None = None):
         self.uri = str(uri).rstrip("/")
         self.storage_options = storage_options
         self.strict = strict
@@ -56,8 +56,9 @@ class Plate:
         return f"<Plate {self.name!r} {self.uri} wells={len(self.wells)} ngff={self.ngff_version}>"
 
     def _open(self) -> None:
-        # check_chunks: a truncated blosc chunk raises even when missing chunks fill (strict=False)
-        self._store = make_store(self.uri, self.storage_options, read_only=True, strict=self.strict,
+        # check_chunks: a truncated blosc chunk raises even when missing chunks fill (strict=False);
+        # strict=None (the default) decides by the plate's writer, below
+        self._store = make_store(self.uri, self.storage_options, read_only=True, strict=self.strict is not False,
                                  check_chunks=True)
         try:
             self._root = zarr.open_group(store=self._store, mode="r")
@@ -65,7 +66,16 @@ class Plate:
                 zarr.errors.ContainsArrayError) as e:
             what = "a Zarr array, not a group" if isinstance(e, zarr.errors.ContainsArrayError) else "no Zarr group there"
             raise NotAPlateError(f"{self.uri} is not an OME-Zarr HCS plate: {what} ({type(e).__name__})") from None
-        self.meta = PlateMeta.from_attrs(_attrs(self._root), where=self.uri)
+        attrs = _attrs(self._root)
+        if self.strict is None and NAMESPACE not in attrs:
+            # rayscreen writes every chunk, empty ones too: one missing is a lost write. Other
+            # writers (ome-zarr-py through zarr 3's default) skip chunks that are all fill value,
+            # which zarr reads back as that value: a missing chunk is data there. (Reopened
+            # rather than switched: zarr may hold copies of the store made while opening.)
+            self._store = make_store(self.uri, self.storage_options, read_only=True, strict=False,
+                                     check_chunks=True)
+            self._root = zarr.open_group(store=self._store, mode="r")
+        self.meta = PlateMeta.from_attrs(attrs, where=self.uri)
         self._well_paths = self.meta.well_names()
         self._arrays: dict[str, zarr.Array] = {}
         self._well_meta: dict[str, WellMeta] = {}
@@ -294,14 +304,16 @@ class Plate:
 
 
 def open_plate(uri: str, storage_options: dict[str, Any] | None = None, *,
-               platemap: pd.DataFrame | str | None = None, strict: bool = True) -> Plate:
+               platemap: pd.DataFrame | str | None = None, strict: bool | None = None) -> Plate:
     """Open an OME-Zarr HCS plate (NGFF 0.4/Zarr v2 or 0.5/Zarr v3) at a path, ``file://`` or ``s3://`` URI.
 
     ``storage_options`` go to fsspec (for S3: ``endpoint_url``, ``anon``, ``profile``...;
     credentials come from the standard places). ``platemap`` (a DataFrame or a file)
-    overrides the annotations stored in the plate. ``strict=False`` reads missing
-    chunks as the fill value, for foreign plates written with ``write_empty_chunks=False``
-    (a truncated blosc chunk still raises ``CorruptDataError``).
+    overrides the annotations stored in the plate. A missing chunk raises
+    ``MissingChunkError`` in plates rayscreen wrote (it writes every chunk, so one missing is
+    a lost write) and reads as the fill value in other tools' plates (zarr 3, and so
+    ome-zarr-py, skip chunks that are all fill value); ``strict=True`` / ``False`` forces
+    either. A truncated blosc chunk raises ``CorruptDataError`` either way.
     """
     return Plate(uri, storage_options, platemap, strict)
 

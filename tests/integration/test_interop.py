@@ -47,6 +47,30 @@ def test_ome_zarr_py_plates_read_pixel_exactly(tmp_path, fmt):
         assert plate.read(well, field, level=1).shape == (3, 32, 24)
 
 
+@pytest.mark.parametrize("fmt", [FormatV04(), FormatV05()], ids=["0.4", "0.5"])
+def test_a_blank_channel_that_ome_zarr_py_left_unwritten_reads_as_zeros(tmp_path, fmt):
+    """zarr 3 skips chunks that are all fill value: a blank channel of another tool's plate has
+    no chunk on disk. That is data (zeros), not a lost write as in a plate rayscreen wrote."""
+    import os
+
+    from rayscreen.store import MissingChunkError
+
+    path = tmp_path / "ozp.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+    write_plate_metadata(root, ["A"], ["1"], ["A/1"], fmt=fmt, name="ozp")
+    well = root.require_group("A").require_group("1")
+    write_well_metadata(well, [{"path": "0"}], fmt=fmt)
+    data = np.zeros((2, 64, 48), np.uint16)
+    data[0] = 7  # channel 1 blank
+    write_image(data, well.require_group("0"), axes="cyx", fmt=fmt, scale_factors=[],
+                storage_options={"chunks": (1, 64, 48)})
+    chunks = [f for _, _, files in os.walk(path / "A" / "1" / "0") for f in files if not f.startswith((".", "zarr"))]
+    assert len(chunks) == 1  # the blank channel's chunk was never written
+    np.testing.assert_array_equal(open_plate(str(path)).read("A01", 0), data)
+    with pytest.raises(MissingChunkError, match="plate 'ozp' well A01 field 0"):
+        open_plate(str(path), strict=True).read("A01", 0)  # forced strict, as for rayscreen's plates
+
+
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 def test_our_plates_read_in_ome_zarr_py(tmp_path, ngff):
     uri = make_plate(str(tmp_path / "ours.zarr"), ngff=ngff, levels=2)
