@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
+from ..store.annotations import read_input_file
 from ..store.errors import RayscreenError
 from ..store.uri import filesystem, join
 from ._table import control_mask, feature_columns, order_columns
@@ -229,7 +230,7 @@ def read_qc_annotations(config: Config) -> pd.DataFrame:
     if not fs.exists(path):
         raise AnalysisError(f"analysis.qc.annotations: no file at {q.annotations}")
     text = {c: str for c in ("Metadata_Plate", "plate", "Metadata_Well", "well")}
-    ann = pd.read_csv(io.BytesIO(fs.cat(path)), dtype=text)
+    ann = pd.read_csv(io.BytesIO(read_input_file(fs, path)), dtype=text)  # .csv.gz as well
     ann = ann.rename(columns={"field": "Metadata_Field", "plate": "Metadata_Plate", "well": "Metadata_Well"})
     need = QC_KEY + [q.label]
     missing = [c for c in need if c not in ann.columns]

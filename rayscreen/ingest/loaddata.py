@@ -23,7 +23,7 @@ import pandas as pd
 import tifffile
 
 from ..store import RayscreenError, well_name
-from ..store.annotations import PLATE_COL, WELL_COL
+from ..store.annotations import PLATE_COL, WELL_COL, read_input_file
 from ..store.uri import filesystem, is_remote, local_path
 
 SITE_COL = "Metadata_Site"
@@ -107,8 +107,7 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
     fs, fpath = filesystem(path, storage_options)
     if not fs.exists(fpath):
         raise RayscreenError(f"LoadData CSV {path} does not exist")
-    with fs.open(fpath, "rb") as f:
-        data = f.read()
+    data = read_input_file(fs, fpath)  # .csv.gz as well
     # the header first: the identifier columns (FileName_<Channel>...) are named by the file
     columns = list(pd.read_csv(io.BytesIO(data), nrows=0).columns)
     table = pd.read_csv(io.BytesIO(data), dtype={c: str for c in _identifier_columns(columns)})

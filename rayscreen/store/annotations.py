@@ -6,6 +6,8 @@ plate is self-contained; an external platemap given later overrides them column 
 
 from __future__ import annotations
 
+import io
+
 import math
 from typing import Any
 
@@ -51,6 +53,24 @@ def as_identifier(values: pd.Series) -> pd.Series:
     return values.map(text).astype(object)
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def read_input_file(fs, path: str) -> bytes:
+    """The bytes of a user's table, decompressed by its name (``.csv.gz`` and the like, as
+    cytomining tools write them): through a file object pandas cannot tell by itself."""
+    with fs.open(path, "rb", compression="infer") as f:
+        return f.read()
+
+
+def table_suffix(path: str) -> str:
+    """``.csv`` for ``x.csv.gz``: the table's own suffix, beneath any compression."""
+    for ext in COMPRESSED:
+        if path.endswith(ext):
+            path = path[:-len(ext)]
+    return "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+
+
 def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Read a CSV, TSV or parquet platemap; well names normalised to ``A01``.
 
@@ -61,12 +81,12 @@ def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         raise RayscreenError(f"platemap {uri} does not exist")
-    with fs.open(path, "rb") as f:
-        if path.endswith(".parquet"):
+    if table_suffix(path) == ".parquet":
+        with fs.open(path, "rb") as f:
             df = pd.read_parquet(f)  # typed by its writer; normalise_platemap casts the identifiers
-        else:
-            df = pd.read_csv(f, sep="\t" if path.endswith((".tsv", ".txt")) else ",",
-                             dtype={c: str for c in ID_COLS})  # keys the file lacks are ignored
+    else:
+        df = pd.read_csv(io.BytesIO(read_input_file(fs, path)), sep="\t" if table_suffix(path) in (".tsv", ".txt") else ",",
+                         dtype={c: str for c in ID_COLS})  # keys the file lacks are ignored
     return normalise_platemap(df, source=f"platemap {uri}")
 
 

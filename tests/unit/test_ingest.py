@@ -59,6 +59,14 @@ def test_ingest_round_trip(tmp_path, fmt, ngff):
     assert "Metadata_Site" not in ann.columns
 
 
+def test_a_gzipped_loaddata_ingests_like_the_plain_one(tmp_path):
+    csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=1)
+    gz = tmp_path / "load_data.csv.gz"
+    pd.read_csv(csv).to_csv(gz, index=False)
+    (uri,) = ingest(str(gz), str(tmp_path / "out"), use_ray=False, progress=False)  # folders relative to it
+    np.testing.assert_array_equal(open_plate(uri).read("A01", 0)[1], plane("PA", "A01", 1, 1))
+
+
 def test_ingest_platemap_overrides(tmp_path):
     csv = write_screen(tmp_path, plates=("PA",))
     pd.DataFrame({"Metadata_Plate": ["PA"], "Metadata_Well": ["A1"], "Metadata_Compound": ["taxol"],

@@ -82,6 +82,9 @@ def test_platemap_formats_and_errors(tmp_path):
     df = pd.DataFrame({"Metadata_Well": ["A1", "h12"], "Metadata_Dose": [1.0, 2.0]})
     df.to_parquet(tmp_path / "pm.parquet")
     assert read_platemap(str(tmp_path / "pm.parquet"))["Metadata_Well"].tolist() == ["A01", "H12"]
+    for name, sep in (("pm.csv.gz", ","), ("pm.tsv.gz", "\t"), ("pm.txt.bz2", "\t")):  # as cytomining tools write them
+        df.to_csv(tmp_path / name, sep=sep, index=False)  # pandas compresses by the name
+        assert read_platemap(str(tmp_path / name))["Metadata_Dose"].tolist() == [1.0, 2.0], name
     df.rename(columns={"Metadata_Well": "Well"}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(RayscreenError, match="bad.csv.*Metadata_Well"):
         read_platemap(str(tmp_path / "bad.csv"))
