@@ -7,8 +7,8 @@ plate is self-contained; an external platemap given later overrides them column 
 from __future__ import annotations
 
 import io
-
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -141,7 +141,16 @@ def override(base: pd.DataFrame, platemap: pd.DataFrame, plate: str) -> pd.DataF
     """
     pm = normalise_platemap(platemap)
     if PLATE_COL in pm.columns:
-        pm = pm[pm[PLATE_COL].astype(str) == plate].drop(columns=PLATE_COL)
+        names = pm[PLATE_COL].astype(str)
+        if not (names == plate).any():
+            # most often the platemap keys plates by file name or barcode and the plate's
+            # NGFF name is the other: every label would be missing, silently
+            shown = sorted(names.unique())
+            warnings.warn(f"the platemap has no row for plate {plate!r} (it names plates "
+                          f"{shown[:10]}{' ...' if len(shown) > 10 else ''}); plate {plate!r} keeps its own "
+                          "annotations. Metadata_Plate must be the plate's name as `rayscreen info` shows it",
+                          stacklevel=2)
+        pm = pm[names == plate].drop(columns=PLATE_COL)
     unknown = sorted(set(pm[WELL_COL]) - set(base[WELL_COL]))
     if unknown:
         raise RayscreenError(f"platemap names wells {unknown[:10]} that plate {plate!r} does not have")

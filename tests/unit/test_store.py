@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 import pickle
 
 import numpy as np
@@ -305,3 +306,16 @@ def test_display_window_follows_the_data_so_viewers_do_not_show_black(tmp_path, 
     for (start, end), channel in zip(limits, image):
         assert np.percentile(channel, 0.5) <= end and start <= np.percentile(channel, 99.5) and start < end
         assert end <= float(np.max(channel)) + 1e-6 and start >= float(np.min(channel)) - 1e-6
+
+
+def test_a_platemap_naming_no_row_of_the_plate_warns_with_the_names_it_has(tmp_path):
+    """Platemaps keyed by file name while the plate's NGFF name is a barcode matched nothing,
+    and every label went missing without a word."""
+    uri = make_plate(str(tmp_path / "P1.zarr"), "BC-000123", wells=("A01",), fields=1)
+    pm = pd.DataFrame({"Metadata_Plate": ["P1"], "Metadata_Well": ["A01"], "Metadata_MOA": ["taxol"]})
+    with pytest.warns(UserWarning, match=r"no row for plate 'BC-000123' \(it names plates \['P1'\]\)"):
+        assert open_plate(uri, platemap=pm).annotations["Metadata_MOA"].isna().all()
+    pm["Metadata_Plate"] = "BC-000123"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_plate(uri, platemap=pm).annotations["Metadata_MOA"].tolist() == ["taxol"]
