@@ -7,6 +7,7 @@ import argparse
 import atexit
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -323,12 +324,14 @@ def job_main(stage: str, argv: list[str] | None = None) -> int:
     ``rayscreen train screen.yaml`` runs.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    script = f"jobs/{os.path.basename(sys.argv[0]) if sys.argv[0].endswith('.py') else stage + '.py'}"
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" not in argv:
-        print(f"usage: python jobs/{stage}.py --config CONFIG.yaml [--set KEY=VALUE] [--quiet]", file=sys.stderr)
+        print(f"usage: python {script} --config CONFIG.yaml [--set KEY=VALUE] [--quiet]", file=sys.stderr)
         return 2
     i = argv.index("--config")
     if i + 1 >= len(argv):
-        print(f"jobs/{stage}.py: --config needs a path", file=sys.stderr)
+        print(f"{script}: --config needs a path", file=sys.stderr)
         return 2
     config = argv[i + 1]
     rest = argv[:i] + argv[i + 2:]

@@ -12,12 +12,17 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
     """Wells, fields, channels, shape, dtype, chunks, NGFF version, annotations, bytes on disk.
 
     Reads every well's metadata (one request per well) to report missing wells and
-    field counts; pixels are not read.
+    field counts; pixels are not read. A plate whose write has not finished a well yet (an
+    ingest under way or stopped) has no field to tell channels, shape, dtype, chunks, axes
+    and levels from: those are None.
     """
     plate = open_plate(uri, storage_options)
     present, missing = plate.present_wells()
     fields = {w: len(plate.fields(w)) for w in present}
     fs, path = filesystem(uri, storage_options)
+    image = {"channels": plate.channels, "shape": plate.shape, "dtype": str(plate.dtype), "chunks": plate.chunks,
+             "levels": plate.levels, "axes": plate.axes} if sum(fields.values()) else dict.fromkeys(
+        ("channels", "shape", "dtype", "chunks", "levels", "axes"))
     return {
         "uri": uri,
         "name": plate.name,
@@ -28,12 +33,7 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
         "wells_missing": missing,
         "fields": sum(fields.values()),
         "fields_per_well": sorted(set(fields.values())),
-        "channels": plate.channels,
-        "shape": plate.shape,
-        "dtype": str(plate.dtype),
-        "chunks": plate.chunks,
-        "levels": plate.levels,
-        "axes": plate.axes,
+        **image,
         "annotation_columns": [c for c in plate.annotations.columns],
         "bytes_on_disk": int(fs.du(path)),
     }
@@ -41,6 +41,15 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
 
 def format_info(info: dict[str, Any]) -> str:
     missing = info["wells_missing"]
+    if info["shape"] is None:
+        return "\n".join([
+            f"plate {info['name']}  ({info['uri']})",
+            f"  NGFF {info['ngff_version']} on Zarr v{info['zarr_format']}",
+            f"  wells: {info['wells_present']} present of {info['wells_listed']} listed, no field written yet "
+            "(channels, shape and dtype unknown)",
+            f"  annotations: {', '.join(info['annotation_columns'])}",
+            f"  bytes on disk: {info['bytes_on_disk'] / 1e6:.2f} MB",
+        ])
     lines = [
         f"plate {info['name']}  ({info['uri']})",
         f"  NGFF {info['ngff_version']} on Zarr v{info['zarr_format']}, axes {info['axes']}, {info['levels']} level(s)",

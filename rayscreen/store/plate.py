@@ -261,6 +261,9 @@ class Plate:
         axes = ms.axis_names
         index: list[Any] = []
         for name, size in zip(axes, arr.shape):
+            if (name == "t" or (name == "z" and isinstance(z, int))) and not 0 <= (t if name == "t" else z) < size:
+                raise RayscreenError(f"{where}: {name}={t if name == 't' else z} is outside the field's {size} "
+                                     f"{name} plane(s); expected 0 to {size - 1}")
             if name == "t":
                 index.append(t)
             elif name == "c" and channels is not None:

@@ -265,6 +265,9 @@ def test_axes_rule_tczyx_and_yx(tmp_path):
     plate = open_plate(str(tmp_path / "f.zarr"))
     assert plate.wells == ["A01"] and plate.fields("a1") == ["0", "1"]
     np.testing.assert_array_equal(plate.read("A01", 0), data5[0].max(axis=1))
+    for kwargs, message in (({"z": 4}, "z=4 is outside the field's 4 z plane"), ({"t": 2}, "t=2 is outside")):
+        with pytest.raises(RayscreenError, match=f"plate .* well A01 field 0: {message}"):  # not a 'corrupt chunk'
+            plate.read("A01", 0, **kwargs)
     np.testing.assert_array_equal(plate.read("A01", 0, t=1, z=2), data5[1, :, 2])
     np.testing.assert_array_equal(plate.read("A01", 1), data2[None])
 
@@ -319,3 +322,15 @@ def test_a_platemap_naming_no_row_of_the_plate_warns_with_the_names_it_has(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert open_plate(uri, platemap=pm).annotations["Metadata_MOA"].tolist() == ["taxol"]
+
+
+def test_info_on_a_plate_whose_write_finished_no_well_yet(tmp_path):
+    uri = str(tmp_path / "p.zarr")
+    writer = create_plate(uri, "P", ["A01", "A02"], ["DNA"], (8, 8), "uint16", 1)
+    writer.write_field("A01", 0, np.ones((1, 8, 8), np.uint16))  # stopped before complete_well
+    info = plate_info(uri)
+    assert info["wells_present"] == 0 and info["wells_missing"] == ["A01", "A02"] and info["shape"] is None
+    assert "0 present of 2 listed, no field written yet" in format_info(info)
+    writer.complete_well("A01", 1)
+    info = plate_info(uri)
+    assert info["shape"] == (1, 8, 8) and "field shape (C, Y, X): (1, 8, 8)" in format_info(info)

@@ -218,6 +218,10 @@ def test_jobs_entry_point_reports_config_errors(plates, tmp_path, capsys):
                     "label: {column: Metadata_Label, positive: [pos]}\n")
     assert job_main("train", ["--config", str(path), "--set", "label.column=Metadata_Nope"]) == 2
     assert "label.column: 'Metadata_Nope' is not an annotation column" in capsys.readouterr().err
+    assert job_main("train", [f"--config={path}", "--set", "label.column=Metadata_Nope"]) == 2  # --config=PATH too
+    assert "label.column: 'Metadata_Nope' is not an annotation column" in capsys.readouterr().err
+    assert job_main("train", ["--set", "train.epochs=1"]) == 2
+    assert "usage: python jobs/" in capsys.readouterr().err
 
 
 def test_balanced_plan_repeats_the_rare_class_to_about_the_common_ones_count(plates, tmp_path):
