@@ -71,7 +71,9 @@ class ClassMapNet(nn.Module):
     head : (B, D, h', w') -> (B, K, h, w) class-specific maps.
     pooling : a :class:`MILPooling`, (B, K, h, w) -> logits (B, K).
     fc_head : add Kraus' fully connected layer over the pooled class scores.
-    feature_pool : how ``features`` (the profile) pools the trunk output: "mean" or "max".
+    feature_pool : how ``features`` (the profile) pools the trunk output (B, D, h', w') over
+        locations: "mean" or "max" (B, D), or "meanstd" (B, 2 D: the mean, then the standard
+        deviation, which keeps how a phenotype varies across the field, not only its level).
     min_size : smallest H and W accepted (checked in forward, with a clear error).
     """
 
@@ -79,11 +81,12 @@ class ClassMapNet(nn.Module):
                  num_classes: int, feature_dim: int, fc_head: bool = False, feature_pool: str = "mean",
                  min_size: int = 1, name: str = "model"):
         super().__init__()
-        if feature_pool not in ("mean", "max"):
-            raise ValueError(f"{name}: feature_pool={feature_pool!r}, expected 'mean' or 'max'")
+        if feature_pool not in ("mean", "max", "meanstd"):
+            raise ValueError(f"{name}: feature_pool={feature_pool!r}, expected 'mean', 'max' or 'meanstd'")
         self.trunk, self.head, self.pooling = trunk, head, pooling
         self.fc = nn.Linear(num_classes, num_classes) if fc_head else None
-        self.in_channels, self.num_classes, self.feature_dim = int(in_channels), int(num_classes), int(feature_dim)
+        self.in_channels, self.num_classes = int(in_channels), int(num_classes)
+        self.feature_dim = int(feature_dim) * (2 if feature_pool == "meanstd" else 1)
         self.feature_pool, self.min_size, self.name = feature_pool, int(min_size), name
         self._last_mil_logits: torch.Tensor | None = None
 
@@ -112,7 +115,12 @@ class ClassMapNet(nn.Module):
         return self._pool_features(self.trunk(x))
 
     def _pool_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats.amax(dim=(2, 3)) if self.feature_pool == "max" else feats.mean(dim=(2, 3))
+        if self.feature_pool == "max":
+            return feats.amax(dim=(2, 3))
+        if self.feature_pool == "meanstd":  # a 1 x 1 map has no spread: 0, not torch's NaN
+            std = feats.std(dim=(2, 3)) if feats.shape[2] * feats.shape[3] > 1 else torch.zeros_like(feats[:, :, 0, 0])
+            return torch.cat([feats.mean(dim=(2, 3)), std], dim=1)
+        return feats.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) float -> logits (B, K)."""

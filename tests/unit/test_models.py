@@ -50,6 +50,26 @@ def test_classifier_forward_shapes_nan_and_gradients(name):
     _check_classifier(model, x, 3)
 
 
+def test_profile_features_pooled_by_mean_max_or_mean_and_spread():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 64, 72)
+    nets = {pool: create_model("milnet", in_channels=2, num_classes=3, width=0.25, feature_pool=pool).eval()
+            for pool in ("mean", "max", "meanstd")}
+    for net in nets.values():
+        net.load_state_dict(nets["mean"].state_dict())  # one network, three poolings
+    with torch.no_grad():
+        maps = nets["mean"].trunk(x)
+        feats = {pool: net.features(x) for pool, net in nets.items()}
+        assert torch.equal(nets["meanstd"](x), nets["mean"](x))  # the classifier is unchanged
+    d = nets["mean"].feature_dim
+    assert nets["meanstd"].feature_dim == 2 * d and feats["meanstd"].shape == (3, 2 * d)
+    torch.testing.assert_close(feats["meanstd"][:, :d], feats["mean"])
+    torch.testing.assert_close(feats["meanstd"][:, d:], maps.flatten(2).std(dim=2))
+    torch.testing.assert_close(feats["max"], maps.flatten(2).amax(dim=2))
+    with pytest.raises(ValueError, match="feature_pool='median'"):
+        create_model("milnet", feature_pool="median")
+
+
 @pytest.mark.parametrize("pooling", list_poolings())
 def test_wscnn_with_every_pooling(pooling):
     torch.manual_seed(0)
