@@ -155,11 +155,13 @@ def is_complete(config: Config, stage: str) -> bool:
                               for rel in outputs)
 
 
-def _mark_complete(config: Config, stage: str, seconds: float, result: Any) -> None:
+def _mark_complete(config: Config, stage: str, seconds: float, result: Any, print_: str) -> None:
+    """``print_``: the fingerprint taken when the stage started (a plate that arrives while it
+    runs was not processed: the next run must see it as new)."""
     fs, path = filesystem(_marker(config, stage), config.storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:
-        f.write(json.dumps({"stage": stage, "fingerprint": fingerprint(config, stage),
+        f.write(json.dumps({"stage": stage, "fingerprint": print_,
                             "seconds": round(seconds, 1), "result": _summary(result)}, default=str))
 
 
@@ -190,9 +192,10 @@ def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
             return fn(config, progress=progress)
     with output_lock(config.output, f"rayscreen {stage}", config.storage_options):
         start = time.perf_counter()
+        print_ = fingerprint(config, stage) if _READS[stage] else ""
         write_config(config)
         result = fn(config, progress=progress)
-        _mark_complete(config, stage, time.perf_counter() - start, result)
+        _mark_complete(config, stage, time.perf_counter() - start, result, print_)
     return result
 
 

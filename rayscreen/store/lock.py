@@ -158,21 +158,33 @@ def _written_beside(target: str, data: bytes) -> str:
     return tmp
 
 
-def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> bool:
+def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any], stale_after_s: float = STALE_AFTER_S) -> bool:
     """Remove the lock judged stale, and only that one: another run may have taken it over
     since it was read. True when this call removed it (or it was already gone); False when
     another run is taking it over.
 
     Locally it is renamed aside first (one rename wins) and its token checked; a fresh lock
-    moved by mistake is linked back. S3 has no conditional delete, so a run first creates
-    the claim ``<lock>.takeover-<stale token>`` (a conditional PUT: one run wins per stale
-    lock) and only the winner deletes. Claims are left in place: deleting one would let a
-    run that read the same stale record late win a second claim and delete the winner's
-    fresh lock. :func:`release` removes claims an hour old."""
+    moved by mistake is linked back. S3 has no conditional delete, so a run first creates a
+    claim ``<lock>.takeover-<stale token>-<n>`` (a conditional PUT: one run wins it) and only
+    the winner deletes. Claims are never deleted while they guard anything (deleting one
+    would let a run that read the same stale record late win it again and delete the
+    winner's fresh lock): a claim older than ``stale_after_s`` belongs to a run that died
+    mid-takeover, and the next generation ``n + 1`` is claimed instead. :func:`release`
+    removes claims an hour old."""
     if is_remote(uri):
-        claim = {"token": uuid.uuid4().hex, "stale_token": stale.get("token"), "host": socket.gethostname(),
-                 "pid": os.getpid(), "at": time.time()}
-        if not _create(fs, _claim_path(path, stale), json.dumps(claim).encode(), uri):
+        for generation in range(100):
+            claim_path = _claim_path(path, stale, generation)
+            claim = {"token": uuid.uuid4().hex, "stale_token": stale.get("token"), "host": socket.gethostname(),
+                     "pid": os.getpid(), "at": time.time()}
+            if _create(fs, claim_path, json.dumps(claim).encode(), uri):
+                break
+            try:
+                held = _parse(fs.cat_file(claim_path))
+            except FileNotFoundError:  # tidied away in between: try it again next time round
+                return False
+            if time.time() - float(held.get("at", 0)) <= stale_after_s:
+                return False  # another run is taking it over now
+        else:
             return False
         try:
             if _parse(fs.cat_file(path)).get("token") == stale.get("token"):
@@ -200,8 +212,10 @@ def _remove_stale(fs, path: str, uri: str, stale: dict[str, Any]) -> bool:
 CLAIM_KEEP_S = 3600.0
 
 
-def _claim_path(path: str, stale: dict[str, Any]) -> str:
-    return f"{path}.takeover-{stale.get('token') or 'unreadable'}"
+def _claim_path(path: str, stale: dict[str, Any], generation: int = 0) -> str:
+    # an unreadable lock has no token: its claims are named by when it was judged, to the minute
+    token = stale.get("token") or f"unreadable-{int(time.time() // 60)}"
+    return f"{path}.takeover-{token}-{generation}"
 
 
 def _drop_old_claims(fs, path: str) -> None:
@@ -248,7 +262,7 @@ def _acquire(output: str, uri: str, what: str, storage_options: dict[str, Any] |
                 f"output {output} is in use by {describe(other, time.time())}. Two runs on one output would "
                 f"overwrite each other's stores: wait for it to finish, use another output, or, if that run "
                 f"is known to be dead, delete {uri}")
-        if _remove_stale(fs, path, uri, other):
+        if _remove_stale(fs, path, uri, other, stale_after_s):
             log.warning("taking over the lock of %s: %s, %s", output, describe(other, time.time()), reason)
         else:
             time.sleep(1.0)  # another run is taking it over: its lock will be there to read next

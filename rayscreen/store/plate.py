@@ -67,14 +67,13 @@ class Plate:
             what = "a Zarr array, not a group" if isinstance(e, zarr.errors.ContainsArrayError) else "no Zarr group there"
             raise NotAPlateError(f"{self.uri} is not an OME-Zarr HCS plate: {what} ({type(e).__name__})") from None
         attrs = _attrs(self._root)
-        if self.strict is None and NAMESPACE not in attrs:
-            # rayscreen writes every chunk, empty ones too: one missing is a lost write. Other
-            # writers (ome-zarr-py through zarr 3's default) skip chunks that are all fill value,
-            # which zarr reads back as that value: a missing chunk is data there. (Reopened
-            # rather than switched: zarr may hold copies of the store made while opening.)
-            self._store = make_store(self.uri, self.storage_options, read_only=True, strict=False,
-                                     check_chunks=True)
-            self._root = zarr.open_group(store=self._store, mode="r")
+        if self.strict is None and "layout" not in (attrs.get(NAMESPACE) or {}):
+            # rayscreen's writer (the only one that records a layout; illum's attributes on
+            # another tool's plate do not count) writes every chunk, empty ones too: one missing
+            # is a lost write. Other writers (ome-zarr-py through zarr 3's default) skip chunks
+            # that are all fill value, which zarr reads back as that value: data, not a loss.
+            # Switched on the store itself: the group and its arrays read through this object.
+            self._store.fill_missing = True
         self.meta = PlateMeta.from_attrs(attrs, where=self.uri)
         self._well_paths = self.meta.well_names()
         self._arrays: dict[str, zarr.Array] = {}

@@ -66,10 +66,16 @@ def stats_partial(plate_uri: str, pairs: list[tuple[str, str]], storage_options:
     plate = open_plate(plate_uri, storage_options)
     illum = load_illumination(plate_uri, storage_options) if illumination else None
     stats = ChannelStats(seed=seed)
+    resampled: dict[tuple[int, ...], Any] = {}  # once per field shape, as the stream does per plate
     for well, field in pairs:
         with _naming(plate, well, field):
             image = plate.read(well, field, level)
-            stats.add(image if illum is None else correct(image, illumination_at(illum, image.shape[-2:])))
+            if illum is not None:
+                shape = tuple(image.shape[-2:])
+                if shape not in resampled:
+                    resampled[shape] = illumination_at(illum, shape)
+                image = correct(image, resampled[shape])
+            stats.add(image)
     return stats
 
 

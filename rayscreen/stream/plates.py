@@ -153,13 +153,16 @@ def read_plates(
     if channels:
         first._channel_indices(channels)  # raises naming the missing channel
     if fields is not None:
-        # checked on the first plate's first well: a filter that matches none of its fields
-        # most likely names fields another way (other tools' plates may not count from 0)
+        # checked from metadata of one well and the plate's field_count, not every well: a
+        # filter matching neither most likely names fields another way (other tools' plates
+        # may not count from 0) and would stream nothing, silently
         well0 = first._first_field[0]
         have = [str(f) for f in first.fields(well0)]
-        if not set(map(str, fields)) & set(have):
-            raise RayscreenError(f"read_plates: fields={list(fields)} match no field of plate {first.name!r} well "
-                                 f"{well0}, which has fields {have}")
+        counted = [str(i) for i in range(first.meta.field_count or 0)]
+        if not set(map(str, fields)) & set(have + counted):
+            raise RayscreenError(f"read_plates: fields={list(fields)} match no field of plate {first.name!r}: well "
+                                 f"{well0} has fields {have}" + (f", and its field_count is {len(counted)}"
+                                                                 if counted else ""))
     n_channels = len(channels) if channels else len(first.channels)
     out_dtype = np.dtype(dtype) if dtype else np.dtype("float32") if (illumination or normalize) else None
     # every plate against the first, from metadata only (no pixels read): rows are keyed by

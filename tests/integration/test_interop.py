@@ -67,6 +67,12 @@ def test_a_blank_channel_that_ome_zarr_py_left_unwritten_reads_as_zeros(tmp_path
     chunks = [f for _, _, files in os.walk(path / "A" / "1" / "0") for f in files if not f.startswith((".", "zarr"))]
     assert len(chunks) == 1  # the blank channel's chunk was never written
     np.testing.assert_array_equal(open_plate(str(path)).read("A01", 0), data)
+    # rayscreen's illum stores its attributes in the plate: it stays another tool's plate
+    from rayscreen.stream.fit import compute_illumination, fit_normalization
+
+    compute_illumination(str(path), use_ray=False, progress=False)
+    fit_normalization(str(path), "percentile", use_ray=False, progress=False)
+    np.testing.assert_array_equal(open_plate(str(path)).read("A01", 0), data)
     with pytest.raises(MissingChunkError, match="plate 'ozp' well A01 field 0"):
         open_plate(str(path), strict=True).read("A01", 0)  # forced strict, as for rayscreen's plates
 

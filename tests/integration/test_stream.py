@@ -185,3 +185,19 @@ def test_tile_settings_the_plates_cannot_meet_fail_before_reading_even_when_skip
         read_plates(uri, stride=8)
     with pytest.raises(RayscreenError, match="plate 'P' well A01 field 0: no level 1"):
         read_plates(uri, level=1)
+
+
+def test_a_fields_filter_is_checked_against_the_plates_field_count_not_only_its_first_well(tmp_path, ray_local):
+    """Well A01 was imaged at one site only (a failed autofocus): fields=[2] is still valid."""
+    from rayscreen.store import create_plate
+
+    uri = str(tmp_path / "p.zarr")
+    writer = create_plate(uri, "P", ["A01", "A02"], ["DNA"], (16, 16), "uint16", 3)
+    for well, n in (("A01", 1), ("A02", 3)):
+        for f in range(n):
+            writer.write_field(well, f, np.full((1, 16, 16), f, np.uint16))
+        writer.complete_well(well, n)
+    rows = read_plates([uri], fields=[2]).take_all()
+    assert [(r["well"], r["field"]) for r in rows] == [("A02", "2")]
+    with pytest.raises(RayscreenError, match=r"well A01 has fields \['0'\], and its field_count is 3"):
+        read_plates([uri], fields=[5])

@@ -216,7 +216,7 @@ def test_a_late_takeover_on_s3_does_not_delete_the_winners_lock(s3_bucket):
         assert _remove_stale(fs, path, lock_uri(output), stale) is False  # the second run, late
         assert read_lock(output, storage_options) == fresh
     assert read_lock(output, storage_options) is None
-    claim = f"{path}.takeover-t"
+    claim = f"{path}.takeover-t-0"
     assert fs.exists(claim)  # kept: it still guards against a late reader of the stale record
     # an hour later a release tidies it away
     record = json.loads(fs.cat_file(claim))
@@ -258,3 +258,21 @@ def test_racers_for_one_stale_s3_lock_let_exactly_one_run(s3_bucket):
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.integration
+def test_a_takeover_whose_claimer_died_is_claimed_again_once_its_claim_is_stale(s3_bucket):
+    """A run that won the claim and died (or met an S3 error) before deleting the stale lock
+    must not block the output for ever: its claim ages like a lock's heartbeat."""
+    bucket, storage_options = s3_bucket
+    output = f"{bucket}/run"
+    fs, path = write_stale_s3_lock(output, storage_options)
+    dead = {"token": "c", "stale_token": "t", "host": "another-host.example", "pid": 1, "at": time.time()}
+    fs.pipe_file(f"{path}.takeover-t-0", json.dumps(dead).encode())
+    with pytest.raises(OutputLockedError, match="takeover-"):  # a fresh claim: another run is on it
+        acquire(output, "rayscreen run", storage_options, stale_after_s=600)
+    fs.pipe_file(f"{path}.takeover-t-0", json.dumps({**dead, "at": time.time() - 700}).encode())
+    with output_lock(output, "rayscreen run", storage_options, stale_after_s=600):
+        assert read_lock(output, storage_options)["pid"] == os.getpid()
+    fs.invalidate_cache()
+    assert fs.exists(f"{path}.takeover-t-1")

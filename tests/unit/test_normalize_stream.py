@@ -256,3 +256,17 @@ def test_a_control_query_on_a_column_the_plate_lacks_names_it_and_the_columns(co
                                              r"'Metadata_Compound', 'Metadata_Control'"):
         fit_normalization(control_plate, "control", controls="`Metadata_Treatmnt` == 'DMSO'", use_ray=False,
                           progress=False)
+
+
+def test_a_coarser_level_resamples_the_illumination_function_once_per_task_not_per_field(tmp_path, monkeypatch):
+    from rayscreen.stream import illumination
+    from rayscreen.stream.fit import compute_illumination, fit_normalization
+    from rayscreen.testing import make_plate
+
+    uri = make_plate(str(tmp_path / "p.zarr"), fields=2, field_shape=(64, 64), levels=2)
+    compute_illumination(uri, use_ray=False, progress=False)
+    calls = []
+    real = illumination.illumination_at
+    monkeypatch.setattr(illumination, "illumination_at", lambda illum, shape: calls.append(shape) or real(illum, shape))
+    fit_normalization(uri, "meanstd", illumination=True, level=1, use_ray=False, progress=False, fields_per_task=4)
+    assert calls == [(32, 32), (32, 32)]  # 8 fields in 2 tasks: once each (it cost 50x the correction per field)

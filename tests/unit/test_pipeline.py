@@ -132,3 +132,18 @@ def test_a_stage_whose_output_was_deleted_is_not_complete(tmp_path, monkeypatch)
     assert pipeline.is_complete(config, "profile") and pipeline.is_complete(config, "aggregate")
     (tmp_path / "out" / "profiles.zarr").unlink()  # the stand-in's output is a file
     assert not pipeline.is_complete(config, "profile") and pipeline.is_complete(config, "aggregate")
+
+
+def test_a_plate_that_arrives_while_a_stage_runs_is_new_work_for_the_next_run(tmp_path, monkeypatch):
+    from rayscreen.testing import make_plate
+
+    make_plate(str(tmp_path / "screen" / "A.zarr"), "A", wells=("A01",), fields=1)
+
+    def stage(config, progress=True):
+        write_output_of(config, "profile")  # processed A; then B lands in the folder
+        make_plate(str(tmp_path / "screen" / "B.zarr"), "B", wells=("A01",), fields=1)
+
+    monkeypatch.setattr(pipeline, "stage_function", lambda name: stage)
+    config = config_from_dict({"plates": [str(tmp_path / "screen" / "*.zarr")], "output": str(tmp_path / "out")})
+    pipeline.run_stage(config, "profile", progress=False)
+    assert not pipeline.is_complete(config, "profile")
