@@ -34,7 +34,7 @@ def test_learned_profiles_retrieve_moa_above_chance(tmp_path, ray_local):
     assert metrics["val_balanced_accuracy"].max() >= 0.25, metrics
 
     ds = xr.open_zarr(out / "results.zarr")  # plain xarray
-    assert ds.sizes["well"] == 96 and ds.sizes["feature"] == 128 and int(ds["done"].sum()) == 96
+    assert ds.sizes["well"] == 96 and ds.sizes["feature"] == 256 and int(ds["done"].sum()) == 96
     assert "saliency" not in ds and "mask" not in ds  # infer.saliency: none stores none
     ok = ds["field_status"].to_numpy() == 0
     assert ok.all() and np.isfinite(ds["field_profile"].to_numpy()[ok]).all()
