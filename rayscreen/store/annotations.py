@@ -35,6 +35,15 @@ def read_csv_table(source: Any, **kwargs: Any) -> pd.DataFrame:
     return pd.read_csv(source, dtype={c: str for c in TABLE_ID_COLS}, **kwargs)
 
 
+def label_text(v: Any) -> str | None:
+    """A label value as the class name training gives it: 1.0 -> "1", "a" -> "a", NaN -> None."""
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v)
+
+
 def as_identifier(values: pd.Series) -> pd.Series:
     """``values`` as text, missing values kept missing (not the string ``"nan"``).
 

@@ -21,17 +21,10 @@ import numpy as np
 import pandas as pd
 
 from ..config import ConfigError, LabelConfig
+from ..store.annotations import label_text
 
 LABEL_COL = "Metadata_TrainLabel"  # int class index per well, added to the stream's rows
 UNLABELLED = -1
-
-
-def _text(v: Any) -> str | None:
-    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
-        return None
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return str(v)
 
 
 def resolve_labels(annotations: pd.DataFrame, label: LabelConfig) -> tuple[np.ndarray, list[str]]:
@@ -53,11 +46,11 @@ def resolve_labels(annotations: pd.DataFrame, label: LabelConfig) -> tuple[np.nd
         raise ConfigError("label: give either positive/negative (binary) or classes (multiclass), not both")
     if label.negative is not None and label.positive is None:
         raise ConfigError("label.negative: needs label.positive (binary labels)")
-    values = [_text(v) for v in annotations[label.column]]
+    values = [label_text(v) for v in annotations[label.column]]
     present = {v for v in values if v is not None}
 
     def check(key: str, wanted: list[Any]) -> list[str]:
-        texts = [_text(v) for v in wanted]
+        texts = [label_text(v) for v in wanted]
         for v, t in zip(wanted, texts):
             if t not in present:
                 raise ConfigError(f"{key}: value {v!r} matches no well in column {label.column!r} "

@@ -287,7 +287,7 @@ def plan_run(config: Config) -> TrainPlan:
     wells[SPLIT_COL] = dataset
     wells[LABEL_COL] = labels
 
-    _check_model(config, len(channels), len(classes))
+    _check_model(config, len(channels), len(classes), streamed_field_size(config, uris[0]))
     normalization = _normalization(config, uris)
     repeats = None
     if t.balanced:
@@ -372,8 +372,11 @@ def _check_distill_fields(config: Config, field_size: tuple[int, int], channels:
                           "lower it, or stream tiles (stream.tile)")
 
 
-def _check_model(config: Config, in_channels: int, num_classes: int) -> None:
-    """Build the model once on the driver (CPU, cheap) so a bad name or kwarg fails here."""
+def _check_model(config: Config, in_channels: int, num_classes: int, field_size: tuple[int, int]) -> None:
+    """Build the model once on the driver (CPU, cheap) so a bad name or kwarg fails here, and
+    check that what the workers will feed it (crops, tiles or fields at the stream's level,
+    ``field_size`` (height, width)) is not below its smallest input: every step would fail
+    there, after the cluster started and retried."""
     from ..models import create_model
 
     try:
@@ -383,6 +386,14 @@ def _check_model(config: Config, in_channels: int, num_classes: int) -> None:
         raise ConfigError(f"model.name: {e.args[0] if e.args else e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.kwargs: {e}") from None
+    min_size = int(getattr(model, "min_size", 1))
+    t, s = config.train, config.stream
+    fed, key = ((t.crop, t.crop), "train.crop") if t.crop is not None else (
+        (field_size, "stream.tile") if s.tile else (field_size, f"stream.level ({s.level}: fields of that level)"))
+    if min(fed) < min_size:
+        raise ConfigError(f"{key}: the network gets {fed[0]} x {fed[1]} px, smaller than the smallest input of "
+                          f"{config.model.name} ({min_size} x {min_size} px); use larger crops or tiles, a finer "
+                          "level, or a model with less down-sampling")
     d = config.train.distill
     if not d.enabled:
         return

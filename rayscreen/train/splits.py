@@ -14,11 +14,14 @@ column_values: {train: [train], val: [val], test: [test]}``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
 from ..config import ConfigError, SplitConfig
-from .labels import UNLABELLED, _text
+from ..store.annotations import label_text
+from .labels import UNLABELLED
 
 SPLITS = ("train", "val", "test")
 NONE = "none"  # unlabelled wells and groups an explicit assignment leaves out
@@ -26,9 +29,11 @@ NONE = "none"  # unlabelled wells and groups an explicit assignment leaves out
 
 def _counts(n: int, val: float, test: float) -> tuple[int, int]:
     """Members of a group of ``n`` going to val and test (rounded, at least one each
-    where the fraction is positive and enough members remain for training)."""
+    where the fraction is positive and enough members remain for training). Validation is
+    served first: training cannot run without it (it picks the epoch), while a test split
+    is optional, so two members (two plates, a class of two wells) go to train and val."""
     n_val, n_test = int(round(val * n)), int(round(test * n))
-    if val > 0 and n_val == 0 and n >= 3:
+    if val > 0 and n_val == 0 and n >= 2:
         n_val = 1
     if test > 0 and n_test == 0 and n - n_val >= 2:
         n_test = 1
@@ -72,7 +77,11 @@ def assign_splits(wells: pd.DataFrame, labels: np.ndarray, split: SplitConfig) -
             raise ConfigError("train.split.column: required for by: column (e.g. Metadata_Compound)")
         if split.column not in wells.columns:
             raise ConfigError(f"train.split.column: {split.column!r} is not an annotation column of the plates")
-        groups = np.array([_text(v) for v in wells[split.column]], dtype=object)
+        groups = np.array([label_text(v) for v in wells[split.column]], dtype=object)
+        blank = int(sum(g is None for g in groups[labelled]))
+        if blank:
+            warnings.warn(f"train.split.column {split.column!r}: {blank} labelled well(s) have no value there and "
+                          "are left out of training, validation and test", stacklevel=2)
     if split.column_values is not None:
         unknown = sorted(set(split.column_values) - set(SPLITS))
         if unknown:
@@ -81,7 +90,7 @@ def assign_splits(wells: pd.DataFrame, labels: np.ndarray, split: SplitConfig) -
         present = {g for g in groups if g is not None}
         for name, values in split.column_values.items():
             for v in values:
-                t = _text(v)
+                t = label_text(v)
                 if t not in present:
                     raise ConfigError(f"train.split.column_values.{name}: {v!r} matches no well "
                                       f"({'plate' if split.by == 'plate' else split.column})")

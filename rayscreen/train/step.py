@@ -277,8 +277,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, loss_sum: floa
             out[prefix + name] = float("nan")
         return out
     pred = probs.argmax(axis=1)
-    avg = "binary" if k == 2 else "macro"
-    kw = dict(average=avg, zero_division=0) if k == 2 else dict(average=avg, labels=list(range(k)), zero_division=0)
+    # binary: of class 1, NaN where undefined (no class-1 well, or none predicted), as the
+    # docstring says; multiclass: macro over the classes present in labels or predictions
+    # (sklearn's default): a class absent from validation (one of two wells went to test) is
+    # no class the model got wrong
+    kw = dict(average="binary", zero_division=np.nan) if k == 2 else dict(average="macro", zero_division=0)
     out[f"{prefix}accuracy"] = float(skm.accuracy_score(labels, pred))
     import warnings
 

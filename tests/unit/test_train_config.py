@@ -108,8 +108,12 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
      r"train.distill.teacher_temp: nan; expected a finite number"),
     ({"train": {"augment": {"enabled": False}, "distill": {"enabled": True, "local_crop": 12, "pair_by": "image"}}},
      r"train.distill.pair_by: 'image' with train.crop null and train.augment off"),
+    # what the workers feed the network, below its smallest input: every step would fail there
     ({"model__name": "wscnn", "train": {"distill": {"enabled": True, "local_crop": 12}}},
-     r"train.distill.local_crop: 12 px is smaller than the smallest input of wscnn \(46 px\)"),
+     r"stream.level \(0: fields of that level\): the network gets 16 x 16 px, smaller than the smallest input of "
+     r"wscnn \(46 x 46 px\)"),
+    ({"model__name": "wscnn", "train": {"crop": 12}}, r"train.crop: the network gets 12 x 12 px"),
+    ({"model__name": "wscnn", "stream": {"normalize": "none", "tile": 16}}, r"stream.tile: the network gets 16 x 16"),
 ])
 def test_bad_configs_fail_before_workers(plates, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
@@ -250,3 +254,27 @@ def test_worker_threads_and_cpu_check():
     check_cpus(4, 1.0, 2.0)  # the workers do not fit yet: maybe an autoscaling cluster, Ray Train waits
     with pytest.raises(ConfigError, match="train.cpus_per_worker"):
         check_cpus(1, 1.5, 2.0)  # the workers fit, the reads never would (0.5 CPU left starves them)
+
+
+def test_two_plates_split_by_plate_train_on_one_and_validate_on_the_other(plates, tmp_path):
+    """With the default fractions two groups went to train and test, and training refused an
+    empty validation split; validation (which picks the epoch) is served first."""
+    from rayscreen.train.splits import _counts
+
+    plan = plan_run(cfg(plates, tmp_path, train={"split": {"by": "plate"}}))  # val 0.2, test 0.2
+    by_plate = plan.wells.groupby("Metadata_Plate")["split"].unique()
+    assert sorted(s for [s] in by_plate) == ["train", "val"]
+    assert _counts(2, 0.2, 0.2) == (1, 0) and _counts(3, 0.2, 0.2) == (1, 1) and _counts(1, 0.2, 0.2) == (0, 0)
+
+
+def test_wells_without_a_split_column_value_are_named_in_a_warning(plates, tmp_path):
+    import numpy as np
+
+    from rayscreen.config import SplitConfig
+    from rayscreen.train.splits import assign_splits
+
+    wells = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": [f"A{i:02d}" for i in range(1, 9)],
+                          "Metadata_Conc": [1.0, 2.0, 3.0, None, 1.0, 2.0, 3.0, np.nan]})
+    with pytest.warns(UserWarning, match=r"train.split.column 'Metadata_Conc': 2 labelled well\(s\) have no value"):
+        out = assign_splits(wells, np.array([0, 1] * 4), SplitConfig(by="column", column="Metadata_Conc"))
+    assert list(out[[3, 7]]) == ["none", "none"]

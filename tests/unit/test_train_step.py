@@ -348,3 +348,25 @@ def test_epoch_seeds_are_pure_and_the_global_stream_is_its_own():
     others = {epoch_seed(s, r, e) + k for s in (0, 1) for r in range(4) for e in range(60) for k in (0, 1)}
     globals_ = {global_seed(s, r, e) for s in (0, 1) for r in range(4) for e in range(60)}
     assert len(globals_) == 2 * 4 * 60 and not globals_ & others
+
+
+def test_metrics_of_a_class_absent_from_validation():
+    """A class of two wells goes to train and test, never to validation: perfect predictions
+    scored F1 0.667 (the absent class counted as 0), and binary runs without a positive in
+    validation read 0.0 where the metric is undefined."""
+    import numpy as np
+
+    from rayscreen.train.step import classification_metrics
+
+    def probs(pred, k):
+        p = np.full((len(pred), k), 0.01)
+        p[np.arange(len(pred)), pred] = 1.0
+        return p / p.sum(axis=1, keepdims=True)
+
+    labels = np.array([0, 0, 1, 1])
+    m = classification_metrics(labels, probs(labels, 3))  # class 2 in no validation well
+    assert m["val_f1"] == m["val_precision"] == m["val_recall"] == 1.0
+    m = classification_metrics(np.array([0, 0, 0]), probs(np.array([0, 0, 0]), 2))
+    assert np.isnan(m["val_precision"]) and np.isnan(m["val_recall"]) and np.isnan(m["val_f1"])
+    m = classification_metrics(np.array([0, 1, 1]), probs(np.array([0, 1, 0]), 2))
+    assert (m["val_precision"], m["val_recall"]) == (1.0, 0.5) and abs(m["val_f1"] - 2 / 3) < 1e-12
