@@ -46,7 +46,7 @@ from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import cause_of, drain, stage_data_context
 from ..store import MissingWellError, RayscreenError, open_plate
-from ..store.annotations import read_csv_table
+from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path
@@ -274,9 +274,15 @@ def plan_infer(config: Config) -> InferPlan:
         raise RayscreenError(f"{checkpoint}: the model has {model.num_classes} classes, its artefact lists "
                              f"{n_classes} ({meta.classes})")
     label_classes = config.label.classes
-    if label_classes and [str(c) for c in label_classes] != [str(c) for c in meta.classes]:
+    if label_classes and [label_text(c) for c in label_classes] != [str(c) for c in meta.classes]:
         raise ConfigError(f"label.classes {label_classes} differ from the model's classes {meta.classes} "
                           f"({checkpoint})")
+    trained = meta.normalization or {}
+    for key, now, then in (("stream.normalize", config.stream.normalize, trained.get("method")),
+                           ("stream.illumination", config.stream.illumination, trained.get("illumination"))):
+        if then is not None and now != then:  # statistics of other pixels: every score silently off
+            raise ConfigError(f"{key}: {now!r}, but the model was trained on fields streamed with {key}: {then!r} "
+                              f"({checkpoint}); set it as in training")
     level = config.stream.level
     trained_level = meta.input.get("level")
     if trained_level is not None and int(trained_level) != level:

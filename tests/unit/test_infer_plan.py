@@ -55,3 +55,40 @@ def test_infer_split_matches_plates_whose_names_look_like_numbers(tmp_path):
     config = config_from_dict({"plates": ["p.zarr"], "output": str(tmp_path / "out"), "infer": {"split": "test"}})
     tasks = [WellTask("p.zarr", "001", "A01"), WellTask("p.zarr", "001", "A02")]
     assert [t.well for t in _filter_split(config, tasks)] == ["A01"]
+
+
+def _artefact(tmp_path, classes, normalization):
+    import os
+
+    from rayscreen.models import create_model
+    from rayscreen.models.artefact import ArtefactMeta, save_artefact
+
+    path = os.path.join(tmp_path, "model")
+    kwargs = {"width": 0.25, "in_channels": 2, "num_classes": len(classes)}
+    save_artefact(path, create_model("wscnn", **kwargs).state_dict(),
+                  ArtefactMeta(model={"name": "wscnn", "kwargs": kwargs}, channels=["DNA", "Actin"], classes=classes,
+                               normalization=normalization, input={"level": 0, "tile": None, "crop": None,
+                                                                   "dtype": "float32"}))
+    return path
+
+
+def test_infer_accepts_the_decimal_classes_training_named_and_refuses_other_intensities(tmp_path):
+    """label.classes [0.5, 1.0, 2.0] train classes '0.5', '1', '2': infer compared '1.0' and
+    refused its own config. A model trained on normalised, corrected fields was scored on raw
+    ones without a word."""
+    import pytest
+
+    from rayscreen.config import ConfigError, config_from_dict
+    from rayscreen.infer.run import plan_infer
+    from rayscreen.testing import make_plate
+
+    uri = make_plate(str(tmp_path / "P.zarr"), "P", fields=1, field_shape=(64, 64))
+    base = {"plates": [uri], "output": str(tmp_path / "out"), "stream": {"normalize": "none"}}
+    art = _artefact(tmp_path, ["0.5", "1", "2"], {"method": "none", "illumination": False, "plates": {}})
+    config = config_from_dict({**base, "label": {"column": "Metadata_Concentration", "classes": [0.5, 1.0, 2.0]},
+                               "infer": {"checkpoint": art}})
+    assert plan_infer(config).classes == ["0.5", "1", "2"]
+    art = _artefact(tmp_path, ["neg", "pos"], {"method": "meanstd", "illumination": True, "plates": {}})
+    with pytest.raises(ConfigError, match=r"stream.normalize: 'none', but the model was trained on fields streamed "
+                                          r"with stream.normalize: 'meanstd'"):
+        plan_infer(config_from_dict({**base, "infer": {"checkpoint": art}}))
