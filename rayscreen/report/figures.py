@@ -211,7 +211,8 @@ def curve_columns(metrics: pd.DataFrame) -> tuple[list[str], list[str]]:
     ``val_*`` metrics that are not losses (accuracy, F1, ROC AUC: all in [0, 1])."""
     cols = [c for c in metrics.columns if c not in ("epoch", "seconds")]
     losses = [c for c in cols if "loss" in c]
-    scores = [c for c in cols if c.startswith("val_") and "loss" not in c]
+    # counts (val_samples) and times are no scores: they would draw off the [0, 1] axis
+    scores = [c for c in cols if c.startswith("val_") and "loss" not in c and not c.endswith(("_samples", "_seconds"))]
     return losses, scores
 
 
@@ -352,8 +353,16 @@ def qc_per_plate(fields: pd.DataFrame, plate: str = "Metadata_Plate", flagged: s
     return out
 
 
+QC_MAX_BARS = 40  # a bar per plate stays readable up to here; a 2000-plate screen made a 78,000 px wide PNG
+
+
 def qc_figure(summary: pd.DataFrame) -> Figure:
-    """Bars of flagged fields per plate (a :func:`qc_per_plate` table)."""
+    """Bars of flagged fields per plate (a :func:`qc_per_plate` table); of a screen with more
+    than :data:`QC_MAX_BARS` plates, the plates with the most flagged fields."""
+    title = "QC: flagged fields per plate"
+    if len(summary) > QC_MAX_BARS:
+        title = f"QC: the {QC_MAX_BARS} of {len(summary)} plates with the most flagged fields"
+        summary = summary.sort_values(["n_flagged", "plate"], ascending=[False, True]).head(QC_MAX_BARS)
     fig = Figure(figsize=(max(4.0, 0.5 * len(summary) + 2), 3.2))
     ax = fig.add_subplot()
     x = np.arange(len(summary))
@@ -362,5 +371,5 @@ def qc_figure(summary: pd.DataFrame) -> Figure:
     ax.set_ylabel("flagged fields")
     for xi, (n, tot) in enumerate(zip(summary["n_flagged"], summary["n_fields"])):
         ax.text(xi, n, f"{n}/{tot}", ha="center", va="bottom", fontsize=7)
-    ax.set_title("QC: flagged fields per plate", fontsize=10)
+    ax.set_title(title, fontsize=10)
     return fig

@@ -109,7 +109,8 @@ def test_saliency_figure_and_thumbnails_render():
 
 def test_curve_columns_and_training_curves():
     m = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "val_accuracy": [0.5, 0.7],
-                      "val_roc_auc": [0.6, 0.8], "seconds": [3.0, 3.0]})
+                      "val_roc_auc": [0.6, 0.8], "seconds": [3.0, 3.0],
+                      "val_samples": [120, 120]})  # the loop writes it: a count, not a score
     assert F.curve_columns(m) == (["train_loss", "val_loss"], ["val_accuracy", "val_roc_auc"])
     fig = F.training_curves(m)
     assert [len(ax.lines) for ax in fig.axes] == [2, 2]
@@ -202,3 +203,14 @@ def test_upsample_by_the_tile_block_size_puts_each_block_over_its_own_pixels():
     rows = F.upsample_nearest(tile, (10, 1), factor=4)[:, 0].tolist()
     assert rows == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
     assert F.upsample_nearest(tile, (10, 1))[:, 0].tolist() != rows  # spread evenly: off by a row
+
+
+def test_the_qc_figure_of_a_large_screen_shows_its_worst_plates_at_a_readable_width():
+    n = 2000
+    summary = pd.DataFrame({"plate": [f"P{i:04d}" for i in range(n)], "n_fields": 100,
+                            "n_flagged": [i % 7 for i in range(n)]})
+    fig = F.qc_figure(summary)
+    ax = fig.axes[0]
+    assert len(ax.patches) == F.QC_MAX_BARS and fig.get_figwidth() <= 0.5 * F.QC_MAX_BARS + 2
+    assert [p.get_height() for p in ax.patches] == [6] * F.QC_MAX_BARS  # the most flagged first
+    assert f"{F.QC_MAX_BARS} of {n} plates" in ax.get_title()
