@@ -177,7 +177,7 @@ def test_failed_label_write_leaves_the_well_not_done_and_a_rerun_finishes(tmp_pa
     finally:
         logging.disable(logging.NOTSET)
     # the failed run's actor pool is gone although its traceback is still held here
-    assert_cpus_come_back(ray_local, within=20)
+    assert_cpus_come_back(ray_local, within=60)  # the bug held them for good; a loaded 2-core box can take >20 s
     assert failed.value is not None
     store = tmp_path / "out" / "results.zarr"
     done = xr.open_zarr(str(store), consolidated=False)["done"].values

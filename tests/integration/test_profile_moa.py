@@ -234,7 +234,7 @@ def test_a_failed_profile_run_releases_its_actors_and_a_rerun_finishes(tmp_path,
             run_profile(config, progress=False)
     finally:
         logging.disable(logging.NOTSET)
-    assert_cpus_come_back(ray_local, within=20)
+    assert_cpus_come_back(ray_local, within=60)  # the bug held them for good; a loaded 2-core box can take >20 s
     assert failed.value is not None
     ds = xr.open_zarr(str(tmp_path / "run" / "profiles.zarr"), consolidated=False)
     assert ds["done"].values[list(ds["well"].values).index("P1/B02")] == 0
