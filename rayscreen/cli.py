@@ -233,11 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="<stage>")
-    # every command takes --quiet after its name too (`rayscreen ingest CSV OUT --quiet`, and
-    # jobs/*.py, which put their arguments after the command); SUPPRESS: when not given there,
-    # the top-level flag's value stands
+    # every command takes --quiet and -v after its name too (`rayscreen ingest CSV OUT --quiet`,
+    # and jobs/*.py, which put their arguments after the command); SUPPRESS: when not given
+    # there, the top-level flag's value stands
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    quiet.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging, and tracebacks with errors")
 
     s = sub.add_parser("synth", help="write a synthetic screen (WSCNN simulation or MOA screen)", parents=[quiet])
     s.add_argument("kind", choices=["wscnn", "moa"])

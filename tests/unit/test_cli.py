@@ -241,3 +241,12 @@ def test_warnings_print_as_one_line_naming_the_command(config_path, capsys, monk
     assert "rayscreen aggregate: warning: 2 feature(s) have MAD 0 in the controls\n" in err
     assert "test_cli.py" not in err  # no source location and line
     assert warnings.showwarning is before  # restored for the caller
+
+
+def test_quiet_and_verbose_go_before_or_after_the_command():
+    from rayscreen.cli import build_parser
+
+    parse = build_parser().parse_args
+    for argv in (["-v", "info", "p.zarr"], ["info", "p.zarr", "-v"], ["info", "p.zarr", "--verbose"]):
+        assert parse(argv).verbose is True, argv
+    assert parse(["info", "p.zarr"]).verbose is False and parse(["info", "p.zarr", "--quiet"]).quiet is True
