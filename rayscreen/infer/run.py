@@ -44,7 +44,7 @@ import pandas as pd
 
 from ..config import Config, ConfigError, write_config
 from ..progress import Progress
-from ..raylocal import cause_of, drain, stage_data_context
+from ..raylocal import drain, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
@@ -433,7 +433,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         with Progress(len(todo), "infer", "well", enabled=progress) as bar, stage_data_context():
             failure = _score_wells(plan, config, todo, on_well, bar)
         if failure is not None:
-            raise cause_of(failure, RayscreenError)
+            raise stream_failure(failure, RayscreenError)
     missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
     if missing:
         raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")

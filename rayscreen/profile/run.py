@@ -36,7 +36,7 @@ import pandas as pd
 
 from ..config import Config, write_config
 from ..progress import Progress
-from ..raylocal import cause_of, drain, ensure_ray, stage_data_context
+from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.results import Variable, create_results
 from ..store.uri import join
@@ -278,7 +278,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         with bar, stage_data_context():
             failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
             if failure is not None:
-                raise cause_of(failure, RayscreenError)  # wells written so far stay done; a rerun profiles the rest
+                raise stream_failure(failure, RayscreenError)  # wells written so far stay done; a rerun profiles the rest
             # wells with fields that never came: read errors (on_error: skip), or fields the
             # plan counted from the plate's field_count that this well does not have; only
             # these few wells' field lists are read, to tell the two apart
