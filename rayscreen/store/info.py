@@ -41,23 +41,26 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
 
 def format_info(info: dict[str, Any]) -> str:
     missing = info["wells_missing"]
-    if info["shape"] is None:
-        return "\n".join([
-            f"plate {info['name']}  ({info['uri']})",
-            f"  NGFF {info['ngff_version']} on Zarr v{info['zarr_format']}",
-            f"  wells: {info['wells_present']} present of {info['wells_listed']} listed, no field written yet "
-            "(channels, shape and dtype unknown)",
-            f"  annotations: {', '.join(info['annotation_columns'])}",
-            f"  bytes on disk: {info['bytes_on_disk'] / 1e6:.2f} MB",
-        ])
+    known = info["shape"] is not None  # None: no field written yet, nothing to tell the image by
+    if not known:
+        wells = ", no field written yet (channels, shape and dtype unknown)"
+    elif missing:
+        wells = f"; missing: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}"
+    else:
+        wells = ""
     lines = [
         f"plate {info['name']}  ({info['uri']})",
-        f"  NGFF {info['ngff_version']} on Zarr v{info['zarr_format']}, axes {info['axes']}, {info['levels']} level(s)",
-        f"  wells: {info['wells_present']} present of {info['wells_listed']} listed"
-        + (f"; missing: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}" if missing else ""),
-        f"  fields: {info['fields']} (per well: {info['fields_per_well']})",
-        f"  channels: {', '.join(info['channels'])}",
-        f"  field shape (C, Y, X): {tuple(info['shape'])}  dtype {info['dtype']}  chunks {tuple(info['chunks'])}",
+        f"  NGFF {info['ngff_version']} on Zarr v{info['zarr_format']}"
+        + (f", axes {info['axes']}, {info['levels']} level(s)" if known else ""),
+        f"  wells: {info['wells_present']} present of {info['wells_listed']} listed{wells}",
+    ]
+    if known:
+        lines += [
+            f"  fields: {info['fields']} (per well: {info['fields_per_well']})",
+            f"  channels: {', '.join(info['channels'])}",
+            f"  field shape (C, Y, X): {tuple(info['shape'])}  dtype {info['dtype']}  chunks {tuple(info['chunks'])}",
+        ]
+    lines += [
         f"  annotations: {', '.join(info['annotation_columns'])}",
         f"  bytes on disk: {info['bytes_on_disk'] / 1e6:.2f} MB",
     ]
