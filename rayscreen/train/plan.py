@@ -262,11 +262,10 @@ def plan_run(config: Config) -> TrainPlan:
         if t.nucleus_channel is not None and t.nucleus_channel not in channels:
             raise ConfigError(f"train.nucleus_channel: {t.nucleus_channel!r} is not a streamed channel; expected "
                               f"one of {list(channels)}")
-    if t.crop is not None or t.distill.enabled:
-        h, w = streamed_field_size(config, uris[0])
-        if t.crop is not None and t.crop > min(h, w):
-            raise ConfigError(f"train.crop: {t.crop} is larger than the {'tiles' if config.stream.tile else 'fields'} "
-                              f"({h} x {w})")
+    h, w = streamed_field_size(config, uris[0])  # what each training step gets (one metadata read)
+    if t.crop is not None and t.crop > min(h, w):
+        raise ConfigError(f"train.crop: {t.crop} is larger than the {'tiles' if config.stream.tile else 'fields'} "
+                          f"({h} x {w})")
     labels, classes = resolve_labels(annotations, config.label)
     if t.distill.enabled:
         _check_distill_fields(config, (h, w), len(channels), len(classes))
@@ -287,7 +286,7 @@ def plan_run(config: Config) -> TrainPlan:
     wells[SPLIT_COL] = dataset
     wells[LABEL_COL] = labels
 
-    _check_model(config, len(channels), len(classes), streamed_field_size(config, uris[0]))
+    _check_model(config, len(channels), len(classes), (h, w))
     normalization = _normalization(config, uris)
     repeats = None
     if t.balanced:
