@@ -36,11 +36,13 @@ def read_csv_table(source: Any, **kwargs: Any) -> pd.DataFrame:
 
 
 def label_text(v: Any) -> str | None:
-    """A label value as the class name training gives it: 1.0 -> "1", "a" -> "a", NaN -> None."""
-    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+    """A value as text, as training names classes and identifiers are matched: 1.0 -> "1"
+    (a whole float: an integer column that held a missing value), "a" -> "a", missing
+    (None, NaN, pd.NA) -> None."""
+    if v is None or (not isinstance(v, str) and pd.isna(v)):
         return None
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
     return str(v)
 
 
@@ -52,14 +54,7 @@ def as_identifier(values: pd.Series) -> pd.Series:
     integer column with a missing value) loses the ``.0`` it would otherwise gain.
     """
 
-    def text(v: Any) -> Any:
-        if v is None or (not isinstance(v, str) and pd.isna(v)):
-            return pd.NA
-        if isinstance(v, (float, np.floating)) and float(v).is_integer():
-            return str(int(v))
-        return str(v)
-
-    return values.map(text).astype(object)
+    return values.map(lambda v: pd.NA if (text := label_text(v)) is None else text).astype(object)
 
 
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
