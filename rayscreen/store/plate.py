@@ -260,9 +260,10 @@ class Plate:
         axes = ms.axis_names
         index: list[Any] = []
         for name, size in zip(axes, arr.shape):
-            if (name == "t" or (name == "z" and isinstance(z, int))) and not 0 <= (t if name == "t" else z) < size:
-                raise RayscreenError(f"{where}: {name}={t if name == 't' else z} is outside the field's {size} "
-                                     f"{name} plane(s); expected 0 to {size - 1}")
+            plane = t if name == "t" else z if name == "z" and isinstance(z, int) else None
+            if plane is not None and not 0 <= plane < size:
+                raise RayscreenError(f"{where}: {name}={plane} is outside the field's {size} {name} plane(s); "
+                                     f"expected 0 to {size - 1}")
             if name == "t":
                 index.append(t)
             elif name == "c" and channels is not None:

@@ -80,6 +80,9 @@ class PlateWriter:
     def __getstate__(self):
         return {"uri": self.uri, "storage_options": self.storage_options}
 
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["storage_options"])
+
     def raise_field_count(self, n: int) -> None:
         """Make the plate's ``field_count`` (and its acquisitions' ``maximumfieldcount``) at
         least ``n``: a resumed write may give an unfinished well more fields than the first
@@ -90,9 +93,6 @@ class PlateWriter:
                              if a.maximumfieldcount is not None else a for a in self.meta.acquisitions)
         self.meta = dataclasses.replace(self.meta, field_count=int(n), acquisitions=acquisitions)
         self._root.attrs.update(self.meta.to_attrs())
-
-    def __setstate__(self, state):
-        self.__init__(state["uri"], state["storage_options"])
 
     @property
     def name(self) -> str:
