@@ -85,11 +85,12 @@ def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         raise RayscreenError(f"platemap {uri} does not exist")
-    if table_suffix(path) == ".parquet":
+    suffix = table_suffix(path)
+    if suffix == ".parquet":
         with fs.open(path, "rb") as f:
             df = pd.read_parquet(f)  # typed by its writer; normalise_platemap casts the identifiers
     else:
-        df = pd.read_csv(io.BytesIO(read_input_file(fs, path)), sep="\t" if table_suffix(path) in (".tsv", ".txt") else ",",
+        df = pd.read_csv(io.BytesIO(read_input_file(fs, path)), sep="\t" if suffix in (".tsv", ".txt") else ",",
                          dtype={c: str for c in ID_COLS})  # keys the file lacks are ignored
     return normalise_platemap(df, source=f"platemap {uri}")
 
