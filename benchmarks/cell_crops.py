@@ -10,7 +10,8 @@ ways from its exported model, then aggregated and evaluated as the product does:
   (early blocks keep intensity and fine texture that the last block's mean pools away;
   ``--views`` adds it);
 - ``meanstd``: the last block's map pooled by mean and standard deviation over locations
-  (the spread of a phenotype across the field, not only its mean; ``--views`` adds it).
+  (the spread of a phenotype across the field, not only its mean: the model's own
+  ``feature_pool: meanstd``; ``--views`` adds it).
 
     python benchmarks/cell_crops.py /tmp/exp5/s1-i0.4/run-learned-int0.4 [...] [--views field,layers,meanstd]
 
@@ -20,6 +21,7 @@ Fields the run's QC flagged are left out, as in the run. One CPU, no Ray Train.
 from __future__ import annotations
 
 import argparse
+import copy
 import warnings
 
 import numpy as np
@@ -30,10 +32,10 @@ from rayscreen.stream.cells import crops_at, nucleus_centres
 CROP = 48  # the learned config's train.crop
 
 
-def trunk_pooled(trunk, field, how: str) -> np.ndarray:
-    """field (1, C, H, W) -> ``layers``: each block's output (after its max pooling) mean-pooled and
-    concatenated, (sum of block widths,); ``meanstd``: the last map's mean and standard deviation
-    over locations, (2 D,). ``trunk`` is the milnet's small trunk (an nn.Sequential of blocks)."""
+def block_means(trunk, field) -> np.ndarray:
+    """field (1, C, H, W) -> each block's output (after its max pooling) mean-pooled and
+    concatenated, (sum of block widths,). ``trunk`` is the milnet's small trunk (an
+    nn.Sequential of blocks)."""
     import torch
 
     outs, x = [], field
@@ -41,9 +43,7 @@ def trunk_pooled(trunk, field, how: str) -> np.ndarray:
         x = layer(x)
         if isinstance(layer, torch.nn.MaxPool2d):
             outs.append(x.mean(dim=(2, 3)))
-    if how == "layers":
-        return torch.cat(outs, 1)[0].numpy()
-    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)[0].numpy()
+    return torch.cat(outs, 1)[0].numpy()
 
 
 def main(argv=None) -> int:
@@ -73,6 +73,8 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         config = load_config(f"{run}/config.yaml")
         model = build_model(f"{run}/train/model")[0].eval()
+        spread = copy.copy(model)  # the same network, its profile pooled by mean and spread
+        spread.feature_pool = "meanstd"
         qc = pd.read_csv(f"{run}/tables/qc.csv")
         flagged = set(map(tuple, qc.loc[qc["Metadata_QC_Abnormal"], ["Metadata_Plate", "Metadata_Well",
                                                                        "Metadata_Field"]].astype(str).values))
@@ -90,11 +92,13 @@ def main(argv=None) -> int:
                 xs = rng.integers(0, image.shape[2] - CROP + 1, 16)
                 views = {"field": image[None], "cells": crops_at(image, centres, CROP),
                          "random": np.stack([image[:, y:y + CROP, x:x + CROP] for y, x in zip(ys, xs)])}
+                views["meanstd"] = image[None]
                 for name in views_wanted:
-                    if name in views:
-                        features[name].append(model.features(torch.from_numpy(views[name])).mean(0).numpy())
+                    if name == "layers":
+                        features[name].append(block_means(model.trunk, torch.from_numpy(image[None])))
                     else:
-                        features[name].append(trunk_pooled(model.trunk, torch.from_numpy(image[None]), name))
+                        net = spread if name == "meanstd" else model
+                        features[name].append(net.features(torch.from_numpy(views[name])).mean(0).numpy())
                 meta.append({k: v for k, v in row.items() if k.startswith("Metadata_")}
                             | {"Metadata_Plate": row["plate"], "Metadata_Well": row["well"]})
         meta = pd.DataFrame(meta)
