@@ -332,25 +332,63 @@ def render_moa_field(
 # --------------------------------------------------------------------------------------------
 
 def make_compounds(seed: int = 0, n_moas: int = 6, compounds_per_moa: int = 2, jitter: float = 0.15,
-                   potency: tuple[float, float] = (0.8, 1.25)) -> pd.DataFrame:
+                   potency: tuple[float, float] = (0.8, 1.25),
+                   directions: Mapping[str, Mapping[str, float]] | None = None) -> pd.DataFrame:
     """Compounds with their MOA, potency and log-fold direction (one row per compound).
 
     A compound's direction is its MOA's plus Gaussian ``jitter`` on every parameter (its
-    off-target signature), so compounds of one MOA are alike but not identical.
-    Columns: ``compound`` (e.g. ``ACT01``), ``moa``, ``potency``, and one ``lf_<param>``
-    per phenotype parameter (log-fold at full effect).
+    off-target signature), so compounds of one MOA are alike but not identical. The MOAs
+    are the first ``n_moas`` of ``directions`` (default :data:`MOA_DIRECTIONS`; e.g.
+    :func:`random_moa_directions` for a reference screen of other biology).
+    Columns: ``compound`` (e.g. ``ACT01``: the MOA's code, or its name where it has none,
+    and the compound's number), ``moa``, ``potency``, and one ``lf_<param>`` per phenotype
+    parameter (log-fold at full effect).
     """
-    moas = list(MOA_DIRECTIONS)
+    directions = MOA_DIRECTIONS if directions is None else directions
+    moas = list(directions)
     if not 1 <= n_moas <= len(moas):
         raise invalid_argument(f"n_moas={n_moas!r}: expected 1 to {len(moas)} (the MOAs this generator knows: {moas})")
+    for moa in moas[:n_moas]:
+        unknown = sorted(set(directions[moa]) - set(PARAMS))
+        if unknown:
+            raise invalid_argument(f"MOA {moa!r}: unknown phenotype parameters {unknown}; expected some of "
+                                   f"{list(PARAMS)}")
     rows = []
     for m, moa in enumerate(moas[:n_moas]):
         for k in range(compounds_per_moa):
             rng = stream_rng(seed, STREAM_COMPOUND, m, k)
-            direction = {p: MOA_DIRECTIONS[moa].get(p, 0.0) + rng.normal(0.0, jitter) for p in PARAMS}
-            rows.append({"compound": f"{MOA_CODES[moa]}{k + 1:02d}", "moa": moa,
+            direction = {p: directions[moa].get(p, 0.0) + rng.normal(0.0, jitter) for p in PARAMS}
+            rows.append({"compound": f"{MOA_CODES.get(moa, moa)}{k + 1:02d}", "moa": moa,
                          "potency": rng.uniform(*potency), **{f"lf_{p}": v for p, v in direction.items()}})
     return pd.DataFrame(rows)
+
+
+# The largest log-fold change random_moa_directions draws per parameter: sizes and the
+# nucleus/cell ratio change less than intensities, textures and shape in cell biology
+# (a 1.6x larger cell is a strong phenotype; a 4x brighter stain is not unusual).
+RANDOM_MOA_RANGE = {"density": 1.0, "cell_radius": 0.5, "elongation": 1.5, "nucleus_ratio": 0.4,
+                    "dna_intensity": 0.7, "actin_intensity": 0.7, "actin_fibres": 1.5, "tubulin_intensity": 0.7,
+                    "tubulin_texture": 1.5}
+
+
+def random_moa_directions(seed: int, n: int, n_params: tuple[int, int] = (2, 4),
+                          magnitude: tuple[float, float] = (0.3, 1.0)) -> dict[str, dict[str, float]]:
+    """``n`` made-up MOAs (``RND01``, ...), each moving ``n_params`` randomly chosen
+    phenotype parameters by a log-fold of random sign and size (``magnitude`` times the
+    parameter's :data:`RANDOM_MOA_RANGE`): the shape of :data:`MOA_DIRECTIONS` without its
+    biology. A screen of these compounds is a *reference* screen to pretrain a network on,
+    whose features are then tested on screens of the real MOAs, which it has never seen
+    (transfer, as ImageNet features are).
+    """
+    check_int("n", n)
+    rng = np.random.default_rng([int(seed), 0x5EF])
+    out = {}
+    for i in range(n):
+        k = int(rng.integers(n_params[0], n_params[1] + 1))
+        params = sorted(rng.choice(len(PARAMS), size=min(k, len(PARAMS)), replace=False))
+        out[f"RND{i + 1:02d}"] = {PARAMS[j]: float(rng.choice([-1.0, 1.0]) * rng.uniform(*magnitude)
+                                                   * RANDOM_MOA_RANGE[PARAMS[j]]) for j in params}
+    return out
 
 
 def dose_scale(dose_rank: int, n_doses: int) -> float:
@@ -449,13 +487,15 @@ def design_moa_screen(
     artefact_kinds: Sequence[str] = ARTEFACTS,
     strength: float = 1.0,
     name_prefix: str = "moa",
+    moa_directions: Mapping[str, Mapping[str, float]] | None = None,
 ) -> MoaScreen:
     """Design a screen (pure, no I/O): compounds, which well holds what on each plate.
 
     Every plate (= batch) holds every treatment (compound x concentration) ``replicates``
     times plus ``n_controls`` DMSO wells, in a seeded random arrangement per plate over the
     first wells of a 96-well plate taken column by column (384-well when more than 96 are
-    needed). Concentrations are in µM; ``strength`` scales every effect (0: no signal).
+    needed). Concentrations are in µM; ``strength`` scales every effect (0: no signal);
+    ``moa_directions``: the MOAs to draw from (:func:`make_compounds`).
     """
     check_int("n_plates", n_plates)
     check_int("seed", seed, 0)  # numpy seeds are non-negative
@@ -474,7 +514,7 @@ def design_moa_screen(
     bad = sorted(set(artefact_kinds) - set(ARTEFACTS))
     if bad or not artefact_kinds:
         raise invalid_argument(f"artefact_kinds={list(artefact_kinds)}: expected some of {ARTEFACTS}")
-    compounds = make_compounds(seed, n_moas, compounds_per_moa)
+    compounds = make_compounds(seed, n_moas, compounds_per_moa, directions=moa_directions)
     concentrations = tuple(float(c) for c in sorted(concentrations))
     treatments = [(c.compound, c.moa, d) for c in compounds.itertuples() for d in range(len(concentrations))]
     conditions = treatments * replicates + [(DMSO, DMSO, -1)] * n_controls
@@ -524,7 +564,7 @@ def synth_moa(
 
     Defaults are a demo (2 plates x 48 wells x 3 fields of 128 x 128, ~300 fields); pass
     ``n_moas``, ``compounds_per_moa``, ``concentrations``, ``replicates``, ``n_controls``,
-    ``artefact_kinds``, ``strength`` (see :func:`design_moa_screen`) for larger screens.
+    ``artefact_kinds``, ``strength``, ``moa_directions`` (see :func:`design_moa_screen`) for larger screens.
     Plates are uint16 with channels ``DNA, Actin, Tubulin`` and the well annotations of
     :class:`MoaScreen`; per-field ground truth goes to ``<out_dir>/<plate>_fields.parquet``
     (columns ``plate, well, field, artefact, is_artefact, n_cells, n_responders``; read it

@@ -291,6 +291,33 @@ def test_moa_phenotype_follows_direction_and_dose(screen):
     assert treatment_phenotype(compound, 2, 3, strength=0.0) == pytest.approx(moa_mod.BASELINE)
 
 
+def test_random_moa_directions_are_seeded_within_range_and_none_of_the_real_moas():
+    dirs = moa_mod.random_moa_directions(1000, 16)
+    assert list(dirs) == [f"RND{i:02d}" for i in range(1, 17)]
+    assert dirs == moa_mod.random_moa_directions(1000, 16)
+    assert dirs != moa_mod.random_moa_directions(1001, 16)
+    for d in dirs.values():
+        assert 2 <= len(d) <= 4
+        for param, lf in d.items():
+            assert 0.3 * moa_mod.RANDOM_MOA_RANGE[param] <= abs(lf) <= moa_mod.RANDOM_MOA_RANGE[param]
+    assert not set(dirs) & set(moa_mod.MOA_DIRECTIONS)
+
+
+def test_a_screen_of_other_moas_moves_its_compounds_along_their_directions():
+    dirs = {"up": {"cell_radius": 0.4}, "down": {"tubulin_texture": -1.0}}
+    screen = design_moa_screen(3, 1, n_moas=2, compounds_per_moa=2, moa_directions=dirs)
+    assert screen.compounds["compound"].tolist() == ["up01", "up02", "down01", "down02"]
+    assert set(screen.layout["Metadata_MOA"]) == {"up", "down", moa_mod.DMSO}
+    up, down = (screen.compounds.set_index("compound").loc[c] for c in ("up01", "down01"))
+    assert treatment_phenotype(up, 2, 3)["cell_radius"] > moa_mod.BASELINE["cell_radius"]
+    assert treatment_phenotype(down, 2, 3)["tubulin_texture"] < moa_mod.BASELINE["tubulin_texture"]
+    from rayscreen.store import RayscreenError
+    with pytest.raises(RayscreenError, match=r"MOA 'odd': unknown phenotype parameters \['size'\]"):
+        design_moa_screen(3, 1, n_moas=1, moa_directions={"odd": {"size": 1.0}})
+    with pytest.raises(RayscreenError, match="n_moas=3: expected 1 to 2"):
+        design_moa_screen(3, 1, n_moas=3, moa_directions=dirs)
+
+
 def _classical_profile(image: np.ndarray) -> np.ndarray:
     """Per channel: intensity statistics, foreground fraction and texture; nucleus count and size."""
     x = image.astype(np.float64)
