@@ -2,7 +2,7 @@
 baseline, NSC / NSCB / mAP, and the QC classifier's F1, measured in one run.
 
     python benchmarks/moa.py --preset small [--out DIR] [--weights PATH] [--qc-seeds 10] [--learned]
-        [--analysis-set analysis.whiten=true]
+        [--analysis-set analysis.whiten=true] [--learned-checkpoint MODEL]
 
 Both profile sets see the same stream: illumination-corrected (``rayscreen illum``, run
 first) and percentile-normalised per plate.
@@ -14,6 +14,10 @@ through ``rayscreen train`` to tell the wells' **compounds** apart (the only lab
 always has; MOA labels are never seen in training), then ``rayscreen infer`` writes its
 pooled trunk features per field to ``results.zarr`` and ``aggregate`` / ``evaluate`` run
 on that store (``analysis.source: results``) with the same settings as the other sets.
+
+``--learned-checkpoint MODEL`` profiles the screen with a network trained elsewhere instead
+(``benchmarks/reference_model.py``: a reference screen of made-up MOAs), the
+transfer-learning setting of Pawlowski et al. with a reference screen in ImageNet's place.
 
 QC is measured as a user would meet it: 50 annotated fields, F1 over the fields NOT
 annotated (ground truth from ``load_moa_fields``), repeated over ``--qc-seeds`` annotation
@@ -51,16 +55,17 @@ LEARNED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
                               "learned-profiles.yaml")
 
 
-def learned_config(uris: list[str], output: str, qc: dict, seed: int = 0, settings: dict | None = None):
+def learned_config(uris: list[str], output: str, qc: dict | None, seed: int = 0, settings: dict | None = None):
     """The shipped ``jobs/configs/learned-profiles.yaml`` on this screen: train a class-map
     network on the wells' compound labels, infer every well, aggregate the inference store
-    (settings and their reasons are in the YAML); ``qc``: the analysis.qc section;
+    (settings and their reasons are in the YAML); ``qc``: the analysis.qc section (None: the YAML's);
     ``settings``: further ``{"train.mixup": 0.2, ...}`` overrides (``--learned-set``,
     ``--learned-epochs``)."""
     from rayscreen.config import load_config
 
-    overrides = {**(settings or {}), "plates": uris, "output": output, "analysis.qc": qc, "train.seed": seed,
-                 "train.split.seed": seed}
+    overrides = {**(settings or {}), "plates": uris, "output": output, "train.seed": seed, "train.split.seed": seed}
+    if qc is not None:
+        overrides["analysis.qc"] = qc
     return load_config(LEARNED_CONFIG, overrides=overrides)
 
 
@@ -124,6 +129,9 @@ def main(argv=None) -> int:
                    help="override a key of the learned config (YAML value), e.g. --learned-set train.mixup=0.2; "
                         "the run goes to <out>/run-learned-<name> with --learned-name")
     p.add_argument("--learned-name", help="suffix of the learned run's directory (default: from --learned-seed)")
+    p.add_argument("--learned-checkpoint", metavar="MODEL",
+                   help="profile with this trained model (e.g. benchmarks/reference_model.py's, trained on "
+                        "another screen) instead of training one on this screen: --learned without its train stage")
     p.add_argument("--analysis-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an analysis.* key for every profile kind, e.g. --analysis-set analysis.whiten=true")
     args = p.parse_args(argv)
@@ -134,6 +142,9 @@ def main(argv=None) -> int:
     if wrong:
         p.error(f"--analysis-set takes analysis.* keys only, not {wrong}")
     learned_settings = {**parse_overrides(args.learned_set), **analysis_settings}
+    if args.learned_checkpoint:
+        args.learned = True
+        learned_settings["infer.checkpoint"] = os.path.abspath(args.learned_checkpoint)
     if args.learned_epochs:
         learned_settings["train.epochs"] = args.learned_epochs
     logging.basicConfig(level=logging.WARNING)
@@ -192,12 +203,14 @@ def main(argv=None) -> int:
         # artefact probe runs on the learned embeddings
         lseed = args.seed if args.learned_seed is None else args.learned_seed
         lout = f"{out}/run-learned" if args.learned_seed is None else f"{out}/run-learned-s{lseed}"
-        if args.learned_name:
-            lout = f"{out}/run-learned-{args.learned_name}"
+        if args.learned_name or args.learned_checkpoint:
+            lout = f"{out}/run-learned-{args.learned_name or 'transfer'}"
         lconfig = learned_config(uris, lout, {"annotations": f"{out}/qc.csv", "method": args.qc_method,
                                               "features": "deep"}, lseed, learned_settings)
-        learned = run_pipeline(lconfig, stages=["train", "infer", "aggregate", "evaluate"],
-                               progress=False)["evaluate"]["feature_sets"]["deep"]
+        stages = ["train", "infer", "aggregate", "evaluate"]
+        if args.learned_checkpoint:
+            stages = stages[1:]
+        learned = run_pipeline(lconfig, stages=stages, progress=False)["evaluate"]["feature_sets"]["deep"]
         t_learned = time.perf_counter() - t0
     f1_all = 2 * tp / (flags["Metadata_QC_Abnormal"].sum() + flags["is_artefact"].sum())
 
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
     print(f"{'profiles':<12} {'NSC':>6} {'NSCB':>6} {'mAP':>6} {'queries':>8}")
     rows = {("transfer" if k == "deep" else k): r for k, r in result["feature_sets"].items()}
     if learned is not None:
-        rows["learned"] = learned
+        rows["learned-ref" if args.learned_checkpoint else "learned"] = learned
         lqc = json.loads(open(f"{lout}/tables/qc.json").read())
     for name, r in rows.items():
         print(f"{name:<12} {r['nsc']:>6.3f} {r['nscb']:>6.3f} {r['map']:>6.3f} {r['n_queries']:>8}")
