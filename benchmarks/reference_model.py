@@ -70,9 +70,10 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     ray.shutdown()
     trained = result["train"]
-    best = trained.metrics[trained.metrics["epoch"] == trained.best_epoch].iloc[0]
+    epoch = trained.best_epoch or trained.epochs_completed  # no validation split: the last epoch is exported
+    best = trained.metrics[trained.metrics["epoch"] == epoch].iloc[0]
     print(f"reference screen: {len(uris)} plates, {args.moas} made-up MOAs x {args.compounds_per_moa} compounds "
-          f"(seed {args.seed}); best epoch {trained.best_epoch} of {trained.epochs_completed}: val accuracy "
+          f"(seed {args.seed}); exported epoch {epoch} of {trained.epochs_completed}: val accuracy "
           f"{best['val_accuracy']:.3f}, balanced {best['val_balanced_accuracy']:.3f}, loss {best['val_loss']:.3f}")
     print(f"model: {os.path.abspath(trained.artefact)}")
     print(f"seconds: synth {t_synth:.1f}, illum+train {t_train:.1f}")

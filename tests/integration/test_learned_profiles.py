@@ -1,6 +1,7 @@
 """Weakly supervised profiles end to end on the local Ray, from the shipped config
 ``jobs/configs/learned-profiles.yaml``: illum -> train (compound labels) -> infer (profiles
-only) -> aggregate the results store -> evaluate MOA retrieval.
+only) -> aggregate the results store -> evaluate MOA retrieval; then the trained model
+profiles a second screen without training on it (infer.checkpoint: transfer).
 
 A smaller screen and fewer epochs than ``benchmarks/moa.py --learned`` (figures in
 docs/results.md), to keep the test near a minute and a half on two cores."""
@@ -49,3 +50,20 @@ def test_learned_profiles_retrieve_moa_above_chance(tmp_path, ray_local):
           f"NSC {deep['nsc']:.3f}, NSCB {deep['nscb']:.3f}, mAP {deep['map']:.3f}")
     # six MOAs of two compounds: chance NSC 1/6; MOA labels were never seen in training
     assert deep["nsc"] >= 2 / 6, deep
+
+    # transfer: the trained network profiles ANOTHER screen without training on it
+    # (infer.checkpoint; the reference-screen workflow of docs/results.md)
+    other = synth_moa(str(tmp_path / "other"), n_plates=2, fields_per_well=1, field_shape=(96, 96), seed=1)
+    out2 = tmp_path / "transfer"
+    config2 = load_config(CONFIG, overrides={"plates": other, "output": str(out2),
+                                             "infer.checkpoint": str(out / "train" / "model"),
+                                             "stages": ["illum", "infer", "aggregate", "evaluate"]})
+    results2 = run_pipeline(config2, progress=False)
+    assert list(results2) == ["illum", "infer", "aggregate", "evaluate"]
+    assert not (out2 / "train").exists()
+    ds2 = xr.open_zarr(out2 / "results.zarr")
+    assert ds2.attrs["rayscreen"]["checkpoint"] == str(out / "train" / "model")
+    assert ds2.sizes["well"] == 96 and int(ds2["done"].sum()) == 96 and ds2.sizes["feature"] == 256
+    deep2 = json.loads((out2 / "evaluation" / "evaluation.json").read_text())["feature_sets"]["deep"]
+    print(f"transferred to screen 1: NSC {deep2['nsc']:.3f}, NSCB {deep2['nscb']:.3f}, mAP {deep2['map']:.3f}")
+    assert deep2["n_queries"] == 72 and deep2["nsc"] >= 2 / 6, deep2
