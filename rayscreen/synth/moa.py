@@ -349,10 +349,19 @@ def make_compounds(seed: int = 0, n_moas: int = 6, compounds_per_moa: int = 2, j
     if not 1 <= n_moas <= len(moas):
         raise invalid_argument(f"n_moas={n_moas!r}: expected 1 to {len(moas)} (the MOAs this generator knows: {moas})")
     for moa in moas[:n_moas]:
-        unknown = sorted(set(directions[moa]) - set(PARAMS))
+        if moa == DMSO:  # its wells would pass for controls
+            raise invalid_argument(f"MOA {DMSO!r}: the control's name; name the MOA otherwise")
+        if not isinstance(directions[moa], Mapping):
+            raise invalid_argument(f"MOA {moa!r}: expected a mapping of phenotype parameter -> log-fold change, "
+                                   f"not {directions[moa]!r}")
+        unknown = sorted(map(str, set(directions[moa]) - set(PARAMS)))
         if unknown:
             raise invalid_argument(f"MOA {moa!r}: unknown phenotype parameters {unknown}; expected some of "
                                    f"{list(PARAMS)}")
+        bad = {k: v for k, v in directions[moa].items()
+               if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)}
+        if bad:
+            raise invalid_argument(f"MOA {moa!r}: log-fold changes {bad}: expected finite numbers")
     rows = []
     for m, moa in enumerate(moas[:n_moas]):
         for k in range(compounds_per_moa):
@@ -371,23 +380,55 @@ RANDOM_MOA_RANGE = {"density": 1.0, "cell_radius": 0.5, "elongation": 1.5, "nucl
                     "tubulin_texture": 1.5}
 
 
+def direction_cosine(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Cosine similarity of two log-fold directions over :data:`PARAMS` (missing: 0); 0 if
+    either is all zero. How alike two MOAs' phenotypes are, up to strength."""
+    va, vb = (np.array([float(d.get(p, 0.0)) for p in PARAMS]) for d in (a, b))
+    norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
+    return float(va @ vb / norm) if norm > 0 else 0.0
+
+
 def random_moa_directions(seed: int, n: int, n_params: tuple[int, int] = (2, 4),
-                          magnitude: tuple[float, float] = (0.3, 1.0)) -> dict[str, dict[str, float]]:
-    """``n`` made-up MOAs (``RND01``, ...), each moving ``n_params`` randomly chosen
-    phenotype parameters by a log-fold of random sign and size (``magnitude`` times the
-    parameter's :data:`RANDOM_MOA_RANGE`): the shape of :data:`MOA_DIRECTIONS` without its
-    biology. A screen of these compounds is a *reference* screen to pretrain a network on,
-    whose features are then tested on screens of the real MOAs, which it has never seen
-    (transfer, as ImageNet features are).
+                          magnitude: tuple[float, float] = (0.3, 1.0),
+                          avoid: Mapping[str, Mapping[str, float]] | None = None,
+                          max_cosine: float = 1.0) -> dict[str, dict[str, float]]:
+    """``n`` made-up MOAs (``RND01``, ...), each moving ``n_params`` (low, high) randomly
+    chosen phenotype parameters by a log-fold of random sign and size (``magnitude`` (low,
+    high) times the parameter's :data:`RANDOM_MOA_RANGE`): the shape of
+    :data:`MOA_DIRECTIONS` without its biology. A screen of these compounds is a
+    *reference* screen to pretrain a network on, whose features are then tested on screens
+    of the real MOAs (transfer, as ImageNet features are).
+
+    Random directions can come close to a real MOA by chance; ``avoid`` (e.g.
+    :data:`MOA_DIRECTIONS`) with ``max_cosine`` < 1 redraws any made-up MOA whose
+    :func:`direction_cosine` with one of them exceeds ``max_cosine``.
     """
+    check_int("seed", seed, 0)
     check_int("n", n)
+    lo, hi = n_params
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= len(PARAMS)):
+        raise invalid_argument(f"n_params={n_params!r}: expected (low, high) integers with 1 <= low <= high <= "
+                               f"{len(PARAMS)} (the phenotype parameters)")
+    if not 0 < magnitude[0] <= magnitude[1] <= 1:
+        raise invalid_argument(f"magnitude={magnitude!r}: expected (low, high) with 0 < low <= high <= 1 "
+                               "(fractions of RANDOM_MOA_RANGE)")
+    if not 0 < max_cosine <= 1:
+        raise invalid_argument(f"max_cosine={max_cosine!r}: expected a number in (0, 1]")
+    avoid = dict(avoid or {})
     rng = np.random.default_rng([int(seed), 0x5EF])
     out = {}
     for i in range(n):
-        k = int(rng.integers(n_params[0], n_params[1] + 1))
-        params = sorted(rng.choice(len(PARAMS), size=min(k, len(PARAMS)), replace=False))
-        out[f"RND{i + 1:02d}"] = {PARAMS[j]: float(rng.choice([-1.0, 1.0]) * rng.uniform(*magnitude)
-                                                   * RANDOM_MOA_RANGE[PARAMS[j]]) for j in params}
+        for _ in range(10000):
+            k = int(rng.integers(lo, hi + 1))
+            params = sorted(rng.choice(len(PARAMS), size=k, replace=False))
+            direction = {PARAMS[j]: float(rng.choice([-1.0, 1.0]) * rng.uniform(*magnitude)
+                                          * RANDOM_MOA_RANGE[PARAMS[j]]) for j in params}
+            if all(direction_cosine(direction, d) <= max_cosine for d in avoid.values()):
+                break
+        else:
+            raise invalid_argument(f"max_cosine={max_cosine}: no direction of {lo}-{hi} parameters found that far "
+                                   f"from all of {sorted(avoid)} in 10000 draws; raise max_cosine")
+        out[f"RND{i + 1:02d}"] = direction
     return out
 
 

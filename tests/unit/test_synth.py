@@ -318,6 +318,48 @@ def test_a_screen_of_other_moas_moves_its_compounds_along_their_directions():
         design_moa_screen(3, 1, n_moas=3, moa_directions=dirs)
 
 
+def test_random_moa_directions_can_keep_away_from_given_moas():
+    far = moa_mod.random_moa_directions(1003, 16, avoid=moa_mod.MOA_DIRECTIONS, max_cosine=0.5)
+    assert max(moa_mod.direction_cosine(a, b) for a in far.values() for b in moa_mod.MOA_DIRECTIONS.values()) <= 0.5
+    near = moa_mod.random_moa_directions(1000, 16)  # unconstrained draws come close by chance
+    assert max(moa_mod.direction_cosine(a, b) for a in near.values() for b in moa_mod.MOA_DIRECTIONS.values()) > 0.8
+    assert moa_mod.direction_cosine({"density": 1.0}, {"density": -2.0}) == pytest.approx(-1.0)
+    assert moa_mod.direction_cosine({"density": 1.0}, {"elongation": 1.0}) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"n_params": (3, 2)}, "n_params=(3, 2): expected (low, high) integers with 1 <= low <= high <= 9"),
+    ({"n_params": (0, 2)}, "n_params=(0, 2)"),
+    ({"n_params": (2, 12)}, "n_params=(2, 12)"),
+    ({"magnitude": (0.5, 3.0)}, "magnitude=(0.5, 3.0): expected (low, high) with 0 < low <= high <= 1"),
+    ({"seed": -1}, "seed=-1: expected an integer >= 0"),
+    ({"max_cosine": 0.0}, "max_cosine=0.0: expected a number in (0, 1]"),
+    # every direction of <= 4 parameters has a cosine >= 1/2 with one of these +-unit axes
+    ({"max_cosine": 0.4, "avoid": {f"{sign}{p}": {p: sign} for p in moa_mod.PARAMS for sign in (1.0, -1.0)}},
+     "no direction of 2-4 parameters"),
+])
+def test_random_moa_directions_bad_arguments_are_named(kwargs, expected):
+    from rayscreen.store import RayscreenError
+
+    with pytest.raises(RayscreenError) as e:
+        moa_mod.random_moa_directions(**{"seed": 0, "n": 4, **kwargs})
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("directions, expected", [
+    ({"DMSO": {"density": 1.0}}, "MOA 'DMSO': the control's name"),
+    ({"x": [1.0, 2.0]}, "MOA 'x': expected a mapping of phenotype parameter -> log-fold change"),
+    ({"x": {"density": float("nan")}}, "MOA 'x': log-fold changes {'density': nan}: expected finite numbers"),
+    ({"x": {"density": "big"}}, "expected finite numbers"),
+])
+def test_screen_of_other_moas_rejects_bad_directions(directions, expected):
+    from rayscreen.store import RayscreenError
+
+    with pytest.raises(RayscreenError) as e:
+        design_moa_screen(0, 1, n_moas=1, moa_directions=directions)
+    assert expected in str(e.value)
+
+
 def _classical_profile(image: np.ndarray) -> np.ndarray:
     """Per channel: intensity statistics, foreground fraction and texture; nucleus count and size."""
     x = image.astype(np.float64)
