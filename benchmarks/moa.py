@@ -143,6 +143,10 @@ def main(argv=None) -> int:
         p.error(f"--analysis-set takes analysis.* keys only, not {wrong}")
     learned_settings = {**parse_overrides(args.learned_set), **analysis_settings}
     if args.learned_checkpoint:
+        unused = [k for k in learned_settings if k.startswith("train.")] + (["--learned-epochs"] if args.learned_epochs
+                                                                            else [])
+        if unused or args.learned_seed is not None:
+            p.error(f"--learned-checkpoint trains nothing: {unused or ['--learned-seed']} would be ignored")
         args.learned = True
         learned_settings["infer.checkpoint"] = os.path.abspath(args.learned_checkpoint)
     if args.learned_epochs:
@@ -232,7 +236,8 @@ def main(argv=None) -> int:
     for line in qc_study(f"{out}/run/profiles.zarr", truth, seeds=args.qc_seeds, method=args.qc_method):
         print(line)
     print(f"seconds: synth {t_synth:.1f}, illum {t_illum:.1f}, profile {t_profile:.1f}, aggregate+evaluate "
-          f"{t_analysis:.1f}" + (f", learned (train+infer+aggregate+evaluate) {t_learned:.1f}" if args.learned else ""))
+          f"{t_analysis:.1f}" + (f", learned ({'' if args.learned_checkpoint else 'train+'}infer+aggregate+evaluate) "
+                               f"{t_learned:.1f}" if args.learned else ""))
     ray.shutdown()
     return 0
 

@@ -1,7 +1,7 @@
 """Train the learned-profiles network on a *reference* screen of made-up MOAs, for transfer.
 
     python benchmarks/reference_model.py --out DIR [--seed 1000] [--moas 16] [--plates 3]
-        [--epochs N] [--set train.KEY=VALUE]
+        [--epochs N] [--max-cosine 0.5] [--set train.KEY=VALUE]
     python benchmarks/moa.py --preset small --seed S --learned-checkpoint DIR/run/train/model
 
 Pawlowski et al. profile a screen with features of a network trained on other images
@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--compounds-per-moa", type=int, default=2)
     p.add_argument("--plates", type=int, default=3, help="plates (= batches) of the reference screen")
     p.add_argument("--epochs", type=int, help="training epochs (default: the config's)")
+    p.add_argument("--max-cosine", type=float, default=1.0,
+                   help="redraw made-up MOAs whose direction has a cosine above this with a real MOA's "
+                        "(MOA_DIRECTIONS; default 1: no constraint, random directions come close by chance)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="override a key of the learned config (YAML value), e.g. --set train.mixup=0.2")
     args = p.parse_args(argv)
@@ -49,13 +52,17 @@ def main(argv=None) -> int:
     from rayscreen.pipeline import run_pipeline
     from rayscreen.raylocal import local_init_kwargs
     from rayscreen.synth import synth_moa
-    from rayscreen.synth.moa import random_moa_directions
+    from rayscreen.synth.moa import MOA_DIRECTIONS, direction_cosine, random_moa_directions
 
     settings = parse_overrides(args.settings)
     if args.epochs:
         settings["train.epochs"] = args.epochs
     preset = PRESETS[args.preset]
-    directions = random_moa_directions(args.seed, args.moas)
+    directions = random_moa_directions(args.seed, args.moas, avoid=MOA_DIRECTIONS, max_cosine=args.max_cosine)
+    # how close the made-up MOAs came to the real ones the evaluation screens hold
+    for moa, real in MOA_DIRECTIONS.items():
+        cos, name = max((direction_cosine(real, d), k) for k, d in directions.items())
+        print(f"closest made-up MOA to {moa!r}: {name} (cosine {cos:.2f})")
     t0 = time.perf_counter()
     uris = synth_moa(f"{args.out}/plates", n_plates=args.plates, fields_per_well=preset["fields_per_well"],
                      field_shape=preset["field_shape"], seed=args.seed, n_moas=args.moas,
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     ray.shutdown()
     trained = result["train"]
-    epoch = trained.best_epoch or trained.epochs_completed  # no validation split: the last epoch is exported
+    epoch = trained.best_epoch or trained.epochs_completed  # None: no validation epoch scored, the last one is exported
     best = trained.metrics[trained.metrics["epoch"] == epoch].iloc[0]
     print(f"reference screen: {len(uris)} plates, {args.moas} made-up MOAs x {args.compounds_per_moa} compounds "
           f"(seed {args.seed}); exported epoch {epoch} of {trained.epochs_completed}: val accuracy "
