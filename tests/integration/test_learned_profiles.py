@@ -1,7 +1,8 @@
 """Weakly supervised profiles end to end on the local Ray, from the shipped config
 ``jobs/configs/learned-profiles.yaml``: illum -> train (compound labels) -> infer (profiles
 only) -> aggregate the results store -> evaluate MOA retrieval; then the trained model
-profiles a second screen without training on it (infer.checkpoint: transfer).
+profiles a second screen without training on it (infer.checkpoint: the reference-screen
+workflow; the second screen holds the same MOAs, so this tests the path, not transfer).
 
 A smaller screen and fewer epochs than ``benchmarks/moa.py --learned`` (figures in
 docs/results.md), to keep the test near a minute and a half on two cores."""
