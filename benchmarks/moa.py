@@ -143,10 +143,11 @@ def main(argv=None) -> int:
         p.error(f"--analysis-set takes analysis.* keys only, not {wrong}")
     learned_settings = {**parse_overrides(args.learned_set), **analysis_settings}
     if args.learned_checkpoint:
-        unused = [k for k in learned_settings if k.startswith("train.")] + (["--learned-epochs"] if args.learned_epochs
-                                                                            else [])
-        if unused or args.learned_seed is not None:
-            p.error(f"--learned-checkpoint trains nothing: {unused or ['--learned-seed']} would be ignored")
+        ignored = [k for k in learned_settings if k.startswith("train.")]
+        ignored += [flag for flag, v in (("--learned-epochs", args.learned_epochs), ("--learned-seed", args.learned_seed))
+                    if v is not None]
+        if ignored:
+            p.error(f"--learned-checkpoint trains nothing: {ignored} would be ignored")
         args.learned = True
         learned_settings["infer.checkpoint"] = os.path.abspath(args.learned_checkpoint)
     if args.learned_epochs:

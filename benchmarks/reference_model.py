@@ -10,7 +10,8 @@ screen it profiles (``benchmarks/moa.py --learned``) sees only a few hundred fie
 script makes the transfer setting's source: a synthetic screen like ``synth_moa``'s (same
 cells, stains, plate effects and artefacts) whose compounds follow ``--moas`` random MOA
 directions (``random_moa_directions``: random parameters, signs and sizes), none of them
-the evaluation screens' MOAs. It trains ``jobs/configs/learned-profiles.yaml`` on it
+the evaluation screens' MOAs by name; by chance some come close to one (it prints the
+closest per real MOA), and ``--max-cosine`` redraws those. It trains ``jobs/configs/learned-profiles.yaml`` on it
 (compound labels, through ``rayscreen illum`` + ``rayscreen train``) and prints where the
 model artefact is; ``benchmarks/moa.py --learned-checkpoint`` then profiles MOA screens with
 it through ``rayscreen infer`` without training on them.
