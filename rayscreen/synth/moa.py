@@ -383,6 +383,7 @@ RANDOM_MOA_RANGE = {"density": 1.0, "cell_radius": 0.5, "elongation": 1.5, "nucl
 def direction_cosine(a: Mapping[str, float], b: Mapping[str, float]) -> float:
     """Cosine similarity of two log-fold directions over :data:`PARAMS` (missing: 0); 0 if
     either is all zero. How alike two MOAs' phenotypes are, up to strength."""
+    # by hand: scipy.spatial.distance.cosine gives NaN (and a warning) for an all-zero direction
     va, vb = (np.array([float(d.get(p, 0.0)) for p in PARAMS]) for d in (a, b))
     norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
     return float(va @ vb / norm) if norm > 0 else 0.0
