@@ -1,0 +1,42 @@
+"""Every preset of benchmarks/wscnn_sim.py builds a valid training config for every
+pooling, without Ray or data: the ``paper`` preset is meant for a GPU and its settings
+(full width, 210 x 280 fields, rotation / translation / scaling augmentation) are not run
+by the CPU tests, so a config error would otherwise show only after its 4000 images
+were written."""
+
+import pytest
+
+from ..bench_loader import load_benchmark
+
+bench = load_benchmark("wscnn_sim")
+
+
+@pytest.mark.parametrize("preset_name", sorted(bench.PRESETS))
+@pytest.mark.parametrize("pooling", bench.POOLINGS)
+def test_preset_train_config_is_valid(preset_name, pooling, tmp_path):
+    preset = bench.PRESETS[preset_name]
+    config = bench.train_config([str(tmp_path / "plate.zarr")], str(tmp_path / "run"), pooling, preset)
+    t = config.train
+    assert (t.epochs, t.batch_size, t.optimizer, t.lr) == (preset["epochs"], preset["batch_size"],
+                                                        preset["optimizer"], preset["lr"])
+    assert config.model.kwargs["pooling"] == pooling
+    assert t.augment.enabled == preset["augment"]["enabled"]
+    if pooling == "fc":
+        # the FC head is sized for the preset's final class maps
+        assert config.model.kwargs["pooling_kwargs"]["grid"] == bench.class_map_grid(preset)
+
+
+def test_paper_preset_keeps_the_papers_settings():
+    p = bench.PRESETS["paper"]
+    assert (p["n_images"], p["shape"], p["grid"], p["n_objects"]) == (4000, (210, 280), (6, 8), (30, 48))
+    assert (p["optimizer"], p["lr"], p["momentum"], p["weight_decay"], p["batch_size"]) == ("sgd", 1e-4, 0.9, 5e-4, 50)
+    assert p["width"] is None  # 50 / 100 / 100 filters
+    aug = p["augment"]
+    assert aug["flips"] and aug["rotate"] and aug["translate"] == 40.0 and aug["scale"] == [0.8, 1.2]
+
+
+def test_fc_grid_matches_the_papers_maps():
+    # 210 x 280 through conv 11 / pool / conv 3 / pool / conv 5 pad 1 / pool / conv 5 pad 1:
+    # the paper's FC layer sees 21 x 30 maps; small's 105 x 140 fields give 8 x 12
+    assert bench.class_map_grid(bench.PRESETS["paper"]) == [21, 30]
+    assert bench.class_map_grid(bench.PRESETS["small"]) == [8, 12]
