@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from rayscreen.stream import read_plates
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     scores: dict[str, list] = {}
     for run in args.runs:
         rng = np.random.default_rng(0)

@@ -110,8 +110,8 @@ def _init_ray(cores: int, object_store_mb: int = 512) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False,
-                 object_store_memory=object_store_mb * 1024**2)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=False, object_store_memory=object_store_mb * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -165,7 +165,8 @@ def throughput(preset: str, root: str, batch_size: int = 8, repeats: int = 3) ->
     fields = p["wells"] * p["fields"]
     mb = fields * p["channels"] * p["size"] ** 2 * 2 / 1e6  # decompressed uint16
     if not ray.is_initialized():
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     paths = {
         "loop": lambda: loop_pass(uri),
@@ -226,7 +227,7 @@ def memory_child(uri_sets: list[list[str]]) -> list[dict]:
     # blocks by a fraction of the store, so the store's size - a cluster setting - is what
     # bounds memory; with the default (30% of RAM) a small screen never reaches the bound and
     # 1 vs 4 plates would measure how much idle store a longer stream gets to use.
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=False, object_store_memory=512 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.range(4).take_all()  # start the workers Ray Data uses before measuring

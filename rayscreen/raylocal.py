@@ -100,9 +100,19 @@ def quiet_report_logger() -> None:
     logging.getLogger(report_loggers()[-1]).setLevel(logging.WARNING)
 
 
+# ray.init arguments that describe a node Ray starts; refused when joining a running cluster
+NODE_SETTINGS = frozenset({"num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
+                           "_node_name", "_enable_object_reconstruction"})
+
+
 def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
-    """``ray.init`` keyword arguments of a local Ray started by rayscreen (``overrides`` win)."""
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": False,
+    """``ray.init`` keyword arguments of a local Ray started by rayscreen (``overrides`` win).
+
+    ``address="local"``: a new Ray of this process's own, even where a cluster started with
+    ``ray start`` runs on the machine. Without it ``ray.init`` joins that cluster, and then
+    refuses the local settings (``_system_config``, ``num_cpus``) with a ValueError; a run
+    that means to use that cluster sets ``RAY_ADDRESS`` (``auto`` for the machine's own)."""
+    kwargs: dict[str, Any] = {"address": "local", "logging_level": logging.WARNING, "configure_logging": False,
                               "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG),
                               "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
     kwargs.update(overrides)
@@ -112,10 +122,13 @@ def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
 def ensure_ray(**overrides: Any) -> bool:
     """Join or start Ray unless this process already did; returns True when it did now.
 
-    With ``RAY_ADDRESS`` set (``ray job submit``, a cluster) it joins that cluster with the
-    cluster's own settings; otherwise it starts a local Ray with :func:`local_init_kwargs`.
+    With ``RAY_ADDRESS`` set (``ray job submit``, a cluster; ``auto``: the one ``ray start``
+    began on this machine) it joins that cluster with the cluster's own settings; otherwise
+    it starts a local Ray of its own with :func:`local_init_kwargs`, beside any other Ray
+    on the machine.
     ``overrides`` go to ``ray.init`` (e.g. ``num_cpus``, ``include_dashboard``,
-    ``log_to_driver``).
+    ``log_to_driver``); those that size a new node (:data:`NODE_SETTINGS`) only when it
+    starts one, since a cluster keeps its own (``ray.init`` refuses them when joining).
     """
     import ray
 
@@ -123,7 +136,11 @@ def ensure_ray(**overrides: Any) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False, **overrides)
+        dropped = sorted(k for k in overrides if k in NODE_SETTINGS)
+        if dropped:
+            log.info("joining the Ray cluster at RAY_ADDRESS: its own %s apply, not these", dropped)
+        join = {k: v for k, v in overrides.items() if k not in NODE_SETTINGS}
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False, **join)
     else:
         ray.init(**local_init_kwargs(**overrides))
     return True

@@ -77,7 +77,11 @@ class JobResult:
 
 def start_head(timeout: float = 120) -> RayHead:
     """A Ray head on 127.0.0.1 with 2 CPUs and token auth; returns once its job API answers."""
-    temp_dir = tempfile.mkdtemp(prefix="rsjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # short: Ray's socket paths have a length limit. Named <root>/ray, Ray's default layout under
+    # RAY_TMPDIR=<root>, so that a process given that RAY_TMPDIR sees this head as "the cluster
+    # `ray start` began on this machine" (test_local_run_beside_a_ray_start_cluster)
+    temp_dir = os.path.join(tempfile.mkdtemp(prefix="rsjob", dir="/tmp"), "ray")
+    os.makedirs(temp_dir)
     token = secrets.token_hex(32)
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM, `ray start --block` first drains the node for
     # Ray Serve (30 s by default, Ray 2.60); nothing here serves, so teardown skips that wait.
@@ -131,7 +135,7 @@ def stop_head(head: RayHead, grace: float = 45) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    shutil.rmtree(os.path.dirname(head.temp_dir), ignore_errors=True)
 
 
 def _pids_mentioning(text: str) -> list[int]:
@@ -197,6 +201,38 @@ def ray_head():
         yield head
     finally:
         stop_head(head)
+
+
+# what every stage does first: join RAY_ADDRESS's cluster or start a local Ray; prints the GCS address
+ENSURE_RAY = ("from rayscreen.raylocal import ensure_ray; import ray; ensure_ray(num_cpus=1, include_dashboard=False); "
+              "print('gcs', ray.get_runtime_context().gcs_address); ray.shutdown()")
+
+
+def test_local_run_beside_a_ray_start_cluster(ray_head):
+    """A laptop run while a cluster started with ``ray start`` runs on the machine. Without
+    RAY_ADDRESS rayscreen starts a Ray of its own: ``ray.init()`` alone would join that
+    cluster and then refuse rayscreen's local settings (ValueError: "When connecting to an
+    existing cluster, _system_config must not be provided"). With RAY_ADDRESS=auto it joins
+    the cluster."""
+    address_file = os.path.join(ray_head.temp_dir, "ray_current_cluster")
+    deadline = time.time() + 60  # `ray start` writes it just after its job API answers
+    while not os.path.exists(address_file) and time.time() < deadline:
+        time.sleep(0.5)
+    with open(address_file) as f:
+        head_gcs = f.read().strip()
+    root = os.path.dirname(ray_head.temp_dir)
+    env = dict(ray_head.env, RAY_TMPDIR=root)  # where ray.init looks for "the latest ray start cluster"
+    env.pop("RAY_ADDRESS", None)
+
+    def gcs_of(env: dict) -> str:
+        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", ENSURE_RAY], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("gcs ")][0]
+
+    own = gcs_of(env)
+    assert own != head_gcs and own.rsplit(":", 1)[1] != head_gcs.rsplit(":", 1)[1]
+    assert gcs_of(dict(env, RAY_ADDRESS="auto")).rsplit(":", 1)[1] == head_gcs.rsplit(":", 1)[1]
 
 
 def test_job_api_requires_the_token(ray_head):
