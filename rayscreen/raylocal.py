@@ -9,7 +9,10 @@ starts Ray, gets the same local settings that each stage would have chosen alone
 - a worker set-up hook quiets internal Ray Train loggers that flood the console
   (``quiet_ray_loggers``): one when the Ray dashboard (and with it the state API) is not
   running, and the per-epoch INFO lines that repeat what rayscreen's own progress says
-  (Ray Train's reports, Ray Data's "execution finished" lines).
+  (Ray Train's reports, Ray Data's "execution finished" lines);
+- it is a Ray of its own even beside other Rays on the machine (a ``ray start`` cluster,
+  another rayscreen run): ``address="local"``, and its workers' state API pinned to it
+  (``pin_state_api_to_own_cluster``), which Ray Train's placement-group cleaner relies on.
 
 This module imports nothing from rayscreen (every layer may use it) and nothing heavy at
 import time: Ray imports it in every worker process of a local Ray.
@@ -81,15 +84,35 @@ def report_loggers() -> list[str]:
 
 
 def quiet_ray_loggers() -> None:
-    """Worker set-up hook (``runtime_env={"worker_process_setup_hook": SETUP_HOOK}``):
-    raise :data:`QUIET_LOGGERS` to ERROR and Ray Train's per-epoch INFO loggers to
-    WARNING in this process."""
+    """Worker set-up hook of a local Ray (``runtime_env={"worker_process_setup_hook":
+    SETUP_HOOK}``): raise :data:`QUIET_LOGGERS` to ERROR and Ray Train's per-epoch INFO
+    loggers to WARNING in this process, and pin its state API to its own cluster
+    (:func:`pin_state_api_to_own_cluster`)."""
+    pin_state_api_to_own_cluster()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in report_loggers():
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in CHATTY_DATA_LOGGERS:
         logging.getLogger(name).addFilter(DROP_DATA_CHATTER)  # added once: addFilter skips a filter it has
+
+
+def pin_state_api_to_own_cluster() -> None:
+    """Set ``RAY_ADDRESS`` in this worker process to its own cluster's GCS address (unless set).
+
+    Ray's state API, which Ray Train's placement-group cleaner asks every second whether
+    the training controller is alive, finds "the" cluster of a process without
+    ``RAY_ADDRESS`` by looking on the machine: the cluster that ``ray start`` began if one
+    runs, else the one GCS process it finds, else it fails. A local Ray started beside a
+    ``ray start`` cluster then asks that other cluster, does not find its controller there,
+    judges it dead and removes the run's placement group (measured: "Found multiple active
+    Ray instances ... Connecting to latest cluster at <the ray start cluster>", then the
+    cleaner gave up on a live controller). Worker processes only: the driver's own
+    ``RAY_ADDRESS`` decides whether :func:`ensure_ray` starts or joins a Ray."""
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS") and ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def quiet_report_logger() -> None:
@@ -116,7 +139,21 @@ def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
                               "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG),
                               "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
     kwargs.update(overrides)
+    if kwargs.get("include_dashboard") is False and "dashboard_port" not in kwargs:
+        # a Ray without a dashboard still records one at the default port (8265); the state
+        # API of its workers (pin_state_api_to_own_cluster) would then ask whatever other
+        # cluster's dashboard listens there. A free port of its own, where nothing answers,
+        # makes that API merely unavailable, as it is on a machine with one Ray.
+        kwargs["dashboard_port"] = _free_port()
     return kwargs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def ensure_ray(**overrides: Any) -> bool:

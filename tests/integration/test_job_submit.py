@@ -203,36 +203,66 @@ def ray_head():
         stop_head(head)
 
 
-# what every stage does first: join RAY_ADDRESS's cluster or start a local Ray; prints the GCS address
-ENSURE_RAY = ("from rayscreen.raylocal import ensure_ray; import ray; ensure_ray(num_cpus=1, include_dashboard=False); "
-              "print('gcs', ray.get_runtime_context().gcs_address); ray.shutdown()")
+# What every stage does first: join RAY_ADDRESS's cluster or start a local Ray. Then an actor
+# asks the state API about itself, as Ray Train's placement-group cleaner asks about the
+# training controller every second: "None" (not found) means it asked another cluster, and
+# the cleaner would remove a live run's placement group. Prints the GCS address and the answer.
+ENSURE_RAY = """
+import sys, json, ray
+from rayscreen.raylocal import ensure_ray
+ensure_ray(**json.loads(sys.argv[1]))
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def state(self):
+        from ray.util.state import get_actor
+        from ray.util.state.exception import RayStateApiException
+        try:
+            found = get_actor(ray.get_runtime_context().get_actor_id(), timeout=10)
+        except RayStateApiException:
+            return "unavailable"  # no dashboard: the cleaner keeps waiting, harmless
+        except ConnectionError:
+            return "ambiguous"  # several Rays on the machine and no RAY_ADDRESS to choose one
+        return found.state if found else "None"
+
+print("gcs", ray.get_runtime_context().gcs_address, ray.get(Probe.remote().state.remote()))
+ray.shutdown()
+"""
 
 
 def test_local_run_beside_a_ray_start_cluster(ray_head):
     """A laptop run while a cluster started with ``ray start`` runs on the machine. Without
     RAY_ADDRESS rayscreen starts a Ray of its own: ``ray.init()`` alone would join that
     cluster and then refuse rayscreen's local settings (ValueError: "When connecting to an
-    existing cluster, _system_config must not be provided"). With RAY_ADDRESS=auto it joins
-    the cluster."""
+    existing cluster, _system_config must not be provided"). Its workers' state API must ask
+    their own cluster, not the ``ray start`` one (nor this test session's Ray). With
+    RAY_ADDRESS=auto it joins the cluster."""
     address_file = os.path.join(ray_head.temp_dir, "ray_current_cluster")
     deadline = time.time() + 60  # `ray start` writes it just after its job API answers
     while not os.path.exists(address_file) and time.time() < deadline:
         time.sleep(0.5)
     with open(address_file) as f:
-        head_gcs = f.read().strip()
+        head_port = f.read().strip().rsplit(":", 1)[1]
     root = os.path.dirname(ray_head.temp_dir)
     env = dict(ray_head.env, RAY_TMPDIR=root)  # where ray.init looks for "the latest ray start cluster"
     env.pop("RAY_ADDRESS", None)
 
-    def gcs_of(env: dict) -> str:
-        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", ENSURE_RAY], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=180)
+    def run(env: dict, **kwargs) -> tuple[str, str]:
+        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", ENSURE_RAY, json.dumps(kwargs)], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        return [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("gcs ")][0]
+        gcs, state = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("gcs ")][0]
+        return gcs.rsplit(":", 1)[1], state
 
-    own = gcs_of(env)
-    assert own != head_gcs and own.rsplit(":", 1)[1] != head_gcs.rsplit(":", 1)[1]
-    assert gcs_of(dict(env, RAY_ADDRESS="auto")).rsplit(":", 1)[1] == head_gcs.rsplit(":", 1)[1]
+    # what the demo, tests and benchmarks start (no dashboard), and what the CLI starts
+    for kwargs in ({"num_cpus": 1, "include_dashboard": False}, {"num_cpus": 1}):
+        port, state = run(env, **kwargs)
+        assert port != head_port, kwargs
+        assert state in ("ALIVE", "unavailable"), (kwargs, state)
+    # node settings are dropped when joining. (What the head's own workers' state API finds is
+    # the head's business: with other Rays on the machine, e.g. this session's, it may guess wrong.)
+    port, _ = run(dict(env, RAY_ADDRESS="auto"), num_cpus=1)
+    assert port == head_port
 
 
 def test_job_api_requires_the_token(ray_head):

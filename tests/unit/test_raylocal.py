@@ -85,3 +85,16 @@ def test_ray_data_finished_lines_are_dropped_inside_a_stage():
     assert handler.messages == ["Starting execution of Dataset x", "Dataset y execution finished in 2 s, with warnings",
                                 finished]
     assert DROP_DATA_CHATTER not in log.filters
+
+
+def test_local_init_starts_its_own_ray_with_a_dashboard_port_of_its_own():
+    """A local Ray never joins a `ray start` cluster (address "local"), and one without a
+    dashboard records a free port of its own, not the default 8265 that another cluster's
+    dashboard may hold (its workers' state API would ask that cluster)."""
+    from rayscreen.raylocal import local_init_kwargs
+
+    kw = local_init_kwargs(include_dashboard=False)
+    assert kw["address"] == "local"
+    assert kw["dashboard_port"] != 8265 and 1024 < kw["dashboard_port"] < 65536
+    assert local_init_kwargs(include_dashboard=False, dashboard_port=9000)["dashboard_port"] == 9000
+    assert "dashboard_port" not in local_init_kwargs()  # with a dashboard, Ray finds a free port itself
