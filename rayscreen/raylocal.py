@@ -104,10 +104,11 @@ def pin_state_api_to_own_cluster() -> None:
     the training controller is alive, finds "the" cluster of a process without
     ``RAY_ADDRESS`` by looking on the machine: the cluster that ``ray start`` began if one
     runs, else the one GCS process it finds, else it fails. A local Ray started beside a
-    ``ray start`` cluster then asks that other cluster, does not find its controller there,
-    judges it dead and removes the run's placement group (measured: "Found multiple active
-    Ray instances ... Connecting to latest cluster at <the ray start cluster>", then the
-    cleaner gave up on a live controller). Worker processes only: the driver's own
+    ``ray start`` cluster then asks that other cluster and does not find its controller
+    there. Measured: "Found multiple active Ray instances ... Connecting to latest cluster at
+    <the ray start cluster>", then the cleaner exited while the controller ran. Had the run's
+    placement group been registered with it by then, it would have removed that too (Ray
+    Train's placement_group_cleaner.py). Worker processes only: the driver's own
     ``RAY_ADDRESS`` decides whether :func:`ensure_ray` starts or joins a Ray."""
     import ray
 
