@@ -108,12 +108,20 @@ def pin_state_api_to_own_cluster() -> None:
     there. Measured: "Found multiple active Ray instances ... Connecting to latest cluster at
     <the ray start cluster>", then the cleaner exited while the controller ran. Had the run's
     placement group been registered with it by then, it would have removed that too (Ray
-    Train's placement_group_cleaner.py). Worker processes only: the driver's own
-    ``RAY_ADDRESS`` decides whether :func:`ensure_ray` starts or joins a Ray."""
+    Train's placement_group_cleaner.py).
+
+    Set even when the worker inherited a ``RAY_ADDRESS`` (from a driver that started a local
+    Ray with ``address="local"`` while one was set): the hook runs only in workers of a Ray
+    that rayscreen started, so their own cluster is always the right answer.
+    ``RAY_API_SERVER_ADDRESS``, which the state API reads first, is dropped for the same
+    reason. Worker processes only: the driver's own ``RAY_ADDRESS`` decides whether
+    :func:`ensure_ray` starts or joins a Ray. A side effect: a process a worker starts
+    inherits the address (nothing in rayscreen starts one)."""
     import ray
 
-    if not os.environ.get("RAY_ADDRESS") and ray.is_initialized():
+    if ray.is_initialized():
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def quiet_report_logger() -> None:
@@ -144,7 +152,8 @@ def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
         # a Ray without a dashboard still records one at the default port (8265); the state
         # API of its workers (pin_state_api_to_own_cluster) would then ask whatever other
         # cluster's dashboard listens there. A free port of its own, where nothing answers,
-        # makes that API merely unavailable, as it is on a machine with one Ray.
+        # makes that API merely unavailable, as it is on a machine with one Ray. (Without a
+        # dashboard Ray only records the port, never binds it: no race if it is taken later.)
         kwargs["dashboard_port"] = _free_port()
     return kwargs
 
@@ -173,7 +182,7 @@ def ensure_ray(**overrides: Any) -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local": Ray's own word for "start one here"
         dropped = sorted(k for k in overrides if k in NODE_SETTINGS)
         if dropped:
             log.info("joining the Ray cluster at RAY_ADDRESS: its own %s apply, not these", dropped)

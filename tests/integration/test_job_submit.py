@@ -203,14 +203,19 @@ def ray_head():
         stop_head(head)
 
 
-# What every stage does first: join RAY_ADDRESS's cluster or start a local Ray. Then an actor
-# asks the state API about itself, as Ray Train's placement-group cleaner asks about the
-# training controller every second: "None" (not found) means it asked another cluster, and
-# the cleaner would remove a live run's placement group. Prints the GCS address and the answer.
+# What every stage does first (argv[2] "ensure": join RAY_ADDRESS's cluster or start a local
+# Ray), or what the test fixture and the benchmarks do ("direct": always a local Ray). Then,
+# unless argv[3] is "no-probe", an actor asks the state API about itself, as Ray Train's
+# placement-group cleaner asks about the training controller every second: "None" (not
+# found) means it asked another cluster, and the cleaner would remove a live run's
+# placement group. Prints the GCS address, the answer and the dashboard port the Ray recorded.
 ENSURE_RAY = """
 import sys, json, ray
-from rayscreen.raylocal import ensure_ray
-ensure_ray(**json.loads(sys.argv[1]))
+from ray._private import ray_constants
+from ray.experimental.internal_kv import _internal_kv_get
+from rayscreen.raylocal import ensure_ray, local_init_kwargs
+kwargs, mode, probe = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+ensure_ray(**kwargs) if mode == "ensure" else ray.init(**local_init_kwargs(**kwargs))
 
 @ray.remote(num_cpus=0)
 class Probe:
@@ -225,7 +230,9 @@ class Probe:
             return "ambiguous"  # several Rays on the machine and no RAY_ADDRESS to choose one
         return found.state if found else "None"
 
-print("gcs", ray.get_runtime_context().gcs_address, ray.get(Probe.remote().state.remote()))
+state = ray.get(Probe.remote().state.remote()) if probe == "probe" else "-"
+dashboard = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+print("gcs", ray.get_runtime_context().gcs_address, state, (dashboard or b"-:0").decode().rsplit(":", 1)[1])
 ray.shutdown()
 """
 
@@ -235,33 +242,47 @@ def test_local_run_beside_a_ray_start_cluster(ray_head):
     RAY_ADDRESS rayscreen starts a Ray of its own: ``ray.init()`` alone would join that
     cluster and then refuse rayscreen's local settings (ValueError: "When connecting to an
     existing cluster, _system_config must not be provided"). Its workers' state API must ask
-    their own cluster, not the ``ray start`` one (nor this test session's Ray). With
-    RAY_ADDRESS=auto it joins the cluster."""
+    their own cluster, not the ``ray start`` one (nor this test session's Ray), also when
+    the driver has a RAY_ADDRESS but starts a local Ray anyway. With RAY_ADDRESS=auto it
+    joins the cluster.
+
+    The subprocesses carry the head's token (``ray_head.env``): that is what lets a state
+    API that wrongly asks the head get an answer ("None") rather than a 401, so the test
+    sees the wrong cluster instead of a harmless "unavailable"."""
     address_file = os.path.join(ray_head.temp_dir, "ray_current_cluster")
     deadline = time.time() + 60  # `ray start` writes it just after its job API answers
     while not os.path.exists(address_file) and time.time() < deadline:
         time.sleep(0.5)
     with open(address_file) as f:
-        head_port = f.read().strip().rsplit(":", 1)[1]
+        head_gcs = f.read().strip()
+    head_port = head_gcs.rsplit(":", 1)[1]
     root = os.path.dirname(ray_head.temp_dir)
     env = dict(ray_head.env, RAY_TMPDIR=root)  # where ray.init looks for "the latest ray start cluster"
     env.pop("RAY_ADDRESS", None)
 
-    def run(env: dict, **kwargs) -> tuple[str, str]:
-        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", ENSURE_RAY, json.dumps(kwargs)], env=env,
-                              cwd=REPO, capture_output=True, text=True, timeout=180)
+    def run(env: dict, mode: str = "ensure", probe: str = "probe", **kwargs) -> tuple[str, str, int]:
+        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", ENSURE_RAY, json.dumps(kwargs), mode, probe],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        gcs, state = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("gcs ")][0]
-        return gcs.rsplit(":", 1)[1], state
+        gcs, state, dashboard = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("gcs ")][0]
+        return gcs.rsplit(":", 1)[1], state, int(dashboard)
 
-    # what the demo, tests and benchmarks start (no dashboard), and what the CLI starts
-    for kwargs in ({"num_cpus": 1, "include_dashboard": False}, {"num_cpus": 1}):
-        port, state = run(env, **kwargs)
-        assert port != head_port, kwargs
-        assert state in ("ALIVE", "unavailable"), (kwargs, state)
-    # node settings are dropped when joining. (What the head's own workers' state API finds is
-    # the head's business: with other Rays on the machine, e.g. this session's, it may guess wrong.)
-    port, _ = run(dict(env, RAY_ADDRESS="auto"), num_cpus=1)
+    cases = [  # (driver's RAY_ADDRESS, how Ray is started, kwargs)
+        (None, "ensure", {"num_cpus": 1, "include_dashboard": False}),  # the demo's local Ray
+        (None, "ensure", {"num_cpus": 1}),  # the CLI's, with a dashboard
+        ("local", "ensure", {"num_cpus": 1, "include_dashboard": False}),
+        (head_gcs, "direct", {"num_cpus": 1, "include_dashboard": False}),  # fixture/benchmarks under a RAY_ADDRESS
+    ]
+    for address, mode, kwargs in cases:
+        port, state, dashboard = run(dict(env, RAY_ADDRESS=address) if address else env, mode, **kwargs)
+        assert port != head_port, (address, kwargs)
+        assert state in ("ALIVE", "unavailable"), (address, kwargs, state)
+        if kwargs.get("include_dashboard") is False:
+            # not the default 8265, which another cluster's dashboard may hold
+            assert dashboard != 8265, (address, kwargs, dashboard)
+    # joining: node settings (num_cpus) are dropped, not refused. The head's own workers' state
+    # API is the head's business (with other Rays on the machine it may guess), so no probe.
+    port, _, _ = run(dict(env, RAY_ADDRESS="auto"), "ensure", "no-probe", num_cpus=1)
     assert port == head_port
 
 

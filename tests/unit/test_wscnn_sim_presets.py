@@ -5,6 +5,9 @@ by the CPU tests, so a config error would otherwise show only after its 4000 ima
 were written."""
 
 import pytest
+import torch
+
+from rayscreen.models import create_model
 
 from ..bench_loader import load_benchmark
 
@@ -21,9 +24,12 @@ def test_preset_train_config_is_valid(preset_name, pooling, tmp_path):
                                                         preset["optimizer"], preset["lr"])
     assert config.model.kwargs["pooling"] == pooling
     assert t.augment.enabled == preset["augment"]["enabled"]
-    if pooling == "fc":
-        # the FC head is sized for the preset's final class maps
-        assert config.model.kwargs["pooling_kwargs"]["grid"] == bench.class_map_grid(preset)
+    # the model training would build from this config takes the preset's fields (the FC
+    # head only if it was sized for the preset's final class maps)
+    model = create_model(config.model.name, in_channels=1, num_classes=2, **config.model.kwargs).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 1, *preset["shape"]))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
 
 
 def test_paper_preset_keeps_the_papers_settings():
