@@ -98,7 +98,7 @@ def quiet_ray_loggers() -> None:
 
 
 def pin_state_api_to_own_cluster() -> None:
-    """Set ``RAY_ADDRESS`` in this worker process to its own cluster's GCS address (unless set).
+    """Set ``RAY_ADDRESS`` in this worker process to its own cluster's GCS address.
 
     Ray's state API, which Ray Train's placement-group cleaner asks every second whether
     the training controller is alive, finds "the" cluster of a process without
@@ -154,11 +154,12 @@ def local_init_kwargs(**overrides: Any) -> dict[str, Any]:
         # cluster's dashboard listens there. A free port of its own, where nothing answers,
         # makes that API merely unavailable, as it is on a machine with one Ray. (Without a
         # dashboard Ray only records the port, never binds it: no race if it is taken later.)
-        kwargs["dashboard_port"] = _free_port()
+        kwargs["dashboard_port"] = free_port()
     return kwargs
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
     import socket
 
     with socket.socket() as s:

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from rayscreen.raylocal import free_port
+
 # Tests never reach the network; AWS credentials for the local S3 server come from the
 # environment, the standard place, and are dummies.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -30,16 +32,10 @@ def ray_local():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 in its own process; yields storage_options for s3fs."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from rayscreen.raylocal import free_port
+
 pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,12 +52,6 @@ RAY = os.path.join(VENV_BIN, "ray")
 # Never uploaded with --working-dir: the venv, outputs, caches (Ray also skips .git/.venv itself).
 EXCLUDES = [".venv", ".git", "demo_out", "bench_out", "out", "*.egg-info", "**/__pycache__", ".pytest_cache",
             ".ruff_cache", "*.zarr"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
