@@ -18,8 +18,9 @@ def toy():
         p5 (.9, .5)   B c4 batch2
     NSC (other compounds only): p1->p3 A ok, p2->p3 A ok, p3->p2 A ok, p4->p5 B ok,
         p5->p3 A wrong: 4/5. (p1's closest overall is p2, its own compound: left out.)
-    NSCB (other compound and batch): p1->p3 ok, p2->p4 wrong, p3->p1 ok, p4->p5 ok,
-        p5->p1 wrong: 3/5.
+    NSCB (other compound and batch): p1->p3 ok, p3->p1 ok, p4->p5 ok, p5->p1 wrong: 3/4.
+        p2 (c1, b2) is left out: the only other-compound reference in b1 is p4, of MOA B,
+        so it has no right answer (it was counted as a miss, p2->p4, before 2026-11-27).
     AP over other compounds: p1..p4 rank a same-MOA reference first (AP 1); p5 ranks
         p3, p2, p1 (all A) before p4: AP 1/4. mAP = 4.25 / 5 = 0.85.
     The DMSO row (.1, 1) would be p4's nearest neighbour if it were a reference.
@@ -38,17 +39,18 @@ def toy():
 def test_toy_by_hand():
     result = evaluate_moa(toy())
     assert result.nsc == pytest.approx(4 / 5)
-    assert result.nscb == pytest.approx(3 / 5)
+    assert result.nscb == pytest.approx(3 / 4)
     assert result.map == pytest.approx(0.85)
-    assert result.n_queries == 5 and result.n_queries_nscb == 5
-    assert result.warnings == []
+    assert result.n_queries == 5 and result.n_queries_nscb == 4
+    assert result.warnings == ["1 query(ies) of MOA(s) ['A'] have no compound of their MOA in another batch; "
+                               "left out of NSCB (no right answer)"]
     assert result.per_moa.loc["A", "nsc"] == 1.0 and result.per_moa.loc["B", "nsc"] == 0.5
     assert result.per_moa.loc["B", "map"] == pytest.approx((1 + 0.25) / 2)
     assert result.per_moa["n_compounds"].tolist() == [2, 2]
     assert result.confusion.loc["A"].tolist() == [3, 0]
     assert result.confusion.loc["B"].tolist() == [1, 1]  # p5 taken for A
     assert result.predictions["nsc_neighbor"].tolist() == [2, 2, 1, 4, 2]  # index labels
-    assert result.predictions["nscb_neighbor"].tolist() == [2, 3, 0, 4, 0]
+    assert result.predictions["nscb_neighbor"].tolist() == [2, None, 0, 4, 0]
     d = result.to_dict()
     assert d["nsc"] == pytest.approx(0.8) and d["confusion"]["B"] == {"A": 1, "B": 1}
     assert d["per_moa"]["A"]["n_compounds"] == 2 and isinstance(d["per_moa"]["A"]["n_compounds"], int)
@@ -69,9 +71,26 @@ def test_treatments_without_a_moa_or_compound_are_left_out_not_made_a_class(blan
     assert any("1 non-control row(s) without a Metadata_Compound" in w for w in result.warnings)
 
 
+def test_nscb_leaves_out_queries_whose_moa_has_no_compound_in_another_batch():
+    """The toy with p5 (c4) moved to batch b1: MOA B's two compounds now sit in b1 only, and
+    p2 (c1, b2) finds no other A compound in b1. Under NSCB these three queries have no right
+    answer (their nearest allowed neighbours are all of the other MOA), so, as Ando et al.
+    do for BBBC021's one-batch MOAs, they are left out rather than counted wrong: p1 -> p3 and
+    p3 -> p1 are right, NSCB 2/2 (it would read 2/5 with them counted)."""
+    table = toy()
+    table.loc[4, "Metadata_Batch"] = "b1"
+    result = evaluate_moa(table)
+    assert result.nscb == pytest.approx(1.0) and result.n_queries_nscb == 2
+    assert result.predictions["nscb_neighbor"].tolist()[0] == 2 and result.predictions["nscb_neighbor"].tolist()[2] == 0
+    assert result.predictions["nscb_correct"].isna().tolist() == [False, True, False, True, True]
+    assert any("3 query(ies) of MOA(s) ['A', 'B'] have no compound of their MOA in another batch" in w
+               for w in result.warnings)
+    assert result.nsc == pytest.approx(evaluate_moa(toy()).nsc)  # batches do not enter NSC
+
+
 def test_shortcuts_and_metric():
     assert nsc_accuracy(toy()) == pytest.approx(0.8)
-    assert nscb_accuracy(toy()) == pytest.approx(0.6)
+    assert nscb_accuracy(toy()) == pytest.approx(0.75)
     assert mean_average_precision(toy()) == pytest.approx(0.85)
     with pytest.raises(ValueError, match="Metadata_Plate"):
         nscb_accuracy(toy(), batch="Metadata_Plate")
