@@ -73,7 +73,9 @@ def distance_to_controls(profiles: pd.DataFrame, *, controls=None, metric: str =
     distance is to the mean of the *other* controls of its plate (leave one out): a control
     is part of the full mean, which pulls it in, so against it the controls would look
     closer than any new well and every well's z-score would be inflated (by ~3 with 8
-    controls and 100 features). A plate with one control gets NaN z-scores.
+    controls and 100 features). A plate with fewer than three controls gets NaN z-scores:
+    one control has no others, and two controls' distances (each to the other) are equal,
+    so their spread is 0.
 
     Returns ``profiles``' ``Metadata_*`` columns (and ``plate_column``) plus ``distance``
     and ``distance_z``.

@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..config import Config
 from ..store.annotations import read_input_file
-from ..store.errors import RayscreenError
+from ..store.errors import RayscreenError, preview
 from ..store.uri import filesystem, join
 from ._table import control_mask, feature_columns, order_columns
 from .aggregate import aggregate
@@ -119,6 +119,28 @@ def controls_of(table: pd.DataFrame, config: Config) -> np.ndarray:
     return ((column == value) | (column.astype(str).str.strip() == str(value))).to_numpy()
 
 
+def controls_per_plate(table: pd.DataFrame, controls: np.ndarray) -> pd.Series:
+    """Number of control rows per plate (``Metadata_Plate``), every plate listed (0 too)."""
+    plates = table["Metadata_Plate"].astype(str) if "Metadata_Plate" in table.columns \
+        else pd.Series("", index=table.index)
+    return pd.Series(np.asarray(controls, bool), index=table.index).groupby(plates.to_numpy()).sum().astype(int)
+
+
+def require_controls(table: pd.DataFrame, controls: np.ndarray, config: Config, what: str) -> None:
+    """Raise naming every plate of ``table`` without a control row: ``what`` is fitted on a
+    plate's controls, and one plate without them would otherwise stop the stage at that plate
+    with a bare error (or, for hits, leave its wells unscored)."""
+    a = config.analysis
+    counts = controls_per_plate(table, controls)
+    without = sorted(counts.index[counts == 0])
+    if without:
+        raise AnalysisError(
+            f"{what} is fitted on each plate's control wells, and plate(s) {preview(without)} have none "
+            f"(analysis.control_column {a.control_column!r} = analysis.control_value {a.control_value!r}; "
+            f"{int((counts > 0).sum())} of {len(counts)} plates have them). Mark the controls of these plates "
+            f"in the plate map, or change analysis.control_column / control_value")
+
+
 def _well_metadata(ds) -> pd.DataFrame:
     """``Metadata_*`` coordinates along ``well`` as a table (one row per well, store order)."""
     meta = {name: ds[name].to_numpy() for name in ds.coords
@@ -177,6 +199,9 @@ def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
     see features already decorrelated on the controls."""
     a = config.analysis
     controls = controls_of(table, config)
+    if a.normalize != "none" or a.whiten:
+        require_controls(table, controls, config, f"analysis.normalize ({a.normalize})" if a.normalize != "none"
+                         else "analysis.whiten")
     if a.normalize != "none":
         table = normalize(table, NORMALIZE[a.normalize], controls=controls)
     ops = ["drop_na"] + [op for op in a.feature_select if op != "drop_na"]
@@ -446,6 +471,13 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     wells = _evaluation_table("well", config)
     feats = feature_columns(wells)  # without Metadata_Fields (a Metadata_* column)
     reference = controls_of(wells, config)
+    require_controls(wells, reference, config, "hit calling (the profile distance to controls)")
+    few = controls_per_plate(wells, reference)
+    few = few[few < 3]
+    if len(few):
+        # two controls' leave-one-out distances are equal (each to the other), so their spread is 0
+        log.warning("hits: plate(s) with fewer than 3 control wells, whose wells get no z-score and cannot be "
+                    "hits: %s", preview(f"{plate} ({n} control)" for plate, n in few.items()))
     # euclidean, not cosine: after control-based normalisation the control centroid is ~0,
     # so the cosine to it is noise; the euclidean distance is the phenotype's strength
     distance = distance_to_controls(wells, controls=reference, features=feats, robust=True, metric="euclidean")

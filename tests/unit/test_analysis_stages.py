@@ -304,3 +304,43 @@ def test_run_qc_on_numeric_plate_names(tmp_path, monkeypatch):
     csv.write_text("plate,well,field,label\n1001,A01,0,blurry\n")
     with pytest.raises(AnalysisError, match=r"qc\.csv: column 'label'.*'blurry'"):
         run_qc(ds, cfg, "unused")
+
+
+def test_a_plate_without_controls_is_named_before_anything_is_fitted(tmp_path):
+    """Per-plate normalisation, whitening and hit calling are fitted on each plate's controls;
+    a plate without them used to stop `aggregate` with a bare ValueError about the first such
+    plate only (not a RayscreenError, so the CLI printed a traceback)."""
+    wells = pd.DataFrame({"Metadata_Plate": ["P1"] * 3 + ["P2"] * 2 + ["P3"] * 2,
+                          "Metadata_Control": ["negative", "negative", "", "", "", "", ""],
+                          "Metadata_Fields": 1, "f0": np.arange(7.0), "f1": np.arange(7.0) ** 2})
+    for kwargs in ({"normalize": "mad"}, {"normalize": "none", "whiten": True}):
+        with pytest.raises(AnalysisError, match=r"plate\(s\) \['P2', 'P3'\] have none .*analysis.control_column "
+                                                r"'Metadata_Control' = analysis.control_value 'negative'.*1 of 3"):
+            process_wells(wells, config(tmp_path, feature_select=[], **kwargs))
+    # nothing is fitted on controls without normalisation or whitening: no controls needed
+    assert len(process_wells(wells, config(tmp_path, normalize="none", feature_select=[]))) == 7
+
+    treatment, table = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    table.loc[[0, 1], "Metadata_Plate"] = "P2"  # compounds a1, a2 on a plate of their own
+    _write_tables(tmp_path, treatment, table)
+    with pytest.raises(AnalysisError, match=r"hit calling .*plate\(s\) \['P2'\] have none"):
+        run_evaluate(config(tmp_path), progress=False)
+
+
+def test_hits_warn_of_plates_with_too_few_controls_to_score(tmp_path, caplog):
+    """Two controls' leave-one-out distances are equal (each to the other): spread 0, so no
+    well of that plate gets a z-score. Said, rather than a plate silently without hits."""
+    treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])  # 2 DMSO wells on P1
+    _write_tables(tmp_path, treatment, wells)
+    with caplog.at_level("WARNING", logger="rayscreen"):
+        run_evaluate(config(tmp_path), progress=False)
+    assert "fewer than 3 control wells" in caplog.text and "P1 (2 control)" in caplog.text
+    hits = pd.read_csv(tmp_path / "run" / "evaluation" / "hits.csv")
+    assert hits.empty
+
+    caplog.clear()
+    extra = wells.iloc[[-1]].assign(Metadata_Well="Z99")
+    _write_tables(tmp_path, treatment, pd.concat([wells, extra], ignore_index=True))  # a third control
+    with caplog.at_level("WARNING", logger="rayscreen"):
+        run_evaluate(config(tmp_path), progress=False)
+    assert "fewer than 3 control wells" not in caplog.text
