@@ -93,6 +93,11 @@ def _aggregate_frame(profiles: pd.DataFrame, by: list[str], method: str,
     return order_columns(pd.concat([keys, out.reset_index(drop=True)], axis=1))
 
 
+# columns that say where a row was imaged; they may differ within a treatment anywhere
+POSITION_COLUMNS = frozenset({"Metadata_Plate", "Metadata_Well", "Metadata_Field", "Metadata_Site",
+                              "Metadata_Row", "Metadata_Col", "Metadata_Column", "Metadata_Fields"})
+
+
 def _warn_inconsistent(profiles: pd.DataFrame, grouped, varies: pd.DataFrame, by: list[str]) -> None:
     """Warn about each ``Metadata_*`` column dropped for differing within some groups while
     constant within the other groups of several rows, naming how many groups and one of
@@ -106,6 +111,10 @@ def _warn_inconsistent(profiles: pd.DataFrame, grouped, varies: pd.DataFrame, by
     multi = grouped.size().to_numpy() > 1
     codes = grouped.ngroup().to_numpy()  # the group of each row, in the order of ``varies``
     for c in varies.columns:
+        if c in POSITION_COLUMNS:
+            # where a sample was imaged, not what it is: a compound on one plate and DMSO on
+            # every plate is a sound layout, not an annotation to fix
+            continue
         bad = varies[c].to_numpy()
         if not bad.any() or bad[multi].all():
             continue

@@ -47,13 +47,16 @@ def correlated_features(profiles: pd.DataFrame, features: Sequence[str] | None =
     with a feature already kept, so of a correlated pair the later column is dropped and
     the result is deterministic. (pycytominer drops the one with the larger total
     correlation instead; both leave no pair above the threshold.) Correlations use the
-    rows where both features are present.
+    rows where both features are present, and only pairs present together in at least 3
+    rows and half the rows: two points always lie on a line, so a feature measured in two
+    wells would otherwise correlate +-1 with every feature after it and drop them all.
     """
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     cols = feature_columns(profiles, features)
     # NaN correlations (a constant or empty feature) count as uncorrelated.
-    corr = np.nan_to_num(profiles[cols].corr(method=method).abs().to_numpy(), nan=0.0)
+    min_periods = max(3, (len(profiles) + 1) // 2)
+    corr = np.nan_to_num(profiles[cols].corr(method=method, min_periods=min_periods).abs().to_numpy(), nan=0.0)
     kept: list[int] = []
     dropped = []
     for i, name in enumerate(cols):

@@ -123,3 +123,22 @@ def test_an_annotation_dropped_for_a_few_groups_is_named_in_a_warning():
     assert len(messages) == 1, messages
     assert "'Metadata_MOA'" in messages[0] and "1 of 3 group(s)" in messages[0]
     assert "{'Metadata_Compound': 'b'} has ['m2', nan]" in messages[0]
+
+
+def test_a_treatment_on_one_plate_beside_controls_on_every_plate_is_not_called_an_annotation_error():
+    """Compounds replicated on one plate and DMSO on both: Metadata_Plate differs only within
+    the DMSO group. That is where the wells were imaged, not a wrong annotation; the advice
+    "Fix the annotation" would send the user after nothing."""
+    import warnings
+
+    wells = pd.DataFrame({
+        "Metadata_Plate": ["P1", "P1", "P2", "P2", "P1", "P2"],
+        "Metadata_Compound": ["a", "a", "b", "b", "DMSO", "DMSO"],
+        "Metadata_MOA": ["m1", "m1", "m2", "m2", "", ""],
+        "f": np.arange(6.0),
+    })
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = aggregate(wells, by="Metadata_Compound")
+    assert [str(w.message) for w in caught] == []
+    assert "Metadata_Plate" not in out and out["Metadata_MOA"].tolist() == ["", "m1", "m2"]

@@ -49,6 +49,20 @@ def test_correlated_keeps_the_first_of_each_pair():
         correlated_features(df, threshold=1.5)
 
 
+def test_a_feature_seen_in_two_wells_does_not_drop_the_features_after_it():
+    """Two points lie on a line: a feature measured in only two wells correlated +-1 with
+    every other feature over those two wells, and, kept first, dropped them all."""
+    x = np.arange(10.0)
+    rng = np.random.default_rng(1)
+    sparse = np.full(10, np.nan)
+    sparse[[2, 7]] = [1.0, 5.0]
+    df = pd.DataFrame({"sparse": sparse, "x": x, "z": rng.normal(size=10), "x2": 3 * x + 1})
+    assert correlated_features(df, threshold=0.9) == ["x2"]  # only the real copy of x
+    # a pair seen together in half the rows still counts
+    half = np.where(x < 5, np.nan, -x)
+    assert correlated_features(pd.DataFrame({"x": x, "half": half}), threshold=0.9) == ["half"]
+
+
 def test_samples_decide_but_drop_applies_to_all_rows():
     df = pd.DataFrame({"Metadata_Control": [True, True, False, False],
                        "f": [1.0, 1.0, 5.0, 9.0], "g": [1.0, 2.0, 3.0, 1.0]})
