@@ -71,6 +71,18 @@ def write_plate_array(plate_uri: str, name: str, array: np.ndarray, attrs: dict[
     return "/".join([ARRAY_GROUP, *parts])
 
 
+def plate_array_complete(plate_uri: str, name: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the array :func:`write_plate_array` put at ``<plate>/rayscreen/<name>`` exists
+    with every chunk stored (one listing of its chunk keys, not a read of its data)."""
+    path = "/".join([ARRAY_GROUP, *_check_name(name)])
+    root = _open_root(plate_uri, storage_options, "r")
+    try:
+        node = root[path]
+    except KeyError:
+        return False
+    return isinstance(node, zarr.Array) and node.nchunks_initialized == node.nchunks
+
+
 def read_plate_array(plate_uri: str, name: str,
                      storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]] | None:
     """``(array, attrs)`` written by :func:`write_plate_array`, or ``None`` where there is none.

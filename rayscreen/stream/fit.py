@@ -32,7 +32,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from ..store import BadImageError, RayscreenError, open_plate
+from ..store.extras import plate_array_complete
 from ..store.uri import expand_uris
+from .illumination import ARRAY_NAME as ILLUMINATION_ARRAY
 from .illumination import (IlluminationAccumulator, illumination_entry, illumination_function,
                            illumination_params, load_illumination, save_illumination, select_fields)
 from ..progress import Progress
@@ -214,7 +216,10 @@ def compute_illumination(
     for uri in expand_uris(uris, storage_options):
         plate = open_plate(uri, storage_options)
         entry = illumination_entry(uri, storage_options)
-        if not overwrite and entry and entry.get("version") == 1 and _same(entry.get("params"), params):
+        # the array is checked too (a listing of its chunks): a plate copied in part, or a
+        # chunk lost, must be recomputed, not skipped and then fail in every stream
+        if (not overwrite and entry and entry.get("version") == 1 and _same(entry.get("params"), params)
+                and plate_array_complete(uri, ILLUMINATION_ARRAY, storage_options)):
             status[uri] = "skipped"
             _log(progress, f"illum {plate.name}: up to date ({uri})")
             continue

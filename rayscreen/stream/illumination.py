@@ -226,6 +226,11 @@ def save_illumination(plate_uri: str, illum: np.ndarray, storage_options: dict[s
         raise ValueError(f"illumination function shape {illum.shape}: expected (C, Y, X)")
     entry = {"version": VERSION, "shape": list(illum.shape), "channels": list(channels) if channels else None,
              "robust_min_percentile": ROBUST_MIN_PERCENTILE, "params": dict(params or {}), "fields": fields}
+    if illumination_entry(plate_uri, storage_options) is not None:
+        # replacing one: withdraw the old claim first, so a write cut short leaves a plate
+        # without a function (recomputed on the next run), never the old parameters over a
+        # new, partial or different array (skipped on the next run)
+        update_plate_attrs(plate_uri, storage_options, **{ATTR_KEY: None})
     path = write_plate_array(plate_uri, ARRAY_NAME, illum, entry, storage_options)
     # the attribute is written last: it marks the array complete
     update_plate_attrs(plate_uri, storage_options, **{ATTR_KEY: {**entry, "path": path}})

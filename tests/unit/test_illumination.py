@@ -188,6 +188,43 @@ def test_compute_illumination_in_partials_equals_one_pass_and_resumes(vignetted_
         compute_illumination(str(tmp_path / "nothing*.zarr"), use_ray=False)
 
 
+def test_a_cut_short_or_damaged_illumination_is_recomputed_not_skipped(vignetted_plate, tmp_path, monkeypatch):
+    """The skip rule compared parameters only: a recompute killed while it rewrote the array
+    left the old parameters over a partial array, so the rerun said "up to date" and every
+    stream then failed on the missing chunk (or, killed after the array, applied another
+    function without a word)."""
+    import pathlib
+    import shutil
+
+    from rayscreen.stream import illumination as illum_module
+    from rayscreen.stream.fit import compute_illumination
+    from rayscreen.stream.illumination import illumination_entry
+
+    uri = str(tmp_path / "P1.zarr")
+    shutil.copytree(vignetted_plate[0], uri)
+    assert compute_illumination(uri, use_ray=False, progress=False) == {uri: "computed"}
+    good = load_illumination(uri)
+
+    # a chunk lost (a plate copied in part): recomputed, not skipped
+    chunk = sorted(p for p in (pathlib.Path(uri) / "rayscreen" / "illumination" / "v1").rglob("*")
+                   if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs"))[-1]
+    chunk.unlink()
+    assert compute_illumination(uri, use_ray=False, progress=False) == {uri: "computed"}
+    np.testing.assert_array_equal(load_illumination(uri), good)
+
+    # a rewrite cut short before its array was stored: the plate no longer claims a function
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the array")
+
+    monkeypatch.setattr(illum_module, "write_plate_array", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compute_illumination(uri, method="median", use_ray=False, progress=False, overwrite=True)
+    monkeypatch.undo()
+    assert illumination_entry(uri) is None and load_illumination(uri) is None
+    assert compute_illumination(uri, use_ray=False, progress=False) == {uri: "computed"}
+    np.testing.assert_array_equal(load_illumination(uri), good)
+
+
 def test_illumination_at_a_coarser_level(tmp_path):
     """Streaming level 1 resamples the level-0 function to the level's shape."""
     from rayscreen.stream.datasource import StreamOptions, plan_wells, read_wells
