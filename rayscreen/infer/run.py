@@ -45,7 +45,7 @@ import pandas as pd
 from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import drain, stage_data_context, stream_failure
-from ..store import MissingWellError, RayscreenError, open_plate
+from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
@@ -214,8 +214,11 @@ class InferWells:
         where = f"plate {row['plate']!r} well {row['well']}"
         try:
             fields = plate.fields(row["well"])
-        except MissingWellError:
-            return [], [], None  # sparse plate: the stream reports it; every field ABSENT
+        except MissingWellError as e:
+            if isinstance(e, IncompleteWellError) and self.plan.options.on_error != "skip":
+                raise  # an ingest cut short: scoring the plate now would skip the well for good
+            # sparse plate: every field ABSENT; the well is looked for again on the next run
+            return [], [], None
         if len(fields) > self.plan.n_fields:
             raise RayscreenError(f"{where}: {len(fields)} fields, more than the {self.plan.n_fields} "
                                  "the results store was sized for (the plate's field_count)")
@@ -422,11 +425,14 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
                             storage_options=config.storage_options,
                             overwrite=ic.overwrite if overwrite is None else overwrite)
     retried = writer.reopen_wells_where("field_status", READ_ERROR)  # maybe transient: tried again
+    # wells with no field on disk last time (a sparse plate, or an ingest then unfinished):
+    # looked for again, one metadata read each
+    retried += writer.reopen_wells_where("field_status", ABSENT, everywhere=True)
     done = writer.done_mask()
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
             for i, r in enumerate(plan.wells.itertuples()) if not done[i]]
     if progress:
-        again = f" ({len(retried)} of them again: they had read errors)" if retried else ""
+        again = f" ({len(retried)} of them again: they had read errors or no field on disk)" if retried else ""
         print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score{again} "
               f"-> {plan.results_uri}", file=sys.stderr)
     if todo:

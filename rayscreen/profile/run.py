@@ -227,11 +227,13 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     write_config(config)
 
     retried = writer.reopen_wells_where("field_status", STATUS_ERROR)  # maybe transient: tried again
+    # wells with no field on disk last time (a sparse plate, or an ingest then unfinished)
+    retried += writer.reopen_wells_where("field_status", STATUS_MISSING, everywhere=True)
     done = set(writer.done_wells())
     wells = plan["wells"]
     todo = [i for i in range(len(wells)) if i not in done]
     log.info("profile: %d wells, %d done, %d to profile%s -> %s", len(wells), len(done), len(todo),
-             f" ({len(retried)} of them again: they had read errors)" if retried else "", uri)
+             f" ({len(retried)} of them again: they had read errors or no field on disk)" if retried else "", uri)
     if todo:
         ensure_ray()
         bar = Progress(len(todo), "profile", "well", enabled=progress)

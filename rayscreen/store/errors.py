@@ -23,6 +23,13 @@ class MissingWellError(RayscreenError, KeyError):
     __str__ = ValueError.__str__  # KeyError would quote the message
 
 
+class IncompleteWellError(MissingWellError):
+    """A well of a plate rayscreen wrote that its writer never completed: ``create_plate``
+    lists every well up front and a well's metadata is written last, so in such a plate an
+    absent well is an ingest cut short, not a sparse plate. Streams raise it (unless told to
+    skip), and stages do not record its well as done."""
+
+
 class MissingChunkError(RayscreenError):
     """A chunk of a field is absent: it must not read back as fill values."""
 

@@ -20,7 +20,7 @@ import pandas as pd
 import zarr
 
 from . import annotations as ann
-from .errors import (BadImageError, CorruptDataError, MissingChunkError, MissingWellError,
+from .errors import (BadImageError, CorruptDataError, IncompleteWellError, MissingChunkError, MissingWellError,
                      NotAPlateError, RayscreenError)
 from .ngff import Multiscale, PlateMeta, WellMeta
 from .uri import make_store
@@ -120,13 +120,29 @@ class Plate:
             try:
                 group = self._root[path]
             except KeyError:
+                if self.written_by_rayscreen:
+                    raise IncompleteWellError(self._incomplete(w, "nothing of it is on disk", path)) from None
                 raise MissingWellError(f"plate {self.name!r}: well {w} is listed but missing on disk ({path})") from None
             meta = WellMeta.from_attrs(_attrs(group), where=f"{self.uri}/{path}")
             if meta is None:
                 # rayscreen writes a well's metadata last, so a well without it was never completed
+                if self.written_by_rayscreen:
+                    raise IncompleteWellError(self._incomplete(w, "it has no well metadata", path))
                 raise MissingWellError(f"plate {self.name!r}: well {w} has no well metadata (incomplete or not a well)")
             self._well_meta[w] = meta
         return self._well_meta[w]
+
+    @functools.cached_property
+    def written_by_rayscreen(self) -> bool:
+        """Whether rayscreen's writer made this plate (it records a layout): such a plate lists
+        every well when it is created and writes each well's metadata last."""
+        return "layout" in (_attrs(self._root).get(NAMESPACE) or {})
+
+    def _incomplete(self, well: str, what: str, path: str) -> str:
+        return (f"plate {self.name!r} ({self.uri}): well {well} was not completed by the writer ({what}: {path}); "
+                f"rayscreen lists a plate's wells when it creates it and writes each well's metadata last. "
+                f"Finish the ingest (`rayscreen ingest` resumes where it stopped), or set stream.on_error: skip "
+                f"to go on without this well")
 
     def fields(self, well: str, acquisition: int | None = None) -> list[str]:
         """Field (image) paths of a well, e.g. ``["0", "1"]``; optionally of one acquisition."""
@@ -188,6 +204,14 @@ class Plate:
         arr = self._array(*self._first_field, 0)
         dims = dict(zip(ms.axis_names, arr.shape))
         return (dims.get("c", 1), dims["y"], dims["x"])
+
+    @property
+    def planes(self) -> dict[str, int]:
+        """Sizes of the ``t`` and ``z`` axes of level 0 (of the first field; 1 where the axis
+        is absent): what the axis rule reduces (t indexed, z max-projected by default)."""
+        ms = self._reference
+        dims = dict(zip(ms.axis_names, self._array(*self._first_field, 0).shape))
+        return {"t": int(dims.get("t", 1)), "z": int(dims.get("z", 1))}
 
     @property
     def dtype(self) -> np.dtype:

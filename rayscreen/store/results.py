@@ -469,15 +469,18 @@ class ResultsWriter:
         """Indices of wells whose data is complete (a rerun skips them)."""
         return np.flatnonzero(self.done_mask()).tolist()
 
-    def reopen_wells_where(self, name: str, value: Any) -> list[int]:
+    def reopen_wells_where(self, name: str, value: Any, *, everywhere: bool = False) -> list[int]:
         """Clear the done flag of every done well whose variable ``name`` holds ``value``
-        somewhere, and return their indices: a rerun computes them again. The stages use it
-        for fields recorded as read errors (``on_error: skip``), which may have been
-        transient (a dropped S3 connection). Cleared before anything is rewritten, so a
-        crash during the rewrite leaves those wells not done rather than half old, half new."""
+        somewhere (``everywhere``: in every element), and return their indices: a rerun
+        computes them again. The stages use it for fields recorded as read errors (``on_error:
+        skip``), which may have been transient (a dropped S3 connection), and for wells with no
+        field at all (not on disk yet: an ingest still running). Cleared before anything is
+        rewritten, so a crash during the rewrite leaves those wells not done rather than half
+        old, half new."""
         done = self.done_mask()
         values = np.asarray(self._array(name)[...])
-        hit = done & (values == value).reshape(len(values), -1).any(axis=1)
+        match = (values == value).reshape(len(values), -1)
+        hit = done & ((match.all(axis=1) & (match.shape[1] > 0)) if everywhere else match.any(axis=1))
         reopened = np.flatnonzero(hit).tolist()
         if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
             self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))

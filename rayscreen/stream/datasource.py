@@ -10,8 +10,9 @@ process ever holds a whole plate. Wells of one plate are kept together in a task
 Bad data mid-stream: ``on_error="raise"`` (default) fails the job with an error naming
 plate/well/field; ``on_error="skip"`` records each bad field (and each well missing on
 disk) as one JSON line under ``error_report`` and streams on, so every field is either
-read or reported. Wells listed but absent on disk (sparse plates) are always reported,
-never fatal. Settings the data cannot meet (a tile larger than a field, fields of
+read or reported. Wells listed but absent on disk (sparse plates of other tools) are always
+reported, never fatal; in a plate rayscreen wrote, such a well is an ingest cut short
+(``IncompleteWellError``), which fails the job unless ``on_error="skip"``. Settings the data cannot meet (a tile larger than a field, fields of
 different shapes in one batch) are not bad data: they fail the job in either mode.
 """
 
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..store import BadImageError, MissingWellError, RayscreenError, open_plate
+from ..store import BadImageError, IncompleteWellError, MissingWellError, RayscreenError, open_plate
 from ..store.uri import filesystem
 
 ROW_KEYS = ("plate", "well", "field")
@@ -181,6 +182,8 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
         try:
             fields = plate.fields(task.well)
         except MissingWellError as e:
+            if isinstance(e, IncompleteWellError) and options.on_error != "skip":
+                raise
             _report(options, {"plate": task.plate, "well": task.well, "field": None, "kind": "missing well",
                               "error": str(e)})
             continue

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
-from ..store import MissingWellError, RayscreenError, open_plate
+from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
 from ..store.extras import read_plate_array, update_plate_attrs, write_plate_array
 
 VERSION = 1
@@ -184,6 +184,10 @@ def select_fields(plate, max_fields: int | None = None, seed: int = 0,
     for w in (list(wells) if wells is not None else plate.wells):
         try:
             pairs.extend((w, f) for f in plate.fields(w))
+        except IncompleteWellError:
+            # a correction fitted on part of a plate would be stored as the plate's and, with
+            # the same parameters, never refitted once the ingest finished
+            raise
         except MissingWellError:
             continue
     if max_fields is not None and len(pairs) > max_fields:

@@ -138,9 +138,11 @@ def test_count_is_the_number_of_rows_streamed(tmp_path, ray_local):
     import shutil
 
     uri = make_plate(str(tmp_path / "p.zarr"), wells=("A01", "A02", "B01"), fields=2, field_shape=(32, 40))
-    shutil.rmtree(tmp_path / "p.zarr" / "B" / "1")  # a sparse plate: the well is listed, not on disk
+    # the well is listed, not on disk (in a plate rayscreen wrote, an ingest cut short: skipped
+    # when asked, else an error)
+    shutil.rmtree(tmp_path / "p.zarr" / "B" / "1")
     for kwargs, n in (({}, 2 * 2), ({"tile": 16}, 2 * 2 * 6), ({"fields": [0]}, 2), ({"tile": 16, "fields": [1]}, 2 * 6)):
-        ds = read_plates(uri, **kwargs)
+        ds = read_plates(uri, on_error="skip", **kwargs)
         assert ds.count() == len(ds.take_all()) == n, kwargs
 
 

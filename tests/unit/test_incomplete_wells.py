@@ -1,0 +1,76 @@
+"""A plate whose ingest did not finish: its listed wells without metadata are an unfinished
+write, not a sparse plate. The stream must not pass over them silently (a stage would
+record them done, and a rerun after the ingest finished would never score them)."""
+
+import numpy as np
+import pytest
+
+from rayscreen.store import IncompleteWellError, MissingWellError, create_plate, open_plate
+from rayscreen.store.results import create_results, Variable
+from rayscreen.stream.datasource import StreamOptions, load_error_report, plan_wells, read_wells
+from rayscreen.stream.illumination import select_fields
+
+
+def half_ingested(tmp_path):
+    """A01 complete (2 fields), A02 one field written then stopped, B01 never started."""
+    uri = str(tmp_path / "p.zarr")
+    writer = create_plate(uri, "P", ["A01", "A02", "B01"], ["DNA"], (8, 8), "uint8", 1)
+    for f in range(2):
+        writer.write_field("A01", f, np.full((1, 8, 8), f + 1, np.uint8))
+    writer.complete_well("A01", 2)
+    writer.write_field("A02", 0, np.ones((1, 8, 8), np.uint8))
+    return uri
+
+
+def test_the_stream_stops_at_a_well_the_ingest_did_not_finish(tmp_path):
+    uri = half_ingested(tmp_path)
+    with pytest.raises(IncompleteWellError, match=r"plate 'P' .*well A02 was not completed by the writer.*"
+                                                  r"`rayscreen ingest` resumes.*stream.on_error: skip"):
+        list(read_wells(plan_wells([uri]), StreamOptions()))
+    # skipping, each is reported and the rest streams
+    report = str(tmp_path / "errors")
+    batches = list(read_wells(plan_wells([uri]), StreamOptions(on_error="skip", error_report=report)))
+    assert [(w, f) for b in batches for w, f in zip(b["well"], b["field"])] == [("A01", "0"), ("A01", "1")]
+    assert load_error_report(report)[["well", "kind"]].values.tolist() == [["A02", "missing well"],
+                                                                           ["B01", "missing well"]]
+    # a correction fitted on part of the plate would be kept as the plate's: refused too
+    with pytest.raises(IncompleteWellError, match="well A02"):
+        select_fields(open_plate(uri), None)
+
+
+def test_a_sparse_plate_of_another_tool_is_not_an_unfinished_ingest(tmp_path):
+    """Without rayscreen's layout record (another writer), a listed well absent on disk is
+    a sparse plate: reported, never fatal, as before."""
+    import zarr
+
+    uri = half_ingested(tmp_path)
+    root = zarr.open_group(uri, mode="r+")
+    attrs = dict(root.attrs["rayscreen"])
+    del attrs["layout"]
+    root.attrs["rayscreen"] = attrs
+    plate = open_plate(uri)
+    assert not plate.written_by_rayscreen
+    with pytest.raises(MissingWellError) as caught:
+        plate.fields("B01")
+    assert not isinstance(caught.value, IncompleteWellError)
+    batches = list(read_wells(plan_wells([uri]), StreamOptions()))
+    assert sum(len(b["well"]) for b in batches) == 2
+    assert [w for w, f in select_fields(plate, None)] == ["A01", "A01"]
+
+
+def test_wells_with_no_field_at_all_are_reopened_for_a_rerun(tmp_path):
+    """A stage records a well it found nothing of with every field slot absent; the next run
+    looks for it again (one metadata read) instead of keeping it done for good. A well with
+    some fields, or no slots, is left alone."""
+    import pandas as pd
+
+    wells = pd.DataFrame({"plate": "P", "well": ["A01", "A02", "B01"]})
+    writer = create_results(str(tmp_path / "r.zarr"), wells, {"field": 2},
+                            [Variable("field_status", ("well", "field"), "int8", 1)], kind="results")
+    writer.write_well(0, {"field_status": np.array([0, 1], np.int8)})  # one field, one slot unused
+    writer.write_well(1, {"field_status": np.array([1, 1], np.int8)})  # nothing on disk
+    writer.write_well(2, {"field_status": np.array([2, 1], np.int8)})  # a read error
+    writer.finalize()
+    assert writer.reopen_wells_where("field_status", 1, everywhere=True) == [1]
+    assert writer.done_wells() == [0, 2]
+    assert writer.reopen_wells_where("field_status", 2) == [2]
