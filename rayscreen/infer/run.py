@@ -44,7 +44,7 @@ import pandas as pd
 
 from ..config import Config, ConfigError, write_config
 from ..progress import Progress
-from ..raylocal import drain, stage_data_context, stream_failure
+from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
@@ -456,7 +456,11 @@ def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
     import ray
 
     ic = config.infer
-    gpu = _device() == "cuda"
+    # the cluster's GPUs, not the driver's: a CPU-only head submitting to GPU workers (the
+    # usual `ray job submit`) must still reserve them, and a GPU laptop's driver must not
+    # ask a CPU-only cluster for GPUs it can never schedule (as train and profile decide)
+    ensure_ray()
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
     # >= 4 batches of work per actor call: the per-call overhead (Ray's, and the first
     # well's read, which nothing earlier in the call can hide) stays a small share
     per_call = max(1, math.ceil(4 * ic.batch_size / plan.n_fields))
