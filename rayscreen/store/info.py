@@ -21,8 +21,8 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
     fields = {w: len(plate.fields(w)) for w in present}
     fs, path = filesystem(uri, storage_options)
     image = {"channels": plate.channels, "shape": plate.shape, "dtype": str(plate.dtype), "chunks": plate.chunks,
-             "levels": plate.levels, "axes": plate.axes} if sum(fields.values()) else dict.fromkeys(
-        ("channels", "shape", "dtype", "chunks", "levels", "axes"))
+             "levels": plate.levels, "axes": plate.axes, "planes": plate.planes} if sum(fields.values()) else dict.fromkeys(
+        ("channels", "shape", "dtype", "chunks", "levels", "axes", "planes"))
     return {
         "uri": uri,
         "name": plate.name,
@@ -31,6 +31,8 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
         "wells_listed": len(plate.wells),
         "wells_present": len(present),
         "wells_missing": missing,
+        # in a plate rayscreen wrote, a listed well without metadata is an ingest not finished
+        "wells_incomplete": bool(missing) and plate.written_by_rayscreen,
         "fields": sum(fields.values()),
         "fields_per_well": sorted(set(fields.values())),
         **image,
@@ -45,7 +47,8 @@ def format_info(info: dict[str, Any]) -> str:
     if not known:
         wells = ", no field written yet (channels, shape and dtype unknown)"
     elif missing:
-        wells = f"; missing: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}"
+        what = "not completed by the writer (ingest unfinished?)" if info.get("wells_incomplete") else "missing"
+        wells = f"; {what}: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}"
     else:
         wells = ""
     lines = [
@@ -60,6 +63,10 @@ def format_info(info: dict[str, Any]) -> str:
             f"  channels: {', '.join(info['channels'])}",
             f"  field shape (C, Y, X): {tuple(info['shape'])}  dtype {info['dtype']}  chunks {tuple(info['chunks'])}",
         ]
+        t, z = info["planes"]["t"], info["planes"]["z"]
+        if t > 1 or z > 1:
+            lines.append(f"  planes: {t} timepoint(s), {z} z-plane(s); fields stream as t=0"
+                         + (", z max-projected" if z > 1 else ""))
     lines += [
         f"  annotations: {', '.join(info['annotation_columns'])}",
         f"  bytes on disk: {info['bytes_on_disk'] / 1e6:.2f} MB",

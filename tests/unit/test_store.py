@@ -107,13 +107,14 @@ def test_sparse_plate_reports_missing_wells(tmp_path):
     plate = open_plate(uri)
     assert plate.wells == ["A01", "A02", "C05"]
     assert plate.present_wells() == (["A01"], ["A02", "C05"])
-    with pytest.raises(MissingWellError, match="well C05 is listed but missing"):
+    # rayscreen listed them when it created the plate: not completed, rather than sparse
+    with pytest.raises(MissingWellError, match="well C05 was not completed by the writer \\(nothing of it is on disk"):
         plate.fields("C05")
-    with pytest.raises(MissingWellError, match="A02"):
+    with pytest.raises(MissingWellError, match="well A02 was not completed by the writer \\(it has no well metadata"):
         plate.fields("A02")
     info = plate_info(uri)
-    assert info["wells_missing"] == ["A02", "C05"] and info["fields"] == 1
-    assert "missing: A02, C05" in format_info(info)
+    assert info["wells_missing"] == ["A02", "C05"] and info["fields"] == 1 and info["wells_incomplete"]
+    assert "not completed by the writer (ingest unfinished?): A02, C05" in format_info(info)
 
 
 def test_missing_chunk_raises_not_zeros(tmp_path):
@@ -270,6 +271,11 @@ def test_axes_rule_tczyx_and_yx(tmp_path):
             plate.read("A01", 0, **kwargs)
     np.testing.assert_array_equal(plate.read("A01", 0, t=1, z=2), data5[1, :, 2])
     np.testing.assert_array_equal(plate.read("A01", 1), data2[None])
+    # what the rule reduces is told: `rayscreen info` shows the planes a field stream leaves out
+    assert plate.planes == {"t": 2, "z": 4}
+    info = plate_info(str(tmp_path / "f.zarr"))
+    assert info["planes"] == {"t": 2, "z": 4} and not info["wells_incomplete"]
+    assert "planes: 2 timepoint(s), 4 z-plane(s); fields stream as t=0, z max-projected" in format_info(info)
 
 
 def test_multiple_acquisitions(tmp_path):
