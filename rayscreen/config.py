@@ -61,7 +61,9 @@ class StreamConfig:
     # intensity scaling per plate and channel, fitted by `rayscreen illum` and stored with the plate:
     # percentile (1-99.8 %), meanstd (z-score), control (fitted on control wells only)
     normalize: Literal["none", "percentile", "meanstd", "control"] = "percentile"
-    on_error: Literal["raise", "skip"] = "raise"  # skip: an unreadable field is left out and reported; a rerun tries its well again
+    # skip: an unreadable field (or a well an unfinished ingest has not written) is left out and
+    # reported; a rerun tries its well again
+    on_error: Literal["raise", "skip"] = "raise"
     override_num_blocks: int | None = None  # Ray Data read tasks (None: from the screen's size)
 
     def __post_init__(self):
