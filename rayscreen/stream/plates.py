@@ -140,7 +140,16 @@ def read_plates(
     if not uris:
         raise RayscreenError("read_plates: no plate URIs given")
     if on_error == "skip" and error_report is None:
+        import ray
+
+        # read tasks write their reports where they run: a local temp dir is the driver's only
+        # on a one-node cluster; on several nodes the reports would be scattered and lost
+        if ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+            raise RayscreenError("read_plates(on_error='skip') on a multi-node cluster needs error_report=: a "
+                                 "URI every node can write (S3, or a shared filesystem), where skipped fields "
+                                 "are recorded")
         error_report = os.path.join(tempfile.gettempdir(), f"rayscreen-errors-{uuid.uuid4().hex[:8]}")
+        log.info("read_plates: skipped fields are recorded under %s", error_report)
     tasks = plan_wells(uris, storage_options, wells, where, platemap)
     if not tasks:
         raise RayscreenError(f"read_plates: the filters leave no well to read in {len(uris)} plate(s)")
