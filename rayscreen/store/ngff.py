@@ -13,14 +13,16 @@ what the spec asks for. Version handling in one place:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import NotAPlateError, RayscreenError
+from .errors import NotAPlateError, RayscreenError, preview
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
+AXIS_NAMES = ("t", "c", "z", "y", "x")
 
 
 def ome_attributes(attrs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -32,7 +34,7 @@ def ome_attributes(attrs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     for key in ("plate", "well"):
         if isinstance(attrs.get(key), dict):
             version = attrs[key].get("version")
-    if isinstance(attrs.get("multiscales"), list) and attrs["multiscales"]:
+    if isinstance(attrs.get("multiscales"), list) and attrs["multiscales"] and isinstance(attrs["multiscales"][0], dict):
         version = version or attrs["multiscales"][0].get("version")
     return attrs, version
 
@@ -44,10 +46,88 @@ def wrap_ome(payload: dict[str, Any], version: str) -> dict[str, Any]:
     return payload
 
 
-def _require(d: dict, key: str, what: str, where: str) -> Any:
+_LIST = (list, tuple)
+_NAME = (str, int)  # NGFF names are strings; a writer that wrote 1 for "1" is read as "1"
+_KINDS = {_LIST: "a list", dict: "an object", _NAME: "a string"}
+
+
+def _found(value: Any) -> str:
+    """A JSON value for a message: its type and (the start of) its text."""
+    if value is None:
+        return "null"
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float)) else
+            "a string" if isinstance(value, str) else "a list" if isinstance(value, _LIST) else
+            "an object" if isinstance(value, dict) else type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _require(d: Any, key: str, what: str, where: str, kind: Any = None) -> Any:
+    """``d[key]``, or a :class:`RayscreenError` naming ``where`` (the plate, well or field
+    URI), the metadata key ``what`` (``plate.wells[3]``) and what was found there instead.
+    ``kind``: the type the value must have (``_LIST``, ``dict``, ``_NAME``)."""
+    if not isinstance(d, dict):
+        raise RayscreenError(f"{where}: {what} metadata should be an object with a {key!r}; found {_found(d)}")
     if key not in d:
         raise RayscreenError(f"{where}: {what} metadata has no {key!r} (found keys {sorted(d)})")
-    return d[key]
+    value = d[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise RayscreenError(f"{where}: {what}.{key} should be {_KINDS[kind]}; found {_found(value)}")
+    return value
+
+
+def _list(d: dict, key: str, what: str, where: str) -> list:
+    """The optional list ``d[key]`` (empty when absent or null), or an error naming it."""
+    value = d.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, _LIST):
+        raise RayscreenError(f"{where}: {what}.{key} should be a list; found {_found(value)}")
+    return list(value)
+
+
+def _index(value: Any, what: str, where: str) -> int:
+    """An integer of the metadata (``rowIndex``, an acquisition ``id``), or an error naming it."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise RayscreenError(f"{where}: {what} should be a non-negative integer; found {_found(value)}")
+
+
+_ROW_RE = re.compile(r"^[A-Za-z]{1,2}$")
+_COL_RE = re.compile(r"^\d{1,3}$")
+
+
+def _match_name(name: str, names: tuple[str, ...], axis: str, what: str, where: str) -> int:
+    """Index of a well path's row or column ``name`` among the plate's ``names``.
+
+    The spec makes the path ``<row name>/<column name>``, but writers disagree on zero
+    padding (a path ``A/1`` under columns ``01``) and case: an exact match first, then the
+    one name that is the same number (columns) or letters in another case (rows); several
+    or none is an error."""
+    if name in names:
+        return names.index(name)
+    if axis == "column" and _COL_RE.match(name):
+        same = [i for i, n in enumerate(names) if _COL_RE.match(n) and int(n) == int(name)]
+    else:
+        same = [i for i, n in enumerate(names) if n.upper() == name.upper()]
+    if len(same) == 1:
+        return same[0]
+    found = f"{len(same)} that match it: {[names[i] for i in same]}" if same else f"{len(names)}: {preview(names)}"
+    raise RayscreenError(f"{where}: {what} names {axis} {name!r} and gives no {axis}Index, but plate.{axis}s "
+                         f"should then list it once; it lists {found}")
+
+
+def _well_name(path: str, what: str, where: str) -> str:
+    """The canonical name (``A01``) of a well path ``A/1``, or an error: rayscreen names wells by
+    row letters and a column number, so a path it cannot read so cannot be addressed."""
+    parts = path.split("/")
+    if len(parts) != 2 or not _ROW_RE.match(parts[0]) or not _COL_RE.match(parts[1]) or int(parts[1]) == 0:
+        raise RayscreenError(
+            f"{where}: {what} is {path!r}; expected '<row>/<column>' with row letters and a column number "
+            f"from 1 (e.g. 'A/1' or 'B/03'), by which rayscreen names the well (A01)")
+    return f"{parts[0].upper()}{int(parts[1]):02d}"
 
 
 @dataclass(frozen=True)
@@ -87,22 +167,38 @@ class PlateMeta:
                 f"(NGFF 0.4 .zattrs or 0.5 zarr.json attributes.ome); found {kind}"
             )
         plate = ome["plate"]
+        if not isinstance(plate, dict):
+            raise NotAPlateError(f"{where}: the 'plate' metadata should be an object; found {_found(plate)}")
         version = plate.get("version", version) or "0.4"
         if str(version) not in SUPPORTED_VERSIONS:
             raise NotAPlateError(f"{where}: NGFF version {version!r} is not supported; expected one of {SUPPORTED_VERSIONS}")
-        rows = tuple(r["name"] for r in _require(plate, "rows", "plate", where))
-        columns = tuple(c["name"] for c in _require(plate, "columns", "plate", where))
+        rows = tuple(str(_require(r, "name", f"plate.rows[{i}]", where, _NAME))
+                     for i, r in enumerate(_require(plate, "rows", "plate", where, _LIST)))
+        columns = tuple(str(_require(c, "name", f"plate.columns[{i}]", where, _NAME))
+                        for i, c in enumerate(_require(plate, "columns", "plate", where, _LIST)))
         wells = []
-        for w in _require(plate, "wells", "plate", where):
-            path = _require(w, "path", "plate.wells[]", where)
-            row, _, col = path.partition("/")
+        named: dict[str, str] = {}
+        for i, w in enumerate(_require(plate, "wells", "plate", where, _LIST)):
+            what = f"plate.wells[{i}]"
+            path = str(_require(w, "path", what, where, _NAME))
+            name = _well_name(path, f"{what}.path", where)
+            if name in named:
+                raise RayscreenError(f"{where}: {what}.path {path!r} and the well path {named[name]!r} before it "
+                                     f"both name well {name}; expected each well listed once")
+            named[name] = path
+            row, col = path.split("/")
             # rowIndex/columnIndex are required since 0.4 but some writers omit them
             ri = w.get("rowIndex", w.get("row_index"))
             ci = w.get("columnIndex", w.get("column_index"))
-            wells.append(WellRef(path, rows.index(row) if ri is None else int(ri),
-                                 columns.index(col) if ci is None else int(ci)))
-        acqs = tuple(Acquisition(int(a["id"]), a.get("name"), a.get("maximumfieldcount"))
-                     for a in plate.get("acquisitions", []) or [])
+            wells.append(WellRef(
+                path,
+                _match_name(row, rows, "row", f"{what}.path {path!r}", where) if ri is None
+                else _index(ri, f"{what}.rowIndex", where),
+                _match_name(col, columns, "column", f"{what}.path {path!r}", where) if ci is None
+                else _index(ci, f"{what}.columnIndex", where)))
+        acqs = tuple(Acquisition(_index(_require(a, "id", f"plate.acquisitions[{i}]", where), f"plate.acquisitions[{i}].id", where),
+                                 a.get("name"), a.get("maximumfieldcount"))
+                     for i, a in enumerate(_list(plate, "acquisitions", "plate", where)))
         return cls(plate.get("name") or "", rows, columns, tuple(wells), plate.get("field_count"), acqs, str(version))
 
     def to_attrs(self) -> dict[str, Any]:
@@ -124,11 +220,7 @@ class PlateMeta:
 
     def well_names(self) -> dict[str, str]:
         """Canonical well name (``A01``) -> path (``A/1``), in metadata order."""
-        out = {}
-        for w in self.wells:
-            row, col = w.path.split("/")
-            out[f"{row.upper()}{int(col):02d}"] = w.path
-        return out
+        return {_well_name(w.path, "well path", f"plate {self.name!r}"): w.path for w in self.wells}
 
 
 @dataclass(frozen=True)
@@ -149,8 +241,8 @@ class WellMeta:
         if "well" not in ome:
             return None
         well = ome["well"]
-        images = tuple(WellImage(str(_require(i, "path", "well.images[]", where)), i.get("acquisition"))
-                       for i in _require(well, "images", "well", where))
+        images = tuple(WellImage(str(_require(i, "path", f"well.images[{k}]", where, _NAME)), i.get("acquisition"))
+                       for k, i in enumerate(_require(well, "images", "well", where, _LIST)))
         return cls(images, str(well.get("version", version) or "0.4"))
 
     def to_attrs(self) -> dict[str, Any]:
@@ -182,23 +274,55 @@ class Multiscale:
         ms = ome.get("multiscales")
         if not ms:
             raise RayscreenError(f"{where}: expected 'multiscales' image metadata, found attribute keys {sorted(ome)}")
+        if not isinstance(ms, _LIST):
+            raise RayscreenError(f"{where}: multiscales should be a list of objects; found {_found(ms)}")
         ms0 = ms[0]
+        if not isinstance(ms0, dict):
+            raise RayscreenError(f"{where}: multiscales[0] should be an object; found {_found(ms0)}")
         raw_axes = ms0.get("axes")
         if raw_axes is None:
             raise RayscreenError(f"{where}: multiscales has no 'axes' (NGFF >= 0.4 requires them)")
+        if not isinstance(raw_axes, _LIST):
+            raise RayscreenError(f"{where}: multiscales[0].axes should be a list; found {_found(raw_axes)}")
         # 0.3 wrote axes as plain strings
-        axes = tuple(Axis(a) if isinstance(a, str) else Axis(a["name"], a.get("type"), a.get("unit")) for a in raw_axes)
+        axes = tuple(Axis(a) if isinstance(a, str) else
+                     Axis(_require(a, "name", f"multiscales[0].axes[{i}]", where, _NAME), a.get("type"), a.get("unit"))
+                     for i, a in enumerate(raw_axes))
         names = [a.name for a in axes]
-        if "y" not in names or "x" not in names or any(n not in "tczyx" for n in names):
-            raise RayscreenError(f"{where}: axes {names} are not a subset of t, c, z, y, x containing y and x")
-        datasets = _require(ms0, "datasets", "multiscales", where)
-        paths = tuple(str(d["path"]) for d in datasets)
+        # whole names: a substring test would let 'zy' or 'cz' through
+        unknown = [n for n in names if n not in AXIS_NAMES]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if unknown or repeated or "y" not in names or "x" not in names:
+            problem = (f"unknown axis names {unknown}" if unknown else f"repeated axes {repeated}" if repeated
+                       else "no " + " and no ".join(n for n in ("y", "x") if n not in names))
+            raise RayscreenError(f"{where}: multiscales[0].axes are {names}; expected each of t, c, z, y, x at most "
+                                 f"once, y and x among them ({problem})")
+        datasets = _require(ms0, "datasets", "multiscales[0]", where, _LIST)
+        if not datasets:
+            raise RayscreenError(f"{where}: multiscales[0].datasets is empty; expected at least one resolution level")
+        paths = tuple(str(_require(d, "path", f"multiscales[0].datasets[{i}]", where, _NAME))
+                      for i, d in enumerate(datasets))
         scales = []
-        for d in datasets:
-            scale = next((t["scale"] for t in d.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
+        for i, d in enumerate(datasets):
+            what = f"multiscales[0].datasets[{i}]"
+            transforms = _list(d, "coordinateTransformations", what, where)
+            scale = next((_require(t, "scale", f"{what}.coordinateTransformations[{k}]", where, _LIST)
+                          for k, t in enumerate(transforms) if not isinstance(t, dict) or t.get("type") == "scale"),
+                         None)
+            if scale is not None and (len(scale) != len(axes) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)):
+                raise RayscreenError(f"{where}: {what} scale should be {len(axes)} numbers, one per axis {names}; "
+                                     f"found {_found(scale)}")
             scales.append(tuple(scale) if scale else tuple(1.0 for _ in axes))
-        channels = tuple(c.get("label", f"c{i}") for i, c in enumerate((ome.get("omero") or {}).get("channels", [])))
-        return cls(axes, paths, tuple(scales), channels, str(ms0.get("version", version) or "0.4"))
+        omero = ome.get("omero") or {}
+        if not isinstance(omero, dict):
+            raise RayscreenError(f"{where}: omero should be an object; found {_found(omero)}")
+        channels = _list(omero, "channels", "omero", where)
+        for i, c in enumerate(channels):
+            if not isinstance(c, dict):
+                raise RayscreenError(f"{where}: omero.channels[{i}] should be an object; found {_found(c)}")
+        labels = tuple(str(c.get("label", f"c{i}")) for i, c in enumerate(channels))
+        return cls(axes, paths, tuple(scales), labels, str(ms0.get("version", version) or "0.4"))
 
     def to_attrs(self, name: str = "", windows: Sequence[dict[str, float]] | None = None) -> dict[str, Any]:
         """NGFF attributes; ``windows``: omero display window of each channel
