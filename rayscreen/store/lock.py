@@ -11,9 +11,13 @@ a written file on a local disk, a conditional PUT (``If-None-Match: *``) on S3; 
 fsspec filesystems check then write and read the file back, which leaves a narrow race.
 While the lock is held a daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds.
 
-A lock left behind by a run that died is taken over, with a warning, when its process
-is gone (same host) or when its heartbeat is older than ``stale_after_s`` (another host,
-whose processes cannot be seen from here). Otherwise :class:`OutputLockedError` names
+A lock left behind by a run that died is taken over, with a warning, when its heartbeat
+is older than ``stale_after_s`` (any host), or, on this host, as soon as its process is
+gone or its pid is this very process, which does not hold it. A live pid on this host
+alone does not keep a lock: after a container restart (pids in a fresh pid namespace are
+small and repeat) the dead run's pid may belong to another process, or to this one, so a
+same-host lock whose heartbeat has stopped is stale like another host's. A live holder
+with a fresh heartbeat is never taken over. Otherwise :class:`OutputLockedError` names
 the run that holds it and the file to delete if that run is known to be dead. On S3, where a
 delete cannot be conditional, a takeover first wins a claim object (conditional PUT) named
 after the stale lock, so two runs finding one stale lock cannot both go on.
@@ -100,16 +104,34 @@ def _pid_alive(pid: int) -> bool:
 def stale_reason(record: dict[str, Any], now: float, stale_after_s: float = STALE_AFTER_S) -> str | None:
     """Why the lock ``record`` belongs to no living run (None: it may be alive).
 
-    A pure function of the record, this host and the clock: same host -> whether the pid
-    lives; another host -> whether the heartbeat is older than ``stale_after_s``.
+    A function of the record, this host, this process's held locks and the clock. Stale:
+    on this host, when its pid is gone, or is this process's own pid while this process does
+    not hold the lock (a run before a container restart had the pid this one has now);
+    on any host, when its heartbeat is older than ``stale_after_s`` (a live pid on this host
+    may be another process that reused a dead run's pid: the heartbeat tells). A lock this
+    process holds is never stale.
     """
     if not record:
         return "its lock file is unreadable"
+    age = now - float(record.get("heartbeat", record.get("started", 0)))
     if record.get("host") == socket.gethostname():
         pid = int(record.get("pid", -1))
-        return None if pid > 0 and _pid_alive(pid) else f"process {pid} on this host is gone"
-    age = now - float(record.get("heartbeat", record.get("started", 0)))
+        if pid <= 0 or not _pid_alive(pid):
+            return f"process {pid} on this host is gone"
+        if pid == os.getpid():  # this process knows for sure whether it holds the lock
+            return None if _holds(record) else (f"its pid {pid} is this process's, which does not hold it "
+                                                f"(the pid of a run before a restart, reused)")
+        if age > stale_after_s:
+            return (f"its heartbeat is {age:.0f} s old: process {pid} on this host is not renewing it "
+                    f"(the pid of a dead run reused by another process, or a hung run)")
+        return None
     return f"its heartbeat is {age:.0f} s old" if age > stale_after_s else None
+
+
+def _holds(record: dict[str, Any]) -> bool:
+    """Whether this process holds the lock ``record`` (took it and has not released it)."""
+    with _held_guard:
+        return any(entry[0].get("token") == record.get("token") for entry in _held.values())
 
 
 def describe(record: dict[str, Any], now: float) -> str:

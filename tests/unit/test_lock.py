@@ -88,6 +88,68 @@ def test_lock_of_another_host_is_respected_until_its_heartbeat_is_stale(tmp_path
         assert read_lock(output)["host"] == socket.gethostname()
 
 
+def write_same_host_lock(output, pid, heartbeat_age, token="dead"):
+    """A lock of this host, as a run with ``pid`` would have left it ``heartbeat_age`` s ago."""
+    os.makedirs(output, exist_ok=True)
+    now = time.time()
+    record = {"token": token, "host": socket.gethostname(), "pid": pid, "what": "rayscreen run",
+              "started": now - heartbeat_age - 5, "heartbeat": now - heartbeat_age}
+    with open(lock_uri(output), "w") as f:
+        json.dump(record, f)
+    return record
+
+
+def test_same_host_lock_with_a_live_pid_is_stale_once_its_heartbeat_is(tmp_path, caplog):
+    """A container restarted after an OOM kill: the dead run's pid now belongs to another live
+    process. The heartbeat, two hours old, tells that no run renews the lock; a fresh one keeps it."""
+    output = str(tmp_path / "out")
+    other = os.getppid()  # alive, on this host, not this process
+    write_same_host_lock(output, other, heartbeat_age=30)
+    with pytest.raises(OutputLockedError, match=f"pid {other} on host .*last heartbeat 30 s ago"):
+        acquire(output, "rayscreen run", stale_after_s=600)
+    write_same_host_lock(output, other, heartbeat_age=7200)
+    with caplog.at_level(logging.WARNING, logger="rayscreen.store.lock"):
+        with output_lock(output, "rayscreen run", stale_after_s=600):
+            assert read_lock(output)["pid"] == os.getpid() and read_lock(output)["token"] != "dead"
+    assert f"its heartbeat is 7200 s old: process {other} on this host is not renewing it" in caplog.text
+
+
+@pytest.mark.parametrize("heartbeat_age", [7200, 0])
+def test_a_lock_with_this_process_pid_that_it_does_not_hold_is_stale(tmp_path, caplog, heartbeat_age):
+    """The restarted container's entrypoint got the dead run's pid (pids in a fresh pid
+    namespace are small and repeat): the pid is alive (it is us) but we never took the lock.
+    Stale at once, whatever its heartbeat says."""
+    output = str(tmp_path / "out")
+    write_same_host_lock(output, os.getpid(), heartbeat_age=heartbeat_age)
+    with caplog.at_level(logging.WARNING, logger="rayscreen.store.lock"):
+        with output_lock(output, "rayscreen run"):
+            assert read_lock(output)["token"] != "dead"
+    assert f"its pid {os.getpid()} is this process's, which does not hold it" in caplog.text
+    assert read_lock(output) is None
+
+
+def test_a_lock_this_process_holds_is_never_stale(tmp_path):
+    from rayscreen.store.lock import live_holder, stale_reason
+
+    output = str(tmp_path / "out")
+    with output_lock(output, "rayscreen run"):
+        record = read_lock(output)
+        assert stale_reason(record, time.time()) is None
+        assert stale_reason(record, time.time() + 10_000) is None  # however late its last beat
+        assert stale_reason({**record, "token": "another"}, time.time()) is not None  # not ours: ours is the pid only
+        assert live_holder(output) is None  # held here: no other holder to wait for
+
+
+def test_a_live_same_host_holder_with_a_fresh_heartbeat_keeps_its_lock(tmp_path):
+    from rayscreen.store.lock import stale_reason
+
+    record = write_same_host_lock(str(tmp_path / "out"), os.getppid(), heartbeat_age=10)
+    assert stale_reason(record, time.time(), stale_after_s=600) is None
+    assert stale_reason(record, time.time() + 1000, stale_after_s=600).startswith("its heartbeat is 1010 s old")
+    gone = {**record, "pid": 2 ** 22 + 12345}  # above pid_max: no such process
+    assert stale_reason(gone, time.time()) == f"process {gone['pid']} on this host is gone"
+
+
 def test_heartbeat_renews_the_lock(tmp_path):
     output = str(tmp_path / "out")
     with output_lock(output, "rayscreen run", heartbeat_s=0.02):
