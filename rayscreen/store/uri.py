@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import fsspec
@@ -24,10 +25,21 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .errors import CorruptDataError, MissingChunkError, RayscreenError
 
-# a key containing any of these holds a secret (s3fs key/secret/token, adlfs account_key,
-# sas_token, connection_string, credential, client_secret; HTTP Authorization headers)
-_SECRET_KEYS = ("key", "secret", "token", "password", "passphrase", "credential", "connection_string", "auth",
-                "sas", "signature")
+# A key holds a secret when its name, lower-cased with camelCase and '-' turned into '_'
+# ("secretAccessKey" -> "secret_access_key", "X-Amz-Security-Token" -> "x_amz_security_token"),
+# ends in one of these words (a whole name, a '_'-joined last word, or one glued on as in
+# "apikey", "authtoken", "dbpassword"): s3fs key/secret/token, botocore
+# aws_access_key_id/aws_secret_access_key/aws_session_token, adlfs account_key/sas_token/
+# connection_string/credential/client_secret, gcsfs token/credentials, sftp password/pkey/
+# passphrase, HTTP Authorization/Proxy-Authorization/Cookie/X-Api-Key headers, aiohttp auth.
+# The end of the name, not anywhere in it: a substring test also masked settings such as
+# config_kwargs.signature_version, key_prefix, sse_kms_key_id, max_keys or author, and a
+# recorded config (whose masked values drop_masked leaves out) then ran without them.
+# A masked setting is a changed run, a leaked secret is worse: a name that ends in one of
+# these words is masked even when it may not be a secret (a "cache_key"), and an identifier
+# that is only half a credential (access_key_id) is masked too.
+_SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "passphrase", "credential", "credentials",
+                 "connection_string", "sas", "signature", "auth", "authorization", "cookie", "access_key_id")
 # gcsfs's token may name a way to find credentials instead of holding one: shown as it is
 _TOKEN_MODES = ("anon", "google_default", "cloud", "browser")
 
@@ -64,13 +76,19 @@ def join(uri: str, *parts: str) -> str:
 MASK = "***"  # what redact writes in place of a secret
 
 
+def is_secret_name(key: str) -> bool:
+    """Whether a storage option (or header) named ``key`` holds a credential (see ``_SECRET_NAMES``)."""
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key)).lower().replace("-", "_")
+    return name.endswith(_SECRET_NAMES)
+
+
 def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """A copy safe to print: secret values replaced by ``***``."""
 
     def secret(key: str, value: Any) -> bool:
         if value is None or (key.lower() == "token" and value in _TOKEN_MODES):
             return False
-        return any(s in key.lower() for s in _SECRET_KEYS)
+        return is_secret_name(key)
 
     def scrub(value: Any) -> Any:
         if isinstance(value, dict):
