@@ -119,7 +119,10 @@ def prob_to_logit(P: torch.Tensor) -> torch.Tensor:
     """Bag probability -> logit ``log P - log(1 - P)``; P kept in [tiny, 1 - EPS] only so
     that an underflow to 0 (or a rounding to 1) gives a finite logit. The floor is the
     dtype's smallest normal number, not EPS: a floor at 1e-7 fixed the logit of every bag
-    below it at -16 with zero gradient, and a bag no instance supports could never recover."""
+    below it at -16 with zero gradient, and a bag no instance supports could never recover.
+    Computed in float32 (returns float32 for a half-precision P): in bfloat16 ``1 - EPS``
+    rounds to 1.0, so the clamp would let P = 1 through to an infinite logit."""
+    P = P.float()
     P = P.clamp(torch.finfo(P.dtype).tiny, 1.0 - EPS)
     return torch.log(P) - torch.log1p(-P)
 
@@ -156,6 +159,16 @@ def mean_prob_logit(z: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(F.logsigmoid(z), dim=-1) - torch.logsumexp(F.logsigmoid(-z), dim=-1)
 
 
+def _log1mexp_neg_exp(log_x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(-x))`` for ``x > 0`` given as ``log x``: accurate also where ``x`` itself
+    underflows (there ``log(1 - exp(-x)) = log x - x/2 + O(x^2)``, the dropped term below
+    1e-10 for ``log x < -10``), so the result keeps its gradient for any ``log x``."""
+    x = torch.exp(log_x)
+    small = log_x < -10.0
+    # each branch sees only inputs valid for it (no NaN through torch.where's gradient)
+    return torch.where(small, log_x - 0.5 * x, log1mexp(-torch.where(small, torch.ones_like(x), x)))
+
+
 def noisy_and_logit(z: torch.Tensor, a: float, b: torch.Tensor) -> torch.Tensor:
     """(..., N) instance logits -> (...) logit of Kraus' Noisy-AND bag probability, exactly.
 
@@ -163,15 +176,24 @@ def noisy_and_logit(z: torch.Tensor, a: float, b: torch.Tensor) -> torch.Tensor:
     ``P = (s(u) - s(v)) / (s(w) - s(v))`` (:func:`noisy_and_pool`). Since
     ``s(u) - s(v) = s(u) s(-v) (1 - exp(v - u))``,
 
-    ``logit P = u + logsigmoid(-v) - logsigmoid(w) + log1mexp(-a pbar) - log1mexp(-a (1 - pbar))``
+    ``logit P = u + logsigmoid(-v) - logsigmoid(w) + log1mexp(-a pbar) - log1mexp(-a qbar)``
 
-    in log space: finite and with a gradient for every bag, where the probability form
-    rounds P to 0 (or 1) and a clamp then stops the gradient.
+    with ``qbar = 1 - pbar = mean sigmoid(-z)``, in log space: finite and with a gradient
+    for every bag, where the probability form rounds P to 0 (or 1) and a clamp then stops
+    the gradient. ``qbar`` is computed from ``-z``, never as ``1 - pbar``: ``pbar`` rounds
+    to 1.0 once every instance logit is above ~16.6 in float32 (~6.2 in bfloat16), and
+    ``1 - pbar`` would then be 0 (a logit near 92 with no gradient). Both means are kept
+    as logs (as in :func:`mean_prob_logit`), so they do not underflow either. Computed in
+    float32 whatever the input dtype (returns float32).
     """
-    pbar = torch.sigmoid(z).mean(dim=-1)
-    u = a * (pbar - b)
+    z = z.float()
+    b = torch.as_tensor(b, device=z.device).float()
+    log_n = math.log(z.shape[-1])
+    log_pbar = torch.logsumexp(F.logsigmoid(z), dim=-1) - log_n
+    log_qbar = torch.logsumexp(F.logsigmoid(-z), dim=-1) - log_n
+    u = a * (torch.exp(log_pbar) - b)
     return (u + F.logsigmoid(a * b) - F.logsigmoid(a * (1.0 - b))
-            + log1mexp(-a * pbar) - log1mexp(-a * (1.0 - pbar)))
+            + _log1mexp_neg_exp(log_pbar + math.log(a)) - _log1mexp_neg_exp(log_qbar + math.log(a)))
 
 
 def isr_logit(z: torch.Tensor) -> torch.Tensor:
@@ -201,7 +223,8 @@ class MILPooling(nn.Module):
 
     def bag(self, maps: torch.Tensor) -> torch.Tensor:
         x = flatten_instances(maps)
-        return self.pool(torch.sigmoid(x) if self.space == "probabilities" else x)
+        # probabilities in float32: a bfloat16 sigmoid is 1.0 from z ~ 5.5 on, which saturates the bag
+        return self.pool(torch.sigmoid(x.float()) if self.space == "probabilities" else x)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         out = self.bag(maps)
@@ -318,7 +341,7 @@ class NoisyAndPooling(MILPooling):
         return noisy_and_pool(x, self.a, self.b.to(x.dtype))
 
     def forward(self, maps):
-        return noisy_and_logit(flatten_instances(maps), self.a, self.b.to(maps.dtype))
+        return noisy_and_logit(flatten_instances(maps), self.a, self.b)  # float32 inside, b too
 
     def extra_repr(self):
         return super().extra_repr() + f", a={self.a}"

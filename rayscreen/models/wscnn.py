@@ -13,6 +13,7 @@ of filter counts, one per hidden convolution (``[50, 100, 100]`` for ``wscnn``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -104,10 +105,22 @@ class ClassMapNet(nn.Module):
         self._check(x)
         feats = self.trunk(x)
         maps = self.head(feats)
-        mil = self.pooling(maps)
+        mil = self._pool(maps)
         logits = self.fc(mil) if self.fc is not None else mil
         self._last_mil_logits = mil if self.fc is not None else None
         return {"logits": logits, "class_maps": maps, "features": self._pool_features(feats), "mil_logits": mil}
+
+    def _pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """class maps (B, K, h, w) -> MIL logits (B, K), in float32 even under autocast: in
+        bfloat16 an instance probability rounds to 1.0 from a logit of ~5.5 (and the bag
+        probability with it), so probability-space poolings gave infinite or saturated
+        logits; the pooling is a small share of the model's work."""
+        kind = maps.device.type
+        # a device without autocast (the "meta" device of shape checks) refuses even enabled=False
+        off = torch.autocast(device_type=kind, enabled=False) if torch.amp.is_autocast_available(kind) \
+            else contextlib.nullcontext()
+        with off:
+            return self.pooling(maps.float())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) float -> the profile vector (B, D): the pooled trunk output alone."""
@@ -125,19 +138,23 @@ class ClassMapNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) float -> logits (B, K)."""
         self._check(x)
-        mil = self.pooling(self.head(self.trunk(x)))
+        mil = self._pool(self.head(self.trunk(x)))
         if self.fc is None:
             self._last_mil_logits = None
             return mil
         self._last_mil_logits = mil
         return self.fc(mil)
 
-    def aux_loss(self, out: dict[str, torch.Tensor] | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, out: dict[str, torch.Tensor] | torch.Tensor, target: torch.Tensor,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
         """Kraus' joint loss term: cross-entropy of the MIL layer's logits (0 without fc head).
 
         ``out`` is the dict of :meth:`forward_maps` (preferred), or the logits of the last
-        ``forward`` call (the MIL logits of that call are kept for this). Total loss:
-        ``F.cross_entropy(logits, target) + model.aux_loss(out, target)``.
+        ``forward`` call (the MIL logits of that call are kept for this). ``target``: (B,)
+        class indices or (B, K) class probabilities. Total loss:
+        ``F.cross_entropy(logits, target, label_smoothing=s) + model.aux_loss(out, target, s)``:
+        the same ``label_smoothing`` as the main term, or the two heads would be trained
+        towards different targets.
         """
         if self.fc is None:
             ref = out["logits"] if isinstance(out, dict) else out
@@ -146,7 +163,7 @@ class ClassMapNet(nn.Module):
         if mil is None or (not isinstance(out, dict) and mil.shape[0] != out.shape[0]):
             raise RuntimeError(f"{self.name}.aux_loss: pass the dict of forward_maps(x) "
                                "(no MIL logits of a matching forward call are available)")
-        return F.cross_entropy(mil.float(), target)
+        return F.cross_entropy(mil.float(), target, label_smoothing=label_smoothing)
 
 
 # ---------------------------------------------------------------- WSCNN

@@ -175,12 +175,13 @@ def model_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 def classification_loss(model: torch.nn.Module, out: torch.Tensor | dict[str, torch.Tensor], labels: torch.Tensor,
                         label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the logits (B, K) (``out``, or ``out["logits"]`` of ``forward_maps``)
-    plus ``model.aux_loss(out, labels)`` where the model defines one."""
+    plus ``model.aux_loss(out, labels, label_smoothing)`` where the model defines one (both
+    heads trained towards the same targets)."""
     logits = out["logits"] if isinstance(out, dict) else out
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     aux = getattr(unwrap(model), "aux_loss", None)
     if callable(aux):
-        extra = aux(out, labels)
+        extra = aux(out, labels, label_smoothing=label_smoothing)
         if extra is not None:
             loss = loss + extra
     return loss

@@ -269,3 +269,69 @@ def test_milnet_with_torchvision_trunk_on_meta():
         out = model.forward_maps(torch.empty(2, 1, 96, 128))
     assert out["class_maps"].shape == (2, 4, 3, 4)
     assert out["features"].shape == (2, 512)
+
+
+@pytest.mark.parametrize("name, pooling, kwargs", [
+    ("milnet", "noisy_and", {}), ("milnet", "lse", {"r": 5.0, "space": "probabilities"}),
+    ("wscnn", "noisy_and", {}), ("wscnn", "lse", {"r": 5.0, "space": "probabilities"})])
+def test_probability_space_pooling_under_bfloat16_autocast(name, pooling, kwargs):
+    """Class maps around 8 and 12 under bf16 autocast (train.amp on a GPU): the MIL head ran
+    in bf16, where the bag probability rounds to 1 (lse: infinite logits; noisy_and: ~92
+    with no gradient). It now runs in float32: the logits are those of the float32 model,
+    up to the trunk's bf16 rounding."""
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, num_classes=2, width=0.25, pooling=pooling, pooling_kwargs=kwargs)
+    model.eval()
+    x = torch.randn(2, 1, 64, 64)
+    for bias in (8.0, 12.0):
+        with torch.no_grad():
+            model.head.bias[1] = bias
+            fp32 = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                amp = model(x)
+                amp_maps = model.forward_maps(x)["logits"]
+        assert torch.isfinite(amp).all()
+        torch.testing.assert_close(amp.float(), fp32, rtol=0, atol=0.15)
+        assert amp.dtype == torch.float32
+        torch.testing.assert_close(amp_maps, amp)
+    # and it trains under autocast: finite loss, finite non-zero gradients into the class maps
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).float(), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(model.head.weight.grad).all()
+    assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_takes_the_main_losss_label_smoothing():
+    """Kraus' joint loss: the MIL branch's cross-entropy is smoothed like the main one
+    (train.label_smoothing), not trained towards one-hot targets beside it."""
+    torch.manual_seed(0)
+    model = create_model("milnet", num_classes=3, pooling="noisy_and", fc_head=True, width=0.25)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 1])
+    out = model.forward_maps(x)
+    smoothed = model.aux_loss(out, y, label_smoothing=0.1)
+    torch.testing.assert_close(smoothed, F.cross_entropy(out["mil_logits"], y, label_smoothing=0.1))
+    assert not torch.allclose(smoothed, model.aux_loss(out, y))  # the default stays plain
+    soft = F.one_hot(y, 3).float()  # (B, K) probability targets (mixup) take it too
+    torch.testing.assert_close(model.aux_loss(out, soft, label_smoothing=0.1), smoothed)
+
+
+def test_the_mil_head_runs_in_float32_under_autocast():
+    """The pooling itself (attention's and fc's Linear layers, the probability poolings)
+    sees float32 maps with autocast off, whatever the trunk ran in."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, maps):
+            seen.append((maps.dtype, torch.is_autocast_enabled(maps.device.type)))
+            return maps.flatten(2).amax(-1)
+
+    torch.manual_seed(0)
+    model = create_model("wscnn", in_channels=1, num_classes=2, width=0.25).eval()
+    model.pooling = Recorder()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        model.forward_maps(x)
+    assert seen == [(torch.float32, False)] * 2

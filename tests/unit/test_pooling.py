@@ -230,3 +230,64 @@ def test_lse_is_accurate_in_float32_for_large_bags(n, r):
     x = torch.randn(3, n)
     exact = (torch.logsumexp(r * x.double(), dim=-1) - math.log(n)) / r
     torch.testing.assert_close(P.lse_pool(x, r).double(), exact, rtol=0, atol=2e-5)
+
+
+def test_noisy_and_is_exact_where_the_mean_probability_rounds_to_one():
+    """Instance logits around 17: sigmoid(z) is 1.0 in float32, so ``1 - mean(sigmoid(z))``
+    was 0 and the logit jumped to ~92 with no gradient (around 15 it was already 0.07 off);
+    ``1 - pbar`` is now the mean of sigmoid(-z). Checked against Kraus' formula in 50 digits."""
+    pooling = create_pooling("noisy_and", 2, a=10.0, b_init=0.5)
+    maps = (torch.linspace(-0.5, 0.5, 100).reshape(1, 1, 10, 10) + torch.tensor([15.0, 17.0]).reshape(1, 2, 1, 1))
+    maps.requires_grad_(True)
+    logits = pooling(maps)
+    torch.testing.assert_close(logits.double(), _reference_logits("noisy_and", maps.detach(), a=10.0, b=0.5),
+                               rtol=0, atol=1e-4)
+    logits.sum().backward()
+    assert torch.isfinite(maps.grad).all() and (maps.grad[0, 1] > 0).all()
+    assert torch.isfinite(pooling.b.grad).all() and (pooling.b.grad != 0).all()
+
+
+def test_noisy_and_from_bfloat16_instances_is_computed_in_float32():
+    """bf16 instance logits around 7: in bf16 sigmoid(z) and the mean round to 1.0 from ~6.2 on
+    (logit ~92, no gradient); the pooling now works in float32 whatever the input dtype."""
+    z32 = torch.linspace(-0.5, 0.5, 100).reshape(1, 1, 10, 10) + 7.0
+    z16 = z32.bfloat16().requires_grad_(True)
+    pooling = create_pooling("noisy_and", 1, a=10.0, b_init=0.5)
+    out = pooling(z16)
+    # the same as float32 on the same (bf16-rounded) inputs, and close to float32 on the unrounded ones
+    torch.testing.assert_close(out.float(), pooling(z32), rtol=0, atol=0.05)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, pooling(z16.detach().float()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), _reference_logits("noisy_and", z16.detach().float(), a=10.0, b=0.5),
+                               rtol=0, atol=1e-4)
+    out.sum().backward()
+    g = z16.grad.float()
+    assert torch.isfinite(g).all() and (g > 0).all()
+
+
+def test_noisy_and_keeps_its_gradient_where_the_mean_probability_underflows():
+    """Every instance at -120: sigmoid(-120) ~ 8e-53 underflows to 0 in float32; both means
+    are kept as logs, so the logit is still right and has a gradient. With b = 0.5 the
+    Noisy-AND logit is odd in z, which gives the +120 side without a 1 - 1e-53 in the reference."""
+    pooling = create_pooling("noisy_and", 1, a=10.0, b_init=0.5)
+    maps = torch.tensor([-120.0, 120.0]).reshape(2, 1, 1, 1).expand(2, 1, 4, 4).clone().requires_grad_(True)
+    logits = pooling(maps)
+    import mpmath
+
+    with mpmath.workdps(150):  # the bag probability differs from its floor in the ~52nd digit
+        sg = lambda t: 1 / (1 + mpmath.exp(-t))  # noqa: E731
+        bag = (sg(10 * (sg(mpmath.mpf(-120)) - 0.5)) - sg(mpmath.mpf(-5))) / (sg(mpmath.mpf(5)) - sg(mpmath.mpf(-5)))
+        ref = float(mpmath.log(bag) - mpmath.log(1 - bag))
+    assert logits[0, 0].item() == pytest.approx(ref, abs=1e-3) and logits[1, 0].item() == pytest.approx(-ref, abs=1e-3)
+    logits.sum().backward()
+    assert torch.isfinite(maps.grad).all() and (maps.grad > 0).all()
+
+
+def test_prob_to_logit_and_probability_poolings_of_bfloat16_stay_finite():
+    """In bf16 the clamp 1 - 1e-7 is 1.0, so a bag probability of 1 gave an infinite logit;
+    the instance sigmoid in bf16 is 1.0 from z ~ 5.5 on. Both now run in float32."""
+    out = P.prob_to_logit(torch.tensor([0.5, 1.0], dtype=torch.bfloat16))
+    assert torch.isfinite(out).all() and out[1] > 15 and out.dtype == torch.float32
+    maps = torch.linspace(-0.5, 0.5, 100).reshape(1, 1, 10, 10) + 8.0
+    pooling = create_pooling("lse", 1, r=5.0, space="probabilities")
+    torch.testing.assert_close(pooling(maps.bfloat16()).float(), pooling(maps), rtol=0, atol=0.05)

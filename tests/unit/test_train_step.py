@@ -370,3 +370,21 @@ def test_metrics_of_a_class_absent_from_validation():
     assert np.isnan(m["val_precision"]) and np.isnan(m["val_recall"]) and np.isnan(m["val_f1"])
     m = classification_metrics(np.array([0, 1, 1]), probs(np.array([0, 1, 0]), 2))
     assert (m["val_precision"], m["val_recall"]) == (1.0, 0.5) and abs(m["val_f1"] - 2 / 3) < 1e-12
+
+
+def test_label_smoothing_reaches_the_mil_branch_of_the_joint_loss():
+    """Kraus' joint loss: the FC head's and the MIL layer's cross-entropies. Both must be
+    trained towards the same (smoothed) targets."""
+    import torch.nn.functional as F
+
+    from rayscreen.models import create_model
+    from rayscreen.train.step import classification_loss
+
+    torch.manual_seed(0)
+    model = create_model("milnet", in_channels=1, num_classes=3, trunk="small", pooling="max", fc_head=True)
+    out = model.forward_maps(torch.rand(4, 1, 32, 32))
+    labels = torch.tensor([0, 1, 2, 0])
+    loss = classification_loss(model, out, labels, label_smoothing=0.2)
+    expected = (F.cross_entropy(out["logits"].float(), labels, label_smoothing=0.2)
+                + F.cross_entropy(out["mil_logits"].float(), labels, label_smoothing=0.2))
+    torch.testing.assert_close(loss, expected)
