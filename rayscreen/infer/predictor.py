@@ -157,10 +157,14 @@ def aggregate_well(scores: np.ndarray, method: str, class_maps: np.ndarray | Non
     if method == "mean":
         return scores.mean(axis=0).astype(np.float32)
     if method == "model":
-        maps = torch.from_numpy(np.ascontiguousarray(np.concatenate(list(class_maps), axis=-1)))[None]
+        # on the model's device: an inference actor's model is on the GPU, and poolings with
+        # parameters (noisy_and's thresholds, attention, fc) and the fc head cannot mix devices
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        maps = torch.from_numpy(np.ascontiguousarray(np.concatenate(list(class_maps), axis=-1)))[None].to(device)
         with torch.no_grad():
             logits = model.pooling(maps)
             if getattr(model, "fc", None) is not None:
                 logits = model.fc(logits)
-            return probabilities(logits)[0].numpy().astype(np.float32)
+            return probabilities(logits)[0].cpu().numpy().astype(np.float32)
     raise ValueError(f"infer.aggregate={method!r}: expected max, mean or model")

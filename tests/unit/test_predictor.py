@@ -141,3 +141,29 @@ def test_a_field_with_non_finite_output_is_left_out_of_its_well(aggregate):
     assert np.isfinite(out["well_scores"]).all() and np.isfinite(out["well_profile"]).all()
     two = well_outputs(["0", "1"], {"0": 0, "1": 1}, pred, 4, aggregate, shapes, model)
     np.testing.assert_allclose(out["well_scores"], two["well_scores"], rtol=1e-6)  # as if it were not there
+
+
+class _OffCPUModel(nn.Module):
+    """A model whose parameters are not on the CPU (the "meta" device stands in for an
+    inference actor's GPU, which this machine has not) and whose pooling records the
+    device of the class maps it is given; its output is a CPU tensor, as .cpu() gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones((), device="meta"))
+        self.fc = None
+        self.seen: list[torch.device] = []
+
+    def pooling(self, maps):
+        self.seen.append(maps.device)
+        return torch.zeros(maps.shape[:2])
+
+
+def test_model_aggregation_pools_on_the_models_device():
+    """aggregate_well("model") built the well's bag on the CPU whatever the model's device:
+    a GPU model's noisy_and thresholds, attention or fc layers then met CPU maps."""
+    model = _OffCPUModel()
+    maps = np.random.default_rng(0).random((3, 2, 4, 4), dtype=np.float32)
+    out = aggregate_well(np.zeros((3, 2), np.float32), "model", maps, model)
+    assert model.seen == [torch.device("meta")]
+    np.testing.assert_allclose(out, [0.5, 0.5])
