@@ -8,7 +8,10 @@ Layout under a directory URI (local or ``s3://``)::
                       "input": {"level", "tile", "crop"}, "epoch", "metrics", "config"}
 
 Loading never unpickles arbitrary objects: the state dict is read with
-``torch.load(weights_only=True)`` and the rest is JSON.
+``torch.load(weights_only=True)`` and the rest is JSON. An artefact is self-contained:
+``weights.pt`` holds every parameter, so builder kwargs that only name an initialisation
+file (:data:`INIT_ONLY_KWARGS`) stay in ``artefact.json`` as a record but are not passed
+to the builder when the model is loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from ..store.uri import filesystem
 FORMAT = "rayscreen.model/v1"
 WEIGHTS = "weights.pt"
 META = "artefact.json"
+# builder kwargs that only say where the initial weights came from (milnet's torchvision
+# trunk: an ImageNet state dict), superseded by weights.pt. Passed on at load time they
+# made the builder read that file again, so an artefact failed to load wherever the file
+# was not (an inference machine, a moved or deleted download). Backbones' ``weights`` is
+# not here: inception_v3 also switches on its input transform when given weights.
+INIT_ONLY_KWARGS = frozenset({"trunk_weights"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,8 @@ def build_model(uri: str, storage_options: dict[str, Any] | None = None,
     from . import create_model
 
     state, meta = load_artefact(uri, storage_options, map_location)
-    model = create_model(meta.model["name"], **meta.model.get("kwargs", {}))
+    kwargs = {k: v for k, v in meta.model.get("kwargs", {}).items() if k not in INIT_ONLY_KWARGS}
+    model = create_model(meta.model["name"], **kwargs)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False

@@ -73,3 +73,34 @@ def test_errors(tmp_path):
     (tmp_path / "m" / "weights.pt").unlink()
     with pytest.raises(RayscreenError, match="no weights.pt"):
         load_artefact(uri)
+
+
+def test_an_artefact_trained_from_trunk_weights_loads_without_that_file(tmp_path):
+    """milnet with a torchvision trunk initialised from a weights file (``trunk_weights``):
+    weights.pt holds every parameter, but build_model passed trunk_weights on to the builder,
+    which read the file again and failed wherever it was not (an inference machine)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    init = torchvision.models.resnet18(weights=None).state_dict()  # our own weights, nothing downloaded
+    init = {k: v + 0.01 if v.is_floating_point() else v for k, v in init.items()}  # not the seeded default
+    weights = tmp_path / "r18.pth"
+    torch.save(init, weights)
+    kwargs = {"trunk": "resnet18", "trunk_weights": str(weights), "pooling": "noisy_and", "fc_head": True}
+    model = create_model("milnet", in_channels=2, num_classes=3, **kwargs)
+    assert torch.equal(model.trunk[1].weight, init["conv1.weight"])  # the file was used
+    with torch.no_grad():  # "training": every parameter moves off the file's values
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    # exported as rayscreen.train.loop._finish does: the config's kwargs plus channels and classes
+    meta = ArtefactMeta(model={"name": "milnet", "kwargs": {**kwargs, "in_channels": 2, "num_classes": 3}},
+                        channels=["DNA", "Actin"], classes=["a", "b", "c"])
+    uri = save_artefact(str(tmp_path / "model"), model.state_dict(), meta)
+    weights.unlink()
+    loaded, meta2 = build_model(uri)
+    assert meta2.model["kwargs"]["trunk_weights"] == str(weights)  # kept as a record
+    x = torch.randn(2, 2, 40, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(loaded.forward_maps(x)["features"], model.forward_maps(x)["features"])
