@@ -300,6 +300,12 @@ def plan_infer(config: Config) -> InferPlan:
                              f"({meta.model['name']}) needs at least {min_size}x{min_size}")
     if ic.aggregate == "model" and not hasattr(model, "pooling"):
         raise ConfigError(f"infer.aggregate: 'model' needs a model with MIL pooling; {meta.model['name']} has none")
+    if ic.aggregate == "model" and not getattr(model.pooling, "permutation_invariant", True):
+        # 'model' pools a well's fields side by side as one bag: fine for pooling that ignores
+        # where instances lie, meaningless for one that models position (WSCNN-FC's grid)
+        raise ConfigError(f"infer.aggregate: 'model' pools a well's fields side by side as one bag; the model's "
+                          f"{type(model.pooling).__name__} depends on where evidence lies in a field, so use "
+                          f"'max' or 'mean' over the fields' scores")
     if ic.saliency_downsample < 1 or min(field_shape) // ic.saliency_downsample < 1:
         raise ConfigError(f"infer.saliency_downsample {ic.saliency_downsample}: expected 1..{min(field_shape)}")
     if ic.batch_size < 1 or ic.concurrency < 1:

@@ -57,14 +57,14 @@ def test_infer_split_matches_plates_whose_names_look_like_numbers(tmp_path):
     assert [t.well for t in _filter_split(config, tasks)] == ["A01"]
 
 
-def _artefact(tmp_path, classes, normalization):
+def _artefact(tmp_path, classes, normalization, **model_kwargs):
     import os
 
     from rayscreen.models import create_model
     from rayscreen.models.artefact import ArtefactMeta, save_artefact
 
     path = os.path.join(tmp_path, "model")
-    kwargs = {"width": 0.25, "in_channels": 2, "num_classes": len(classes)}
+    kwargs = {"width": 0.25, "in_channels": 2, "num_classes": len(classes), **model_kwargs}
     save_artefact(path, create_model("wscnn", **kwargs).state_dict(),
                   ArtefactMeta(model={"name": "wscnn", "kwargs": kwargs}, channels=["DNA", "Actin"], classes=classes,
                                normalization=normalization, input={"level": 0, "tile": None, "crop": None,
@@ -92,3 +92,25 @@ def test_infer_accepts_the_decimal_classes_training_named_and_refuses_other_inte
     with pytest.raises(ConfigError, match=r"stream.normalize: 'none', but the model was trained on fields streamed "
                                           r"with stream.normalize: 'meanstd'"):
         plan_infer(config_from_dict({**base, "infer": {"checkpoint": art}}))
+
+
+def test_model_aggregation_is_refused_for_a_pooling_that_depends_on_position(tmp_path):
+    """infer.aggregate: model lays a well's fields side by side as one bag: sound for max,
+    mean, noisy_and, ..., meaningless for WSCNN-FC, whose FC layer weighs each map position
+    (the fields would be squeezed onto its grid)."""
+    import pytest
+
+    from rayscreen.config import ConfigError, config_from_dict
+    from rayscreen.infer.run import plan_infer
+    from rayscreen.testing import make_plate
+
+    uri = make_plate(str(tmp_path / "P.zarr"), "P", fields=1, field_shape=(64, 64))
+    none = {"method": "none", "illumination": False, "plates": {}}
+    base = {"plates": [uri], "output": str(tmp_path / "out"), "stream": {"normalize": "none"}}
+    art = _artefact(tmp_path, ["neg", "pos"], none, pooling="fc", pooling_kwargs={"grid": [3, 4]})
+    with pytest.raises(ConfigError, match="infer.aggregate: 'model' .*FCPooling depends on where evidence lies"):
+        plan_infer(config_from_dict({**base, "infer": {"checkpoint": art, "aggregate": "model"}}))
+    assert plan_infer(config_from_dict({**base, "infer": {"checkpoint": art, "aggregate": "max"}})).classes == [
+        "neg", "pos"]
+    art = _artefact(tmp_path, ["neg", "pos"], none, pooling="noisy_and")
+    assert plan_infer(config_from_dict({**base, "infer": {"checkpoint": art, "aggregate": "model"}}))
