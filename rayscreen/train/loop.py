@@ -513,6 +513,22 @@ def make_view_fn(config: Config, rank: int, epoch: int):
     return lambda images, labels, bank=None: make_views(images, labels, t.distill, t.crop, generator, augmenter, bank)
 
 
+def deterministic_cuda() -> None:
+    """Make this process's CUDA kernels repeatable (``train.deterministic`` on a GPU): the
+    data order alone (:func:`_ingest_options`) is enough on CPU, but cuDNN picks convolution
+    algorithms by timing and several CUDA kernels accumulate with atomics in any order.
+    Kernels without a deterministic version warn instead of failing the run."""
+    import os
+
+    import torch
+
+    # cuBLAS needs a fixed workspace to be deterministic; read when CUDA initialises
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: restore, train epochs, report + checkpoint each."""
     import ray.train
@@ -537,6 +553,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # read tasks and the other workers on the same node, fewer would idle its cores
         torch.set_num_threads(worker_threads(t.cpus_per_worker))
 
+    if t.deterministic and device.type == "cuda":
+        deterministic_cuda()
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = create_model(config.model.name, in_channels=len(cfg["channels"]), num_classes=len(cfg["classes"]),
                          **config.model.kwargs)

@@ -388,3 +388,23 @@ def test_label_smoothing_reaches_the_mil_branch_of_the_joint_loss():
     expected = (F.cross_entropy(out["logits"].float(), labels, label_smoothing=0.2)
                 + F.cross_entropy(out["mil_logits"].float(), labels, label_smoothing=0.2))
     torch.testing.assert_close(loss, expected)
+
+
+def test_deterministic_cuda_sets_the_flags_that_make_gpu_kernels_repeatable(monkeypatch):
+    """train.deterministic on a GPU: the data order alone does not make a run repeatable there
+    (cuDNN's timed algorithm choice, atomics). Checked on the flags; no GPU here."""
+    import os
+
+    from rayscreen.train.loop import deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        deterministic_cuda()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
