@@ -148,6 +148,14 @@ class Standardize(Normalizer):
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features give NaN, by design
             self.mean_ = np.nanmean(X, axis=0)
             std = np.nanstd(X, axis=0)
+        zero = np.flatnonzero(std == 0)
+        if len(zero):
+            # as RobustMAD says of a zero MAD: one control row (or constant controls) leaves
+            # these features in raw units beside other plates' standard deviations
+            names = [self.features[i] for i in zero] if self.features else zero.tolist()
+            warnings.warn(f"{len(zero)} feature(s) have standard deviation 0 in the controls"
+                          f"{' (one control row)' if len(X) == 1 else ''} and are only centred: {preview(names)}",
+                          stacklevel=3)
         self.scale_ = np.where(std > 0, std, 1.0)
 
     def _transform_array(self, X):

@@ -22,11 +22,25 @@ def test_robust_mad_hand_values():
 
 def test_standardize_hand_values_and_constant_feature():
     controls = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
-    norm = Standardize().fit(controls)
+    with pytest.warns(UserWarning, match=r"1 feature\(s\) have standard deviation 0 in the controls and are only "
+                                         r"centred: \[1\]"):
+        norm = Standardize().fit(controls)
     out = norm.transform(np.array([[4.0, 7.0]]))
     # mean 2, std (ddof=0) sqrt(2/3); the constant feature is only centred
     assert out[0, 0] == pytest.approx(2 / np.sqrt(2 / 3))
     assert out[0, 1] == pytest.approx(2.0)
+
+
+def test_standardize_on_one_control_row_says_it_cannot_scale():
+    """One control well on a plate: every feature's spread is 0, so that plate stays in raw
+    units beside the other plates' standard deviations; RobustMAD warned of this, Standardize
+    did not."""
+    table = pd.DataFrame({"Metadata_Plate": ["P1", "P1", "P2", "P2", "P2"],
+                          "Metadata_Control": ["negative", "", "negative", "negative", ""],
+                          "f": [1.0, 3.0, 1.0, 2.0, 5.0]})
+    with pytest.warns(UserWarning, match=r"plate 'P1': 1 feature\(s\) have standard deviation 0 in the controls "
+                                         r"\(one control row\)"):
+        normalize(table, "standardize")
 
 
 def test_robust_mad_warns_on_zero_mad():
