@@ -278,7 +278,9 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                     todo_keys.pop(key)
 
         with bar, stage_data_context():
-            failure = _profile_fields(config, plan, sorted({w for _, w in todo_keys}), normalizers, on_batch)
+            # (plate, well) pairs: by well name alone every plate's done wells of those names
+            # were read and profiled again, then dropped (a rerun at plate 99 of 100 redid 99)
+            failure = _profile_fields(config, plan, sorted(todo_keys), normalizers, on_batch)
             if failure is not None:
                 raise stream_failure(failure, RayscreenError)  # wells written so far stay done; a rerun profiles the rest
             # wells with fields that never came: read errors (on_error: skip), or fields the
@@ -313,9 +315,9 @@ def network_value_range(raw_dtype: np.dtype, normalizers: dict[str, dict] | None
     return (0.0, 1.0)
 
 
-def _profile_fields(config: Config, plan: dict[str, Any], wells: list[str], normalizers: dict | None,
+def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str, str]], normalizers: dict | None,
                     on_batch: Callable[[dict[str, np.ndarray]], None]) -> Exception | None:
-    """Stream ``wells`` of the plan's plates through a pool of :class:`ProfilePredictor`
+    """Stream ``wells`` ((plate, well) pairs) of the plan's plates through a pool of :class:`ProfilePredictor`
     actors, passing each batch of field rows to ``on_batch``; returns the error that stopped
     it (None when done), for the caller to raise once this frame and the pool are gone
     (:func:`~rayscreen.raylocal.drain`)."""
@@ -325,7 +327,9 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[str], norm
     from .predictor import ProfilePredictor
 
     cfg, s = config.profile, config.stream
-    ds = read_plates(plan["uris"], storage_options=config.storage_options, platemap=config.platemap,
+    todo_plates = {plate for plate, _ in wells}
+    uris = [u for u in plan["uris"] if any(plan["plate_uris"][p] == u for p in todo_plates)]
+    ds = read_plates(uris, storage_options=config.storage_options, platemap=config.platemap,
                      wells=wells, channels=s.channels, level=s.level, illumination=s.illumination,
                      normalize=False, on_error=s.on_error, override_num_blocks=s.override_num_blocks)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -127,7 +127,8 @@ def read_plates(
 
     Columns: ``image`` (C, Y, X), ``plate``, ``well``, ``field`` (+ ``tile_y``, ``tile_x``
     when ``tile`` is set) and every annotation column of the well (``Metadata_*``).
-    Filters: ``wells``, ``fields``, ``channels`` (names or indices), ``where``
+    Filters: ``wells`` (well names, on every plate; or ``(plate name, well)`` pairs, as a
+    resumed stage asks for the wells it has still to do), ``fields``, ``channels`` (names or indices), ``where``
     (annotation column -> value or list of values). ``illumination``/``normalize`` apply
     the per-plate functions stored with each plate (float32 out). ``on_error="skip"``
     records bad fields under ``error_report`` (see ``load_error_report``) instead of failing.
@@ -150,7 +151,15 @@ def read_plates(
                                  "are recorded")
         error_report = os.path.join(tempfile.gettempdir(), f"rayscreen-errors-{uuid.uuid4().hex[:8]}")
         log.info("read_plates: skipped fields are recorded under %s", error_report)
+    pairs = None
+    if wells is not None and any(isinstance(w, (tuple, list)) for w in wells):
+        from ..store.wells import well_name
+
+        pairs = {(str(p), well_name(w)) for p, w in wells}
+        wells = sorted({w for _, w in pairs})
     tasks = plan_wells(uris, storage_options, wells, where, platemap)
+    if pairs is not None:
+        tasks = [t for t in tasks if (t.plate, t.well) in pairs]
     if not tasks:
         raise RayscreenError(f"read_plates: the filters leave no well to read in {len(uris)} plate(s)")
     pair = (lambda v: None if v is None else (int(v), int(v)) if isinstance(v, numbers.Integral)

@@ -203,3 +203,16 @@ def test_a_fields_filter_is_checked_against_the_plates_field_count_not_only_its_
     assert [(r["well"], r["field"]) for r in rows] == [("A02", "2")]
     with pytest.raises(RayscreenError, match=r"well A01 has fields \['0'\], and its field_count is 3"):
         read_plates([uri], fields=[5])
+
+
+def test_wells_as_plate_well_pairs_read_only_those(tmp_path, ray_local):
+    """A resumed stage asks for the wells it has still to do on each plate. By well name
+    alone, every plate's wells of those names were read (a profile rerun redid every done
+    plate's wells, then dropped them)."""
+    uris = _screen(tmp_path, n=2)
+    rows = read_plates(uris, wells=[("P1", "A01"), ("P1", "b2")]).take_all()
+    assert sorted({(r["plate"], r["well"]) for r in rows}) == [("P1", "A01"), ("P1", "B02")]
+    assert len(rows) == 2 * 3
+    # names alone still mean "on every plate"
+    rows = read_plates(uris, wells=["A01"]).take_all()
+    assert sorted({(r["plate"], r["well"]) for r in rows}) == [("P0", "A01"), ("P1", "A01")]
