@@ -34,13 +34,50 @@ log = logging.getLogger(__name__)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml")
 QC_LABELLED_FIELDS = 50
+# written first into every demo output: the demo replaces a directory only if it holds this
+MARKER = ".rayscreen-demo"
+DEMO_ENTRIES = {MARKER, "synth", "raw", "plates", "run", "demo.yaml", "qc_labels.csv"}
+
+
+def prepare_output(out: str) -> None:
+    """Empty ``out`` for a fresh demo run, or refuse. A demo starts afresh, so it replaces an
+    earlier demo's output, which it knows by :data:`MARKER`; any other existing, non-empty
+    directory is the user's (``--out .`` in a checkout, ``--out ~/data``) and is never deleted,
+    nor the working directory, home or a directory above them."""
+    from .store.errors import RayscreenError
+
+    path = os.path.realpath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RayscreenError(f"demo --out {out}: a file, not a directory")
+    if os.path.isdir(path) and os.listdir(path):
+        cwd, home = os.path.realpath(os.getcwd()), os.path.realpath(os.path.expanduser("~"))
+        protected = [p for p in (cwd, home) if p == path or p.startswith(path.rstrip(os.sep) + os.sep)]
+        if protected or path == os.sep:
+            raise RayscreenError(f"demo --out {out}: {path} is the working directory, home or a directory above "
+                                 "them; give the demo a directory of its own (default demo_out)")
+        # a demo output from before the marker holds just what a demo writes
+        earlier = set(os.listdir(path)) <= DEMO_ENTRIES and os.path.exists(os.path.join(path, "demo.yaml"))
+        if not (os.path.exists(os.path.join(path, MARKER)) or earlier):
+            raise RayscreenError(f"demo --out {out}: {path} exists, is not empty and is not a demo output (no "
+                                 f"{MARKER}); the demo replaces only its own outputs. Choose another directory "
+                                 "or delete this one yourself")
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, MARKER), "w") as f:
+        f.write("output of `rayscreen demo`: a new demo run replaces this directory\n")
 
 
 def demo_config_text(out: str) -> str:
     """The demo config (``jobs/configs/demo.yaml``) with its paths moved under ``out``."""
-    with open(_config_path()) as f:
+    with open(_config_path(), encoding="utf-8") as f:
         text = f.read()
-    return text.replace("demo_out/", out.rstrip("/") + "/")
+    # as a quoted YAML string: a path with ',', '#' or ']' would otherwise break the flow
+    # sequences of the config (plates: [demo_out/plates/*.zarr]) or be cut at a comment
+    import json
+    import re
+
+    prefix = out.rstrip("/") + "/"
+    return re.sub(r"demo_out/([^\s,\]\}\"']*)", lambda m: json.dumps(prefix + m.group(1)), text)
 
 
 def _config_path() -> str:
@@ -75,9 +112,8 @@ def run_demo(out: str = "demo_out", *, quiet: bool = False, seed: int = 0, overr
     from .synth import load_moa_fields, synth_moa
 
     start = time.perf_counter()
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    config_text = demo_config_text(out)  # before any work: a missing config fails now, not after ingest
+    prepare_output(out)
     step = _stepper(quiet)
     step("synth: a small MOA screen (2 plates x 48 wells x 3 fields, 3 channels)")
     synth_dir = os.path.join(out, "synth")
@@ -90,7 +126,6 @@ def run_demo(out: str = "demo_out", *, quiet: bool = False, seed: int = 0, overr
     n_fields = sum(plate_info(uri)["fields"] for uri in plates)
     write_qc_labels(load_moa_fields(synth_dir), os.path.join(out, "qc_labels.csv"), seed=seed)
 
-    config_text = demo_config_text(out)
     config_path = os.path.join(out, "demo.yaml")
     with open(config_path, "w") as f:
         f.write(config_text)
