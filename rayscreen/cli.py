@@ -25,8 +25,9 @@ def _storage_options(text: str | None) -> dict | None:
     try:
         options = json.loads(text)
     except ValueError as e:  # JSONDecodeError: a user's typo, not a traceback
+        # the text itself is not repeated: it may hold credentials
         raise ConfigError(f"--storage-options: expected a JSON object, {example}; "
-                          f"{text!r} is not JSON ({e.msg}, column {e.colno})") from None
+                          f"the text given is not JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(options, dict):
         raise ConfigError(f"--storage-options: expected a JSON object, {example}; found {type(options).__name__}")
     return options

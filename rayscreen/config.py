@@ -310,10 +310,13 @@ def load_config(path_or_text: str, *, overrides: dict[str, Any] | None = None) -
         text, source = path_or_text, "<config>"
     else:
         try:
-            with open(path_or_text) as f:
+            with open(path_or_text, encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
             raise ConfigError(f"cannot read config {path_or_text}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {path_or_text}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                              "save it as UTF-8") from None
         source = path_or_text
     try:
         data = yaml.safe_load(text)
@@ -374,7 +377,14 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            # the value is not repeated: --set storage_options=... may carry credentials
+            mark = getattr(e, "problem_mark", None)
+            where = f", column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"--set {key.strip()}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or type(e).__name__}{where})") from None
     return out
 
 

@@ -159,7 +159,8 @@ def _read_root_attrs(uri: str, storage_options) -> dict[str, Any] | None:
     if not isinstance(ns, dict) or ns.get("kind") is None or "layout_hash" not in ns:
         raise NotAResultsStoreError(
             f"{uri} exists and is not a rayscreen results store; refusing to overwrite it "
-            "(set overwrite: true in the stage's config section, or --overwrite, to replace it)")
+            "(set overwrite: true in the stage's config section, e.g. --set infer.overwrite=true or "
+            "--set profile.overwrite=true, to replace it)")
     return ns
 
 

@@ -39,6 +39,18 @@ def test_bad_storage_options_are_a_user_error_not_a_traceback(tmp_path, capsys, 
     assert err.startswith("rayscreen info: error: ") and expected in err and "Traceback" not in err
 
 
+def test_bad_storage_options_and_set_values_are_not_echoed(tmp_path, capsys, config_path):
+    """They may hold credentials: the errors say where the text is wrong, not what it was."""
+    assert main(["info", str(tmp_path / "P.zarr"), "--storage-options",
+                 '{"key": "AKIAEXAMPLE", "secret": "wJalrSECRET",}']) == 2
+    err = capsys.readouterr().err
+    assert "not JSON" in err and "column" in err and "wJalrSECRET" not in err and "AKIAEXAMPLE" not in err
+    assert main(["config", config_path, "--set", "storage_options={key: AKIAEXAMPLE, secret: wJalrSECRET"]) == 2
+    err = capsys.readouterr().err
+    assert "--set storage_options: the value is not valid YAML" in err and "Traceback" not in err
+    assert "wJalrSECRET" not in err and "AKIAEXAMPLE" not in err
+
+
 def test_every_command_that_touches_storage_takes_storage_options(config_path):
     parser = build_parser()
     for command in ["train", "infer", "profile", "aggregate", "evaluate", "report", "run", "illum", "config"]:

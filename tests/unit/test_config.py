@@ -205,3 +205,15 @@ def test_redact_masks_the_credentials_of_every_fsspec_backend():
     for secret in ("'K'", "'S'", "'T'", "AK", "SAS", "AccountKey", "'C'", "CS", "Bearer", "'P'"):
         assert secret not in text, secret
     assert redact({"token": "ya29.secret"})["token"] == "***"
+
+
+def test_a_config_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# r\xe9sum\xe9 of the screen\nplates: [p.zarr]\noutput: out\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 3: .*save it as UTF-8"):
+        load_config(str(path))
+
+
+def test_a_set_value_that_is_not_yaml_names_the_key():
+    with pytest.raises(ConfigError, match=r"--set train.epochs: the value is not valid YAML \(.*column \d+\)"):
+        parse_overrides(["train.epochs=[1"])
