@@ -192,7 +192,9 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
     storage_path, storage_fs = _storage(plan)
     use_gpu = _use_gpu(t.use_gpu)
     loop_config = {
-        "config": config.to_dict(), "channels": plan.channels, "classes": plan.classes,
+        # by object reference: Ray Train records its train_loop_config in the run state that the
+        # dashboard shows, and the config's storage_options may carry credentials
+        "config": ray.put(config.to_dict()), "channels": plan.channels, "classes": plan.classes,
         "normalization": plan.normalization, "val_names": plan.val_names, "run_dir": plan.run_dir,
         "progress": progress, "plates": plan.plate_names,
     }
@@ -540,7 +542,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # RAY_ADDRESS (ray job submit) there is no hook, and Ray Train's per-epoch
     # "Reporting training result ..." lines would repeat the epoch line below
     quiet_report_logger()
-    config = config_from_dict(cfg["config"])
+    config = config_from_dict(ray.get(cfg["config"]) if isinstance(cfg["config"], ray.ObjectRef) else cfg["config"])
     t = config.train
     so = config.storage_options
     ctx = ray.train.get_context()
