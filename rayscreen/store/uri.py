@@ -95,9 +95,14 @@ def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
             return {k: MASK if secret(str(k), v) else scrub(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [scrub(v) for v in value]
+        if isinstance(value, str):  # a password inside a URL (endpoint_url: http://user:pw@host:9000)
+            return _URL_PASSWORD.sub(rf"\1{MASK}@", value)
         return value
 
     return scrub(dict(storage_options or {}))
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 
 
 def drop_masked(storage_options: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str]]:
@@ -110,7 +115,7 @@ def drop_masked(storage_options: dict[str, Any] | None) -> tuple[dict[str, Any] 
         if isinstance(value, dict):
             out = {}
             for k, v in value.items():
-                if v == MASK:
+                if v == MASK or (isinstance(v, str) and f":{MASK}@" in v):
                     dropped.append(f"{prefix}{k}")
                 else:
                     out[k] = clean(v, f"{prefix}{k}.")

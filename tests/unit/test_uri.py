@@ -50,3 +50,14 @@ def test_a_recorded_s3_config_keeps_signature_version_and_loses_only_the_keys():
 def test_gcsfs_token_modes_and_nulls_are_shown():
     assert redact({"token": "google_default", "key": None}) == {"token": "google_default", "key": None}
     assert redact({"token": {"client_secret": "x", "refresh_token": "y"}}) == {"token": MASK}
+
+
+def test_a_password_inside_a_url_is_masked_and_the_url_dropped_on_reuse():
+    from rayscreen.store.uri import drop_masked
+
+    options = {"endpoint_url": "http://minio:s3cr3t@host:9000", "client_kwargs": {"region_name": "x"}}
+    shown = redact(options)
+    assert shown["endpoint_url"] == "http://minio:***@host:9000" and "s3cr3t" not in str(shown)
+    assert redact({"endpoint_url": "http://host:9000"})["endpoint_url"] == "http://host:9000"
+    kept, dropped = drop_masked(shown)
+    assert dropped == ["storage_options.endpoint_url"] and kept == {"client_kwargs": {"region_name": "x"}}
