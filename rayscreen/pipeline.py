@@ -193,10 +193,30 @@ def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
     with output_lock(config.output, f"rayscreen {stage}", config.storage_options):
         start = time.perf_counter()
         print_ = fingerprint(config, stage) if _READS[stage] else ""
-        write_config(config)
-        result = fn(config, progress=progress)
+        before = _read_text(join(config.output, "config.yaml"), config.storage_options)
+        write_config(config)  # first: a stage that crashes half-way still says what it ran with
+        try:
+            result = fn(config, progress=progress)
+        except ConfigError:
+            # refused by the stage's own checks before it did anything: the output's record of
+            # how it was made stays the one of the run that made it
+            _restore_text(join(config.output, "config.yaml"), before, config.storage_options)
+            raise
         _mark_complete(config, stage, time.perf_counter() - start, result, print_)
     return result
+
+
+def _read_text(uri: str, storage_options) -> str | None:
+    fs, path = filesystem(uri, storage_options)
+    return fs.cat(path).decode() if fs.exists(path) else None
+
+
+def _restore_text(uri: str, text: str | None, storage_options) -> None:
+    fs, path = filesystem(uri, storage_options)
+    if text is None:
+        fs.rm(path)
+    else:
+        fs.pipe(path, text.encode())
 
 
 def planned_stages(config: Config, stages: list[str] | None = None) -> list[str]:

@@ -147,3 +147,34 @@ def test_a_plate_that_arrives_while_a_stage_runs_is_new_work_for_the_next_run(tm
     config = config_from_dict({"plates": [str(tmp_path / "screen" / "*.zarr")], "output": str(tmp_path / "out")})
     pipeline.run_stage(config, "profile", progress=False)
     assert not pipeline.is_complete(config, "profile")
+
+
+def test_a_config_the_stage_refuses_does_not_replace_the_outputs_record(tmp_path, monkeypatch):
+    """`rayscreen train C --set train.lr=0` is refused by the stage's own checks, after the
+    config was recorded: <output>/config.yaml then said lr 0 for an output made with another.
+    A stage that fails after starting keeps the new record (it says what ran)."""
+    import yaml
+
+    from rayscreen.config import ConfigError
+
+    def stage_fn(config, progress=True):
+        if config.train.epochs == 99:
+            raise ConfigError("train.epochs: refused by the stage")
+        if config.train.epochs == 98:
+            raise RuntimeError("crashed half-way")
+
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: stage_fn)
+    record = tmp_path / "out" / "config.yaml"
+    pipeline.run_stage(_config(tmp_path, train={"epochs": 3}), "train", progress=False)
+    assert yaml.safe_load(record.read_text())["train"]["epochs"] == 3
+    with pytest.raises(ConfigError):
+        pipeline.run_stage(_config(tmp_path, train={"epochs": 99}), "train", progress=False)
+    assert yaml.safe_load(record.read_text())["train"]["epochs"] == 3
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(_config(tmp_path, train={"epochs": 98}), "train", progress=False)
+    assert yaml.safe_load(record.read_text())["train"]["epochs"] == 98
+    record.unlink()  # a first run refused: no record left behind
+    fresh = _config(tmp_path / "new", train={"epochs": 99})
+    with pytest.raises(ConfigError):
+        pipeline.run_stage(fresh, "train", progress=False)
+    assert not (tmp_path / "new" / "out" / "config.yaml").exists()
