@@ -330,6 +330,12 @@ def job_main(stage: str, argv: list[str] | None = None) -> int:
     script = f"jobs/{os.path.basename(sys.argv[0]) if sys.argv[0].endswith('.py') else stage + '.py'}"
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" not in argv:
+        if "-h" in argv or "--help" in argv:  # the stage's own options, as `rayscreen STAGE --help`
+            print(f"usage: python {script} --config CONFIG.yaml [options of `rayscreen {stage}`]\n")
+            try:
+                return main([stage, "--help"])
+            except SystemExit as e:  # argparse exits after printing help
+                return int(e.code or 0)
         print(f"usage: python {script} --config CONFIG.yaml [--set KEY=VALUE] [--quiet]", file=sys.stderr)
         return 2
     i = argv.index("--config")

@@ -262,3 +262,11 @@ def test_quiet_and_verbose_go_before_or_after_the_command():
     for argv in (["-v", "info", "p.zarr"], ["info", "p.zarr", "-v"], ["info", "p.zarr", "--verbose"]):
         assert parse(argv).verbose is True, argv
     assert parse(["info", "p.zarr"]).verbose is False and parse(["info", "p.zarr", "--quiet"]).quiet is True
+
+
+def test_a_job_script_help_shows_the_stage_options(capsys):
+    from rayscreen.cli import job_main
+
+    assert job_main("train", ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config CONFIG.yaml" in out and "--set" in out
