@@ -32,7 +32,15 @@ CHANNEL_COLOURS = np.array([(0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 1), (0, 1, 1
 
 
 def to_png(fig: Figure, dpi: int = 100) -> bytes:
-    """PNG bytes of a figure (Agg canvas, no display needed)."""
+    """PNG bytes of a figure (Agg canvas, no display needed).
+
+    Text is drawn as written: titles and legends carry plate, compound and MOA names, and
+    matplotlib would read ``$...$`` in them as maths (``P$1_$2`` failed to render, and the
+    report lost the section); no figure here uses maths text."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")

@@ -214,3 +214,15 @@ def test_the_qc_figure_of_a_large_screen_shows_its_worst_plates_at_a_readable_wi
     assert len(ax.patches) == F.QC_MAX_BARS and fig.get_figwidth() <= 0.5 * F.QC_MAX_BARS + 2
     assert [p.get_height() for p in ax.patches] == [6] * F.QC_MAX_BARS  # the most flagged first
     assert f"{F.QC_MAX_BARS} of {n} plates" in ax.get_title()
+
+
+def test_names_with_dollar_signs_are_drawn_as_written():
+    """matplotlib reads $...$ as maths: a plate named P$1_$2 (or a compound's) failed to
+    render, and the report lost the whole section."""
+    grid, rl, cl = F.well_grid(["A", "B"], [1, 2], np.array([0.1, 0.9]))
+    for name in ["P$1_$2", r"P$\frac$"]:
+        assert F.to_png(F.plate_heatmap(grid, rl, cl, title=f"{name}: score", label="score"))[:4] == b"\x89PNG"
+    confusion = pd.DataFrame([[2, 0], [1, 1]], index=["$a_$b", "m2"], columns=["$a_$b", "m2"])
+    assert F.to_png(F.confusion_figure(confusion))[:4] == b"\x89PNG"
+    coords = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    assert F.to_png(F.scatter_by(coords, ["x$_1$y", "q", "x$_1$y"], title="t"))[:4] == b"\x89PNG"
