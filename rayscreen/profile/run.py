@@ -330,7 +330,9 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
     todo_plates = {plate for plate, _ in wells}
     uris = [u for u in plan["uris"] if any(plan["plate_uris"][p] == u for p in todo_plates)]
     ds = read_plates(uris, storage_options=config.storage_options, platemap=config.platemap,
-                     wells=wells, channels=s.channels, level=s.level, illumination=s.illumination,
+                     # raw fields: the actors measure saturation on them, then correct
+                     # illumination (and normalise) themselves
+                     wells=wells, channels=s.channels, level=s.level, illumination=False,
                      normalize=False, on_error=s.on_error, override_num_blocks=s.override_num_blocks)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     raw_dtype = np.dtype(open_plate(plan["uris"][0], config.storage_options).dtype)
@@ -343,9 +345,10 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                                    tiles=cfg.tiles, classical=cfg.classical, qc=True,
                                    batch_size=cfg.batch_size, storage_options=config.storage_options,
                                    normalizers=normalizers,
-                                   # detector clipping level; an illumination-corrected stream is
-                                   # float, its clipped pixels at >= this level where the
-                                   # illumination function is <= 1
+                                   illumination=({p: plan["plate_uris"][p] for p in todo_plates}
+                                                 if s.illumination else None),
+                                   level=s.level, stream_channels=s.channels,
+                                   # detector clipping level, compared with the raw pixels
                                    qc_max_value=(float(np.iinfo(raw_dtype).max)
                                                  if np.issubdtype(raw_dtype, np.integer) else None),
                                    value_range=network_value_range(raw_dtype, normalizers)))

@@ -149,6 +149,38 @@ def test_normalizers_apply_per_plate_after_qc_on_raw_pixels():
         pred({"image": images[:1], "plate": np.array(["P3"])})
 
 
+def test_saturation_is_measured_before_illumination_correction(tmp_path):
+    """The stream used to divide by the illumination function (>= 1) before QC: a clipped blob
+    in the bright centre fell below the detector's maximum and the field read 0% saturated.
+    The actor now gets raw fields, measures saturation on them, then corrects them exactly
+    as the stream does."""
+    from rayscreen.store import create_plate
+    from rayscreen.stream.datasource import StreamOptions, plan_wells, read_wells
+    from rayscreen.stream.illumination import save_illumination
+
+    uri = str(tmp_path / "P.zarr")
+    writer = create_plate(uri, "P", ["A01"], ["DNA", "Actin"], (16, 16), "uint16", 1)
+    field = np.full((2, 16, 16), 1000, np.uint16)
+    field[0, 6:10, 6:10] = 65535  # 16 of 256 pixels clipped, where the illumination is brightest
+    writer.write_field("A01", 0, field)
+    writer.complete_well("A01", 1)
+    illum = np.ones((2, 16, 16), np.float32)
+    illum[:, 4:12, 4:12] = 1.8
+    save_illumination(uri, illum)
+    pred = ProfilePredictor(channels=["DNA", "Actin"], model=ColourMeans(), input_size=8, qc=True,
+                            qc_max_value=65535.0, illumination={"P": uri})
+    out = pred({"image": field[None], "plate": np.array(["P"]), "well": np.array(["A01"]), "field": np.array(["0"])})
+    names = qc_metric_names(2)
+    assert out["qc"][0, names.index("qc_saturation_c0")] == pytest.approx(16 / 256)
+    # the network saw the corrected field, the same as the stream's own correction
+    (streamed,) = list(read_wells(plan_wells([uri]), StreamOptions(illumination=True)))
+    reference = ProfilePredictor(channels=["DNA", "Actin"], model=ColourMeans(), input_size=8,
+                                 value_range=(0.0, 65535.0))
+    pred.value_range = (0.0, 65535.0)
+    np.testing.assert_allclose(pred({"image": field[None], "plate": np.array(["P"])})["profile"],
+                               reference({"image": streamed["image"]})["profile"], rtol=1e-6)
+
+
 def test_a_field_name_outside_field_count_names_the_plate_and_well():
     from rayscreen.profile.run import well_values
 
