@@ -89,10 +89,12 @@ def _objects(plane: np.ndarray, mask: np.ndarray, min_area: int) -> list[float]:
 
 
 def classical_features(image, *, distances: Sequence[int] = (1, 3), levels: int = 32, sigma: float = 1.5,
-                       min_area: int = 10) -> np.ndarray:
+                       min_area: int = 10, min_contrast: float = 3.0) -> np.ndarray:
     """Classical features of one field ``image`` shaped (C, Y, X) -> float64 (K,), in the
     order of :func:`classical_feature_names` (see the module docstring). ``sigma`` smooths
-    before Otsu thresholding; objects smaller than ``min_area`` px are noise."""
+    before Otsu thresholding; objects smaller than ``min_area`` px are noise; a channel whose
+    Otsu foreground is less than ``min_contrast`` background standard deviations above its
+    background has no foreground and no objects (an empty field, not noise blobs)."""
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"expected a field shaped (C, Y, X), got shape {image.shape}")
@@ -106,6 +108,14 @@ def classical_features(image, *, distances: Sequence[int] = (1, 3), levels: int 
         gy, gx = np.gradient(plane)
         out += [float(np.hypot(gy, gx).mean()), float(ndimage.laplace(plane, mode="reflect").var())]
         mask = otsu_mask(plane, sigma)
+        if mask.any() and (~mask).any():
+            # Otsu splits any image in two, pure noise too: a split whose foreground is not
+            # min_contrast background sigmas above the background (as image_qc.foreground
+            # judges it) is no foreground, else a field without cells counted hundreds of
+            # noise blobs as nuclei, the highest count on the plate
+            noise = plane[~mask].std()
+            if noise > 0 and (plane[mask].mean() - plane[~mask].mean()) / noise < min_contrast:
+                mask = np.zeros_like(mask)
         fg = plane[mask].mean() if mask.any() else plane.mean()
         bg = plane[~mask].mean() if (~mask).any() else plane.mean()
         out += [float(mask.mean()), float(fg), float(bg), float(fg / bg) if bg > 0 else 0.0]

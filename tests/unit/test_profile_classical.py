@@ -74,3 +74,23 @@ def test_empty_field_object_stats_nan_counts_zero():
 def test_rejects_2d():
     with pytest.raises(ValueError, match="C, Y, X"):
         classical_features(np.zeros((8, 8)))
+
+
+def test_a_field_of_noise_has_no_objects_and_a_field_with_cells_keeps_them():
+    """Otsu splits pure noise in two: the smoothed noise blobs passed as hundreds of nuclei,
+    so a well whose cells a toxic compound killed had the highest count on the plate."""
+    from scipy import ndimage as ndi
+
+    from rayscreen.profile.classical import classical_feature_names, classical_features
+
+    rng = np.random.default_rng(0)
+    names = classical_feature_names(["DNA"])
+    noise = rng.normal(100.0, 5.0, (1, 128, 128))
+    empty = dict(zip(names, classical_features(noise)))
+    assert empty["DNA_obj_count"] == 0 and empty["DNA_fg_fraction"] == 0
+    cells = np.zeros((128, 128))
+    cells[np.ix_([24, 64, 104], [24, 64, 104])] = 1.0  # 9 nuclei, well apart
+    cells = ndi.gaussian_filter(cells, 3.0)
+    field = noise + 400 * cells[None] / cells.max()
+    full = dict(zip(names, classical_features(field)))
+    assert full["DNA_obj_count"] == 9 and full["DNA_fg_fraction"] > 0
