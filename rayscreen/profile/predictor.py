@@ -198,11 +198,15 @@ class ProfilePredictor:
             raise RayscreenError(f"profile: expected images shaped (B, {len(self.channels)}, Y, X) for channels "
                                  f"{self.channels}, got {images.shape}")
         b = images.shape[0]
-        x, views = self._network_inputs(images)
-        out = []
-        for start in range(0, len(x), max(1, self.batch_size * max(1, len(self.channels)))):
-            out.append(self.model(x[start:start + self.batch_size * max(1, len(self.channels))]
-                                  .to(self.device)).float().cpu())
+        step = max(1, self.batch_size * max(1, len(self.channels)))  # network inputs per forward pass
+        # fields a few at a time (tiles: one): the float, 3-colour, normalised copies of a whole
+        # batch of full-resolution tiles took ~15x the batch's own memory (3.4 GB for 0.22 GB)
+        per_chunk = 1 if self.tiles else max(1, self.batch_size)
+        out, views = [], 1
+        for first in range(0, b, per_chunk):
+            x, views = self._network_inputs(images[first:first + per_chunk])
+            for start in range(0, len(x), step):
+                out.append(self.model(x[start:start + step].to(self.device)).float().cpu())
         feats = torch.cat(out)  # (B * P * V, D)
         parts = len(self.channels) if self.channel_mode == "concat" else 1
         feats = feats.reshape(b, parts, views, self.feature_dim).mean(dim=2)  # tiles averaged
