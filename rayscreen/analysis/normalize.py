@@ -61,6 +61,16 @@ class Normalizer:
     def _fit_array(self, X: np.ndarray) -> None:
         raise NotImplementedError
 
+    def _warn_unscaled(self, flat: np.ndarray, what: str, note: str = "") -> None:
+        """Warn naming the features (``flat``: (F,) bool) that are only centred, their spread
+        in the controls being 0. A random-weight backbone has dozens of such features: the
+        first few tell the user enough."""
+        zero = np.flatnonzero(flat)
+        if len(zero):
+            names = [self.features[i] for i in zero] if self.features else zero.tolist()
+            warnings.warn(f"{len(zero)} feature(s) have {what} in the controls{note} and are only centred: "
+                          f"{preview(names)}", stacklevel=4)
+
     def _transform_array(self, X):
         raise NotImplementedError
 
@@ -148,14 +158,9 @@ class Standardize(Normalizer):
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features give NaN, by design
             self.mean_ = np.nanmean(X, axis=0)
             std = np.nanstd(X, axis=0)
-        zero = np.flatnonzero(std == 0)
-        if len(zero):
-            # as RobustMAD says of a zero MAD: one control row (or constant controls) leaves
-            # these features in raw units beside other plates' standard deviations
-            names = [self.features[i] for i in zero] if self.features else zero.tolist()
-            warnings.warn(f"{len(zero)} feature(s) have standard deviation 0 in the controls"
-                          f"{' (one control row)' if len(X) == 1 else ''} and are only centred: {preview(names)}",
-                          stacklevel=3)
+        # one control row (or constant controls) leaves these features in raw units beside
+        # other plates' standard deviations
+        self._warn_unscaled(std == 0, "standard deviation 0", " (one control row)" if len(X) == 1 else "")
         self.scale_ = np.where(std > 0, std, 1.0)
 
     def _transform_array(self, X):
@@ -196,13 +201,7 @@ class RobustMAD(Normalizer):
             self.median_ = np.nanmedian(X, axis=0)
             mad = median_abs_deviation(X, axis=0, nan_policy="omit", scale=1 / MAD_SCALE)
         mad = np.asarray(mad, dtype=float)
-        zero = np.flatnonzero(mad == 0)
-        if len(zero):
-            names = [self.features[i] for i in zero] if self.features else zero.tolist()
-            # a random-weight backbone has dozens of such features: the first few tell the user enough
-            warnings.warn(f"{len(zero)} feature(s) have MAD 0 in the controls and are only centred: "
-                          f"{preview(names)}",
-                          stacklevel=3)
+        self._warn_unscaled(mad == 0, "MAD 0")
         self.mad_ = np.where(mad == 0, 1.0, mad)
 
     def _transform_array(self, X):

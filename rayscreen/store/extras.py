@@ -71,24 +71,8 @@ def write_plate_array(plate_uri: str, name: str, array: np.ndarray, attrs: dict[
     return "/".join([ARRAY_GROUP, *parts])
 
 
-def plate_array_complete(plate_uri: str, name: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Whether the array :func:`write_plate_array` put at ``<plate>/rayscreen/<name>`` exists
-    with every chunk stored (one listing of its chunk keys, not a read of its data)."""
-    path = "/".join([ARRAY_GROUP, *_check_name(name)])
-    root = _open_root(plate_uri, storage_options, "r")
-    try:
-        node = root[path]
-    except KeyError:
-        return False
-    return isinstance(node, zarr.Array) and node.nchunks_initialized == node.nchunks
-
-
-def read_plate_array(plate_uri: str, name: str,
-                     storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]] | None:
-    """``(array, attrs)`` written by :func:`write_plate_array`, or ``None`` where there is none.
-
-    A missing chunk of an array that exists is an error (``MissingChunkError``), not zeros.
-    """
+def _plate_array(plate_uri: str, name: str, storage_options: dict[str, Any] | None) -> zarr.Array | None:
+    """The array at ``<plate>/rayscreen/<name>`` (None where there is none; a group there is an error)."""
     path = "/".join([ARRAY_GROUP, *_check_name(name)])
     root = _open_root(plate_uri, storage_options, "r")
     try:
@@ -97,7 +81,24 @@ def read_plate_array(plate_uri: str, name: str,
         return None
     if not isinstance(node, zarr.Array):
         raise RayscreenError(f"{plate_uri}/{path} is a group, not an array")
-    return node[...], dict(node.attrs.asdict())
+    return node
+
+
+def plate_array_complete(plate_uri: str, name: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the array :func:`write_plate_array` put at ``<plate>/rayscreen/<name>`` exists
+    with every chunk stored (one listing of its chunk keys, not a read of its data)."""
+    node = _plate_array(plate_uri, name, storage_options)
+    return node is not None and node.nchunks_initialized == node.nchunks
+
+
+def read_plate_array(plate_uri: str, name: str,
+                     storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """``(array, attrs)`` written by :func:`write_plate_array`, or ``None`` where there is none.
+
+    A missing chunk of an array that exists is an error (``MissingChunkError``), not zeros.
+    """
+    node = _plate_array(plate_uri, name, storage_options)
+    return None if node is None else (node[...], dict(node.attrs.asdict()))
 
 
 def update_plate_attrs(plate_uri: str, storage_options: dict[str, Any] | None = None, **entries: Any) -> None:

@@ -38,3 +38,22 @@ def make_plate(uri: str, name: str = "P1", wells=("A01", "A02", "B01", "B02"), f
         if complete:
             writer.complete_well(well, fields)
     return uri
+
+
+def make_two_acquisition_plate(uri: str) -> str:
+    """An NGFF 0.4 plate as another tool writes it: one well (B03) imaged in two acquisitions,
+    1 ("before": field 0, all pixels 1) and 2 ("after": field 1, all pixels 2), 4 x 4 uint8."""
+    import zarr
+
+    root = zarr.open_group(uri, mode="w", zarr_format=2)
+    root.attrs["plate"] = {"version": "0.4", "name": "acq", "rows": [{"name": "B"}], "columns": [{"name": "3"}],
+                           "wells": [{"path": "B/3", "rowIndex": 0, "columnIndex": 0}],
+                           "acquisitions": [{"id": 1, "name": "before"}, {"id": 2, "name": "after"}]}
+    well = root.create_group("B/3")
+    well.attrs["well"] = {"version": "0.4", "images": [{"path": "0", "acquisition": 1}, {"path": "1", "acquisition": 2}]}
+    for f in ("0", "1"):
+        img = well.create_group(f)
+        img.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}],
+                                     "datasets": [{"path": "0"}]}]
+        img.create_array("0", data=np.full((4, 4), int(f) + 1, np.uint8))
+    return uri

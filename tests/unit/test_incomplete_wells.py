@@ -81,17 +81,9 @@ def test_a_plate_of_several_acquisitions_is_refused_rather_than_pooled(tmp_path)
     objective); the stream pooled both runs' fields as one well's, under one weak label."""
     import zarr
 
-    root = zarr.open_group(str(tmp_path / "acq.zarr"), mode="w", zarr_format=2)
-    root.attrs["plate"] = {"version": "0.4", "name": "acq", "rows": [{"name": "B"}], "columns": [{"name": "3"}],
-                           "wells": [{"path": "B/3", "rowIndex": 0, "columnIndex": 0}],
-                           "acquisitions": [{"id": 1, "name": "before"}, {"id": 2, "name": "after"}]}
-    well = root.create_group("B/3")
-    well.attrs["well"] = {"version": "0.4", "images": [{"path": "0", "acquisition": 1}, {"path": "1", "acquisition": 2}]}
-    for f in ("0", "1"):
-        img = well.create_group(f)
-        img.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}],
-                                     "datasets": [{"path": "0"}]}]
-        img.create_array("0", data=np.full((4, 4), int(f) + 1, np.uint8))
+    from rayscreen.testing.plates import make_two_acquisition_plate
+
+    root = zarr.open_group(make_two_acquisition_plate(str(tmp_path / "acq.zarr")), mode="r+")
     with pytest.raises(Exception, match=r"plate 'acq' .* lists 2 acquisitions: 1 \('before'\), 2 \('after'\)"):
         plan_wells([str(tmp_path / "acq.zarr")])
     # one acquisition listed: streamed as before

@@ -280,17 +280,9 @@ def test_axes_rule_tczyx_and_yx(tmp_path):
 
 def test_multiple_acquisitions(tmp_path):
     """A well imaged in two acquisitions: fields of each are selectable."""
-    root = zarr.open_group(str(tmp_path / "acq.zarr"), mode="w", zarr_format=2)
-    root.attrs["plate"] = {"version": "0.4", "name": "acq", "rows": [{"name": "B"}], "columns": [{"name": "3"}],
-                           "wells": [{"path": "B/3", "rowIndex": 0, "columnIndex": 0}],
-                           "acquisitions": [{"id": 1, "name": "before"}, {"id": 2, "name": "after"}]}
-    well = root.create_group("B/3")
-    well.attrs["well"] = {"version": "0.4", "images": [{"path": "0", "acquisition": 1}, {"path": "1", "acquisition": 2}]}
-    for f in ("0", "1"):
-        img = well.create_group(f)
-        img.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}], "datasets": [{"path": "0"}]}]
-        img.create_array("0", data=np.full((4, 4), int(f) + 1, np.uint8))
-    plate = open_plate(str(tmp_path / "acq.zarr"))
+    from rayscreen.testing.plates import make_two_acquisition_plate
+
+    plate = open_plate(make_two_acquisition_plate(str(tmp_path / "acq.zarr")))
     assert plate.acquisitions == [1, 2] and plate.fields("B03") == ["0", "1"]
     assert plate.fields("B03", acquisition=2) == ["1"]
     assert plate.read("B03", plate.fields("B03", acquisition=2)[0]).max() == 2
