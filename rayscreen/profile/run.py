@@ -333,7 +333,8 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                      # raw fields: the actors measure saturation on them, then correct
                      # illumination (and normalise) themselves
                      wells=wells, channels=s.channels, level=s.level, illumination=False,
-                     normalize=False, on_error=s.on_error, override_num_blocks=s.override_num_blocks)
+                     normalize=False, on_error=s.on_error, error_report=join(config.output, "profile", "errors"),
+                     override_num_blocks=s.override_num_blocks)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     raw_dtype = np.dtype(open_plate(plan["uris"][0], config.storage_options).dtype)
     ds = ds.map_batches(

@@ -143,14 +143,14 @@ def read_plates(
     if on_error == "skip" and error_report is None:
         import ray
 
-        # read tasks write their reports where they run: a local temp dir is the driver's only
-        # on a one-node cluster; on several nodes the reports would be scattered and lost
-        if ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
-            raise RayscreenError("read_plates(on_error='skip') on a multi-node cluster needs error_report=: a "
-                                 "URI every node can write (S3, or a shared filesystem), where skipped fields "
-                                 "are recorded")
         error_report = os.path.join(tempfile.gettempdir(), f"rayscreen-errors-{uuid.uuid4().hex[:8]}")
-        log.info("read_plates: skipped fields are recorded under %s", error_report)
+        # read tasks write their reports where they run: a local temp dir is the driver's only
+        # on a one-node cluster; on several nodes each node keeps its own part
+        several = ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+        (log.warning if several else log.info)(
+            "read_plates: skipped fields are recorded under %s%s", error_report,
+            " on each node that read them; pass error_report= a URI every node can write (S3, a shared "
+            "filesystem) to collect them" if several else "")
     pairs = None
     if wells is not None and any(isinstance(w, (tuple, list)) for w in wells):
         from ..store.wells import well_name
