@@ -197,6 +197,7 @@ def compute_illumination(
     max_in_flight: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    skip_incomplete: bool = False,
 ) -> dict[str, str]:
     """Compute and store every plate's illumination function (C, Y, X), in Ray tasks.
 
@@ -206,6 +207,8 @@ def compute_illumination(
     with the plate. ``max_fields`` averages a seeded random subsample of each plate's
     fields instead of all. Returns ``{plate_uri: "computed" | "skipped"}`` (skipped: the
     plate already holds a function with the same parameters; see the module's resume rule).
+    A well the writer has not completed is an error, or with ``skip_incomplete`` left out
+    and recorded in the stored parameters (so the next run computes the function again).
     """
     if fields_per_task < 1:
         raise RayscreenError(f"fields_per_task={fields_per_task}: expected >= 1")
@@ -213,6 +216,7 @@ def compute_illumination(
     status: dict[str, str] = {}
     jobs: list[tuple[str, list[tuple]]] = []
     channels: dict[str, list[str]] = {}
+    plate_params: dict[str, dict[str, Any]] = {}
     for uri in expand_uris(uris, storage_options):
         plate = open_plate(uri, storage_options)
         entry = illumination_entry(uri, storage_options)
@@ -223,15 +227,22 @@ def compute_illumination(
             status[uri] = "skipped"
             _log(progress, f"illum {plate.name}: up to date ({uri})")
             continue
-        pairs = select_fields(plate, max_fields, seed)
+        incomplete: list[str] | None = [] if skip_incomplete else None
+        pairs = select_fields(plate, max_fields, seed, incomplete=incomplete)
         if not pairs:
             raise RayscreenError(f"plate {plate.name!r} ({uri}): no field to compute an illumination function from")
+        if incomplete:
+            # recorded with the function: its parameters then differ from a complete plate's,
+            # so the next run, after the ingest, computes it again
+            plate_params[uri] = {**params, "incomplete_wells": sorted(incomplete)}
+            _log(progress, f"illum {plate.name}: {len(incomplete)} well(s) not written yet left out")
         channels[uri] = plate.channels
         jobs.append((uri, [(uri, group, storage_options, clip_percentile) for group in _groups(pairs, fields_per_task)]))
 
     def finish(uri: str, acc: IlluminationAccumulator) -> None:
         illum = illumination_function(acc.result(), size=size, method=method)
-        save_illumination(uri, illum, storage_options, params=params, channels=channels[uri], fields=acc.count)
+        save_illumination(uri, illum, storage_options, params=plate_params.get(uri, params), channels=channels[uri],
+                          fields=acc.count)
         status[uri] = "computed"
         _log(progress, f"illum {uri}: {acc.count} fields averaged, stored")
 
@@ -264,6 +275,7 @@ def fit_normalization(
     max_in_flight: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    skip_incomplete: bool = False,
     **normalizer_kwargs: Any,
 ) -> dict[str, str]:
     """Fit and store a per-plate, per-channel scaler (``method``: ``percentile``,
@@ -275,6 +287,7 @@ def fit_normalization(
     the plate's stored illumination function first when ``illumination`` (so the scaler
     sees what the stream will feed it), read at pyramid ``level`` (the stream's). The driver merges them per plate, fits a fresh
     scaler and stores it with the plate. Returns ``{plate_uri: "fitted" | "skipped"}``.
+    ``skip_incomplete``: as :func:`compute_illumination`'s.
     """
     if fields_per_task < 1:
         raise RayscreenError(f"fields_per_task={fields_per_task}: expected >= 1")
@@ -299,9 +312,13 @@ def fit_normalization(
             status[uri] = "skipped"
             _log(progress, f"normalize {plate.name}: up to date ({uri})")
             continue
-        pairs = select_fields(plate, max_fields, seed, wells)
+        incomplete: list[str] | None = [] if skip_incomplete else None
+        pairs = select_fields(plate, max_fields, seed, wells, incomplete=incomplete)
         if not pairs:
             raise RayscreenError(f"plate {plate.name!r} ({uri}): no field to fit {template!r} on")
+        if incomplete:  # as for the illumination function: refitted once the ingest finished
+            fit = {**fit, "incomplete_wells": sorted(incomplete)}
+            _log(progress, f"normalize {plate.name}: {len(incomplete)} well(s) not written yet left out")
         fits[uri] = fit
         jobs.append((uri, [(uri, group, storage_options, _task_seed(seed, plate.name, i), illumination, level)
                            for i, group in enumerate(_groups(pairs, fields_per_task))]))
@@ -347,13 +364,15 @@ def run_illum(config, *, progress: bool = True) -> dict[str, Any]:
     uris = expand_uris(config.plates, config.storage_options)
     use_ray = ray.is_initialized()
     out: dict[str, Any] = {"plates": uris, "illumination": {}, "normalization": {}}
+    skip = config.stream.on_error == "skip"  # wells an ingest has not written yet: left out, not an error
     if config.stream.illumination:
-        out["illumination"] = compute_illumination(uris, config.storage_options, use_ray=use_ray, progress=progress)
+        out["illumination"] = compute_illumination(uris, config.storage_options, use_ray=use_ray, progress=progress,
+                                                   skip_incomplete=skip)
     if config.stream.normalize != "none":
         kwargs = {"controls": _control_query(config)} if config.stream.normalize == "control" else {}
         out["normalization"] = fit_normalization(uris, config.stream.normalize, config.storage_options,
                                                  illumination=config.stream.illumination, level=config.stream.level,
-                                                 platemap=config.platemap,
+                                                 platemap=config.platemap, skip_incomplete=skip,
                                                  use_ray=use_ray, progress=progress, **kwargs)
     out["seconds"] = round(time.perf_counter() - start, 3)
     return out

@@ -180,17 +180,23 @@ def illumination_at(illum: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def select_fields(plate, max_fields: int | None = None, seed: int = 0,
-                  wells: Iterable[str] | None = None) -> list[tuple[str, str]]:
+                  wells: Iterable[str] | None = None, *,
+                  incomplete: list[str] | None = None) -> list[tuple[str, str]]:
     """(well, field) pairs of a plate (wells missing on disk skipped), optionally a seeded
-    random subsample of ``max_fields`` (in plate order). Split this list across Ray tasks."""
+    random subsample of ``max_fields`` (in plate order). Split this list across Ray tasks.
+
+    A well the plate's writer has not completed (an ingest under way or stopped) raises
+    :class:`IncompleteWellError`, unless ``incomplete`` is a list: the well is then skipped
+    and appended to it, for the caller to record with the fit, so that the fit is not taken
+    for the whole plate's once the ingest has finished (``stream.on_error: skip``)."""
     pairs = []
     for w in (list(wells) if wells is not None else plate.wells):
         try:
             pairs.extend((w, f) for f in plate.fields(w))
         except IncompleteWellError:
-            # a correction fitted on part of a plate would be stored as the plate's and, with
-            # the same parameters, never refitted once the ingest finished
-            raise
+            if incomplete is None:
+                raise
+            incomplete.append(w)
         except MissingWellError:
             continue
     if max_fields is not None and len(pairs) > max_fields:

@@ -91,3 +91,40 @@ def test_a_plate_of_several_acquisitions_is_refused_rather_than_pooled(tmp_path)
     attrs["acquisitions"] = [{"id": 1, "name": "before"}]
     root.attrs["plate"] = attrs
     assert [t.well for t in plan_wells([str(tmp_path / "acq.zarr")])] == ["B03"]
+
+
+def test_illum_leaves_out_unwritten_wells_when_skipping_and_refits_once_they_are_written(tmp_path):
+    """With stream.on_error: skip the fitters go on without the wells an ingest has not
+    written, and record them, so the next run (ingest finished) fits the whole plate again
+    rather than calling the partial fit up to date."""
+    from rayscreen.stream.fit import compute_illumination, fit_normalization
+    from rayscreen.stream.illumination import illumination_entry
+    from rayscreen.stream.normalize import normalization_entry
+
+    uri = half_ingested(tmp_path)
+    kw = dict(use_ray=False, progress=False)
+    with pytest.raises(IncompleteWellError, match="well A02"):
+        compute_illumination(uri, **kw)
+    assert compute_illumination(uri, skip_incomplete=True, **kw) == {uri: "computed"}
+    assert illumination_entry(uri)["params"]["incomplete_wells"] == ["A02", "B01"]
+    assert illumination_entry(uri)["fields"] == 2
+    assert fit_normalization(uri, illumination=True, skip_incomplete=True, **kw) == {uri: "fitted"}
+    assert normalization_entry(uri)["fit"]["incomplete_wells"] == ["A02", "B01"]
+
+    writer = open_plate_writer(uri)
+    writer.write_field("A02", 1, np.ones((1, 8, 8), np.uint8))
+    writer.complete_well("A02", 2)
+    writer.write_field("B01", 0, np.ones((1, 8, 8), np.uint8))
+    writer.complete_well("B01", 1)
+    assert compute_illumination(uri, skip_incomplete=True, **kw) == {uri: "computed"}
+    assert "incomplete_wells" not in illumination_entry(uri)["params"] and illumination_entry(uri)["fields"] == 5
+    assert fit_normalization(uri, illumination=True, skip_incomplete=True, **kw) == {uri: "fitted"}
+    assert compute_illumination(uri, skip_incomplete=True, **kw) == {uri: "skipped"}
+    assert fit_normalization(uri, illumination=True, skip_incomplete=True, **kw) == {uri: "skipped"}
+
+
+def open_plate_writer(uri):
+    from rayscreen.store import create_plate
+
+    # create_plate on an existing plate of the same layout reopens it (the ingest's resume)
+    return create_plate(uri, "P", ["A01", "A02", "B01"], ["DNA"], (8, 8), "uint8", 1)
