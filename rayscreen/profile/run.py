@@ -333,6 +333,9 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                      # raw fields: the actors measure saturation on them, then correct
                      # illumination (and normalise) themselves
                      wells=wells, channels=s.channels, level=s.level, illumination=False,
+                     # float32 as the corrected stream was (uint16 values exactly): plates of
+                     # different integer dtypes still stream together
+                     dtype="float32" if s.illumination else None,
                      normalize=False, on_error=s.on_error, error_report=join(config.output, "profile", "errors"),
                      override_num_blocks=s.override_num_blocks)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0

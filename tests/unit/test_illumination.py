@@ -264,3 +264,21 @@ def test_the_fitters_hold_a_field_at_a_time_in_float64_one_channel_at_a_time(mak
     finally:
         tracemalloc.stop()
     assert peak < 3 * fields[1].nbytes, f"{peak / fields[1].nbytes:.1f}x the field"
+
+
+def test_the_stream_keeps_the_corrections_of_a_few_plates_only(tmp_path):
+    """A profile actor lives for the whole screen: it kept every plate's illumination
+    function it ever used (110 MB each at 5 x 2160 x 2560), 1000 plates = 110 GB."""
+    from rayscreen.stream.datasource import StreamOptions, _Corrections
+    from rayscreen.testing import make_plate
+
+    corrections = _Corrections(StreamOptions(illumination=True))
+    uris = []
+    for i in range(6):
+        uri = make_plate(str(tmp_path / f"p{i}.zarr"), f"P{i}", wells=("A01",), fields=1, field_shape=(16, 16))
+        save_illumination(uri, np.full((2, 16, 16), 1.0 + i, np.float32))
+        uris.append(uri)
+    field = np.full((2, 16, 16), 60, np.uint16)
+    for i, uri in enumerate(uris + uris[:1]):  # the first plate again after it was dropped: loaded again
+        np.testing.assert_allclose(corrections(uri, field, None), 60 / (1.0 + (i % 6)))
+        assert len(corrections._cache) <= _Corrections.MAX_PLATES
