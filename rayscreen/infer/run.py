@@ -46,6 +46,7 @@ from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
+from ..store.plate import plates_written_by_rayscreen
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
@@ -430,10 +431,12 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
                             attrs=attrs, settings=infer_settings(plan, config),
                             storage_options=config.storage_options,
                             overwrite=ic.overwrite if overwrite is None else overwrite)
-    retried = writer.reopen_wells_where("field_status", READ_ERROR)  # maybe transient: tried again
-    # wells with no field on disk last time (a sparse plate, or an ingest then unfinished):
-    # looked for again, one metadata read each
-    retried += writer.reopen_wells_where("field_status", ABSENT, everywhere=True)
+    # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
+    # field on disk last time (an ingest then unfinished; another tool's absent well is final)
+    ours = plan.wells["plate_uri"].map(plates_written_by_rayscreen(plan.wells["plate_uri"],
+                                                                   config.storage_options)).to_numpy(bool)
+    retried = writer.reopen_wells("field_status", lambda st: (st == READ_ERROR).any(axis=1) | (
+        (st == ABSENT).all(axis=1) & (st.shape[1] > 0) & ours))
     done = writer.done_mask()
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
             for i, r in enumerate(plan.wells.itertuples()) if not done[i]]

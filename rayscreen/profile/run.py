@@ -38,6 +38,7 @@ from ..config import Config, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
+from ..store.plate import plates_written_by_rayscreen
 from ..store.results import Variable, create_results
 from ..store.uri import join
 
@@ -226,9 +227,12 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
     write_config(config)
 
-    retried = writer.reopen_wells_where("field_status", STATUS_ERROR)  # maybe transient: tried again
-    # wells with no field on disk last time (a sparse plate, or an ingest then unfinished)
-    retried += writer.reopen_wells_where("field_status", STATUS_MISSING, everywhere=True)
+    # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
+    # field on disk last time (an ingest then unfinished; another tool's absent well is final)
+    uris_of_wells = plan["wells"]["plate"].map(plan["plate_uris"])
+    ours = uris_of_wells.map(plates_written_by_rayscreen(uris_of_wells, config.storage_options)).to_numpy(bool)
+    retried = writer.reopen_wells("field_status", lambda st: (st == STATUS_ERROR).any(axis=1) | (
+        (st == STATUS_MISSING).all(axis=1) & (st.shape[1] > 0) & ours))
     done = set(writer.done_wells())
     wells = plan["wells"]
     todo = [i for i in range(len(wells)) if i not in done]

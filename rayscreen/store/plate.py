@@ -349,3 +349,10 @@ def check_finite(image: np.ndarray, where: str) -> None:
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise BadImageError(f"{where}: {bad} NaN/Inf pixel(s) in a float image; expected finite values")
+
+
+def plates_written_by_rayscreen(uris, storage_options: dict[str, Any] | None = None) -> dict[str, bool]:
+    """``{uri: Plate.written_by_rayscreen}`` of plates (their root metadata only): in those, a
+    listed well with no field is an ingest not finished yet, where in other tools' plates it
+    is a sparse plate's absent well, for good."""
+    return {u: open_plate(u, storage_options).written_by_rayscreen for u in dict.fromkeys(uris)}

@@ -47,7 +47,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -471,17 +471,25 @@ class ResultsWriter:
         return np.flatnonzero(self.done_mask()).tolist()
 
     def reopen_wells_where(self, name: str, value: Any, *, everywhere: bool = False) -> list[int]:
-        """Clear the done flag of every done well whose variable ``name`` holds ``value``
-        somewhere (``everywhere``: in every element), and return their indices: a rerun
-        computes them again. The stages use it for fields recorded as read errors (``on_error:
-        skip``), which may have been transient (a dropped S3 connection), and for wells with no
-        field at all (not on disk yet: an ingest still running). Cleared before anything is
-        rewritten, so a crash during the rewrite leaves those wells not done rather than half
-        old, half new."""
+        """:meth:`reopen_wells` of the wells whose variable ``name`` holds ``value`` somewhere
+        (``everywhere``: in every element)."""
+        def select(values: np.ndarray) -> np.ndarray:
+            match = values == value
+            return (match.all(axis=1) & (match.shape[1] > 0)) if everywhere else match.any(axis=1)
+
+        return self.reopen_wells(name, select)
+
+    def reopen_wells(self, name: str, select: Callable[[np.ndarray], np.ndarray]) -> list[int]:
+        """Clear the done flag of every done well that ``select`` picks from variable ``name``
+        (its values as (n_wells, -1) -> (n_wells,) bool; one read of the variable), and return
+        their indices: a rerun computes them again. The stages use it for fields recorded as
+        read errors (``on_error: skip``), which may have been transient (a dropped S3
+        connection), and for wells with no field at all (not on disk yet: an ingest still
+        running). Cleared before anything is rewritten, so a crash during the rewrite leaves
+        those wells not done rather than half old, half new."""
         done = self.done_mask()
         values = np.asarray(self._array(name)[...])
-        match = (values == value).reshape(len(values), -1)
-        hit = done & ((match.all(axis=1) & (match.shape[1] > 0)) if everywhere else match.any(axis=1))
+        hit = done & np.asarray(select(values.reshape(len(values), -1)), bool)
         reopened = np.flatnonzero(hit).tolist()
         if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
             self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))

@@ -301,3 +301,46 @@ def test_sigterm_driver_then_rerun(tmp_path, screen, ray_local):
     ds = xr.open_zarr(uri)
     assert ds.attrs["rayscreen"]["last_run"] == {"computed": 12 - before, "skipped": before}
     assert differing_chunks(uri, ref) == []
+
+
+def test_a_well_the_ingest_had_not_written_is_scored_by_the_rerun_after_it(tmp_path, ray_local):
+    """A plate rayscreen is still writing: its unwritten well stops infer by default; skipped
+    (stream.on_error: skip) it is recorded with no field, and the rerun after the ingest
+    scores it. Before, it was recorded done and never looked at again. Another tool's sparse
+    well, absent for good, is not scored again on every rerun."""
+    import zarr
+
+    from rayscreen.store import IncompleteWellError, create_plate
+    from rayscreen.testing.plates import random_field
+
+    _, ckpt = make_screen(str(tmp_path / "m"), n_plates=1)
+    uri = str(tmp_path / "P.zarr")
+    writer = create_plate(uri, "P", ["A01", "A02"], ["DNA", "Actin"], (48, 48), "uint16", 2)
+    for f in range(2):
+        writer.write_field("A01", f, random_field(0, "A01", f, (2, 48, 48)))
+    writer.complete_well("A01", 2)
+    with pytest.raises(IncompleteWellError, match="well A02 was not completed"):
+        run_infer(infer_config([uri], ckpt, tmp_path / "strict"), progress=False)
+    from rayscreen.config import config_from_dict
+
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "run"),
+                               "stream": {"normalize": "none", "on_error": "skip"},
+                               "infer": {"checkpoint": ckpt, "batch_size": 4, "saliency_downsample": 4}})
+    ds = xr.open_zarr(run_infer(config, progress=False))
+    assert ds["n_fields"].values.tolist() == [2, 0] and ds.attrs["rayscreen"]["complete"]
+    for f in range(2):
+        writer.write_field("A02", f, random_field(0, "A02", f, (2, 48, 48)))
+    writer.complete_well("A02", 2)
+    ds = xr.open_zarr(run_infer(config, progress=False))
+    assert ds["n_fields"].values.tolist() == [2, 2]
+    assert ds.attrs["rayscreen"]["last_run"] == {"computed": 1, "skipped": 1}
+
+    # the same well absent in another tool's plate (no rayscreen layout record): final
+    shutil.rmtree(os.path.join(uri, "A", "2"))
+    root = zarr.open_group(uri, mode="r+")
+    root.attrs["rayscreen"] = {k: v for k, v in root.attrs["rayscreen"].items() if k != "layout"}
+    out = tmp_path / "foreign"
+    first = xr.open_zarr(run_infer(infer_config([uri], ckpt, out), progress=False))
+    assert first["n_fields"].values.tolist() == [2, 0]
+    again = xr.open_zarr(run_infer(infer_config([uri], ckpt, out), progress=False))
+    assert again.attrs["rayscreen"]["last_run"] == {"computed": 0, "skipped": 2}
