@@ -55,8 +55,10 @@ def prepare_output(out: str) -> None:
         if protected or path == os.sep:
             raise RayscreenError(f"demo --out {out}: {path} is the working directory, home or a directory above "
                                  "them; give the demo a directory of its own (default demo_out)")
-        # a demo output from before the marker holds just what a demo writes
-        earlier = set(os.listdir(path)) <= DEMO_ENTRIES and os.path.exists(os.path.join(path, "demo.yaml"))
+        # a demo output from before the marker: exactly what a demo writes, synth/ and raw/ (the
+        # synthetic screen and its TIFF export) included, which a user's own screen would not hold
+        entries = set(os.listdir(path))
+        earlier = entries <= DEMO_ENTRIES and {"synth", "raw", "plates", "demo.yaml"} <= entries
         if not (os.path.exists(os.path.join(path, MARKER)) or earlier):
             raise RayscreenError(f"demo --out {out}: {path} exists, is not empty and is not a demo output (no "
                                  f"{MARKER}); the demo replaces only its own outputs. Choose another directory "

@@ -44,8 +44,14 @@ def test_the_demo_replaces_only_its_own_output(tmp_path, monkeypatch):
     (demo / "run").mkdir()
     prepare_output(str(demo))  # an earlier demo's output: replaced
     assert sorted(p.name for p in demo.iterdir()) == [MARKER]
+    mine = tmp_path / "myscreen"  # a user's screen with a config named demo.yaml: kept
+    (mine / "plates" / "P1.zarr").mkdir(parents=True)
+    (mine / "demo.yaml").write_text("plates: [plates/*.zarr]")
+    with pytest.raises(RayscreenError, match="is not a demo output"):
+        prepare_output(str(mine))
+    assert (mine / "plates" / "P1.zarr").exists()
     old = tmp_path / "old_demo"  # written before the marker existed: recognised by its contents
-    for name in ("synth", "plates", "run"):
+    for name in ("synth", "raw", "plates", "run"):
         (old / name).mkdir(parents=True)
     (old / "demo.yaml").write_text("")
     prepare_output(str(old))
