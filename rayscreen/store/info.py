@@ -18,7 +18,7 @@ def plate_info(uri: str, storage_options: dict[str, Any] | None = None) -> dict[
     """
     plate = open_plate(uri, storage_options)
     present, missing = plate.present_wells()
-    fields = {w: len(plate.fields(w)) for w in present}
+    fields = {w: len(plate.fields(w, acquisition="all")) for w in present}
     fs, path = filesystem(uri, storage_options)
     image = {"channels": plate.channels, "shape": plate.shape, "dtype": str(plate.dtype), "chunks": plate.chunks,
              "levels": plate.levels, "axes": plate.axes, "planes": plate.planes} if sum(fields.values()) else dict.fromkeys(

@@ -144,9 +144,23 @@ class Plate:
                 f"Finish the ingest (`rayscreen ingest` resumes where it stopped), or set stream.on_error: skip "
                 f"to go on without this well")
 
-    def fields(self, well: str, acquisition: int | None = None) -> list[str]:
-        """Field (image) paths of a well, e.g. ``["0", "1"]``; optionally of one acquisition."""
-        return [i.path for i in self.well_meta(well).images if acquisition is None or i.acquisition == acquisition]
+    def fields(self, well: str, acquisition: int | str | None = None) -> list[str]:
+        """Field (image) paths of a well, e.g. ``["0", "1"]``: of one ``acquisition`` (its id),
+        or of every acquisition (``"all"``), or, by default, the well's fields when they come
+        from one imaging run. A well imaged in several acquisitions (before / after, another
+        objective) raises by default: what rayscreen computes per well (one weak label, one
+        profile) must not pool two runs' fields."""
+        images = self.well_meta(well).images
+        if acquisition is None:
+            runs = sorted({i.acquisition for i in images}, key=str)
+            if len(runs) > 1:
+                names = {a.id: a.name for a in self.meta.acquisitions}
+                listed = ", ".join(f"{r}" + (f" ({names[r]!r})" if names.get(r) else "") for r in runs)
+                raise RayscreenError(f"plate {self.name!r} well {well_name(well)}: fields of {len(runs)} "
+                                     f"acquisitions ({listed}); rayscreen reads one imaging run per well and would "
+                                     f"pool them: write each acquisition as a plate of its own")
+            return [i.path for i in images]
+        return [i.path for i in images if acquisition == "all" or i.acquisition == acquisition]
 
     @property
     def acquisitions(self) -> list[int]:

@@ -72,14 +72,6 @@ def plan_wells(uris: Sequence[str], storage_options=None, wells: Sequence[str] |
     out: list[WellTask] = []
     for uri in uris:
         plate = open_plate(uri, storage_options, platemap=platemap)
-        if len(plate.meta.acquisitions) > 1:
-            # the stream's unit is a well and its fields; fields of two acquisitions are two
-            # imaging runs of the well (before / after a treatment, another objective), which
-            # one weak label and one well profile must not mix
-            runs = ", ".join(f"{a.id}" + (f" ({a.name!r})" if a.name else "") for a in plate.meta.acquisitions)
-            raise RayscreenError(f"plate {plate.name!r} ({plate.uri}) lists {len(plate.meta.acquisitions)} "
-                                 f"acquisitions: {runs}. rayscreen streams one imaging run per plate and would "
-                                 f"pool their fields as one well's; write each acquisition as a plate of its own")
         ann = plate.annotations
         for col, values in (where or {}).items():
             if col not in ann.columns:

@@ -76,21 +76,26 @@ def test_wells_with_no_field_at_all_are_reopened_for_a_rerun(tmp_path):
     assert writer.reopen_wells_where("field_status", 2) == [2]
 
 
-def test_a_plate_of_several_acquisitions_is_refused_rather_than_pooled(tmp_path):
-    """Two acquisitions are two imaging runs of each well (before / after, another
-    objective); the stream pooled both runs' fields as one well's, under one weak label."""
+def test_a_well_of_several_acquisitions_is_refused_rather_than_pooled(tmp_path):
+    """Two acquisitions are two imaging runs of a well (before / after, another objective);
+    the stream pooled both runs' fields as one well's, under one weak label. A plate whose
+    wells each hold one run (Fractal's multiplexed plates list several) streams."""
     import zarr
 
     from rayscreen.testing.plates import make_two_acquisition_plate
 
-    root = zarr.open_group(make_two_acquisition_plate(str(tmp_path / "acq.zarr")), mode="r+")
-    with pytest.raises(Exception, match=r"plate 'acq' .* lists 2 acquisitions: 1 \('before'\), 2 \('after'\)"):
-        plan_wells([str(tmp_path / "acq.zarr")])
-    # one acquisition listed: streamed as before
-    attrs = dict(root.attrs["plate"])
-    attrs["acquisitions"] = [{"id": 1, "name": "before"}]
-    root.attrs["plate"] = attrs
-    assert [t.well for t in plan_wells([str(tmp_path / "acq.zarr")])] == ["B03"]
+    uri = make_two_acquisition_plate(str(tmp_path / "acq.zarr"))
+    message = r"plate 'acq' well B03: fields of 2 acquisitions \(1 \('before'\), 2 \('after'\)\)"
+    with pytest.raises(Exception, match=message):
+        list(read_wells(plan_wells([uri]), StreamOptions()))
+    with pytest.raises(Exception, match=message):
+        select_fields(open_plate(uri), None)
+    # the well's images from one acquisition: streamed, though the plate lists two
+    well = zarr.open_group(uri, mode="r+")["B/3"]
+    well.attrs["well"] = {"version": "0.4", "images": [{"path": "0", "acquisition": 1},
+                                                       {"path": "1", "acquisition": 1}]}
+    batches = list(read_wells(plan_wells([uri]), StreamOptions()))
+    assert [f for b in batches for f in b["field"]] == ["0", "1"]
 
 
 def test_illum_leaves_out_unwritten_wells_when_skipping_and_refits_once_they_are_written(tmp_path):

@@ -283,7 +283,9 @@ def test_multiple_acquisitions(tmp_path):
     from rayscreen.testing.plates import make_two_acquisition_plate
 
     plate = open_plate(make_two_acquisition_plate(str(tmp_path / "acq.zarr")))
-    assert plate.acquisitions == [1, 2] and plate.fields("B03") == ["0", "1"]
+    assert plate.acquisitions == [1, 2] and plate.fields("B03", acquisition="all") == ["0", "1"]
+    with pytest.raises(RayscreenError, match=r"well B03: fields of 2 acquisitions \(1 \('before'\), 2 \('after'\)\)"):
+        plate.fields("B03")  # what the stages ask: one imaging run per well
     assert plate.fields("B03", acquisition=2) == ["1"]
     assert plate.read("B03", plate.fields("B03", acquisition=2)[0]).max() == 2
 
