@@ -46,7 +46,7 @@ from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
-from ..store.plate import plates_written_by_rayscreen
+from ..store.plate import plates_written_by_rayscreen, warn_of_timepoints
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
@@ -291,6 +291,8 @@ def plan_infer(config: Config) -> InferPlan:
     trained_level = meta.input.get("level")
     if trained_level is not None and int(trained_level) != level:
         raise ConfigError(f"stream.level {level}: the model was trained on level {trained_level} ({checkpoint})")
+    for p in plates:
+        warn_of_timepoints(p)
     shapes = {(p.shape[1] >> level, p.shape[2] >> level) for p in plates}
     if len(shapes) > 1:
         raise RayscreenError(f"plates have different field shapes at level {level}: {sorted(shapes)}")

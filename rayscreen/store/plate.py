@@ -13,6 +13,7 @@ max-projected when ``z="max"`` (the default; a single plane is simply squeezed).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +32,9 @@ NAMESPACE = "rayscreen"
 
 def _attrs(node) -> dict[str, Any]:
     return dict(node.attrs.asdict())
+
+
+log = logging.getLogger(__name__)
 
 
 class Plate:
@@ -370,3 +374,18 @@ def plates_written_by_rayscreen(uris, storage_options: dict[str, Any] | None = N
     listed well with no field is an ingest not finished yet, where in other tools' plates it
     is a sparse plate's absent well, for good."""
     return {u: open_plate(u, storage_options).written_by_rayscreen for u in dict.fromkeys(uris)}
+
+
+_TOLD_TIMEPOINTS: set[str] = set()
+
+
+def warn_of_timepoints(plate: Plate) -> None:
+    """Log, once per plate and process, that a plate with several timepoints streams t=0
+    only (the axis rule): a time-lapse screen would otherwise lose its later timepoints
+    without a word."""
+    if plate.uri in _TOLD_TIMEPOINTS:
+        return
+    _TOLD_TIMEPOINTS.add(plate.uri)
+    t = plate.planes["t"]
+    if t > 1:
+        log.warning("plate %r (%s) has %d timepoints; rayscreen reads t=0 only", plate.name, plate.uri, t)

@@ -31,6 +31,7 @@ from skimage.transform import resize
 
 from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
 from ..store.extras import read_plate_array, update_plate_attrs, write_plate_array
+from ..store.plate import warn_of_timepoints
 
 VERSION = 1
 ARRAY_NAME = f"illumination/v{VERSION}"
@@ -193,6 +194,8 @@ def select_fields(plate, max_fields: int | None = None, seed: int = 0,
     for w in (list(wells) if wells is not None else plate.wells):
         try:
             pairs.extend((w, f) for f in plate.fields(w))
+            if len(pairs) == 1:
+                warn_of_timepoints(plate)
         except IncompleteWellError:
             if incomplete is None:
                 raise

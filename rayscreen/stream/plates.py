@@ -15,6 +15,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ..store import RayscreenError, open_plate
+from ..store.plate import warn_of_timepoints
 from ..store.uri import expand_uris
 from .datasource import StreamOptions, WellTask, plan_wells, read_wells, split_tasks
 from .tiling import tile_positions
@@ -89,9 +90,7 @@ def _row_layout(plate, level: int, n_channels: int, tile: tuple[int, int] | None
     arr = plate._array(well, field, level)  # raises naming the plate when it has no such level
     dims = dict(zip(plate.multiscale(well, field).axis_names, arr.shape))
     y, x = dims["y"], dims["x"]
-    if dims.get("t", 1) > 1:
-        # the axis rule keeps t=0: say so, or a time-lapse screen loses its later timepoints unseen
-        log.warning("plate %r (%s) has %d timepoints; the stream reads t=0 only", plate.name, plate.uri, dims["t"])
+    warn_of_timepoints(plate)
     dtype = dtype if dtype is not None else np.dtype(arr.dtype)
     if tile is None:
         return (n_channels, y, x), dtype, 1

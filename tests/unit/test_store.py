@@ -278,6 +278,20 @@ def test_axes_rule_tczyx_and_yx(tmp_path):
     assert "planes: 2 timepoint(s), 4 z-plane(s); fields stream as t=0, z max-projected" in format_info(info)
 
 
+def test_every_stage_says_when_it_reads_only_the_first_timepoint(tmp_path, caplog):
+    """read_plates warned, but infer (which reads wells itself) and the illum fitters read
+    t=0 of a time-lapse plate without a word. Once per plate."""
+    from rayscreen.store.plate import warn_of_timepoints
+    from rayscreen.stream.illumination import select_fields
+
+    test_axes_rule_tczyx_and_yx(tmp_path)
+    plate = open_plate(str(tmp_path / "f.zarr"))
+    with caplog.at_level("WARNING", logger="rayscreen"):
+        select_fields(plate)
+        warn_of_timepoints(plate)
+    assert caplog.text.count("has 2 timepoints; rayscreen reads t=0 only") == 1
+
+
 def test_multiple_acquisitions(tmp_path):
     """A well imaged in two acquisitions: fields of each are selectable."""
     from rayscreen.testing.plates import make_two_acquisition_plate
