@@ -183,7 +183,9 @@ class TrainConfig:
     # rows of the streaming shuffle of the training data (default max(4 x batch_size, 64)); wells
     # stream in plate order, so batches mix plates only as far as this buffer reaches
     shuffle_buffer: int | None = None
-    deterministic: bool = False  # same batches every run (Ray Data keeps read order; streams a little slower)
+    # same batches every run (Ray Data keeps read order; streams a little slower); on a GPU
+    # also deterministic cuDNN/cuBLAS kernels (slower convolutions)
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

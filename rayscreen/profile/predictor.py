@@ -84,9 +84,13 @@ class ProfilePredictor:
     input_size : side of the network input; ``None``: the backbone's own.
     tiles : average full-resolution tiles of ``input_size`` instead of resizing the field.
     classical, qc : also compute :func:`~rayscreen.profile.classical.classical_features`
-        (on the normalised image) and :func:`~rayscreen.profile.image_qc.field_qc` (on the
-        image as streamed, before ``normalizers``: raw detector counts when the stream is
-        not normalised, so saturation is clipping at the detector, not at a percentile).
+        (on the normalised image) and :func:`~rayscreen.profile.image_qc.field_qc` (before
+        ``normalizers``, on the illumination-corrected image, with the saturation fraction
+        measured on the raw one: clipping at the detector, not at a percentile).
+    illumination : ``{plate name: plate URI}`` when the fields arrive raw and each plate's
+        stored illumination function is applied here (after measuring saturation); ``None``:
+        images used as streamed. ``level`` and ``stream_channels`` say which pyramid level and
+        channels the fields are, to resample and subset the function.
     normalizers : ``{plate name: IntensityScaler.to_dict()}`` (restricted to the streamed
         channels) applied per row after QC, before the deep and classical features; a
         batch row of a plate without one is an error. ``None``: images used as streamed.

@@ -3,10 +3,11 @@ Ray Data actor pool and write ``<output>/profiles.zarr`` through the results sto
 
 Thin glue; the maths is in :mod:`.predictor`, :mod:`.classical` and :mod:`.image_qc`.
 
-The stream reads raw pixels (illumination-corrected when ``stream.illumination``); the
-actors compute the image-QC metrics on them, so saturation is clipping at the detector,
-and then apply each plate's stored intensity normalisation (``stream.normalize``, the
-same ``transform`` the stream would apply) before the deep and classical features. The
+The stream reads raw pixels; the actors measure saturation on them (clipping at the
+detector), divide by each plate's illumination function when ``stream.illumination``,
+compute the other image-QC metrics, and then apply each plate's stored intensity
+normalisation (``stream.normalize``; the same correction and ``transform`` the stream
+would apply) before the deep and classical features. The
 normalisers are fitted by ``rayscreen illum``, never here: a plate without one fails the
 stage before any work, naming the plate.
 
