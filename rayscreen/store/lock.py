@@ -5,22 +5,29 @@ the first still runs) would interleave their stores: one run may delete a store 
 other is still creating. A stage takes the lock for its output before it writes anything
 and removes it when it ends, however it ends.
 
-The lock file is JSON: ``{"token", "host", "pid", "what", "started", "heartbeat"}``
-(times in seconds since the epoch). It is created exclusively and whole: a hard link of
-a written file on a local disk, a conditional PUT (``If-None-Match: *``) on S3; other
-fsspec filesystems check then write and read the file back, which leaves a narrow race.
+The lock file is JSON: ``{"token", "host", "pid", "pid_start", "boot_id", "what", "started",
+"heartbeat"}`` (times in seconds since the epoch; ``pid_start`` is the holder's start time
+from ``/proc/<pid>/stat`` and ``boot_id`` the kernel's ``/proc/sys/kernel/random/boot_id``,
+both null where there is no ``/proc``, as on macOS). It is created exclusively and whole: a
+hard link of a written file on a local disk, a conditional PUT (``If-None-Match: *``) on S3;
+other fsspec filesystems check then write and read the file back, which leaves a narrow race.
 While the lock is held a daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds.
 
-A lock left behind by a run that died is taken over, with a warning, when its heartbeat
-is older than ``stale_after_s`` (any host), or, on this host, as soon as its process is
-gone or its pid is this very process, which does not hold it. A live pid on this host
-alone does not keep a lock: after a container restart (pids in a fresh pid namespace are
-small and repeat) the dead run's pid may belong to another process, or to this one, so a
-same-host lock whose heartbeat has stopped is stale like another host's. A live holder
-with a fresh heartbeat is never taken over. Otherwise :class:`OutputLockedError` names
-the run that holds it and the file to delete if that run is known to be dead. On S3, where a
-delete cannot be conditional, a takeover first wins a claim object (conditional PUT) named
-after the stale lock, so two runs finding one stale lock cannot both go on.
+A lock left behind by a run that died is taken over, with a warning. On this host that is
+as soon as its process is gone, or its pid belongs to another process than the one that
+took it (the pid's start time or the host's boot id differs from the recorded ones: after a
+reboot or a container restart, whose fresh pid namespace gives out small pids again, the
+dead run's pid may belong to any process), or its pid is this very process, which does not
+hold it. A live holder on this host, the very process that took the lock, keeps it however
+old its heartbeat: a run that is paused (Ctrl-Z, SIGSTOP, a debugger, a suspended laptop)
+beats again when it resumes and must find its output untouched. Without ``/proc`` or with a
+record written before those fields existed, a live pid keeps the lock. A lock of another host
+is taken over when its heartbeat is older than ``stale_after_s``; while it beats it is never
+taken over. Otherwise :class:`OutputLockedError` names the run that holds it and the file to
+delete if that run is known to be dead (a hung run on this host keeps its lock until then).
+On S3, where a delete cannot be conditional, a takeover first wins a claim object
+(conditional PUT) named after the stale lock, so two runs finding one stale lock cannot
+both go on.
 
 Taking the lock again in the process that holds it (``rayscreen run`` holds it across
 its stages, each stage takes it too) only counts; threads of one process share it.
@@ -101,19 +108,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    """This host's boot id (a new one at every boot); None without ``/proc`` (macOS)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_start(pid: int) -> int | None:
+    """When process ``pid`` started (``/proc/<pid>/stat`` field 22, clock ticks since boot):
+    with the boot id it names one process, where a pid alone may be reused. None when it
+    cannot be read (no ``/proc``, no such process, a ``/proc`` mounted with ``hidepid``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # field 2, the command name, is in parentheses and may hold spaces and ')': the
+        # fields after it start after the last ')', with field 3 (state) first
+        return int(stat[stat.rindex(b")") + 1:].split()[22 - 3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def stale_reason(record: dict[str, Any], now: float, stale_after_s: float = STALE_AFTER_S) -> str | None:
     """Why the lock ``record`` belongs to no living run (None: it may be alive).
 
-    A function of the record, this host, this process's held locks and the clock. Stale:
-    on this host, when its pid is gone, or is this process's own pid while this process does
-    not hold the lock (a run before a container restart had the pid this one has now);
-    on any host, when its heartbeat is older than ``stale_after_s`` (a live pid on this host
-    may be another process that reused a dead run's pid: the heartbeat tells). A lock this
-    process holds is never stale.
+    A function of the record, this host (its processes and boot id), this process's held
+    locks and the clock. On this host it is stale when its pid is gone; when the pid is alive
+    but is not the process that took the lock (the record's ``boot_id`` differs from this
+    boot's, or its ``pid_start`` from the live pid's start time: the pid was reused after a
+    reboot or a container restart); or when the pid is this process's own while this process
+    does not hold the lock. Otherwise a lock of this host is live whatever its heartbeat: its
+    holder may be paused (SIGSTOP, a debugger, a suspended laptop) and resume. Where the start
+    time or boot id cannot be read (no ``/proc``) or the record has none (written before they
+    were recorded), a live pid keeps the lock. On another host it is stale when its heartbeat
+    is older than ``stale_after_s``. A lock this process holds is never stale.
     """
     if not record:
         return "its lock file is unreadable"
-    age = now - float(record.get("heartbeat", record.get("started", 0)))
     if record.get("host") == socket.gethostname():
         pid = int(record.get("pid", -1))
         if pid <= 0 or not _pid_alive(pid):
@@ -121,10 +154,16 @@ def stale_reason(record: dict[str, Any], now: float, stale_after_s: float = STAL
         if pid == os.getpid():  # this process knows for sure whether it holds the lock
             return None if _holds(record) else (f"its pid {pid} is this process's, which does not hold it "
                                                 f"(the pid of a run before a restart, reused)")
-        if age > stale_after_s:
-            return (f"its heartbeat is {age:.0f} s old: process {pid} on this host is not renewing it "
-                    f"(the pid of a dead run reused by another process, or a hung run)")
-        return None
+        boot_id, booted = record.get("boot_id"), _boot_id()
+        if boot_id and booted and boot_id != booted:
+            return (f"it was taken before this host last booted (boot id {boot_id}, now {booted}): "
+                    f"process {pid} is another process that reused its pid")
+        started, live = record.get("pid_start"), _pid_start(pid)
+        if isinstance(started, int) and not isinstance(started, bool) and live is not None and started != live:
+            return (f"process {pid} on this host started at {live} clock ticks after boot, not at {started} "
+                    f"like the run that took the lock: its pid was reused")
+        return None  # the holder itself, alive: perhaps paused, never taken over
+    age = now - float(record.get("heartbeat", record.get("started", 0)))
     return f"its heartbeat is {age:.0f} s old" if age > stale_after_s else None
 
 
@@ -270,7 +309,8 @@ def _acquire(output: str, uri: str, what: str, storage_options: dict[str, Any] |
     fs, path = filesystem(uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     now = time.time()
-    record = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "what": what,
+    record = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+              "pid_start": _pid_start(os.getpid()), "boot_id": _boot_id(), "what": what,
               "started": now, "heartbeat": now}
     for _ in range(3):  # a stale lock taken over by another run in between: look again
         if _create(fs, path, json.dumps(record).encode(), uri):

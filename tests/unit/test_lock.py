@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,39 +89,182 @@ def test_lock_of_another_host_is_respected_until_its_heartbeat_is_stale(tmp_path
         assert read_lock(output)["host"] == socket.gethostname()
 
 
-def write_same_host_lock(output, pid, heartbeat_age, token="dead"):
-    """A lock of this host, as a run with ``pid`` would have left it ``heartbeat_age`` s ago."""
+def write_same_host_lock(output, pid, heartbeat_age, token="dead", **fields):
+    """A lock of this host, as a run with ``pid`` would have left it ``heartbeat_age`` s ago
+    (``fields``: ``pid_start``, ``boot_id``; none, as a record written before they existed)."""
     os.makedirs(output, exist_ok=True)
     now = time.time()
     record = {"token": token, "host": socket.gethostname(), "pid": pid, "what": "rayscreen run",
-              "started": now - heartbeat_age - 5, "heartbeat": now - heartbeat_age}
+              "started": now - heartbeat_age - 5, "heartbeat": now - heartbeat_age, **fields}
     with open(lock_uri(output), "w") as f:
         json.dump(record, f)
     return record
 
 
-def test_same_host_lock_with_a_live_pid_is_stale_once_its_heartbeat_is(tmp_path, caplog):
-    """A container restarted after an OOM kill: the dead run's pid now belongs to another live
-    process. The heartbeat, two hours old, tells that no run renews the lock; a fresh one keeps it."""
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat")
+                                or not os.path.exists("/proc/sys/kernel/random/boot_id"),
+                                reason="process start times and boot ids come from Linux's /proc")
+
+
+def proc_start(pid):
+    """Field 22 of /proc/<pid>/stat, read independently of the module."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+@needs_proc
+def test_the_lock_records_its_holders_start_time_and_boot_id(tmp_path):
+    output = str(tmp_path / "out")
+    with output_lock(output, "rayscreen run", heartbeat_s=0.02):
+        record = read_lock(output)
+        assert record["pid_start"] == proc_start(os.getpid()) and record["boot_id"] == boot_id()
+        time.sleep(0.1)
+        beaten = read_lock(output)  # the heartbeat keeps them
+        assert beaten["heartbeat"] > record["heartbeat"]
+        assert (beaten["pid_start"], beaten["boot_id"]) == (record["pid_start"], record["boot_id"])
+
+
+@needs_proc
+def test_a_start_time_is_read_after_the_last_parenthesis(tmp_path):
+    """The command name (field 2) may hold spaces and ')': a process that names itself so."""
+    from rayscreen.store.lock import _pid_start
+
+    code = ("import sys; start = open('/proc/self/stat').read().split()[21]; "
+            "open('/proc/self/comm', 'w').write('x) 1 2 (y'); print(start, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        start = int(proc.stdout.readline())
+        with open(f"/proc/{proc.pid}/stat") as f:
+            assert "(x) 1 2 (y)" in f.read()
+        assert _pid_start(proc.pid) == start
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _pid_start(2 ** 22 + 12345) is None  # no such process
+
+
+PAUSED_HOLDER = textwrap.dedent("""
+    import sys, time
+    from rayscreen.store.lock import output_lock
+    with output_lock(sys.argv[1], "rayscreen run (paused)", heartbeat_s=0.1):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+def test_a_paused_holder_on_this_host_keeps_its_lock_however_old_its_heartbeat(tmp_path):
+    """Ctrl-Z, a debugger, a suspended laptop: the run is alive and beats again when it resumes.
+    Its heartbeat ages while it is stopped; no second run may take its output meanwhile."""
+    from rayscreen.store.lock import live_holder, stale_reason
+
+    output = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_HOLDER, output], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # fifteen missed beats
+        record = read_lock(output)
+        assert record["pid"] == proc.pid and time.time() - record["heartbeat"] > 1.0
+        with pytest.raises(OutputLockedError, match=f"pid {proc.pid} on host"):
+            acquire(output, "rayscreen run", stale_after_s=1.0)
+        assert stale_reason(record, time.time() + 10 ** 6, stale_after_s=1.0) is None  # however old
+        assert live_holder(output, stale_after_s=1.0) == record
+        # older still, as the file says: the same
+        with open(lock_uri(output), "w") as f:
+            json.dump({**record, "heartbeat": time.time() - 7200}, f)
+        with pytest.raises(OutputLockedError, match="last heartbeat 7200 s ago"):
+            acquire(output, "rayscreen run", stale_after_s=600)
+        os.kill(proc.pid, signal.SIGCONT)  # resumed: it beats again, its lock still its own
+        deadline = time.time() + 10
+        while time.time() - read_lock(output)["heartbeat"] > 5 and time.time() < deadline:
+            time.sleep(0.05)
+        assert read_lock(output)["token"] == record["token"] and time.time() - read_lock(output)["heartbeat"] < 5
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+def test_a_live_same_host_holder_keeps_its_lock_whatever_its_heartbeat(tmp_path):
+    """A record written before start times and boot ids were recorded (or without /proc, as on
+    macOS): a live pid on this host keeps the lock, a gone one does not."""
+    from rayscreen.store.lock import stale_reason
+
     output = str(tmp_path / "out")
     other = os.getppid()  # alive, on this host, not this process
-    write_same_host_lock(output, other, heartbeat_age=30)
-    with pytest.raises(OutputLockedError, match=f"pid {other} on host .*last heartbeat 30 s ago"):
+    record = write_same_host_lock(output, other, heartbeat_age=7200)
+    assert "pid_start" not in record and "boot_id" not in record
+    assert stale_reason(record, time.time(), stale_after_s=600) is None
+    assert stale_reason(record, time.time() + 10 ** 6, stale_after_s=600) is None
+    with pytest.raises(OutputLockedError, match=f"pid {other} on host .*last heartbeat 7200 s ago"):
         acquire(output, "rayscreen run", stale_after_s=600)
-    write_same_host_lock(output, other, heartbeat_age=7200)
+    assert read_lock(output) == record
+    gone = {**record, "pid": 2 ** 22 + 12345}  # above pid_max: no such process
+    assert stale_reason(gone, time.time()) == f"process {gone['pid']} on this host is gone"
+
+
+def test_without_proc_a_live_pid_keeps_the_lock(tmp_path, monkeypatch):
+    """Where the start time and boot id cannot be read (macOS), the recorded ones tell nothing."""
+    from rayscreen.store import lock
+
+    monkeypatch.setattr(lock, "_pid_start", lambda pid: None)
+    monkeypatch.setattr(lock, "_boot_id", lambda: None)
+    record = write_same_host_lock(str(tmp_path / "out"), os.getppid(), heartbeat_age=7200,
+                                  pid_start=1, boot_id="another-boot")
+    assert lock.stale_reason(record, time.time(), stale_after_s=600) is None
+
+
+@needs_proc
+def test_a_same_host_lock_whose_pid_was_reused_is_stale(tmp_path, caplog):
+    """A container restarted after an OOM kill: the dead run's pid now belongs to another live
+    process, which started later than the run that took the lock. Stale at once."""
+    from rayscreen.store.lock import stale_reason
+
+    output = str(tmp_path / "out")
+    other = os.getppid()
+    same = write_same_host_lock(output, other, heartbeat_age=0, pid_start=proc_start(other), boot_id=boot_id())
+    assert stale_reason(same, time.time() + 10 ** 6) is None  # the holder itself: live, however old its beat
+    reused = write_same_host_lock(output, other, heartbeat_age=0, pid_start=proc_start(other) - 1,
+                                  boot_id=boot_id())
+    assert "its pid was reused" in stale_reason(reused, time.time())
     with caplog.at_level(logging.WARNING, logger="rayscreen.store.lock"):
-        with output_lock(output, "rayscreen run", stale_after_s=600):
+        with output_lock(output, "rayscreen run", stale_after_s=600):  # a fresh heartbeat does not save it
             assert read_lock(output)["pid"] == os.getpid() and read_lock(output)["token"] != "dead"
-    assert f"its heartbeat is 7200 s old: process {other} on this host is not renewing it" in caplog.text
+    assert f"process {other} on this host started at {proc_start(other)} clock ticks" in caplog.text
+    assert read_lock(output) is None
+
+
+@needs_proc
+def test_a_same_host_lock_from_another_boot_is_stale(tmp_path, caplog):
+    """The host rebooted: any live process with the recorded pid is another process."""
+    from rayscreen.store.lock import stale_reason
+
+    output = str(tmp_path / "out")
+    other = os.getppid()
+    old_boot = "00000000-0000-0000-0000-000000000000"
+    record = write_same_host_lock(output, other, heartbeat_age=0, pid_start=proc_start(other), boot_id=old_boot)
+    assert "before this host last booted" in stale_reason(record, time.time())
+    with caplog.at_level(logging.WARNING, logger="rayscreen.store.lock"):
+        with output_lock(output, "rayscreen run"):
+            assert read_lock(output)["token"] != "dead"
+    assert f"boot id {old_boot}, now {boot_id()}" in caplog.text
 
 
 @pytest.mark.parametrize("heartbeat_age", [7200, 0])
-def test_a_lock_with_this_process_pid_that_it_does_not_hold_is_stale(tmp_path, caplog, heartbeat_age):
+@pytest.mark.parametrize("recorded", [False, pytest.param(True, marks=needs_proc)])
+def test_a_lock_with_this_process_pid_that_it_does_not_hold_is_stale(tmp_path, caplog, heartbeat_age, recorded):
     """The restarted container's entrypoint got the dead run's pid (pids in a fresh pid
     namespace are small and repeat): the pid is alive (it is us) but we never took the lock.
-    Stale at once, whatever its heartbeat says."""
+    Stale at once, whatever its heartbeat says (and whatever start time it records)."""
     output = str(tmp_path / "out")
-    write_same_host_lock(output, os.getpid(), heartbeat_age=heartbeat_age)
+    fields = {"pid_start": proc_start(os.getpid()), "boot_id": boot_id()} if recorded else {}
+    write_same_host_lock(output, os.getpid(), heartbeat_age=heartbeat_age, **fields)
     with caplog.at_level(logging.WARNING, logger="rayscreen.store.lock"):
         with output_lock(output, "rayscreen run"):
             assert read_lock(output)["token"] != "dead"
@@ -138,16 +282,6 @@ def test_a_lock_this_process_holds_is_never_stale(tmp_path):
         assert stale_reason(record, time.time() + 10_000) is None  # however late its last beat
         assert stale_reason({**record, "token": "another"}, time.time()) is not None  # not ours: ours is the pid only
         assert live_holder(output) is None  # held here: no other holder to wait for
-
-
-def test_a_live_same_host_holder_with_a_fresh_heartbeat_keeps_its_lock(tmp_path):
-    from rayscreen.store.lock import stale_reason
-
-    record = write_same_host_lock(str(tmp_path / "out"), os.getppid(), heartbeat_age=10)
-    assert stale_reason(record, time.time(), stale_after_s=600) is None
-    assert stale_reason(record, time.time() + 1000, stale_after_s=600).startswith("its heartbeat is 1010 s old")
-    gone = {**record, "pid": 2 ** 22 + 12345}  # above pid_max: no such process
-    assert stale_reason(gone, time.time()) == f"process {gone['pid']} on this host is gone"
 
 
 def test_heartbeat_renews_the_lock(tmp_path):
