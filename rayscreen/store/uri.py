@@ -37,9 +37,13 @@ from .errors import CorruptDataError, MissingChunkError, RayscreenError
 # recorded config (whose masked values drop_masked leaves out) then ran without them.
 # A masked setting is a changed run, a leaked secret is worse: a name that ends in one of
 # these words is masked even when it may not be a secret (a "cache_key"), and an identifier
-# that is only half a credential (access_key_id) is masked too.
+# that is only half a credential (access_key_id) is masked too. A plural is the same word
+# ("secrets", "api_keys", "cookies", "passwords": a list or dict of them), except where a
+# count prefix says the setting counts them ("max_keys", "num_tokens").
 _SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "passphrase", "credential", "credentials",
                  "connection_string", "sas", "signature", "auth", "authorization", "cookie", "access_key_id")
+# a plural credential word after one of these names a number, not credentials (s3fs's max_keys)
+_COUNT_PREFIXES = ("max_", "min_", "num_", "n_", "number_of_", "count_")
 # gcsfs's token may name a way to find credentials instead of holding one: shown as it is
 _TOKEN_MODES = ("anon", "google_default", "cloud", "browser")
 
@@ -79,7 +83,10 @@ MASK = "***"  # what redact writes in place of a secret
 def is_secret_name(key: str) -> bool:
     """Whether a storage option (or header) named ``key`` holds a credential (see ``_SECRET_NAMES``)."""
     name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key)).lower().replace("-", "_")
-    return name.endswith(_SECRET_NAMES)
+    if name.endswith(_SECRET_NAMES):
+        return True
+    # a plural ("tokens", "api_keys", "cookies"), unless a count of them ("max_keys")
+    return name.endswith("s") and name[:-1].endswith(_SECRET_NAMES) and not name.startswith(_COUNT_PREFIXES)
 
 
 def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,13 +103,48 @@ def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, (list, tuple)):
             return [scrub(v) for v in value]
         if isinstance(value, str):  # a password inside a URL (endpoint_url: http://user:pw@host:9000)
-            return _URL_PASSWORD.sub(rf"\1{MASK}@", value)
+            return mask_url_passwords(value)
         return value
 
     return scrub(dict(storage_options or {}))
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+# scheme://user:password@host: the authority ends at the first '/', '?' or '#' after '://',
+# the userinfo at its last '@', the user at the userinfo's first ':' (urllib.parse.urlsplit's
+# reading, which raises on some authorities, such as an unclosed '[')
+_AUTHORITY_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#]*:)([^/?#]*)@")
+# scheme://user:pass/word@host: no URL parser reads a password holding '/', '?' or '#' unencoded
+# (the authority ends there), but a person writes one: masked to the last '@', unless what
+# follows the ':' up to the '/' (or the end) is a port number
+_BROKEN_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#]*:)(?![0-9]*(?:[/?#]|$))\S*@")
+
+
+def mask_url_passwords(text: str) -> str:
+    """``text`` with the password of each URL in it replaced by ``***``.
+
+    The password is read as :func:`urllib.parse.urlsplit` reads it: the authority runs from
+    ``://`` to the next ``/``, ``?`` or ``#``, its userinfo to its last ``@`` and the password
+    from the userinfo's first ``:``, so one holding ``@`` is masked whole
+    (``http://user:p@ss@host/x`` -> ``http://user:***@host/x``). A password holding an
+    unencoded ``/``, ``?`` or ``#`` ends the authority early for every URL parser and HTTP
+    client (``http://u:a/b@host`` is host ``u``, port ``a``, path ``/b@host``; encode it as
+    ``%2F``): rather than show it, everything from ``u:`` to the last ``@`` in the URL is
+    masked (``http://u:***@host``), unless what follows ``u:`` up to the ``/`` is a port number
+    (``http://host:9000/p?mail=a@b`` is kept, and so is ``http://u:1234/5@host``). An empty
+    password hides nothing and is kept; so is text that is not a ``scheme://`` URL.
+    """
+    if "://" not in text or "@" not in text:
+        return text
+    return _URL.sub(lambda m: _mask_url_password(m.group(0)), text)
+
+
+def _mask_url_password(url: str) -> str:
+    found = _AUTHORITY_PASSWORD.match(url)
+    if found:
+        return url if not found.group(2) else f"{found.group(1)}{MASK}@{url[found.end():]}"
+    found = _BROKEN_PASSWORD.match(url)
+    return f"{found.group(1)}{MASK}@{url[found.end():]}" if found else url
 
 
 def drop_masked(storage_options: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str]]:
