@@ -285,18 +285,21 @@ class Multiscale:
         if not isinstance(raw_axes, _LIST):
             raise RayscreenError(f"{where}: multiscales[0].axes should be a list; found {_found(raw_axes)}")
         # 0.3 wrote axes as plain strings
-        axes = tuple(Axis(a) if isinstance(a, str) else
-                     Axis(_require(a, "name", f"multiscales[0].axes[{i}]", where, _NAME), a.get("type"), a.get("unit"))
-                     for i, a in enumerate(raw_axes))
+        written = [a if isinstance(a, str) else _require(a, "name", f"multiscales[0].axes[{i}]", where, _NAME)
+                   for i, a in enumerate(raw_axes)]
+        # names in any case, read as lower case: iohub writes 'T', 'C', 'Z', 'Y', 'X'
+        axes = tuple(Axis(str(n).lower()) if isinstance(a, str) else Axis(str(n).lower(), a.get("type"), a.get("unit"))
+                     for n, a in zip(written, raw_axes))
         names = [a.name for a in axes]
         # whole names: a substring test would let 'zy' or 'cz' through
-        unknown = [n for n in names if n not in AXIS_NAMES]
+        unknown = [w for w, n in zip(written, names) if n not in AXIS_NAMES]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if unknown or repeated or "y" not in names or "x" not in names:
-            problem = (f"unknown axis names {unknown}" if unknown else f"repeated axes {repeated}" if repeated
-                       else "no " + " and no ".join(n for n in ("y", "x") if n not in names))
-            raise RayscreenError(f"{where}: multiscales[0].axes are {names}; expected each of t, c, z, y, x at most "
-                                 f"once, y and x among them ({problem})")
+            problem = (f"unknown axis names {unknown}" if unknown else
+                       f"repeated axes {repeated}{'' if written == names else ' (names compared ignoring case)'}"
+                       if repeated else "no " + " and no ".join(n for n in ("y", "x") if n not in names))
+            raise RayscreenError(f"{where}: multiscales[0].axes are {written}; expected each of t, c, z, y, x at most "
+                                 f"once (in any case), y and x among them ({problem})")
         datasets = _require(ms0, "datasets", "multiscales[0]", where, _LIST)
         if not datasets:
             raise RayscreenError(f"{where}: multiscales[0].datasets is empty; expected at least one resolution level")

@@ -202,3 +202,48 @@ def test_valid_metadata_still_reads():
     meta = PlateMeta.from_attrs(plate_with(columns=[{"name": 1}], wells=[{"path": "A/1", "rowIndex": 0, "columnIndex": 0}],
                                            acquisitions=[{"id": 3}]), where="p")
     assert meta.columns == ("1",) and meta.well_names() == {"A01": "A/1"} and meta.acquisitions[0].id == 3
+
+
+# -- axis names in any case: iohub writes 'T', 'C', 'Z', 'Y', 'X'
+
+def test_uppercase_axis_names_are_read_as_lower_case():
+    ms = Multiscale.from_attrs({"multiscales": [{"axes": [
+        {"name": "T", "type": "time"}, {"name": "C", "type": "channel"},
+        {"name": "Z", "type": "space", "unit": "micrometer"}, {"name": "Y", "type": "space"},
+        {"name": "X", "type": "space"}], "datasets": [{"path": "0"}]}]}, where="f")
+    assert ms.axis_names == "tczyx" and ms.axes[2].unit == "micrometer" and ms.axes[0].type == "time"
+    assert Multiscale.from_attrs({"multiscales": multiscales(["Y", "x"])}, where="f").axis_names == "yx"
+    assert Multiscale.from_attrs({"multiscales": [{"axes": ["C", "Y", "X"], "datasets": [{"path": "0"}]}]},
+                                 where="f").axis_names == "cyx"  # 0.3 string axes too
+
+
+@pytest.mark.parametrize("axes, message", [
+    (["Y", "y", "X"], r"axes are \['Y', 'y', 'X'\].*repeated axes \['y'\] \(names compared ignoring case\)"),
+    (["ZY", "Y", "X"], r"axes are \['ZY', 'Y', 'X'\].*unknown axis names \['ZY'\]"),
+    (["Q", "Y", "X"], r"axes are \['Q', 'Y', 'X'\].*unknown axis names \['Q'\]"),
+    (["C", "Y"], r"axes are \['C', 'Y'\].*\(no x\)"),
+])
+def test_axis_names_in_any_case_are_still_checked(axes, message):
+    with pytest.raises(RayscreenError, match=r"^f: multiscales\[0\]\." + message):
+        Multiscale.from_attrs({"multiscales": multiscales(axes)}, where="f")
+
+
+def test_a_plate_with_iohub_uppercase_axes_reads_its_fields(tmp_path):
+    """A foreign NGFF 0.5 plate as iohub writes it (TCZYX axes): t indexed, z max-projected."""
+    root = zarr.open_group(str(tmp_path / "io.zarr"), mode="w")
+    root.attrs["ome"] = {"version": "0.5", "plate": {"rows": [{"name": "A"}], "columns": [{"name": "1"}],
+                                                      "wells": [{"path": "A/1", "rowIndex": 0, "columnIndex": 0}]}}
+    well = root.create_group("A/1")
+    well.attrs["ome"] = {"version": "0.5", "well": {"images": [{"path": "0"}]}}
+    data = np.arange(2 * 3 * 4 * 5 * 6, dtype=np.uint16).reshape(2, 3, 4, 5, 6)
+    img = well.create_group("0")
+    img.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "T", "type": "time"}, {"name": "C", "type": "channel"}] +
+                [{"name": a, "type": "space", "unit": "micrometer"} for a in "ZYX"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 2, 0.5, 0.5]}]}]}],
+        "omero": {"channels": [{"label": n} for n in ("DNA", "ER", "Mito")]}}
+    img.create_array("0", data=data)
+    plate = open_plate(str(tmp_path / "io.zarr"))
+    assert plate.wells == ["A01"] and plate.channels == ["DNA", "ER", "Mito"] and plate.planes == {"t": 2, "z": 4}
+    np.testing.assert_array_equal(plate.read("A01", 0), data[0].max(axis=1))
+    np.testing.assert_array_equal(plate.read("A01", 0, t=1, z=2), data[1, :, 2])
