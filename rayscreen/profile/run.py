@@ -82,13 +82,17 @@ def plan_profile(config: Config) -> dict[str, Any]:
         plate = plates[t.plate_uri]
         count = plate.meta.field_count
         # plates rayscreen writes record their field count; others are asked well by well
-        names = [str(i) for i in range(count)] if count else plate.fields(t.well)
+        # (a sparse plate's absent well has none: written as such, as infer does)
+        try:
+            names = [str(i) for i in range(count)] if count else plate.fields(t.well)
+        except MissingWellError:
+            names = []
         fields[(t.plate, t.well)] = [str(f) for f in names]
     rows = [{"plate": t.plate, "well": t.well, "Metadata_Plate": t.plate, **t.annotations} for t in tasks]
     wells = pd.DataFrame(rows)
     meta = ["plate", "well"] + [c for c in wells.columns if c.startswith("Metadata_")]
     return {"uris": uris, "wells": wells[meta], "channels": channels,
-            "n_fields": max(len(v) for v in fields.values()), "fields": fields,
+            "n_fields": max((len(v) for v in fields.values()), default=0), "fields": fields,
             "plate_uris": {t.plate: t.plate_uri for t in tasks}}
 
 

@@ -133,3 +133,25 @@ def open_plate_writer(uri):
 
     # create_plate on an existing plate of the same layout reopens it (the ingest's resume)
     return create_plate(uri, "P", ["A01", "A02", "B01"], ["DNA"], (8, 8), "uint8", 1)
+
+
+def test_profile_plans_a_sparse_plate_of_another_tool(tmp_path):
+    """An ome-zarr-py plate without field_count, a listed well never imaged: planning the
+    profile stage asked that well for its fields and failed (infer planned it)."""
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata
+
+    from rayscreen.config import config_from_dict
+    from rayscreen.profile.run import plan_profile
+
+    uri = str(tmp_path / "sparse.zarr")
+    import zarr
+
+    root = zarr.open_group(uri, mode="w", zarr_format=2)
+    write_plate_metadata(root, ["A"], ["1", "2"], ["A/1", "A/2"], fmt=FormatV04())
+    well = root.require_group("A/1")
+    write_well_metadata(well, [{"path": "0"}], fmt=FormatV04())
+    write_image(np.ones((2, 32, 32), np.uint16), well.require_group("0"), axes="cyx", fmt=FormatV04())
+    plan = plan_profile(config_from_dict({"plates": [uri], "output": str(tmp_path / "out"),
+                                          "stream": {"normalize": "none"}}))
+    assert plan["n_fields"] == 1 and plan["fields"] == {("sparse", "A01"): ["0"], ("sparse", "A02"): []}
