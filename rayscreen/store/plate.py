@@ -185,7 +185,7 @@ class Plate:
     def _first_field(self) -> tuple[str, str]:
         for w in self.wells:
             try:
-                fields = self.fields(w)
+                fields = self.fields(w, acquisition="all")  # any run tells the plate's layout
             except MissingWellError:
                 continue
             if fields:

@@ -194,14 +194,14 @@ def select_fields(plate, max_fields: int | None = None, seed: int = 0,
     for w in (list(wells) if wells is not None else plate.wells):
         try:
             pairs.extend((w, f) for f in plate.fields(w))
-            if len(pairs) == 1:
-                warn_of_timepoints(plate)
         except IncompleteWellError:
             if incomplete is None:
                 raise
             incomplete.append(w)
         except MissingWellError:
             continue
+    if pairs:
+        warn_of_timepoints(plate)
     if max_fields is not None and len(pairs) > max_fields:
         keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=max_fields, replace=False))
         pairs = [pairs[i] for i in keep]

@@ -288,8 +288,11 @@ def test_every_stage_says_when_it_reads_only_the_first_timepoint(tmp_path, caplo
     plate = open_plate(str(tmp_path / "f.zarr"))
     with caplog.at_level("WARNING", logger="rayscreen"):
         select_fields(plate)
-        warn_of_timepoints(plate)
     assert caplog.text.count("has 2 timepoints; rayscreen reads t=0 only") == 1
+    with caplog.at_level("WARNING", logger="rayscreen"):
+        warn_of_timepoints(plate)
+        select_fields(plate)
+    assert caplog.text.count("has 2 timepoints; rayscreen reads t=0 only") == 1  # once per plate
 
 
 def test_multiple_acquisitions(tmp_path):
@@ -302,6 +305,8 @@ def test_multiple_acquisitions(tmp_path):
         plate.fields("B03")  # what the stages ask: one imaging run per well
     assert plate.fields("B03", acquisition=2) == ["1"]
     assert plate.read("B03", plate.fields("B03", acquisition=2)[0]).max() == 2
+    # described whole: `rayscreen info` and the plate's layout take every run
+    assert plate.shape == (1, 4, 4) and plate_info(str(tmp_path / "acq.zarr"))["fields"] == 2
 
 
 @pytest.mark.parametrize("dtype, values", [(np.uint8, (0, 254)), (np.float32, (0.0, 1.0)), (np.uint16, (1, 4000))])
