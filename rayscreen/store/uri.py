@@ -113,11 +113,12 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 # scheme://user:password@host: the authority ends at the first '/', '?' or '#' after '://',
 # the userinfo at its last '@', the user at the userinfo's first ':' (urllib.parse.urlsplit's
 # reading, which raises on some authorities, such as an unclosed '[')
-_AUTHORITY_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#]*:)([^/?#]*)@")
+# (the user part holds no '[' or ']': an IPv6 host, http://[::1]:9000/a@b, is no password)
+_AUTHORITY_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#\[\]]*:)([^/?#]*)@")
 # scheme://user:pass/word@host: no URL parser reads a password holding '/', '?' or '#' unencoded
 # (the authority ends there), but a person writes one: masked to the last '@', unless what
 # follows the ':' up to the '/' (or the end) is a port number
-_BROKEN_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#]*:)(?![0-9]*(?:[/?#]|$))\S*@")
+_BROKEN_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#\[\]]*:)(?![0-9]*(?:[/?#]|$))\S*@")
 
 
 def mask_url_passwords(text: str) -> str:

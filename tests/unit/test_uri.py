@@ -129,3 +129,11 @@ def test_a_password_with_a_slash_before_a_port_like_number_is_read_as_a_port():
     it is kept, like 'http://host:9000/p?mail=a@b' (encode a '/' in a password as %2F)."""
     assert redact({"e": "http://u:1234/5@host"}) == {"e": "http://u:1234/5@host"}
     assert redact({"e": "http://u:12%2F34@host"}) == {"e": "http://u:***@host"}
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:9000/bucket/a@b", "http://u@[::1]:9000/x@y"])
+def test_an_ipv6_endpoint_with_an_at_sign_later_is_kept(url):
+    from rayscreen.store.uri import mask_url_passwords
+
+    assert mask_url_passwords(url) == url
+    assert mask_url_passwords("http://user:pw@[::1]:9000/x") == "http://user:***@[::1]:9000/x"
