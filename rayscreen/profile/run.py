@@ -345,7 +345,8 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                      # float32 as the corrected stream was (uint16 values exactly): plates of
                      # different integer dtypes still stream together
                      dtype="float32" if s.illumination else None,
-                     normalize=False, on_error=s.on_error, error_report=join(config.output, "profile", "errors"),
+                     normalize=False, on_error=s.on_error,
+                     error_report=join(config.output, "profile", "errors") if s.on_error == "skip" else None,
                      override_num_blocks=s.override_num_blocks)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     raw_dtype = np.dtype(open_plate(plan["uris"][0], config.storage_options).dtype)

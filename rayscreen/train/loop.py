@@ -91,7 +91,8 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
         ds = read_plates(plan.uris, storage_options=config.storage_options, channels=s.channels,
                          where={SPLIT_COL: name}, platemap=platemap, level=s.level, tile=s.tile, stride=s.stride,
                          illumination=s.illumination, normalize=s.normalize != "none", dtype="float32",
-                         on_error=s.on_error, error_report=join(plan.run_dir, "errors"),
+                         on_error=s.on_error,
+                         error_report=join(plan.run_dir, "errors") if s.on_error == "skip" else None,
                          override_num_blocks=s.override_num_blocks, num_cpus=READ_CPUS)
         return ds.select_columns(["image", LABEL_COL])
 
