@@ -39,7 +39,7 @@ from ..config import Config, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
-from ..store.plate import plates_written_by_rayscreen
+from ..store.plate import unfinished_wells
 from ..store.results import Variable, create_results
 from ..store.uri import join
 
@@ -234,10 +234,9 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
     # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
-    uris_of_wells = plan["wells"]["plate"].map(plan["plate_uris"])
-    ours = uris_of_wells.map(plates_written_by_rayscreen(uris_of_wells, config.storage_options)).to_numpy(bool)
-    retried = writer.reopen_wells("field_status", lambda st: (st == STATUS_ERROR).any(axis=1) | (
-        (st == STATUS_MISSING).all(axis=1) & (st.shape[1] > 0) & ours))
+    retried = writer.reopen_wells("field_status", lambda st: (st == STATUS_ERROR).any(axis=1) | unfinished_wells(
+        (st == STATUS_MISSING).all(axis=1) & (st.shape[1] > 0), plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy(),
+        config.storage_options))
     done = set(writer.done_wells())
     wells = plan["wells"]
     todo = [i for i in range(len(wells)) if i not in done]

@@ -369,11 +369,18 @@ def check_finite(image: np.ndarray, where: str) -> None:
         raise BadImageError(f"{where}: {bad} NaN/Inf pixel(s) in a float image; expected finite values")
 
 
-def plates_written_by_rayscreen(uris, storage_options: dict[str, Any] | None = None) -> dict[str, bool]:
-    """``{uri: Plate.written_by_rayscreen}`` of plates (their root metadata only): in those, a
-    listed well with no field is an ingest not finished yet, where in other tools' plates it
-    is a sparse plate's absent well, for good."""
-    return {u: open_plate(u, storage_options).written_by_rayscreen for u in dict.fromkeys(uris)}
+def unfinished_wells(no_field: np.ndarray, plate_uris: np.ndarray,
+                     storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Of the wells found without any field (``no_field``, (n,) bool; ``plate_uris`` (n,) their
+    plates), those whose plate rayscreen wrote, (n,) bool: there such a well is an ingest not
+    finished yet, where in other tools' plates it is a sparse plate's absent well, for good.
+    Only the plates of such wells are opened (root metadata), usually none."""
+    no_field = np.asarray(no_field, bool)
+    if not no_field.any():
+        return no_field
+    uris = np.asarray(plate_uris, dtype=object)
+    ours = {u: open_plate(u, storage_options).written_by_rayscreen for u in dict.fromkeys(uris[no_field])}
+    return no_field & np.array([ours.get(u, False) for u in uris], bool)
 
 
 _TOLD_TIMEPOINTS: set[str] = set()

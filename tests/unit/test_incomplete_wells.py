@@ -155,3 +155,21 @@ def test_profile_plans_a_sparse_plate_of_another_tool(tmp_path):
     plan = plan_profile(config_from_dict({"plates": [uri], "output": str(tmp_path / "out"),
                                           "stream": {"normalize": "none"}}))
     assert plan["n_fields"] == 1 and plan["fields"] == {("sparse", "A01"): ["0"], ("sparse", "A02"): []}
+
+
+def test_unfinished_wells_are_no_field_wells_of_plates_rayscreen_wrote(tmp_path):
+    import zarr
+
+    from rayscreen.store.plate import unfinished_wells
+
+    ours = half_ingested(tmp_path)
+    theirs = str(tmp_path / "theirs.zarr")
+    import shutil
+
+    shutil.copytree(ours, theirs)
+    root = zarr.open_group(theirs, mode="r+")
+    root.attrs["rayscreen"] = {k: v for k, v in root.attrs["rayscreen"].items() if k != "layout"}
+    uris = np.array([ours, ours, theirs, theirs], dtype=object)
+    assert unfinished_wells(np.array([False, True, False, True]), uris).tolist() == [False, True, False, False]
+    # nothing without a field: no plate is opened (a missing one would raise)
+    assert not unfinished_wells(np.zeros(2, bool), np.array(["/nowhere.zarr"] * 2, dtype=object)).any()
