@@ -5,20 +5,23 @@ the first still runs) would interleave their stores: one run may delete a store 
 other is still creating. A stage takes the lock for its output before it writes anything
 and removes it when it ends, however it ends.
 
-The lock file is JSON: ``{"token", "host", "pid", "pid_start", "boot_id", "what", "started",
-"heartbeat"}`` (times in seconds since the epoch; ``pid_start`` is the holder's start time
-from ``/proc/<pid>/stat`` and ``boot_id`` the kernel's ``/proc/sys/kernel/random/boot_id``,
-both null where there is no ``/proc``, as on macOS). It is created exclusively and whole: a
+The lock file is JSON: ``{"token", "host", "pid", "pid_start", "boot_id", "pid_ns", "what",
+"started", "heartbeat"}`` (times in seconds since the epoch; ``pid_start`` is the holder's
+start time from ``/proc/<pid>/stat``, ``boot_id`` the kernel's
+``/proc/sys/kernel/random/boot_id`` and ``pid_ns`` the holder's pid namespace, all null where
+there is no ``/proc``, as on macOS). It is created exclusively and whole: a
 hard link of a written file on a local disk, a conditional PUT (``If-None-Match: *``) on S3;
 other fsspec filesystems check then write and read the file back, which leaves a narrow race.
 While the lock is held a daemon thread rewrites ``heartbeat`` every ``heartbeat_s`` seconds.
 
-A lock left behind by a run that died is taken over, with a warning. On this host that is
-as soon as its process is gone, or its pid belongs to another process than the one that
-took it (the pid's start time or the host's boot id differs from the recorded ones: after a
-reboot or a container restart, whose fresh pid namespace gives out small pids again, the
+A lock left behind by a run that died is taken over, with a warning. On this host, in this
+boot and pid namespace, that is as soon as its process is gone, or its pid belongs to
+another process than the one that took it (the pid's start time differs from the recorded
+one: after a container restart, whose fresh pid namespace gives out small pids again, the
 dead run's pid may belong to any process), or its pid is this very process, which does not
-hold it. A live holder on this host, the very process that took the lock, keeps it however
+hold it. A lock recorded in another boot or pid namespace (a reboot; containers that share a
+hostname but not their pids; two machines of one name) goes by its heartbeat, as another
+host's. A live holder on this host, the very process that took the lock, keeps it however
 old its heartbeat: a run that is paused (Ctrl-Z, SIGSTOP, a debugger, a suspended laptop)
 beats again when it resumes and must find its output untouched. Without ``/proc`` or with a
 record written before those fields existed, a live pid keeps the lock. A lock of another host
@@ -134,30 +137,26 @@ def _pid_start(pid: int) -> int | None:
 def stale_reason(record: dict[str, Any], now: float, stale_after_s: float = STALE_AFTER_S) -> str | None:
     """Why the lock ``record`` belongs to no living run (None: it may be alive).
 
-    A function of the record, this host (its processes and boot id), this process's held
-    locks and the clock. On this host it is stale when its pid is gone; when the pid is alive
-    but is not the process that took the lock (the record's ``boot_id`` differs from this
-    boot's, or its ``pid_start`` from the live pid's start time: the pid was reused after a
-    reboot or a container restart); or when the pid is this process's own while this process
-    does not hold the lock. Otherwise a lock of this host is live whatever its heartbeat: its
-    holder may be paused (SIGSTOP, a debugger, a suspended laptop) and resume. Where the start
-    time or boot id cannot be read (no ``/proc``) or the record has none (written before they
-    were recorded), a live pid keeps the lock. On another host it is stale when its heartbeat
-    is older than ``stale_after_s``. A lock this process holds is never stale.
+    A function of the record, this host (its processes, boot id and pid namespace), this
+    process's held locks and the clock. On this host, in this boot and pid namespace, it is
+    stale when its pid is gone; when the pid is alive but is not the process that took the
+    lock (its ``pid_start`` differs from the live pid's start time: the pid was reused after
+    a container restart); or when the pid is this process's own while this process does not
+    hold the lock. Otherwise such a lock is live whatever its heartbeat: its holder may be
+    paused (SIGSTOP, a debugger, a suspended laptop) and resume. Where the start time cannot be
+    read (no ``/proc``) or the record has none (written before it was recorded), a live pid
+    keeps the lock. Recorded in another boot or pid namespace, or on another host, it is stale
+    when its heartbeat is older than ``stale_after_s``. A lock this process holds is never stale.
     """
     if not record:
         return "its lock file is unreadable"
-    if record.get("host") == socket.gethostname():
+    if record.get("host") == socket.gethostname() and _same_pid_space(record):
         pid = int(record.get("pid", -1))
         if pid <= 0 or not _pid_alive(pid):
             return f"process {pid} on this host is gone"
         if pid == os.getpid():  # this process knows for sure whether it holds the lock
             return None if _holds(record) else (f"its pid {pid} is this process's, which does not hold it "
                                                 f"(the pid of a run before a restart, reused)")
-        boot_id, booted = record.get("boot_id"), _boot_id()
-        if boot_id and booted and boot_id != booted:
-            return (f"it was taken before this host last booted (boot id {boot_id}, now {booted}): "
-                    f"process {pid} is another process that reused its pid")
         started, live = record.get("pid_start"), _pid_start(pid)
         if isinstance(started, int) and not isinstance(started, bool) and live is not None and started != live:
             return (f"process {pid} on this host started at {live} clock ticks after boot, not at {started} "
@@ -165,6 +164,26 @@ def stale_reason(record: dict[str, Any], now: float, stale_after_s: float = STAL
         return None  # the holder itself, alive: perhaps paused, never taken over
     age = now - float(record.get("heartbeat", record.get("started", 0)))
     return f"its heartbeat is {age:.0f} s old" if age > stale_after_s else None
+
+
+def _same_pid_space(record: dict[str, Any]) -> bool:
+    """Whether the lock's pid means a process this one can see: same boot and same pid
+    namespace as recorded (unknown counts as the same: records without them, no ``/proc``).
+    Containers sharing a hostname (host networking, one pod) but not their pids, or two
+    machines of one name, differ here; their locks go by heartbeat, as another host's."""
+    for key, ours in (("boot_id", _boot_id()), ("pid_ns", _pid_namespace())):
+        theirs = record.get(key)
+        if theirs and ours and theirs != ours:
+            return False
+    return True
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[4026531836]``); None without ``/proc``."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _holds(record: dict[str, Any]) -> bool:
@@ -310,7 +329,8 @@ def _acquire(output: str, uri: str, what: str, storage_options: dict[str, Any] |
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     now = time.time()
     record = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-              "pid_start": _pid_start(os.getpid()), "boot_id": _boot_id(), "what": what,
+              "pid_start": _pid_start(os.getpid()), "boot_id": _boot_id(),
+              "pid_ns": _pid_namespace(), "what": what,
               "started": now, "heartbeat": now}
     for _ in range(3):  # a stale lock taken over by another run in between: look again
         if _create(fs, path, json.dumps(record).encode(), uri):
