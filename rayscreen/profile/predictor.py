@@ -84,13 +84,10 @@ class ProfilePredictor:
     input_size : side of the network input; ``None``: the backbone's own.
     tiles : average full-resolution tiles of ``input_size`` instead of resizing the field.
     classical, qc : also compute :func:`~rayscreen.profile.classical.classical_features`
-        (on the normalised image) and :func:`~rayscreen.profile.image_qc.field_qc` (before
-        ``normalizers``, on the illumination-corrected image, with the saturation fraction
-        measured on the raw one: clipping at the detector, not at a percentile).
-    illumination : ``{plate name: plate URI}`` when the fields arrive raw and each plate's
-        stored illumination function is applied here (after measuring saturation); ``None``:
-        images used as streamed. ``level`` and ``stream_channels`` say which pyramid level and
-        channels the fields are, to resample and subset the function.
+        (on the normalised image) and :func:`~rayscreen.profile.image_qc.field_qc` (on the
+        image as streamed, before ``normalizers``; the saturation fractions are the batch's
+        ``saturation`` column when it has one, measured by the stream on the raw pixels,
+        before any illumination correction: clipping at the detector, not at a percentile).
     normalizers : ``{plate name: IntensityScaler.to_dict()}`` (restricted to the streamed
         channels) applied per row after QC, before the deep and classical features; a
         batch row of a plate without one is an error. ``None``: images used as streamed.
@@ -110,9 +107,7 @@ class ProfilePredictor:
                  input_size: int | None = None, tiles: bool = False, classical: bool = False, qc: bool = False,
                  batch_size: int = 16, device: str | None = None, storage_options: dict | None = None,
                  model: torch.nn.Module | None = None, normalizers: dict[str, dict] | None = None,
-                 qc_max_value: float | None = None, value_range: tuple[float, float] | None = None,
-                 illumination: dict[str, str] | None = None, level: int = 0,
-                 stream_channels: Sequence[str] | None = None):
+                 qc_max_value: float | None = None, value_range: tuple[float, float] | None = None):
         if channel_mode not in ("concat", "rgb"):
             raise RayscreenError(f"profile.channel_mode {channel_mode!r}: expected 'concat' or 'rgb'")
         self.channels = [str(c) for c in channels]
@@ -152,18 +147,6 @@ class ProfilePredictor:
 
             self.normalizers = {str(k): IntensityScaler.from_dict(v) for k, v in normalizers.items()}
         self.features = feature_names(backbone, self.feature_dim, self.channels, channel_mode)
-        # {plate name: URI} when the fields arrive raw and are corrected here, after the QC's
-        # saturation is measured on the detector's own values (corrected, a clipped pixel is
-        # divided by the illumination function and falls below the clipping level)
-        self.illumination = None if illumination is None else {str(k): str(v) for k, v in illumination.items()}
-        self._corrections = None
-        if self.illumination is not None:
-            from ..stream.datasource import StreamOptions, _Corrections
-
-            self._corrections = _Corrections(StreamOptions(illumination=True, level=level,
-                                                           storage_options=storage_options))
-        self._stream_channels = list(stream_channels) if stream_channels else None
-        self._channel_idx: dict[str, list[int] | None] = {}
 
     # -- pure maths on arrays
 
@@ -232,40 +215,27 @@ class ProfilePredictor:
             out[j] = scaler.transform(im)
         return out
 
-    def correct(self, images: np.ndarray, plates) -> np.ndarray:
-        """Raw fields (B, C, Y, X) of ``plates`` (B,) -> float32, divided by each plate's
-        illumination function (as the stream would with ``stream.illumination``)."""
-        from ..store import open_plate
-
-        out = np.empty(images.shape, np.float32)
-        for j, (im, plate) in enumerate(zip(images, plates)):
-            uri = self.illumination.get(str(plate))
-            if uri is None:
-                raise RayscreenError(f"profile: no plate URI for plate {plate!r} to load its illumination function")
-            if uri not in self._channel_idx:
-                self._channel_idx[uri] = (open_plate(uri, self._corrections.options.storage_options)
-                                          ._channel_indices(self._stream_channels) if self._stream_channels else None)
-            out[j] = self._corrections(uri, im, self._channel_idx[uri])
-        return out
-
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        raw = np.asarray(batch["image"])
+        images = np.asarray(batch["image"])
         out: dict[str, Any] = {k: np.asarray(batch[k]) for k in ("plate", "well", "field") if k in batch}
-        images = raw if self.illumination is None else self.correct(raw, out.get("plate"))
         if self.qc:
-            from .image_qc import field_qc, saturation_fraction
+            from .image_qc import field_qc
 
             # QC before normalisation: a percentile-normalised stream is clipped at 1.0, where
-            # a bright normal field and an overexposed one look alike; saturation on the raw
-            # pixels, the rest on the illumination-corrected ones
+            # a bright normal field and an overexposed one look alike
             max_value = self.qc_max_value
-            if max_value is None and not np.issubdtype(raw.dtype, np.integer):
+            if max_value is None and not np.issubdtype(images.dtype, np.integer):
                 max_value = 1.0
+            # saturation as the stream measured it on the raw pixels (``read_plates(saturation=
+            # True)``): an illumination-corrected field is divided by a function >= 1, and its
+            # clipped pixels fall below the detector's maximum
+            saturation = batch.get("saturation")
             rows = []
-            for im, r in zip(images, raw):
+            for j, im in enumerate(images):
                 q = field_qc(im, max_value=max_value)
-                for c, plane in enumerate(r):
-                    q[f"qc_saturation_c{c}"] = saturation_fraction(plane, max_value)
+                if saturation is not None:
+                    for c, value in enumerate(np.asarray(saturation[j], dtype=float)):
+                        q[f"qc_saturation_c{c}"] = float(value)
                 rows.append(np.array(list(q.values())))
             out["qc"] = np.stack(rows).astype(np.float32)
         images = self.normalize(images, out.get("plate"))

@@ -3,11 +3,11 @@ Ray Data actor pool and write ``<output>/profiles.zarr`` through the results sto
 
 Thin glue; the maths is in :mod:`.predictor`, :mod:`.classical` and :mod:`.image_qc`.
 
-The stream reads raw pixels; the actors measure saturation on them (clipping at the
-detector), divide by each plate's illumination function when ``stream.illumination``,
-compute the other image-QC metrics, and then apply each plate's stored intensity
-normalisation (``stream.normalize``; the same correction and ``transform`` the stream
-would apply) before the deep and classical features. The
+The stream reads raw pixels, measures each channel's saturation on them (clipping at the
+detector) and corrects illumination when ``stream.illumination``; the actors compute the
+other image-QC metrics on those fields, and then apply each plate's stored intensity
+normalisation (``stream.normalize``, the same ``transform`` the stream would apply) before
+the deep and classical features. The
 normalisers are fitted by ``rayscreen illum``, never here: a plate without one fails the
 stage before any work, naming the plate.
 
@@ -338,13 +338,10 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
     todo_plates = {plate for plate, _ in wells}
     uris = [u for u in plan["uris"] if any(plan["plate_uris"][p] == u for p in todo_plates)]
     ds = read_plates(uris, storage_options=config.storage_options, platemap=config.platemap,
-                     # raw fields: the actors measure saturation on them, then correct
-                     # illumination (and normalise) themselves
-                     wells=wells, channels=s.channels, level=s.level, illumination=False,
-                     # float32 as the corrected stream was (uint16 values exactly): plates of
-                     # different integer dtypes still stream together
-                     dtype="float32" if s.illumination else None,
-                     normalize=False, on_error=s.on_error,
+                     # illumination-corrected in the read tasks, not normalised (the actors do
+                     # that after QC); saturation measured on the raw pixels before correcting
+                     wells=wells, channels=s.channels, level=s.level, illumination=s.illumination,
+                     saturation=True, normalize=False, on_error=s.on_error,
                      error_report=join(config.output, "profile", "errors") if s.on_error == "skip" else None,
                      override_num_blocks=s.override_num_blocks)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -358,10 +355,8 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                                    tiles=cfg.tiles, classical=cfg.classical, qc=True,
                                    batch_size=cfg.batch_size, storage_options=config.storage_options,
                                    normalizers=normalizers,
-                                   illumination=({p: plan["plate_uris"][p] for p in todo_plates}
-                                                 if s.illumination else None),
-                                   level=s.level, stream_channels=s.channels,
-                                   # detector clipping level, compared with the raw pixels
+                                   # detector clipping level of an uncorrected stream (the
+                                   # stream's saturation column replaces it)
                                    qc_max_value=(float(np.iinfo(raw_dtype).max)
                                                  if np.issubdtype(raw_dtype, np.integer) else None),
                                    value_range=network_value_range(raw_dtype, normalizers)))

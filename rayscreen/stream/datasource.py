@@ -49,6 +49,9 @@ class StreamOptions:
     on_error: str = "raise"
     error_report: str | None = None
     fields_per_block: int = 4
+    # also a "saturation" column (C,): the fraction of each channel's raw pixels at the
+    # detector's maximum, measured before the corrections (which divide it away)
+    saturation: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,9 @@ class _Corrections:
     streamed field equals those calls on ``open_plate(uri).read(well, field)``.
     """
 
-    # plates whose corrections are kept: fields arrive grouped by plate, and a long-lived
-    # profile actor sees every plate of a screen (110 MB per 5 x 2160 x 2560 function)
+    # plates whose corrections are kept: a read task streams its wells plate after plate, so
+    # one is enough to read; a few bound a task's memory whatever it is given (110 MB per
+    # 5 x 2160 x 2560 illumination function)
     MAX_PLATES = 4
 
     def __init__(self, options: StreamOptions):
@@ -201,6 +205,7 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
         for f in fields:
             try:
                 image = plate.read(task.well, f, options.level, channels=options.channels)
+                saturated = raw_saturation(image) if options.saturation else None
                 image = correct(task.plate_uri, image, channel_idx)
             except RayscreenError as e:
                 if options.on_error != "skip":
@@ -209,6 +214,8 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
                                   "error": str(e)})
                 continue
             base = {"plate": task.plate, "well": task.well, "field": f, **task.annotations}
+            if saturated is not None:
+                base["saturation"] = saturated
             if options.tile:
                 from .tiling import tiles
 
@@ -229,6 +236,19 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
                 rows = []
     if rows:
         yield _to_batch(rows)
+
+
+def raw_saturation(image: np.ndarray) -> np.ndarray:
+    """Fraction of each channel's pixels at or above its ceiling, float32 (C,), of a raw
+    field (C, Y, X): the dtype's maximum for integer images, else the channel's own maximum
+    (CellProfiler's ``PercentMaximal``); as :func:`rayscreen.profile.image_qc.saturation_fraction`,
+    which the stream cannot import (profile builds on stream)."""
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.integer):
+        top = np.full(len(image), np.iinfo(image.dtype).max)
+    else:
+        top = image.reshape(len(image), -1).max(axis=1)
+    return (image >= top[:, None, None]).reshape(len(image), -1).mean(axis=1).astype(np.float32)
 
 
 def _to_batch(rows: list[dict[str, Any]]) -> dict[str, Any]:

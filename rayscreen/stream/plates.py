@@ -121,6 +121,7 @@ def read_plates(
     override_num_blocks: int | None = None,
     concurrency: int | None = None,
     num_cpus: float | None = None,
+    saturation: bool = False,
 ) -> Dataset:
     """A Ray Dataset with one row per field (or tile) of the plates.
 
@@ -131,6 +132,8 @@ def read_plates(
     (annotation column -> value or list of values). ``illumination``/``normalize`` apply
     the per-plate functions stored with each plate (float32 out). ``on_error="skip"``
     records bad fields under ``error_report`` (see ``load_error_report``) instead of failing.
+    ``saturation``: also a ``saturation`` column (C,), each channel's fraction of raw pixels at
+    the detector's maximum, measured before the corrections (QC).
     ``num_cpus``: CPUs each read task reserves (Ray's default 1 when None); a fraction lets
     reads share a node with CPU-bound consumers, e.g. training workers that keep whole CPUs.
     """
@@ -216,7 +219,7 @@ def read_plates(
         fields=tuple(str(f) for f in fields) if fields is not None else None,
         channels=tuple(channels) if channels else None,
         level=level, tile=tile, stride=stride, illumination=illumination, normalize=normalize,
-        dtype=dtype, on_error=on_error, error_report=error_report,
+        dtype=dtype, on_error=on_error, error_report=error_report, saturation=saturation,
         # blocks of ~16 MB: large enough to amortise per-block overhead, small enough to stream
         # (it counts rows: fields, or tiles when tiling)
         fields_per_block=max(1, int(16e6 // max(row_bytes, 1))),

@@ -150,10 +150,9 @@ def test_normalizers_apply_per_plate_after_qc_on_raw_pixels():
 
 
 def test_saturation_is_measured_before_illumination_correction(tmp_path):
-    """The stream used to divide by the illumination function (>= 1) before QC: a clipped blob
+    """The stream divided fields by the illumination function (>= 1) before QC: a clipped blob
     in the bright centre fell below the detector's maximum and the field read 0% saturated.
-    The actor now gets raw fields, measures saturation on them, then corrects them exactly
-    as the stream does."""
+    The stream now measures saturation on the raw pixels (a column), and QC takes it."""
     from rayscreen.store import create_plate
     from rayscreen.stream.datasource import StreamOptions, plan_wells, read_wells
     from rayscreen.stream.illumination import save_illumination
@@ -167,18 +166,16 @@ def test_saturation_is_measured_before_illumination_correction(tmp_path):
     illum = np.ones((2, 16, 16), np.float32)
     illum[:, 4:12, 4:12] = 1.8
     save_illumination(uri, illum)
+    (batch,) = list(read_wells(plan_wells([uri]), StreamOptions(illumination=True, saturation=True)))
+    np.testing.assert_allclose(batch["saturation"], [[16 / 256, 0.0]])
+    assert batch["image"].max() < 65535  # corrected: the clipped pixels no longer look clipped
     pred = ProfilePredictor(channels=["DNA", "Actin"], model=ColourMeans(), input_size=8, qc=True,
-                            qc_max_value=65535.0, illumination={"P": uri})
-    out = pred({"image": field[None], "plate": np.array(["P"]), "well": np.array(["A01"]), "field": np.array(["0"])})
+                            qc_max_value=65535.0)
     names = qc_metric_names(2)
+    out = pred(batch)
     assert out["qc"][0, names.index("qc_saturation_c0")] == pytest.approx(16 / 256)
-    # the network saw the corrected field, the same as the stream's own correction
-    (streamed,) = list(read_wells(plan_wells([uri]), StreamOptions(illumination=True)))
-    reference = ProfilePredictor(channels=["DNA", "Actin"], model=ColourMeans(), input_size=8,
-                                 value_range=(0.0, 65535.0))
-    pred.value_range = (0.0, 65535.0)
-    np.testing.assert_allclose(pred({"image": field[None], "plate": np.array(["P"])})["profile"],
-                               reference({"image": streamed["image"]})["profile"], rtol=1e-6)
+    without = pred({k: v for k, v in batch.items() if k != "saturation"})
+    assert without["qc"][0, names.index("qc_saturation_c0")] == 0.0  # what QC saw before
 
 
 def test_a_field_name_outside_field_count_names_the_plate_and_well():
