@@ -146,9 +146,11 @@ def is_complete(config: Config, stage: str) -> bool:
     if not fs.exists(path):
         return False
     try:
-        if json.loads(fs.cat(path)).get("fingerprint") != fingerprint(config, stage):
-            return False
+        marker = json.loads(fs.cat(path))
     except ValueError:
+        return False
+    # partial: it left out wells an ingest had not written yet, which a later run must do
+    if marker.get("fingerprint") != fingerprint(config, stage) or marker.get("partial"):
         return False
     outputs = STAGE_OUTPUTS.get(stage)
     return not outputs or any(fs.exists(filesystem(join(config.output, rel), config.storage_options)[1])
@@ -161,8 +163,27 @@ def _mark_complete(config: Config, stage: str, seconds: float, result: Any, prin
     fs, path = filesystem(_marker(config, stage), config.storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:
-        f.write(json.dumps({"stage": stage, "fingerprint": print_,
+        f.write(json.dumps({"stage": stage, "fingerprint": print_, "partial": _partial(config, stage, result),
                             "seconds": round(seconds, 1), "result": _summary(result)}, default=str))
+
+
+def _partial(config: Config, stage: str, result: Any) -> bool:
+    """Whether ``stage`` left out wells that a later run must do: wells of plates rayscreen
+    wrote that had no field yet (an ingest still running, under ``stream.on_error: skip``) or
+    none readable. Nothing about the config or the plates' listing changes when the ingest
+    finishes, so without this ``rayscreen run`` would skip the stage for good."""
+    if isinstance(result, dict) and result.get("wells_to_retry"):
+        return True  # illum
+    if stage in ("infer", "profile"):
+        from .store.errors import RayscreenError
+        from .store.results import results_attrs
+
+        store = join(config.output, "results.zarr" if stage == "infer" else "profiles.zarr")
+        try:
+            return bool((results_attrs(store, config.storage_options) or {}).get("wells_to_retry"))
+        except RayscreenError:  # no store of ours there (a stage run elsewhere): nothing to retry
+            return False
+    return False
 
 
 def _summary(result: Any) -> Any:

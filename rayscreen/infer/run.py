@@ -444,16 +444,25 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         again = f" ({len(retried)} of them again: they had read errors or no field on disk)" if retried else ""
         print(f"infer: {len(plan.wells)} wells, {int(done.sum())} already done, {len(todo)} to score{again} "
               f"-> {plan.results_uri}", file=sys.stderr)
+    empty = np.zeros(len(plan.wells), bool)  # wells written this run without a field scored
+
+    def track(row: dict[str, Any]) -> None:
+        empty[int(row["index"])] = int(row["n_fields"]) == 0
+        if on_well is not None:
+            on_well(row)
+
     if todo:
         with Progress(len(todo), "infer", "well", enabled=progress) as bar, stage_data_context():
-            failure = _score_wells(plan, config, todo, on_well, bar)
+            failure = _score_wells(plan, config, todo, track, bar)
         if failure is not None:
             raise stream_failure(failure, RayscreenError)
     missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
     if missing:
         raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")
     writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    last_run={"computed": len(todo), "skipped": int(done.sum())})
+                    last_run={"computed": len(todo), "skipped": int(done.sum())},
+                    wells_to_retry=int(unfinished_wells(empty, plan.wells["plate_uri"].to_numpy(),
+                                                        config.storage_options).sum()))
     write_config(config)
     return plan.results_uri
 

@@ -239,6 +239,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         config.storage_options))
     done = set(writer.done_wells())
     wells = plan["wells"]
+    empty = np.zeros(len(wells), bool)  # wells written this run without a profiled field
     todo = [i for i in range(len(wells)) if i not in done]
     log.info("profile: %d wells, %d done, %d to profile%s -> %s", len(wells), len(done), len(todo),
              f" ({len(retried)} of them again: they had read errors or no field on disk)" if retried else "", uri)
@@ -263,9 +264,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
         def flush(i: int, present: list[str] | None = None) -> None:
             key = (wells.at[i, "plate"], wells.at[i, "well"])
-            writer.write_well(i, well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
-                                             n_classical, len(qc_names), present,
-                                             where=f"plate {key[0]!r} well {key[1]}"))
+            values = well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
+                                 n_classical, len(qc_names), present, where=f"plate {key[0]!r} well {key[1]}")
+            empty[i] = not (values["field_status"] == STATUS_OK).any()
+            writer.write_well(i, values)
             bar.update()
 
         def on_batch(batch: dict[str, np.ndarray]) -> None:
@@ -298,7 +300,9 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                 flush(i, fields_on_disk(plate_name, well))
     # as infer's store: when it finished, and what this run computed and skipped
     writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    last_run={"computed": len(todo), "skipped": len(done)})
+                    last_run={"computed": len(todo), "skipped": len(done)},
+                    wells_to_retry=int(unfinished_wells(empty, wells["plate"].map(plan["plate_uris"]).to_numpy(),
+                                                        config.storage_options).sum()))
     return uri
 
 

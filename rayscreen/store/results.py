@@ -164,6 +164,12 @@ def _read_root_attrs(uri: str, storage_options) -> dict[str, Any] | None:
     return ns
 
 
+def results_attrs(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The root ``rayscreen`` attributes of the results store at ``uri`` (one metadata read);
+    None where nothing is there."""
+    return _read_root_attrs(uri, storage_options)
+
+
 def is_results_store(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     try:
         return _read_root_attrs(uri, storage_options) is not None

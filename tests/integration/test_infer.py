@@ -328,12 +328,14 @@ def test_a_well_the_ingest_had_not_written_is_scored_by_the_rerun_after_it(tmp_p
                                "infer": {"checkpoint": ckpt, "batch_size": 4, "saliency_downsample": 4}})
     ds = xr.open_zarr(run_infer(config, progress=False))
     assert ds["n_fields"].values.tolist() == [2, 0] and ds.attrs["rayscreen"]["complete"]
+    assert ds.attrs["rayscreen"]["wells_to_retry"] == 1  # `rayscreen run` will not skip infer
     for f in range(2):
         writer.write_field("A02", f, random_field(0, "A02", f, (2, 48, 48)))
     writer.complete_well("A02", 2)
     ds = xr.open_zarr(run_infer(config, progress=False))
     assert ds["n_fields"].values.tolist() == [2, 2]
     assert ds.attrs["rayscreen"]["last_run"] == {"computed": 1, "skipped": 1}
+    assert ds.attrs["rayscreen"]["wells_to_retry"] == 0
 
     # the same well absent in another tool's plate (no rayscreen layout record): final
     shutil.rmtree(os.path.join(uri, "A", "2"))
@@ -341,6 +343,6 @@ def test_a_well_the_ingest_had_not_written_is_scored_by_the_rerun_after_it(tmp_p
     root.attrs["rayscreen"] = {k: v for k, v in root.attrs["rayscreen"].items() if k != "layout"}
     out = tmp_path / "foreign"
     first = xr.open_zarr(run_infer(infer_config([uri], ckpt, out), progress=False))
-    assert first["n_fields"].values.tolist() == [2, 0]
+    assert first["n_fields"].values.tolist() == [2, 0] and first.attrs["rayscreen"]["wells_to_retry"] == 0
     again = xr.open_zarr(run_infer(infer_config([uri], ckpt, out), progress=False))
     assert again.attrs["rayscreen"]["last_run"] == {"computed": 0, "skipped": 2}

@@ -128,6 +128,22 @@ def test_illum_leaves_out_unwritten_wells_when_skipping_and_refits_once_they_are
     assert fit_normalization(uri, illumination=True, skip_incomplete=True, **kw) == {uri: "skipped"}
 
 
+def test_the_illum_stage_counts_the_wells_it_left_for_later(tmp_path):
+    from rayscreen.config import config_from_dict
+    from rayscreen.stream.fit import run_illum
+
+    uri = half_ingested(tmp_path)
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "out"),
+                               "stream": {"illumination": True, "on_error": "skip"}})
+    assert run_illum(config, progress=False)["wells_to_retry"] == 4  # A02 and B01, in the function and the scaler
+    writer = open_plate_writer(uri)
+    writer.write_field("A02", 1, np.ones((1, 8, 8), np.uint8))
+    writer.complete_well("A02", 2)
+    writer.write_field("B01", 0, np.ones((1, 8, 8), np.uint8))
+    writer.complete_well("B01", 1)
+    assert run_illum(config, progress=False)["wells_to_retry"] == 0
+
+
 def open_plate_writer(uri):
     from rayscreen.store import create_plate
 

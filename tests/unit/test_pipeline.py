@@ -178,3 +178,18 @@ def test_a_config_the_stage_refuses_does_not_replace_the_outputs_record(tmp_path
     with pytest.raises(ConfigError):
         pipeline.run_stage(fresh, "train", progress=False)
     assert not (tmp_path / "new" / "out" / "config.yaml").exists()
+
+
+def test_a_stage_that_left_wells_for_later_is_not_complete(tmp_path, monkeypatch):
+    """illum/infer/profile under on_error: skip leave out the wells an ingest has not written
+    yet; nothing in the config or the plates' listing changes when it finishes, so the marker
+    must say the stage is not done, or `rayscreen run` would skip it for good."""
+    returned = {}
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: lambda config, progress=True: dict(returned))
+    config = _config(tmp_path)
+    returned.update(wells_to_retry=2)
+    pipeline.run_stage(config, "illum", progress=False)
+    assert not pipeline.is_complete(config, "illum")
+    returned.update(wells_to_retry=0)
+    pipeline.run_stage(config, "illum", progress=False)
+    assert pipeline.is_complete(config, "illum")
