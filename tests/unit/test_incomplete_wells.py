@@ -78,8 +78,8 @@ def test_wells_with_no_field_at_all_are_reopened_for_a_rerun(tmp_path):
 
 def test_a_well_of_several_acquisitions_is_refused_rather_than_pooled(tmp_path):
     """Two acquisitions are two imaging runs of a well (before / after, another objective);
-    the stream pooled both runs' fields as one well's, under one weak label. A plate whose
-    wells each hold one run (Fractal's multiplexed plates list several) streams."""
+    the stream pooled both runs' fields as one well's, under one weak label. A plate that
+    lists several acquisitions but whose wells each hold one run streams."""
     import zarr
 
     from rayscreen.testing.plates import make_two_acquisition_plate
