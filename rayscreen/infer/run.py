@@ -46,7 +46,7 @@ from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
-from ..store.plate import unfinished_wells, warn_of_timepoints
+from ..store.plate import unfinished_wells, warn_of_timepoints, wells_to_redo
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
@@ -435,8 +435,8 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
                             overwrite=ic.overwrite if overwrite is None else overwrite)
     # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
-    retried = writer.reopen_wells("field_status", lambda st: (st == READ_ERROR).any(axis=1) | unfinished_wells(
-        (st == ABSENT).all(axis=1) & (st.shape[1] > 0), plan.wells["plate_uri"].to_numpy(), config.storage_options))
+    retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
+        st, READ_ERROR, ABSENT, plan.wells["plate_uri"].to_numpy(), config.storage_options))
     done = writer.done_mask()
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
             for i, r in enumerate(plan.wells.itertuples()) if not done[i]]

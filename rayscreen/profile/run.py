@@ -39,7 +39,7 @@ from ..config import Config, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
-from ..store.plate import unfinished_wells
+from ..store.plate import unfinished_wells, wells_to_redo
 from ..store.results import Variable, create_results
 from ..store.uri import join
 
@@ -234,8 +234,8 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
     # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
-    retried = writer.reopen_wells("field_status", lambda st: (st == STATUS_ERROR).any(axis=1) | unfinished_wells(
-        (st == STATUS_MISSING).all(axis=1) & (st.shape[1] > 0), plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy(),
+    retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
+        st, STATUS_ERROR, STATUS_MISSING, plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy(),
         config.storage_options))
     done = set(writer.done_wells())
     wells = plan["wells"]

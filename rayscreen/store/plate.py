@@ -369,6 +369,17 @@ def check_finite(image: np.ndarray, where: str) -> None:
         raise BadImageError(f"{where}: {bad} NaN/Inf pixel(s) in a float image; expected finite values")
 
 
+def wells_to_redo(status: np.ndarray, read_error: int, absent: int, plate_uris: np.ndarray,
+                  storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """The wells a stage's rerun computes again, (n,) bool, from the stored ``field_status``
+    (n, n_fields) with its ``read_error`` and ``absent`` codes: a read error in any field
+    (maybe transient), or no field at all on a plate rayscreen wrote (:func:`unfinished_wells`).
+    infer and profile share it: their stores code the two states differently."""
+    status = np.asarray(status)
+    no_field = (status == absent).all(axis=1) & (status.shape[1] > 0)
+    return (status == read_error).any(axis=1) | unfinished_wells(no_field, plate_uris, storage_options)
+
+
 def unfinished_wells(no_field: np.ndarray, plate_uris: np.ndarray,
                      storage_options: dict[str, Any] | None = None) -> np.ndarray:
     """Of the wells found without any field (``no_field``, (n,) bool; ``plate_uris`` (n,) their
