@@ -45,13 +45,13 @@ import pandas as pd
 from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
-from ..store import IncompleteWellError, MissingWellError, RayscreenError, open_plate
+from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.plate import unfinished_wells, warn_of_timepoints, wells_to_redo
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path
-from ..stream.datasource import StreamOptions, WellTask, plan_wells, read_wells
+from ..stream.datasource import StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
 
@@ -216,8 +216,7 @@ class InferWells:
         try:
             fields = plate.fields(row["well"])
         except MissingWellError as e:
-            if isinstance(e, IncompleteWellError) and self.plan.options.on_error != "skip":
-                raise  # an ingest cut short: scoring the plate now would skip the well for good
+            raise_unless_skipping(e, self.plan.options.on_error)
             # sparse plate: every field ABSENT; the well is looked for again on the next run
             return [], [], None
         if len(fields) > self.plan.n_fields:

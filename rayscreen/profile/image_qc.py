@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..stream.datasource import saturation_fraction  # the read task measures raw fields with it too
+
 
 # -- per-channel image metrics ------------------------------------------------------
 
@@ -57,16 +59,6 @@ def power_spectrum_slope(image) -> float:
     if ok.sum() < 2:
         return float("nan")  # a constant image has no spectrum to fit
     return float(np.polyfit(np.log(rings[ok]), np.log(sums[ok]), 1)[0])
-
-
-def saturation_fraction(image, max_value: float | None = None) -> float:
-    """Fraction of pixels at or above ``max_value``. Default: the dtype's maximum for
-    integer images; for float images (no natural ceiling) the image's own maximum, as
-    CellProfiler's ``PercentMaximal``."""
-    image = np.asarray(image)
-    if max_value is None:
-        max_value = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else image.max()
-    return float(np.mean(image >= max_value))
 
 
 def intensity_percentiles(image, q: Sequence[float] = (1, 50, 99)) -> dict[float, float]:

@@ -194,8 +194,7 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
         try:
             fields = plate.fields(task.well)
         except MissingWellError as e:
-            if isinstance(e, IncompleteWellError) and options.on_error != "skip":
-                raise
+            raise_unless_skipping(e, options.on_error)
             _report(options, {"plate": task.plate, "well": task.well, "field": None, "kind": "missing well",
                               "error": str(e)})
             continue
@@ -238,17 +237,29 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
         yield _to_batch(rows)
 
 
-def raw_saturation(image: np.ndarray) -> np.ndarray:
-    """Fraction of each channel's pixels at or above its ceiling, float32 (C,), of a raw
-    field (C, Y, X): the dtype's maximum for integer images, else the channel's own maximum
-    (CellProfiler's ``PercentMaximal``); as :func:`rayscreen.profile.image_qc.saturation_fraction`,
-    which the stream cannot import (profile builds on stream)."""
+def raise_unless_skipping(error: MissingWellError, on_error: str) -> None:
+    """Re-raise ``error`` if it is an :class:`IncompleteWellError` (a well the plate's writer
+    has not finished: an ingest under way or cut short) and ``on_error`` is not "skip": passing
+    over it would record the well as done without its fields. Any other missing well (a
+    sparse plate's absent well) is the caller's to pass over."""
+    if isinstance(error, IncompleteWellError) and on_error != "skip":
+        raise error
+
+
+def saturation_fraction(image, max_value: float | None = None) -> float:
+    """Fraction of the pixels of ``image`` (any shape) at or above ``max_value``. Default: the
+    dtype's maximum for integer images; for float images (no natural ceiling) the image's own
+    maximum, as CellProfiler's ``PercentMaximal``."""
     image = np.asarray(image)
-    if np.issubdtype(image.dtype, np.integer):
-        top = np.full(len(image), np.iinfo(image.dtype).max)
-    else:
-        top = image.reshape(len(image), -1).max(axis=1)
-    return (image >= top[:, None, None]).reshape(len(image), -1).mean(axis=1).astype(np.float32)
+    if max_value is None:
+        max_value = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else image.max()
+    return float(np.mean(image >= max_value))
+
+
+def raw_saturation(image: np.ndarray) -> np.ndarray:
+    """:func:`saturation_fraction` of each channel of a raw field (C, Y, X): float32 (C,).
+    Measured in the read task, before illumination correction rescales the clipped pixels."""
+    return np.array([saturation_fraction(plane) for plane in np.asarray(image)], dtype=np.float32)
 
 
 def _to_batch(rows: list[dict[str, Any]]) -> dict[str, Any]:
