@@ -105,10 +105,28 @@ def fingerprint(config: Config, stage: str) -> str:
         relevant[key] = _value(d, key)
     if "plates" in relevant:
         relevant["plates (matched)"] = expand_uris(config.plates, config.storage_options)
+    if stage in ("infer", "profile"):
+        # the plates' stored corrections, which `rayscreen illum` may have refitted since (an
+        # ingest finished): the stage then scores those plates' wells again. Not train's: a
+        # model trained before a refit is still a model, and retraining is not a rerun's to start
+        relevant["plate corrections"] = _corrections(config, relevant["plates (matched)"])
     for key in _FILES:
         if key.split(".")[0] in relevant and _value(d, key):
             relevant[f"{key} (file)"] = _stamp(_value(d, key), config.storage_options)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _corrections(config: Config, uris: list[str]) -> dict[str, str | None]:
+    """``{plate URI: corrections_version}``; a plate that cannot be read counts as such (the
+    stage itself says why, naming it)."""
+    from .store.errors import RayscreenError
+    from .stream.normalize import corrections_versions
+
+    try:
+        return corrections_versions({u: u for u in uris}, config.storage_options,
+                                    illumination=config.stream.illumination, normalize=config.stream.normalize)
+    except RayscreenError as e:
+        return {"unreadable": type(e).__name__}
 
 
 def _value(d: dict[str, Any], key: str) -> Any:

@@ -52,6 +52,7 @@ from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells
+from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
 
@@ -432,7 +433,11 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
                             attrs=attrs, settings=infer_settings(plan, config),
                             storage_options=config.storage_options,
                             overwrite=ic.overwrite if overwrite is None else overwrite)
-    # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
+    # again: wells of plates whose stored corrections were refitted since they were scored,
+    writer.reopen_changed_plates(corrections_versions(
+        dict(zip(plan.wells["plate"], plan.wells["plate_uri"])), config.storage_options,
+        illumination=config.stream.illumination, normalize=config.stream.normalize))
+    # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
     retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
         st, READ_ERROR, ABSENT, plan.wells["plate_uri"].to_numpy(), config.storage_options))

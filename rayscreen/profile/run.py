@@ -42,6 +42,7 @@ from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.plate import unfinished_wells, wells_to_redo
 from ..store.results import Variable, create_results
 from ..store.uri import join
+from ..stream.normalize import corrections_versions
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,11 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
     write_config(config)
 
-    # again: wells with a read error (maybe transient), and wells of rayscreen's plates with no
+    # again: wells of plates whose stored corrections were refitted since they were profiled,
+    writer.reopen_changed_plates(corrections_versions(
+        plan["plate_uris"], config.storage_options, illumination=config.stream.illumination,
+        normalize=config.stream.normalize))
+    # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
     retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
         st, STATUS_ERROR, STATUS_MISSING, plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy(),

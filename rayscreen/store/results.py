@@ -495,12 +495,41 @@ class ResultsWriter:
         those wells not done rather than half old, half new."""
         done = self.done_mask()
         values = np.asarray(self._array(name)[...])
-        hit = done & np.asarray(select(values.reshape(len(values), -1)), bool)
+        return self._reopen(done, done & np.asarray(select(values.reshape(len(values), -1)), bool))
+
+    def _reopen(self, done: np.ndarray, hit: np.ndarray) -> list[int]:
         reopened = np.flatnonzero(hit).tolist()
         if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
             self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))
         for index in reopened:
             self._array(DONE)[index] = 0
+        return reopened
+
+    def reopen_changed_plates(self, versions: dict[str, str | None]) -> dict[str, int]:
+        """Reopen the done wells of every plate whose ``versions`` entry differs from the one
+        recorded with the store, then record ``versions``; returns ``{plate: wells reopened}``.
+
+        A version stands for what a plate's values depend on outside the config (the stream's
+        stored corrections of that plate, :func:`rayscreen.stream.normalize.corrections_version`):
+        after a refit, wells scored before it would sit beside wells scored after it,
+        corrected two ways, in one store. A plate with no recorded version (a store written
+        before rayscreen recorded them) is taken as it is. Reopened before the new versions
+        are recorded: a crash in between reopens them again, never keeps them."""
+        ns = self._root.attrs.get(NAMESPACE, {})
+        stored = ns.get("plate_versions") or {}
+        changed = {p for p, v in versions.items() if p in stored and stored[p] != v}
+        reopened: dict[str, int] = {}
+        if changed:
+            done = self.done_mask()
+            plates = [k.rpartition("/")[0] for k in self.keys]
+            for i in self._reopen(done, done & np.array([p in changed for p in plates], bool)):
+                reopened[plates[i]] = reopened.get(plates[i], 0) + 1
+        self.update_attrs(plate_versions={**stored, **versions})
+        if reopened:
+            listed = ", ".join(f"{p!r} ({n} wells)" for p, n in sorted(reopened.items())[:10])
+            warnings.warn(f"{self.uri}: {len(reopened)} plate(s) had their stored illumination or normalisation "
+                          f"refitted (`rayscreen illum`) since their wells were written: {listed}"
+                          f"{' ...' if len(reopened) > 10 else ''}; those wells are computed again", stacklevel=2)
         return reopened
 
     def update_attrs(self, **entries: Any) -> None:

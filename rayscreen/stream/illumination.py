@@ -23,6 +23,7 @@ plus a ``rayscreen.illumination`` attribute recording how it was made.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable
 
 import numpy as np
@@ -241,7 +242,10 @@ def save_illumination(plate_uri: str, illum: np.ndarray, storage_options: dict[s
     if illum.ndim != 3:
         raise ValueError(f"illumination function shape {illum.shape}: expected (C, Y, X)")
     entry = {"version": VERSION, "shape": list(illum.shape), "channels": list(channels) if channels else None,
-             "robust_min_percentile": ROBUST_MIN_PERCENTILE, "params": dict(params or {}), "fields": fields}
+             "robust_min_percentile": ROBUST_MIN_PERCENTILE, "params": dict(params or {}), "fields": fields,
+             # the array's content: a refit with the same params on other fields (an ingest
+             # finished since) changes it, and stores scored with the old one must notice
+             "digest": hashlib.sha256(np.ascontiguousarray(illum).tobytes()).hexdigest()[:16]}
     if illumination_entry(plate_uri, storage_options) is not None:
         # replacing one: withdraw the old claim first, so a write cut short leaves a plate
         # without a function (recomputed on the next run), never the old parameters over a

@@ -20,6 +20,7 @@ The fitted state is plain JSON numbers (``to_dict``/``from_dict``), stored in th
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ import pandas as pd
 
 from ..store import RayscreenError, open_plate
 from ..store.extras import update_plate_attrs
+from .illumination import ATTR_KEY as ILLUM_KEY
 from .illumination import illumination_entry, select_fields
 
 VERSION = 1
@@ -394,6 +396,35 @@ def _scaler_of(plate_uri: str, entry: dict[str, Any] | None) -> IntensityScaler 
     except (TypeError, ValueError) as e:
         raise RayscreenError(f"plate {plate_uri}: stored normalisation {entry.get('method')!r} cannot be read "
                              f"({e}); refit it with `rayscreen illum`") from None
+
+
+def corrections_version(plate_uri: str, storage_options: dict[str, Any] | None = None, *,
+                        illumination: bool, normalize: str) -> str | None:
+    """A digest of the corrections the stream applies to a plate's fields: its stored
+    illumination function (when ``illumination``; the entry carries a digest of the array)
+    and normalisation (unless ``normalize`` is "none"; the entry holds the scaler's values).
+    ``None`` when the stream applies neither. Results stores record it per plate, so that
+    wells scored before a refit (``rayscreen illum`` once an ingest has finished) are
+    scored again rather than mixed with wells corrected otherwise."""
+    if not illumination and normalize == "none":
+        return None
+    attrs = open_plate(plate_uri, storage_options).rayscreen_attrs()  # one read: both entries
+    used = {"illumination": attrs.get(ILLUM_KEY) if illumination else None,
+            "normalization": attrs.get(ATTR_KEY) if normalize != "none" else None}
+    return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def corrections_versions(plate_uris: dict[str, str], storage_options: dict[str, Any] | None = None, *,
+                         illumination: bool, normalize: str) -> dict[str, str | None]:
+    """``{plate name: corrections_version}`` of ``{plate name: URI}``, read in parallel
+    threads (on S3 each plate's attributes are a request)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def version(uri: str) -> str | None:
+        return corrections_version(uri, storage_options, illumination=illumination, normalize=normalize)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(plate_uris, pool.map(version, plate_uris.values())))
 
 
 def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = None, *,

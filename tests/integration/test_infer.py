@@ -346,3 +346,30 @@ def test_a_well_the_ingest_had_not_written_is_scored_by_the_rerun_after_it(tmp_p
     assert first["n_fields"].values.tolist() == [2, 0] and first.attrs["rayscreen"]["wells_to_retry"] == 0
     again = xr.open_zarr(run_infer(infer_config([uri], ckpt, out), progress=False))
     assert again.attrs["rayscreen"]["last_run"] == {"computed": 0, "skipped": 2}
+
+
+def test_a_plate_refitted_since_its_wells_were_scored_is_scored_again(tmp_path, ray_local):
+    """`rayscreen illum` refits one plate's normaliser after infer has run: the rerun scores
+    that plate's wells again (with a warning naming it) and leaves the other plate's alone,
+    instead of keeping wells normalised two ways in one store."""
+    from rayscreen.config import config_from_dict
+    from rayscreen.stream.normalize import MeanStdScaler, fit_plate_normalizer, save_normalization
+
+    uris, ckpt = make_screen(str(tmp_path / "s"), n_plates=2, wells=("A01", "A02"), fields=2)
+    for uri in uris:
+        save_normalization(uri, fit_plate_normalizer(uri, MeanStdScaler()))
+    config = config_from_dict({"plates": uris, "output": str(tmp_path / "run"), "stream": {"normalize": "meanstd"},
+                               "infer": {"checkpoint": ckpt, "batch_size": 4, "saliency_downsample": 4}})
+    first = xr.open_zarr(run_infer(config, progress=False))
+    scores = first["well_scores"].values.copy()
+    scaler = fit_plate_normalizer(uris[0], MeanStdScaler())
+    scaler.scale = scaler.scale * 3  # P1 refitted: its wells are now normalised otherwise
+    save_normalization(uris[0], scaler)
+    with pytest.warns(UserWarning, match=r"'P1' \(2 wells\)"):
+        again = xr.open_zarr(run_infer(config, progress=False))
+    assert again.attrs["rayscreen"]["last_run"] == {"computed": 2, "skipped": 2}
+    p1 = again["plate"].values == "P1"
+    assert not np.allclose(again["well_scores"].values[p1], scores[p1])
+    np.testing.assert_array_equal(again["well_scores"].values[~p1], scores[~p1])
+    third = xr.open_zarr(run_infer(config, progress=False))  # nothing changed since: nothing to do
+    assert third.attrs["rayscreen"]["last_run"] == {"computed": 0, "skipped": 4}

@@ -243,3 +243,26 @@ def test_a_failed_profile_run_releases_its_actors_and_a_rerun_finishes(tmp_path,
     ds = xr.open_zarr(run_profile(config, progress=False), consolidated=False)
     assert (ds["done"].values == 1).all() and (ds["field_status"].values == 0).all()
     assert np.isfinite(ds["well_profile"].values).all()
+
+
+def test_wells_profiled_before_a_refit_are_profiled_again(tmp_path, ray_local):
+    """The plate's normaliser refitted (`rayscreen illum`) after its wells were profiled: the
+    rerun profiles them again rather than keeping them beside wells normalised otherwise."""
+    from rayscreen.stream.normalize import MeanStdScaler, fit_plate_normalizer, save_normalization
+    from rayscreen.testing.plates import make_plate
+
+    uri = make_plate(str(tmp_path / "P.zarr"), name="P", wells=("A01", "A02"), fields=1, field_shape=(32, 32))
+    save_normalization(uri, fit_plate_normalizer(uri, MeanStdScaler()))
+    weights = save_backbone_weights("resnet18", str(tmp_path / "resnet18.pt"), seed=0)
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "run"), "stream": {"normalize": "meanstd"},
+                               "profile": {"backbone": "resnet18", "weights": weights, "input_size": 32,
+                                           "classical": False}})
+    first = xr.open_zarr(run_profile(config, progress=False), consolidated=False)["well_profile"].values.copy()
+    assert xr.open_zarr(run_profile(config, progress=False)).attrs["rayscreen"]["last_run"]["computed"] == 0
+    scaler = fit_plate_normalizer(uri, MeanStdScaler())
+    scaler.offset = scaler.offset + scaler.scale  # shifted by one spread
+    save_normalization(uri, scaler)
+    with pytest.warns(UserWarning, match=r"'P' \(2 wells\)"):
+        ds = xr.open_zarr(run_profile(config, progress=False), consolidated=False)
+    assert ds.attrs["rayscreen"]["last_run"] == {"computed": 2, "skipped": 0}
+    assert not np.allclose(ds["well_profile"].values, first)

@@ -1,3 +1,4 @@
+import functools
 import json
 
 import numpy as np
@@ -5,6 +6,7 @@ import pandas as pd
 import pytest
 
 from rayscreen.store import create_plate, open_plate
+from rayscreen.testing.plates import make_plate
 from rayscreen.stream.normalize import (ChannelStats, ControlScaler, IntensityScaler, MeanStdScaler, PercentileScaler,
                                         control_wells, fit_plate_normalizer, load_normalization, make_normalizer,
                                         save_normalization)
@@ -270,3 +272,30 @@ def test_a_coarser_level_resamples_the_illumination_function_once_per_task_not_p
     monkeypatch.setattr(illumination, "illumination_at", lambda illum, shape: calls.append(shape) or real(illum, shape))
     fit_normalization(uri, "meanstd", illumination=True, level=1, use_ray=False, progress=False, fields_per_task=4)
     assert calls == [(32, 32), (32, 32)]  # 8 fields in 2 tasks: once each (it cost 50x the correction per field)
+
+
+def test_corrections_version_follows_what_the_stream_applies(tmp_path):
+    """The digest changes with a refit that changes the stored illumination array or the
+    scaler's values, not with corrections the stream does not apply; None when it applies none."""
+    from rayscreen.stream.illumination import save_illumination
+    from rayscreen.stream.normalize import corrections_version
+
+    uri = make_plate(str(tmp_path / "P.zarr"), name="P", wells=("A01", "A02"), fields=2, field_shape=(32, 32))
+    version = functools.partial(corrections_version, uri)
+    assert version(illumination=False, normalize="none") is None
+    illum = np.ones((2, 32, 32), np.float32)
+    save_illumination(uri, illum, params={"method": "gaussian"})
+    save_normalization(uri, fit_plate_normalizer(uri, MeanStdScaler()))
+    both = version(illumination=True, normalize="meanstd")
+    assert both == version(illumination=True, normalize="meanstd")  # read twice: the same
+    save_illumination(uri, illum, params={"method": "gaussian"})  # the same function saved again
+    assert version(illumination=True, normalize="meanstd") == both
+    norm_only = version(illumination=False, normalize="meanstd")
+    illum[0, :16] = 1.5  # same params, another array (other fields, e.g. after an ingest finished)
+    save_illumination(uri, illum, params={"method": "gaussian"})
+    assert version(illumination=True, normalize="meanstd") != both
+    assert version(illumination=False, normalize="meanstd") == norm_only  # the stream does not apply it
+    scaler = fit_plate_normalizer(uri, MeanStdScaler())
+    scaler.scale = scaler.scale * 2
+    save_normalization(uri, scaler)
+    assert version(illumination=False, normalize="meanstd") != norm_only

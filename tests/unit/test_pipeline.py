@@ -193,3 +193,23 @@ def test_a_stage_that_left_wells_for_later_is_not_complete(tmp_path, monkeypatch
     returned.update(wells_to_retry=0)
     pipeline.run_stage(config, "illum", progress=False)
     assert pipeline.is_complete(config, "illum")
+
+
+def test_a_refit_of_a_plates_corrections_makes_infer_and_profile_stale(tmp_path):
+    """`rayscreen illum` refitted a plate's normaliser (run on its own, or after an ingest
+    finished): infer and profile must run again to score that plate's wells again."""
+    from rayscreen.stream.normalize import MeanStdScaler, fit_plate_normalizer, save_normalization
+    from rayscreen.testing import make_plate
+
+    uri = make_plate(str(tmp_path / "A.zarr"), "A", wells=("A01", "A02"), fields=1)
+    save_normalization(uri, fit_plate_normalizer(uri, MeanStdScaler()))
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "out"), "stream": {"normalize": "meanstd"}})
+    stages = ("train", "infer", "profile")
+    before = {s: pipeline.fingerprint(config, s) for s in stages}
+    assert before == {s: pipeline.fingerprint(config, s) for s in stages}
+    scaler = fit_plate_normalizer(uri, MeanStdScaler())
+    scaler.scale = scaler.scale * 2
+    save_normalization(uri, scaler)
+    after = {s: pipeline.fingerprint(config, s) for s in stages}
+    assert after["infer"] != before["infer"] and after["profile"] != before["profile"]
+    assert after["train"] == before["train"]

@@ -233,3 +233,28 @@ def test_wells_with_read_errors_are_reopened_for_a_rerun(tmp_path):
     assert writer.reopen_wells_where("field_status", 2) == []  # not done: nothing more to reopen
     writer.write_well(1, dict(_values(1), field_status=np.array([0, 0])))  # read this time
     assert writer.reopen_wells_where("field_status", 2) == [] and writer.done_wells() == [0, 1, 2]
+
+
+def test_wells_of_a_plate_whose_corrections_changed_are_reopened(tmp_path):
+    """A plate's stored corrections refitted since its wells were written: those wells (and
+    only those) are reopened, with a warning naming the plate, before the new versions are
+    recorded. A plate with no recorded version (an older store) is taken as it is."""
+    writer = _create(tmp_path / "r.zarr")
+    for i in range(3):
+        writer.write_well(i, _values(i))
+    writer.finalize()
+    assert writer.reopen_changed_plates({"P1": "aaa", "P2": None}) == {}  # first record: nothing to compare
+    assert writer.reopen_changed_plates({"P1": "aaa", "P2": None}) == {}
+    with pytest.warns(UserWarning, match=r"'P1' \(2 wells\)"):
+        assert writer.reopen_changed_plates({"P1": "bbb", "P2": None}) == {"P1": 2}
+    assert writer.done_wells() == [2]
+    attrs = open_results(str(tmp_path / "r.zarr")).attrs["rayscreen"]
+    assert attrs["complete"] is False and attrs["n_done"] == 1
+    assert attrs["plate_versions"] == {"P1": "bbb", "P2": None}
+    with pytest.warns(UserWarning, match=r"1 plate\(s\) .*'P2' \(1 wells\)"):
+        assert writer.reopen_changed_plates({"P1": "bbb", "P2": "ccc"}) == {"P2": 1}
+    assert writer.done_wells() == []
+
+    old = _create(tmp_path / "old.zarr")  # a store written before versions were recorded
+    old.write_well(0, _values(0))
+    assert old.reopen_changed_plates({"P1": "zzz"}) == {} and old.done_wells() == [0]
