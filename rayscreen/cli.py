@@ -374,6 +374,10 @@ def _storage_problem(error: BaseException) -> str | None:
     return None
 
 
+# libraries whose DEBUG/INFO lines can hold credentials or request signatures
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3", "fsspec", "aiohttp")
+
+
 def _warning_printer(command: str):
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"rayscreen {command}: warning: {message}", file=file or sys.stderr)
@@ -382,10 +386,14 @@ def _warning_printer(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if not args.verbose:  # botocore says at INFO where it found credentials: not the user's concern
-        for name in ("botocore", "aiobotocore", "s3fs"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.verbose:
+        logging.getLogger("rayscreen").setLevel(logging.DEBUG)
+    # never the storage clients' debug lines, -v or not: botocore's request logs carry the
+    # session token and access key id (X-Amz-Security-Token, Credential=), which under
+    # `ray job submit` land in the stored job logs; at INFO it says where it found credentials
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():  # restored after the command (callers and tests go on)

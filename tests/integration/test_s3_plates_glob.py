@@ -62,3 +62,24 @@ def test_label_images_on_s3(s3_bucket):
     assert models.Labels.from_zarr(group["B/2/1/labels"]).attributes.ome.labels == ["saliency"]
     with pytest.raises(RayscreenError, match="well A01 field 0: no label image"):
         read_label(uri, "A01", 0, "saliency", storage_options=options)
+
+
+def test_verbose_output_never_holds_the_credentials(s3_bucket):
+    """`rayscreen -v` on an S3 plate: botocore's request logs carry the session token
+    (X-Amz-Security-Token) and the access key id; -v must not turn them on (job logs keep them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bucket, options = s3_bucket
+    uri = make_plate(f"{bucket}/PV.zarr", "PV", wells=("A01",), fields=1, field_shape=(8, 8), storage_options=options)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIAVERBOSETEST", AWS_SECRET_ACCESS_KEY="verbose-secret-value",
+               AWS_SESSION_TOKEN="SessionTokenVerboseTest")
+    run = subprocess.run([sys.executable, "-c", "import sys; from rayscreen.cli import main; sys.exit(main())",
+                          "-v", "info", uri, "--storage-options", json.dumps(options)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "PV" in run.stdout
+    for secret in ("AKIAVERBOSETEST", "verbose-secret-value", "SessionTokenVerboseTest"):
+        assert secret not in run.stdout + run.stderr, secret
