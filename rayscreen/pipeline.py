@@ -170,6 +170,18 @@ def is_complete(config: Config, stage: str) -> bool:
     # partial: it left out wells an ingest had not written yet, which a later run must do
     if marker.get("fingerprint") != fingerprint(config, stage) or marker.get("partial"):
         return False
+    if stage in ("infer", "profile"):
+        # a store that a later forced or cascaded rerun left unfinished is not complete
+        # whatever the marker says (the marker is withdrawn at the start of a run; this
+        # covers stores changed by hand or by the stage run outside `rayscreen run`)
+        from .store.errors import RayscreenError
+        from .store.results import results_attrs
+
+        try:
+            attrs = results_attrs(join(config.output, STAGE_OUTPUTS[stage][0]), config.storage_options)
+        except RayscreenError:
+            return False
+        return bool(attrs and attrs.get("complete"))
     outputs = STAGE_OUTPUTS.get(stage)
     return not outputs or any(fs.exists(filesystem(join(config.output, rel), config.storage_options)[1])
                               for rel in outputs)
@@ -233,6 +245,10 @@ def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
         start = time.perf_counter()
         print_ = fingerprint(config, stage) if _READS[stage] else ""
         before = _read_text(join(config.output, "config.yaml"), config.storage_options)
+        marker = _read_text(_marker(config, stage), config.storage_options)
+        # withdrawn first: a rerun (forced, or after an earlier stage ran again) that dies half
+        # way must not leave the last run's marker saying the half-rewritten output is complete
+        _remove(_marker(config, stage), config.storage_options)
         write_config(config)  # first: a stage that crashes half-way still says what it ran with
         try:
             result = fn(config, progress=progress)
@@ -240,6 +256,8 @@ def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
             # refused by the stage's own checks before it did anything: the output's record of
             # how it was made stays the one of the run that made it
             _restore_text(join(config.output, "config.yaml"), before, config.storage_options)
+            if marker is not None:  # nothing was touched: the last run's record stands
+                _restore_text(_marker(config, stage), marker, config.storage_options)
             raise
         _mark_complete(config, stage, time.perf_counter() - start, result, print_)
     return result
@@ -251,11 +269,17 @@ def _read_text(uri: str, storage_options) -> str | None:
 
 
 def _restore_text(uri: str, text: str | None, storage_options) -> None:
-    fs, path = filesystem(uri, storage_options)
     if text is None:
-        fs.rm(path)
+        _remove(uri, storage_options)
     else:
+        fs, path = filesystem(uri, storage_options)
         fs.pipe(path, text.encode())
+
+
+def _remove(uri: str, storage_options) -> None:
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def planned_stages(config: Config, stages: list[str] | None = None) -> list[str]:

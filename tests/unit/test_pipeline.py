@@ -1,5 +1,7 @@
 """The pipeline's completion markers: what makes a stage stale, and the cascade after a rerun."""
 
+import shutil
+
 import pytest
 
 from rayscreen import pipeline
@@ -42,7 +44,17 @@ def write_output_of(config, stage):
     for rel in STAGE_OUTPUTS.get(stage, [])[:1]:
         path = Path(config.output) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("x")
+        if stage in ("infer", "profile"):  # a real (one-well) store, finished
+            import pandas as pd
+
+            from rayscreen.store.results import Variable, create_results
+
+            writer = create_results(str(path), pd.DataFrame({"plate": ["P"], "well": ["A01"]}), {},
+                                    [Variable("score", ("well",), "float32")], kind="results", overwrite=True)
+            writer.write_well(0, {"score": 1.0})
+            writer.finalize()
+        else:
+            path.write_text("x")
 
 
 def test_a_stage_that_runs_again_reruns_every_later_one(tmp_path, monkeypatch):
@@ -130,7 +142,7 @@ def test_a_stage_whose_output_was_deleted_is_not_complete(tmp_path, monkeypatch)
     config = _config(tmp_path)
     pipeline.run_pipeline(config, stages=["profile", "aggregate"], progress=False)
     assert pipeline.is_complete(config, "profile") and pipeline.is_complete(config, "aggregate")
-    (tmp_path / "out" / "profiles.zarr").unlink()  # the stand-in's output is a file
+    shutil.rmtree(tmp_path / "out" / "profiles.zarr")
     assert not pipeline.is_complete(config, "profile") and pipeline.is_complete(config, "aggregate")
 
 
@@ -213,3 +225,33 @@ def test_a_refit_of_a_plates_corrections_makes_infer_and_profile_stale(tmp_path)
     after = {s: pipeline.fingerprint(config, s) for s in stages}
     assert after["infer"] != before["infer"] and after["profile"] != before["profile"]
     assert after["train"] == before["train"]
+
+
+def test_a_rerun_that_dies_half_way_leaves_the_stage_not_complete(tmp_path, monkeypatch):
+    """A forced (or cascaded) rerun rewrites a finished stage's output and crashes: the last
+    run's marker must not keep saying the half-rewritten output is complete. And a results
+    store that says it is unfinished is not complete whatever the marker says."""
+    from rayscreen.store.results import ResultsWriter
+
+    crash = {"on": False}
+
+    def stage(config, progress=True):
+        write_output_of(config, "aggregate")
+        if crash["on"]:
+            raise RuntimeError("died half way")
+
+    monkeypatch.setattr(pipeline, "stage_function", lambda name: stage)
+    config = _config(tmp_path)
+    pipeline.run_stage(config, "aggregate", progress=False)
+    assert pipeline.is_complete(config, "aggregate")
+    crash["on"] = True
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(config, "aggregate", progress=False)
+    assert not pipeline.is_complete(config, "aggregate")
+
+    monkeypatch.setattr(pipeline, "stage_function",
+                        lambda name: lambda config, progress=True: write_output_of(config, name))
+    pipeline.run_stage(config, "infer", progress=False)
+    assert pipeline.is_complete(config, "infer")
+    ResultsWriter(str(tmp_path / "out" / "results.zarr")).update_attrs(complete=False)
+    assert not pipeline.is_complete(config, "infer")
