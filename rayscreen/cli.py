@@ -13,6 +13,7 @@ import time
 import warnings
 
 from .store import RayscreenError
+from .store.uri import mask_url_passwords
 
 
 def _storage_options(text: str | None) -> dict | None:
@@ -400,14 +401,14 @@ def main(argv: list[str] | None = None) -> int:
             if not args.verbose:  # a one-line message, not the source line of the warn call
                 warnings.showwarning = _warning_printer(args.command)
             code = args.func(args)
-    except RayscreenError as e:
-        print(f"rayscreen {args.command}: error: {e}", file=sys.stderr)
+    except RayscreenError as e:  # messages name URIs, which may carry a password
+        print(f"rayscreen {args.command}: error: {mask_url_passwords(str(e))}", file=sys.stderr)
         return 2
     except Exception as e:
         problem = None if args.verbose else _storage_problem(e)
         if problem is None:
             raise
-        print(f"rayscreen {args.command}: error: {problem}", file=sys.stderr)
+        print(f"rayscreen {args.command}: error: {mask_url_passwords(problem)}", file=sys.stderr)
         # zarr's other reads of the failed request are left pending; when they are collected
         # at exit aiobotocore raises in each ("Exception ignored in coroutine", a page of
         # tracebacks under the message). The run has failed and said why: at exit (not now,

@@ -48,6 +48,21 @@ class _InvalidValue(ConfigError):
         self.field, self.problem = field, problem
 
 
+def _shown(key: str, value: Any) -> str:
+    """``value`` for an error message, except under ``storage_options`` (it may hold credentials)."""
+    if key.split(".")[0].split("[")[0] == "storage_options":
+        return "(value not shown: storage_options may hold credentials)"
+    return repr(value)
+
+
+def _positive(section: str, values: Any, *names: str) -> None:
+    """A section's counts and sizes that must be above 0 (None: the default, allowed)."""
+    for name in names:
+        value = getattr(values, name)
+        if value is not None and value <= 0:
+            raise _InvalidValue(section, name, f"expected a number above 0, found {value}")
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -205,7 +220,19 @@ class InferConfig:
     # plates (<well>/<field>/labels/<name>), for napari & co.; needs write access to them
     labels: str | None = None
     overwrite: bool = False  # start the results store afresh instead of resuming it
-    num_cpus: float = 1.0  # CPUs per actor (its torch threads); GPUs: 1 per actor when present
+    num_cpus: float = 1.0  # CPUs per actor (its torch threads)
+    # one GPU per actor; None: when the cluster has GPUs at the start. On an autoscaling cluster
+    # whose GPU nodes start at 0 set true, or the actors run on CPU nodes
+    use_gpu: bool | None = None
+
+    def __post_init__(self):
+        _positive("infer", self, "batch_size", "concurrency", "saliency_downsample", "mask_nms_size", "num_cpus")
+        if self.saliency_sigma < 0:
+            raise _InvalidValue("infer", "saliency_sigma", f"expected a smoothing width >= 0 pixels (0: none), "
+                                                           f"found {self.saliency_sigma}")
+        if not 0 <= self.mask_threshold <= 1:
+            raise _InvalidValue("infer", "mask_threshold", "expected a fraction of each map's maximum, 0 to 1, "
+                                                           f"found {self.mask_threshold}")
 
 
 @dataclass(frozen=True)
@@ -221,6 +248,12 @@ class ProfileConfig:
     concurrency: int = 1  # actors in the pool
     classical: bool = True  # also compute the classical baseline features
     overwrite: bool = False  # start the profiles store afresh instead of resuming it
+    # one GPU per actor; None: when the cluster has GPUs at the start. On an autoscaling cluster
+    # whose GPU nodes start at 0 set true, or the actors run on CPU nodes
+    use_gpu: bool | None = None
+
+    def __post_init__(self):
+        _positive("profile", self, "batch_size", "concurrency", "input_size")
 
 
 @dataclass(frozen=True)
@@ -233,6 +266,9 @@ class QCConfig:
     features: Literal["deep", "classical", "qc"] = "qc"
     # annotation CSV column: abnormal (abnormal/artefact/true/1) or normal (normal/false/0);
     label: str = "label"  # a blank label leaves the row out, any other value is an error
+
+    def __post_init__(self):
+        _positive("analysis.qc", self, "k")
 
 
 @dataclass(frozen=True)
@@ -288,12 +324,21 @@ class Config:
         writes beside its outputs (``config.yaml``, store attributes, checkpoints, the exported
         model), which get shared and archived. Credentials come from the standard places and
         are never written out."""
-        from .store.uri import redact
+        from .store.uri import mask_url_passwords, redact
+
+        def masked(value: Any) -> Any:  # a password in any URI (plates, platemap, weights...)
+            if isinstance(value, str):
+                return mask_url_passwords(value)
+            if isinstance(value, dict):
+                return {k: masked(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [masked(v) for v in value]
+            return value
 
         record = self.to_dict()
         if record["storage_options"]:
             record["storage_options"] = redact(record["storage_options"])
-        return record
+        return masked(record)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -460,7 +505,7 @@ def _build(cls, data: Any, prefix: str, where: _Where):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where.at(name)}: expected a mapping, found {type(data).__name__} {data!r}")
+        raise ConfigError(f"{where.at(name)}: expected a mapping, found {type(data).__name__} {_shown(name, data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in known]
@@ -498,11 +543,11 @@ def _coerce(tp, value: Any, key: str, where: _Where):
             except ConfigError as e:
                 errors.append(e)
         raise errors[-1] if len(errors) == 1 else ConfigError(
-            f"{where.at(key)}: expected {_describe(tp)}, found {type(value).__name__} {value!r}")
+            f"{where.at(key)}: expected {_describe(tp)}, found {type(value).__name__} {_shown(key, value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where.at(key)}: expected one of {list(choices)}, found {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected one of {list(choices)}, found {_shown(key, value)}")
         return value
     if tp is Any:
         return value
@@ -511,31 +556,31 @@ def _coerce(tp, value: Any, key: str, where: _Where):
         if isinstance(value, (str, int, float)) and item in (str, Any):
             value = [value]  # a single URI/value where a list is expected
         if not isinstance(value, list):
-            raise ConfigError(f"{where.at(key)}: expected a list, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected a list, found {type(value).__name__} {_shown(key, value)}")
         return [_coerce(item, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where.at(key)}: expected a mapping, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected a mapping, found {type(value).__name__} {_shown(key, value)}")
         _, vt = typing.get_args(tp) or (str, Any)
         return {str(k): _coerce(vt, v, f"{key}.{k}", where) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where.at(key)}: expected true or false, found {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected true or false, found {_shown(key, value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where.at(key)}: expected an integer, found {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected an integer, found {_shown(key, value)}")
         return value
     if tp is float:
         if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
             # PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string, not a float
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where.at(key)}: expected a number, found {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected a number, found {_shown(key, value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where.at(key)}: expected a string, found {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where.at(key)}: expected a string, found {type(value).__name__} {_shown(key, value)}")
         return value
     raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this module, not the user's
 

@@ -22,7 +22,7 @@ import pandas as pd
 from ..config import Config, ConfigError
 from ..store import RayscreenError
 from ..store.annotations import read_csv_table
-from ..store.uri import expand_uris, filesystem, is_remote, join
+from ..store.uri import expand_uris, filesystem, is_remote, join, mask_url_passwords
 from . import figures as F
 from .html import FigureRef, Section, render_page
 
@@ -165,7 +165,7 @@ def run_report(config: Config, *, progress: bool = True) -> str:
             log.warning("report section %r failed: %s: %s", title, type(e).__name__, e)
             sections.append(Section(title, error=f"{type(e).__name__}: {e}"))
     title = config.report.title or "rayscreen report"
-    page = render_page(title, sections, subtitle=f"output: {config.output}")
+    page = render_page(title, sections, subtitle=f"output: {mask_url_passwords(config.output)}")
     path = writer.page(page)
     result = path if not is_remote(config.output) else join(config.output, "report", "index.html")
     if progress:

@@ -1,6 +1,7 @@
 """The config parser: strict, typed, errors name the dotted key and its line."""
 
 import os
+import re
 
 import pytest
 
@@ -217,3 +218,35 @@ def test_a_config_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
 def test_a_set_value_that_is_not_yaml_names_the_key():
     with pytest.raises(ConfigError, match=r"--set train.epochs: the value is not valid YAML \(.*column \d+\)"):
         parse_overrides(["train.epochs=[1"])
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("profile", {"concurrency": 0}, "profile.concurrency: expected a number above 0, found 0"),
+    ("profile", {"input_size": -8}, "profile.input_size: expected a number above 0"),
+    ("infer", {"mask_nms_size": -3}, "infer.mask_nms_size: expected a number above 0"),
+    ("infer", {"mask_threshold": 2.0}, "infer.mask_threshold: expected a fraction"),
+    ("infer", {"saliency_sigma": -1.0}, "infer.saliency_sigma: expected a smoothing width"),
+    ("analysis", {"qc": {"k": 0}}, "analysis.qc.k: expected a number above 0"),
+])
+def test_sizes_a_stage_cannot_use_fail_when_the_config_is_read(section, values, message):
+    """They failed inside Ray actors (a bare ValueError from ActorPoolStrategy, torch's pad
+    error), after the store had been created."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"plates": ["p.zarr"], "output": "out", section: values})
+
+
+def test_a_wrong_storage_options_value_is_not_repeated_in_the_error():
+    for bad in ("key=AKIAEXAMPLE secret=wJalrSECRET", ["wJalrSECRET"]):
+        with pytest.raises(ConfigError, match="storage_options: expected a mapping") as e:
+            config_from_dict({"plates": ["p.zarr"], "output": "out", "storage_options": bad})
+        assert "wJalrSECRET" not in str(e.value)
+
+
+def test_the_record_masks_passwords_in_every_uri():
+    config = config_from_dict({"plates": ["https://alice:S3cr3t@host/p.zarr"], "output": "s3://b/out",
+                               "platemap": "https://bob:PW2@host/map.csv",
+                               "profile": {"weights": "https://c:pw3@h/w.pt"}})
+    text = str(config.to_record())
+    assert "S3cr3t" not in text and "PW2" not in text and "pw3" not in text
+    assert config.to_record()["plates"] == ["https://alice:***@host/p.zarr"]
+    assert config.plates == ["https://alice:S3cr3t@host/p.zarr"]  # the config itself still reads them
