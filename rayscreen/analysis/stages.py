@@ -41,6 +41,7 @@ from ..config import Config
 from ..store.annotations import read_input_file
 from ..store.errors import RayscreenError, preview
 from ..store.uri import filesystem, join
+from ..store.wells import well_name
 from ._table import control_mask, feature_columns, order_columns
 from .aggregate import aggregate
 from .evaluate import evaluate_moa
@@ -273,6 +274,9 @@ def read_qc_annotations(config: Config) -> pd.DataFrame:
     ann["Metadata_Field"] = field.astype(int)
     for c in QC_KEY[:2]:
         ann[c] = ann[c].str.strip()
+    # as the platemap: 'A1', 'a01' and 'A/1' name the store's well A01 (else silently no match)
+    ann["Metadata_Well"] = [well_name(w, context=f"analysis.qc.annotations {q.annotations} data row {i + 1}")
+                            for i, w in enumerate(ann["Metadata_Well"])]
     return ann[need]
 
 
@@ -298,6 +302,14 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     else:
         # embeddings with NaN (a feature undefined on a flat field) -> the median field
         fields[feats] = fields[feats].fillna(fields[feats].median()).fillna(0.0)
+    found = pd.MultiIndex.from_frame(ann[QC_KEY].astype(str)).isin(
+        pd.MultiIndex.from_frame(fields[QC_KEY].astype(str)))
+    if not found.any():  # not one: a file of another screen, or plates named otherwise
+        raise AnalysisError(
+            f"analysis.qc.annotations {q.annotations}: none of its {len(ann)} fields is in {store_uri} "
+            f"(e.g. {'/'.join(map(str, ann[QC_KEY].iloc[0]))}; the store has e.g. "
+            f"{'/'.join(map(str, fields[QC_KEY].iloc[0]))}); expected Metadata_Plate names, wells and "
+            "field indices (from 0) of this screen")
     try:
         result = classify_artefacts(fields, ann, method=q.method, k=q.k, label=q.label, features=feats,
                                     source=f"analysis.qc.annotations {q.annotations}")
@@ -311,7 +323,10 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     index = {str(k): i for i, k in enumerate(ds["well"].to_numpy())}
     for p, w, f in flagged[["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].itertuples(index=False):
         want[index[f"{p}/{w}"], int(f)] = STATUS_QC
-    for i in np.flatnonzero((want != status).any(axis=1)):
+    changed = np.flatnonzero((want != status).any(axis=1))
+    if len(changed):  # first: a crash part way must not leave the store saying it is complete
+        writer.update_attrs(complete=False)
+    for i in changed:
         values = {name: ds[name].isel(well=i).to_numpy() for name in writer.variables}
         values["field_status"] = want[i]
         writer.write_well(int(i), values)  # same well chunk, rewritten whole: idempotent

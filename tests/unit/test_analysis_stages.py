@@ -306,6 +306,35 @@ def test_run_qc_on_numeric_plate_names(tmp_path, monkeypatch):
         run_qc(ds, cfg, "unused")
 
 
+def test_qc_annotation_wells_are_read_as_the_platemap_reads_them(tmp_path, monkeypatch):
+    """'A1' or 'a/1' in the annotation CSV name the store's well A01 (they matched nothing:
+    no classifier, a warning, and the run went on as if the file were empty); a file of
+    which no field is in the store is an error naming it."""
+    import rayscreen.store.results
+    from rayscreen.analysis.stages import run_qc
+
+    class Writer:  # stands in for the store's writer: this test is about reading and matching keys
+        variables = ["field_profile", "field_status"]
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        write_well = update_attrs = finalize = lambda self, *args, **kwargs: None
+
+    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", Writer)
+    ds = store()
+    csv = tmp_path / "qc.csv"
+    csv.write_text("plate,well,field,label\nP1,A1,0,abnormal\nP1,a01,1,normal\nP1,A/2,0,1\nP1,A2,1,0\n"
+                   "P1,A3,0,true\nP2,A1,0,normal\nP2,A1,1,artefact\nP2,A2,0,False\n")
+    cfg = config(tmp_path, qc={"annotations": str(csv), "features": "deep", "method": "linear"})
+    table, summary = run_qc(ds, cfg, "unused")
+    assert summary["n_annotated"] == 8
+    csv.write_text("plate,well,field,label\nQ9,A01,0,abnormal\nQ9,A02,0,normal\n")
+    with pytest.raises(AnalysisError, match=r"qc\.csv: none of its 2 fields is in unused \(e\.g\. Q9/A01/0; "
+                                            r"the store has e\.g\. P1/A01/0\)"):
+        run_qc(ds, cfg, "unused")
+
+
 def test_a_plate_without_controls_is_named_before_anything_is_fitted(tmp_path):
     """Per-plate normalisation, whitening and hit calling are fitted on each plate's controls;
     a plate without them used to stop `aggregate` with a bare ValueError about the first such
