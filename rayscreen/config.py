@@ -70,6 +70,7 @@ def _positive(section: str, values: Any, *names: str) -> None:
 class StreamConfig:
     channels: list[str] | None = None  # names; None = all channels of the plates
     level: int = 0  # pyramid level (0 = full resolution); `illum` fits the normaliser at this level
+    # training only (infer scores whole fields; profile tiles with profile.tiles):
     tile: int | None = None  # square tiles of this size, px (None = whole fields)
     stride: int | None = None  # step between tiles, px, at most `tile` (None: the tile size, no overlap)
     illumination: bool = False  # apply the per-plate illumination function (`rayscreen illum`)
@@ -114,8 +115,20 @@ class LabelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "wscnn"  # one of rayscreen.models.list_models() (wscnn, milnet, ...)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_model
+    """The network `rayscreen train` trains: `wscnn` (the WSCNN paper's, global pooling over
+    class maps), `wscnn6` (six convolutions), `wscnn_cell` (7x7 second convolution) or `milnet`
+    (Kraus et al.'s class-map net on a small or torchvision trunk). rayscreen sets
+    `in_channels` and `num_classes` from the plates and labels. `kwargs` of all four:
+    `pooling` (a MIL pooling: max, mean, lse, gm, noisy_or, isr, noisy_and, attention, or fc
+    for the WSCNN-FC head; default max for wscnn*, noisy_and for milnet), `pooling_kwargs`
+    (e.g. {r: 10} for lse), `width` (a filter multiplier, e.g. 0.25, or explicit counts),
+    `fc_head` (a fully connected layer over the pooled scores, Kraus' joint loss),
+    `feature_pool` (mean, max, or meanstd: each trunk map's mean and spread as the features
+    infer writes); milnet only: `trunk` (small, resnet18, resnet50, vgg16, convnext_tiny) and
+    `trunk_weights` (a local path/URI of that torchvision trunk's state dict, e.g. ImageNet)."""
+
+    name: str = "wscnn"  # wscnn, wscnn6, wscnn_cell or milnet (or a model registered in code)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model (see above)
 
 
 @dataclass(frozen=True)
@@ -174,7 +187,8 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
-    schedule: Literal["none", "plateau", "cosine"] = "plateau"  # plateau: lr x0.1 after 3 epochs without `metric` gain
+    # plateau: lr x0.1 once `metric` has not improved for 4 epochs in a row (patience 3)
+    schedule: Literal["none", "plateau", "cosine"] = "plateau"
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     balanced: bool = False  # class-balanced sampling (rare positives)
     grad_clip: float | None = None  # largest gradient norm (None: no clipping)
@@ -192,7 +206,8 @@ class TrainConfig:
     distill: DistillSection = field(default_factory=DistillSection)
     run_name: str = "train"  # a rerun with the same name resumes from its last checkpoint
     max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
-    metric: str = "val_balanced_accuracy"  # picks the best epoch
+    metric: Literal["train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
+                    "val_f1", "val_roc_auc"] = "val_balanced_accuracy"  # picks the best epoch
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)
     keep_checkpoints: int | None = 3  # best checkpoints kept by `metric` (the latest is always kept)
     # rows of the streaming shuffle of the training data (default max(4 x batch_size, 64)); wells
@@ -274,15 +289,17 @@ class QCConfig:
 @dataclass(frozen=True)
 class AnalysisConfig:
     source: Literal["profiles", "results"] = "profiles"  # which store to aggregate
-    features: str = "deep"  # feature set in the store (deep, classical)
+    features: Literal["deep", "classical"] = "deep"  # feature set in the store (classical: profiles stores only)
     aggregate: Literal["mean", "median"] = "mean"  # field -> well -> treatment
     normalize: Literal["none", "standardize", "mad"] = "mad"  # per plate, on its control wells (mad: robust z)
     whiten: bool = False  # ZCA sphering on the control wells, per plate, after `normalize` and feature selection
     whiten_shrinkage: Literal["ledoit_wolf", "oas", "none"] = "ledoit_wolf"  # its covariance estimate
     # any of drop_na, variance (near-constant), correlation (one of each pair with |r| > 0.9)
     feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])
-    control_column: str = "Metadata_Control"  # annotation marking control wells ...
-    control_value: Any = "negative"  # ... by this value
+    # annotation marking the negative control wells (normalisation, whitening, hits) ...
+    control_column: str = "Metadata_Control"
+    # ... by this value; in Metadata_Control, "positive" or "pos" marks positive controls (Z'-factor)
+    control_value: Any = "negative"
     # the columns that make a treatment
     treatment: list[str] = field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])
     compound: str = "Metadata_Compound"  # NSC leaves out the other treatments of the query's compound
@@ -290,7 +307,8 @@ class AnalysisConfig:
     batch: str = "Metadata_Batch"  # NSCB also leaves out the query's batch (when the column exists)
     qc: QCConfig = field(default_factory=QCConfig)
     by_batch: bool = True  # treatment profiles per batch (NSCB can then leave the query's batch out)
-    hits_threshold: float = 3.0  # |z| of a well's profile distance to its plate's controls
+    # a hit: z >= this, of a well's profile distance to its plate's controls (one-sided: farther)
+    hits_threshold: float = 3.0
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def _sections(cls: type, prefix: str) -> list[tuple[str, type]]:
 
 def _markdown(note: str) -> str:
     """A comment as a table cell: no column breaks, no text taken for HTML tags."""
-    return note.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;")
+    return note.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def config_reference() -> str:

@@ -49,6 +49,9 @@ _READS = {
 # bad field) or more read tasks must not invalidate finished stages (train would refuse to
 # resume a finished run for it)
 _HOW = ("on_error", "override_num_blocks")
+# stream keys only training reads (infer scores whole fields, profile has profile.tiles); a
+# change retrains, and every later stage runs again after a stage that ran
+_TRAIN_ONLY = ("tile", "stride")
 # config keys naming files whose contents a stage reads; each counts where its section does
 _FILES = ("platemap", "analysis.qc.annotations", "infer.checkpoint", "profile.weights")
 
@@ -97,7 +100,8 @@ def fingerprint(config: Config, stage: str) -> str:
     URIs the ``plates`` globs match now (a plate added to ``screen/*.zarr`` is new work), and
     a stamp of each file of :data:`_FILES` in those sections (an edited platemap relabels wells)."""
     d = dataclasses.asdict(config)
-    d["stream"] = {k: v for k, v in d["stream"].items() if k not in _HOW}
+    d["stream"] = {k: v for k, v in d["stream"].items()
+                   if k not in _HOW and (stage == "train" or k not in _TRAIN_ONLY)}
     relevant: dict[str, Any] = {}
     for key in _READS[stage]:
         if key.startswith("analysis.control_") and config.stream.normalize != "control":

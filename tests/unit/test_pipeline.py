@@ -114,6 +114,10 @@ def test_how_plates_are_read_leaves_every_stage_complete(tmp_path):
         assert pipeline.fingerprint(base, stage) == pipeline.fingerprint(changed, stage)
     assert pipeline.fingerprint(base, "profile") != pipeline.fingerprint(
         _config(tmp_path, stream={"level": 1}), "profile")  # what is read still counts
+    tiled = _config(tmp_path, stream={"tile": 16, "stride": 8})  # read by training only
+    assert pipeline.fingerprint(base, "train") != pipeline.fingerprint(tiled, "train")
+    for stage in ("illum", "infer", "profile", "aggregate", "evaluate"):
+        assert pipeline.fingerprint(base, stage) == pipeline.fingerprint(tiled, stage), stage
 
 
 def test_a_plate_new_to_the_glob_or_an_edited_platemap_makes_stages_stale(tmp_path):

@@ -62,7 +62,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
      r"training split has 1 class\(es\) \['pos'\]"),
     ({"train": {"split": {"by": "column", "column": "Metadata_Compound",
                           "column_values": {"train": ["p0", "p1", "n0", "n1"]}}}}, "the val split is empty"),
-    ({"train": {"metric": "val_auc"}}, "train.metric: 'val_auc'"),
+    ({"train": {"metric": "val_auc"}}, r"train.metric: expected one of \[.*'val_roc_auc'\], found 'val_auc'"),
     ({"model__name": "nonet"}, "model.name: unknown model 'nonet'"),
     ({"model__kwargs": {"depth": 3}}, "model.kwargs"),
     ({"stream__normalize": "percentile"}, "stream.normalize: 'percentile': plate .*a\\.zarr: no normalisation stored"),
