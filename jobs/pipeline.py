@@ -1,4 +1,4 @@
-"""``ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/s3-screen.yaml``.
+"""``RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/s3-screen.yaml``.
 
 Runs every stage of the config in order, skipping stages whose outputs are complete
 (``rayscreen run CONFIG``: the same parser and code path). ``--stages train,infer``

@@ -231,9 +231,12 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayscreen", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = argparse.ArgumentParser(
+        prog="rayscreen", description="Process high-content screens (OME-Zarr HCS plates) on Ray: the same "
+        "commands on a laptop and, under `ray job submit` (jobs/*.py), on a cluster. "
+        "`rayscreen <stage> --help` for each; `rayscreen config --reference` for every config key.")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="<stage>")
     # every command takes --quiet and -v after its name too (`rayscreen ingest CSV OUT --quiet`,
     # and jobs/*.py, which put their arguments after the command); SUPPRESS: when not given

@@ -270,3 +270,15 @@ def test_a_job_script_help_shows_the_stage_options(capsys):
     assert job_main("train", ["--help"]) == 0
     out = capsys.readouterr().out
     assert "--config CONFIG.yaml" in out and "--set" in out
+
+
+def test_help_lists_every_stage_and_command(capsys):
+    from rayscreen.pipeline import STAGES
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in (*STAGES, "synth", "ingest", "info", "illum", "config", "run", "demo"):
+        assert f"\n    {command} " in out, command
+    assert "``" not in out  # no reStructuredText markup in what users read
