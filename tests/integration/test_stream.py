@@ -112,6 +112,41 @@ def test_read_wells_without_ray(tmp_path):
     assert sum(len(b["well"]) for b in batches) == 15 and batches[0]["image"].shape == (4, 2, 32, 40)
 
 
+def test_a_channel_subset_is_corrected_with_its_own_channels_illumination_and_scaler(tmp_path):
+    """channels=["Actin"] with illumination and normalisation: each streamed pixel is the
+    Actin raw value / Actin's illumination, minus Actin's offset, over Actin's scale - not
+    DNA's (channel 0), whatever the order of the requested channels. Runs the read task's
+    body (read_wells) without Ray."""
+    from rayscreen.stream.illumination import illumination_params, save_illumination
+    from rayscreen.stream.normalize import MeanStdScaler, fit_params, save_normalization
+
+    uri = make_plate(str(tmp_path / "p0.zarr"), name="P0", wells=("A01", "B02"), fields=2, seed=5)
+    yy, xx = np.mgrid[0:32, 0:40].astype(np.float32)
+    illum = np.stack([1.0 + xx / 39.0,  # DNA: brighter to the right, 1..2
+                      2.0 + 3.0 * yy / 31.0])  # Actin: brighter downwards, 2..5
+    save_illumination(uri, illum, params=illumination_params(), channels=["DNA", "Actin"], fields=4)
+    scaler = MeanStdScaler()
+    scaler.offset, scaler.scale = np.array([300.0, 40.0]), np.array([500.0, 250.0])  # DNA, Actin
+    save_normalization(uri, scaler, fit=fit_params(illumination=illumination_params()), fields=4)
+
+    def by_hand(raw, c):  # channel c's correction, written out
+        return (raw.astype(np.float64) / illum[c] - scaler.offset[c]) / scaler.scale[c]
+
+    for channels in (("Actin",), ("Actin", "DNA")):
+        options = StreamOptions(channels=channels, illumination=True, normalize=True)
+        rows = [(w, f, img) for b in read_wells(plan_wells([uri]), options)
+                for w, f, img in zip(b["well"], b["field"], b["image"])]
+        assert len(rows) == 4
+        for well, field, image in rows:
+            raw = random_field(5, well, int(field), (2, 32, 40))
+            assert image.shape == (len(channels), 32, 40) and image.dtype == np.float32
+            np.testing.assert_allclose(image[0], by_hand(raw[1], 1), rtol=1e-5, atol=1e-5)
+            # DNA's correction of the same Actin pixels is far from it
+            assert np.abs(by_hand(raw[1], 0) - image[0]).mean() > 0.1
+            if len(channels) == 2:
+                np.testing.assert_allclose(image[1], by_hand(raw[0], 0), rtol=1e-5, atol=1e-5)
+
+
 def test_peak_memory_of_four_plates_is_within_25_percent_of_one(tmp_path):
     """Backpressure: streaming 4 plates peaks at most 25% above streaming 1 plate of the
     same size. Measured as the summed PSS (shared object-store pages counted once) of a

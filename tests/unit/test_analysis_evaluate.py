@@ -49,6 +49,13 @@ def test_toy_by_hand():
     assert result.per_moa["n_compounds"].tolist() == [2, 2]
     assert result.confusion.loc["A"].tolist() == [3, 0]
     assert result.confusion.loc["B"].tolist() == [1, 1]  # p5 taken for A
+    # NSCB by MOA (from the docstring): A p1 ok, p3 ok (p2 left out): 2/2; B p4 ok, p5 -> p1 wrong: 1/2
+    assert result.per_moa.loc["A", "nscb"] == 1.0 and result.per_moa.loc["B", "nscb"] == 0.5
+    assert result.per_moa["n_queries"].tolist() == [3, 2]
+    # its confusion counts the 4 NSCB queries, not NSC's 5: A row p1, p3 -> A; B row p5 -> A, p4 -> B
+    assert result.confusion_nscb.loc["A"].tolist() == [2, 0]
+    assert result.confusion_nscb.loc["B"].tolist() == [1, 1]
+    assert result.predictions["nscb_prediction"].tolist() == ["A", None, "A", "B", "A"]
     assert result.predictions["nsc_neighbor"].tolist() == [2, 2, 1, 4, 2]  # index labels
     assert result.predictions["nscb_neighbor"].tolist() == [2, None, 0, 4, 0]
     d = result.to_dict()
@@ -86,6 +93,10 @@ def test_nscb_leaves_out_queries_whose_moa_has_no_compound_in_another_batch():
     assert any("3 query(ies) of MOA(s) ['A', 'B'] have no compound of their MOA in another batch" in w
                for w in result.warnings)
     assert result.nsc == pytest.approx(evaluate_moa(toy()).nsc)  # batches do not enter NSC
+    # by MOA: NSCB A 2/2, B no query scored (NaN), while NSC's B is 1/2 (p4 ok, p5 wrong)
+    assert result.per_moa.loc["A", "nscb"] == 1.0 and np.isnan(result.per_moa.loc["B", "nscb"])
+    assert result.per_moa.loc["B", "nsc"] == 0.5
+    assert result.confusion_nscb.loc["A"].tolist() == [2, 0] and result.confusion_nscb.loc["B"].tolist() == [0, 0]
 
 
 def test_shortcuts_and_metric():
@@ -94,8 +105,55 @@ def test_shortcuts_and_metric():
     assert mean_average_precision(toy()) == pytest.approx(0.85)
     with pytest.raises(ValueError, match="Metadata_Plate"):
         nscb_accuracy(toy(), batch="Metadata_Plate")
-    # Pearson correlation of 2-D profiles is +-1: a different, valid, answer
-    assert evaluate_moa(toy(), metric="correlation").nsc is not None
+    with pytest.raises(ValueError, match="metric must be one of"):
+        evaluate_moa(toy(), metric="euclidean")
+
+
+def toy3():
+    """The toy's treatments and batches with three features, for metric="correlation" (the
+    2-D toy's Pearson correlations are all +-1 in exact arithmetic: its rankings are ties
+    broken by rounding, nothing to derive by hand).
+
+    Centred rows (row minus its mean; Pearson r = cosine of these), squared norms:
+        p1 (2, 5, 5) -> (-2, 1, 1)  6    A c1 b1
+        p2 (1, 3, 5) -> (-2, 0, 2)  8    A c1 b2
+        p3 (2, 6, 1) -> (-1, 3, -2) 14   A c2 b2
+        p4 (5, 6, 1) -> (1, 2, -3)  14   B c3 b1
+        p5 (6, 3, 6) -> (1, -2, 1)  6    B c4 b2
+    r: p1p3 3/sqrt(84) .327, p1p4 -.327, p1p5 -3/6 -.5, p2p3 -2/sqrt(112) -.189, p2p4 -8/sqrt(112) -.756,
+       p2p5 0, p3p4 11/14 .786, p3p5 -9/sqrt(84) -.982, p4p5 -6/sqrt(84) -.655 (p1p2 same compound).
+    NSC: p1->p3 A ok, p2->p5 B no, p3->p4 B no, p4->p3 A no, p5->p2 A no: 1/5.
+    NSCB (other batch too): p1->p3 ok, p2 left out (as in the toy), p3->p4 no, p4->p3 no,
+        p5->p1 no: 1/4.
+    AP: p1 1 (p3 first); p2 1/2 (p5, then p3); p3 (1/2 + 2/3)/2 = 7/12 (p4, p1, p2, p5);
+        p4 1/3 (p3, p1, p5); p5 1/3 (p2, p1, p4): mAP = (12 + 6 + 7 + 4 + 4) / 12 / 5 = 0.55.
+    Cosine of the uncentred rows answers otherwise: cos p1p3 39/sqrt(54*41) .829, p1p4 .778,
+        p1p5 57/sqrt(54*81) .862, p2p3 .660, p2p4 .601, p2p5 .845, p3p4 47/sqrt(41*62) .932, p3p5 .625,
+        p4p5 .762. NSC p1->p5, p2->p5, p3->p4, p4->p3, p5->p1: 0/5; NSCB p1->p5, p3->p4, p4->p3,
+        p5->p1: 0/4; AP 1/2, 1/2, 7/12, 1/3, 1/3: mAP 27/60 = 0.45.
+    """
+    table = toy().drop(columns=["f0", "f1"])
+    features = [[2, 5, 5], [1, 3, 5], [2, 6, 1], [5, 6, 1], [6, 3, 6], [1, 2, 3]]
+    for j in range(3):
+        table[f"f{j}"] = [float(row[j]) for row in features]
+    return table
+
+
+def test_correlation_metric_by_hand():
+    result = evaluate_moa(toy3(), metric="correlation")
+    assert result.nsc == pytest.approx(1 / 5)
+    assert result.nscb == pytest.approx(1 / 4)
+    assert result.map == pytest.approx(0.55)
+    assert result.predictions["nsc_neighbor"].tolist() == [2, 4, 3, 2, 1]
+    assert result.predictions["nscb_neighbor"].tolist() == [2, None, 3, 2, 0]
+    assert result.predictions["average_precision"].tolist() == pytest.approx([1, 1 / 2, 7 / 12, 1 / 3, 1 / 3])
+    # by MOA: NSC A 1/3, B 0; NSCB A 1/2 (p1 ok, p3 no), B 0
+    assert result.per_moa["nsc"].tolist() == pytest.approx([1 / 3, 0])
+    assert result.per_moa["nscb"].tolist() == pytest.approx([1 / 2, 0])
+    assert result.confusion.loc["A"].tolist() == [1, 2] and result.confusion.loc["B"].tolist() == [2, 0]
+    assert result.confusion_nscb.loc["A"].tolist() == [1, 1] and result.confusion_nscb.loc["B"].tolist() == [2, 0]
+    cosine = evaluate_moa(toy3())
+    assert (cosine.nsc, cosine.nscb) == (0.0, 0.0) and cosine.map == pytest.approx(0.45)
 
 
 def test_average_precision_by_hand():

@@ -78,6 +78,23 @@ def test_real_wscnn_shapes_and_relu_jacobian():
         assert ((out["map_y"] >= 0) & (out["map_y"] < 64)).all()
         assert np.isfinite(out["saliency"]).all()
     model_scores = aggregate_well(out["scores"], "model", out["class_maps"], model)
+    # the saliency modes are what rayscreen.models.saliency computes for the positive class
+    # (1, binary), block-averaged 4x4 by hand (no smoothing, sigma 0): Kraus' ReLU variant
+    # (channel sum of the rectified gradient) for jacobian_relu, max |gradient| for jacobian
+    from rayscreen.models.saliency import jacobian_saliency
+
+    x = torch.from_numpy(images)
+    got = {}
+    for mode in ("jacobian", "jacobian_relu"):
+        sal = Predictor(model, PredictorSettings(batch_size=2, saliency=mode, saliency_downsample=4,
+                                                 saliency_sigma=0.0))({"image": images})["saliency"]
+        ref = jacobian_saliency(model, x, class_index=1, relu=mode == "jacobian_relu").numpy()
+        ref = ref.reshape(3, 16, 4, 16, 4).mean(axis=(2, 4))
+        assert ref.max() > 0
+        np.testing.assert_allclose(sal.astype(np.float32), ref, rtol=2e-3, atol=1e-3 * ref.max())
+        got[mode] = sal.astype(np.float32)
+    gap = np.abs(got["jacobian_relu"] - got["jacobian"]).max()
+    assert gap > 0.1 * max(got["jacobian"].max(), got["jacobian_relu"].max())
     # wscnn's max pooling over all instances = the max of the per-field maxima
     logits = out["map_max"].max(axis=0)
     np.testing.assert_allclose(model_scores, np.exp(logits) / np.exp(logits).sum(), rtol=1e-5)

@@ -13,8 +13,24 @@ import zarr
 from rayscreen.store import (BadImageError, CorruptDataError, MissingChunkError, MissingWellError, NotAPlateError,
                              RayscreenError, create_plate, open_plate, read_platemap, well_name)
 from rayscreen.store.info import format_info, plate_info
-from rayscreen.store.writer import downsample
 from rayscreen.testing import make_plate, random_field
+
+
+def block_mean_by_hand(image):
+    """Level 1 as the writer documents it, computed here: each 2x2 block's mean, rounded to
+    the nearest integer with ties to even (np.rint) for integer dtypes, in the input dtype.
+    Written with integer sums so it does not share the writer's float path."""
+    c, y, x = image.shape
+    sums = image[:, : y // 2 * 2, : x // 2 * 2].astype(np.int64).reshape(c, y // 2, 2, x // 2, 2).sum(axis=(2, 4))
+    q, r = np.divmod(sums, 4)  # mean = q + r/4, r in 0..3
+    return (q + (r == 3) + ((r == 2) & (q % 2 == 1))).astype(image.dtype)
+
+
+def test_block_mean_by_hand_rounds_as_rint():
+    image = np.array([[[0, 1, 1, 1, 2, 3, 1, 2], [0, 1, 0, 1, 3, 3, 2, 2]]], np.uint16)  # means .5 .75 2.75 1.75
+    # 0.5 -> 0 (ties to even), 0.75 -> 1, 2.75 -> 3, 1.75 -> 2
+    assert block_mean_by_hand(image).tolist() == [[[0, 1, 3, 2]]]
+    assert block_mean_by_hand(np.array([[[1, 2], [1, 2]]], np.uint16)).tolist() == [[[2]]]  # 1.5 -> 2 (even)
 
 
 @pytest.mark.parametrize("ngff", ["0.5", "0.4"])
@@ -30,7 +46,12 @@ def test_round_trip(tmp_path, ngff):
         for f in (0, 1):
             expected = random_field(0, well, f, (2, 32, 40))
             np.testing.assert_array_equal(plate.read(well, str(f)), expected)
-            np.testing.assert_array_equal(plate.read(well, f, level=1), downsample(expected))
+            level1 = plate.read(well, f, level=1)
+            assert level1.shape == (2, 16, 20) and level1.dtype == np.uint16
+            np.testing.assert_array_equal(level1, block_mean_by_hand(expected))
+            # one block written out: the mean of its four pixels, not any one of them
+            block = expected[1, 2:4, 6:8].astype(np.float64)
+            assert level1[1, 1, 3] == np.rint(block.mean())
     np.testing.assert_array_equal(plate.read("a1", 0, channels=["Actin"]), random_field(0, "A01", 0, (2, 32, 40))[1:])
     # a plate pickles as its URI and reopens in the receiving process
     again = pickle.loads(pickle.dumps(plate))
@@ -158,7 +179,7 @@ def test_truncated_v2_blosc_chunk_raises_not_wrong_pixels(tmp_path, keep):
             with pytest.raises(CorruptDataError, match=message):
                 plate.read("A02", "1", channels=["Actin"])
         np.testing.assert_array_equal(plate.read("A02", 1, channels=["DNA"]), expected[:1])  # its other chunk is whole
-        np.testing.assert_array_equal(plate.read("A02", 1, level=1), downsample(expected))  # and so is level 1
+        np.testing.assert_array_equal(plate.read("A02", 1, level=1), block_mean_by_hand(expected))  # and so is level 1
     # array metadata found through consolidated metadata (.zmetadata) is checked the same way
     zarr.consolidate_metadata(uri, zarr_format=2)
     with pytest.raises(CorruptDataError, match=message):

@@ -130,14 +130,39 @@ def test_train_step_learns_a_rare_bright_pixel():
 
 
 def test_train_step_transform_grad_clip_and_nan_loss():
+    """The step trains on what ``transform`` returns (images and labels), and grad_clip bounds
+    the update: with plain SGD at lr 1 the parameter change is minus the (clipped) gradient."""
+    import copy
+
+    torch.manual_seed(0)
     model = Tiny()
-    opt = make_optimizer(model.parameters(), TrainConfig(lr=0.1))
     x, y = toy(8)
-    seen = []
-    train_step(model, opt, x, y, transform=lambda a, b: (seen.append(a.shape) or a.flip(-1), b), grad_clip=0.01)
-    assert seen == [(8, 1, 8, 8)]
+
+    def transform(a, b):  # new images and swapped labels: a step on the raw batch gives another loss
+        return a.flip(-1) * 3.0, 1 - b
+
+    sgd = TrainConfig(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.0)
+    expected = float(model_loss(copy.deepcopy(model).train(), *transform(x, y)))
+    raw = float(model_loss(copy.deepcopy(model).train(), x, y))
+    assert abs(expected - raw) > 1e-3  # the transform matters for this batch
+    trained = copy.deepcopy(model)
+    loss = train_step(trained, make_optimizer(trained.parameters(), sgd), x, y, transform=transform)
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+    def update_norm(grad_clip):
+        m = copy.deepcopy(model)
+        before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+        train_step(m, make_optimizer(m.parameters(), sgd), x, y, transform=transform, grad_clip=grad_clip)
+        after = torch.cat([p.detach().flatten() for p in m.parameters()])
+        return float((after - before).norm())
+
+    free = update_norm(None)  # lr 1, no momentum: the full gradient's norm
+    clip = 0.25 * free
+    assert free > 0.1
+    assert update_norm(clip) <= clip * (1 + 1e-4)
+    assert update_norm(clip) == pytest.approx(clip, rel=1e-3)  # clipped to the bound, not below it
     with pytest.raises(FloatingPointError, match="train.lr"):
-        train_step(model, opt, x * float("nan"), y)
+        train_step(model, make_optimizer(model.parameters(), sgd), x * float("nan"), y)
 
 
 def test_schedulers():
