@@ -223,6 +223,17 @@ class PlateMeta:
         return {_well_name(w.path, "well path", f"plate {self.name!r}"): w.path for w in self.wells}
 
 
+def _field_path(value: Any, what: str, where: str) -> str:
+    """A field's image path as a well lists it: one path segment (``"0"``), or an error. The
+    path is joined under the well's (``A/1/<path>``), so ``'../../B/1/0'`` would read another
+    well's field (or, with zarr, fail as a bare ValueError) and ``'0/0'`` a level array."""
+    path = str(value)
+    if not path or "/" in path or path in (".", ".."):
+        raise RayscreenError(f"{where}: {what} is {path!r}; expected the name of one image group inside the "
+                             f"well (a single path segment such as '0': not empty, no '/', not '.' or '..')")
+    return path
+
+
 @dataclass(frozen=True)
 class WellImage:
     path: str
@@ -241,7 +252,8 @@ class WellMeta:
         if "well" not in ome:
             return None
         well = ome["well"]
-        images = tuple(WellImage(str(_require(i, "path", f"well.images[{k}]", where, _NAME)), i.get("acquisition"))
+        images = tuple(WellImage(_field_path(_require(i, "path", f"well.images[{k}]", where, _NAME),
+                                             f"well.images[{k}].path", where), i.get("acquisition"))
                        for k, i in enumerate(_require(well, "images", "well", where, _LIST)))
         return cls(images, str(well.get("version", version) or "0.4"))
 

@@ -18,11 +18,14 @@ different shapes in one batch) are not bad data: they fail the job in either mod
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -31,6 +34,8 @@ from ..store import BadImageError, IncompleteWellError, MissingWellError, Rayscr
 from ..store.uri import filesystem
 
 ROW_KEYS = ("plate", "well", "field")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,8 @@ def plan_wells(uris: Sequence[str], storage_options=None, wells: Sequence[str] |
     from ..store.wells import well_name
 
     keep_wells = {well_name(w) for w in wells} if wells else None
-    out: list[WellTask] = []
-    for uri in uris:
+
+    def plan(uri: str) -> list[WellTask]:
         plate = open_plate(uri, storage_options, platemap=platemap)
         ann = plate.annotations
         for col, values in (where or {}).items():
@@ -84,13 +89,42 @@ def plan_wells(uris: Sequence[str], storage_options=None, wells: Sequence[str] |
             ann = ann[ann[col].isin(list(values))]
         if keep_wells is not None:
             ann = ann[ann["Metadata_Well"].isin(keep_wells)]
-        for rec in ann.to_dict("records"):
-            values = {k: _plain(v) for k, v in rec.items() if k not in ("Metadata_Plate",)}
-            out.append(WellTask(plate.uri, plate.name, rec["Metadata_Well"], values))
+        return [WellTask(plate.uri, plate.name, rec["Metadata_Well"],
+                         {k: _plain(v) for k, v in rec.items() if k not in ("Metadata_Plate",)})
+                for rec in ann.to_dict("records")]
+
+    out = [task for tasks in in_threads(plan, uris) for task in tasks]
     # plates may have different annotation columns: every well carries them all (None where its
     # plate has none, as for a missing value), so every block of the stream has one schema
     columns = list(dict.fromkeys(k for task in out for k in task.annotations))
     return [WellTask(t.plate_uri, t.plate, t.well, {k: t.annotations.get(k) for k in columns}) for t in out]
+
+
+# Plates opened at once while planning: each open is a few small requests (root metadata,
+# annotations), so 1000 plates on S3 opened one after another took minutes before any work
+# started; the threads wait on the network, not the GIL.
+PLANNING_THREADS = 16
+
+
+def in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int | None = None) -> Iterator[R]:
+    """``fn(item)`` for every item, run in up to ``threads`` threads, yielded in the order of
+    ``items`` - as ``map(fn, items)`` would, errors included: the error of an item is raised
+    when its turn comes (so the first failing item in order raises, as in a plain loop, with
+    its own message naming its plate), and the items not started yet are cancelled.
+    ``threads``: default ``PLANNING_THREADS``."""
+    items = list(items)
+    threads = PLANNING_THREADS if threads is None else threads
+    if len(items) <= 1 or threads <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="rayscreen-plan")
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        for future in futures:
+            yield future.result()
+    finally:
+        # on an error (or a caller that stops early) do not wait for every plate still queued
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _plain(v: Any) -> Any:
@@ -106,9 +140,32 @@ def _report(options: StreamOptions, record: dict[str, Any]) -> None:
         return
     fs, path = filesystem(options.error_report, options.storage_options)
     fs.makedirs(path, exist_ok=True)
-    name = f"{record['plate']}_{record['well']}_{record.get('field', 'well')}_{uuid.uuid4().hex[:8]}.json"
-    with fs.open(f"{path}/{name}", "w") as f:
+    with fs.open(f"{path}/{report_file_name(record)}", "w") as f:
         f.write(json.dumps(record))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _safe(part: Any, limit: int = 48) -> str:
+    return _UNSAFE.sub("_", str(part))[:limit] or "_"
+
+
+def report_file_name(record: dict[str, Any]) -> str:
+    """The file name of one error-report record: ``<plate>-<hash>_<well>_<field>_<uuid>.json``.
+
+    The plate name comes from the plate's own metadata and may hold anything: '/' (a
+    legitimate 'screen1/plateA' made the open fail) or '../..' (wrote outside the report
+    directory). So every part is cut to letters, digits, '_' and '-' (no dots: no '..',
+    no hidden files), and a hash of the real plate name keeps plates whose names sanitise
+    alike apart; the real names stay in the JSON record, which is what load_error_report
+    reads. The uuid keeps the reports of one field by retried tasks from overwriting each
+    other."""
+    plate = str(record["plate"])
+    digest = hashlib.sha1(plate.encode()).hexdigest()[:8]
+    field = record.get("field")
+    return (f"{_safe(plate)}-{digest}_{_safe(record['well'])}_{_safe('well' if field is None else field)}_"
+            f"{uuid.uuid4().hex[:8]}.json")
 
 
 def load_error_report(error_report: str, storage_options=None) -> pd.DataFrame:
@@ -192,12 +249,22 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
         plate = plates.get(task.plate_uri) or plates.setdefault(
             task.plate_uri, open_plate(task.plate_uri, options.storage_options))
         try:
-            fields = plate.fields(task.well)
+            plate.well_meta(task.well)
         except MissingWellError as e:
             raise_unless_skipping(e, options.on_error)
             _report(options, {"plate": task.plate, "well": task.well, "field": None, "kind": "missing well",
                               "error": str(e)})
             continue
+        except RayscreenError as e:
+            # malformed well metadata (a foreign plate's, e.g. an image path '../../B/1/0'): bad
+            # data like an unreadable field, so skipped and reported as the whole well
+            if options.on_error != "skip":
+                raise
+            _report(options, {"plate": task.plate, "well": task.well, "field": None, "kind": type(e).__name__,
+                              "error": str(e)})
+            continue
+        # outside the try: a well of several acquisitions is a setting to change, not bad data
+        fields = plate.fields(task.well)
         if options.fields is not None:
             fields = [f for f in fields if f in options.fields]
         channel_idx = plate._channel_indices(options.channels) if options.channels else None

@@ -5,8 +5,9 @@ and cuts them into groups of ``fields_per_task``; a Ray task reads one group of 
 and returns a small mergeable accumulator (:class:`~.illumination.IlluminationAccumulator`:
 a float64 (C, Y, X) sum; :class:`~.normalize.ChannelStats`: moments and a bounded pixel
 sample). The driver merges a plate's partials as they arrive (``ray.wait``, at most
-``max_in_flight`` tasks outstanding, tasks queued plate after plate), so it holds one
-accumulator per plate in progress, never fields; when a plate's last partial is in, it
+``max_in_flight`` tasks outstanding - by default as many as a fixed budget of partials
+holds, at least 2 per CPU: :func:`tasks_in_flight` - tasks queued plate after plate), so
+it holds one accumulator per plate in progress, never fields; when a plate's last partial is in, it
 turns the merged accumulator into the illumination function (or fitted scaler) and stores
 it with the plate (:func:`~.illumination.save_illumination`,
 :func:`~.normalize.save_normalization`).
@@ -107,10 +108,52 @@ def _merge(uri: str, merged: Any, part: Any) -> Any:
         raise BadImageError(f"plate {uri}: {e}; expected every field of a plate to have one shape") from None
 
 
+# What the partials of the tasks in flight may take together. Each finished task's partial
+# waits in the object store until the driver merges it, and the driver holds one merged
+# accumulator per plate in progress (at most one per task in flight), so this bounds the
+# driver's memory for them at about twice the budget.
+DRIVER_BUDGET_BYTES = 2 * 1024**3
+
+
+def illumination_partial_bytes(shape: Sequence[int]) -> int:
+    """Bytes of an :class:`~.illumination.IlluminationAccumulator` of fields of ``shape``
+    (C, Y, X): its float64 sum."""
+    c, y, x = (int(n) for n in shape)
+    return 8 * c * y * x
+
+
+def stats_partial_bytes(channels: int, fields_per_task: int) -> int:
+    """Bytes of the :class:`~.normalize.ChannelStats` of one task over ``fields_per_task``
+    fields of ``channels`` channels: its pixel sample (C, K) float32 and keys (K,) float64,
+    K at most ``max_samples`` (the moments are a few numbers per channel)."""
+    defaults = ChannelStats()
+    k = min(defaults.max_samples, defaults.pixels_per_field * max(1, int(fields_per_task)))
+    return (4 * int(channels) + 8) * k + 1024
+
+
+def tasks_in_flight(partial_bytes: int | None, cpus: float, budget: int = DRIVER_BUDGET_BYTES) -> int:
+    """How many tasks the driver keeps submitted: as many as ``budget`` holds partials of
+    ``partial_bytes`` each, and at least 2 per CPU of the cluster now (every CPU busy while the
+    driver merges) even past the budget. Without a size, 2 per CPU.
+
+    Not 2 per CPU alone: an autoscaling cluster may start with no worker CPU, and Ray's
+    autoscaler adds nodes for the tasks it sees waiting, so demand counted from the CPUs at
+    the start stayed at 2 tasks and the cluster never grew. Tasks submitted past the running
+    ones cost nothing until they run; what they return is what is bounded."""
+    floor = 2 * max(1, int(cpus))
+    if not partial_bytes:
+        return floor
+    return max(floor, int(budget // max(1, int(partial_bytes))))
+
+
 def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish: Callable[[str, Any], None], *,
-                      use_ray: bool, max_in_flight: int | None, progress: bool, what: str) -> None:
+                      use_ray: bool, max_in_flight: int | None, progress: bool, what: str,
+                      partial_bytes: int | None = None, cluster_cpus: Callable[[], float] | None = None) -> None:
     """Run ``fn(*args)`` for every task of every plate and ``finish(plate_uri, merged)`` once
-    per plate, as soon as all its partials are merged. ``jobs``: [(plate_uri, [args, ...])]."""
+    per plate, as soon as all its partials are merged. ``jobs``: [(plate_uri, [args, ...])].
+    ``partial_bytes``: the largest partial a task returns, which bounds the tasks in flight
+    (:func:`tasks_in_flight`) unless ``max_in_flight`` fixes it. ``cluster_cpus``: the
+    cluster's CPUs now (default: Ray's count), asked again after every result."""
     total = sum(len(tasks) for _, tasks in jobs)
     bar = Progress(total, what, "task", enabled=progress)
     if not use_ray:
@@ -129,23 +172,34 @@ def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish:
     if not ray.is_initialized():
         raise RayscreenError(f"{what}: use_ray=True but Ray is not initialised; call ray.init() "
                              "(or pass use_ray=False)")
-    if max_in_flight is None:
-        # enough to keep every CPU busy while the driver merges, few enough that finished
-        # partials (each up to a float64 field) never pile up in the object store
-        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    fixed = max_in_flight is not None
+
+    def limit() -> int:
+        # read again as the loop goes: the cluster's CPUs grow as the autoscaler adds nodes,
+        # and the floor of 2 per CPU with them
+        if fixed:
+            return max(1, max_in_flight)
+        return tasks_in_flight(partial_bytes, cluster_cpus() if cluster_cpus else
+                               ray.cluster_resources().get("CPU", 0))
+
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     queue = iter([(uri, args) for uri, tasks in jobs for args in tasks])
     remaining = {uri: len(tasks) for uri, tasks in jobs}
     merged: dict[str, Any] = {}
     pending: dict[Any, str] = {}
 
-    def submit() -> None:
+    def submit() -> bool:
         item = next(queue, None)
         if item is not None:
             pending[remote.remote(*item[1])] = item[0]
+        return item is not None
 
-    for _ in range(max_in_flight):
-        submit()
+    def top_up() -> None:
+        n = limit()
+        while len(pending) < n and submit():
+            pass
+
+    top_up()
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -158,7 +212,7 @@ def _reduce_per_plate(jobs: list[tuple[str, list[tuple]]], fn: Callable, finish:
                     raise cause from None  # the message names plate/well/field
                 raise
             del ready
-            submit()
+            top_up()
             merged[uri] = part if uri not in merged else _merge(uri, merged[uri], part)
             remaining[uri] -= 1
             bar.update()
@@ -215,6 +269,7 @@ def compute_illumination(
     params = illumination_params(method, size, clip_percentile, max_fields, seed)
     status: dict[str, str] = {}
     jobs: list[tuple[str, list[tuple]]] = []
+    partial_bytes = 0
     channels: dict[str, list[str]] = {}
     plate_params: dict[str, dict[str, Any]] = {}
     for uri in expand_uris(uris, storage_options):
@@ -237,6 +292,7 @@ def compute_illumination(
             plate_params[uri] = {**params, "incomplete_wells": sorted(incomplete)}
             _log(progress, f"illum {plate.name}: {len(incomplete)} well(s) not written yet left out")
         channels[uri] = plate.channels
+        partial_bytes = max(partial_bytes, illumination_partial_bytes(plate.shape))  # cached by .channels
         jobs.append((uri, [(uri, group, storage_options, clip_percentile) for group in _groups(pairs, fields_per_task)]))
 
     def finish(uri: str, acc: IlluminationAccumulator) -> None:
@@ -247,7 +303,7 @@ def compute_illumination(
         _log(progress, f"illum {uri}: {acc.count} fields averaged, stored")
 
     _reduce_per_plate(jobs, illumination_partial, finish, use_ray=use_ray, max_in_flight=max_in_flight,
-                      progress=progress, what="illumination")
+                      progress=progress, what="illumination", partial_bytes=partial_bytes)
     return status
 
 
@@ -297,6 +353,7 @@ def fit_normalization(
         raise RayscreenError(f"normaliser {method!r} {normalizer_kwargs}: {e}") from None
     status: dict[str, str] = {}
     jobs: list[tuple[str, list[tuple]]] = []
+    partial_bytes = 0
     fits: dict[str, dict[str, Any]] = {}
     for uri in expand_uris(uris, storage_options):
         plate = open_plate(uri, storage_options, platemap=platemap)
@@ -320,6 +377,7 @@ def fit_normalization(
             fit = {**fit, "incomplete_wells": sorted(incomplete)}
             _log(progress, f"normalize {plate.name}: {len(incomplete)} well(s) not written yet left out")
         fits[uri] = fit
+        partial_bytes = max(partial_bytes, stats_partial_bytes(plate.shape[0], fields_per_task))
         jobs.append((uri, [(uri, group, storage_options, _task_seed(seed, plate.name, i), illumination, level)
                            for i, group in enumerate(_groups(pairs, fields_per_task))]))
 
@@ -330,7 +388,7 @@ def fit_normalization(
         _log(progress, f"normalize {uri}: {scaler!r} fitted on {stats.fields} fields, stored")
 
     _reduce_per_plate(jobs, stats_partial, finish, use_ray=use_ray, max_in_flight=max_in_flight,
-                      progress=progress, what=f"normalisation {method}")
+                      progress=progress, what=f"normalisation {method}", partial_bytes=partial_bytes)
     return status
 
 

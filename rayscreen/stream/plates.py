@@ -17,7 +17,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ..store import RayscreenError, open_plate
 from ..store.plate import warn_of_timepoints
 from ..store.uri import expand_uris
-from .datasource import StreamOptions, WellTask, plan_wells, read_wells, split_tasks
+from .datasource import StreamOptions, WellTask, in_threads, plan_wells, read_wells, split_tasks
 from .tiling import tile_positions
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,26 @@ def _row_layout(plate, level: int, n_channels: int, tile: tuple[int, int] | None
                              f"well {well} field {field} is {y} x {x} pixels at level {level}; expected a tile "
                              "of at most the field's size")
     return (n_channels, *tile), dtype, len(tile_positions((y, x), tile, stride))
+
+
+class _Failed:
+    """An error kept to be raised later, in the order of a sequential loop."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _outcome(fn) -> Any:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - raised again by _result, in order
+        return _Failed(e)
+
+
+def _result(value: Any) -> Any:
+    if isinstance(value, _Failed):
+        raise value.error
+    return value
 
 
 def read_plates(
@@ -193,17 +213,26 @@ def read_plates(
     out_dtype = np.dtype(dtype) if dtype else np.dtype("float32") if (illumination or normalize) else None
     # every plate against the first, from metadata only (no pixels read): rows are keyed by
     # (plate, well, field), and a block stacks its rows' images into one array
-    seen: dict[str, str] = {}
-    for uri in uris:
+    def prepare(uri: str) -> tuple[Any, Any, Any]:
+        # the requests of each plate (root, first well's and field's metadata, its array's),
+        # made in threads; what failed is kept and raised in the checks below, so they raise
+        # the same first error as a plain loop over the plates would
         plate = first if uri == uris[0] else open_plate(uri, storage_options)
-        if plate.channels != first.channels:
+        plate_channels = _outcome(lambda: plate.channels)
+        layout = _outcome(lambda: _row_layout(plate, level, n_channels, tile, stride, out_dtype))
+        return plate, plate_channels, layout
+
+    seen: dict[str, str] = {}
+    # (not named `channels`: that is the caller's channel filter, used below)
+    for uri, (plate, plate_channels, layout) in zip(uris, in_threads(prepare, uris)):
+        if _result(plate_channels) != first.channels:
             raise RayscreenError(f"plates have different channels: {uris[0]} has {first.channels}, "
-                                 f"{uri} has {plate.channels}")
+                                 f"{uri} has {plate_channels}")
         if plate.name in seen:
             raise RayscreenError(f"plates {seen[plate.name]} and {uri} are both named {plate.name!r}; one stream "
                                  "keys its rows by (plate, well, field), so their wells would be ambiguous")
         seen[plate.name] = uri
-        layout = _row_layout(plate, level, n_channels, tile, stride, out_dtype)
+        layout = _result(layout)
         if plate is first:
             row_shape, row_dtype, tiles_per_field = layout
         elif layout[:2] != (row_shape, row_dtype):

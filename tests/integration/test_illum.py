@@ -168,3 +168,39 @@ def test_jobs_illum_entry_point(tmp_path, ray_local, capsys):
     bad.write_text(f"plates: ['{tmp_path}/v*.zarr']\noutput: x\nstream: {{illumination: yes, normalise: 1}}\n")
     assert job_main("illum", ["--config", str(bad), "--quiet"]) == 2
     assert "normalise" in capsys.readouterr().err
+
+
+def test_tasks_in_flight_follow_the_cluster_as_it_grows(ray_local):
+    """The fit stage submits as many tasks as its budget of partials holds and at least 2 per
+    CPU, asking the cluster's CPUs again after every result (an autoscaling cluster starts
+    with none; counted once, demand stayed at 2 tasks and the cluster never grew). Real Ray
+    tasks; the CPU count the stage sees is given as a growing sequence."""
+    import time
+
+    from rayscreen.stream import fit
+
+    seen = iter([0, 0, 1, 4, 8] + [8] * 200)
+    asked = []
+
+    def cpus():
+        asked.append(next(seen))
+        return asked[-1]
+
+    class Count:
+        def __init__(self, n=1):
+            self.n = n
+
+        def merge(self, other):
+            return Count(self.n + other.n)
+
+    def task(i):
+        time.sleep(0.01)
+        return Count()
+
+    done = {}
+    jobs = [(f"p{k}", [(i,) for i in range(30)]) for k in range(2)]
+    fit._reduce_per_plate(jobs, task, lambda uri, m: done.setdefault(uri, m.n), use_ray=True, max_in_flight=None,
+                          progress=False, what="test", partial_bytes=fit.DRIVER_BUDGET_BYTES, cluster_cpus=cpus)
+    assert done == {"p0": 30, "p1": 30}  # every partial merged once, per plate
+    assert len(asked) == 1 + 60  # once to start, then after every result
+    assert [fit.tasks_in_flight(fit.DRIVER_BUDGET_BYTES, c) for c in asked[:5]] == [2, 2, 2, 8, 16]

@@ -124,6 +124,12 @@ def test_unmatched_row_is_an_error():
     ({"version": "0.4", "images": "0"}, r"well\.images should be a list; found a string '0'"),
     ({"version": "0.4", "images": [{"acquisition": 0}]}, r"well\.images\[0\] metadata has no 'path'"),
     ({"version": "0.4", "images": ["0"]}, r"well\.images\[0\] metadata should be an object with a 'path'"),
+    ({"version": "0.4", "images": [{"path": "0"}, {"path": "../../B/1/0"}]},
+     r"well\.images\[1\]\.path is '\.\./\.\./B/1/0'; expected the name of one image group inside the well"),
+    ({"version": "0.4", "images": [{"path": "0/0"}]}, r"well\.images\[0\]\.path is '0/0'; expected .*no '/'"),
+    ({"version": "0.4", "images": [{"path": ".."}]}, r"well\.images\[0\]\.path is '\.\.'; expected"),
+    ({"version": "0.4", "images": [{"path": "."}]}, r"well\.images\[0\]\.path is '\.'; expected"),
+    ({"version": "0.4", "images": [{"path": ""}]}, r"well\.images\[0\]\.path is ''; expected .*not empty"),
 ])
 def test_malformed_well_metadata_names_the_well(well, message):
     with pytest.raises(RayscreenError, match=r"^/data/p\.zarr/A/1: " + message):
@@ -136,6 +142,20 @@ def test_well_images_not_a_list_on_disk(tmp_path):
     plate = open_plate(uri)
     with pytest.raises(RayscreenError, match=re.escape(f"{uri}/A/1") + r": well\.images should be a list; found null"):
         plate.fields("A01")
+
+
+def test_well_image_path_leaving_the_well_on_disk(tmp_path):
+    """A foreign well listing '../../B/1/0': was a bare zarr ValueError from the read (not a
+    RayscreenError, so `rayscreen info` showed a traceback and on_error: skip let it through)."""
+    uri = write_plate(tmp_path / "bad.zarr", well={"version": "0.4", "images": [{"path": "../../B/1/0"}]})
+    plate = open_plate(uri)
+    with pytest.raises(RayscreenError, match=re.escape(f"{uri}/A/1: well.images[0].path is '../../B/1/0'")):
+        plate.fields("A01")
+
+
+def test_integer_and_named_image_paths_are_single_segments():
+    meta = WellMeta.from_attrs({"well": {"images": [{"path": 0}, {"path": "field_1"}, {"path": "a.b"}]}}, where="w")
+    assert [i.path for i in meta.images] == ["0", "field_1", "a.b"]
 
 
 # -- image (field) metadata: names the field's URI
