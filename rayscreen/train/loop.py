@@ -93,7 +93,9 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
                          illumination=s.illumination, normalize=s.normalize != "none", dtype="float32",
                          on_error=s.on_error,
                          error_report=join(plan.run_dir, "errors") if s.on_error == "skip" else None,
-                         override_num_blocks=s.override_num_blocks, num_cpus=READ_CPUS)
+                         override_num_blocks=read_tasks(s.override_num_blocks, config.train.deterministic,
+                                                        int((plan.wells[SPLIT_COL] == name).sum())),
+                         num_cpus=READ_CPUS)
         return ds.select_columns(["image", LABEL_COL])
 
     out = {"train": read("train")}
@@ -104,6 +106,21 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
     for name in plan.val_names:
         out[name] = read(name)
     return out
+
+
+# wells per read task of a deterministic run (see read_tasks)
+DETERMINISTIC_WELLS_PER_TASK = 8
+
+
+def read_tasks(override: int | None, deterministic: bool, n_wells: int) -> int | None:
+    """Read tasks of one split's stream: ``stream.override_num_blocks`` when set; else, for
+    ``train.deterministic``, one per ``DETERMINISTIC_WELLS_PER_TASK`` wells; else ``None``
+    (the stream's default, from the cluster's CPUs when the stage starts). The batches of an
+    ordered stream follow where its blocks end, so a count taken from the cluster made a
+    deterministic run repeat only on a cluster of the same size."""
+    if override is not None or not deterministic:
+        return override
+    return max(1, -(-n_wells // DETERMINISTIC_WELLS_PER_TASK))
 
 
 def check_cpus(num_workers: int, cpus_per_worker: float, cluster_cpus: float) -> None:

@@ -278,3 +278,14 @@ def test_wells_without_a_split_column_value_are_named_in_a_warning(plates, tmp_p
     with pytest.warns(UserWarning, match=r"train.split.column 'Metadata_Conc': 2 labelled well\(s\) have no value"):
         out = assign_splits(wells, np.array([0, 1] * 4), SplitConfig(by="column", column="Metadata_Conc"))
     assert list(out[[3, 7]]) == ["none", "none"]
+
+
+def test_a_deterministic_runs_read_tasks_come_from_the_data_not_the_cluster():
+    """An ordered stream's batches follow where its blocks end; the default task count follows
+    the cluster's CPUs at the start, so a deterministic run repeated only on the same cluster."""
+    from rayscreen.train.loop import DETERMINISTIC_WELLS_PER_TASK, read_tasks
+
+    assert read_tasks(None, True, 20) == -(-20 // DETERMINISTIC_WELLS_PER_TASK) == 3
+    assert read_tasks(None, True, 1) == 1 and read_tasks(None, True, 0) == 1
+    assert read_tasks(None, False, 20) is None  # Ray Data's default, from the cluster
+    assert read_tasks(6, True, 20) == 6 and read_tasks(6, False, 20) == 6  # stream.override_num_blocks wins
