@@ -298,3 +298,35 @@ def stream_failure(failure: BaseException, kind: type[BaseException] | tuple[typ
     new): the pool's CPUs stayed taken for over a minute in some runs without it."""
     gc.collect()
     return cause_of(failure, kind)
+
+
+def resolve_use_gpu(key: str, setting: bool | None, cluster_gpus: float | None = None) -> tuple[bool, str]:
+    """(whether each worker or actor of a stage reserves one GPU, one line saying which and why)
+    for the config key ``key`` (``train.use_gpu``, ``infer.use_gpu``, ``profile.use_gpu``) set
+    to ``setting``, on a cluster with ``cluster_gpus`` GPUs up now (default: Ray's count, asked
+    only when ``setting`` is None).
+
+    true: a GPU each even when none is up (an autoscaler starts GPU nodes for the pending
+    workers; without one they wait). false: CPU. None: GPUs when the cluster has some now --
+    the cluster's, not the driver's: a CPU-only head submitting to GPU workers (the usual
+    `ray job submit`) must still reserve them. An autoscaling cluster whose GPU nodes start
+    at 0 has none when the stage starts, so None means CPU there: the line says what to set.
+    """
+    stage = key.split(".")[0]
+    if setting is not None:
+        if not setting:
+            return False, f"{stage}: on CPU ({key}: false)"
+        if cluster_gpus is None:
+            import ray
+
+            cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        wait = "" if cluster_gpus > 0 else "; the cluster has no GPU now: waiting for GPU nodes (an autoscaler starts them)"
+        return True, f"{stage}: one GPU each ({key}: true){wait}"
+    if cluster_gpus is None:
+        import ray
+
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if cluster_gpus > 0:
+        return True, f"{stage}: one GPU each: the cluster has {cluster_gpus:g} GPU(s) now ({key}: null)"
+    return False, (f"{stage}: on CPU: the cluster has no GPU now ({key}: null); on an autoscaling cluster whose "
+                   f"GPU nodes start at 0, set {key}: true to have them started")

@@ -2,22 +2,29 @@
 
 Why the unit of work is a well, not a field
 -------------------------------------------
-``read_plates`` streams fields in blocks that do not align with wells, and Ray Data
-re-runs a batch (on another actor) when an actor dies. If fields of one well could
-land in different calls, the well's aggregates would need a shuffle or a stateful
-sink, and a retry could mix halves of two attempts. So the dataset here has one row
-per *well* (index in the store, plate URI, plate, well); each ``map_batches`` call of
-the actor pool (:class:`InferWells`) reads whole wells with the stream's own read
-loop (:func:`rayscreen.stream.read_wells`: same channel selection, illumination,
+``read_plates`` streams fields in blocks that do not align with wells, and when an actor
+dies Ray Data restarts it and runs its unfinished *tasks* again -- a task is a whole input
+block, however many ``map_batches`` calls it makes, and tasks are retried without limit.
+If fields of one well could land in different calls, the well's aggregates would need a
+shuffle or a stateful sink, and a retry could mix halves of two attempts. So the dataset
+here has one row per *well* (index in the store, plate URI, plate, well), in blocks of one
+call's wells each (:func:`well_blocks`): a lost actor costs at most one call's wells per
+task it held, not thousands. Each ``map_batches`` call of the actor pool
+(:class:`InferWells`) reads whole wells with the stream's own read loop
+(:func:`rayscreen.stream.read_wells`: same channel selection, illumination,
 normalisation and ``on_error`` handling as ``read_plates``), runs the
 :class:`~rayscreen.infer.predictor.Predictor` on their fields, aggregates, and writes
 each well with :meth:`ResultsWriter.write_well` -- all its chunks, then its done flag.
-A retried call rewrites the same chunks with the same bytes, so a well is written
-exactly once in effect, and no two calls share a chunk. Reading the next wells and
-writing the last one run in two threads while the model works on the current one (I/O
-hidden behind compute); a call returns only once all its wells are written. Each call
-gets at least 4 forward batches of work, so Ray's per-call overhead and the one read a
-call cannot hide (its first well's) stay small; ``benchmarks/infer.py`` measures it.
+A call first drops the wells whose done flag is already set (a retried task's wells that
+an earlier attempt finished): a rewrite cut short would leave a done well with chunks of
+two attempts, and two attempts need not give the same bytes (another GPU model, another
+kernel). No two calls share a chunk. While the model works on one well, reader threads
+read the next :data:`READ_AHEAD` wells (never more: a well can be half a GB) and a writer
+thread writes the last ones (at most :data:`WRITES_IN_FLIGHT` queued): I/O hidden behind
+compute, memory bounded by a few wells whatever a call's size. A call returns only once
+all its wells are written. Each call gets at least 4 forward batches of work, so Ray's
+per-call overhead and the one read a call cannot hide (its first well's) stay small;
+``benchmarks/infer.py`` measures it.
 
 With ``infer.labels: NAME`` each field's mask is also written into the input plate as
 an NGFF label image (:class:`rayscreen.store.labels.LabelWriter`), by the write thread
@@ -32,29 +39,34 @@ happens on the driver before the first pixel is read.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from ..config import Config, ConfigError, write_config
 from ..progress import Progress
-from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
+from ..raylocal import drain, ensure_ray, resolve_use_gpu, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.plate import unfinished_wells, warn_of_timepoints, wells_to_redo
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
-from ..store.results import ResultsWriter, Variable, create_results
-from ..store.uri import filesystem, is_remote, join, local_path
+from ..store.results import DONE, ResultsWriter, Variable, create_results
+from ..store.uri import filesystem, is_remote, join, local_path, make_store, mask_url_passwords
 from ..stream.datasource import StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells
 from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
+
+log = logging.getLogger(__name__)
 
 # field_status values (docs/outputs.md)
 OK, ABSENT, READ_ERROR, QC_FLAGGED, NOT_FINITE = 0, 1, 2, 3, 4
@@ -159,95 +171,181 @@ class InferPlan:
     model_fingerprint: str = ""  # sha256 of the weights and the artefact's metadata (infer_settings)
 
 
-def _device() -> str:
+@dataclass(frozen=True)
+class WellScoring:
+    """What an actor of the pool needs, and no more: Ray pickles it into every actor (and
+    again into each restarted one), so it must not grow with the screen -- the plan's wells
+    table holds every well of it (384k rows for a 1000-plate screen)."""
+
+    checkpoint: str  # the artefact to load (its real URI: credentials included)
+    results_uri: str
+    n_fields: int  # fields per well the store was sized for
+    options: StreamOptions  # how to read a well (storage_options included)
+    settings: PredictorSettings
+    aggregate: str  # infer.aggregate
+    labels: str | None = None  # infer.labels
+    num_cpus: float = 1.0  # CPUs the actor reserved: its torch threads
+    use_gpu: bool = False  # the actor reserved a GPU: the model runs on it
+
+    @classmethod
+    def of(cls, plan: InferPlan, config: Config, use_gpu: bool) -> "WellScoring":
+        ic = config.infer
+        return cls(checkpoint=plan.checkpoint, results_uri=plan.results_uri, n_fields=plan.n_fields,
+                   options=plan.options, settings=plan.settings, aggregate=ic.aggregate, labels=plan.labels,
+                   num_cpus=ic.num_cpus, use_gpu=use_gpu)
+
+
+# Wells read ahead of the one the model works on, and reader threads. Two are enough to
+# hide a well's read behind the model's work on the one before; each more is one more
+# well in memory (about 0.5 GB at 9 fields of 5 x 2160 x 2160 float32 pixels).
+READ_AHEAD = 2
+READERS = 2
+# wells handed to the writer thread and not yet written (values and saliency maps: a fraction
+# of a well's pixels); when writes are slower than the model, it waits instead of queueing more
+WRITES_IN_FLIGHT = 2
+
+_Item = TypeVar("_Item")
+_Read = TypeVar("_Read")
+
+
+@contextmanager
+def read_ahead(pool: Executor, read: Callable[[_Item], _Read], items: Iterable[_Item],
+               ahead: int = READ_AHEAD) -> Iterator[Iterator[_Read]]:
+    """``read(item)`` of each of ``items`` on ``pool``, yielded in order, while the reads of
+    the next ``ahead`` items run: at most ``ahead`` + 1 items are read or being read and not
+    yet taken, however many ``items`` there are (the one the caller waits for, and ``ahead``
+    behind it). A read's error is raised when its item is reached, as the read's own result
+    would be. On leaving the block, reads not started are cancelled and the block waits for
+    those running: no read outlives it.
+
+    ``with read_ahead(pool, read, wells) as results: for result in results: ...``
+    """
+    pending: deque[Future] = deque()
+    todo = iter(items)
+
+    def results() -> Iterator[_Read]:
+        for item in todo:
+            pending.append(pool.submit(read, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    try:
+        yield results()
+    finally:
+        for fut in pending:
+            fut.cancel()
+        wait(pending)
+
+
+def _device(use_gpu: bool) -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    # an actor that reserved no GPU runs on the CPU even on a GPU node: another actor may hold it
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
 class InferWells:
     """The actor of the pool: model loaded once, then whole wells in, one summary row per well out."""
 
-    def __init__(self, plan: InferPlan, aggregate: str, storage_options=None, num_cpus: float = 1.0):
+    def __init__(self, job: WellScoring):
         import torch
+        import zarr
 
         from ..models.artefact import build_model
 
+        so = job.options.storage_options
         # as many torch threads as CPUs this actor reserved: Ray's OMP_NUM_THREADS default
         # only reaches torch if set before torch's first import in the worker, and a worker
         # process reused by Ray may have imported it already
-        torch.set_num_threads(max(1, int(num_cpus)))
-        self.device = _device()
-        self.model, _ = build_model(plan.checkpoint, storage_options, map_location=self.device)
-        self.predictor = Predictor(self.model, plan.settings, device=self.device)
-        self.plan, self.aggregate = plan, aggregate
-        self.writer = ResultsWriter(plan.results_uri, storage_options)
+        torch.set_num_threads(max(1, int(job.num_cpus)))
+        self.device = _device(job.use_gpu)
+        self.model, _ = build_model(job.checkpoint, so, map_location=self.device)
+        self.predictor = Predictor(self.model, job.settings, device=self.device)
+        self.job = job
+        self.writer = ResultsWriter(job.results_uri, so)
         self.shapes = {name: self.writer.shape_of(name) for name in self.writer.variables}
-        # one thread reads the next wells while the model runs; another writes the last
-        # one (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
-        self.reader, self.writes = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        # the done flags and field counts of the store, read at each call's start (one chunk per well)
+        store = make_store(job.results_uri, so, read_only=True, strict=False)
+        self._done, self._n_fields = (zarr.open_array(store=store, path=name, mode="r") for name in (DONE, "n_fields"))
+        # reader threads read the next wells while the model runs; another writes the last
+        # ones (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
+        self.reader, self.writes = ThreadPoolExecutor(READERS), ThreadPoolExecutor(1)
         self._plates: dict[str, Any] = {}  # plate URI -> Plate (metadata read once per actor)
         self._labels: dict[str, LabelWriter] = {}  # plate URI -> its label writer (infer.labels)
 
     def _write(self, row: dict[str, Any], values: dict[str, np.ndarray], names: list[str], pred) -> None:
         """Write one well: its label images first (``infer.labels``), then its results,
         whose done flag comes last -- a well whose labels failed is not marked done."""
-        if self.plan.labels and pred is not None:
+        job = self.job
+        if job.labels and pred is not None:
             uri = row["plate_uri"]
             try:
                 writer = self._labels.get(uri) or self._labels.setdefault(
-                    uri, LabelWriter(uri, self.plan.options.storage_options))
-                writer.write_fields(row["well"], names, pred["mask"], self.plan.labels,
-                                    level=self.plan.options.level, downsample=self.plan.settings.saliency_downsample,
-                                    description=f"rayscreen infer: {self.plan.settings.saliency} saliency mask "
-                                                f"({self.plan.checkpoint})")
+                    uri, LabelWriter(uri, job.options.storage_options))
+                writer.write_fields(row["well"], names, pred["mask"], job.labels,
+                                    level=job.options.level, downsample=job.settings.saliency_downsample,
+                                    description=f"rayscreen infer: {job.settings.saliency} saliency mask "
+                                                f"({mask_url_passwords(job.checkpoint)})")
             except RayscreenError:
                 raise
             except Exception as e:  # the store's own errors (permissions, network) name no well
                 raise RayscreenError(f"plate {row['plate']!r} well {row['well']}: cannot write label image "
-                                     f"{self.plan.labels!r} into {uri} ({type(e).__name__}: {e}); infer.labels "
+                                     f"{job.labels!r} into {uri} ({type(e).__name__}: {e}); infer.labels "
                                      "needs write access to the plates") from e
         self.writer.write_well(int(row["index"]), values)
 
     def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
-        uri = row["plate_uri"]
-        plate = self._plates.get(uri) or self._plates.setdefault(
-            uri, open_plate(uri, self.plan.options.storage_options))
+        uri, options = row["plate_uri"], self.job.options
+        plate = self._plates.get(uri) or self._plates.setdefault(uri, open_plate(uri, options.storage_options))
         where = f"plate {row['plate']!r} well {row['well']}"
         try:
             fields = plate.fields(row["well"])
         except MissingWellError as e:
-            raise_unless_skipping(e, self.plan.options.on_error)
+            raise_unless_skipping(e, options.on_error)
             # sparse plate: every field ABSENT; the well is looked for again on the next run
             return [], [], None
-        if len(fields) > self.plan.n_fields:
-            raise RayscreenError(f"{where}: {len(fields)} fields, more than the {self.plan.n_fields} "
+        if len(fields) > self.job.n_fields:
+            raise RayscreenError(f"{where}: {len(fields)} fields, more than the {self.job.n_fields} "
                                  "the results store was sized for (the plate's field_count)")
         names, images = [], []
         task = WellTask(row["plate_uri"], row["plate"], row["well"], {})
-        for batch in read_wells([task], self.plan.options):
+        for batch in read_wells([task], options):
             names += [str(f) for f in batch["field"]]
             images.append(batch["image"])
         return fields, names, (np.concatenate(images) if images else None)
 
+    def _already_done(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices),) int: each well's stored n_fields where its done flag is set, -1 elsewhere."""
+        done = np.asarray(self._done.get_orthogonal_selection((indices,))) == 1
+        out = np.full(len(indices), -1, np.int64)
+        if done.any():
+            out[done] = np.asarray(self._n_fields.get_orthogonal_selection((indices[done],)), np.int64)
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["index"]))]
-        futures = [self.reader.submit(self._read, r) for r in rows]
-        n_used, written = [], []
+        # a retried task's wells that an earlier attempt finished are reported, not rewritten
+        n_used = self._already_done(np.asarray(batch["index"], np.int64))
+        todo = [i for i in range(len(rows)) if n_used[i] < 0]
+        written: list[Future] = []
         try:
-            for row, fut in zip(rows, futures):
-                fields, names, images = fut.result()
-                pred = self.predictor({"image": images}) if images is not None else None
-                values = well_outputs([str(f) for f in fields], {n: i for i, n in enumerate(names)}, pred,
-                                      self.plan.n_fields, self.aggregate, self.shapes, self.model)
-                written.append(self.writes.submit(self._write, row, values, names, pred))
-                n_used.append(int(values["n_fields"]))
+            with read_ahead(self.reader, self._read, [rows[i] for i in todo]) as reads:
+                for i, (fields, names, images) in zip(todo, reads):
+                    pred = self.predictor({"image": images}) if images is not None else None
+                    images = None  # the well's pixels go while the next is scored (read_ahead's bound)
+                    values = well_outputs([str(f) for f in fields], {n: j for j, n in enumerate(names)}, pred,
+                                          self.job.n_fields, self.job.aggregate, self.shapes, self.model)
+                    if len(written) >= WRITES_IN_FLIGHT:
+                        wait([written[-WRITES_IN_FLIGHT]])  # writes behind: wait rather than pile wells up
+                    written.append(self.writes.submit(self._write, rows[i], values, names, pred))
+                    n_used[i] = int(values["n_fields"])
         finally:
-            for fut in futures + written:
-                fut.exception()  # wait: no read or write of this call outlives it (a retry may follow)
+            wait(written)  # no read (read_ahead) or write of this call outlives it (a retry may follow)
         for fut in written:
             fut.result()  # the call returns only once all its wells are written (or raises)
-        return {"index": batch["index"], "n_fields": np.array(n_used, np.int64),
+        return {"index": batch["index"], "n_fields": n_used,
                 "pid": np.full(len(rows), os.getpid(), np.int64)}
 
 
@@ -309,10 +407,9 @@ def plan_infer(config: Config) -> InferPlan:
         raise ConfigError(f"infer.aggregate: 'model' pools a well's fields side by side as one bag; the model's "
                           f"{type(model.pooling).__name__} depends on where evidence lies in a field, so use "
                           f"'max' or 'mean' over the fields' scores")
-    if ic.saliency_downsample < 1 or min(field_shape) // ic.saliency_downsample < 1:
+    # (the config refuses a saliency_downsample, batch_size or concurrency below 1 already)
+    if min(field_shape) // ic.saliency_downsample < 1:
         raise ConfigError(f"infer.saliency_downsample {ic.saliency_downsample}: expected 1..{min(field_shape)}")
-    if ic.batch_size < 1 or ic.concurrency < 1:
-        raise ConfigError("infer.batch_size and infer.concurrency must be >= 1")
     if ic.labels is not None:
         if ic.saliency == "none":
             raise ConfigError(f"infer.labels {ic.labels!r}: needs a saliency mask; infer.saliency is 'none'")
@@ -412,6 +509,28 @@ def infer_settings(plan: InferPlan, config: Config) -> dict[str, Any]:
             "infer.labels": ic.labels}
 
 
+def store_attrs(plan: InferPlan, config: Config) -> dict[str, Any]:
+    """The results store's record of the run. URIs as the config record has them: a URL's
+    password masked (an ``https://user:password@host/model`` checkpoint), since the store
+    is read by whoever reads the results."""
+    ic = config.infer
+    return {"model": plan.meta.model, "checkpoint": mask_url_passwords(plan.checkpoint), "config": config.to_record(),
+            "channels": list(plan.options.channels), "aggregate": ic.aggregate, "saliency": ic.saliency}
+
+
+def create_store(plan: InferPlan, config: Config, overwrite: bool | None = None) -> ResultsWriter:
+    """The results store of ``plan``: created, or reopened to resume (see :func:`create_results`)."""
+    ic = config.infer
+    saliency_shape = None if ic.saliency == "none" else downsampled_shape(plan.field_shape, ic.saliency_downsample)
+    sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim, saliency_shape)
+    coords = {"class": plan.classes, "feature": [f"deep_{i}" for i in range(plan.feature_dim)]}
+    store_wells = plan.wells.drop(columns=["plate_uri"])
+    return create_results(plan.results_uri, store_wells, sizes, variables, coords=coords, kind="results",
+                          attrs=store_attrs(plan, config), settings=infer_settings(plan, config),
+                          storage_options=config.storage_options,
+                          overwrite=ic.overwrite if overwrite is None else overwrite)
+
+
 def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None = None,
               on_well: Callable[[dict[str, Any]], None] | None = None) -> str:
     """Score the screen of ``config`` into ``<output>/results.zarr``; returns its URI.
@@ -422,17 +541,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     n_fields, pid of the actor that wrote it) -- progress hooks and fault tests.
     """
     plan = plan_infer(config)
-    ic = config.infer
-    saliency_shape = None if ic.saliency == "none" else downsampled_shape(plan.field_shape, ic.saliency_downsample)
-    sizes, variables = results_variables(plan.n_fields, len(plan.classes), plan.feature_dim, saliency_shape)
-    coords = {"class": plan.classes, "feature": [f"deep_{i}" for i in range(plan.feature_dim)]}
-    store_wells = plan.wells.drop(columns=["plate_uri"])
-    attrs = {"model": plan.meta.model, "checkpoint": plan.checkpoint, "config": config.to_record(),
-             "channels": list(plan.options.channels), "aggregate": ic.aggregate, "saliency": ic.saliency}
-    writer = create_results(plan.results_uri, store_wells, sizes, variables, coords=coords, kind="results",
-                            attrs=attrs, settings=infer_settings(plan, config),
-                            storage_options=config.storage_options,
-                            overwrite=ic.overwrite if overwrite is None else overwrite)
+    writer = create_store(plan, config, overwrite)
     # again: wells of plates whose stored corrections were refitted since they were scored,
     writer.reopen_changed_plates(corrections_versions(
         dict(zip(plan.wells["plate"], plan.wells["plate_uri"])), config.storage_options,
@@ -457,7 +566,7 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
 
     if todo:
         with Progress(len(todo), "infer", "well", enabled=progress) as bar, stage_data_context():
-            failure = _score_wells(plan, config, todo, track, bar)
+            failure = _score_wells(plan, config, todo, track, bar, progress=progress)
         if failure is not None:
             raise stream_failure(failure, RayscreenError)
     missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
@@ -471,27 +580,60 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     return plan.results_uri
 
 
+def well_blocks(n_wells: int, per_call: int) -> list[slice]:
+    """The dataset's blocks: ``per_call`` consecutive wells each, the last the rest.
+
+    Ray Data hands an actor task a whole block (``map_batches`` bundles blocks up to its
+    ``batch_size``, so a block of exactly ``batch_size`` rows is a task of one call) and
+    runs the task again when its actor is lost: a block is what a retry redoes.
+    """
+    per_call = max(1, int(per_call))
+    return [slice(start, min(start + per_call, n_wells)) for start in range(0, n_wells, per_call)]
+
+
+def wells_per_call(batch_size: int, n_fields: int) -> int:
+    """Wells per actor call: >= 4 forward batches of work, so the per-call overhead (Ray's,
+    and the first well's read, which nothing earlier in the call can hide) stays a small share."""
+    return max(1, math.ceil(4 * batch_size / max(1, n_fields)))
+
+
+def wells_dataset(todo: list[dict[str, Any]], per_call: int):
+    """The Ray dataset of the wells ``todo``, one block (so one task, one call) per ``per_call``
+    wells: to be mapped with ``map_batches(..., batch_size=per_call)``.
+
+    ``from_blocks`` keeps the blocks as given; ``from_items`` would split the wells evenly,
+    into blocks a row short of ``per_call`` that ``map_batches`` then bundles in twos (it
+    bundles blocks until a bundle holds ``batch_size`` rows).
+    """
+    import pyarrow as pa
+    import ray
+
+    return ray.data.from_blocks([pa.Table.from_pylist(todo[s]) for s in well_blocks(len(todo), per_call)])
+
+
 def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
-                 on_well: Callable[[dict[str, Any]], None] | None, bar: Progress) -> Exception | None:
+                 on_well: Callable[[dict[str, Any]], None] | None, bar: Progress, *,
+                 progress: bool = True) -> Exception | None:
     """Run the actor pool over ``todo``; returns the error that stopped it (None when done),
     for the caller to raise once this frame (and the pool) is gone: :func:`drain`."""
     import ray
 
     ic = config.infer
-    # the cluster's GPUs, not the driver's: a CPU-only head submitting to GPU workers (the
-    # usual `ray job submit`) must still reserve them, and a GPU laptop's driver must not
-    # ask a CPU-only cluster for GPUs it can never schedule (as train and profile decide)
     ensure_ray()
-    gpu = ray.cluster_resources().get("GPU", 0) > 0
-    # >= 4 batches of work per actor call: the per-call overhead (Ray's, and the first
-    # well's read, which nothing earlier in the call can hide) stays a small share
-    per_call = max(1, math.ceil(4 * ic.batch_size / plan.n_fields))
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * ic.concurrency * 4)))
-    ds = ds.map_batches(InferWells, fn_constructor_kwargs={"plan": plan, "aggregate": ic.aggregate,
-                                                           "storage_options": config.storage_options,
-                                                           "num_cpus": ic.num_cpus},
+    use_gpu, note = resolve_use_gpu("infer.use_gpu", ic.use_gpu)
+    if progress:
+        print(note, file=sys.stderr)
+    else:
+        log.info(note)
+    per_call = wells_per_call(ic.batch_size, plan.n_fields)
+    ds = wells_dataset(todo, per_call)
+    # the pixels an actor holds at most: the well scored, READ_AHEAD read ahead, one more being
+    # released (float32); a hint for the scheduler, not a limit (the model and outputs come on top)
+    well_bytes = plan.n_fields * len(plan.options.channels) * plan.field_shape[0] * plan.field_shape[1] * 4
+    ds = ds.map_batches(InferWells, fn_constructor_kwargs={"job": WellScoring.of(plan, config, use_gpu)},
                         batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency),
-                        num_gpus=1 if gpu else None, num_cpus=ic.num_cpus, batch_format="numpy")
+                        num_gpus=1 if use_gpu else None, num_cpus=ic.num_cpus,
+                        memory=(READ_AHEAD + 2) * well_bytes, batch_format="numpy")
 
     def handle(row: dict[str, Any]) -> None:
         if on_well is not None:

@@ -14,8 +14,9 @@ stage before any work, naming the plate.
 Exactly once and resumable: the driver creates the store (or reopens it on a rerun),
 asks which wells are done, streams only the wells still to do, and writes each well
 (all its variables, then its ``done`` flag) as soon as all its fields have come back
-from the actors. Only the driver writes, one well per chunk, so a retried actor batch can
-never write twice. Each field's profile row is small (features only, no pixels), so the
+from the actors. Only the driver writes (from a few threads, :class:`WellWrites`: each well
+is a handful of chunk writes, on S3 one PUT each), one well per chunk, so a retried actor
+batch can never write twice. Each field's profile row is small (features only, no pixels), so the
 driver holds at most the wells in flight.
 
 Store variables (``docs/outputs.md``): ``field_profile`` (well, field, feature),
@@ -30,18 +31,18 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..config import Config, write_config
 from ..progress import Progress
-from ..raylocal import drain, ensure_ray, stage_data_context, stream_failure
+from ..raylocal import drain, ensure_ray, resolve_use_gpu, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.plate import unfinished_wells, wells_to_redo
 from ..store.results import Variable, create_results
-from ..store.uri import join
+from ..store.uri import join, mask_url_passwords
 from ..stream.normalize import corrections_versions
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,42 @@ def _field_index(name: Any, order: dict[str, int], where: str = "") -> int:
     raise RayscreenError(f"{where + ': ' if where else ''}field {key!r} is not one of the well's fields {list(order)}")
 
 
+def check_plate_set(plates: Sequence[tuple[str, Any]], wanted: Sequence[str] | None = None, *,
+                    error: type[Exception] = RayscreenError) -> list[str]:
+    """The channels a run over ``plates`` (``(uri, plate)`` pairs in config order; a plate is
+    anything with ``.name`` and ``.channels``) streams: ``wanted`` (``stream.channels``) when
+    given, else the plates' channels. Checked on metadata, before any work, as the stream
+    will need them: every plate has the same channels in the same order (a block stacks its
+    fields into one array), no two plates share a name (results are keyed by plate and well),
+    and every wanted channel is there. Raises ``error`` naming the plates' URIs and the
+    clashing name or the missing channel.
+
+    Shared with train's planner (``rayscreen.train.plan.annotations_of``, which passes its
+    ``ConfigError``); its home belongs in :mod:`rayscreen.stream`, below both stages."""
+    channels: list[str] | None = None
+    first_uri = ""
+    seen: dict[str, str] = {}
+    for uri, plate in plates:
+        if plate.name in seen:
+            raise error(f"plates: {seen[plate.name]} and {uri} are both named {plate.name!r} (their NGFF name); "
+                        "wells are keyed by plate name and well, so theirs would be ambiguous")
+        seen[plate.name] = uri
+        if channels is None:
+            channels, first_uri = list(plate.channels), uri
+        elif list(plate.channels) != channels:
+            lacking = [c for c in (wanted or channels) if c not in plate.channels]
+            raise error(f"plates: {first_uri} has channels {channels} but {uri} has {list(plate.channels)}"
+                        f"{f' (it lacks {lacking})' if lacking else ''}; one run needs one channel set")
+    if not wanted:
+        return channels or []
+    missing = [c for c in wanted if c not in (channels or [])]
+    if missing:
+        uris = [u for u, _ in plates]
+        listed = ", ".join(uris[:5]) + (f" and {len(uris) - 5} more" if len(uris) > 5 else "")
+        raise error(f"stream.channels: {missing} not in the plates' channels {channels} (plates {listed})")
+    return list(wanted)
+
+
 def plan_profile(config: Config) -> dict[str, Any]:
     """What the stage will write: wells table (plate, well, Metadata_*), field count,
     channels, each well's field names. Reads plate metadata only (no pixels)."""
@@ -69,15 +106,11 @@ def plan_profile(config: Config) -> dict[str, Any]:
     from ..stream.datasource import plan_wells
 
     uris = expand_uris(config.plates, config.storage_options)
+    plates = {u: open_plate(u, config.storage_options) for u in uris}
+    channels = check_plate_set(list(plates.items()), config.stream.channels)
     tasks = plan_wells(uris, config.storage_options, platemap=config.platemap)
     if not tasks:
         raise RayscreenError(f"profile: no wells in plates {config.plates}")
-    plates = {u: open_plate(u, config.storage_options) for u in uris}
-    first = plates[uris[0]]
-    channels = list(config.stream.channels) if config.stream.channels else list(first.channels)
-    missing = [c for c in channels if c not in first.channels]
-    if missing:
-        raise RayscreenError(f"stream.channels {missing} not in plate {first.name!r} (channels {first.channels})")
     fields: dict[tuple[str, str], list[str]] = {}
     for t in tasks:
         plate = plates[t.plate_uri]
@@ -193,6 +226,98 @@ def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> d
     return out
 
 
+WRITE_THREADS = 8  # wells written at once: each well is ~8 chunk writes (one S3 PUT each)
+
+
+class WellWrites:
+    """The driver's well writes (:meth:`ResultsWriter.write_well`), from a small thread pool.
+
+    A well is ~8 synchronous chunk writes, one S3 PUT each (20-50 ms): written one after the
+    other in the driver they capped the stage at a few wells a second and held up the
+    stream. Here up to ``threads`` wells are written at once; wells touch disjoint chunks
+    (one well per chunk) and each write still puts its ``done`` flag last.
+
+    :meth:`submit` takes each well once (a second submit of a well raises), and blocks
+    while ``max_pending`` writes are queued, so the driver holds a bounded number of wells.
+    ``on_written(index)`` runs in the calling thread (the driver's: the progress bar is not
+    thread-safe) once a well's write has finished. The first failed write is raised by the
+    next :meth:`submit` or :meth:`finish` (not swallowed); after it nothing more is started.
+    :meth:`finish` waits for every write and raises the first error; use as a context
+    manager: leaving the block, on success or on an error, waits for the writes in flight
+    (queued ones are dropped once a write has failed), so none runs on after the stage."""
+
+    def __init__(self, writer: Any, on_written: Callable[[int], None] | None = None, *,
+                 threads: int | None = None, max_pending: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = max(1, threads or WRITE_THREADS)
+        self._writer = writer
+        self._on_written = on_written
+        self._max_pending = max(1, max_pending or 4 * threads)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="profile-write")
+        self._pending: dict[Any, int] = {}  # future -> well index
+        self._submitted: set[int] = set()
+        self._error: BaseException | None = None  # the first failed write: raised by every later call
+        # the writer's zarr arrays opened here, once, not by racing threads
+        for name in getattr(writer, "variables", {}):
+            writer.shape_of(name)
+
+    def submit(self, index: int, values: dict[str, np.ndarray]) -> None:
+        if index in self._submitted:
+            raise RayscreenError(f"profile: well {index} written twice in one run")  # a bug, never data
+        self._collect(block=len(self._pending) >= self._max_pending)
+        self._submitted.add(index)
+        self._pending[self._pool.submit(self._writer.write_well, index, values)] = index
+
+    def finish(self) -> None:
+        """Wait for every write; raises the first that failed."""
+        while self._pending:
+            self._collect(block=True, every=True)
+        self._raise()
+
+    def _collect(self, block: bool = False, every: bool = False) -> None:
+        from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
+
+        self._raise()
+        if not self._pending:
+            return
+        if block:
+            finished, _ = wait(list(self._pending), return_when=ALL_COMPLETED if every else FIRST_COMPLETED)
+        else:
+            finished = [f for f in self._pending if f.done()]
+        for future in finished:
+            index = self._pending.pop(future)
+            error = future.exception()
+            if error is not None:
+                self._error = self._error or error
+            elif self._on_written is not None:
+                self._on_written(index)
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> WellWrites:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # queued writes are dropped after a failed write (the stage fails; a rerun does them),
+        # and kept after another error (the stream's: wells computed before it stay written)
+        self._pool.shutdown(wait=True, cancel_futures=self._error is not None)
+        if exc_type is None:
+            self.finish()
+            return
+        for future, index in list(self._pending.items()):  # the stage fails with exc; these are counted or logged
+            if future.cancelled():
+                continue
+            if future.exception() is not None:
+                log.error("profile: writing well %d failed too: %r", index, future.exception())
+            elif self._on_written is not None:
+                self._on_written(index)
+        self._pending.clear()
+
+
 def run_profile(config: Config, *, progress: bool = True) -> str:
     """Profile every field of the config's plates; returns the ``profiles.zarr`` URI.
 
@@ -227,7 +352,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         coords["classical_feature"] = classical
     uri = profiles_uri(config)
     writer = create_results(uri, plan["wells"], sizes, variables, coords=coords, kind="profiles",
-                            attrs={"model": cfg.backbone, "checkpoint": cfg.weights, "config": config.to_record(),
+                            # the weights' URI as given may hold a password (https://user:pass@host/...)
+                            attrs={"model": cfg.backbone,
+                                   "checkpoint": mask_url_passwords(cfg.weights) if cfg.weights else cfg.weights,
+                                   "config": config.to_record(),
                                    "channels": channels, "channel_mode": cfg.channel_mode},
                             settings=profile_settings(config, channels, backbone_fingerprint),
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
@@ -272,8 +400,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             values = well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
                                  n_classical, len(qc_names), present, where=f"plate {key[0]!r} well {key[1]}")
             empty[i] = not (values["field_status"] == STATUS_OK).any()
-            writer.write_well(i, values)
-            bar.update()
+            writes.submit(i, values)  # the bar counts it once written
 
         def on_batch(batch: dict[str, np.ndarray]) -> None:
             for j in range(len(batch["well"])):
@@ -292,17 +419,21 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                     flush(i, fields_on_disk(*key) if odd else None)
                     todo_keys.pop(key)
 
-        with bar, stage_data_context():
+        writes = WellWrites(writer, on_written=lambda i: bar.update())
+        with bar, stage_data_context(), writes:
             # (plate, well) pairs: by well name alone every plate's done wells of those names
             # were read and profiled again, then dropped (a rerun at plate 99 of 100 redid 99)
             failure = _profile_fields(config, plan, sorted(todo_keys), normalizers, on_batch)
             if failure is not None:
-                raise stream_failure(failure, RayscreenError)  # wells written so far stay done; a rerun profiles the rest
+                # wells written so far stay done (leaving the block waits for the writes in
+                # flight); a rerun profiles the rest
+                raise stream_failure(failure, RayscreenError)
             # wells with fields that never came: read errors (on_error: skip), or fields the
             # plan counted from the plate's field_count that this well does not have; only
             # these few wells' field lists are read, to tell the two apart
             for (plate_name, well), i in list(todo_keys.items()):
                 flush(i, fields_on_disk(plate_name, well))
+            writes.finish()  # every well written (or the first write error raised) before finalize
     # as infer's store: when it finished, and what this run computed and skipped
     writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     last_run={"computed": len(todo), "skipped": len(done)},
@@ -353,7 +484,8 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                      saturation=True, normalize=False, on_error=s.on_error,
                      error_report=join(config.output, "profile", "errors") if s.on_error == "skip" else None,
                      override_num_blocks=s.override_num_blocks)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu, why = resolve_use_gpu("profile.use_gpu", cfg.use_gpu)
+    log.info(why)
     raw_dtype = np.dtype(open_plate(plan["uris"][0], config.storage_options).dtype)
     ds = ds.map_batches(
         # a fixed pool of cfg.concurrency actors (Ray 2.60: compute=, concurrency= is deprecated)

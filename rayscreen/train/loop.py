@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, ConfigError, config_from_dict
-from ..raylocal import ensure_ray, quiet_report_logger, stage_data_context
+from ..raylocal import ensure_ray, quiet_report_logger, resolve_use_gpu, stage_data_context
 from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -135,14 +135,6 @@ def check_cpus(num_workers: int, cpus_per_worker: float, cluster_cpus: float) ->
                           "lower train.cpus_per_worker or train.num_workers")
 
 
-def _use_gpu(setting: bool | None) -> bool:
-    if setting is not None:
-        return setting
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def _storage(plan: TrainPlan) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for RunConfig: remote URIs go through our fsspec
     filesystem (same storage_options as the plates: an S3 endpoint, credentials from the env)."""
@@ -209,7 +201,10 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
     write_split(plan)
     write_run_config(plan)
     storage_path, storage_fs = _storage(plan)
-    use_gpu = _use_gpu(t.use_gpu)
+    use_gpu, note = resolve_use_gpu("train.use_gpu", t.use_gpu)
+    if progress:
+        print(note, file=sys.stderr, flush=True)
+    log.info(note)
     loop_config = {
         # by object reference: Ray Train records its train_loop_config in the run state that the
         # dashboard shows, and the config's storage_options may carry credentials

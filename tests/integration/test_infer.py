@@ -373,3 +373,29 @@ def test_a_plate_refitted_since_its_wells_were_scored_is_scored_again(tmp_path, 
     np.testing.assert_array_equal(again["well_scores"].values[~p1], scores[~p1])
     third = xr.open_zarr(run_infer(config, progress=False))  # nothing changed since: nothing to do
     assert third.attrs["rayscreen"]["last_run"] == {"computed": 0, "skipped": 4}
+
+
+def test_each_task_of_the_pool_is_one_call_so_a_retry_redoes_at_most_one_calls_wells(ray_local):
+    """Ray Data runs a lost actor's task again whole, and a task is a whole block: blocks of
+    16 x concurrency per screen made one task thousands of wells (at 384k wells), every one
+    of them redone by a retry. Each task must be one call of at most per_call wells. (A
+    task's outputs come out as one block -- they are small -- so each output block here
+    must hold the rows of one call only.)"""
+    import uuid
+
+    import ray
+
+    from rayscreen.infer.run import wells_dataset
+
+    class Calls:
+        def __call__(self, batch):
+            n = len(batch["index"])
+            return {"index": batch["index"], "call": np.array([uuid.uuid4().hex] * n)}
+
+    per_call, todo = 6, [{"index": i, "plate_uri": "/p/P.zarr", "plate": "P", "well": f"W{i}"} for i in range(200)]
+    ds = wells_dataset(todo, per_call).map_batches(Calls, batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=1),
+                                                   batch_format="numpy")
+    blocks = [(b["index"].tolist(), set(b["call"].tolist())) for b in ds.iter_batches(batch_size=None)]
+    assert sorted(i for index, _ in blocks for i in index) == list(range(200))
+    assert [len(calls) for _, calls in blocks] == [1] * len(blocks), [len(index) for index, _ in blocks]
+    assert max(len(index) for index, _ in blocks) <= per_call and len(blocks) == -(-200 // per_call)

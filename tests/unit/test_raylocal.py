@@ -1,5 +1,7 @@
 """Small pieces of the Ray glue that need no Ray: finding a worker's own error in a chain."""
 
+import pytest
+
 from rayscreen.raylocal import cause_of
 from rayscreen.store import RayscreenError
 
@@ -98,3 +100,22 @@ def test_local_init_starts_its_own_ray_with_a_dashboard_port_of_its_own():
     assert kw["dashboard_port"] != 8265 and 1024 < kw["dashboard_port"] < 65536
     assert local_init_kwargs(include_dashboard=False, dashboard_port=9000)["dashboard_port"] == 9000
     assert "dashboard_port" not in local_init_kwargs()  # with a dashboard, Ray finds a free port itself
+
+
+@pytest.mark.parametrize("key", ["train.use_gpu", "infer.use_gpu", "profile.use_gpu"])
+def test_use_gpu_follows_the_setting_and_says_what_it_chose(key):
+    """true reserves GPUs the cluster does not have yet (an autoscaling cluster whose GPU
+    nodes start at 0: the autoscaler starts them for the pending workers); false is CPU even
+    with GPUs up; null follows the cluster now and, on CPU, names what to set."""
+    from rayscreen.raylocal import resolve_use_gpu
+
+    use, line = resolve_use_gpu(key, True, 0)
+    assert use is True and "no GPU now" in line and "waiting" in line
+    assert resolve_use_gpu(key, True, 4) == (True, f"{key.split('.')[0]}: one GPU each ({key}: true)")
+    assert resolve_use_gpu(key, False, 8)[0] is False and resolve_use_gpu(key, False, 0)[0] is False
+    use, line = resolve_use_gpu(key, None, 2)
+    assert use is True and "2 GPU(s) now" in line
+    use, line = resolve_use_gpu(key, None, 0)
+    assert use is False and f"set {key}: true" in line and "autoscaling" in line
+    for setting, gpus in ((True, 0), (False, 1), (None, 1), (None, 0)):
+        assert "\n" not in resolve_use_gpu(key, setting, gpus)[1]

@@ -1,0 +1,297 @@
+"""The profile stage's driver without Ray: GPU choice, plate checks, the well writes from a
+thread pool (run_profile with the actor stream replaced by rows made here) and the store's
+attributes."""
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import rayscreen.profile.predictor as predictor
+import rayscreen.profile.run as profile_run
+from rayscreen.config import ConfigError, config_from_dict
+from rayscreen.profile.image_qc import qc_metric_names
+from rayscreen.profile.run import WellWrites, check_plate_set, plan_profile, run_profile
+from rayscreen.store import RayscreenError
+from rayscreen.store.results import ResultsWriter
+from rayscreen.testing import make_plate
+
+# --------------------------------------------------------------------------- profile.use_gpu
+
+
+# --------------------------------------------------------------------------- plate checks
+
+
+class FakePlate:
+    def __init__(self, name, channels):
+        self.name, self.channels = name, list(channels)
+
+
+def test_plate_set_returns_the_streamed_channels():
+    plates = [("s3://b/p1.zarr", FakePlate("P1", ["DNA", "Actin"])), ("s3://b/p2.zarr", FakePlate("P2", ["DNA", "Actin"]))]
+    assert check_plate_set(plates) == ["DNA", "Actin"]
+    assert check_plate_set(plates, ["Actin"]) == ["Actin"]
+    assert check_plate_set([]) == []
+
+
+def test_plate_set_rejects_two_plates_of_one_name_naming_both_uris():
+    plates = [("s3://b/a.zarr", FakePlate("P1", ["DNA"])), ("s3://b/x.zarr", FakePlate("P2", ["DNA"])),
+              ("s3://b/b.zarr", FakePlate("P1", ["DNA"]))]
+    with pytest.raises(RayscreenError) as err:
+        check_plate_set(plates)
+    assert "s3://b/a.zarr" in str(err.value) and "s3://b/b.zarr" in str(err.value) and "'P1'" in str(err.value)
+    with pytest.raises(ConfigError):  # train's planner passes its own error type
+        check_plate_set(plates, error=ConfigError)
+
+
+def test_plate_set_rejects_a_channel_a_later_plate_lacks():
+    plates = [("/d/p1.zarr", FakePlate("P1", ["DNA", "Actin"])), ("/d/p2.zarr", FakePlate("P2", ["DNA", "Mito"]))]
+    with pytest.raises(RayscreenError, match="Actin") as err:
+        check_plate_set(plates, ["DNA", "Actin"])
+    assert "/d/p1.zarr" in str(err.value) and "/d/p2.zarr" in str(err.value)
+
+
+def test_plate_set_names_the_missing_channel_and_the_plates():
+    plates = [("/d/p1.zarr", FakePlate("P1", ["DNA"])), ("/d/p2.zarr", FakePlate("P2", ["DNA"]))]
+    with pytest.raises(RayscreenError, match=r"stream.channels: \['Mito'\]") as err:
+        check_plate_set(plates, ["DNA", "Mito"])
+    assert "/d/p1.zarr" in str(err.value) and "/d/p2.zarr" in str(err.value)
+
+
+def test_plan_profile_checks_every_plate_not_only_the_first(tmp_path):
+    p1 = make_plate(str(tmp_path / "p1.zarr"), "P1", wells=("A01",), fields=1, field_shape=(8, 8),
+                    channels=("DNA", "Actin"))
+    p2 = make_plate(str(tmp_path / "p2.zarr"), "P2", wells=("A01",), fields=1, field_shape=(8, 8),
+                    channels=("DNA", "Mito"))
+    twin = make_plate(str(tmp_path / "twin.zarr"), "P1", wells=("A01",), fields=1, field_shape=(8, 8),
+                      channels=("DNA", "Actin"))
+    config = config_from_dict({"plates": [p1, p2], "output": str(tmp_path / "out"),
+                               "stream": {"channels": ["DNA", "Actin"], "normalize": "none"}})
+    with pytest.raises(RayscreenError, match="Actin") as err:
+        plan_profile(config)
+    assert p2 in str(err.value)
+    with pytest.raises(RayscreenError, match="both named 'P1'") as err:
+        plan_profile(config.replace(plates=[p1, twin]))
+    assert p1 in str(err.value) and twin in str(err.value)
+
+
+# --------------------------------------------------------------------------- run_profile without Ray
+
+D = 5  # features of the stand-in network
+
+
+class StandInPredictor:
+    """What run_profile asks of its probe: feature names and a network to fingerprint."""
+
+    def __init__(self, *args, **kwargs):
+        self.features = [f"f{i}" for i in range(D)]
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(2, D)
+
+
+def field_row(plate, well, field):
+    seed = sum(map(ord, f"{plate}/{well}/{field}"))
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=D).astype(np.float32), rng.random(len(qc_metric_names(2))).astype(np.float32)
+
+
+@pytest.fixture
+def driver(tmp_path, monkeypatch):
+    """run_profile over two plates of 12 wells, its actor stream replaced by rows made here
+    (batches of 3 rows, wells interleaved) and no Ray."""
+    wells = tuple(f"{r}{c:02d}" for r in "AB" for c in range(1, 7))
+    uris = [make_plate(str(tmp_path / f"P{p}.zarr"), f"P{p}", wells=wells, fields=2, field_shape=(8, 8))
+            for p in (1, 2)]
+
+    def stream(config, plan, todo, normalizers, on_batch):
+        rows = [(plate, well, f) for f in ("0", "1") for plate, well in todo]
+        for k in range(0, len(rows), 3):
+            chunk = rows[k:k + 3]
+            made = [field_row(*r) for r in chunk]
+            on_batch({"plate": np.array([r[0] for r in chunk]), "well": np.array([r[1] for r in chunk]),
+                      "field": np.array([r[2] for r in chunk]), "profile": np.stack([m[0] for m in made]),
+                      "qc": np.stack([m[1] for m in made])})
+        return None
+
+    monkeypatch.setattr(predictor, "ProfilePredictor", StandInPredictor)
+    monkeypatch.setattr(profile_run, "_profile_fields", stream)
+    monkeypatch.setattr(profile_run, "ensure_ray", lambda: None)
+
+    def config(output, **profile):
+        return config_from_dict({"plates": uris, "output": str(tmp_path / output), "stream": {"normalize": "none"},
+                                 "profile": {"classical": False, **profile}})
+
+    return config
+
+
+def store_files(uri):
+    """{relative path: bytes} of a local store, the root's creation and finish times and the
+    run's output directory left out."""
+    out = {}
+    for dirpath, _, files in os.walk(uri):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            data = open(path, "rb").read()
+            if os.path.relpath(path, uri) == "zarr.json":
+                doc = json.loads(data)
+                for key in ("created", "finished"):
+                    doc["attributes"]["rayscreen"].pop(key, None)
+                doc["attributes"]["rayscreen"]["config"].pop("output")
+                data = json.dumps(doc, sort_keys=True).encode()
+            out[os.path.relpath(path, uri)] = data
+    return out
+
+
+class SerialWrites:
+    """The driver's writes as they were: each well written in the driver, one after the other."""
+
+    def __init__(self, writer, on_written=None, **_):
+        self.writer, self.on_written = writer, on_written
+
+    def submit(self, index, values):
+        self.writer.write_well(index, values)
+        self.on_written(index)
+
+    def finish(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def slowed_writes(monkeypatch, fail_on=None):
+    """write_well slowed (a PUT's latency, in random order) and counting how many run at once."""
+    original = ResultsWriter.write_well
+    state = {"now": 0, "most": 0, "calls": [], "lock": threading.Lock()}
+    rng = np.random.default_rng(1)
+    delays = iter(rng.uniform(0.005, 0.03, 10_000))
+
+    def write_well(self, index, values):
+        with state["lock"]:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["calls"].append(index)
+            delay = next(delays)
+        try:
+            time.sleep(delay)
+            if fail_on is not None and index == fail_on:
+                raise OSError(f"PUT failed for well {index}")
+            original(self, index, values)
+        finally:
+            with state["lock"]:
+                state["now"] -= 1
+
+    monkeypatch.setattr(ResultsWriter, "write_well", write_well)
+    return state
+
+
+def test_wells_are_written_concurrently_into_the_same_bytes_as_one_by_one(driver, monkeypatch):
+    state = slowed_writes(monkeypatch)
+    concurrent = run_profile(driver("concurrent"), progress=False)
+    assert state["most"] > 1  # written from the pool, not one after the other in the driver
+    assert sorted(state["calls"]) == list(range(24))  # every well once
+    with monkeypatch.context() as m:
+        m.setattr(profile_run, "WellWrites", SerialWrites)
+        serial = run_profile(driver("serial"), progress=False)
+    a, b = store_files(concurrent), store_files(serial)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    done = zarr.open_group(concurrent, mode="r")["done"][...]
+    assert (done == 1).all()
+    assert zarr.open_group(concurrent, mode="r").attrs["rayscreen"]["last_run"] == {"computed": 24, "skipped": 0}
+
+
+def test_the_progress_bar_counts_each_written_well(driver, monkeypatch):
+    counted = []
+
+    class Counting(profile_run.Progress):
+        def update(self, n=1):
+            counted.append(threading.current_thread() is threading.main_thread())
+            super().update(n)
+
+    monkeypatch.setattr(profile_run, "Progress", Counting)
+    run_profile(driver("run"), progress=False)
+    assert len(counted) == 24 and all(counted)  # once a well, from the driver's thread
+
+
+def test_a_failed_write_fails_the_stage_after_the_writes_in_flight(driver, monkeypatch):
+    original = ResultsWriter.write_well
+    state = slowed_writes(monkeypatch, fail_on=7)
+    config = driver("run")
+    with pytest.raises(OSError, match="PUT failed for well 7"):
+        run_profile(config, progress=False)
+    assert state["now"] == 0  # no write runs on after the stage failed
+    assert not [t for t in threading.enumerate() if t.name.startswith("profile-write")]
+    root = zarr.open_group(config.output + "/profiles.zarr", mode="r")
+    assert root["done"][7] == 0
+    assert "finished" not in root.attrs["rayscreen"]  # not finalized
+    written = int(root["done"][...].sum())
+    assert written < 24
+    # once the fault is gone, a rerun writes the rest
+    monkeypatch.setattr(ResultsWriter, "write_well", original)
+    root = zarr.open_group(run_profile(config, progress=False), mode="r")
+    assert (root["done"][...] == 1).all()
+    assert root.attrs["rayscreen"]["last_run"] == {"computed": 24 - written, "skipped": written}
+
+
+def test_well_writes_raise_the_first_error_and_take_each_well_once(tmp_path):
+    written = []
+
+    class Writer:
+        variables = {}
+
+        def write_well(self, index, values):
+            time.sleep(0.01)
+            if index == 3:
+                raise OSError("boom on 3")
+            written.append(index)
+
+    writes = WellWrites(Writer(), threads=4)
+    with pytest.raises(OSError, match="boom on 3"):
+        with writes:
+            for i in range(40):
+                writes.submit(i, {})
+            writes.finish()
+    assert 3 not in written and len(written) == len(set(written)) < 40  # stopped early, none twice
+    with pytest.raises(OSError, match="boom on 3"):
+        writes.submit(99, {})  # a swallowed error still stops the next write
+
+    writes = WellWrites(Writer(), threads=2)
+    with writes:
+        writes.submit(0, {})
+        with pytest.raises(RayscreenError, match="twice"):
+            writes.submit(0, {})
+
+
+def test_well_writes_keep_the_wells_before_another_error(tmp_path):
+    """The stream fails: the wells already handed to the writer are still written."""
+    written, counted = [], []
+
+    class Writer:
+        variables = {}
+
+        def write_well(self, index, values):
+            time.sleep(0.02)
+            written.append(index)
+
+    with pytest.raises(KeyError):
+        with WellWrites(Writer(), on_written=counted.append, threads=2) as writes:
+            for i in range(6):
+                writes.submit(i, {})
+            raise KeyError("the stream failed")
+    assert sorted(written) == list(range(6)) and sorted(counted) == list(range(6))
+
+
+def test_the_store_records_the_weights_uri_without_its_password(driver):
+    uri = run_profile(driver("run", weights="https://alice:hunter2@models.example/w.pt"), progress=False)
+    attrs = zarr.open_group(uri, mode="r").attrs["rayscreen"]
+    assert attrs["checkpoint"] == "https://alice:***@models.example/w.pt"
+    assert "hunter2" not in json.dumps(dict(zarr.open_group(uri, mode="r").attrs))
