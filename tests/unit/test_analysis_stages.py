@@ -273,21 +273,24 @@ def test_qc_annotations_read_with_the_store_key_types(tmp_path):
         read_qc_annotations(config(tmp_path, qc={"annotations": str(path)}))
 
 
+class StandInWriter:
+    """Stands in for the store's writer in the QC tests below: they are about reading and
+    matching annotation keys, not about what is written."""
+    variables = ["field_profile", "field_status"]
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    write_well = update_attrs = finalize = lambda self, *args, **kwargs: None
+
+
 def test_run_qc_on_numeric_plate_names(tmp_path, monkeypatch):
     """A store whose plates are named 1001/1002 and an annotation CSV read by pandas: the
     plates used to come out int64 and the merge with the store's str plates raised."""
     import rayscreen.store.results
     from rayscreen.analysis.stages import run_qc
 
-    class Writer:  # stands in for the store's writer: this test is about reading and matching keys
-        variables = ["field_profile", "field_status"]
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        write_well = update_attrs = finalize = lambda self, *args, **kwargs: None
-
-    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", Writer)
+    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", StandInWriter)
     ds = store()
     wells = [w.replace("P1", "1001").replace("P2", "1002") for w in ds["well"].values]
     plates = [w.split("/")[0] for w in wells]
@@ -313,15 +316,7 @@ def test_qc_annotation_wells_are_read_as_the_platemap_reads_them(tmp_path, monke
     import rayscreen.store.results
     from rayscreen.analysis.stages import run_qc
 
-    class Writer:  # stands in for the store's writer: this test is about reading and matching keys
-        variables = ["field_profile", "field_status"]
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        write_well = update_attrs = finalize = lambda self, *args, **kwargs: None
-
-    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", Writer)
+    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", StandInWriter)
     ds = store()
     csv = tmp_path / "qc.csv"
     csv.write_text("plate,well,field,label\nP1,A1,0,abnormal\nP1,a01,1,normal\nP1,A/2,0,1\nP1,A2,1,0\n"
