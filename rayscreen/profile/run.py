@@ -380,7 +380,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
         ensure_ray()
         bar = Progress(len(todo), "profile", "well", enabled=progress)
         todo_keys = {(wells.at[i, "plate"], wells.at[i, "well"]): i for i in todo}
-        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        # well index -> {field: row}: by field, since a task Ray runs again after losing its
+        # actor sends again the rows it had sent (at least once); counted twice, a well was
+        # written with a field missing and its last field dropped as "already done"
+        pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         n_classical = len(classical) if classical else None
 
         plates: dict[str, Any] = {}
@@ -397,7 +400,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
 
         def flush(i: int, present: list[str] | None = None) -> None:
             key = (wells.at[i, "plate"], wells.at[i, "well"])
-            values = well_values(pending.pop(i, []), plan["fields"][key], n_fields, len(features),
+            values = well_values(list(pending.pop(i, {}).values()), plan["fields"][key], n_fields, len(features),
                                  n_classical, len(qc_names), present, where=f"plate {key[0]!r} well {key[1]}")
             empty[i] = not (values["field_status"] == STATUS_OK).any()
             writes.submit(i, values)  # the bar counts it once written
@@ -410,12 +413,12 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                 row = {"field": batch["field"][j], "profile": batch["profile"][j], "qc": batch["qc"][j]}
                 if classical:
                     row["classical"] = batch["classical"][j]
-                pending[i].append(row)
+                pending[i][str(row["field"])] = row
                 key = (wells.at[i, "plate"], wells.at[i, "well"])
                 if len(pending[i]) == len(plan["fields"][key]):
                     expected = set(plan["fields"][key])
                     # fields named otherwise than 0 .. field_count - 1 (another tool's plate): by the plate's list
-                    odd = any(str(r["field"]) not in expected for r in pending[i])
+                    odd = any(f not in expected for f in pending[i])
                     flush(i, fields_on_disk(*key) if odd else None)
                     todo_keys.pop(key)
 
