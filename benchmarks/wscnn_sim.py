@@ -67,8 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 12/25/25-filter net on 320 training images did not leave chance in 10-15 CPU epochs
         ellipse_aspect=(0.4, 0.6),
         # the paper's optimiser (SGD, momentum 0.9, weight decay 5e-4) at 100x its learning
-        # rate, for 20 CPU epochs instead of the paper's long GPU schedule (docs/results.md)
-        width=0.25, epochs=20, batch_size=16, optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=5e-4,
+        # rate, for 30 CPU epochs instead of the paper's long GPU schedule (docs/results.md;
+        # 20 until session 16, when max pooling's validation accuracy, averaged over four
+        # seeds, was higher with 30: 0.762 against 0.735)
+        width=0.25, epochs=30, batch_size=16, optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=5e-4,
         schedule="plateau",
         # exact pixel permutations only: with one circle per image, a translation or rotation
         # with zero fill can push the only circle out of the field and flip the label
