@@ -100,6 +100,16 @@ def field_row(plate, well, field):
     return rng.normal(size=D).astype(np.float32), rng.random(len(qc_metric_names(2))).astype(np.float32)
 
 
+def send_rows(rows, on_batch):
+    """(plate, well, field) rows to ``on_batch`` as the actors' output: batches of 3 rows."""
+    for k in range(0, len(rows), 3):
+        chunk = rows[k:k + 3]
+        made = [field_row(*r) for r in chunk]
+        on_batch({"plate": np.array([r[0] for r in chunk]), "well": np.array([r[1] for r in chunk]),
+                  "field": np.array([r[2] for r in chunk]), "profile": np.stack([m[0] for m in made]),
+                  "qc": np.stack([m[1] for m in made])})
+
+
 @pytest.fixture
 def driver(tmp_path, monkeypatch):
     """run_profile over two plates of 12 wells, its actor stream replaced by rows made here
@@ -109,13 +119,7 @@ def driver(tmp_path, monkeypatch):
             for p in (1, 2)]
 
     def stream(config, plan, todo, normalizers, on_batch):
-        rows = [(plate, well, f) for f in ("0", "1") for plate, well in todo]
-        for k in range(0, len(rows), 3):
-            chunk = rows[k:k + 3]
-            made = [field_row(*r) for r in chunk]
-            on_batch({"plate": np.array([r[0] for r in chunk]), "well": np.array([r[1] for r in chunk]),
-                      "field": np.array([r[2] for r in chunk]), "profile": np.stack([m[0] for m in made]),
-                      "qc": np.stack([m[1] for m in made])})
+        send_rows([(plate, well, f) for f in ("0", "1") for plate, well in todo], on_batch)
         return None
 
     monkeypatch.setattr(predictor, "ProfilePredictor", StandInPredictor)
@@ -303,13 +307,7 @@ def test_rows_a_retried_task_sends_again_are_counted_once(driver, monkeypatch):
     missing: written with a read error there, its last field then dropped as done."""
     def stream(config, plan, todo, normalizers, on_batch):
         rows = [(plate, well, f) for f in ("0", "1") for plate, well in todo]
-        rows = rows[:5] + rows[:5] + rows[5:]  # a task's first rows, then its retry from the start
-        for k in range(0, len(rows), 3):
-            chunk = rows[k:k + 3]
-            made = [field_row(*r) for r in chunk]
-            on_batch({"plate": np.array([r[0] for r in chunk]), "well": np.array([r[1] for r in chunk]),
-                      "field": np.array([r[2] for r in chunk]), "profile": np.stack([m[0] for m in made]),
-                      "qc": np.stack([m[1] for m in made])})
+        send_rows(rows[:5] + rows[:5] + rows[5:], on_batch)  # a task's first rows, then its retry from the start
         return None
 
     clean = run_profile(driver("clean"), progress=False)
