@@ -241,7 +241,9 @@ class InferConfig:
     use_gpu: bool | None = None
 
     def __post_init__(self):
-        _positive("infer", self, "batch_size", "concurrency", "saliency_downsample", "mask_nms_size", "num_cpus")
+        _positive("infer", self, "batch_size", "concurrency", "saliency_downsample", "mask_nms_size")
+        if self.num_cpus < 0:  # 0 is Ray's "reserve none"
+            raise _InvalidValue("infer", "num_cpus", f"expected CPUs per actor >= 0, found {self.num_cpus}")
         if self.saliency_sigma < 0:
             raise _InvalidValue("infer", "saliency_sigma", f"expected a smoothing width >= 0 pixels (0: none), "
                                                            f"found {self.saliency_sigma}")
@@ -283,7 +285,8 @@ class QCConfig:
     label: str = "label"  # a blank label leaves the row out, any other value is an error
 
     def __post_init__(self):
-        _positive("analysis.qc", self, "k")
+        if self.method == "knn":  # the linear probe has no k
+            _positive("analysis.qc", self, "k")
 
 
 @dataclass(frozen=True)
@@ -342,21 +345,12 @@ class Config:
         writes beside its outputs (``config.yaml``, store attributes, checkpoints, the exported
         model), which get shared and archived. Credentials come from the standard places and
         are never written out."""
-        from .store.uri import mask_url_passwords, redact
-
-        def masked(value: Any) -> Any:  # a password in any URI (plates, platemap, weights...)
-            if isinstance(value, str):
-                return mask_url_passwords(value)
-            if isinstance(value, dict):
-                return {k: masked(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [masked(v) for v in value]
-            return value
+        from .store.uri import redact
 
         record = self.to_dict()
         if record["storage_options"]:
             record["storage_options"] = redact(record["storage_options"])
-        return masked(record)
+        return mask_record(record)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -504,6 +498,20 @@ def _key_lines(node, source: str, prefix: str = "") -> dict[str, int]:
             seen[key] = out[key] = line
             out.update(_key_lines(v, source, key + "."))
     return out
+
+
+def mask_record(value: Any) -> Any:
+    """``value`` (a config record: dicts, lists, scalars) with the password of every URL in
+    its strings masked (plates, platemap, weights...): what :meth:`Config.to_record` writes."""
+    from .store.uri import mask_url_passwords
+
+    if isinstance(value, str):
+        return mask_url_passwords(value)
+    if isinstance(value, dict):
+        return {k: mask_record(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_record(v) for v in value]
+    return value
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

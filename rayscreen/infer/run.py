@@ -624,16 +624,14 @@ def _score_wells(plan: InferPlan, config: Config, todo: list[dict[str, Any]],
     if progress:
         print(note, file=sys.stderr)
     else:
-        log.info(note)
+        log.debug(note)
     per_call = wells_per_call(ic.batch_size, plan.n_fields)
     ds = wells_dataset(todo, per_call)
-    # the pixels an actor holds at most: the well scored, READ_AHEAD read ahead, one more being
-    # released (float32); a hint for the scheduler, not a limit (the model and outputs come on top)
-    well_bytes = plan.n_fields * len(plan.options.channels) * plan.field_shape[0] * plan.field_shape[1] * 4
+    # (no memory= reservation: Ray schedules by it as a hard resource, and a few wells of a
+    # large plate would have kept actors off nodes that hold them; read_ahead bounds the wells)
     ds = ds.map_batches(InferWells, fn_constructor_kwargs={"job": WellScoring.of(plan, config, use_gpu)},
                         batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=ic.concurrency),
-                        num_gpus=1 if use_gpu else None, num_cpus=ic.num_cpus,
-                        memory=(READ_AHEAD + 2) * well_bytes, batch_format="numpy")
+                        num_gpus=1 if use_gpu else None, num_cpus=ic.num_cpus, batch_format="numpy")
 
     def handle(row: dict[str, Any]) -> None:
         if on_well is not None:

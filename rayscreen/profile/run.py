@@ -330,6 +330,10 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     cfg = config.profile
     plan = plan_profile(config)
     channels, n_fields = plan["channels"], plan["n_fields"]
+    # read before the normalisers: a refit in between then reopens wells made with the old
+    # ones on the next run, where read after it would record the new version against them
+    versions = corrections_versions(plan["plate_uris"], config.storage_options,
+                                    illumination=config.stream.illumination, normalize=config.stream.normalize)
     normalizers = None
     if config.stream.normalize != "none":
         # checked before any work (a missing normaliser fails in a second, not after the
@@ -362,9 +366,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     write_config(config)
 
     # again: wells of plates whose stored corrections were refitted since they were profiled,
-    writer.reopen_changed_plates(corrections_versions(
-        plan["plate_uris"], config.storage_options, illumination=config.stream.illumination,
-        normalize=config.stream.normalize))
+    writer.reopen_changed_plates(versions)
     # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
     retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
@@ -498,6 +500,9 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                                    channel_mode=cfg.channel_mode, rgb=cfg.rgb, input_size=cfg.input_size,
                                    tiles=cfg.tiles, classical=cfg.classical, qc=True,
                                    batch_size=cfg.batch_size, storage_options=config.storage_options,
+                                   # the actor's device follows what it reserved: Ray leaves every
+                                   # GPU of the node visible to an actor that reserved none
+                                   device="cuda" if use_gpu else "cpu",
                                    normalizers=normalizers,
                                    # detector clipping level of an uncorrected stream (the
                                    # stream's saturation column replaces it)

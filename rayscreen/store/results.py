@@ -517,6 +517,11 @@ class ResultsWriter:
         are recorded: a crash in between reopens them again, never keeps them."""
         ns = self._root.attrs.get(NAMESPACE, {})
         stored = ns.get("plate_versions") or {}
+        if "plate_versions" not in ns and versions and self.done_mask().any():
+            warnings.warn(f"{self.uri} was written by a rayscreen that did not record the plates' corrections: "
+                          "if `rayscreen illum` refitted a plate since its wells were written, they are kept "
+                          "as they are (set overwrite: true to compute them again); later refits are noticed",
+                          stacklevel=2)
         changed = {p for p, v in versions.items() if p in stored and stored[p] != v}
         reopened: dict[str, int] = {}
         if changed:

@@ -204,7 +204,8 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
     use_gpu, note = resolve_use_gpu("train.use_gpu", t.use_gpu)
     if progress:
         print(note, file=sys.stderr, flush=True)
-    log.info(note)
+    else:
+        log.debug(note)
     loop_config = {
         # by object reference: Ray Train records its train_loop_config in the run state that the
         # dashboard shows, and the config's storage_options may carry credentials

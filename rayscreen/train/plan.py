@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, mask_record
 from ..store import RayscreenError, open_plate
 from ..store.uri import filesystem, join
 from .labels import LABEL_COL, UNLABELLED, resolve_labels
@@ -165,7 +165,8 @@ def check_resume(config: Config, storage_path: str, run_name: str, split: dict[s
         raise ConfigError(f"train.run_name: {run_name!r} exists under {storage_path} but holds no {CONFIG_FILE}; "
                           "choose another train.run_name")
     stored = json.loads(fs.cat(stored_file))
-    diff = config_differences(stored, config.to_record())
+    # a record written before rayscreen masked URL passwords in every URI: masked the same way
+    diff = config_differences(mask_record(stored), config.to_record())
     if diff:
         raise ConfigError(f"train.run_name: run {run_name!r} exists and was started with a different config "
                           f"({', '.join(diff[:8])} differ); refusing to resume it. Use a new train.run_name "

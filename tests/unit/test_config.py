@@ -250,3 +250,10 @@ def test_the_record_masks_passwords_in_every_uri():
     assert "S3cr3t" not in text and "PW2" not in text and "pw3" not in text
     assert config.to_record()["plates"] == ["https://alice:***@host/p.zarr"]
     assert config.plates == ["https://alice:S3cr3t@host/p.zarr"]  # the config itself still reads them
+
+
+def test_values_that_were_valid_stay_valid():
+    """0 CPUs per infer actor is Ray's "reserve none"; k is read by the kNN probe only."""
+    config = config_from_dict({"plates": ["p.zarr"], "output": "out", "infer": {"num_cpus": 0},
+                               "analysis": {"qc": {"method": "linear", "k": 0}}})
+    assert config.infer.num_cpus == 0 and config.analysis.qc.k == 0

@@ -257,4 +257,5 @@ def test_wells_of_a_plate_whose_corrections_changed_are_reopened(tmp_path):
 
     old = _create(tmp_path / "old.zarr")  # a store written before versions were recorded
     old.write_well(0, _values(0))
-    assert old.reopen_changed_plates({"P1": "zzz"}) == {} and old.done_wells() == [0]
+    with pytest.warns(UserWarning, match="did not record the plates' corrections.*overwrite: true"):
+        assert old.reopen_changed_plates({"P1": "zzz"}) == {} and old.done_wells() == [0]

@@ -289,3 +289,18 @@ def test_a_deterministic_runs_read_tasks_come_from_the_data_not_the_cluster():
     assert read_tasks(None, True, 1) == 1 and read_tasks(None, True, 0) == 1
     assert read_tasks(None, False, 20) is None  # Ray Data's default, from the cluster
     assert read_tasks(6, True, 20) == 6 and read_tasks(6, False, 20) == 6  # stream.override_num_blocks wins
+
+
+def test_a_run_recorded_before_passwords_were_masked_everywhere_resumes(tmp_path):
+    """Records written by an earlier rayscreen masked storage_options only; compared with
+    today's record (a URI's password masked too) the run was refused as another config."""
+    import json
+
+    from rayscreen.train.plan import CONFIG_FILE, check_resume
+
+    config = config_from_dict({"plates": ["https://user:pw@host/P.zarr"], "output": str(tmp_path / "out"),
+                               "model": {"kwargs": {"trunk_weights": "https://user:pw@host/w.pt"}}})
+    run = tmp_path / "runs" / "train"
+    run.mkdir(parents=True)
+    (run / CONFIG_FILE).write_text(json.dumps(config.to_dict()))  # as an earlier version wrote it
+    assert check_resume(config, str(tmp_path / "runs"), "train") is True
