@@ -61,7 +61,8 @@ from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path, make_store, mask_url_passwords
-from ..stream.datasource import StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells
+from ..stream.datasource import (StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells,
+                                 report_left_out)
 from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
@@ -305,6 +306,13 @@ class InferWells:
         except MissingWellError as e:
             raise_unless_skipping(e, options.on_error)
             # sparse plate: every field ABSENT; the well is looked for again on the next run
+            return [], [], None
+        except RayscreenError as e:
+            # malformed well metadata (another tool's plate): bad data, skipped and reported as
+            # the stream does, under on_error: skip
+            if options.on_error != "skip":
+                raise
+            report_left_out(options, WellTask(uri, row["plate"], row["well"], {}), None, e)
             return [], [], None
         if len(fields) > self.job.n_fields:
             raise RayscreenError(f"{where}: {len(fields)} fields, more than the {self.job.n_fields} "

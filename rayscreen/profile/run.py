@@ -121,6 +121,10 @@ def plan_profile(config: Config) -> dict[str, Any]:
             names = [str(i) for i in range(count)] if count else plate.fields(t.well)
         except MissingWellError:
             names = []
+        except RayscreenError:  # malformed well metadata: the stream skips and reports it under skip
+            if config.stream.on_error != "skip":
+                raise
+            names = []
         fields[(t.plate, t.well)] = [str(f) for f in names]
     rows = [{"plate": t.plate, "well": t.well, "Metadata_Plate": t.plate, **t.annotations} for t in tasks]
     wells = pd.DataFrame(rows)
@@ -398,6 +402,8 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             try:
                 return [str(f) for f in plates[plate_uri].fields(well)]
             except MissingWellError:
+                return []
+            except RayscreenError:  # malformed well metadata: the stream left it out (on_error: skip)
                 return []
 
         def flush(i: int, present: list[str] | None = None) -> None:

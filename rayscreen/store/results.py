@@ -299,7 +299,9 @@ def create_results(
     root_attrs = {NAMESPACE: {"kind": kind, "version": __version__,
                               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                               "layout_hash": None, "variables": [v.spec() for v in variables],
-                              "settings": settings, "complete": False, **(attrs or {})}}
+                              "settings": settings, "complete": False,
+                              # filled by reopen_changed_plates; its absence marks an older store
+                              "plate_versions": {}, **(attrs or {})}}
     ds = xr.Dataset(data_vars, coords=ds_coords, attrs=root_attrs)
     store = make_store(uri, storage_options, read_only=False, strict=False)
     with warnings.catch_warnings():

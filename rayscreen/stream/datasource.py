@@ -252,14 +252,14 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
             plate.well_meta(task.well)
         except MissingWellError as e:
             raise_unless_skipping(e, options.on_error)
-            _left_out(options, task, None, e, "missing well")
+            report_left_out(options, task, None, e, "missing well")
             continue
         except RayscreenError as e:
             # malformed well metadata (a foreign plate's, e.g. an image path '../../B/1/0'): bad
             # data like an unreadable field, so skipped and reported as the whole well
             if options.on_error != "skip":
                 raise
-            _left_out(options, task, None, e)
+            report_left_out(options, task, None, e)
             continue
         # outside the try: a well of several acquisitions is a setting to change, not bad data
         fields = plate.fields(task.well)
@@ -274,7 +274,7 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
             except RayscreenError as e:
                 if options.on_error != "skip":
                     raise
-                _left_out(options, task, f, e)
+                report_left_out(options, task, f, e)
                 continue
             base = {"plate": task.plate, "well": task.well, "field": f, **task.annotations}
             if saturated is not None:
@@ -301,7 +301,8 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
         yield _to_batch(rows)
 
 
-def _left_out(options: StreamOptions, task: WellTask, field: Any, error: Exception, kind: str | None = None) -> None:
+def report_left_out(options: StreamOptions, task: WellTask, field: Any, error: Exception,
+                    kind: str | None = None) -> None:
     """Report a field (``field`` None: the whole well) that the stream leaves out, and why."""
     _report(options, {"plate": task.plate, "well": task.well, "field": field, "kind": kind or type(error).__name__,
                       "error": str(error)})

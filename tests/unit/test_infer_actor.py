@@ -118,3 +118,34 @@ def test_a_read_error_fails_the_call_at_its_well_after_the_wells_before_are_writ
     with pytest.raises(RayscreenError, match="B01: unreadable"):
         actor(_batch(plan, range(6)))
     assert writer.done_mask().tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_a_well_with_malformed_metadata_is_left_out_under_skip_and_fails_otherwise(tmp_path_factory, tmp_path):
+    """Another tool's well listing an image path outside the well: a clear error naming the
+    key by default; under stream.on_error: skip the well is written with no field and
+    reported, as the stream does for the same well."""
+    import zarr
+
+    from rayscreen.store import RayscreenError
+    from rayscreen.stream.datasource import load_error_report
+
+    uris, ckpt = make_screen(str(tmp_path_factory.mktemp("bad")), n_plates=1)
+    well = zarr.open_group(f"{uris[0]}/A/2", mode="r+")
+    ome = dict(well.attrs["ome"])
+    ome["well"] = {**ome["well"], "images": [{"path": "../../A/1/0"}]}
+    well.attrs["ome"] = ome
+
+    plan = plan_infer(infer_config(uris, ckpt, tmp_path / "strict"))
+    create_store(plan, infer_config(uris, ckpt, tmp_path / "strict"))
+    strict = InferWells(WellScoring.of(plan, infer_config(uris, ckpt, tmp_path / "strict"), use_gpu=False))
+    with pytest.raises(RayscreenError, match=r"A/2: well.images\[0\].path is '../../A/1/0'"):
+        strict(_batch(plan, [1]))
+
+    config = infer_config(uris, ckpt, tmp_path / "skip").replace(
+        stream=infer_config(uris, ckpt, tmp_path / "skip").stream.__class__(normalize="none", on_error="skip"))
+    plan = plan_infer(config)
+    create_store(plan, config)
+    out = InferWells(WellScoring.of(plan, config, use_gpu=False))(_batch(plan, [0, 1]))
+    assert out["n_fields"].tolist() == [3, 0]
+    records = load_error_report(plan.options.error_report)
+    assert records["well"].tolist() == ["A02"] and "well.images[0].path" in records["error"][0]

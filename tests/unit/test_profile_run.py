@@ -317,3 +317,28 @@ def test_rows_a_retried_task_sends_again_are_counted_once(driver, monkeypatch):
     assert (status == 0).all()  # every field profiled, none taken for a read error
     a, b = store_files(clean), store_files(retried)
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_a_well_with_malformed_metadata_is_written_without_fields_under_skip(driver, monkeypatch, tmp_path):
+    """The stream skips (and reports) another tool's well whose image path leaves the well;
+    the driver then asked the plate for that well's fields to tell a read error from an
+    absent field, and the plate's error stopped the stage."""
+    import dataclasses
+
+    config = driver("skip")
+    config = config.replace(stream=dataclasses.replace(config.stream, on_error="skip"))
+    well = zarr.open_group(f"{config.plates[0]}/A/2", mode="r+")
+    ome = dict(well.attrs["ome"])
+    ome["well"] = {**ome["well"], "images": [{"path": "../../A/1/0"}]}
+    well.attrs["ome"] = ome
+
+    def stream(config, plan, todo, normalizers, on_batch):  # as the stream: the malformed well left out
+        send_rows([(p, w, f) for f in ("0", "1") for p, w in todo if (p, w) != ("P1", "A02")], on_batch)
+        return None
+
+    monkeypatch.setattr(profile_run, "_profile_fields", stream)
+    ds = zarr.open_group(run_profile(config, progress=False), mode="r")
+    wells = [str(w) for w in ds["well"][...]]
+    status = ds["field_status"][...]
+    assert status[wells.index("P1/A02")].tolist() == [1, 1]  # no field: as an absent well
+    assert (np.delete(status, wells.index("P1/A02"), axis=0) == 0).all() and (ds["done"][...] == 1).all()

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from rayscreen.store.results import (NotAResultsStoreError, ResultsLayoutError, Variable, create_results,
-                                     open_results)
+from rayscreen.store.results import (NotAResultsStoreError, ResultsLayoutError, ResultsWriter, Variable,
+                                     create_results, open_results)
 from rayscreen.store.errors import RayscreenError
 
 WELLS = pd.DataFrame({"plate": ["P1", "P1", "P2"], "well": ["A01", "b2", "A/1"],
@@ -255,7 +255,12 @@ def test_wells_of_a_plate_whose_corrections_changed_are_reopened(tmp_path):
         assert writer.reopen_changed_plates({"P1": "bbb", "P2": "ccc"}) == {"P2": 1}
     assert writer.done_wells() == []
 
-    old = _create(tmp_path / "old.zarr")  # a store written before versions were recorded
+    old = _create(tmp_path / "old.zarr")
     old.write_well(0, _values(0))
+    import zarr  # as a store written before versions were recorded: no plate_versions at all
+
+    root = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+")
+    root.attrs["rayscreen"] = {k: v for k, v in root.attrs["rayscreen"].items() if k != "plate_versions"}
+    old = ResultsWriter(str(tmp_path / "old.zarr"))  # reopened, as a later run does
     with pytest.warns(UserWarning, match="did not record the plates' corrections.*overwrite: true"):
         assert old.reopen_changed_plates({"P1": "zzz"}) == {} and old.done_wells() == [0]
