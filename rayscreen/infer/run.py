@@ -60,7 +60,7 @@ from ..store.plate import unfinished_wells, warn_of_timepoints, wells_to_redo
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
-from ..store.uri import filesystem, is_remote, join, local_path, make_store, mask_url_passwords
+from ..store.uri import filesystem, is_remote, join, local_path, mask_url_passwords
 from ..stream.datasource import (StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells,
                                  report_left_out)
 from ..stream.normalize import corrections_versions
@@ -252,7 +252,6 @@ class InferWells:
 
     def __init__(self, job: WellScoring):
         import torch
-        import zarr
 
         from ..models.artefact import build_model
 
@@ -267,9 +266,6 @@ class InferWells:
         self.job = job
         self.writer = ResultsWriter(job.results_uri, so)
         self.shapes = {name: self.writer.shape_of(name) for name in self.writer.variables}
-        # the done flags and field counts of the store, read at each call's start (one chunk per well)
-        store = make_store(job.results_uri, so, read_only=True, strict=False)
-        self._done, self._n_fields = (zarr.open_array(store=store, path=name, mode="r") for name in (DONE, "n_fields"))
         # reader threads read the next wells while the model runs; another writes the last
         # ones (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
         self.reader, self.writes = ThreadPoolExecutor(READERS), ThreadPoolExecutor(1)
@@ -326,10 +322,10 @@ class InferWells:
 
     def _already_done(self, indices: np.ndarray) -> np.ndarray:
         """(len(indices),) int: each well's stored n_fields where its done flag is set, -1 elsewhere."""
-        done = np.asarray(self._done.get_orthogonal_selection((indices,))) == 1
+        done = self.writer.values_at(DONE, indices) == 1
         out = np.full(len(indices), -1, np.int64)
         if done.any():
-            out[done] = np.asarray(self._n_fields.get_orthogonal_selection((indices[done],)), np.int64)
+            out[done] = self.writer.values_at("n_fields", indices[done])
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

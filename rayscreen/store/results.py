@@ -474,6 +474,11 @@ class ResultsWriter:
         """(n_wells,) bool: True where the well's done flag is set."""
         return np.asarray(self._array(DONE)[...]) == 1
 
+    def values_at(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Variable ``name`` of the wells ``indices`` only (one chunk read per well), e.g. the
+        ``done`` flags of one call's wells, where :meth:`done_mask` reads every well's."""
+        return np.asarray(self._array(name).get_orthogonal_selection((np.asarray(indices, np.int64),)))
+
     def done_wells(self) -> list[int]:
         """Indices of wells whose data is complete (a rerun skips them)."""
         return np.flatnonzero(self.done_mask()).tolist()
