@@ -416,15 +416,14 @@ def corrections_version(plate_uri: str, storage_options: dict[str, Any] | None =
 
 def corrections_versions(plate_uris: dict[str, str], storage_options: dict[str, Any] | None = None, *,
                          illumination: bool, normalize: str) -> dict[str, str | None]:
-    """``{plate name: corrections_version}`` of ``{plate name: URI}``, read in parallel
-    threads (on S3 each plate's attributes are a request)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """``{plate name: corrections_version}`` of ``{plate name: URI}``, read in the planning
+    threads (:func:`~.datasource.in_threads`: on S3 each plate's attributes are a request)."""
+    from .datasource import in_threads
 
     def version(uri: str) -> str | None:
         return corrections_version(uri, storage_options, illumination=illumination, normalize=normalize)
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return dict(zip(plate_uris, pool.map(version, plate_uris.values())))
+    return dict(zip(plate_uris, in_threads(version, list(plate_uris.values()))))
 
 
 def stream_normalizer(plate_uri: str, storage_options: dict[str, Any] | None = None, *,
