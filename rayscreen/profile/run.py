@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,7 @@ from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.plate import unfinished_wells, wells_to_redo
 from ..store.results import Variable, create_results
 from ..store.uri import join, mask_url_passwords
+from ..stream.datasource import check_plate_set
 from ..stream.normalize import corrections_versions
 
 log = logging.getLogger(__name__)
@@ -61,42 +62,6 @@ def _field_index(name: Any, order: dict[str, int], where: str = "") -> int:
     if key in order:
         return order[key]
     raise RayscreenError(f"{where + ': ' if where else ''}field {key!r} is not one of the well's fields {list(order)}")
-
-
-def check_plate_set(plates: Sequence[tuple[str, Any]], wanted: Sequence[str] | None = None, *,
-                    error: type[Exception] = RayscreenError) -> list[str]:
-    """The channels a run over ``plates`` (``(uri, plate)`` pairs in config order; a plate is
-    anything with ``.name`` and ``.channels``) streams: ``wanted`` (``stream.channels``) when
-    given, else the plates' channels. Checked on metadata, before any work, as the stream
-    will need them: every plate has the same channels in the same order (a block stacks its
-    fields into one array), no two plates share a name (results are keyed by plate and well),
-    and every wanted channel is there. Raises ``error`` naming the plates' URIs and the
-    clashing name or the missing channel.
-
-    Shared with train's planner (``rayscreen.train.plan.annotations_of``, which passes its
-    ``ConfigError``); its home belongs in :mod:`rayscreen.stream`, below both stages."""
-    channels: list[str] | None = None
-    first_uri = ""
-    seen: dict[str, str] = {}
-    for uri, plate in plates:
-        if plate.name in seen:
-            raise error(f"plates: {seen[plate.name]} and {uri} are both named {plate.name!r} (their NGFF name); "
-                        "wells are keyed by plate name and well, so theirs would be ambiguous")
-        seen[plate.name] = uri
-        if channels is None:
-            channels, first_uri = list(plate.channels), uri
-        elif list(plate.channels) != channels:
-            lacking = [c for c in (wanted or channels) if c not in plate.channels]
-            raise error(f"plates: {first_uri} has channels {channels} but {uri} has {list(plate.channels)}"
-                        f"{f' (it lacks {lacking})' if lacking else ''}; one run needs one channel set")
-    if not wanted:
-        return channels or []
-    missing = [c for c in wanted if c not in (channels or [])]
-    if missing:
-        uris = [u for u, _ in plates]
-        listed = ", ".join(uris[:5]) + (f" and {len(uris) - 5} more" if len(uris) > 5 else "")
-        raise error(f"stream.channels: {missing} not in the plates' channels {channels} (plates {listed})")
-    return list(wanted)
 
 
 def plan_profile(config: Config) -> dict[str, Any]:

@@ -100,6 +100,41 @@ def plan_wells(uris: Sequence[str], storage_options=None, wells: Sequence[str] |
     return [WellTask(t.plate_uri, t.plate, t.well, {k: t.annotations.get(k) for k in columns}) for t in out]
 
 
+def check_plate_set(plates: Sequence[tuple[str, Any]], wanted: Sequence[str] | None = None, *,
+                    error: type[Exception] = RayscreenError) -> list[str]:
+    """The channels a run over ``plates`` (``(uri, plate)`` pairs in config order; a plate is
+    anything with ``.name`` and ``.channels``) streams: ``wanted`` (``stream.channels``) when
+    given, else the plates' channels. Checked on metadata, before any work, as the stream
+    will need them: every plate has the same channels in the same order (a block stacks its
+    fields into one array), no two plates share a name (results are keyed by plate and well),
+    and every wanted channel is there. Raises ``error`` naming the plates' URIs and the
+    clashing name or the missing channel.
+
+    The profile and train planners share it (train passes its ``ConfigError``)."""
+    channels: list[str] | None = None
+    first_uri = ""
+    seen: dict[str, str] = {}
+    for uri, plate in plates:
+        if plate.name in seen:
+            raise error(f"plates: {seen[plate.name]} and {uri} are both named {plate.name!r} (their NGFF name); "
+                        "wells are keyed by plate name and well, so theirs would be ambiguous")
+        seen[plate.name] = uri
+        if channels is None:
+            channels, first_uri = list(plate.channels), uri
+        elif list(plate.channels) != channels:
+            lacking = [c for c in (wanted or channels) if c not in plate.channels]
+            raise error(f"plates: {first_uri} has channels {channels} but {uri} has {list(plate.channels)}"
+                        f"{f' (it lacks {lacking})' if lacking else ''}; one run needs one channel set")
+    if not wanted:
+        return channels or []
+    missing = [c for c in wanted if c not in (channels or [])]
+    if missing:
+        uris = [u for u, _ in plates]
+        listed = ", ".join(uris[:5]) + (f" and {len(uris) - 5} more" if len(uris) > 5 else "")
+        raise error(f"stream.channels: {missing} not in the plates' channels {channels} (plates {listed})")
+    return list(wanted)
+
+
 # Plates opened at once while planning: each open is a few small requests (root metadata,
 # annotations), so 1000 plates on S3 opened one after another took minutes before any work
 # started; the threads wait on the network, not the GIL.

@@ -18,6 +18,7 @@ import pandas as pd
 from ..config import Config, ConfigError, mask_record
 from ..store import RayscreenError, open_plate
 from ..store.uri import filesystem, join
+from ..stream.datasource import check_plate_set
 from .labels import LABEL_COL, UNLABELLED, resolve_labels
 from .splits import assign_splits, check_split
 
@@ -57,28 +58,12 @@ class TrainPlan:
 def annotations_of(config: Config, uris: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
     """All plates' well annotations (platemap applied), plate names and the common channels.
 
-    Raises naming the plates when channel sets differ and naming the channel when
-    ``stream.channels`` asks for one the plates lack.
+    Raises naming the plates when channel sets differ or two plates share a name, and naming
+    the channel when ``stream.channels`` asks for one the plates lack (``check_plate_set``).
     """
-    frames, names, channels = [], [], None
-    for uri in uris:
-        plate = open_plate(uri, config.storage_options, platemap=config.platemap)
-        if channels is None:
-            channels, first = list(plate.channels), uri
-        elif list(plate.channels) != channels:
-            raise ConfigError(f"plates: {first} has channels {channels} but {uri} has {list(plate.channels)}; "
-                              "one run needs one channel set")
-        frames.append(plate.annotations)
-        names.append(plate.name)
-    if len(set(names)) != len(names):
-        raise ConfigError(f"plates: two plates share a name ({names}); wells would be ambiguous")
-    wanted = config.stream.channels
-    if wanted:
-        missing = [c for c in wanted if c not in channels]
-        if missing:
-            raise ConfigError(f"stream.channels: {missing} not in the plates' channels {channels}")
-        channels = list(wanted)
-    return pd.concat(frames, ignore_index=True), names, channels
+    plates = [(uri, open_plate(uri, config.storage_options, platemap=config.platemap)) for uri in uris]
+    channels = check_plate_set(plates, config.stream.channels, error=ConfigError)
+    return pd.concat([p.annotations for _, p in plates], ignore_index=True), [p.name for _, p in plates], channels
 
 
 def _normalization(config: Config, uris: list[str]) -> dict[str, Any] | None:

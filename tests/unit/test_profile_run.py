@@ -16,7 +16,8 @@ import rayscreen.profile.predictor as predictor
 import rayscreen.profile.run as profile_run
 from rayscreen.config import ConfigError, config_from_dict
 from rayscreen.profile.image_qc import qc_metric_names
-from rayscreen.profile.run import WellWrites, check_plate_set, plan_profile, run_profile
+from rayscreen.profile.run import WellWrites, plan_profile, run_profile
+from rayscreen.stream.datasource import check_plate_set
 from rayscreen.store import RayscreenError
 from rayscreen.store.results import ResultsWriter
 from rayscreen.testing import make_plate

@@ -125,6 +125,12 @@ def test_plates_with_different_channels_are_refused(plates, tmp_path):
         plan_run(cfg(plates, tmp_path).replace(plates=[plates["a"], plates["c"]]))
 
 
+def test_two_plates_of_one_name_are_refused_naming_both(plates, tmp_path):
+    twin = make_plate(str(tmp_path / "twin.zarr"), "PA", wells=("A01",), fields=1, field_shape=(16, 16))
+    with pytest.raises(ConfigError, match=f"plates: {plates['a']} and {twin} are both named 'PA'"):
+        plan_run(cfg(plates, tmp_path).replace(plates=[plates["a"], twin]))
+
+
 def test_resume_refuses_a_different_config_and_allows_more_epochs(plates, tmp_path):
     config = cfg(plates, tmp_path)
     plan = plan_run(config)
