@@ -329,7 +329,8 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     for i in changed:
         values = {name: ds[name].isel(well=i).to_numpy() for name in writer.variables}
         values["field_status"] = want[i]
-        writer.write_well(int(i), values)  # same well chunk, rewritten whole: idempotent
+        # same well chunk, rewritten whole: idempotent; QC flags are no reason to retry a well
+        writer.write_well(int(i), values, retry=None)
     summary = result.to_dict()
     summary["features"] = q.features
     writer.update_attrs(qc=summary)

@@ -56,7 +56,7 @@ from ..config import Config, ConfigError, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, resolve_use_gpu, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
-from ..store.plate import unfinished_wells, warn_of_timepoints, wells_to_redo
+from ..store.plate import unfinished_wells, warn_of_timepoints, wells_to_redo, wells_to_retry
 from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
@@ -291,7 +291,8 @@ class InferWells:
                 raise RayscreenError(f"plate {row['plate']!r} well {row['well']}: cannot write label image "
                                      f"{job.labels!r} into {uri} ({type(e).__name__}: {e}); infer.labels "
                                      "needs write access to the plates") from e
-        self.writer.write_well(int(row["index"]), values)
+        retry = bool(wells_to_retry(values["field_status"], READ_ERROR, ABSENT)[0])
+        self.writer.write_well(int(row["index"]), values, retry=retry)
 
     def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
         uri, options = row["plate_uri"], self.job.options
@@ -552,8 +553,9 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
         illumination=config.stream.illumination, normalize=config.stream.normalize))
     # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
-    retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
-        st, READ_ERROR, ABSENT, plan.wells["plate_uri"].to_numpy(), config.storage_options))
+    plate_uris = plan.wells["plate_uri"].to_numpy()
+    retried = writer.reopen_wells("field_status", lambda st, at: wells_to_redo(
+        st, READ_ERROR, ABSENT, plate_uris[at], config.storage_options))
     done = writer.done_mask()
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
             for i, r in enumerate(plan.wells.itertuples()) if not done[i]]

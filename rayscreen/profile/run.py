@@ -40,7 +40,7 @@ from ..config import Config, write_config
 from ..progress import Progress
 from ..raylocal import drain, ensure_ray, resolve_use_gpu, stage_data_context, stream_failure
 from ..store import MissingWellError, RayscreenError, open_plate
-from ..store.plate import unfinished_wells, wells_to_redo
+from ..store.plate import unfinished_wells, wells_to_redo, wells_to_retry
 from ..store.results import Variable, create_results
 from ..store.uri import join, mask_url_passwords
 from ..stream.datasource import check_plate_set
@@ -231,12 +231,13 @@ class WellWrites:
         for name in getattr(writer, "variables", {}):
             writer.shape_of(name)
 
-    def submit(self, index: int, values: dict[str, np.ndarray]) -> None:
+    def submit(self, index: int, values: dict[str, np.ndarray], *, retry: bool = False) -> None:
+        """Queue well ``index``'s write (``retry``: :meth:`ResultsWriter.write_well`'s flag)."""
         if index in self._submitted:
             raise RayscreenError(f"profile: well {index} written twice in one run")  # a bug, never data
         self._collect(block=len(self._pending) >= self._max_pending)
         self._submitted.add(index)
-        self._pending[self._pool.submit(self._writer.write_well, index, values)] = index
+        self._pending[self._pool.submit(self._writer.write_well, index, values, retry=retry)] = index
 
     def finish(self) -> None:
         """Wait for every write; raises the first that failed."""
@@ -338,9 +339,9 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
     writer.reopen_changed_plates(versions)
     # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
-    retried = writer.reopen_wells("field_status", lambda st: wells_to_redo(
-        st, STATUS_ERROR, STATUS_MISSING, plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy(),
-        config.storage_options))
+    plate_uris = plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy()
+    retried = writer.reopen_wells("field_status", lambda st, at: wells_to_redo(
+        st, STATUS_ERROR, STATUS_MISSING, plate_uris[at], config.storage_options))
     done = set(writer.done_wells())
     wells = plan["wells"]
     empty = np.zeros(len(wells), bool)  # wells written this run without a profiled field
@@ -376,7 +377,8 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             values = well_values(list(pending.pop(i, {}).values()), plan["fields"][key], n_fields, len(features),
                                  n_classical, len(qc_names), present, where=f"plate {key[0]!r} well {key[1]}")
             empty[i] = not (values["field_status"] == STATUS_OK).any()
-            writes.submit(i, values)  # the bar counts it once written
+            retry = bool(wells_to_retry(values["field_status"], STATUS_ERROR, STATUS_MISSING)[0])
+            writes.submit(i, values, retry=retry)  # the bar counts it once written
 
         def on_batch(batch: dict[str, np.ndarray]) -> None:
             for j in range(len(batch["well"])):

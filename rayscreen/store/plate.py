@@ -376,8 +376,21 @@ def wells_to_redo(status: np.ndarray, read_error: int, absent: int, plate_uris: 
     (maybe transient), or no field at all on a plate rayscreen wrote (:func:`unfinished_wells`).
     infer and profile share it: their stores code the two states differently."""
     status = np.asarray(status)
-    no_field = (status == absent).all(axis=1) & (status.shape[1] > 0)
-    return (status == read_error).any(axis=1) | unfinished_wells(no_field, plate_uris, storage_options)
+    return (status == read_error).any(axis=1) | unfinished_wells(_no_field(status, absent), plate_uris,
+                                                                  storage_options)
+
+
+def _no_field(status: np.ndarray, absent: int) -> np.ndarray:
+    return (status == absent).all(axis=1) & (status.shape[1] > 0)
+
+
+def wells_to_retry(status: np.ndarray, read_error: int, absent: int) -> np.ndarray:
+    """The wells a writer flags ``retry`` (:meth:`ResultsWriter.write_well`), (n,) bool, from
+    their ``field_status`` (n, n_fields): a read error in any field, or no field at all. The
+    flagged wells are all that :func:`wells_to_redo` looks at on a rerun (which plates the
+    no-field wells are on is only known then)."""
+    status = np.atleast_2d(np.asarray(status))
+    return (status == read_error).any(axis=1) | _no_field(status, absent)
 
 
 def unfinished_wells(no_field: np.ndarray, plate_uris: np.ndarray,

@@ -10,6 +10,14 @@ Layout (see docs/outputs.md for the variables infer and profile write)::
       field, class, feature, ...              index coordinates of the other dims
       <variable>/c/<i>/0/...                  data: ONE WELL PER CHUNK along `well`
       done/c/<i>                              uint8, 1 once well i is complete (written last)
+      retry/c/<i>                             uint8, 1 where well i had fields to try again on a
+                                              rerun (a read error, or no field on disk)
+
+Both flags exist as stored chunks only where they are 1 (a cleared flag deletes its chunk),
+so a stage's start finds the done and retry wells by *listing* the two prefixes (S3: one
+request per 1000 wells) instead of reading one chunk per well (at 400k wells, 400k GETs
+before any work). Stores from before the root attribute ``flags_by_presence`` kept
+explicit 0 chunks, have no retry flags and are read chunk by chunk, as then.
 
 How it stays exactly-once under retries (Ray re-runs a batch when an actor dies):
 
@@ -52,6 +60,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.sync import sync  # zarr's own event loop, where its stores' async I/O runs
 
 from .errors import RayscreenError
 from .plate import NAMESPACE
@@ -60,6 +69,8 @@ from .wells import parse_well, well_name
 
 WELL_DIM = "well"
 DONE = "done"
+RETRY = "retry"
+_FLAGS = (DONE, RETRY)
 LAYOUT_VERSION = 1
 
 
@@ -88,7 +99,7 @@ class Variable:
         object.__setattr__(self, "dims", tuple(self.dims))
         if not self.dims or self.dims[0] != WELL_DIM:
             raise RayscreenError(f"results variable {self.name!r}: dims {self.dims} must start with 'well'")
-        if self.name == DONE or self.name == WELL_DIM:
+        if self.name in _FLAGS or self.name == WELL_DIM:
             raise RayscreenError(f"results variable name {self.name!r} is reserved")
         if len(set(self.dims)) != len(self.dims):
             raise RayscreenError(f"results variable {self.name!r}: repeated dim in {self.dims}")
@@ -283,8 +294,9 @@ def create_results(
 
     n = len(keys)
     data_vars, encoding = {}, {}
-    for v in list(variables) + [Variable("_done_placeholder", (WELL_DIM,), "uint8", 0)]:
-        name = DONE if v.name == "_done_placeholder" else v.name
+    flags = [Variable(f"_{f}_placeholder", (WELL_DIM,), "uint8", 0) for f in _FLAGS]
+    for v in list(variables) + flags:
+        name = v.name[1:-len("_placeholder")] if v in flags else v.name
         shape = (n, *(sizes[d] for d in v.dims[1:]))
         chunks = (1, *shape[1:])
         data_vars[name] = (v.dims, da.full(shape, v.fill_value, dtype=v.np_dtype, chunks=chunks), dict(v.attrs))
@@ -294,6 +306,7 @@ def create_results(
             # zarr's fill_value only: xarray must not turn integer flags into masked floats
             encoding[name] = {"_FillValue": None, "fill_value": v.fill_value, "chunks": chunks}
     data_vars[DONE][2].update({"flag_values": [0, 1], "flag_meanings": "not_written complete"})
+    data_vars[RETRY][2].update({"flag_values": [0, 1], "flag_meanings": "final retry_on_rerun"})
     # layout_hash None until the whole skeleton is written: xarray writes the root attrs
     # first, and a creation cut short must not be taken for a store to resume
     root_attrs = {NAMESPACE: {"kind": kind, "version": __version__,
@@ -301,7 +314,9 @@ def create_results(
                               "layout_hash": None, "variables": [v.spec() for v in variables],
                               "settings": settings, "complete": False,
                               # filled by reopen_changed_plates; its absence marks an older store
-                              "plate_versions": {}, **(attrs or {})}}
+                              "plate_versions": {},
+                              # done/retry chunks stored only where the flag is 1 (listed, not read)
+                              "flags_by_presence": True, **(attrs or {})}}
     ds = xr.Dataset(data_vars, coords=ds_coords, attrs=root_attrs)
     store = make_store(uri, storage_options, read_only=False, strict=False)
     with warnings.catch_warnings():
@@ -412,6 +427,7 @@ class ResultsWriter:
         self.keys: list[str] = [str(k) for k in self._root[WELL_DIM][...].tolist()]
         self._index = {k: i for i, k in enumerate(self.keys)}
         self.variables: dict[str, tuple[str, ...]] = {v["name"]: tuple(v["dims"]) for v in ns["variables"]}
+        self.flags_by_presence: bool = bool(ns.get("flags_by_presence"))
         self._arrays: dict[str, zarr.Array] = {}
 
     def __getstate__(self):
@@ -434,20 +450,47 @@ class ResultsWriter:
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            # every chunk stored even if it equals the fill: a present chunk means "written"
-            self._arrays[name] = zarr.open_array(store=self._store, path=name, mode="r+",
-                                                 config={"write_empty_chunks": True})
+            # data: every chunk stored even if it equals the fill (a present chunk means
+            # "written"); flags: a 0 deletes the chunk, so the stored chunks are the 1s. Set
+            # with with_config: open_array passes `config` only to an array it creates, and
+            # zarr's global default (ZARR_ARRAY__WRITE_EMPTY_CHUNKS) is the user's to change
+            self._arrays[name] = zarr.open_array(store=self._store, path=name, mode="r+").with_config(
+                {"write_empty_chunks": name not in _FLAGS})
         return self._arrays[name]
+
+    def _flagged(self, name: str) -> np.ndarray:
+        """(n_wells,) bool: where flag ``name`` (done, retry) is 1. Stores with
+        ``flags_by_presence`` list the flag's chunk keys (one request per 1000 wells on S3);
+        older ones read every chunk."""
+        if not self.flags_by_presence:
+            return np.asarray(self._array(name)[...]) == 1
+        arr = self._array(name)
+        prefix = f"{name}/{arr.metadata.encode_chunk_key((0,))[:-1]}"  # "done/c/" (key of chunk 0 minus "0")
+
+        async def keys() -> list[str]:
+            return [k async for k in self._store.list_prefix(prefix)]
+
+        flagged = np.zeros(self.n_wells, bool)
+        for key in sync(keys()):
+            tail = key[len(prefix):]
+            # anything else under the prefix (a killed local write's temporary file) is no flag
+            if key.startswith(prefix) and tail.isdigit() and int(tail) < self.n_wells:
+                flagged[int(tail)] = True
+        return flagged
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         """Shape of one well's block of variable ``name`` (its shape without the well dim)."""
         return tuple(self._array(name).shape[1:])
 
-    def write_well(self, index: int, values: dict[str, np.ndarray]) -> None:
-        """Write every variable of well ``index`` (one chunk each), then its done flag.
+    def write_well(self, index: int, values: dict[str, np.ndarray], *, retry: bool | None = False) -> None:
+        """Write every variable of well ``index`` (one chunk each), its retry flag, then its
+        done flag.
 
         ``values`` must hold each variable of the store, shaped like the variable without
-        its ``well`` dim, castable to its dtype. Rewriting a well rewrites the same
+        its ``well`` dim, castable to its dtype. ``retry``: the well has fields a rerun should
+        try again (a read error, no field on disk; :func:`rayscreen.store.plate.wells_to_retry`):
+        :meth:`reopen_wells` looks only at such wells; None keeps the flag as it is (a rewrite of
+        values the flag does not depend on, as QC's). Rewriting a well rewrites the same
         chunks with the same bytes (idempotent), so retries are harmless.
         """
         if not 0 <= index < self.n_wells:
@@ -468,11 +511,13 @@ class ResultsWriter:
             prepared[name] = value.astype(arr.dtype, copy=False)
         for name in sorted(prepared):  # a fixed order: same keys written the same way every time
             self._array(name)[index] = prepared[name]
+        if self.flags_by_presence and retry is not None:  # older stores have none: reopen_wells reads all
+            self._array(RETRY)[index] = int(bool(retry))
         self._array(DONE)[index] = 1  # last: the well counts as written only now
 
     def done_mask(self) -> np.ndarray:
         """(n_wells,) bool: True where the well's done flag is set."""
-        return np.asarray(self._array(DONE)[...]) == 1
+        return self._flagged(DONE)
 
     def values_at(self, name: str, indices: np.ndarray) -> np.ndarray:
         """Variable ``name`` of the wells ``indices`` only (one chunk read per well), e.g. the
@@ -483,26 +528,22 @@ class ResultsWriter:
         """Indices of wells whose data is complete (a rerun skips them)."""
         return np.flatnonzero(self.done_mask()).tolist()
 
-    def reopen_wells_where(self, name: str, value: Any, *, everywhere: bool = False) -> list[int]:
-        """:meth:`reopen_wells` of the wells whose variable ``name`` holds ``value`` somewhere
-        (``everywhere``: in every element)."""
-        def select(values: np.ndarray) -> np.ndarray:
-            match = values == value
-            return (match.all(axis=1) & (match.shape[1] > 0)) if everywhere else match.any(axis=1)
-
-        return self.reopen_wells(name, select)
-
-    def reopen_wells(self, name: str, select: Callable[[np.ndarray], np.ndarray]) -> list[int]:
-        """Clear the done flag of every done well that ``select`` picks from variable ``name``
-        (its values as (n_wells, -1) -> (n_wells,) bool; one read of the variable), and return
-        their indices: a rerun computes them again. The stages use it for fields recorded as
-        read errors (``on_error: skip``), which may have been transient (a dropped S3
-        connection), and for wells with no field at all (not on disk yet: an ingest still
+    def reopen_wells(self, name: str, select: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[int]:
+        """Clear the done flag of every done well that ``select`` picks, and return their
+        indices: a rerun computes them again. ``select(values, indices)``: ``values`` (k, -1)
+        variable ``name`` of the done wells ``indices`` (k,) written with ``retry`` (in stores
+        from before retry flags: every done well) -> (k,) bool. The stages use it for fields
+        recorded as read errors (``on_error: skip``), which may have been transient (a dropped
+        S3 connection), and for wells with no field at all (not on disk yet: an ingest still
         running). Cleared before anything is rewritten, so a crash during the rewrite leaves
         those wells not done rather than half old, half new."""
         done = self.done_mask()
-        values = np.asarray(self._array(name)[...])
-        return self._reopen(done, done & np.asarray(select(values.reshape(len(values), -1)), bool))
+        candidates = np.flatnonzero(done & self._flagged(RETRY)) if self.flags_by_presence else np.flatnonzero(done)
+        hit = np.zeros(self.n_wells, bool)
+        if len(candidates):
+            values = self.values_at(name, candidates)
+            hit[candidates] = np.asarray(select(values.reshape(len(candidates), -1), candidates), bool)
+        return self._reopen(done, hit)
 
     def _reopen(self, done: np.ndarray, hit: np.ndarray) -> list[int]:
         reopened = np.flatnonzero(hit).tolist()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rayscreen.store import IncompleteWellError, MissingWellError, create_plate, open_plate
+from rayscreen.store.plate import wells_to_retry
 from rayscreen.store.results import create_results, Variable
 from rayscreen.stream.datasource import StreamOptions, load_error_report, plan_wells, read_wells
 from rayscreen.stream.illumination import select_fields
@@ -67,13 +68,17 @@ def test_wells_with_no_field_at_all_are_reopened_for_a_rerun(tmp_path):
     wells = pd.DataFrame({"plate": "P", "well": ["A01", "A02", "B01"]})
     writer = create_results(str(tmp_path / "r.zarr"), wells, {"field": 2},
                             [Variable("field_status", ("well", "field"), "int8", 1)], kind="results")
-    writer.write_well(0, {"field_status": np.array([0, 1], np.int8)})  # one field, one slot unused
-    writer.write_well(1, {"field_status": np.array([1, 1], np.int8)})  # nothing on disk
-    writer.write_well(2, {"field_status": np.array([2, 1], np.int8)})  # a read error
+    statuses = [np.array([0, 1], np.int8),  # one field, one slot unused
+                np.array([1, 1], np.int8),  # nothing on disk
+                np.array([2, 1], np.int8)]  # a read error
+    assert wells_to_retry(np.stack(statuses), 2, 1).tolist() == [False, True, True]
+    assert wells_to_retry(np.zeros((1, 0), np.int8), 2, 1).tolist() == [False]  # no slots: nothing to find
+    for i, status in enumerate(statuses):
+        writer.write_well(i, {"field_status": status}, retry=bool(wells_to_retry(status, 2, 1)[0]))
     writer.finalize()
-    assert writer.reopen_wells_where("field_status", 1, everywhere=True) == [1]
+    assert writer.reopen_wells("field_status", lambda v, at: (v == 1).all(axis=1)) == [1]
     assert writer.done_wells() == [0, 2]
-    assert writer.reopen_wells_where("field_status", 2) == [2]
+    assert writer.reopen_wells("field_status", lambda v, at: (v == 2).any(axis=1)) == [2]
 
 
 def test_a_well_of_several_acquisitions_is_refused_rather_than_pooled(tmp_path):

@@ -158,8 +158,8 @@ class SerialWrites:
     def __init__(self, writer, on_written=None, **_):
         self.writer, self.on_written = writer, on_written
 
-    def submit(self, index, values):
-        self.writer.write_well(index, values)
+    def submit(self, index, values, **flags):
+        self.writer.write_well(index, values, **flags)
         self.on_written(index)
 
     def finish(self):
@@ -179,7 +179,7 @@ def slowed_writes(monkeypatch, fail_on=None):
     rng = np.random.default_rng(1)
     delays = iter(rng.uniform(0.005, 0.03, 10_000))
 
-    def write_well(self, index, values):
+    def write_well(self, index, values, **flags):
         with state["lock"]:
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
@@ -189,7 +189,7 @@ def slowed_writes(monkeypatch, fail_on=None):
             time.sleep(delay)
             if fail_on is not None and index == fail_on:
                 raise OSError(f"PUT failed for well {index}")
-            original(self, index, values)
+            original(self, index, values, **flags)
         finally:
             with state["lock"]:
                 state["now"] -= 1
@@ -253,7 +253,7 @@ def test_well_writes_raise_the_first_error_and_take_each_well_once(tmp_path):
     class Writer:
         variables = {}
 
-        def write_well(self, index, values):
+        def write_well(self, index, values, **flags):
             time.sleep(0.01)
             if index == 3:
                 raise OSError("boom on 3")
@@ -283,7 +283,7 @@ def test_well_writes_keep_the_wells_before_another_error(tmp_path):
     class Writer:
         variables = {}
 
-        def write_well(self, index, values):
+        def write_well(self, index, values, **flags):
             time.sleep(0.02)
             written.append(index)
 
@@ -343,3 +343,33 @@ def test_a_well_with_malformed_metadata_is_written_without_fields_under_skip(dri
     status = ds["field_status"][...]
     assert status[wells.index("P1/A02")].tolist() == [1, 1]  # no field: as an absent well
     assert (np.delete(status, wells.index("P1/A02"), axis=0) == 0).all() and (ds["done"][...] == 1).all()
+
+
+def test_a_rerun_profiles_again_only_the_well_with_a_read_error(driver, monkeypatch):
+    """A field on disk that sent no row is a read error (maybe transient): its well alone is
+    flagged retry, and a rerun profiles that well again and skips the others."""
+    config = driver("retry")
+
+    def lossy(config, plan, todo, normalizers, on_batch):  # field 1 of P1/A03 failed to read
+        send_rows([(p, w, f) for f in ("0", "1") for p, w in todo if (p, w, f) != ("P1", "A03", "1")], on_batch)
+        return None
+
+    monkeypatch.setattr(profile_run, "_profile_fields", lossy)
+    uri = run_profile(config, progress=False)
+    ds = zarr.open_group(uri, mode="r")
+    wells = [str(w) for w in ds["well"][...]]
+    assert ds["field_status"][wells.index("P1/A03")].tolist() == [0, 2]
+    assert sorted(os.listdir(os.path.join(uri, "retry", "c"))) == [str(wells.index("P1/A03"))]
+    sent = []
+
+    def full(config, plan, todo, normalizers, on_batch):
+        sent.extend(todo)
+        send_rows([(p, w, f) for f in ("0", "1") for p, w in todo], on_batch)
+        return None
+
+    monkeypatch.setattr(profile_run, "_profile_fields", full)
+    ds = zarr.open_group(run_profile(config, progress=False), mode="r")
+    assert [tuple(t) for t in sent] == [("P1", "A03")]
+    assert (ds["field_status"][...] == 0).all() and (ds["done"][...] == 1).all()
+    assert os.listdir(os.path.join(uri, "retry", "c")) == []  # the flag went with the rewrite
+    assert ds.attrs["rayscreen"]["last_run"] == {"computed": 1, "skipped": 23}

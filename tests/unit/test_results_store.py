@@ -215,24 +215,103 @@ def test_resume_sweeps_the_temporary_files_of_killed_writes(tmp_path):
     assert again.done_wells() == [1]
 
 
+def _read_errors(values, at):
+    return (values == 2).any(axis=1)
+
+
 def test_wells_with_read_errors_are_reopened_for_a_rerun(tmp_path):
     """A field recorded as a read error may have been transient: a rerun clears the done flag
     of the wells that hold one (and only those), before anything is rewritten."""
     writer = _create(tmp_path / "r.zarr")
     clean = dict(_values(0), field_status=np.array([0, 0]))
     writer.write_well(0, clean)
-    writer.write_well(1, _values(1))  # field 1 is a read error
+    writer.write_well(1, _values(1), retry=True)  # field 1 is a read error
     writer.write_well(2, clean)
     writer.finalize()
     assert open_results(str(tmp_path / "r.zarr")).attrs["rayscreen"]["complete"] is True
-    assert writer.reopen_wells_where("field_status", 2) == [1]
+    assert writer.reopen_wells("field_status", _read_errors) == [1]
     assert writer.done_wells() == [0, 2]
     # a rerun that dies now must not leave the store saying it is complete
     attrs = open_results(str(tmp_path / "r.zarr")).attrs["rayscreen"]
     assert attrs["complete"] is False and attrs["n_done"] == 2
-    assert writer.reopen_wells_where("field_status", 2) == []  # not done: nothing more to reopen
+    assert writer.reopen_wells("field_status", _read_errors) == []  # not done: nothing more to reopen
     writer.write_well(1, dict(_values(1), field_status=np.array([0, 0])))  # read this time
-    assert writer.reopen_wells_where("field_status", 2) == [] and writer.done_wells() == [0, 1, 2]
+    assert writer.reopen_wells("field_status", _read_errors) == [] and writer.done_wells() == [0, 1, 2]
+
+
+def test_flags_are_stored_chunks_listed_not_read(tmp_path):
+    """done and retry exist as chunks only where they are 1: clearing one deletes its chunk,
+    the stage start lists them, and select sees only the done wells flagged retry (never a
+    well written clean, nor one not done)."""
+    uri = tmp_path / "r.zarr"
+    writer = _create(uri)
+    writer.write_well(0, _values(0), retry=True)
+    writer.write_well(1, _values(1))
+    writer.write_well(2, _values(2), retry=True)
+    assert sorted(os.listdir(uri / "done" / "c")) == ["0", "1", "2"]
+    assert sorted(os.listdir(uri / "retry" / "c")) == ["0", "2"]
+    (uri / "done" / "c" / ("1." + "0" * 32 + ".partial")).write_bytes(b"")  # a killed local write's litter
+    (uri / "done" / "c" / "17").write_bytes(b"")  # a key past the wells: not a flag of this store
+    flag = (uri / "done" / "c" / "1").read_bytes()
+    (uri / "done" / "c" / "1").write_bytes(b"not a chunk")  # listed, never read
+    assert writer.done_wells() == [0, 1, 2]
+    (uri / "done" / "c" / "1").write_bytes(flag)
+    writer.write_well(2, _values(2))  # rewritten clean: its retry flag goes
+    assert sorted(os.listdir(uri / "retry" / "c")) == ["0"]
+    seen = []
+
+    def select(values, at):
+        seen.append(at.tolist())
+        assert values.shape == (len(at), 2)  # field_status of those wells only
+        return np.ones(len(at), bool)
+
+    assert writer.reopen_wells("field_status", select) == [0] and seen == [[0]]
+    assert sorted(f for f in os.listdir(uri / "done" / "c") if f.isdigit()) == ["1", "17", "2"]
+    assert open_results(str(uri))["done"].values.tolist() == [0, 1, 1]
+    assert open_results(str(uri))["retry"].values.tolist() == [1, 0, 0]  # kept for the rewrite to clear
+
+
+def test_a_store_from_before_flags_by_presence_is_read_chunk_by_chunk(tmp_path):
+    """Older stores wrote explicit 0 chunks for cleared done flags and had no retry flags: a
+    listing would count the 0s as done. They are read as then, and every done well is offered
+    to select."""
+    import zarr
+
+    uri = tmp_path / "old.zarr"
+    writer = _create(uri)
+    for i in range(3):
+        writer.write_well(i, _values(i))
+    root = zarr.open_group(str(uri), mode="r+")
+    ns = dict(root.attrs["rayscreen"])
+    del ns["flags_by_presence"]
+    root.attrs["rayscreen"] = ns
+    zarr.open_array(str(uri / "done"), mode="r+").with_config({"write_empty_chunks": True})[1] = 0  # as then
+    assert (uri / "done" / "c" / "1").exists()
+    old = ResultsWriter(str(uri))
+    assert old.done_wells() == [0, 2]
+    seen = []
+    assert old.reopen_wells("field_status", lambda v, at: seen.append(at.tolist()) or _read_errors(v, at)) == [0, 2]
+    assert seen == [[0, 2]] and old.done_wells() == []
+    old.write_well(1, _values(1), retry=True)  # no retry flag written into an old store
+    assert old.done_wells() == [1] and not (uri / "retry" / "c").exists()
+
+
+def test_flags_listed_on_s3(s3_bucket):
+    """The listing on an object store (moto's S3 server): done and retry wells found from the
+    keys, a cleared flag's key deleted."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    uri = f"{bucket}/r.zarr"
+    writer = create_results(uri, WELLS, SIZES, VARS, coords={"class": ["neg", "pos"]}, storage_options=options)
+    writer.write_well(0, _values(0))
+    writer.write_well(2, _values(2), retry=True)
+    assert writer.done_wells() == [0, 2]
+    assert writer.reopen_wells("field_status", _read_errors) == [2]
+    fs = s3fs.S3FileSystem(**options)
+    fs.invalidate_cache()
+    assert sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{uri}/done/c")) == ["0"]
+    assert ResultsWriter(uri, options).done_wells() == [0]
 
 
 def test_wells_of_a_plate_whose_corrections_changed_are_reopened(tmp_path):
