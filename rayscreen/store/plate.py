@@ -183,13 +183,24 @@ class Plate:
 
     @functools.cached_property
     def _first_field(self) -> tuple[str, str]:
+        """(well, field) of the first field on disk: it tells the plate's layout (channels,
+        shape, dtype). Wells missing or with malformed metadata are passed over, so one bad
+        well leaves the rest of the plate readable; reading that well still fails, naming it
+        (or is skipped and reported under ``on_error: skip``)."""
+        malformed: RayscreenError | None = None
         for w in self.wells:
             try:
                 fields = self.fields(w, acquisition="all")  # any run tells the plate's layout
             except MissingWellError:
                 continue
+            except RayscreenError as e:  # malformed well metadata (never a transport error)
+                malformed = malformed or e
+                continue
             if fields:
                 return w, fields[0]
+        if malformed is not None:
+            raise RayscreenError(f"plate {self.name!r} ({self.uri}) has no readable field; "
+                                 f"the first unreadable well: {malformed}") from malformed
         raise RayscreenError(f"plate {self.name!r} ({self.uri}) has no field on disk")
 
     def multiscale(self, well: str, field: str) -> Multiscale:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from rayscreen.store import RayscreenError
+from rayscreen.store import RayscreenError, open_plate
 from rayscreen.stream import datasource, fit, plates
 from rayscreen.stream.datasource import StreamOptions, load_error_report, plan_wells, read_wells, report_file_name
 from rayscreen.stream.illumination import IlluminationAccumulator
@@ -68,14 +68,16 @@ def test_report_file_name_is_one_safe_segment():
 # -- 2. a well listing an image path that leaves the well
 
 
-def _foreign_plate(path, image_path):
-    """An NGFF 0.4 plate of wells A/1 (one field '0') and B/1 (whose well lists ``image_path``)."""
+def _foreign_plate(path, image_path, bad="B/1"):
+    """An NGFF 0.4 plate of wells A/1 and B/1, one field '0' each, except that well ``bad``
+    lists ``image_path``."""
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
     root.attrs["plate"] = {"version": "0.4", "name": "foreign", "rows": [{"name": "A"}, {"name": "B"}],
                            "columns": [{"name": "1"}],
                            "wells": [{"path": "A/1", "rowIndex": 0, "columnIndex": 0},
                                      {"path": "B/1", "rowIndex": 1, "columnIndex": 0}]}
-    for well, images in (("A/1", [{"path": "0"}]), ("B/1", [{"path": image_path}])):
+    for well in ("A/1", "B/1"):
+        images = [{"path": image_path if well == bad else "0"}]
         group = root.create_group(well)
         group.attrs["well"] = {"version": "0.4", "images": images}
         img = group.create_group("0")
@@ -96,6 +98,25 @@ def test_a_well_image_path_leaving_the_well_is_skipped_and_reported(tmp_path):
     records = load_error_report(report)
     assert records[["plate", "well", "field", "kind"]].values.tolist() == [["foreign", "B01", None, "RayscreenError"]]
     assert "well.images[0].path" in records["error"][0]
+
+
+def test_a_malformed_first_well_does_not_hide_the_plates_layout(tmp_path):
+    """The plate's channels, shape and dtype come from its first readable field: a malformed
+    first well made the whole plate unreadable, even under on_error="skip"; now that well
+    alone is skipped and reported, and with on_error="raise" the read still fails naming it."""
+    uri = _foreign_plate(tmp_path / "f.zarr", "../../B/1/0", bad="A/1")
+    plate = open_plate(uri)
+    assert plate.shape == (1, 4, 4) and plate.channels == ["c0"]
+    with pytest.raises(RayscreenError, match=re.escape(f"{uri}/A/1: well.images[0].path is '../../B/1/0'")):
+        list(read_wells(plan_wells([uri]), StreamOptions()))
+    report = str(tmp_path / "report")
+    (batch,) = read_wells(plan_wells([uri]), StreamOptions(on_error="skip", error_report=report))
+    assert batch["well"].tolist() == ["B01"]
+    assert load_error_report(report)["well"].tolist() == ["A01"]
+    only_bad = _foreign_plate(tmp_path / "g.zarr", "../../B/1/0", bad="A/1")
+    zarr.open_group(only_bad, mode="r+")["B/1"].attrs["well"] = {"version": "0.4", "images": [{"path": "../x"}]}
+    with pytest.raises(RayscreenError, match=r"no readable field.*A/1: well.images\[0\].path is '../../B/1/0'"):
+        open_plate(only_bad).shape
 
 
 # -- 3. the fit stage's tasks in flight
