@@ -316,7 +316,7 @@ class InferWells:
                                  "the results store was sized for (the plate's field_count)")
         names, images = [], []
         task = WellTask(row["plate_uri"], row["plate"], row["well"], {})
-        for batch in read_wells([task], options):
+        for batch in read_wells([task], options, plates=self._plates):
             names += [str(f) for f in batch["field"]]
             images.append(batch["image"])
         return fields, names, (np.concatenate(images) if images else None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -217,22 +218,27 @@ def load_error_report(error_report: str, storage_options=None) -> pd.DataFrame:
                                                                              na_position="first").reset_index(drop=True)
 
 
+# Corrections loaded in this worker process, kept across read tasks and calls. A full-
+# resolution read task holds one well (MIN_TASK_BYTES), and an infer actor reads one well per
+# call: loaded per task, a plate's illumination function (110 MB for 5 x 2160 x 2560) was read
+# again for every well. Keyed by the plate's stored corrections digest, so a refit between
+# runs is loaded afresh; two plates at most, so an idle worker holds little.
+_LOADED: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+_LOADED_LOCK = threading.Lock()  # infer's reader threads share the process's corrections
+LOADED_PLATES = 2
+
+
 class _Corrections:
-    """Per-plate illumination and normalisation, loaded once per plate per read task and
-    cached already restricted to the streamed channels and resampled to the streamed level.
+    """Per-plate illumination and normalisation, loaded once per plate per worker process
+    (:data:`_LOADED`) already restricted to the streamed channels and resampled to the
+    streamed level.
 
     Applied as ``normalizer.transform(correct(field, illum))``: the same functions, so a
     streamed field equals those calls on ``open_plate(uri).read(well, field)``.
     """
 
-    # plates whose corrections are kept: a read task streams its wells plate after plate, so
-    # one is enough to read; a few bound a task's memory whatever it is given (110 MB per
-    # 5 x 2160 x 2560 illumination function)
-    MAX_PLATES = 4
-
     def __init__(self, options: StreamOptions):
         self.options = options
-        self._cache: OrderedDict[tuple[str, tuple[int, int]], tuple[Any, Any]] = OrderedDict()
 
     def _load(self, plate_uri: str, channel_idx: list[int] | None, shape: tuple[int, int]):
         from .illumination import illumination_at, load_illumination
@@ -252,17 +258,24 @@ class _Corrections:
                 norm = norm.select(channel_idx)
         return illum, norm
 
-    def __call__(self, plate_uri: str, image: np.ndarray, channel_idx: list[int] | None) -> np.ndarray:
+    def __call__(self, plate: Any, image: np.ndarray, channel_idx: list[int] | None) -> np.ndarray:
+        """``image`` (C, Y, X) of ``plate`` (an open :class:`~rayscreen.store.plate.Plate`)
+        corrected: float32 (C, Y, X), or cast to ``options.dtype``."""
+        from .normalize import corrections_digest
+
         o = self.options
         if not (o.illumination or o.normalize):
             return image.astype(o.dtype) if o.dtype else image
-        key = (plate_uri, tuple(image.shape[-2:]))
-        if key not in self._cache:
-            self._cache[key] = self._load(plate_uri, channel_idx, image.shape[-2:])
-            while len(self._cache) > self.MAX_PLATES:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        illum, norm = self._cache[key]
+        version = corrections_digest(plate.rayscreen_attrs(), illumination=o.illumination, normalize=o.normalize)
+        key = (plate.uri, tuple(image.shape[-2:]), None if channel_idx is None else tuple(channel_idx),
+               o.illumination, o.normalize, o.level, version)
+        with _LOADED_LOCK:
+            if key not in _LOADED:
+                _LOADED[key] = self._load(plate.uri, channel_idx, image.shape[-2:])
+                while len(_LOADED) > LOADED_PLATES:
+                    _LOADED.popitem(last=False)
+            _LOADED.move_to_end(key)
+            illum, norm = _LOADED[key]
         out = image
         if illum is not None:
             from .illumination import correct
@@ -274,10 +287,13 @@ class _Corrections:
         return out.astype(o.dtype, copy=False) if o.dtype else out
 
 
-def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[str, Any]]:
+def read_wells(tasks: list[WellTask], options: StreamOptions, *,
+               plates: dict[str, Any] | None = None) -> Iterable[dict[str, Any]]:
     """Yield row batches (dicts of columns) for the fields of ``tasks``. Pure Python, no Ray:
-    the read task's body, also usable directly (tests, single-process baselines)."""
-    plates: dict[str, Any] = {}
+    the read task's body, also usable directly (tests, single-process baselines).
+    ``plates``: ``{plate URI: Plate}`` of a caller that reads many calls' wells (an infer
+    actor), so each plate's metadata is read once, not once per call."""
+    plates = {} if plates is None else plates
     correct = _Corrections(options)
     rows: list[dict[str, Any]] = []
     for task in tasks:
@@ -305,7 +321,7 @@ def read_wells(tasks: list[WellTask], options: StreamOptions) -> Iterable[dict[s
             try:
                 image = plate.read(task.well, f, options.level, channels=options.channels)
                 saturated = raw_saturation(image) if options.saturation else None
-                image = correct(task.plate_uri, image, channel_idx)
+                image = correct(plate, image, channel_idx)
             except RayscreenError as e:
                 if options.on_error != "skip":
                     raise

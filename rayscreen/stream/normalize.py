@@ -409,8 +409,15 @@ def corrections_version(plate_uri: str, storage_options: dict[str, Any] | None =
     if not illumination and normalize == "none":
         return None
     attrs = open_plate(plate_uri, storage_options).rayscreen_attrs()  # one read: both entries
+    return corrections_digest(attrs, illumination=illumination, normalize=normalize != "none")
+
+
+def corrections_digest(attrs: dict[str, Any], *, illumination: bool, normalize: bool) -> str:
+    """The digest of :func:`corrections_version` from a plate's ``rayscreen`` attributes
+    (``Plate.rayscreen_attrs()``, already read): its stored illumination entry (which carries
+    a digest of the array) and normalisation entry, each where the stream applies it."""
     used = {"illumination": attrs.get(ILLUM_KEY) if illumination else None,
-            "normalization": attrs.get(ATTR_KEY) if normalize != "none" else None}
+            "normalization": attrs.get(ATTR_KEY) if normalize else None}
     return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -269,6 +269,8 @@ def test_the_fitters_hold_a_field_at_a_time_in_float64_one_channel_at_a_time(mak
 def test_the_stream_keeps_the_corrections_of_a_few_plates_only(tmp_path):
     """A profile actor lives for the whole screen: it kept every plate's illumination
     function it ever used (110 MB each at 5 x 2160 x 2560), 1000 plates = 110 GB."""
+    from rayscreen.store import open_plate
+    from rayscreen.stream import datasource
     from rayscreen.stream.datasource import StreamOptions, _Corrections
     from rayscreen.testing import make_plate
 
@@ -280,5 +282,5 @@ def test_the_stream_keeps_the_corrections_of_a_few_plates_only(tmp_path):
         uris.append(uri)
     field = np.full((2, 16, 16), 60, np.uint16)
     for i, uri in enumerate(uris + uris[:1]):  # the first plate again after it was dropped: loaded again
-        np.testing.assert_allclose(corrections(uri, field, None), 60 / (1.0 + (i % 6)))
-        assert len(corrections._cache) <= _Corrections.MAX_PLATES
+        np.testing.assert_allclose(corrections(open_plate(uri), field, None), 60 / (1.0 + (i % 6)))
+        assert len(datasource._LOADED) <= datasource.LOADED_PLATES  # kept by the process, across tasks

@@ -299,3 +299,36 @@ def test_corrections_version_follows_what_the_stream_applies(tmp_path):
     scaler.scale = scaler.scale * 2
     save_normalization(uri, scaler)
     assert version(illumination=False, normalize="meanstd") != norm_only
+
+
+def test_corrections_are_loaded_once_per_process_and_again_after_a_refit(tmp_path, monkeypatch):
+    """Read tasks of one well each (full resolution) and infer's one-well calls loaded the
+    plate's illumination function again for every well; the worker process now keeps it, and
+    a refit (another stored function) is loaded afresh, never the stale one applied."""
+    from rayscreen.store import open_plate
+    from rayscreen.stream import illumination
+    from rayscreen.stream.datasource import StreamOptions, WellTask, read_wells
+    from rayscreen.stream.illumination import correct, save_illumination
+
+    uri = make_plate(str(tmp_path / "P.zarr"), name="P", wells=("A01", "A02"), fields=2, field_shape=(32, 32))
+    illum = np.ones((2, 32, 32), np.float32)
+    illum[:, :, :16] = 0.5
+    save_illumination(uri, illum, params={"method": "gaussian"})
+    loads = []
+    real = illumination.load_illumination
+    monkeypatch.setattr(illumination, "load_illumination", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    options = StreamOptions(illumination=True)
+
+    def read(well):  # one read task (or one infer call) per well, as at full resolution
+        (batch,) = read_wells([WellTask(uri, "P", well, {})], options)
+        return batch["image"]
+
+    raw = open_plate(uri).read("A02", "1")
+    np.testing.assert_allclose(read("A01")[0], correct(open_plate(uri).read("A01", "0"), illum), rtol=1e-6)
+    np.testing.assert_allclose(read("A02")[1], correct(raw, illum), rtol=1e-6)
+    assert loads == [uri]  # two tasks, one load
+    refit = illum.copy()
+    refit[:, :16] = 2.0
+    save_illumination(uri, refit, params={"method": "gaussian"})
+    np.testing.assert_allclose(read("A02")[1], correct(raw, refit), rtol=1e-6)
+    assert loads == [uri, uri]
