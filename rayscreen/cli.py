@@ -170,8 +170,11 @@ def _train_summary(result, metric: str) -> str:
 def cmd_illum(args) -> int:
     from .config import config_from_dict, parse_overrides
 
-    if len(args.config) == 1 and args.config[0].endswith((".yaml", ".yml")):
-        args.config = args.config[0]
+    configs = [a for a in args.config if a.lower().endswith((".yaml", ".yml"))]
+    if configs and len(args.config) > 1:  # else the YAML file would be taken for a plate, after Ray started
+        raise RayscreenError(f"illum takes one CONFIG.yaml or plates, not both: got {args.config}")
+    if configs:
+        args.config = configs[0]
         return cmd_stage(args)
     # plates given directly: illumination (and the chosen normaliser) for each; --set keys
     # (stream.level, stream.channels, ...) apply as they would to a config, and are checked as strictly
@@ -378,6 +381,19 @@ def _storage_problem(error: BaseException) -> str | None:
     return None
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR on the write
+    end): a BrokenPipeError from a storage connection leaves stdout as it was."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (captured)
+        return False
+
+
 # libraries whose DEBUG/INFO lines can hold credentials or request signatures
 QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3", "fsspec", "aiohttp")
 
@@ -407,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     except RayscreenError as e:  # messages name URIs, which may carry a password
         print(f"rayscreen {args.command}: error: {mask_url_passwords(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # the reader of our output went away (`rayscreen info ... | head`): stop quietly, as
+        # cat does, instead of reporting a storage error; stdout pointed at /dev/null so that
+        # the interpreter's last flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         problem = None if args.verbose else _storage_problem(e)
         if problem is None:

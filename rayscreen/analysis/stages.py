@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..store.annotations import read_input_file
+from ..store.annotations import parse_input_table, read_input_text
 from ..store.errors import RayscreenError, preview
 from ..store.uri import filesystem, join
 from ..store.wells import well_name
@@ -256,7 +256,8 @@ def read_qc_annotations(config: Config) -> pd.DataFrame:
     if not fs.exists(path):
         raise AnalysisError(f"analysis.qc.annotations: no file at {q.annotations}")
     text = {c: str for c in ("Metadata_Plate", "plate", "Metadata_Well", "well")}
-    ann = pd.read_csv(io.BytesIO(read_input_file(fs, path)), dtype=text)  # .csv.gz as well
+    source = f"analysis.qc.annotations {q.annotations}"
+    ann = parse_input_table(read_input_text(fs, path, source), source, dtype=text)  # .csv.gz as well
     ann = ann.rename(columns={"field": "Metadata_Field", "plate": "Metadata_Plate", "well": "Metadata_Well"})
     need = QC_KEY + [q.label]
     missing = [c for c in need if c not in ann.columns]
@@ -346,13 +347,17 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
 def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
     """field -> well -> treatment tables of every feature set; returns ``{name: uri}`` of
     the tables written under ``<output>/tables`` (parquet; a CSV beside each)."""
-    from ..store.results import open_results
+    from ..store.results import open_results, results_attrs
 
     a = config.analysis
     so = config.storage_options
     uri = _store_uri(config)
     if a.features not in FEATURE_SETS:
         raise AnalysisError(f"analysis.features {a.features!r}: expected one of {sorted(FEATURE_SETS)}")
+    if results_attrs(uri, so) is None:
+        stage = "profile" if a.source == "profiles" else "infer"
+        raise AnalysisError(f"{uri}: no {a.source} store there (analysis.source: {a.source}); run "
+                            f"`rayscreen {stage}` with this config first")
     ds = open_results(uri, so)
     if "field_status" not in ds:
         raise AnalysisError(f"{uri} has no field_status; not a profile store")

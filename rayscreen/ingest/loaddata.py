@@ -23,7 +23,7 @@ import pandas as pd
 import tifffile
 
 from ..store import RayscreenError, well_name
-from ..store.annotations import PLATE_COL, WELL_COL, read_input_file
+from ..store.annotations import PLATE_COL, WELL_COL, parse_input_table, read_input_text
 from ..store.uri import filesystem, is_remote, local_path
 
 SITE_COL = "Metadata_Site"
@@ -107,10 +107,11 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
     fs, fpath = filesystem(path, storage_options)
     if not fs.exists(fpath):
         raise RayscreenError(f"LoadData CSV {path} does not exist")
-    data = read_input_file(fs, fpath)  # .csv.gz as well
+    source = f"LoadData CSV {path}"
+    text = read_input_text(fs, fpath, source)  # .csv.gz as well
     # the header first: the identifier columns (FileName_<Channel>...) are named by the file
-    columns = list(pd.read_csv(io.BytesIO(data), nrows=0).columns)
-    table = pd.read_csv(io.BytesIO(data), dtype={c: str for c in _identifier_columns(columns)})
+    columns = list(parse_input_table(text, source, nrows=0).columns)
+    table = parse_input_table(text, source, dtype={c: str for c in _identifier_columns(columns)})
     missing = [c for c in REQUIRED if c not in table.columns]
     channels = tuple(c[len("FileName_"):] for c in table.columns if c.startswith("FileName_"))
     if missing:

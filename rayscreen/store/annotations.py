@@ -67,6 +67,34 @@ def read_input_file(fs, path: str) -> bytes:
         return f.read()
 
 
+def read_input_text(fs, path: str, source: str) -> str:
+    """A user's text table (CSV, TSV; compressed by its name) as text. UTF-8, with or without
+    the byte-order mark Excel's "CSV UTF-8" writes; anything else (a spreadsheet saved in
+    Windows-1252, a binary file) raises naming ``source`` and the first byte that is not
+    UTF-8, rather than guessing an encoding: a guessed wrong one turns "µM" into another
+    compound name without a word."""
+    data = read_input_file(fs, path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RayscreenError(f"{source}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} on line {line}); "
+                             "save it as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)')") from None
+
+
+def parse_input_table(text: str, source: str, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv`` of a user's table (``read_input_text``); a file pandas cannot parse
+    raises naming ``source``."""
+    try:
+        return pd.read_csv(io.StringIO(text), **kwargs)
+    except pd.errors.EmptyDataError:
+        raise RayscreenError(f"{source}: the file is empty (expected a header row of column names)") from None
+    except pd.errors.ParserError as e:
+        sep = kwargs.get("sep", ",")
+        raise RayscreenError(f"{source}: cannot be read as a {'tab' if sep == chr(9) else repr(sep)}-separated "
+                             f"table: {e}") from None
+
+
 def table_suffix(path: str) -> str:
     """``.csv`` for ``x.csv.gz``: the table's own suffix, beneath any compression."""
     for ext in COMPRESSED:
@@ -90,8 +118,9 @@ def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd
         with fs.open(path, "rb") as f:
             df = pd.read_parquet(f)  # typed by its writer; normalise_platemap casts the identifiers
     else:
-        df = pd.read_csv(io.BytesIO(read_input_file(fs, path)), sep="\t" if suffix in (".tsv", ".txt") else ",",
-                         dtype={c: str for c in ID_COLS})  # keys the file lacks are ignored
+        df = parse_input_table(read_input_text(fs, path, f"platemap {uri}"), f"platemap {uri}",
+                               sep="\t" if suffix in (".tsv", ".txt") else ",",
+                               dtype={c: str for c in ID_COLS})  # keys the file lacks are ignored
     return normalise_platemap(df, source=f"platemap {uri}")
 
 

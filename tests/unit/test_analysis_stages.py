@@ -368,3 +368,19 @@ def test_hits_warn_of_plates_with_too_few_controls_to_score(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="rayscreen"):
         run_evaluate(config(tmp_path), progress=False)
     assert "fewer than 3 control wells" not in caplog.text
+
+
+def test_aggregate_without_a_profiles_store_says_which_stage_makes_it(tmp_path, capsys):
+    """Was '<output>/profiles.zarr: no results store there', naming neither the profiles store
+    nor the command that writes it."""
+    import yaml
+
+    from rayscreen.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path).to_dict()))
+    assert main(["aggregate", str(path)]) == 2
+    assert (f"{tmp_path / 'run' / 'profiles.zarr'}: no profiles store there (analysis.source: profiles); "
+            "run `rayscreen profile` with this config first") in capsys.readouterr().err
+    assert main(["aggregate", str(path), "--set", "analysis.source=results"]) == 2
+    assert "no results store there (analysis.source: results); run `rayscreen infer`" in capsys.readouterr().err

@@ -282,3 +282,30 @@ def test_help_lists_every_stage_and_command(capsys):
     for command in (*STAGES, "synth", "ingest", "info", "illum", "config", "run", "demo"):
         assert f"\n    {command} " in out, command
     assert "``" not in out  # no reStructuredText markup in what users read
+
+
+def test_illum_refuses_a_config_mixed_with_plates_and_reads_any_case(config_path, recorded, capsys, tmp_path):
+    """`illum screen.yaml extra.zarr` took the YAML file for a plate (after Ray had started)."""
+    assert main(["--quiet", "illum", config_path, str(tmp_path / "P.zarr")]) == 2
+    assert "illum takes one CONFIG.yaml or plates, not both" in capsys.readouterr().err
+    assert recorded["init_ray"] == 0
+    upper = tmp_path / "SCREEN.YAML"
+    upper.write_text(open(config_path).read())
+    assert main(["--quiet", "illum", str(upper)]) == 0
+    assert recorded["config"].stream.normalize == "meanstd"  # read as the config, not as a plate
+
+
+def test_output_piped_into_a_reader_that_exits_is_not_a_storage_error(tmp_path):
+    """`rayscreen info P | head -1` reported 'error: storage: [Errno 32] Broken pipe' (exit 2)."""
+    import subprocess
+    import sys
+
+    from rayscreen.testing import make_plate
+
+    uri = make_plate(str(tmp_path / "P.zarr"), "P", wells=("A01", "A02"), fields=1, field_shape=(8, 8))
+    proc = subprocess.Popen([sys.executable, "-m", "rayscreen.cli", "info", uri, uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 1
+    assert "storage" not in err and "Traceback" not in err and "Exception ignored" not in err, err

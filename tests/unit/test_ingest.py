@@ -348,3 +348,28 @@ def test_ingest_most_levels_the_images_allow(tmp_path):
     csv = write_screen(tmp_path, plates=("PA",), wells=("A01",), sites=1)
     uri, = ingest(str(csv), str(tmp_path / "out"), use_ray=False, progress=False, levels=5)
     assert open_plate(uri).read("A01", 0, level=4).shape == (2, 1, 1)
+
+
+def test_a_table_saved_in_another_encoding_is_named_not_a_traceback(tmp_path, capsys):
+    """A CSV from Excel on Windows (cp1252 'µM') was a bare UnicodeDecodeError with exit code 1;
+    UTF-8 with Excel's byte-order mark reads; an empty file is named too."""
+    from rayscreen.store import read_platemap
+
+    header = "Metadata_Plate,Metadata_Well,FileName_DNA,PathName_DNA,Metadata_Dose\n"
+    latin = tmp_path / "ld.csv"
+    latin.write_bytes((header + "P1,A01,a.tif,.,1 µM\n").encode("cp1252"))
+    with pytest.raises(RayscreenError, match=r"LoadData CSV .*ld.csv: not UTF-8 text \(byte b'\\xb5' on line 2\); "
+                                             r"save it as UTF-8"):
+        read_loaddata(str(latin))
+    assert main(["ingest", str(latin), str(tmp_path / "out"), "--no-ray"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    platemap = tmp_path / "pm.csv"
+    platemap.write_bytes("Metadata_Well,Metadata_Dose\nA01,1 µM\n".encode("cp1252"))
+    with pytest.raises(RayscreenError, match=r"platemap .*pm.csv: not UTF-8 text"):
+        read_platemap(str(platemap))
+    platemap.write_bytes("\ufeffMetadata_Well,Metadata_Dose\nA01,1 µM\n".encode("utf-8"))  # Excel's CSV UTF-8
+    assert read_platemap(str(platemap))["Metadata_Dose"].tolist() == ["1 µM"]
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(RayscreenError, match=r"LoadData CSV .*empty.csv: the file is empty"):
+        read_loaddata(str(empty))
