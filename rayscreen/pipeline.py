@@ -298,8 +298,19 @@ def run_pipeline(config: Config, *, stages: list[str] | None = None, progress: b
                  force: bool = False) -> dict[str, Any]:
     """Run ``stages`` (default: :func:`applicable_stages`) in order; skip complete ones unless ``force``."""
     todo = planned_stages(config, stages)
+    check_settings(config, todo)
     with output_lock(config.output, "rayscreen run", config.storage_options):
         return _run_stages(config, todo, progress, force)
+
+
+def check_settings(config: Config, todo: list[str]) -> None:
+    """The settings of later stages that need no plate, checked before the first stage runs:
+    a bad ``train.epochs`` or ``model.name`` otherwise fails after ``illum`` has fitted every
+    plate (minutes to hours on a large screen)."""
+    if "train" in todo:
+        from .train.plan import check_train_values
+
+        check_train_values(config)
 
 
 def _run_stages(config: Config, todo: list[str], progress: bool, force: bool) -> dict[str, Any]:

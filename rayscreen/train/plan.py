@@ -20,7 +20,7 @@ from ..store import RayscreenError, open_plate
 from ..store.uri import filesystem, join
 from ..stream.datasource import check_plate_set
 from .labels import LABEL_COL, UNLABELLED, resolve_labels
-from .splits import assign_splits, check_split
+from .splits import assign_splits, check_split, check_split_config
 
 SPLIT_COL = "Metadata_TrainSplit"  # "train", "val/<rank>", "test", "none": which dataset a well feeds
 CONFIG_FILE = "rayscreen_config.json"  # the config a run was started with, beside Ray's run state
@@ -186,10 +186,12 @@ def write_run_config(plan: TrainPlan) -> None:
         f.write(json.dumps(plan.config.to_record(), default=str))
 
 
-def plan_run(config: Config) -> TrainPlan:
-    """Resolve and check a training run; raises :class:`ConfigError` (or
-    :class:`RayscreenError` for unreadable plates) before anything starts."""
-    from ..stream import expand_uris
+def check_train_values(config: Config) -> None:
+    """The ``train`` and ``model`` settings that need no plate: values of the right type that
+    training cannot use, and the model's name (its registry). Raises :class:`ConfigError`
+    naming the key. :func:`plan_run` calls it; ``rayscreen run`` calls it before its first
+    stage, so a typo fails in seconds, not after ``illum`` has fitted every plate."""
+    from ..models import list_models
 
     t = config.train
     if t.num_workers < 1:
@@ -232,6 +234,19 @@ def plan_run(config: Config) -> TrainPlan:
         raise ConfigError(f"train.shuffle_buffer: {t.shuffle_buffer}; expected at least train.batch_size "
                           f"({t.batch_size}) rows, or null for the default")
     _check_distill(t)
+    check_split_config(t.split)
+    if config.model.name not in list_models():
+        raise ConfigError(f"model.name: unknown model {config.model.name!r}; expected one of: "
+                          f"{', '.join(list_models())}")
+
+
+def plan_run(config: Config) -> TrainPlan:
+    """Resolve and check a training run; raises :class:`ConfigError` (or
+    :class:`RayscreenError` for unreadable plates) before anything starts."""
+    from ..stream import expand_uris
+
+    t = config.train
+    check_train_values(config)
     if not config.plates:
         raise ConfigError("plates: no plate given")
     try:

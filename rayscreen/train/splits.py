@@ -45,6 +45,17 @@ def _counts(n: int, val: float, test: float) -> tuple[int, int]:
     return n_val, n_test
 
 
+def check_split_config(split: SplitConfig) -> None:
+    """``train.split`` settings that no plate can make right (fractions, a missing column)."""
+    if not (0 <= split.val < 1 and 0 <= split.test < 1 and split.val + split.test < 1):
+        raise ConfigError(f"train.split: val={split.val}, test={split.test}: expected fractions >= 0 "
+                          "with val + test < 1")
+    if split.by == "column" and not split.column:
+        raise ConfigError("train.split.column: required for by: column (e.g. Metadata_Compound)")
+    if split.by == "well" and split.column_values is not None:
+        raise ConfigError("train.split.column_values: only for by: plate or by: column")
+
+
 def assign_splits(wells: pd.DataFrame, labels: np.ndarray, split: SplitConfig) -> np.ndarray:
     """Split name per well (row of ``wells``): "train", "val", "test" or "none".
 
@@ -52,16 +63,12 @@ def assign_splits(wells: pd.DataFrame, labels: np.ndarray, split: SplitConfig) -
     annotation columns; ``labels``: (N,) class index, -1 for unlabelled (always "none").
     Deterministic in ``split.seed``.
     """
-    if not (0 <= split.val < 1 and 0 <= split.test < 1 and split.val + split.test < 1):
-        raise ConfigError(f"train.split: val={split.val}, test={split.test}: expected fractions >= 0 "
-                          "with val + test < 1")
+    check_split_config(split)
     labels = np.asarray(labels)
     out = np.full(len(wells), NONE, dtype=object)
     labelled = labels != UNLABELLED
     rng = np.random.default_rng(split.seed)
     if split.by == "well":
-        if split.column_values is not None:
-            raise ConfigError("train.split.column_values: only for by: plate or by: column")
         for k in np.unique(labels[labelled]):
             members = np.flatnonzero(labels == k)
             members = members[rng.permutation(len(members))]
@@ -73,8 +80,6 @@ def assign_splits(wells: pd.DataFrame, labels: np.ndarray, split: SplitConfig) -
     if split.by == "plate":
         groups = wells["Metadata_Plate"].astype(str).to_numpy()
     else:
-        if not split.column:
-            raise ConfigError("train.split.column: required for by: column (e.g. Metadata_Compound)")
         if split.column not in wells.columns:
             raise ConfigError(f"train.split.column: {split.column!r} is not an annotation column of the plates")
         groups = np.array([label_text(v) for v in wells[split.column]], dtype=object)

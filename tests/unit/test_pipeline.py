@@ -259,3 +259,24 @@ def test_a_rerun_that_dies_half_way_leaves_the_stage_not_complete(tmp_path, monk
     assert pipeline.is_complete(config, "infer")
     ResultsWriter(str(tmp_path / "out" / "results.zarr")).update_attrs(complete=False)
     assert not pipeline.is_complete(config, "infer")
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("train", {"epochs": 0}, r"train.epochs=0, train.batch_size=32: both must be >= 1"),
+    ("train", {"split": {"val": 0.6, "test": 0.6}}, r"train.split: val=0.6, test=0.6"),
+    ("train", {"split": {"by": "column"}}, r"train.split.column: required for by: column"),
+    ("model", {"name": "resnet"}, r"model.name: unknown model 'resnet'; expected one of: .*wscnn"),
+])
+def test_run_checks_the_training_settings_before_its_first_stage(tmp_path, monkeypatch, section, value, message):
+    """A bad train value or model name failed only when train ran: after illum had fitted
+    every plate. Nothing runs, and no stage is recorded."""
+    from rayscreen.config import ConfigError
+
+    calls = []
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: lambda config, progress=True: calls.append(stage))
+    config = _config(tmp_path, **{section: value})
+    with pytest.raises(ConfigError, match=message):
+        pipeline.run_pipeline(config, stages=["illum", "train", "infer"], progress=False)
+    assert calls == [] and not (tmp_path / "out" / "stages").exists()
+    pipeline.run_pipeline(config, stages=["illum"], progress=False)  # without train: not its business
+    assert calls == ["illum"]
