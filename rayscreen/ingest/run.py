@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store import BadImageError, RayscreenError, create_plate, read_platemap, well_name
-from ..store.annotations import PLATE_COL, WELL_COL
+from ..store import BadImageError, RayscreenError, create_plate, well_name
+from ..store.annotations import PLATE_COL, WELL_COL, platemap_by_plate
 from ..store.plate import check_finite
 from ..store.uri import absolute, join
 from ..progress import Progress, iter_progress
@@ -158,7 +158,7 @@ def ingest(
     # usually live on the same object store
     loaddata = read_loaddata(loaddata_csv, storage_options)
     out_dir = absolute(out_dir)  # the plates' URIs travel to Ray workers, which may run elsewhere
-    platemap_df = read_platemap(platemap, storage_options) if platemap else None
+    platemap_df = platemap_by_plate(platemap, storage_options) if platemap else None  # split by plate once
     uris, jobs = [], []
     for plate in loaddata.plates:
         table = loaddata.table[loaddata.table[PLATE_COL] == plate]

@@ -7,8 +7,11 @@ plate is self-contained; an external platemap given later overrides them column 
 from __future__ import annotations
 
 import io
+import json
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -167,24 +170,76 @@ def annotations_from_attrs(plate: str, wells: list[str], attrs: dict[str, Any] |
     return pd.DataFrame(rows, columns=[PLATE_COL, WELL_COL, *cols])
 
 
-def override(base: pd.DataFrame, platemap: pd.DataFrame, plate: str) -> pd.DataFrame:
+class PlatemapByPlate:
+    """A normalised platemap split by ``Metadata_Plate`` once: :func:`override` of each plate of
+    a screen looks its rows up instead of normalising and filtering the whole map again (a
+    screen's map of 384k rows took seconds per plate, hours per stage start)."""
+
+    def __init__(self, platemap: pd.DataFrame, source: str = "platemap"):
+        pm = normalise_platemap(platemap, source)
+        self.columns = [c for c in pm.columns if c != PLATE_COL]
+        self._all = None if PLATE_COL in pm.columns else pm
+        self._by_plate = ({str(k): rows.drop(columns=PLATE_COL) for k, rows in pm.groupby(PLATE_COL, sort=False)}
+                          if PLATE_COL in pm.columns else {})
+        self.plates = sorted(self._by_plate)
+
+    def rows(self, plate: str) -> pd.DataFrame:
+        """The rows for ``plate`` (without ``Metadata_Plate``); every row when the map names no
+        plates; none, with a warning, when it names others."""
+        if self._all is not None:
+            return self._all
+        if plate not in self._by_plate:
+            # most often the platemap keys plates by file name or barcode and the plate's
+            # NGFF name is the other: every label would be missing, silently
+            shown = self.plates
+            warnings.warn(f"the platemap has no row for plate {plate!r} (it names plates "
+                          f"{shown[:10]}{' ...' if len(shown) > 10 else ''}); plate {plate!r} keeps its own "
+                          "annotations. Metadata_Plate must be the plate's name as `rayscreen info` shows it",
+                          stacklevel=3)
+            return pd.DataFrame(columns=self.columns)
+        return self._by_plate[plate]
+
+
+# Platemap files read in this process, split by plate: every plate of a screen is opened with
+# the same platemap URI, and each read the whole file again. Keyed by the file's size and
+# modification stamp, so an edited platemap is read afresh.
+_PLATEMAPS: OrderedDict[tuple, PlatemapByPlate] = OrderedDict()
+_PLATEMAPS_LOCK = threading.Lock()
+
+
+def platemap_by_plate(platemap: pd.DataFrame | str | PlatemapByPlate,
+                      storage_options: dict[str, Any] | None = None) -> PlatemapByPlate:
+    """``platemap`` (a file URI, a table, or already split) split by plate; a file is read
+    once per process while it is unchanged (one ``info`` request to tell)."""
+    if isinstance(platemap, PlatemapByPlate):
+        return platemap
+    if not isinstance(platemap, str):
+        return PlatemapByPlate(platemap)
+    fs, path = filesystem(platemap, storage_options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise RayscreenError(f"platemap {platemap} does not exist") from None
+    stamp = tuple(str(info.get(k)) for k in ("size", "mtime", "LastModified", "ETag", "etag"))
+    key = (platemap, json.dumps(storage_options or {}, sort_keys=True, default=str), stamp)
+    with _PLATEMAPS_LOCK:
+        if key not in _PLATEMAPS:
+            _PLATEMAPS[key] = PlatemapByPlate(read_platemap(platemap, storage_options), f"platemap {platemap}")
+            while len(_PLATEMAPS) > 2:
+                _PLATEMAPS.popitem(last=False)
+        _PLATEMAPS.move_to_end(key)
+        return _PLATEMAPS[key]
+
+
+def override(base: pd.DataFrame, platemap: pd.DataFrame | PlatemapByPlate, plate: str) -> pd.DataFrame:
     """``base`` with ``platemap``'s values replacing or adding per well.
 
     Wells the platemap names take its values; other wells keep theirs (a new column is
     missing for them). Rows for other plates are ignored; a well the plate lacks is an error.
+    ``platemap``: a table, or :func:`platemap_by_plate`'s split of it (a screen's plates one
+    after another).
     """
-    pm = normalise_platemap(platemap)
-    if PLATE_COL in pm.columns:
-        names = pm[PLATE_COL].astype(str)
-        if not (names == plate).any():
-            # most often the platemap keys plates by file name or barcode and the plate's
-            # NGFF name is the other: every label would be missing, silently
-            shown = sorted(names.unique())
-            warnings.warn(f"the platemap has no row for plate {plate!r} (it names plates "
-                          f"{shown[:10]}{' ...' if len(shown) > 10 else ''}); plate {plate!r} keeps its own "
-                          "annotations. Metadata_Plate must be the plate's name as `rayscreen info` shows it",
-                          stacklevel=2)
-        pm = pm[names == plate].drop(columns=PLATE_COL)
+    pm = platemap_by_plate(platemap).rows(plate)
     unknown = sorted(set(pm[WELL_COL]) - set(base[WELL_COL]))
     if unknown:
         raise RayscreenError(f"platemap names wells {unknown[:10]} that plate {plate!r} does not have")

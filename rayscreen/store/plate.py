@@ -267,10 +267,7 @@ class Plate:
         """One row per listed well: ``Metadata_Plate``, ``Metadata_Well``, other ``Metadata_*``."""
         df = ann.annotations_from_attrs(self.name, self.wells, self._stored_annotations)
         if self._platemap is not None:
-            pm = self._platemap
-            if isinstance(pm, str):
-                pm = ann.read_platemap(pm, self.storage_options)
-            df = ann.override(df, pm, self.name)
+            df = ann.override(df, ann.platemap_by_plate(self._platemap, self.storage_options), self.name)
         return df
 
     def with_platemap(self, platemap: pd.DataFrame | str) -> "Plate":

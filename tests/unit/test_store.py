@@ -364,6 +364,29 @@ def test_a_platemap_naming_no_row_of_the_plate_warns_with_the_names_it_has(tmp_p
         assert open_plate(uri, platemap=pm).annotations["Metadata_MOA"].tolist() == ["taxol"]
 
 
+def test_a_screens_platemap_file_is_read_once_and_again_when_edited(tmp_path, monkeypatch):
+    """Every plate of a screen is opened with the same platemap URI; each read, normalised and
+    filtered the whole file again (seconds per plate for a 384k-row map). Now it is read once
+    per process and split by plate, and an edited file is read afresh."""
+    from rayscreen.store import annotations
+
+    uris = [make_plate(str(tmp_path / f"P{i}.zarr"), f"P{i}", wells=("A01", "A02"), fields=1) for i in range(3)]
+    path = tmp_path / "map.csv"
+    rows = [f"P{i},{w},cpd{i}{w}" for i in range(3) for w in ("A01", "A02")]
+    path.write_text("Metadata_Plate,Metadata_Well,Metadata_Compound\n" + "\n".join(rows) + "\n")
+    reads = []
+    real = annotations.read_platemap
+    monkeypatch.setattr(annotations, "read_platemap", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    got = [open_plate(u, platemap=str(path)).annotations["Metadata_Compound"].tolist() for u in uris]
+    assert got == [["cpd0A01", "cpd0A02"], ["cpd1A01", "cpd1A02"], ["cpd2A01", "cpd2A02"]]
+    assert reads == [str(path)]
+    path.write_text("Metadata_Plate,Metadata_Well,Metadata_Compound\nP1,A02,edited\n")
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # even within one tick
+    a01, a02 = open_plate(uris[1], platemap=str(path)).annotations["Metadata_Compound"].tolist()
+    assert a02 == "edited" and a01 == open_plate(uris[1]).annotations["Metadata_Compound"][0]  # the plate's own
+    assert len(reads) == 2
+
+
 def test_info_on_a_plate_whose_write_finished_no_well_yet(tmp_path):
     uri = str(tmp_path / "p.zarr")
     writer = create_plate(uri, "P", ["A01", "A02"], ["DNA"], (8, 8), "uint16", 1)
