@@ -327,11 +327,9 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     changed = np.flatnonzero((want != status).any(axis=1))
     if len(changed):  # first: a crash part way must not leave the store saying it is complete
         writer.update_attrs(complete=False)
-    for i in changed:
-        values = {name: ds[name].isel(well=i).to_numpy() for name in writer.variables}
-        values["field_status"] = want[i]
-        # same well chunk, rewritten whole: idempotent; QC flags are no reason to retry a well
-        writer.write_well(int(i), values, retry=None)
+    # only the statuses change: one concurrent write of those wells' chunks (was every
+    # variable of each well read and written again, one well after another)
+    writer.write_variable("field_status", changed, want[changed])
     summary = result.to_dict()
     summary["features"] = q.features
     writer.update_attrs(qc=summary)

@@ -299,7 +299,9 @@ def create_results(
         name = v.name[1:-len("_placeholder")] if v in flags else v.name
         shape = (n, *(sizes[d] for d in v.dims[1:]))
         chunks = (1, *shape[1:])
-        data_vars[name] = (v.dims, da.full(shape, v.fill_value, dtype=v.np_dtype, chunks=chunks), dict(v.attrs))
+        # one dask chunk: to_zarr(compute=False) writes metadata only, and a graph of one task per
+        # well and variable took minutes and gigabytes of the driver at 100k wells
+        data_vars[name] = (v.dims, da.full(shape, v.fill_value, dtype=v.np_dtype, chunks=shape), dict(v.attrs))
         if v.np_dtype.kind == "f":
             encoding[name] = {"_FillValue": v.fill_value, "chunks": chunks}
         else:
@@ -515,6 +517,22 @@ class ResultsWriter:
             self._array(RETRY)[index] = int(bool(retry))
         self._array(DONE)[index] = 1  # last: the well counts as written only now
 
+    def write_variable(self, name: str, indices: np.ndarray, values: np.ndarray) -> None:
+        """Rewrite variable ``name`` of the done wells ``indices`` (k,) with ``values`` (k, ...),
+        all at once (zarr writes the k chunks concurrently), leaving their other variables and
+        flags as they are: for a stage that changes one variable of finished wells (QC's field
+        statuses). Each well's chunk is replaced whole, so a rerun after a crash rewrites the
+        same bytes."""
+        indices = np.asarray(indices, np.int64)
+        if not len(indices):
+            return
+        arr = self._array(name)
+        values = np.asarray(values)
+        if values.shape != (len(indices), *arr.shape[1:]):
+            raise RayscreenError(f"{self.uri}: {name} values of shape {values.shape} for {len(indices)} wells; "
+                                 f"expected {(len(indices), *arr.shape[1:])}")
+        arr.set_orthogonal_selection((indices,), values.astype(arr.dtype, copy=False))
+
     def done_mask(self) -> np.ndarray:
         """(n_wells,) bool: True where the well's done flag is set."""
         return self._flagged(DONE)
@@ -549,8 +567,10 @@ class ResultsWriter:
         reopened = np.flatnonzero(hit).tolist()
         if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
             self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))
-        for index in reopened:
-            self._array(DONE)[index] = 0
+        if reopened:  # one concurrent write: the 0s delete the flags' chunks (a refit of every plate
+            # cleared 384k flags one request after another)
+            self._array(DONE).set_orthogonal_selection((np.asarray(reopened, np.int64),),
+                                                       np.zeros(len(reopened), np.uint8))
         return reopened
 
     def reopen_changed_plates(self, versions: dict[str, str | None]) -> dict[str, int]:

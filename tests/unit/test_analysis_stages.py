@@ -281,7 +281,7 @@ class StandInWriter:
     def __init__(self, *args, **kwargs):
         pass
 
-    write_well = update_attrs = finalize = lambda self, *args, **kwargs: None
+    write_well = write_variable = update_attrs = finalize = lambda self, *args, **kwargs: None
 
 
 def test_run_qc_on_numeric_plate_names(tmp_path, monkeypatch):

@@ -343,3 +343,21 @@ def test_wells_of_a_plate_whose_corrections_changed_are_reopened(tmp_path):
     old = ResultsWriter(str(tmp_path / "old.zarr"))  # reopened, as a later run does
     with pytest.warns(UserWarning, match="did not record the plates' corrections.*overwrite: true"):
         assert old.reopen_changed_plates({"P1": "zzz"}) == {} and old.done_wells() == [0]
+
+
+def test_write_variable_rewrites_one_variable_of_done_wells_and_nothing_else(tmp_path):
+    """QC changes only the field statuses of finished wells: one concurrent write of those
+    chunks, the wells' other variables and their flags as they were."""
+    uri = tmp_path / "r.zarr"
+    writer = _create(uri)
+    for i in range(3):
+        writer.write_well(i, _values(i), retry=i == 2)
+    before = open_results(str(uri)).load()
+    writer.write_variable("field_status", np.array([0, 2]), np.array([[3, 0], [3, 3]]))
+    after = open_results(str(uri)).load()
+    assert after["field_status"].values.tolist() == [[3, 0], [0, 2], [3, 3]]
+    for name in ("well_scores", "saliency", "done", "retry"):
+        xr.testing.assert_identical(after[name], before[name])
+    with pytest.raises(RayscreenError, match=r"field_status values of shape \(2,\) for 1 wells; expected \(1, 2\)"):
+        writer.write_variable("field_status", np.array([1]), np.array([3, 3]))
+    writer.write_variable("field_status", np.array([], np.int64), np.zeros((0, 2)))  # nothing to do
