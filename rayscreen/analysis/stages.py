@@ -345,7 +345,7 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
 def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
     """field -> well -> treatment tables of every feature set; returns ``{name: uri}`` of
     the tables written under ``<output>/tables`` (parquet; a CSV beside each)."""
-    from ..store.results import open_results, results_attrs
+    from ..store.results import READ_WELLS_PER_CHUNK, open_results, results_attrs
 
     a = config.analysis
     so = config.storage_options
@@ -356,7 +356,8 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         stage = "profile" if a.source == "profiles" else "infer"
         raise AnalysisError(f"{uri}: no {a.source} store there (analysis.source: {a.source}); run "
                             f"`rayscreen {stage}` with this config first")
-    ds = open_results(uri, so)
+    chunks = {"well": READ_WELLS_PER_CHUNK}
+    ds = open_results(uri, so, chunks=chunks)
     if "field_status" not in ds:
         raise AnalysisError(f"{uri} has no field_status; not a profile store")
     sets = [s for s in FEATURE_SETS if FEATURE_SETS[s][0] in ds]
@@ -367,7 +368,7 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
     out: dict[str, str] = {}
     qc = run_qc(ds, config, uri)
     if qc is not None:
-        ds = open_results(uri, so)  # statuses changed
+        ds = open_results(uri, so, chunks=chunks)  # statuses changed
         qc_table, summary = qc
         out["qc"] = _write_table(qc_table, join(tables, "qc.csv"), so)
         _write_json(summary, join(tables, "qc.json"), so)

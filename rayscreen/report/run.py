@@ -81,12 +81,14 @@ class RunOutputs:
         (``done == 1``): a well still being written must not show half its variables."""
         import xarray as xr
 
+        from ..store.results import READ_WELLS_PER_CHUNK, done_wells_mask
+
         uri = join(self.output, rel)
         kwargs = {"storage_options": self.storage_options} if is_remote(uri) else {}
-        ds = xr.open_zarr(uri if is_remote(uri) else self.path(rel), consolidated=None, **kwargs)
-        if "done" in ds:
-            done = np.asarray(ds["done"].values).astype(bool)
-            ds = ds.isel(well=np.flatnonzero(done))
+        ds = xr.open_zarr(uri if is_remote(uri) else self.path(rel), consolidated=None,
+                          chunks={"well": READ_WELLS_PER_CHUNK}, **kwargs)
+        if "done" in ds:  # listed where the store keeps its flags by presence, not read chunk by chunk
+            ds = ds.isel(well=np.flatnonzero(done_wells_mask(uri, self.storage_options)))
         return ds
 
 

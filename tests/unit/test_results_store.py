@@ -361,3 +361,16 @@ def test_write_variable_rewrites_one_variable_of_done_wells_and_nothing_else(tmp
     with pytest.raises(RayscreenError, match=r"field_status values of shape \(2,\) for 1 wells; expected \(1, 2\)"):
         writer.write_variable("field_status", np.array([1]), np.array([3, 3]))
     writer.write_variable("field_status", np.array([], np.int64), np.zeros((0, 2)))  # nothing to do
+
+
+def test_done_wells_mask_reads_a_store_without_writing_to_it(tmp_path):
+    """The report's view of the finished wells: listed from a read-only store."""
+    from rayscreen.store.results import done_wells_mask
+
+    uri = tmp_path / "r.zarr"
+    writer = _create(uri)
+    writer.write_well(0, _values(0))
+    writer.write_well(2, _values(2), retry=True)
+    assert done_wells_mask(str(uri)).tolist() == [True, False, True]
+    writer.reopen_wells("field_status", lambda values, at: at == 2)
+    assert done_wells_mask(str(uri)).tolist() == [True, False, False]
