@@ -61,8 +61,8 @@ from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path, mask_url_passwords
-from ..stream.datasource import (StreamOptions, WellTask, plan_wells, raise_unless_skipping, read_wells,
-                                 report_left_out)
+from ..stream.datasource import (StreamOptions, WellTask, in_threads, open_plates, plan_wells,
+                                 raise_unless_skipping, read_wells, report_left_out)
 from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
@@ -368,7 +368,7 @@ def plan_infer(config: Config) -> InferPlan:
     uris = expand_uris(config.plates, config.storage_options)
     if not uris:
         raise ConfigError("plates: no plate URIs given")
-    plates = [open_plate(u, so) for u in uris]
+    plates = open_plates(uris, so)
     channels = list(config.stream.channels) if config.stream.channels else None
     for p in plates:
         wanted = channels or list(meta.channels)
@@ -445,9 +445,11 @@ def plan_infer(config: Config) -> InferPlan:
     if options.normalize:
         from ..stream.normalize import stream_normalizer
 
-        for p in plates:  # the stream's own checks, before any field is read
+        def check(p) -> None:  # the stream's own checks, before any field is read
             stream_normalizer(p.uri, so, illumination=config.stream.illumination, method=config.stream.normalize,
                               level=config.stream.level)
+
+        list(in_threads(check, plates))
     settings = PredictorSettings(batch_size=ic.batch_size, saliency=ic.saliency,
                                  saliency_downsample=ic.saliency_downsample, saliency_sigma=ic.saliency_sigma,
                                  mask_threshold=ic.mask_threshold, mask_nms_size=ic.mask_nms_size)

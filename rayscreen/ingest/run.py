@@ -18,10 +18,11 @@ import pandas as pd
 from ..store import BadImageError, RayscreenError, create_plate, well_name
 from ..store.annotations import PLATE_COL, WELL_COL, platemap_by_plate
 from ..store.plate import check_finite
-from ..store.uri import absolute, join
+from ..store.uri import absolute, exists, join
 from ..progress import Progress, iter_progress
 from ..raylocal import ensure_ray
 from ..store.writer import PlateWriter
+from ..stream.datasource import in_threads
 from .loaddata import SITE_COL, LoadData, read_image, read_loaddata
 
 log = logging.getLogger(__name__)
@@ -160,41 +161,48 @@ def ingest(
     out_dir = absolute(out_dir)  # the plates' URIs travel to Ray workers, which may run elsewhere
     platemap_df = platemap_by_plate(platemap, storage_options) if platemap else None  # split by plate once
     uris, jobs = [], []
-    for plate in loaddata.plates:
-        table = loaddata.table[loaddata.table[PLATE_COL] == plate]
+    for plate, plate_data in loaddata.by_plate().items():
+        table = plate_data.table
         first = table.iloc[0]
-        probe = _site_image(loaddata, first, f"plate {plate!r} {_reference(table)}")
+        probe = _site_image(plate_data, first, f"plate {plate!r} {_reference(table)}")
         _check_levels(levels, probe.shape, plate, _reference(table))
         sites_per_well = table.groupby(WELL_COL).size()
-        annotations = loaddata.annotations(plate)
+        annotations = plate_data.annotations(plate)
         if platemap_df is not None:
             from ..store.annotations import override
             annotations = override(annotations.assign(**{PLATE_COL: plate})[[PLATE_COL, *annotations.columns]],
                                    platemap_df, plate).drop(columns=PLATE_COL)
         uri = join(out_dir, f"{plate}.zarr")
+        fresh = not exists(uri, storage_options)
         writer = create_plate(uri, plate, list(sites_per_well.index), list(loaddata.channels), probe.shape[1:],
                               probe.dtype, int(sites_per_well.max()), annotations=annotations, ngff=ngff,
                               levels=levels, chunks=chunks, storage_options=storage_options)
-        written = {w: writer.complete_fields(w) for w in writer.wells}  # one metadata read per well
+        # a resumed plate: one metadata read per well, in the planning threads; a new one has none
+        written = (dict.fromkeys(writer.wells) if fresh
+                   else dict(zip(writer.wells, in_threads(writer.complete_fields, writer.wells))))
         todo = [w for w, n in written.items() if n is None]
         _check_complete_wells(writer, uri, {well_name(w): int(n) for w, n in sites_per_well.items()}, written)
         skipped = len(writer.wells) - len(todo)
         if skipped:
             log.info("plate %s: %d well(s) already complete, %d to write", plate, skipped, len(todo))
-        jobs += [(writer, group) for group in _chunks(todo, wells_per_task)]
+        jobs += [(plate_data, writer, group) for group in _chunks(todo, wells_per_task)]
         uris.append(uri)
 
     if not use_ray:
-        for writer, group in iter_progress(jobs, len(jobs), DESC, "well group", enabled=progress):
-            write_wells(loaddata, writer, group)
+        for plate_data, writer, group in iter_progress(jobs, len(jobs), DESC, "well group", enabled=progress):
+            write_wells(plate_data, writer, group)
         return uris
 
     import ray
 
     ensure_ray()
     remote = ray.remote(write_wells)
-    data_ref = ray.put(loaddata)
-    pending = [remote.remote(data_ref, writer, group) for writer, group in jobs]
+    plate_refs: dict[str, Any] = {}  # one object per plate's rows, shared by that plate's tasks
+    pending = []
+    for data, writer, group in jobs:
+        if writer.name not in plate_refs:
+            plate_refs[writer.name] = ray.put(data)
+        pending.append(remote.remote(plate_refs[writer.name], writer, group))
     bar = Progress(len(pending), DESC, "well group", enabled=progress)
     try:
         while pending:

@@ -43,7 +43,7 @@ from ..store import MissingWellError, RayscreenError, open_plate
 from ..store.plate import unfinished_wells, wells_to_redo, wells_to_retry
 from ..store.results import Variable, create_results
 from ..store.uri import join, mask_url_passwords
-from ..stream.datasource import check_plate_set
+from ..stream.datasource import check_plate_set, in_threads, open_plates
 from ..stream.normalize import corrections_versions
 
 log = logging.getLogger(__name__)
@@ -71,26 +71,27 @@ def plan_profile(config: Config) -> dict[str, Any]:
     from ..stream.datasource import plan_wells
 
     uris = expand_uris(config.plates, config.storage_options)
-    plates = {u: open_plate(u, config.storage_options) for u in uris}
+    plates = dict(zip(uris, open_plates(uris, config.storage_options)))
     channels = check_plate_set(list(plates.items()), config.stream.channels)
     tasks = plan_wells(uris, config.storage_options, platemap=config.platemap)
     if not tasks:
         raise RayscreenError(f"profile: no wells in plates {config.plates}")
-    fields: dict[tuple[str, str], list[str]] = {}
-    for t in tasks:
+    def field_names(t) -> list[str]:
         plate = plates[t.plate_uri]
         count = plate.meta.field_count
         # plates rayscreen writes record their field count; others are asked well by well
         # (a sparse plate's absent well has none: written as such, as infer does)
         try:
-            names = [str(i) for i in range(count)] if count else plate.fields(t.well)
+            return [str(f) for f in ([str(i) for i in range(count)] if count else plate.fields(t.well))]
         except MissingWellError:
-            names = []
+            return []
         except RayscreenError:  # malformed well metadata: the stream skips and reports it under skip
             if config.stream.on_error != "skip":
                 raise
-            names = []
-        fields[(t.plate, t.well)] = [str(f) for f in names]
+            return []
+
+    # another tool's plate: one metadata read per well, in the planning threads
+    fields = {(t.plate, t.well): names for t, names in zip(tasks, in_threads(field_names, tasks))}
     rows = [{"plate": t.plate, "well": t.well, "Metadata_Plate": t.plate, **t.annotations} for t in tasks]
     wells = pd.DataFrame(rows)
     meta = ["plate", "well"] + [c for c in wells.columns if c.startswith("Metadata_")]
@@ -186,13 +187,13 @@ def plate_normalizers(config: Config, uris: list[str], channels: list[str]) -> d
     profile stage never fits one itself: that is ``rayscreen illum``'s job."""
     from ..stream.normalize import stream_normalizer
 
-    out = {}
-    for uri in uris:
+    def selected(uri: str) -> tuple[str, dict[str, Any]]:
         plate = open_plate(uri, config.storage_options)
         scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination,
                                    method=config.stream.normalize, level=config.stream.level)
-        out[plate.name] = scaler.select(plate._channel_indices(channels)).to_dict()
-    return out
+        return plate.name, scaler.select(plate._channel_indices(channels)).to_dict()
+
+    return dict(in_threads(selected, uris))  # a few requests per plate: in the planning threads
 
 
 WRITE_THREADS = 8  # wells written at once: each well is ~8 chunk writes (one S3 PUT each)

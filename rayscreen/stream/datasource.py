@@ -163,6 +163,20 @@ def in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int | None = N
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def open_plates(uris: Sequence[str], storage_options: dict[str, Any] | None = None, *,
+                platemap=None) -> list[Any]:
+    """The plates at ``uris``, opened in the planning threads with their layout read
+    (channels, shape: a few small requests each, which a planner then asks for plate after
+    plate); errors raised in the order of ``uris``."""
+
+    def opened(uri: str):
+        plate = open_plate(uri, storage_options, platemap=platemap)
+        plate.channels  # noqa: B018 -- reads (and caches) the plate's layout here, in the thread
+        return plate
+
+    return list(in_threads(opened, uris))
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, np.generic):
         v = v.item()

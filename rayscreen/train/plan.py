@@ -18,7 +18,7 @@ import pandas as pd
 from ..config import Config, ConfigError, mask_record
 from ..store import RayscreenError, open_plate
 from ..store.uri import filesystem, join
-from ..stream.datasource import check_plate_set
+from ..stream.datasource import check_plate_set, in_threads, open_plates
 from .labels import LABEL_COL, UNLABELLED, resolve_labels
 from .splits import assign_splits, check_split, check_split_config
 
@@ -61,7 +61,7 @@ def annotations_of(config: Config, uris: list[str]) -> tuple[pd.DataFrame, list[
     Raises naming the plates when channel sets differ or two plates share a name, and naming
     the channel when ``stream.channels`` asks for one the plates lack (``check_plate_set``).
     """
-    plates = [(uri, open_plate(uri, config.storage_options, platemap=config.platemap)) for uri in uris]
+    plates = list(zip(uris, open_plates(uris, config.storage_options, platemap=config.platemap)))
     channels = check_plate_set(plates, config.stream.channels, error=ConfigError)
     return pd.concat([p.annotations for _, p in plates], ignore_index=True), [p.name for _, p in plates], channels
 
@@ -76,14 +76,15 @@ def _normalization(config: Config, uris: list[str]) -> dict[str, Any] | None:
         return {"method": "none", "illumination": config.stream.illumination, "plates": {}}
     from ..stream.normalize import stream_normalizer
 
-    plates = {}
-    for uri in uris:
+    def scaler_of(uri: str) -> tuple[str, dict[str, Any]]:
         try:
             scaler = stream_normalizer(uri, config.storage_options, illumination=config.stream.illumination,
                                        method=method, level=config.stream.level)
         except RayscreenError as e:
             raise ConfigError(f"stream.normalize: {method!r}: {e}") from None
-        plates[open_plate(uri, config.storage_options).name] = scaler.to_dict()
+        return open_plate(uri, config.storage_options).name, scaler.to_dict()
+
+    plates = dict(in_threads(scaler_of, uris))  # a few requests per plate: in the planning threads
     return {"method": method, "illumination": config.stream.illumination, "plates": plates}
 
 

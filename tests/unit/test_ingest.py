@@ -373,3 +373,19 @@ def test_a_table_saved_in_another_encoding_is_named_not_a_traceback(tmp_path, ca
     empty.write_bytes(b"")
     with pytest.raises(RayscreenError, match=r"LoadData CSV .*empty.csv: the file is empty"):
         read_loaddata(str(empty))
+
+
+def test_loaddata_by_plate_gives_each_plate_its_rows_only(tmp_path):
+    """An ingest task gets its plate's rows (the whole table of a large screen was
+    deserialised by every task), with the CSV's source and channels kept for its paths."""
+    from rayscreen.ingest.loaddata import LoadData
+
+    table = pd.DataFrame({"Metadata_Plate": ["P2", "P1", "P2", "P1"], "Metadata_Well": ["A01", "A01", "A02", "B01"],
+                          "Metadata_Site": ["1"] * 4, "FileName_DNA": ["a", "b", "c", "d"], "PathName_DNA": ["x"] * 4})
+    data = LoadData(str(tmp_path / "ld.csv"), table, ("DNA",))
+    split = data.by_plate()
+    assert list(split) == ["P1", "P2"]
+    assert split["P1"].table["FileName_DNA"].tolist() == ["b", "d"]
+    assert split["P2"].table["Metadata_Well"].tolist() == ["A01", "A02"]
+    assert split["P1"].channels == ("DNA",) and split["P1"].image_path(split["P1"].table.iloc[0], "DNA") == \
+        data.image_path(table.iloc[1], "DNA")

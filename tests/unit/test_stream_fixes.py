@@ -213,3 +213,15 @@ def test_read_plates_keeps_the_callers_channel_filter_after_checking_the_plates(
     monkeypatch.setattr(plates, "_default_num_tasks", lambda *_: None)
     plates.read_plates(uris, channels=["Actin"])
     assert made["source"]._options.channels == ("Actin",)
+
+
+def test_open_plates_opens_in_order_and_raises_the_first_bad_plate(tmp_path):
+    """Planners open a screen's plates in threads (their layout read there); the plates come
+    back in config order and the first unreadable one, in that order, is the error."""
+    from rayscreen.stream.datasource import open_plates
+
+    uris = [make_plate(str(tmp_path / f"P{i}.zarr"), f"P{i}", wells=("A01",), fields=1, field_shape=(8, 8))
+            for i in range(5)]
+    assert [p.name for p in open_plates(uris)] == ["P0", "P1", "P2", "P3", "P4"]
+    with pytest.raises(RayscreenError, match=re.escape(str(tmp_path / "nope2.zarr"))):
+        open_plates([uris[0], str(tmp_path / "nope2.zarr"), uris[1], str(tmp_path / "nope3.zarr")])
