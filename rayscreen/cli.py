@@ -108,12 +108,20 @@ def _load(args, extra: dict | None = None):
 
 
 def _check_plates(config) -> None:
-    """Expand the config's plate globs before Ray starts: one that matches nothing is then
-    an error within a second, not after a local Ray has taken ~15 s to start (the stage
-    expands them again; a listing is cheap next to a Ray start)."""
-    from .store.uri import expand_uris
+    """Expand the config's plate globs, and look for the plates named without one, before Ray
+    starts: a glob that matches nothing or a plate that is not there is then an error within
+    a second, naming it, not after a local Ray has taken ~15 s to start (or a wait on a
+    cluster address that never answers). The stage expands them again; a listing and one
+    request per plate, in the planning threads, are cheap next to a Ray start."""
+    from .store.uri import exists, expand_uris
+    from .stream.datasource import in_threads
 
-    expand_uris(config.plates, config.storage_options)
+    plates = expand_uris(config.plates, config.storage_options)
+    missing = [u for u, ok in zip(plates, in_threads(lambda u: exists(u, config.storage_options), plates)) if not ok]
+    if missing:
+        hint = "; a list of plates is written [a.zarr, b.zarr]" if any("," in u for u in missing) else ""
+        raise RayscreenError(f"plates: {len(missing)} plate(s) not found: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}{hint}")
 
 
 def _init_ray() -> None:
@@ -196,14 +204,16 @@ def cmd_illum(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import is_complete, planned_stages, run_pipeline
+    from .pipeline import check_settings, is_complete, planned_stages, run_pipeline
 
     config = _load(args)
     stages = args.stages.split(",") if args.stages else None
     # as in cmd_stage: illum spreads its fits over Ray only when Ray is already up, so start or
     # join it when illum is going to run (the plan run_pipeline makes); otherwise a cluster's
     # pipeline job fits every plate one after another on the head node
-    if "illum" in planned_stages(config, stages) and (args.force or not is_complete(config, "illum")):
+    todo = planned_stages(config, stages)
+    if "illum" in todo and (args.force or not is_complete(config, "illum")):
+        check_settings(config, todo)  # as run_pipeline does, but before Ray starts
         _check_plates(config)
         _init_ray()
     run_pipeline(config, stages=stages, progress=not args.quiet, force=args.force)

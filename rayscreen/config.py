@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as _dt
 import logging
 import re
 import types
@@ -606,7 +607,12 @@ def _coerce(tp, value: Any, key: str, where: _Where):
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where.at(key)}: expected a string, found {type(value).__name__} {_shown(key, value)}")
+            # YAML reads 123, 2026-11-27 and yes as a number, a date and true: quoting keeps text
+            hint = ("; quote it to keep it text (in YAML \"...\"; with --set, e.g. --set 'key=\"...\"')"
+                    if isinstance(value, (int, float, bool, _dt.date)) and key.split(".")[0] != "storage_options"
+                    else "")
+            raise ConfigError(f"{where.at(key)}: expected a string, found {type(value).__name__} "
+                              f"{_shown(key, value)}{hint}")
         return value
     raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this module, not the user's
 

@@ -82,7 +82,8 @@ def applicable_stages(config: Config) -> list[str]:
     if config.stages is not None:
         for s in config.stages:
             if s not in STAGES:
-                raise ConfigError(f"stages: unknown stage {s!r}; expected some of: {', '.join(STAGES)}")
+                hint = f" (a list is written [{s}]: e.g. --set 'stages=[{s}]')" if "," in s else ""
+                raise ConfigError(f"stages: unknown stage {s!r}; expected some of: {', '.join(STAGES)}{hint}")
         return [s for s in STAGES if s in config.stages]
     out = []
     if config.stream.illumination or config.stream.normalize != "none":

@@ -1,19 +1,23 @@
 """The command line's own logic: flags reach the config, user errors exit 2 with a message.
 The stage functions and Ray are replaced by recorders (the stages have their own tests)."""
 
+import os
+
 import pytest
 
 import rayscreen.cli as cli
 import rayscreen.pipeline as pipeline
 from rayscreen.cli import build_parser, main
 
-CONFIG = "plates: [p.zarr]\noutput: {out}\nstorage_options: {{endpoint_url: 'http://127.0.0.1:9000'}}\n"
+CONFIG = "plates: [{plate}]\noutput: {out}\nstorage_options: {{endpoint_url: 'http://127.0.0.1:9000'}}\n"
 
 
 @pytest.fixture
 def config_path(tmp_path):
     path = tmp_path / "screen.yaml"
-    path.write_text(CONFIG.format(out=tmp_path / "out") + "stream: {illumination: true, normalize: meanstd}\n")
+    (tmp_path / "p.zarr").mkdir()  # there (its contents are the stages' business, replaced here)
+    path.write_text(CONFIG.format(plate=tmp_path / "p.zarr", out=tmp_path / "out")
+                    + "stream: {illumination: true, normalize: meanstd}\n")
     return str(path)
 
 
@@ -75,6 +79,7 @@ def test_illum_with_a_config_honours_its_flags(config_path, recorded):
 
 def test_illum_with_plates_applies_set_and_rejects_bad_keys(tmp_path, capsys, recorded):
     plate = str(tmp_path / "P.zarr")
+    (tmp_path / "P.zarr").mkdir()
     assert main(["--quiet", "illum", plate, "--set", "stream.level=1", "--set", "stream.channels=[DNA]"]) == 0
     config = recorded["config"]
     assert config.plates == [plate] and config.stream.level == 1 and config.stream.channels == ["DNA"]
@@ -227,7 +232,8 @@ def test_a_stage_on_an_output_another_run_holds_exits_2_and_writes_nothing(tmp_p
     monkeypatch.setattr(pipeline, "stage_function", lambda stage: (lambda config, progress=True: calls.append(stage)))
     output = tmp_path / "out"
     config = tmp_path / "screen.yaml"
-    config.write_text(f"plates: [p.zarr]\noutput: {output}\n")
+    (tmp_path / "p.zarr").mkdir()
+    config.write_text(f"plates: [{tmp_path / 'p.zarr'}]\noutput: {output}\n")
     proc = hold_in_another_process(str(output))
     try:
         for command in ["aggregate", "run"]:
@@ -309,3 +315,15 @@ def test_output_piped_into_a_reader_that_exits_is_not_a_storage_error(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 1
     assert "storage" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_plate_that_is_not_there_fails_before_ray_starts(tmp_path, capsys, recorded, config_path):
+    """A plate named without a glob was kept unchecked: the user waited for Ray to start (or
+    for a cluster address that never answered) before hearing of it."""
+    (tmp_path / "P.zarr").mkdir()
+    assert main(["--quiet", "illum", str(tmp_path / "P.zarr"), str(tmp_path / "Q.zarr")]) == 2
+    assert f"plates: 1 plate(s) not found: ['{tmp_path / 'Q.zarr'}']" in capsys.readouterr().err
+    os.rmdir(tmp_path / "p.zarr")
+    assert main(["--quiet", "run", config_path]) == 2  # the config's plate is gone too
+    assert "plate(s) not found" in capsys.readouterr().err
+    assert recorded["init_ray"] == 0

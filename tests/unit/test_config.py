@@ -257,3 +257,25 @@ def test_values_that_were_valid_stay_valid():
     config = config_from_dict({"plates": ["p.zarr"], "output": "out", "infer": {"num_cpus": 0},
                                "analysis": {"qc": {"method": "linear", "k": 0}}})
     assert config.infer.num_cpus == 0 and config.analysis.qc.k == 0
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("train.run_name=123", "found int 123"),
+    ("report.title=2026-11-27", "found date datetime.date(2026, 11, 27)"),
+])
+def test_a_value_yaml_reads_as_a_number_or_date_where_text_is_expected_says_to_quote_it(override, shown):
+    from rayscreen.config import parse_overrides
+
+    with pytest.raises(ConfigError, match=re.escape(f"expected a string, {shown}; quote it to keep it text")):
+        config_from_dict({"plates": ["p.zarr"], "output": "o"}, overrides=parse_overrides([override]))
+
+
+def test_stages_written_with_commas_point_at_the_list_form():
+    from rayscreen import pipeline
+    from rayscreen.config import parse_overrides
+
+    config = config_from_dict({"plates": ["p.zarr"], "output": "o"},
+                              overrides=parse_overrides(["stages=aggregate,evaluate"]))
+    with pytest.raises(ConfigError, match=re.escape("unknown stage 'aggregate,evaluate'; expected some of: ")
+                       + ".*" + re.escape("(a list is written [aggregate,evaluate]")):
+        pipeline.applicable_stages(config)
