@@ -63,9 +63,11 @@ def _fraction(text: str) -> float:
 
 def cmd_info(args) -> int:
     from .store.info import format_info, plate_info
+    from .store.uri import expand_uris
 
-    for uri in args.uris:
-        info = plate_info(uri, _storage_options(args.storage_options))
+    options = _storage_options(args.storage_options)
+    for uri in expand_uris(args.uris, options):  # globs as in a config's plates
+        info = plate_info(uri, options)
         print(json.dumps(info, default=str) if args.json else format_info(info))
     return 0
 
@@ -85,11 +87,21 @@ def cmd_synth(args) -> int:
     from . import synth
 
     so = _storage_options(args.storage_options)
+    # a flag of the other kind of screen would be ignored without a word
+    other = {"wscnn": {"--n-plates": args.n_plates},
+             "moa": {"--n-images": args.n_images, "--rare-fraction": args.rare_fraction}}[args.kind]
+    given = [flag for flag, value in other.items() if value is not None]
+    if given:
+        raise RayscreenError(f"synth {args.kind}: {', '.join(given)} is for the other kind of screen "
+                             f"({'moa' if args.kind == 'wscnn' else 'wscnn'}); expected "
+                             f"{'--n-images, --rare-fraction' if args.kind == 'wscnn' else '--n-plates'}")
     if args.kind == "wscnn":
-        uris = synth.synth_wscnn(args.out_dir, n_images=args.n_images, rare_fraction=args.rare_fraction,
+        uris = synth.synth_wscnn(args.out_dir, n_images=400 if args.n_images is None else args.n_images,
+                                 rare_fraction=0.1 if args.rare_fraction is None else args.rare_fraction,
                                  seed=args.seed, storage_options=so)
     else:
-        uris = synth.synth_moa(args.out_dir, n_plates=args.n_plates, seed=args.seed, storage_options=so)
+        uris = synth.synth_moa(args.out_dir, n_plates=2 if args.n_plates is None else args.n_plates,
+                               seed=args.seed, storage_options=so)
     for uri in uris:
         print(uri)
     return 0
@@ -263,10 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("kind", choices=["wscnn", "moa"])
     s.add_argument("out_dir")
     s.add_argument("--seed", type=_int_at_least(0), default=0)
-    s.add_argument("--n-images", type=_int_at_least(1), default=400, help="wscnn: number of images (fields)")
-    s.add_argument("--rare-fraction", type=_fraction, default=0.1,
-                   help="wscnn: circles among objects of positive images, in [0, 1]")
-    s.add_argument("--n-plates", type=_int_at_least(1), default=2, help="moa: number of plates (batches)")
+    s.add_argument("--n-images", type=_int_at_least(1),
+                   help="wscnn: number of images (fields), rounded up to whole wells of 4 fields (default 400)")
+    s.add_argument("--rare-fraction", type=_fraction,
+                   help="wscnn: circles among objects of positive images, in [0, 1] (default 0.1)")
+    s.add_argument("--n-plates", type=_int_at_least(1), help="moa: number of plates (batches; default 2)")
     s.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint_url")
     s.set_defaults(func=cmd_synth)
 

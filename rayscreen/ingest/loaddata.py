@@ -24,7 +24,7 @@ import pandas as pd
 import tifffile
 
 from ..store import RayscreenError, well_name
-from ..store.annotations import PLATE_COL, WELL_COL, parse_input_table, read_input_text
+from ..store.annotations import PLATE_COL, WELL_COL, parse_input_table, read_input_text, separator_hint
 from ..store.uri import filesystem, is_remote, local_path
 
 SITE_COL = "Metadata_Site"
@@ -124,7 +124,8 @@ def read_loaddata(path: str, storage_options: dict[str, Any] | None = None) -> L
     channels = tuple(c[len("FileName_"):] for c in table.columns if c.startswith("FileName_"))
     if missing:
         raise RayscreenError(f"LoadData CSV {path}: missing required column(s) {missing}; "
-                             f"expected {list(REQUIRED)} plus FileName_<Channel>/PathName_<Channel>")
+                             f"expected {list(REQUIRED)} plus FileName_<Channel>/PathName_<Channel>"
+                             f"{separator_hint(list(table.columns))}")
     if not channels:
         raise RayscreenError(f"LoadData CSV {path}: no FileName_<Channel> column; found {list(table.columns)}")
     no_path = [c for c in channels if f"PathName_{c}" not in table.columns]

@@ -12,7 +12,7 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -127,18 +127,41 @@ def read_platemap(uri: str, storage_options: dict[str, Any] | None = None) -> pd
     return normalise_platemap(df, source=f"platemap {uri}")
 
 
+def separator_hint(columns: Sequence[Any]) -> str:
+    """A hint for a table read as one column whose name holds another separator (a CSV saved
+    with ';', as spreadsheets in many locales do, or a TSV named .csv); "" otherwise."""
+    if len(columns) != 1:
+        return ""
+    for sep, name in ((";", "semicolons"), ("\t", "tabs"), (",", "commas")):
+        if sep in str(columns[0]):
+            return (f"; the header was read as one column: its fields look separated by {name}. rayscreen reads "
+                    "comma-separated .csv and tab-separated .tsv/.txt files: save it as such")
+    return ""
+
+
 def normalise_platemap(df: pd.DataFrame, source: str = "platemap") -> pd.DataFrame:
     if WELL_COL not in df.columns:
-        raise RayscreenError(f"{source}: expected a {WELL_COL!r} column, found columns {list(df.columns)}")
+        raise RayscreenError(f"{source}: expected a {WELL_COL!r} column, found columns {list(df.columns)}"
+                             f"{separator_hint(list(df.columns))}")
     df = df.copy()
     if PLATE_COL in df.columns:
         # plate names are text wherever the table came from (parquet ints, a DataFrame in code)
         df[PLATE_COL] = as_identifier(df[PLATE_COL])
-    df[WELL_COL] = [well_name(w, context=source) for w in df[WELL_COL]]
+    # each row's number as a spreadsheet shows it (the header is row 1) for the messages: a
+    # blank well is a row to find, not "unknown well name nan"
+    rows = [i + 2 for i in range(len(df))]
+    blank = [r for r, w in zip(rows, df[WELL_COL]) if pd.isna(w) or not str(w).strip()]
+    if blank:
+        raise RayscreenError(f"{source}: {WELL_COL} is empty in row(s) {blank[:10]} (the header is row 1); "
+                             "expected a well name such as A01 in every row")
+    df[WELL_COL] = [well_name(w, context=f"{source} row {r}") for r, w in zip(rows, df[WELL_COL])]
     keys = [c for c in (PLATE_COL, WELL_COL) if c in df.columns]
     dup = df.duplicated(keys, keep=False)
     if dup.any():
-        raise RayscreenError(f"{source}: duplicate rows for {df.loc[dup, keys].drop_duplicates().values.tolist()[:5]}")
+        named = ["/".join(map(str, k)) for k in df.loc[dup, keys].drop_duplicates().itertuples(index=False)]
+        raise RayscreenError(f"{source}: more than one row for {', '.join(named[:5])}"
+                             f"{' ...' if len(named) > 5 else ''} (rows {[r for r, d in zip(rows, dup) if d][:10]}); "
+                             "expected one row per well" + (" and plate" if PLATE_COL in keys else ""))
     first = keys + [c for c in df.columns if c not in keys]
     return df[first].reset_index(drop=True)
 
@@ -176,6 +199,7 @@ class PlatemapByPlate:
     screen's map of 384k rows took seconds per plate, hours per stage start)."""
 
     def __init__(self, platemap: pd.DataFrame, source: str = "platemap"):
+        self.source = source
         pm = normalise_platemap(platemap, source)
         self.columns = [c for c in pm.columns if c != PLATE_COL]
         self._all = None if PLATE_COL in pm.columns else pm
@@ -183,9 +207,9 @@ class PlatemapByPlate:
                           if PLATE_COL in pm.columns else {})
         self.plates = sorted(self._by_plate)
 
-    def rows(self, plate: str) -> pd.DataFrame:
+    def rows(self, plate: str) -> pd.DataFrame | None:
         """The rows for ``plate`` (without ``Metadata_Plate``); every row when the map names no
-        plates; none, with a warning, when it names others."""
+        plates; None, with a warning, when it names others."""
         if self._all is not None:
             return self._all
         if plate not in self._by_plate:
@@ -196,7 +220,7 @@ class PlatemapByPlate:
                           f"{shown[:10]}{' ...' if len(shown) > 10 else ''}); plate {plate!r} keeps its own "
                           "annotations. Metadata_Plate must be the plate's name as `rayscreen info` shows it",
                           stacklevel=3)
-            return pd.DataFrame(columns=self.columns)
+            return None
         return self._by_plate[plate]
 
 
@@ -239,10 +263,13 @@ def override(base: pd.DataFrame, platemap: pd.DataFrame | PlatemapByPlate, plate
     ``platemap``: a table, or :func:`platemap_by_plate`'s split of it (a screen's plates one
     after another).
     """
-    pm = platemap_by_plate(platemap).rows(plate)
+    split = platemap_by_plate(platemap)
+    pm = split.rows(plate)
+    if pm is None:  # no row for this plate (warned): it keeps its own annotations, and no empty columns
+        return base
     unknown = sorted(set(pm[WELL_COL]) - set(base[WELL_COL]))
     if unknown:
-        raise RayscreenError(f"platemap names wells {unknown[:10]} that plate {plate!r} does not have")
+        raise RayscreenError(f"{split.source} names wells {unknown[:10]} that plate {plate!r} does not have")
     out = base.set_index(WELL_COL)
     pm = pm.set_index(WELL_COL)
     for col in pm.columns:

@@ -24,7 +24,7 @@ from . import annotations as ann
 from .errors import (BadImageError, CorruptDataError, IncompleteWellError, MissingChunkError, MissingWellError,
                      NotAPlateError, RayscreenError)
 from .ngff import Multiscale, PlateMeta, WellMeta
-from .uri import make_store
+from .uri import exists, make_store
 from .wells import well_name
 
 NAMESPACE = "rayscreen"
@@ -68,7 +68,12 @@ class Plate:
             self._root = zarr.open_group(store=self._store, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
                 zarr.errors.ContainsArrayError) as e:
-            what = "a Zarr array, not a group" if isinstance(e, zarr.errors.ContainsArrayError) else "no Zarr group there"
+            if isinstance(e, zarr.errors.ContainsArrayError):
+                what = "a Zarr array, not a group"
+            elif not exists(self.uri, self.storage_options):  # asked only on this error path
+                raise NotAPlateError(f"{self.uri}: no such plate (nothing there)") from None
+            else:
+                what = "no Zarr group there"
             raise NotAPlateError(f"{self.uri} is not an OME-Zarr HCS plate: {what} ({type(e).__name__})") from None
         attrs = _attrs(self._root)
         if self.strict is None and "layout" not in (attrs.get(NAMESPACE) or {}):

@@ -327,3 +327,29 @@ def test_a_plate_that_is_not_there_fails_before_ray_starts(tmp_path, capsys, rec
     assert main(["--quiet", "run", config_path]) == 2  # the config's plate is gone too
     assert "plate(s) not found" in capsys.readouterr().err
     assert recorded["init_ray"] == 0
+
+
+def test_info_names_a_plate_that_is_not_there_and_expands_globs(tmp_path, capsys):
+    from rayscreen.testing import make_plate
+
+    for name in ("A", "B"):
+        make_plate(str(tmp_path / f"{name}.zarr"), name, wells=("A01",), fields=1, field_shape=(8, 8))
+    assert main(["info", str(tmp_path / "*.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "plate A " in out and "plate B " in out
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 2
+    assert f"{tmp_path / 'nope.zarr'}: no such plate (nothing there)" in capsys.readouterr().err
+    (tmp_path / "empty.zarr").mkdir()  # something there, not a plate: said as such
+    assert main(["info", str(tmp_path / "empty.zarr")]) == 2
+    assert "is not an OME-Zarr HCS plate: no Zarr group there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["wscnn", "--n-plates", "3"], "synth wscnn: --n-plates is for the other kind of screen (moa)"),
+    (["moa", "--n-images", "5", "--rare-fraction", "0.2"],
+     "synth moa: --n-images, --rare-fraction is for the other kind of screen (wscnn)"),
+])
+def test_synth_refuses_the_other_kinds_flags_instead_of_ignoring_them(tmp_path, capsys, argv, expected):
+    out = tmp_path / "screen"
+    assert main(["synth", argv[0], str(out), *argv[1:]]) == 2
+    assert expected in capsys.readouterr().err and not out.exists()

@@ -219,7 +219,7 @@ def test_cli_errors_exit_nonzero_and_name_the_file(tmp_path, capsys):
     assert code == 2
     assert "A01_s1_DNA.tif is missing" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nope.zarr")]) == 2
-    assert "not an OME-Zarr HCS plate" in capsys.readouterr().err
+    assert "nope.zarr: no such plate" in capsys.readouterr().err
 
 
 def test_numeric_looking_plate_ids_stay_text(tmp_path):
@@ -389,3 +389,17 @@ def test_loaddata_by_plate_gives_each_plate_its_rows_only(tmp_path):
     assert split["P2"].table["Metadata_Well"].tolist() == ["A01", "A02"]
     assert split["P1"].channels == ("DNA",) and split["P1"].image_path(split["P1"].table.iloc[0], "DNA") == \
         data.image_path(table.iloc[1], "DNA")
+
+
+def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
+    """A spreadsheet saved with ';' (many locales) was read as one column: 'missing required
+    column(s) [...]' without a word on why."""
+    from rayscreen.store import read_platemap
+
+    path = tmp_path / "ld.csv"
+    path.write_text("Metadata_Plate;Metadata_Well;Metadata_Site;FileName_DNA;PathName_DNA\nP1;A01;1;a.tif;.\n")
+    with pytest.raises(RayscreenError, match=r"missing required column.*looks? separated by semicolons"):
+        read_loaddata(str(path))
+    path.write_text("Metadata_Well;Metadata_Dose\nA01;1\n")
+    with pytest.raises(RayscreenError, match=r"expected a 'Metadata_Well' column.*separated by semicolons"):
+        read_platemap(str(path))

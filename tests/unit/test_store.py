@@ -111,11 +111,19 @@ def test_platemap_formats_and_errors(tmp_path):
     with pytest.raises(RayscreenError, match="bad.csv.*Metadata_Well"):
         read_platemap(str(tmp_path / "bad.csv"))
     pd.DataFrame({"Metadata_Well": ["A01", "a1"]}).to_csv(tmp_path / "dup.csv", index=False)
-    with pytest.raises(RayscreenError, match="duplicate"):
+    with pytest.raises(RayscreenError, match=r"dup.csv: more than one row for A01 \(rows \[2, 3\]\); expected one row "
+                                             r"per well$"):
         read_platemap(str(tmp_path / "dup.csv"))
+    pd.DataFrame({"Metadata_Well": ["A01", None, "A03"]}).to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(RayscreenError, match=r"blank.csv: Metadata_Well is empty in row\(s\) \[3\] \(the header is "
+                                             r"row 1\)"):
+        read_platemap(str(tmp_path / "blank.csv"))
+    pd.DataFrame({"Metadata_Well": ["A01", "well 7"]}).to_csv(tmp_path / "odd.csv", index=False)
+    with pytest.raises(RayscreenError, match=r"odd.csv row 3"):
+        read_platemap(str(tmp_path / "odd.csv"))
     uri = make_plate(str(tmp_path / "p.zarr"))
     pd.DataFrame({"Metadata_Well": ["P24"], "Metadata_X": [1]}).to_csv(tmp_path / "out.csv", index=False)
-    with pytest.raises(RayscreenError, match="P24"):
+    with pytest.raises(RayscreenError, match=r"platemap .*out.csv names wells \['P24'\] that plate"):
         open_plate(uri, platemap=str(tmp_path / "out.csv")).annotations
 
 
@@ -210,8 +218,11 @@ def test_truncated_v3_chunk_without_checksum_raises(tmp_path):
 
 
 def test_not_a_plate(tmp_path):
-    with pytest.raises(NotAPlateError, match="no Zarr group"):
+    with pytest.raises(NotAPlateError, match="nothing.zarr: no such plate"):
         open_plate(str(tmp_path / "nothing.zarr"))
+    (tmp_path / "folder.zarr").mkdir()
+    with pytest.raises(NotAPlateError, match="no Zarr group"):
+        open_plate(str(tmp_path / "folder.zarr"))
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").attrs["hello"] = 1
     with pytest.raises(NotAPlateError, match="expected 'plate' metadata.*attribute keys"):
         open_plate(str(tmp_path / "plain.zarr"))
@@ -357,7 +368,8 @@ def test_a_platemap_naming_no_row_of_the_plate_warns_with_the_names_it_has(tmp_p
     uri = make_plate(str(tmp_path / "P1.zarr"), "BC-000123", wells=("A01",), fields=1)
     pm = pd.DataFrame({"Metadata_Plate": ["P1"], "Metadata_Well": ["A01"], "Metadata_MOA": ["taxol"]})
     with pytest.warns(UserWarning, match=r"no row for plate 'BC-000123' \(it names plates \['P1'\]\)"):
-        assert open_plate(uri, platemap=pm).annotations["Metadata_MOA"].isna().all()
+        # the plate's own annotations, without an empty column of the platemap's
+        assert "Metadata_MOA" not in open_plate(uri, platemap=pm).annotations.columns
     pm["Metadata_Plate"] = "BC-000123"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
