@@ -312,6 +312,19 @@ def check_settings(config: Config, todo: list[str]) -> None:
         from .train.plan import check_train_values
 
         check_train_values(config)
+    if "profile" in todo:
+        from .models.backbones import SPECS
+
+        if config.profile.backbone not in SPECS:
+            raise ConfigError(f"profile.backbone: unknown backbone {config.profile.backbone!r}; expected one of: "
+                              f"{', '.join(sorted(SPECS))}")
+    if "aggregate" in todo:
+        from .analysis.feature_select import OPERATIONS
+
+        unknown = [op for op in config.analysis.feature_select if op not in OPERATIONS]
+        if unknown:
+            raise ConfigError(f"analysis.feature_select: unknown operation(s) {unknown}; expected some of "
+                              f"{list(OPERATIONS)}")
 
 
 def _run_stages(config: Config, todo: list[str], progress: bool, force: bool) -> dict[str, Any]:

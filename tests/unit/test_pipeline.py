@@ -266,9 +266,11 @@ def test_a_rerun_that_dies_half_way_leaves_the_stage_not_complete(tmp_path, monk
     ("train", {"split": {"val": 0.6, "test": 0.6}}, r"train.split: val=0.6, test=0.6"),
     ("train", {"split": {"by": "column"}}, r"train.split.column: required for by: column"),
     ("model", {"name": "resnet"}, r"model.name: unknown model 'resnet'; expected one of: .*wscnn"),
+    ("profile", {"backbone": "resnet19"}, r"profile.backbone: unknown backbone 'resnet19'; expected one of: "),
+    ("analysis", {"feature_select": ["varience"]}, r"analysis.feature_select: unknown operation\(s\) \['varience'\]"),
 ])
-def test_run_checks_the_training_settings_before_its_first_stage(tmp_path, monkeypatch, section, value, message):
-    """A bad train value or model name failed only when train ran: after illum had fitted
+def test_run_checks_later_stages_settings_before_its_first_stage(tmp_path, monkeypatch, section, value, message):
+    """A bad train value, model, backbone or feature selection failed only when its stage ran: after illum had fitted
     every plate. Nothing runs, and no stage is recorded."""
     from rayscreen.config import ConfigError
 
@@ -276,7 +278,7 @@ def test_run_checks_the_training_settings_before_its_first_stage(tmp_path, monke
     monkeypatch.setattr(pipeline, "stage_function", lambda stage: lambda config, progress=True: calls.append(stage))
     config = _config(tmp_path, **{section: value})
     with pytest.raises(ConfigError, match=message):
-        pipeline.run_pipeline(config, stages=["illum", "train", "infer"], progress=False)
+        pipeline.run_pipeline(config, stages=["illum", "train", "infer", "profile", "aggregate"], progress=False)
     assert calls == [] and not (tmp_path / "out" / "stages").exists()
     pipeline.run_pipeline(config, stages=["illum"], progress=False)  # without train: not its business
     assert calls == ["illum"]
