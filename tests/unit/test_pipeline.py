@@ -270,8 +270,8 @@ def test_a_rerun_that_dies_half_way_leaves_the_stage_not_complete(tmp_path, monk
     ("analysis", {"feature_select": ["varience"]}, r"analysis.feature_select: unknown operation\(s\) \['varience'\]"),
 ])
 def test_run_checks_later_stages_settings_before_its_first_stage(tmp_path, monkeypatch, section, value, message):
-    """A bad train value, model, backbone or feature selection failed only when its stage ran: after illum had fitted
-    every plate. Nothing runs, and no stage is recorded."""
+    """A bad train value, model, backbone or feature selection failed only when its stage
+    ran: after illum had fitted every plate. Nothing runs, and no stage is recorded."""
     from rayscreen.config import ConfigError
 
     calls = []
