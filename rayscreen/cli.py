@@ -128,8 +128,14 @@ def _check_plates(config) -> None:
     from .store.uri import exists, expand_uris
     from .stream.datasource import in_threads
 
+    def present(uri: str) -> bool:
+        try:
+            return exists(uri, config.storage_options)
+        except PermissionError:  # S3 without s3:ListBucket answers 403 for a prefix: the stage will tell
+            return True
+
     plates = expand_uris(config.plates, config.storage_options)
-    missing = [u for u, ok in zip(plates, in_threads(lambda u: exists(u, config.storage_options), plates)) if not ok]
+    missing = [u for u, ok in zip(plates, in_threads(present, plates)) if not ok]
     if missing:
         hint = "; a list of plates is written [a.zarr, b.zarr]" if any("," in u for u in missing) else ""
         raise RayscreenError(f"plates: {len(missing)} plate(s) not found: {missing[:5]}"

@@ -313,11 +313,11 @@ def check_settings(config: Config, todo: list[str]) -> None:
 
         check_train_values(config)
     if "profile" in todo:
-        from .models.backbones import SPECS
+        from .models import list_models
 
-        if config.profile.backbone not in SPECS:
+        if config.profile.backbone not in list_models("backbone"):  # the registry profile builds from
             raise ConfigError(f"profile.backbone: unknown backbone {config.profile.backbone!r}; expected one of: "
-                              f"{', '.join(sorted(SPECS))}")
+                              f"{', '.join(list_models('backbone'))}")
     if "aggregate" in todo:
         from .analysis.feature_select import OPERATIONS
 

@@ -61,7 +61,7 @@ from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path, mask_url_passwords
-from ..stream.datasource import (StreamOptions, WellTask, in_threads, open_plates, plan_wells,
+from ..stream.datasource import (RecentPlates, StreamOptions, WellTask, in_threads, open_plates, plan_wells,
                                  raise_unless_skipping, read_wells, report_left_out)
 from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
@@ -269,7 +269,7 @@ class InferWells:
         # reader threads read the next wells while the model runs; another writes the last
         # ones (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
         self.reader, self.writes = ThreadPoolExecutor(READERS), ThreadPoolExecutor(1)
-        self._plates: dict[str, Any] = {}  # plate URI -> Plate (metadata read once per actor)
+        self._plates = RecentPlates()  # plate URI -> Plate (metadata read once while its wells stream)
         self._labels: dict[str, LabelWriter] = {}  # plate URI -> its label writer (infer.labels)
 
     def _write(self, row: dict[str, Any], values: dict[str, np.ndarray], names: list[str], pred) -> None:

@@ -173,7 +173,10 @@ def ingest(
             annotations = override(annotations.assign(**{PLATE_COL: plate})[[PLATE_COL, *annotations.columns]],
                                    platemap_df, plate).drop(columns=PLATE_COL)
         uri = join(out_dir, f"{plate}.zarr")
-        fresh = not exists(uri, storage_options)
+        try:
+            fresh = not exists(uri, storage_options)
+        except PermissionError:  # no listing rights: ask each well, as for a resumed plate
+            fresh = False
         writer = create_plate(uri, plate, list(sites_per_well.index), list(loaddata.channels), probe.shape[1:],
                               probe.dtype, int(sites_per_well.max()), annotations=annotations, ngff=ngff,
                               levels=levels, chunks=chunks, storage_options=storage_options)

@@ -240,6 +240,7 @@ def platemap_by_plate(platemap: pd.DataFrame | str | PlatemapByPlate,
     if not isinstance(platemap, str):
         return PlatemapByPlate(platemap)
     fs, path = filesystem(platemap, storage_options)
+    fs.invalidate_cache(path)  # s3fs answers info from an earlier listing (a plates glob): stale once edited
     try:
         info = fs.info(path)
     except FileNotFoundError:

@@ -424,8 +424,12 @@ def _flag_mask(store: Any, arr: zarr.Array, name: str, n_wells: int, by_presence
     async def keys() -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
+    listed = sync(keys())
+    fs = getattr(store, "fs", None)
+    if fs is not None:  # s3fs keeps every listed key in its directory cache (~650 B each) for good
+        fs.invalidate_cache(f"{store.path}/{prefix}".rstrip("/"))
     flagged = np.zeros(n_wells, bool)
-    for key in sync(keys()):
+    for key in listed:
         tail = key[len(prefix):]
         # anything else under the prefix (a killed local write's temporary file) is no flag
         if key.startswith(prefix) and tail.isdigit() and int(tail) < n_wells:
@@ -504,8 +508,8 @@ class ResultsWriter:
         ``values`` must hold each variable of the store, shaped like the variable without
         its ``well`` dim, castable to its dtype. ``retry``: the well has fields a rerun should
         try again (a read error, no field on disk; :func:`rayscreen.store.plate.wells_to_retry`):
-        :meth:`reopen_wells` looks only at such wells; None keeps the flag as it is (a rewrite of
-        values the flag does not depend on, as QC's). Rewriting a well rewrites the same
+        :meth:`reopen_wells` looks only at such wells. The flag is set here and cleared only
+        when the well is reopened (False and None leave it as it is). Rewriting a well rewrites the same
         chunks with the same bytes (idempotent), so retries are harmless.
         """
         if not 0 <= index < self.n_wells:
@@ -526,8 +530,11 @@ class ResultsWriter:
             prepared[name] = value.astype(arr.dtype, copy=False)
         for name in sorted(prepared):  # a fixed order: same keys written the same way every time
             self._array(name)[index] = prepared[name]
-        if self.flags_by_presence and retry is not None:  # older stores have none: reopen_wells reads all
-            self._array(RETRY)[index] = int(bool(retry))
+        # set, never cleared here: a clean well's write would otherwise send a DELETE per well
+        # (and need delete rights, and leave a delete marker in a versioned bucket); a stale flag
+        # costs one read on a rerun, whose select finds nothing to retry. _reopen clears it.
+        if self.flags_by_presence and retry:  # older stores have none: reopen_wells reads all
+            self._array(RETRY)[index] = 1
         self._array(DONE)[index] = 1  # last: the well counts as written only now
 
     def write_variable(self, name: str, indices: np.ndarray, values: np.ndarray) -> None:
@@ -580,10 +587,13 @@ class ResultsWriter:
         reopened = np.flatnonzero(hit).tolist()
         if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
             self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))
-        if reopened:  # one concurrent write: the 0s delete the flags' chunks (a refit of every plate
-            # cleared 384k flags one request after another)
-            self._array(DONE).set_orthogonal_selection((np.asarray(reopened, np.int64),),
-                                                       np.zeros(len(reopened), np.uint8))
+        if reopened:  # one concurrent write each: the 0s delete the flags' chunks (a refit of every
+            # plate cleared 384k flags one request after another). done first: a crash between the
+            # two leaves a well not done with its retry flag, which its rewrite sets again anyway
+            at = (np.asarray(reopened, np.int64),)
+            self._array(DONE).set_orthogonal_selection(at, np.zeros(len(reopened), np.uint8))
+            if self.flags_by_presence:
+                self._array(RETRY).set_orthogonal_selection(at, np.zeros(len(reopened), np.uint8))
         return reopened
 
     def reopen_changed_plates(self, versions: dict[str, str | None]) -> dict[str, int]:

@@ -163,6 +163,27 @@ def in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int | None = N
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+class RecentPlates(dict):
+    """``{plate URI: open Plate}`` holding the last ``size`` plates (first in, first out; wells
+    stream plate after plate): for a caller that reads wells call after call (an infer actor
+    lives for a whole screen, and each Plate keeps every field's metadata it has read, ~4 KB
+    a field). ``setdefault`` is thread-safe (the actor's reader threads share it)."""
+
+    def __init__(self, size: int = 4):
+        super().__init__()
+        self.size = size
+        self._lock = threading.Lock()
+
+    def setdefault(self, key: str, value: Any) -> Any:
+        with self._lock:
+            if key in self:
+                return self[key]
+            self[key] = value
+            while len(self) > self.size:
+                del self[next(iter(self))]
+            return value
+
+
 def open_plates(uris: Sequence[str], storage_options: dict[str, Any] | None = None, *,
                 platemap=None) -> list[Any]:
     """The plates at ``uris``, opened in the planning threads with their layout read

@@ -240,13 +240,14 @@ def test_wells_with_read_errors_are_reopened_for_a_rerun(tmp_path):
 
 
 def test_flags_are_stored_chunks_listed_not_read(tmp_path):
-    """done and retry exist as chunks only where they are 1: clearing one deletes its chunk,
-    the stage start lists them, and select sees only the done wells flagged retry (never a
-    well written clean, nor one not done)."""
+    """done and retry exist as chunks only where they are 1, and the stage start lists them;
+    select sees only the done wells flagged retry. A clean write never deletes (no request per
+    well): a stale retry flag stays until its well is reopened, and select re-checks it."""
     uri = tmp_path / "r.zarr"
     writer = _create(uri)
+    clean = dict(_values(1), field_status=np.array([0, 0]))
     writer.write_well(0, _values(0), retry=True)
-    writer.write_well(1, _values(1))
+    writer.write_well(1, clean)
     writer.write_well(2, _values(2), retry=True)
     assert sorted(os.listdir(uri / "done" / "c")) == ["0", "1", "2"]
     assert sorted(os.listdir(uri / "retry" / "c")) == ["0", "2"]
@@ -256,19 +257,19 @@ def test_flags_are_stored_chunks_listed_not_read(tmp_path):
     (uri / "done" / "c" / "1").write_bytes(b"not a chunk")  # listed, never read
     assert writer.done_wells() == [0, 1, 2]
     (uri / "done" / "c" / "1").write_bytes(flag)
-    writer.write_well(2, _values(2))  # rewritten clean: its retry flag goes
-    assert sorted(os.listdir(uri / "retry" / "c")) == ["0"]
+    writer.write_well(2, dict(_values(2), field_status=np.array([0, 0])))  # read this time
+    assert sorted(os.listdir(uri / "retry" / "c")) == ["0", "2"]  # not deleted by the clean write
     seen = []
 
     def select(values, at):
         seen.append(at.tolist())
         assert values.shape == (len(at), 2)  # field_status of those wells only
-        return np.ones(len(at), bool)
+        return (values == 2).any(axis=1)
 
-    assert writer.reopen_wells("field_status", select) == [0] and seen == [[0]]
+    assert writer.reopen_wells("field_status", select) == [0] and seen == [[0, 2]]  # 2's flag was stale
     assert sorted(f for f in os.listdir(uri / "done" / "c") if f.isdigit()) == ["1", "17", "2"]
+    assert sorted(os.listdir(uri / "retry" / "c")) == ["2"]  # cleared with the reopened well's done
     assert open_results(str(uri))["done"].values.tolist() == [0, 1, 1]
-    assert open_results(str(uri))["retry"].values.tolist() == [1, 0, 0]  # kept for the rewrite to clear
 
 
 def test_a_store_from_before_flags_by_presence_is_read_chunk_by_chunk(tmp_path):
@@ -307,6 +308,8 @@ def test_flags_listed_on_s3(s3_bucket):
     writer.write_well(0, _values(0))
     writer.write_well(2, _values(2), retry=True)
     assert writer.done_wells() == [0, 2]
+    # s3fs would keep every listed key (~650 B each, 384k wells) in its directory cache for good
+    assert not [k for k in writer._store.fs.dircache if "/done/c" in k or "/retry/c" in k]
     assert writer.reopen_wells("field_status", _read_errors) == [2]
     fs = s3fs.S3FileSystem(**options)
     fs.invalidate_cache()

@@ -409,3 +409,23 @@ def test_info_on_a_plate_whose_write_finished_no_well_yet(tmp_path):
     writer.complete_well("A01", 1)
     info = plate_info(uri)
     assert info["shape"] == (1, 8, 8) and "field shape (C, Y, X): (1, 8, 8)" in format_info(info)
+
+
+def test_an_edited_platemap_on_s3_is_read_again_though_its_folder_was_listed(s3_bucket):
+    """s3fs answers info() from an earlier listing of the folder (a plates glob beside the
+    map): the cache key would not change and the old map would be kept."""
+    import s3fs
+
+    from rayscreen.store.annotations import platemap_by_plate
+    from rayscreen.store.uri import expand_uris
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    uri = f"{bucket}/screen/map.csv"
+    fs.pipe(uri, b"Metadata_Well,Metadata_Compound\nA01,old\n")
+    fs.pipe(f"{bucket}/screen/P.zarr/zarr.json", b"{}")
+    expand_uris(f"{bucket}/screen/*.zarr", options)  # lists the folder, as a config's glob does
+    assert platemap_by_plate(uri, options).rows("P")["Metadata_Compound"].tolist() == ["old"]
+    # edited elsewhere (another process, a colleague): not through this process's cached filesystem
+    s3fs.S3FileSystem(skip_instance_cache=True, **options).pipe(uri, b"Metadata_Well,Metadata_Compound\nA01,newer\n")
+    assert platemap_by_plate(uri, options).rows("P")["Metadata_Compound"].tolist() == ["newer"]
