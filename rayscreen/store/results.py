@@ -10,8 +10,9 @@ Layout (see docs/outputs.md for the variables infer and profile write)::
       field, class, feature, ...              index coordinates of the other dims
       <variable>/c/<i>/0/...                  data: ONE WELL PER CHUNK along `well`
       done/c/<i>                              uint8, 1 once well i is complete (written last)
-      retry/c/<i>                             uint8, 1 where well i had fields to try again on a
-                                              rerun (a read error, or no field on disk)
+      retry/c/<i>                             uint8, 1 where a write of well i had fields to try
+                                              again on a rerun (a read error, or no field on disk);
+                                              cleared when the well is reopened
 
 Both flags exist as stored chunks only where they are 1 (a cleared flag deletes its chunk),
 so a stage's start finds the done and retry wells by *listing* the two prefixes (S3: one
