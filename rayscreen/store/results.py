@@ -295,13 +295,13 @@ def create_results(
 
     n = len(keys)
     data_vars, encoding = {}, {}
-    flags = [Variable(f"_{f}_placeholder", (WELL_DIM,), "uint8", 0) for f in _FLAGS]
-    for v in list(variables) + flags:
-        name = v.name[1:-len("_placeholder")] if v in flags else v.name
+    # the flags as variables of their own (their names are reserved for users' variables)
+    flags = [(f, Variable(f"_{f}", (WELL_DIM,), "uint8", 0)) for f in _FLAGS]
+    for name, v in [(v.name, v) for v in variables] + flags:
         shape = (n, *(sizes[d] for d in v.dims[1:]))
         chunks = (1, *shape[1:])
         # one dask chunk: to_zarr(compute=False) writes metadata only, and a graph of one task per
-        # well and variable took minutes and gigabytes of the driver at 100k wells
+        # well and variable grows with the wells (15x slower at 20000: benchmarks/store_scale.py)
         data_vars[name] = (v.dims, da.full(shape, v.fill_value, dtype=v.np_dtype, chunks=shape), dict(v.attrs))
         if v.np_dtype.kind == "f":
             encoding[name] = {"_FillValue": v.fill_value, "chunks": chunks}
@@ -502,7 +502,7 @@ class ResultsWriter:
         """Shape of one well's block of variable ``name`` (its shape without the well dim)."""
         return tuple(self._array(name).shape[1:])
 
-    def write_well(self, index: int, values: dict[str, np.ndarray], *, retry: bool | None = False) -> None:
+    def write_well(self, index: int, values: dict[str, np.ndarray], *, retry: bool = False) -> None:
         """Write every variable of well ``index`` (one chunk each), its retry flag, then its
         done flag.
 
@@ -510,8 +510,8 @@ class ResultsWriter:
         its ``well`` dim, castable to its dtype. ``retry``: the well has fields a rerun should
         try again (a read error, no field on disk; :func:`rayscreen.store.plate.wells_to_retry`):
         :meth:`reopen_wells` looks only at such wells. The flag is set here and cleared only
-        when the well is reopened (False and None leave it as it is). Rewriting a well rewrites the same
-        chunks with the same bytes (idempotent), so retries are harmless.
+        when the well is reopened (False leaves it as it is). Rewriting a well rewrites the
+        same chunks with the same bytes (idempotent), so retries are harmless.
         """
         if not 0 <= index < self.n_wells:
             raise RayscreenError(f"{self.uri}: well index {index} outside 0..{self.n_wells - 1}")
@@ -560,7 +560,7 @@ class ResultsWriter:
 
     def values_at(self, name: str, indices: np.ndarray) -> np.ndarray:
         """Variable ``name`` of the wells ``indices`` only (one chunk read per well), e.g. the
-        ``done`` flags of one call's wells, where :meth:`done_mask` reads every well's."""
+        ``done`` flags of one call's wells, where :meth:`done_mask` lists every well's."""
         return np.asarray(self._array(name).get_orthogonal_selection((np.asarray(indices, np.int64),)))
 
     def done_wells(self) -> list[int]:
@@ -586,10 +586,11 @@ class ResultsWriter:
 
     def _reopen(self, done: np.ndarray, hit: np.ndarray) -> list[int]:
         reopened = np.flatnonzero(hit).tolist()
-        if reopened:  # first: a crash during the rewrite must not leave the store saying it is complete
+        if reopened:
+            # first: a crash during the rewrite must not leave the store saying it is complete
             self.update_attrs(complete=False, n_done=int(done.sum()) - len(reopened))
-        if reopened:  # one concurrent write each: the 0s delete the flags' chunks (a refit of every
-            # plate cleared 384k flags one request after another). done first: a crash between the
+            # one concurrent write each: the 0s delete the flags' chunks (a refit of every plate
+            # cleared 384k flags one request after another). done first: a crash between the
             # two leaves a well not done with its retry flag, which its rewrite sets again anyway
             at = (np.asarray(reopened, np.int64),)
             self._array(DONE).set_orthogonal_selection(at, np.zeros(len(reopened), np.uint8))
@@ -648,7 +649,8 @@ class ResultsWriter:
 
 # wells per dask chunk where a stage reads a whole store (aggregate, report): zarr stores one
 # well per chunk, and a dask task per well made graphs of 384k tasks per variable; a task of
-# 1024 wells reads their chunks concurrently (3.5x faster at 10000 wells on local disk)
+# 1024 wells reads their chunks concurrently (field -> well means 4.2x faster at 20000 wells
+# on local disk: benchmarks/store_scale.py)
 READ_WELLS_PER_CHUNK = 1024
 
 
