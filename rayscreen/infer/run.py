@@ -39,6 +39,7 @@ happens on the driver before the first pixel is read.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import math
 import os
@@ -61,7 +62,7 @@ from ..store.annotations import label_text, read_csv_table
 from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path, mask_url_passwords
-from ..stream.datasource import (RecentPlates, StreamOptions, WellTask, in_threads, open_plates, plan_wells,
+from ..stream.datasource import (StreamOptions, WellTask, in_threads, open_plates, plan_wells,
                                  raise_unless_skipping, read_wells, report_left_out)
 from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
@@ -204,6 +205,7 @@ READERS = 2
 # wells handed to the writer thread and not yet written (values and saliency maps: a fraction
 # of a well's pixels); when writes are slower than the model, it waits instead of queueing more
 WRITES_IN_FLIGHT = 2
+PLATES_KEPT = 4  # plates an actor keeps open
 
 _Item = TypeVar("_Item")
 _Read = TypeVar("_Read")
@@ -269,7 +271,10 @@ class InferWells:
         # reader threads read the next wells while the model runs; another writes the last
         # ones (on S3 a write is tens of ms of latency per chunk): I/O hidden behind compute
         self.reader, self.writes = ThreadPoolExecutor(READERS), ThreadPoolExecutor(1)
-        self._plates = RecentPlates()  # plate URI -> Plate (metadata read once while its wells stream)
+        # plate URI -> open Plate, the last PLATES_KEPT (wells stream plate after plate; an actor
+        # lives for a whole screen, and each Plate keeps every field's metadata it read, ~4 KB a field)
+        self._plate_of = functools.lru_cache(maxsize=PLATES_KEPT)(
+            functools.partial(open_plate, storage_options=so))
         self._labels: dict[str, LabelWriter] = {}  # plate URI -> its label writer (infer.labels)
 
     def _write(self, row: dict[str, Any], values: dict[str, np.ndarray], names: list[str], pred) -> None:
@@ -296,7 +301,7 @@ class InferWells:
 
     def _read(self, row: dict[str, Any]) -> tuple[list[str], list[str], np.ndarray | None]:
         uri, options = row["plate_uri"], self.job.options
-        plate = self._plates.get(uri) or self._plates.setdefault(uri, open_plate(uri, options.storage_options))
+        plate = self._plate_of(uri)
         where = f"plate {row['plate']!r} well {row['well']}"
         try:
             fields = plate.fields(row["well"])
@@ -316,7 +321,7 @@ class InferWells:
                                  "the results store was sized for (the plate's field_count)")
         names, images = [], []
         task = WellTask(row["plate_uri"], row["plate"], row["well"], {})
-        for batch in read_wells([task], options, plates=self._plates):
+        for batch in read_wells([task], options, plate_of=self._plate_of):
             names += [str(f) for f in batch["field"]]
             images.append(batch["image"])
         return fields, names, (np.concatenate(images) if images else None)

@@ -6,12 +6,11 @@ plate is self-contained; an external platemap given later overrides them column 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -224,13 +223,6 @@ class PlatemapByPlate:
         return self._by_plate[plate]
 
 
-# Platemap files read in this process, split by plate: every plate of a screen is opened with
-# the same platemap URI, and each read the whole file again. Keyed by the file's size and
-# modification stamp, so an edited platemap is read afresh.
-_PLATEMAPS: OrderedDict[tuple, PlatemapByPlate] = OrderedDict()
-_PLATEMAPS_LOCK = threading.Lock()
-
-
 def platemap_by_plate(platemap: pd.DataFrame | str | PlatemapByPlate,
                       storage_options: dict[str, Any] | None = None) -> PlatemapByPlate:
     """``platemap`` (a file URI, a table, or already split) split by plate; a file is read
@@ -246,14 +238,16 @@ def platemap_by_plate(platemap: pd.DataFrame | str | PlatemapByPlate,
     except FileNotFoundError:
         raise RayscreenError(f"platemap {platemap} does not exist") from None
     stamp = tuple(str(info.get(k)) for k in ("size", "mtime", "LastModified", "ETag", "etag"))
-    key = (platemap, json.dumps(storage_options or {}, sort_keys=True, default=str), stamp)
-    with _PLATEMAPS_LOCK:
-        if key not in _PLATEMAPS:
-            _PLATEMAPS[key] = PlatemapByPlate(read_platemap(platemap, storage_options), f"platemap {platemap}")
-            while len(_PLATEMAPS) > 2:
-                _PLATEMAPS.popitem(last=False)
-        _PLATEMAPS.move_to_end(key)
-        return _PLATEMAPS[key]
+    return _platemap_file(platemap, json.dumps(storage_options or {}, sort_keys=True, default=str), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _platemap_file(uri: str, storage_options: str, stamp: tuple[str, ...]) -> PlatemapByPlate:
+    """A platemap file read and split by plate, kept by this process: every plate of a screen
+    is opened with the same platemap URI, and each read the whole file again. ``stamp`` (its
+    size and modification stamp) is only a key: an edited platemap is read afresh.
+    ``storage_options`` is JSON (a key must be hashable)."""
+    return PlatemapByPlate(read_platemap(uri, json.loads(storage_options) or None), f"platemap {uri}")
 
 
 def override(base: pd.DataFrame, platemap: pd.DataFrame | PlatemapByPlate, plate: str) -> pd.DataFrame:

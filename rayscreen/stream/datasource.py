@@ -18,12 +18,11 @@ different shapes in one batch) are not bad data: they fail the job in either mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-import threading
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -163,27 +162,6 @@ def in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int | None = N
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-class RecentPlates(dict):
-    """``{plate URI: open Plate}`` holding the last ``size`` plates (first in, first out; wells
-    stream plate after plate): for a caller that reads wells call after call (an infer actor
-    lives for a whole screen, and each Plate keeps every field's metadata it has read, ~4 KB
-    a field). ``setdefault`` is thread-safe (the actor's reader threads share it)."""
-
-    def __init__(self, size: int = 4):
-        super().__init__()
-        self.size = size
-        self._lock = threading.Lock()
-
-    def setdefault(self, key: str, value: Any) -> Any:
-        with self._lock:
-            if key in self:
-                return self[key]
-            self[key] = value
-            while len(self) > self.size:
-                del self[next(iter(self))]
-            return value
-
-
 def open_plates(uris: Sequence[str], storage_options: dict[str, Any] | None = None, *,
                 platemap=None) -> list[Any]:
     """The plates at ``uris``, opened in the planning threads with their layout read
@@ -253,20 +231,42 @@ def load_error_report(error_report: str, storage_options=None) -> pd.DataFrame:
                                                                              na_position="first").reset_index(drop=True)
 
 
-# Corrections loaded in this worker process, kept across read tasks and calls. A full-
-# resolution read task holds one well (MIN_TASK_BYTES), and an infer actor reads one well per
-# call: loaded per task, a plate's illumination function (110 MB for 5 x 2160 x 2560) was read
-# again for every well. Keyed by the plate's stored corrections digest, so a refit between
-# runs is loaded afresh; two plates at most, so an idle worker holds little.
-_LOADED: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
-_LOADED_LOCK = threading.Lock()  # infer's reader threads share the process's corrections
-LOADED_PLATES = 2
+LOADED_PLATES = 2  # plates whose corrections a worker process keeps
+
+
+@functools.lru_cache(maxsize=LOADED_PLATES)
+def _loaded_corrections(plate_uri: str, channel_idx: tuple[int, ...] | None, shape: tuple[int, int],
+                        illumination: bool, normalize: bool, level: int, storage_options: str,
+                        version: str) -> tuple[Any, Any]:
+    """(illumination function restricted to ``channel_idx`` and resampled to ``shape``, or
+    None; normaliser of those channels, or None) of a plate, kept by this worker process
+    across read tasks and infer calls: a full-resolution read task holds one well
+    (MIN_TASK_BYTES) and an infer actor reads one well per call, and each loaded the plate's
+    illumination function (110 MB for 5 x 2160 x 2560) again. ``version`` (the stored
+    corrections' digest) is only a key: a refit is loaded afresh. ``storage_options`` is JSON
+    (a key must be hashable). Two threads may load the same plate at once; both get its values."""
+    from .illumination import illumination_at, load_illumination
+    from .normalize import stream_normalizer
+
+    options = json.loads(storage_options)
+    illum = norm = None
+    if illumination:
+        illum = load_illumination(plate_uri, options)
+        if illum is None:
+            raise RayscreenError(f"plate {plate_uri}: no illumination function stored; "
+                                 "run `rayscreen illum` on it first")
+        illum = illumination_at(illum if channel_idx is None else illum[list(channel_idx)], shape)
+    if normalize:
+        norm = stream_normalizer(plate_uri, options, illumination=illumination, level=level)
+        if channel_idx is not None:
+            norm = norm.select(list(channel_idx))
+    return illum, norm
 
 
 class _Corrections:
     """Per-plate illumination and normalisation, loaded once per plate per worker process
-    (:data:`_LOADED`) already restricted to the streamed channels and resampled to the
-    streamed level.
+    (:func:`_loaded_corrections`) already restricted to the streamed channels and resampled
+    to the streamed level.
 
     Applied as ``normalizer.transform(correct(field, illum))``: the same functions, so a
     streamed field equals those calls on ``open_plate(uri).read(well, field)``.
@@ -274,24 +274,6 @@ class _Corrections:
 
     def __init__(self, options: StreamOptions):
         self.options = options
-
-    def _load(self, plate_uri: str, channel_idx: list[int] | None, shape: tuple[int, int]):
-        from .illumination import illumination_at, load_illumination
-        from .normalize import stream_normalizer
-
-        o = self.options
-        illum = norm = None
-        if o.illumination:
-            illum = load_illumination(plate_uri, o.storage_options)
-            if illum is None:
-                raise RayscreenError(f"plate {plate_uri}: no illumination function stored; "
-                                     "run `rayscreen illum` on it first")
-            illum = illumination_at(illum if channel_idx is None else illum[channel_idx], shape)
-        if o.normalize:
-            norm = stream_normalizer(plate_uri, o.storage_options, illumination=o.illumination, level=o.level)
-            if channel_idx is not None:
-                norm = norm.select(channel_idx)
-        return illum, norm
 
     def __call__(self, plate: Any, image: np.ndarray, channel_idx: list[int] | None) -> np.ndarray:
         """``image`` (C, Y, X) of ``plate`` (an open :class:`~rayscreen.store.plate.Plate`)
@@ -301,16 +283,10 @@ class _Corrections:
         o = self.options
         if not (o.illumination or o.normalize):
             return image.astype(o.dtype) if o.dtype else image
-        version = corrections_digest(plate.rayscreen_attrs(), illumination=o.illumination, normalize=o.normalize)
-        key = (plate.uri, tuple(image.shape[-2:]), None if channel_idx is None else tuple(channel_idx),
-               o.illumination, o.normalize, o.level, version)
-        with _LOADED_LOCK:
-            if key not in _LOADED:
-                _LOADED[key] = self._load(plate.uri, channel_idx, image.shape[-2:])
-                while len(_LOADED) > LOADED_PLATES:
-                    _LOADED.popitem(last=False)
-            _LOADED.move_to_end(key)
-            illum, norm = _LOADED[key]
+        illum, norm = _loaded_corrections(
+            plate.uri, None if channel_idx is None else tuple(channel_idx), tuple(image.shape[-2:]),
+            o.illumination, o.normalize, o.level, json.dumps(o.storage_options or {}, sort_keys=True, default=str),
+            corrections_digest(plate.rayscreen_attrs(), illumination=o.illumination, normalize=o.normalize))
         out = image
         if illum is not None:
             from .illumination import correct
@@ -323,17 +299,18 @@ class _Corrections:
 
 
 def read_wells(tasks: list[WellTask], options: StreamOptions, *,
-               plates: dict[str, Any] | None = None) -> Iterable[dict[str, Any]]:
+               plate_of: Callable[[str], Any] | None = None) -> Iterable[dict[str, Any]]:
     """Yield row batches (dicts of columns) for the fields of ``tasks``. Pure Python, no Ray:
     the read task's body, also usable directly (tests, single-process baselines).
-    ``plates``: ``{plate URI: Plate}`` of a caller that reads many calls' wells (an infer
-    actor), so each plate's metadata is read once, not once per call."""
-    plates = {} if plates is None else plates
+    ``plate_of``: plate URI -> open Plate, for a caller that reads many calls' wells and keeps
+    its plates open (an infer actor), so each plate's metadata is read once, not once per call;
+    by default each plate is opened once per call."""
+    if plate_of is None:
+        plate_of = functools.lru_cache(maxsize=None)(lambda uri: open_plate(uri, options.storage_options))
     correct = _Corrections(options)
     rows: list[dict[str, Any]] = []
     for task in tasks:
-        plate = plates.get(task.plate_uri) or plates.setdefault(
-            task.plate_uri, open_plate(task.plate_uri, options.storage_options))
+        plate = plate_of(task.plate_uri)
         try:
             plate.well_meta(task.well)
         except MissingWellError as e:

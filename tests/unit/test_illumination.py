@@ -283,4 +283,5 @@ def test_the_stream_keeps_the_corrections_of_a_few_plates_only(tmp_path):
     field = np.full((2, 16, 16), 60, np.uint16)
     for i, uri in enumerate(uris + uris[:1]):  # the first plate again after it was dropped: loaded again
         np.testing.assert_allclose(corrections(open_plate(uri), field, None), 60 / (1.0 + (i % 6)))
-        assert len(datasource._LOADED) <= datasource.LOADED_PLATES  # kept by the process, across tasks
+        # kept by the process, across tasks
+        assert datasource._loaded_corrections.cache_info().currsize <= datasource.LOADED_PLATES

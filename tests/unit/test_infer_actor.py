@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from rayscreen.infer.run import READ_AHEAD, InferWells, WellScoring, create_store, plan_infer
+from rayscreen.infer.run import PLATES_KEPT, READ_AHEAD, READERS, InferWells, WellScoring, create_store, plan_infer
 
 from ..integration.infer_helpers import infer_config, make_screen
 
@@ -149,3 +149,16 @@ def test_a_well_with_malformed_metadata_is_left_out_under_skip_and_fails_otherwi
     assert out["n_fields"].tolist() == [3, 0]
     records = load_error_report(plan.options.error_report)
     assert records["well"].tolist() == ["A02"] and "well.images[0].path" in records["error"][0]
+
+
+def test_the_actor_opens_each_plate_once_across_calls_and_keeps_a_few(tmp_path, screen):
+    """An infer actor lives for a whole screen: its reads opened the plate (metadata reads)
+    again for every call, and the plates it kept were never let go."""
+    actor, plan, _ = _actor(screen, tmp_path / "out")
+    actor(_batch(plan, [0, 1]))
+    actor(_batch(plan, [2, 3]))
+    info = actor._plate_of.cache_info()
+    # one plate, two lookups per well (its fields, then its pixels): opened by the first reads
+    # (one per reader thread at most, racing) and reused by every later one
+    assert info.currsize == 1 and info.misses <= READERS and info.hits + info.misses == 8
+    assert info.hits >= 8 - READERS and info.maxsize == PLATES_KEPT

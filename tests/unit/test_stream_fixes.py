@@ -225,16 +225,3 @@ def test_open_plates_opens_in_order_and_raises_the_first_bad_plate(tmp_path):
     assert [p.name for p in open_plates(uris)] == ["P0", "P1", "P2", "P3", "P4"]
     with pytest.raises(RayscreenError, match=re.escape(str(tmp_path / "nope2.zarr"))):
         open_plates([uris[0], str(tmp_path / "nope2.zarr"), uris[1], str(tmp_path / "nope3.zarr")])
-
-
-def test_recent_plates_keeps_the_last_few_and_one_per_uri():
-    """An infer actor's open plates: it kept every plate of the screen (each with every
-    field's metadata read) for its whole life."""
-    from rayscreen.stream.datasource import RecentPlates
-
-    plates = RecentPlates(size=2)
-    first = plates.setdefault("a", object())
-    assert plates.setdefault("a", object()) is first  # already open: the same one
-    plates.setdefault("b", object())
-    plates.setdefault("c", object())
-    assert list(plates) == ["b", "c"]
