@@ -319,12 +319,12 @@ def check_settings(config: Config, todo: list[str]) -> None:
             raise ConfigError(f"profile.backbone: unknown backbone {config.profile.backbone!r}; expected one of: "
                               f"{', '.join(list_models('backbone'))}")
     if "aggregate" in todo:
-        from .analysis.feature_select import OPERATIONS
+        from .analysis.feature_select import check_operations
 
-        unknown = [op for op in config.analysis.feature_select if op not in OPERATIONS]
-        if unknown:
-            raise ConfigError(f"analysis.feature_select: unknown operation(s) {unknown}; expected some of "
-                              f"{list(OPERATIONS)}")
+        try:
+            check_operations(config.analysis.feature_select)
+        except ValueError as e:
+            raise ConfigError(f"analysis.feature_select: {e}") from None
 
 
 def _run_stages(config: Config, todo: list[str], progress: bool, force: bool) -> dict[str, Any]:

@@ -67,6 +67,13 @@ def correlated_features(profiles: pd.DataFrame, features: Sequence[str] | None =
     return dropped
 
 
+def check_operations(operations: Sequence[str]) -> None:
+    """Raises ValueError naming the operations that are not in :data:`OPERATIONS`."""
+    unknown = [op for op in operations if op not in OPERATIONS]
+    if unknown:
+        raise ValueError(f"unknown operation(s) {unknown}; expected some of {OPERATIONS}")
+
+
 def feature_select(profiles: pd.DataFrame, operations: Sequence[str] = OPERATIONS, *,
                    features: Sequence[str] | None = None, samples="all",
                    min_variance: float = 0.0, corr_threshold: float = 0.9,
@@ -87,9 +94,7 @@ def feature_select(profiles: pd.DataFrame, operations: Sequence[str] = OPERATION
     -------
     ``profiles`` without the dropped feature columns (metadata and row order unchanged).
     """
-    unknown = [op for op in operations if op not in OPERATIONS]
-    if unknown:
-        raise ValueError(f"unknown operation(s) {unknown}; expected some of {OPERATIONS}")
+    check_operations(operations)
     cols = feature_columns(profiles, features)
     subset = profiles.loc[control_mask(profiles, samples)]
     drop: list[str] = []

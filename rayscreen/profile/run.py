@@ -76,13 +76,14 @@ def plan_profile(config: Config) -> dict[str, Any]:
     tasks = plan_wells(uris, config.storage_options, platemap=config.platemap)
     if not tasks:
         raise RayscreenError(f"profile: no wells in plates {config.plates}")
+
     def field_names(t) -> list[str]:
         plate = plates[t.plate_uri]
         count = plate.meta.field_count
         # plates rayscreen writes record their field count; others are asked well by well
         # (a sparse plate's absent well has none: written as such, as infer does)
         try:
-            return [str(f) for f in ([str(i) for i in range(count)] if count else plate.fields(t.well))]
+            return [str(f) for f in (range(count) if count else plate.fields(t.well))]
         except MissingWellError:
             return []
         except RayscreenError:  # malformed well metadata: the stream skips and reports it under skip
