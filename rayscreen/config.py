@@ -412,7 +412,9 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<config>", lines: d
 def _absolute_paths(config: Config) -> Config:
     """Local paths of a config made absolute, relative to the directory the command runs in:
     Ray's workers may run elsewhere (Ray Train's own directory, a cluster started in another
-    one). Plate lists are resolved where they are expanded (``expand_uris``)."""
+    one). Plates too (globs stay globs, expanded by ``expand_uris``), so that ``rayscreen
+    config`` and the recorded config say where the plates were, as they say where the output
+    went."""
     from .store.uri import absolute
 
     def fix(value):
@@ -422,7 +424,7 @@ def _absolute_paths(config: Config) -> Config:
     if isinstance(kwargs.get("trunk_weights"), str):  # milnet's torchvision trunk, loaded in Ray Train's workers
         kwargs["trunk_weights"] = fix(kwargs["trunk_weights"])
     return dataclasses.replace(
-        config, output=fix(config.output), platemap=fix(config.platemap),
+        config, plates=[fix(p) for p in config.plates], output=fix(config.output), platemap=fix(config.platemap),
         model=dataclasses.replace(config.model, kwargs=kwargs),
         infer=dataclasses.replace(config.infer, checkpoint=fix(config.infer.checkpoint)),
         profile=dataclasses.replace(config.profile, weights=fix(config.profile.weights)),

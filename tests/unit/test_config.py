@@ -13,8 +13,8 @@ MINIMAL = "plates: [plates/*.zarr]\noutput: out\n"
 def test_defaults_and_sections():
     c = load_config(MINIMAL + "train:\n  epochs: 3\n  split:\n    by: plate\n")
     assert isinstance(c, Config)
-    # a local output made absolute against the working directory: Ray's workers may run elsewhere
-    assert c.plates == ["plates/*.zarr"] and c.output == os.path.abspath("out")
+    # local paths made absolute against the working directory: Ray's workers may run elsewhere
+    assert c.plates == [os.path.abspath("plates/*.zarr")] and c.output == os.path.abspath("out")
     assert c.train.epochs == 3 and c.train.split.by == "plate"
     assert c.train.batch_size == 32  # default kept
     assert c.stream.normalize == "percentile"
@@ -179,11 +179,12 @@ def test_a_recorded_config_loads_without_its_masked_secrets(tmp_path, caplog):
 
 def test_local_paths_are_absolute_remote_ones_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    c = config_from_dict({"plates": ["p/*.zarr"], "output": "run", "platemap": "file://pm.csv",
+    c = config_from_dict({"plates": ["p/*.zarr", "s3://b/q.zarr"], "output": "run", "platemap": "file://pm.csv",
                           "infer": {"checkpoint": "s3://b/model"}, "profile": {"weights": "w/r18.pth"},
                           "model": {"name": "milnet", "kwargs": {"trunk": "resnet18", "trunk_weights": "w/r18.pth"}},
                           "analysis": {"qc": {"annotations": "qc.csv"}}})
     assert c.output == str(tmp_path / "run") and c.platemap == str(tmp_path / "pm.csv")
+    assert c.plates == [str(tmp_path / "p" / "*.zarr"), "s3://b/q.zarr"]  # a glob stays a glob
     assert c.infer.checkpoint == "s3://b/model" and c.profile.weights == str(tmp_path / "w" / "r18.pth")
     assert c.analysis.qc.annotations == str(tmp_path / "qc.csv")
     assert c.model.kwargs == {"trunk": "resnet18", "trunk_weights": str(tmp_path / "w" / "r18.pth")}
