@@ -554,16 +554,16 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
     """
     plan = plan_infer(config)
     writer = create_store(plan, config, overwrite)
+    done = writer.done_mask()  # listed once; the two reopen steps clear their wells in it
     # again: wells of plates whose stored corrections were refitted since they were scored,
     writer.reopen_changed_plates(corrections_versions(
         dict(zip(plan.wells["plate"], plan.wells["plate_uri"])), config.storage_options,
-        illumination=config.stream.illumination, normalize=config.stream.normalize))
+        illumination=config.stream.illumination, normalize=config.stream.normalize), done)
     # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
     plate_uris = plan.wells["plate_uri"].to_numpy()
     retried = writer.reopen_wells("field_status", lambda st, at: wells_to_redo(
-        st, READ_ERROR, ABSENT, plate_uris[at], config.storage_options))
-    done = writer.done_mask()
+        st, READ_ERROR, ABSENT, plate_uris[at], config.storage_options), done)
     todo = [{"index": i, "plate_uri": r.plate_uri, "plate": r.plate, "well": r.well}
             for i, r in enumerate(plan.wells.itertuples()) if not done[i]]
     if progress:
@@ -582,10 +582,11 @@ def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None =
             failure = _score_wells(plan, config, todo, track, bar, progress=progress)
         if failure is not None:
             raise stream_failure(failure, RayscreenError)
-    missing = [writer.keys[i] for i in np.flatnonzero(~writer.done_mask())]
+    done_now = writer.done_mask()
+    missing = [writer.keys[i] for i in np.flatnonzero(~done_now)]
     if missing:
         raise RayscreenError(f"{plan.results_uri}: {len(missing)} wells not written: {missing[:10]}")
-    writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    writer.finalize(done=done_now, finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     last_run={"computed": len(todo), "skipped": int(done.sum())},
                     wells_to_retry=int(unfinished_wells(empty, plan.wells["plate_uri"].to_numpy(),
                                                         config.storage_options).sum()))

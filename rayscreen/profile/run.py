@@ -337,18 +337,19 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
                             storage_options=config.storage_options, overwrite=cfg.overwrite)
     write_config(config)
 
+    done_mask = writer.done_mask()  # listed once; the two reopen steps clear their wells in it
     # again: wells of plates whose stored corrections were refitted since they were profiled,
-    writer.reopen_changed_plates(versions)
+    writer.reopen_changed_plates(versions, done_mask)
     # wells with a read error (maybe transient), and wells of rayscreen's plates with no
     # field on disk last time (an ingest then unfinished; another tool's absent well is final)
     plate_uris = plan["wells"]["plate"].map(plan["plate_uris"]).to_numpy()
     retried = writer.reopen_wells("field_status", lambda st, at: wells_to_redo(
-        st, STATUS_ERROR, STATUS_MISSING, plate_uris[at], config.storage_options))
-    done = set(writer.done_wells())
+        st, STATUS_ERROR, STATUS_MISSING, plate_uris[at], config.storage_options), done_mask)
+    n_done = int(done_mask.sum())
     wells = plan["wells"]
     empty = np.zeros(len(wells), bool)  # wells written this run without a profiled field
-    todo = [i for i in range(len(wells)) if i not in done]
-    log.info("profile: %d wells, %d done, %d to profile%s -> %s", len(wells), len(done), len(todo),
+    todo = np.flatnonzero(~done_mask).tolist()
+    log.info("profile: %d wells, %d done, %d to profile%s -> %s", len(wells), n_done, len(todo),
              f" ({len(retried)} of them again: they had read errors or no field on disk)" if retried else "", uri)
     if todo:
         ensure_ray()
@@ -416,7 +417,7 @@ def run_profile(config: Config, *, progress: bool = True) -> str:
             writes.finish()  # every well written (or the first write error raised) before finalize
     # as infer's store: when it finished, and what this run computed and skipped
     writer.finalize(finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    last_run={"computed": len(todo), "skipped": len(done)},
+                    last_run={"computed": len(todo), "skipped": n_done},
                     wells_to_retry=int(unfinished_wells(empty, wells["plate"].map(plan["plate_uris"]).to_numpy(),
                                                         config.storage_options).sum()))
     return uri

@@ -377,3 +377,29 @@ def test_done_wells_mask_reads_a_store_without_writing_to_it(tmp_path):
     assert done_wells_mask(str(uri)).tolist() == [True, False, True]
     writer.reopen_wells("field_status", lambda values, at: at == 2)
     assert done_wells_mask(str(uri)).tolist() == [True, False, False]
+
+
+def test_a_stage_start_lists_the_done_flags_once(tmp_path):
+    """The stage start lists the done flags once (about 400 requests at 384k wells on S3) and
+    hands the mask to both reopen steps, which clear their wells in it: the mask then matches
+    a fresh listing, and each step works from the mask it is given, not a listing of its own."""
+    writer = _create(tmp_path / "r.zarr")
+    writer.write_well(0, _values(0), retry=True)  # plate P1
+    writer.write_well(1, _values(1))  # P1
+    writer.write_well(2, _values(2), retry=True)  # P2, a read error in field 1
+    writer.reopen_changed_plates({"P1": "a", "P2": "a"})
+    stale = writer.done_mask()
+    stale[[0, 2]] = False  # as if listed before wells 0 and 2 were written: no listing of its own
+    assert writer.reopen_wells("field_status", _read_errors, stale) == [] and writer.done_wells() == [0, 1, 2]
+
+    done = writer.done_mask()
+    with pytest.warns(UserWarning, match=r"'P1' \(2 wells\)"):
+        assert writer.reopen_changed_plates({"P1": "b", "P2": "a"}, done) == {"P1": 2}
+    assert done.tolist() == [False, False, True]
+    seen = []
+    assert writer.reopen_wells("field_status", lambda v, at: seen.append(at.tolist()) or _read_errors(v, at),
+                               done) == [2]
+    assert seen == [[2]]  # well 0's retry flag is set, but P1's refit already reopened it
+    assert done.tolist() == writer.done_mask().tolist() == [False, False, False]
+    writer.finalize(done=done)
+    assert open_results(str(tmp_path / "r.zarr")).attrs["rayscreen"]["n_done"] == 0
