@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("infer", "batch inference to the results store: scores, saliency, profiles"),
         ("profile", "transfer-learning profiles (torchvision backbones) to the profiles store"),
         ("aggregate", "field -> well -> treatment profiles, normalised and feature-selected"),
-        ("evaluate", "MOA retrieval (NSC, NSCB, mAP), QC and hits"),
+        ("evaluate", "MOA retrieval (NSC, NSCB, mAP), hits and Z'-factor"),
         ("report", "static HTML report with figures"),
     ]:
         s = sub.add_parser(stage, help=text, parents=[common])

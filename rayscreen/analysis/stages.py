@@ -518,5 +518,5 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     _write_json(summary, join(out_dir, "evaluation.json"), so)
     if progress:
         print(format_results(results))
-        print(f"hits (|z| >= {a.hits_threshold:g} of profile distance to controls): {n_hits}")
+        print(f"hits (z >= {a.hits_threshold:g}, one-sided, of profile distance to controls): {n_hits}")
     return summary

@@ -8,6 +8,7 @@ key, instead of after a cluster has started workers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from ..store.uri import filesystem, join
 from ..stream.datasource import check_plate_set, in_threads, open_plates
 from .labels import LABEL_COL, UNLABELLED, resolve_labels
 from .splits import assign_splits, check_split, check_split_config
+
+log = logging.getLogger(__name__)
 
 SPLIT_COL = "Metadata_TrainSplit"  # "train", "val/<rank>", "test", "none": which dataset a well feeds
 CONFIG_FILE = "rayscreen_config.json"  # the config a run was started with, beside Ray's run state
@@ -172,6 +175,21 @@ def check_resume(config: Config, storage_path: str, run_name: str, split: dict[s
     return True
 
 
+def exported_run(run_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """``train.run_name`` of the run whose model is exported at ``<run_dir>/model`` (from the
+    config its artefact.json records), or None when there is none. ``model/``, metrics.csv and
+    split.csv are one per output, whatever the run's name: a run under a new name replaces them."""
+    fs, path = filesystem(join(run_dir, "model", "artefact.json"), storage_options)
+    try:
+        record = json.loads(fs.cat(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # unreadable: the run's own export will say so if it matters
+        return None
+    name = ((record.get("config") or {}).get("train") or {}).get("run_name", "train")
+    return str(name)
+
+
 def write_run_config(plan: TrainPlan) -> None:
     """The run's config and split (:func:`split_record`) beside Ray's run state, which
     :func:`check_resume` compares on the next start. The split is written once, when the
@@ -299,6 +317,11 @@ def plan_run(config: Config) -> TrainPlan:
     run_dir = join(config.output, "train")  # absolute when local (config_from_dict): see store.uri.absolute
     storage_path = join(run_dir, "checkpoints")
     resume = check_resume(config, storage_path, t.run_name, split_record(wells, classes))
+    previous = exported_run(run_dir, config.storage_options)
+    if previous is not None and previous != t.run_name:
+        log.warning("train: %s/model holds the model exported by run %r; run %r replaces it (and metrics.csv, "
+                    "split.csv) when it finishes. To keep both, give this run another output", run_dir, previous,
+                    t.run_name)
     return TrainPlan(config=config, uris=uris, plate_names=names, channels=channels, classes=classes, wells=wells,
                      normalization=normalization, run_dir=run_dir, storage_path=storage_path, resume=resume,
                      repeats=repeats, val_names=val_names)

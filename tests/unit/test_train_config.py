@@ -1,5 +1,7 @@
 """Bad training configs fail in plan_run, before any Ray worker starts, naming the problem."""
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -310,3 +312,29 @@ def test_a_run_recorded_before_passwords_were_masked_everywhere_resumes(tmp_path
     run.mkdir(parents=True)
     (run / CONFIG_FILE).write_text(json.dumps(config.to_dict()))  # as an earlier version wrote it
     assert check_resume(config, str(tmp_path / "runs"), "train") is True
+
+
+def test_a_run_under_a_new_name_warns_that_it_replaces_the_exported_model(plates, tmp_path, caplog):
+    """model/, metrics.csv and split.csv are one per output: a run under a new train.run_name
+    replaces the earlier run's export, which the plan says (naming both runs) before it starts;
+    the same name (a resume or a rerun) does not warn."""
+    import logging
+
+    from rayscreen.models import create_model
+    from rayscreen.models.artefact import ArtefactMeta, save_artefact
+    from rayscreen.train.plan import exported_run
+
+    first = cfg(plates, tmp_path, train={"run_name": "first", "split": {"val": 0.25, "test": 0.0}})
+    run_dir = os.path.join(first.output, "train")
+    assert exported_run(run_dir) is None
+    model = create_model("milnet", in_channels=2, num_classes=2, width=[4, 4, 4])
+    save_artefact(os.path.join(run_dir, "model"), model.state_dict(),
+                  ArtefactMeta(model={"name": "milnet", "kwargs": {}}, channels=["DNA", "Actin"],
+                               classes=["neg", "pos"], config=first.to_record()))
+    assert exported_run(run_dir) == "first"
+    with caplog.at_level(logging.WARNING, logger="rayscreen.train.plan"):
+        plan_run(first)
+        assert not [r for r in caplog.records if "replaces it" in r.getMessage()]
+        plan_run(cfg(plates, tmp_path, train={"run_name": "second", "split": {"val": 0.25, "test": 0.0}}))
+    [warning] = [r.getMessage() for r in caplog.records if "replaces it" in r.getMessage()]
+    assert "run 'first'" in warning and "run 'second' replaces it" in warning
