@@ -36,9 +36,9 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .distill import collapse, distill_step
-from .step import (augment_config, broadcast_buffers, classification_metrics, make_optimizer, make_scheduler,
-                   metric_mode, mixup, nucleus_crops, predict, random_crops, repeat_rows, restore_scheduler,
-                   step_scheduler, train_step, unwrap)
+from .step import (augment_config, broadcast_buffers, classification_metrics, has_batchnorm, make_optimizer,
+                   make_scheduler, metric_mode, mixup, nucleus_crops, predict, random_crops, repeat_rows,
+                   restore_scheduler, step_scheduler, trainable_batch, train_step, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -642,6 +642,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return distiller.teacher.net if t.distill.export == "teacher" else unwrap(model).net
 
     upcoming = None
+    batchnorm, warned_single = has_batchnorm(model), False
     for epoch in range(state.epoch + 1, t.epochs + 1):
         start = time.time()
         # torch's global generator (dropout; CPU and CUDA) restarts per epoch like the
@@ -665,6 +666,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             wait += waited
             first_wait = waited if first_wait is None else first_wait
             images, labels = batch["image"], batch[LABEL_COL]
+            if not trainable_batch(len(labels), batchnorm):
+                if rank == 0 and not warned_single:
+                    log.warning("train: epoch %d ends in a batch of one field, left out (BatchNorm needs two; "
+                                "said once): a train.batch_size that leaves no single field over avoids it", epoch)
+                warned_single = True
+                continue
             if distiller is None:
                 loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
                                   amp=amp, label_smoothing=t.label_smoothing)

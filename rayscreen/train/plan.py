@@ -38,8 +38,11 @@ RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.u
 # sections that do not affect training (a later stage's settings)
 # storage_options and output say how the data and the run are reached (credentials rotate; a
 # relative and an absolute output name one run), not what is trained; platemap is a path too
-# (made absolute since): what it changes, each well's label and split, the split record checks
-UNRELATED = ("infer", "profile", "analysis", "report", "stages", "storage_options", "output", "platemap")
+# (made absolute since): what it changes, each well's label and split, the split record checks.
+# plates likewise (made absolute in session 18; a screen moved to S3 keeps its plates): which
+# plates and wells a run trains on, with their labels and splits, is the split record's
+UNRELATED = ("infer", "profile", "analysis", "report", "stages", "storage_options", "output", "platemap",
+             "plates")
 
 
 @dataclass
@@ -103,10 +106,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two ``Config.to_dict()``s, ignoring the
-    resumable keys and later stages' sections."""
+    resumable keys and later stages' sections. A key the stored record lacks (a run started
+    by a rayscreen from before the key existed) counts as its default, the behaviour that
+    rayscreen had then: otherwise no run could be resumed across an upgrade."""
     a, b = _flatten(stored), _flatten(current)
+    defaults = _flatten(_default_record())
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if not k.startswith(UNRELATED) and k not in RESUMABLE and a.get(k) != b.get(k)]
+    return [k for k in keys if not k.startswith(UNRELATED) and k not in RESUMABLE
+            and a.get(k, defaults.get(k)) != b.get(k)]
+
+
+def _default_record() -> dict[str, Any]:
+    """Every key's default, as a ``Config.to_record()`` (placeholder plates and output)."""
+    from ..config import config_from_dict
+
+    return config_from_dict({"plates": ["-"], "output": "-"}).to_record()
 
 
 def split_record(wells: pd.DataFrame, classes: list[str]) -> dict[str, Any]:

@@ -203,6 +203,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` normalises by batch statistics (BatchNorm of any dimension, SyncBN)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def trainable_batch(n_fields: int, batchnorm: bool) -> bool:
+    """Whether a training batch of ``n_fields`` is stepped on. A batch of one field is left out
+    of a BatchNorm model: a trunk whose last map is 1 x 1 (a torchvision ResNet on 32-63 px
+    crops) cannot normalise one value per channel and raises, and otherwise one field would
+    set 10% of the running statistics that are validated and exported. An epoch ends in such a
+    batch when a rank's rows % batch_size == 1; Ray's equal split gives every rank the same
+    rows, so every rank leaves out the same step and DDP stays in step."""
+    return n_fields > 1 or not batchnorm
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, *, transform: Callable[[torch.Tensor, torch.Tensor],
                                                             tuple[torch.Tensor, torch.Tensor]] | None = None,

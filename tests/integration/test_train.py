@@ -5,6 +5,7 @@ One training run (module fixture) serves every test here: the suite's time budge
 small and every assertion below is about that run.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -309,3 +310,20 @@ def test_ws_dino_trains_resumes_its_teacher_and_exports_it(ray_local, screen, tm
     assert meta.epoch == result.best_epoch and set(exported) == set(teacher)
     assert all(torch.equal(exported[k], teacher[k]) for k in exported)
     assert not all(torch.equal(exported[k], student[k]) for k in exported)  # the EMA, not the student
+
+
+def test_an_epoch_ending_in_one_field_trains_a_resnet_trunk_on_small_crops(ray_local, screen, tmp_path):
+    """A ResNet trunk on 32 px crops ends in a 1 x 1 map, where BatchNorm cannot train on one
+    field: an epoch whose last batch is a single field used to fail on the workers (every
+    retry again); the loop leaves that batch out, and the run finishes."""
+    from rayscreen.train import run_train
+    from rayscreen.train.plan import plan_run
+
+    uris, _ = screen
+    output = str(tmp_path / "out")
+    config = make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=1, max_failures=0, crop=32)
+    config = config.replace(model=dataclasses.replace(config.model, name="milnet", kwargs={"trunk": "resnet18"}))
+    rows = int((plan_run(config).wells["split"] == "train").sum()) * 2  # 2 fields per well
+    result = run_train(config.replace(train=dataclasses.replace(config.train, batch_size=rows - 1)), progress=False)
+    metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
+    assert result.epochs_completed == 1 and metrics["train_samples"].tolist() == [rows - 1]

@@ -222,6 +222,22 @@ def test_config_differences_ignore_resumable_and_later_stages():
     assert config_differences(a, b) == ["model.kwargs", "train.split.seed"]
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_at_that_keys_default():
+    """A key the stored record lacks (a run started before rayscreen had it) counts as its
+    default: an upgrade that adds keys does not make every run unresumable, while a key set
+    away from its default is still a difference. Plates are compared by the split record, not
+    by path (made absolute since: a run recorded with relative plates still resumes)."""
+    current = config_from_dict({"plates": ["plates/*.zarr"], "output": "out"}).to_record()
+    stored = {k: v for k, v in current.items()}
+    stored["train"] = {k: v for k, v in current["train"].items() if k not in ("crop_centre", "deterministic",
+                                                                             "distill")}
+    stored["plates"] = ["plates/*.zarr"]  # as recorded before plates were made absolute
+    assert current["plates"] != stored["plates"]
+    assert config_differences(stored, current) == []
+    changed = config_from_dict({"plates": ["p"], "output": "out", "train": {"deterministic": True}}).to_record()
+    assert config_differences(stored, changed) == ["train.deterministic"]
+
+
 def test_jobs_entry_point_reports_config_errors(plates, tmp_path, capsys):
     from rayscreen.cli import job_main
 

@@ -433,3 +433,23 @@ def test_deterministic_cuda_sets_the_flags_that_make_gpu_kernels_repeatable(monk
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def test_a_batch_of_one_field_is_left_out_of_a_batchnorm_model():
+    """A torchvision ResNet trunk on 32 px crops ends in a 1 x 1 map: BatchNorm cannot train on
+    one field there (torch raises), so the loop leaves such a batch out; a model without
+    BatchNorm trains on it, and batches of two or more are always stepped on."""
+    from rayscreen.models import create_model
+    from rayscreen.train.step import has_batchnorm, trainable_batch
+
+    torch.manual_seed(0)
+    model = create_model("milnet", trunk="resnet18", in_channels=1, num_classes=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    one, two = torch.rand(1, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        train_step(model, opt, one, torch.tensor([1]))
+    assert np.isfinite(train_step(model, opt, two, torch.tensor([0, 1])))
+    assert has_batchnorm(model) and not trainable_batch(1, True)
+    assert trainable_batch(2, True) and trainable_batch(1, False)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert not has_batchnorm(plain)
