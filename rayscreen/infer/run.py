@@ -399,6 +399,7 @@ def plan_infer(config: Config) -> InferPlan:
     trained_level = meta.input.get("level")
     if trained_level is not None and int(trained_level) != level:
         raise ConfigError(f"stream.level {level}: the model was trained on level {trained_level} ({checkpoint})")
+    warn_of_other_geometry(model, meta.input, checkpoint)
     for p in plates:
         warn_of_timepoints(p)
     shapes = {(p.shape[1] >> level, p.shape[2] >> level) for p in plates}
@@ -541,6 +542,28 @@ def create_store(plan: InferPlan, config: Config, overwrite: bool | None = None)
                           attrs=store_attrs(plan, config), settings=infer_settings(plan, config),
                           storage_options=config.storage_options,
                           overwrite=ic.overwrite if overwrite is None else overwrite)
+
+
+def warn_of_other_geometry(model: Any, trained_input: dict[str, Any], checkpoint: str) -> str | None:
+    """Warn (and return the message) when a model whose pooling is not size-invariant
+    (noisy-OR, ISR, the FC head: :attr:`MILPooling.size_invariant`) was trained on crops,
+    tiles or 2x2 mosaics: infer scores whole fields, where such a pooling's logits shift
+    with the number of instances (or the FC head's grid covers another area), so scores are
+    not on the scale the model learned. Max, mean, LSE, GM, Noisy-AND and attention pool
+    about alike at any size, and are meant to be trained on crops and scored on fields."""
+    pooling = getattr(model, "pooling", None)
+    if pooling is None or getattr(pooling, "size_invariant", True):
+        return None
+    seen = [f"{k} {trained_input[k]}" for k in ("crop", "tile") if trained_input.get(k)]
+    seen += ["2x2 mosaics"] if trained_input.get("mosaic") else []
+    if not seen:
+        return None
+    message = (f"{checkpoint}: the model's {type(pooling).__name__} depends on how many instances a bag has, "
+               f"and it was trained on {', '.join(seen)} while infer scores whole fields: its scores shift "
+               "with the field's size. Rank wells by them, but do not read them as probabilities; or "
+               "train with max, mean or lse pooling")
+    log.warning("%s", message)
+    return message
 
 
 def run_infer(config: Config, *, progress: bool = True, overwrite: bool | None = None,

@@ -208,11 +208,16 @@ class MILPooling(nn.Module):
 
     ``space``: ``"logits"`` or ``"probabilities"`` (see the module docstring);
     ``permutation_invariant``: whether shuffling the h*w instances leaves the output unchanged.
+    ``size_invariant``: whether a bag of the same evidence at another size (a whole field
+    where training saw crops or tiles) gets about the same logit: true of max, means and
+    attention; noisy-OR and ISR add up evidence over instances (more instances, higher
+    score), and the FC head sees a fixed grid.
     ``bag(maps)`` returns the pooled value in its own space (for probabilities: P in [0, 1]).
     """
 
     space = "logits"
     permutation_invariant = True
+    size_invariant = True
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -304,6 +309,7 @@ class NoisyOrPooling(MILPooling):
     """Noisy-OR ``1 - prod(1 - p)``; logits computed in log space (:func:`noisy_or_logit`)."""
 
     space = "probabilities"
+    size_invariant = False
 
     def pool(self, x):
         return noisy_or_pool(x)
@@ -316,6 +322,7 @@ class ISRPooling(MILPooling):
     """Integrated segmentation and recognition; logit(P) = logsumexp(z) exactly."""
 
     space = "probabilities"
+    size_invariant = False
 
     def pool(self, x):
         return isr_pool(x)
@@ -385,6 +392,7 @@ class FCPooling(MILPooling):
     """
 
     permutation_invariant = False
+    size_invariant = False
 
     def __init__(self, num_classes: int, grid: tuple[int, int] | list[int] = (21, 30)):
         super().__init__(num_classes)

@@ -297,6 +297,7 @@ def _finish(plan: TrainPlan, result) -> TrainResult:
                                                        "num_classes": len(plan.classes)}},
         channels=plan.channels, classes=plan.classes, normalization=meta.get("normalization"),
         input={"level": config.stream.level, "tile": config.stream.tile, "crop": config.train.crop,
+               "mosaic": bool(config.train.augment.enabled and config.train.augment.mosaic),
                "dtype": "float32"},
         epoch=state.epoch, metrics={k: v for k, v in epoch_metrics.items() if v is None or isinstance(v, (int, float))},
         config=config.to_record()), config.storage_options)

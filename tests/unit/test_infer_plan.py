@@ -114,3 +114,34 @@ def test_model_aggregation_is_refused_for_a_pooling_that_depends_on_position(tmp
         "neg", "pos"]
     art = _artefact(tmp_path, ["neg", "pos"], none, pooling="noisy_and")
     assert plan_infer(config_from_dict({**base, "infer": {"checkpoint": art, "aggregate": "model"}}))
+
+
+def test_a_bag_size_dependent_pooling_trained_on_crops_is_warned_of(caplog):
+    """Noisy-OR, ISR and the FC head score a whole field on another scale than the crops, tiles
+    or mosaics they were trained on (noisy-OR's logit grows with the instances); infer scores
+    whole fields, so it says so. Size-invariant poolings, and models trained on whole fields,
+    are not warned of."""
+    import logging
+
+    import torch
+
+    from rayscreen.infer.run import warn_of_other_geometry
+    from rayscreen.models import create_model
+
+    def model(pooling, **kw):
+        return create_model("wscnn", in_channels=1, num_classes=2, width=0.25, pooling=pooling, **kw)
+
+    noisy_or = model("noisy_or")
+    with torch.no_grad():  # what the warning is about: the same evidence in a 4x larger field
+        crop = noisy_or(torch.rand(1, 1, 96, 96))
+        field = noisy_or(torch.rand(1, 1, 192, 192))
+    assert (field[0] - crop[0]).abs().max() > 1.0  # logits shift with the number of instances
+    with caplog.at_level(logging.WARNING, logger="rayscreen.infer.run"):
+        message = warn_of_other_geometry(noisy_or, {"crop": 96, "tile": None}, "ckpt")
+        assert "NoisyOrPooling" in message and "crop 96" in message and "ckpt" in message
+        assert "2x2 mosaics" in warn_of_other_geometry(model("isr"), {"mosaic": True}, "ckpt")
+        assert "tile 128" in warn_of_other_geometry(model("fc"), {"tile": 128}, "ckpt")
+    assert len(caplog.records) == 3
+    assert warn_of_other_geometry(noisy_or, {"crop": None, "tile": None, "mosaic": False}, "ckpt") is None
+    for pooling in ("max", "mean", "lse", "gm", "noisy_and", "attention"):
+        assert warn_of_other_geometry(model(pooling), {"crop": 96, "mosaic": True}, "ckpt") is None
