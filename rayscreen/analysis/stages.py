@@ -19,11 +19,12 @@ dask and writing tables under ``<output>/tables`` and ``<output>/evaluation``.
    ``by_batch``, so NSCB can leave a query's batch out).
 
 Tables (``Metadata_*`` first, parquet + CSV): ``well.*`` / ``treatment.*`` for
-``analysis.features``, ``well_<set>.*`` / ``treatment_<set>.*`` for the other set.
+``analysis.features``, ``well_<set>.*`` / ``treatment_<set>.*`` for the other set;
+``distance.*``: each well's distance to its plate's controls (:func:`hit_distances`).
 
 ``run_evaluate``: NSC, NSCB, mAP (+ per MOA, confusion) of each treatment table,
-deep and classical side by side; hits from the profile distance of wells to their
-plate's controls.
+deep and classical side by side; hits and Z' from the profile distance of wells to
+their plate's controls (aggregate's ``distance`` table).
 """
 
 from __future__ import annotations
@@ -220,6 +221,30 @@ def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
     return table
 
 
+def hit_distances(raw: pd.DataFrame, processed: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Each well's distance to its plate's controls and its z-score against the controls'
+    own (:func:`~rayscreen.analysis.hits.distance_to_controls`), the input of hit calling and
+    Z'. From ``raw`` well profiles (before normalising) in the features ``processed`` kept,
+    normalised per plate as ``analysis.normalize`` says, each control by a normaliser fitted
+    without it: a normaliser fitted on all controls (``processed``) makes them look closer than
+    any new well, and wells like the controls were called hits (48% of them at 8 controls per
+    plate). Not whitened, for the same reason at a larger scale (nearly all of them)."""
+    a = config.analysis
+    reference = controls_of(raw, config)
+    require_controls(raw, reference, config, "hit calling (the profile distance to controls)")
+    few = controls_per_plate(raw, reference)
+    few = few[few < 3]
+    if len(few):
+        # two controls' leave-one-out distances are equal (each to the other), so their spread is 0
+        log.warning("hits: plate(s) with fewer than 3 control wells, whose wells get no z-score and cannot be "
+                    "hits: %s", preview(f"{plate} ({n} control)" for plate, n in few.items()))
+    feats = [c for c in feature_columns(processed) if c in raw.columns]
+    # euclidean, not cosine: after control-based normalisation the control centroid is ~0,
+    # so the cosine to it is noise; the euclidean distance is the phenotype's strength
+    return distance_to_controls(raw, controls=reference, features=feats, robust=True, metric="euclidean",
+                                normalize=NORMALIZE.get(a.normalize))
+
+
 def treatment_profiles(wells: pd.DataFrame, config: Config) -> pd.DataFrame:
     """well -> treatment (+ batch when ``analysis.by_batch`` and the column exists)."""
     a = config.analysis
@@ -379,9 +404,13 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
     for name in [a.features] + [s for s in sets if s != a.features]:
         variable, dim = FEATURE_SETS[name]
         suffix = "" if name == a.features else f"_{name}"
-        wells = well_profiles(ds, variable, dim, a.aggregate, exclude_qc=a.qc.exclude)
-        wells = process_wells(wells, config)
+        raw = well_profiles(ds, variable, dim, a.aggregate, exclude_qc=a.qc.exclude)
+        wells = process_wells(raw, config)
         treatments = treatment_profiles(wells, config)
+        if name == a.features:  # what evaluate calls hits on
+            distance = hit_distances(raw, wells, config)
+            out["distance"] = _write_table(distance, join(tables, "distance.parquet"), so)
+            _write_table(distance, join(tables, "distance.csv"), so)
         for kind, table in (("well", wells), ("treatment", treatments)):
             key = f"{kind}{suffix}"
             out[key] = _write_table(table, join(tables, f"{key}.parquet"), so)
@@ -487,24 +516,13 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
         for w in ev.warnings:
             log.warning("evaluate (%s): %s", name, w)
 
-    # hits: wells far from their plate's controls in profile space
-    wells = _evaluation_table("well", config)
-    feats = feature_columns(wells)  # without Metadata_Fields (a Metadata_* column)
-    reference = controls_of(wells, config)
-    require_controls(wells, reference, config, "hit calling (the profile distance to controls)")
-    few = controls_per_plate(wells, reference)
-    few = few[few < 3]
-    if len(few):
-        # two controls' leave-one-out distances are equal (each to the other), so their spread is 0
-        log.warning("hits: plate(s) with fewer than 3 control wells, whose wells get no z-score and cannot be "
-                    "hits: %s", preview(f"{plate} ({n} control)" for plate, n in few.items()))
-    # euclidean, not cosine: after control-based normalisation the control centroid is ~0,
-    # so the cosine to it is noise; the euclidean distance is the phenotype's strength
-    distance = distance_to_controls(wells, controls=reference, features=feats, robust=True, metric="euclidean")
+    # hits: wells far from their plate's controls in profile space (distances: aggregate's)
+    distance = _evaluation_table("distance", config)
+    reference = controls_of(distance, config)
     hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
                      robust=True)
     _write_table(hits, join(out_dir, "hits.csv"), so)
-    positive = control_mask(wells, column=a.control_column, kind="positive", required=False)
+    positive = control_mask(distance, column=a.control_column, kind="positive", required=False)
     n_hits = int(len(hits))
     zp = None
     if positive.any():

@@ -136,3 +136,42 @@ def test_a_well_missing_a_feature_keeps_its_distance_and_its_hit():
     assert "A11" in set(call_hits(missing, "distance", threshold=3.0, direction="up")["Metadata_Well"])
     table.loc[10, "f0":"f19"] = np.nan  # nothing to measure: no distance
     assert np.isnan(distance_to_controls(table, metric="euclidean").loc[10, "distance"])
+
+
+@pytest.mark.parametrize("method", ["standardize", "robust_mad"])
+def test_wells_like_the_controls_are_not_hits_once_each_control_is_normalised_without_itself(method):
+    """A normaliser fitted on a plate's controls makes those controls look closer to their
+    centre than any new well, so wells drawn exactly like the controls got z >= 3 (8 controls
+    per plate, 100 features: 15-40% of them). Each control normalised by a
+    normaliser fitted on the other controls gives a null like a new well's: few hits."""
+    import warnings
+
+    from rayscreen.analysis.normalize import normalize
+
+    rng = np.random.default_rng(1)
+    n_controls, n_wells, n_features = 8, 300, 100
+    plates = []
+    for plate in range(4):
+        X = rng.normal(size=(n_controls + n_wells, n_features)) * rng.uniform(0.5, 3, n_features) \
+            + rng.normal(size=n_features)  # features of different scales and offsets, as raw profiles
+        table = pd.DataFrame(X, columns=[f"f{i}" for i in range(n_features)])
+        table.insert(0, "Metadata_Plate", f"P{plate}")
+        table.insert(1, "Metadata_Control", ["negative"] * n_controls + [""] * n_wells)
+        plates.append(table)
+    table = pd.concat(plates, ignore_index=True)
+    controls = (table["Metadata_Control"] == "negative").to_numpy()
+
+    def hit_rate(distances):
+        hits = call_hits(distances, "distance", threshold=3, direction="up", controls=controls, robust=True)
+        return len(hits) / (~controls).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted_on_all = distance_to_controls(normalize(table, method, controls=controls), controls=controls,
+                                             robust=True, metric="euclidean")
+        refitted = distance_to_controls(table, controls=controls, robust=True, metric="euclidean", normalize=method)
+    assert hit_rate(fitted_on_all) > 0.1  # z >= 3 of a normal null: 0.1%
+    assert hit_rate(refitted) < 0.05
+    # the wells' own distances are the same either way: only the controls' null changed
+    wells = ~controls
+    np.testing.assert_allclose(refitted["distance"].to_numpy()[wells], fitted_on_all["distance"].to_numpy()[wells])

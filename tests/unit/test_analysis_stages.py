@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from rayscreen.analysis.stages import (AnalysisError, check_annotations, controls_of, process_wells, run_evaluate,
-                                       treatment_profiles, well_profiles)
+from rayscreen.analysis.stages import (AnalysisError, check_annotations, controls_of, hit_distances, process_wells,
+                                       run_evaluate, treatment_profiles, well_profiles)
 from rayscreen.config import config_from_dict
 
 NAN = np.nan
@@ -189,6 +189,7 @@ def _write_tables(tmp_path, treatment: pd.DataFrame, wells: pd.DataFrame) -> Non
     tables.mkdir(parents=True, exist_ok=True)
     treatment.to_parquet(tables / "treatment.parquet")
     wells.to_parquet(tables / "well.parquet")
+    hit_distances(wells, wells, config(tmp_path)).to_parquet(tables / "distance.parquet")  # aggregate's
 
 
 def _tables(moas: list[str], compounds: list[str]):
@@ -346,17 +347,16 @@ def test_a_plate_without_controls_is_named_before_anything_is_fitted(tmp_path):
 
     treatment, table = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
     table.loc[[0, 1], "Metadata_Plate"] = "P2"  # compounds a1, a2 on a plate of their own
-    _write_tables(tmp_path, treatment, table)
     with pytest.raises(AnalysisError, match=r"hit calling .*plate\(s\) \['P2'\] have none"):
-        run_evaluate(config(tmp_path), progress=False)
+        hit_distances(table, table, config(tmp_path))  # aggregate's, for evaluate's hits
 
 
 def test_hits_warn_of_plates_with_too_few_controls_to_score(tmp_path, caplog):
     """Two controls' leave-one-out distances are equal (each to the other): spread 0, so no
     well of that plate gets a z-score. Said, rather than a plate silently without hits."""
     treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])  # 2 DMSO wells on P1
-    _write_tables(tmp_path, treatment, wells)
     with caplog.at_level("WARNING", logger="rayscreen"):
+        _write_tables(tmp_path, treatment, wells)  # aggregate's distances
         run_evaluate(config(tmp_path), progress=False)
     assert "fewer than 3 control wells" in caplog.text and "P1 (2 control)" in caplog.text
     hits = pd.read_csv(tmp_path / "run" / "evaluation" / "hits.csv")
