@@ -302,7 +302,8 @@ class AnalysisConfig:
     feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])
     # annotation marking the negative control wells (normalisation, whitening, hits) ...
     control_column: str = "Metadata_Control"
-    # ... by this value; in Metadata_Control, "positive" or "pos" marks positive controls (Z'-factor)
+    # ... by this value ("negative" also matches neg, negcon, true, 1); "positive", "pos" or
+    # "poscon" in the column marks positive controls (Z'-factor)
     control_value: Any = "negative"
     # the columns that make a treatment
     treatment: list[str] = field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])

@@ -54,16 +54,17 @@ def missing_values(values: pd.Series) -> np.ndarray:
 def _control_kind(value) -> str | None:
     # Screens annotate controls either as a bool (True = the DMSO / negative control), a 1/0
     # (1.0/0.0 once a CSV column with blanks went through pandas), or a word ("negative",
-    # "positive"); anything else (False, 0, "", "treated", NaN) is not a control.
+    # "positive", or JUMP-CP's Metadata_control_type "negcon"/"poscon"); anything else (False,
+    # 0, "", "treated", "trt", NaN) is not a control.
     if isinstance(value, (bool, np.bool_)):
         return "negative" if value else None
     if isinstance(value, (int, np.integer, float, np.floating)):
         return "negative" if value == 1 else None
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in ("negative", "neg", "true", "1"):
+        if word in ("negative", "neg", "negcon", "true", "1"):
             return "negative"
-        if word in ("positive", "pos"):
+        if word in ("positive", "pos", "poscon"):
             return "positive"
     return None
 

@@ -177,6 +177,10 @@ def well_profiles(ds, variable: str, dim: str, method: str = "mean", exclude_qc:
     if not exclude_qc:
         usable = usable | (ds["field_status"] == STATUS_QC)
     fields = ds[variable].where(usable)
+    # a feature that overflowed in a field (inf) is missing there, as profile's own field means
+    # take it: one inf would make the well's mean inf, and after normalising every well of the
+    # plate +-inf in that feature
+    fields = fields.where(np.isfinite(fields))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices of wells without fields
         well = (fields.mean("field") if method == "mean" else fields.median("field")).compute()
@@ -408,9 +412,13 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         wells = process_wells(raw, config)
         treatments = treatment_profiles(wells, config)
         if name == a.features:  # what evaluate calls hits on
-            distance = hit_distances(raw, wells, config)
-            out["distance"] = _write_table(distance, join(tables, "distance.parquet"), so)
-            _write_table(distance, join(tables, "distance.csv"), so)
+            try:
+                distance = hit_distances(raw, wells, config)
+            except AnalysisError as e:  # plates without controls: the tables stand, evaluate says it again
+                log.warning("aggregate: no distances to controls for hit calling: %s", e)
+            else:
+                out["distance"] = _write_table(distance, join(tables, "distance.parquet"), so)
+                _write_table(distance, join(tables, "distance.csv"), so)
         for kind, table in (("well", wells), ("treatment", treatments)):
             key = f"{kind}{suffix}"
             out[key] = _write_table(table, join(tables, f"{key}.parquet"), so)
@@ -503,9 +511,15 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
         feats = feature_columns(table)
         # both kinds of controls are left out: a positive control is a reference compound, not a
         # treatment of unknown mechanism (evaluate_moa's own default)
-        controls = controls_of(table, config) | control_mask(table, column=a.control_column, kind="positive",
-                                                             required=False)
+        negatives = controls_of(table, config)
+        controls = negatives | control_mask(table, column=a.control_column, kind="positive", required=False)
         ev = evaluate_moa(table, moa=a.moa, compound=a.compound, batch=batch, controls=controls, features=feats)
+        if not negatives.any():
+            # the control compound (DMSO) is then a treatment with an MOA of its own that weak
+            # compounds fall to; said, as the numbers are not the protocol's
+            ev.warnings.insert(0, f"no control rows ({a.control_column} = {a.control_value!r}, "
+                                  "analysis.control_column / control_value) in the treatment table: every "
+                                  "compound, the control compound too, was evaluated as a treatment")
         results[name] = ev.to_dict()
         results[name]["n_features"] = len(feats)
         _write_table(ev.confusion.reset_index(), join(out_dir, f"confusion_{name}.csv"), so)
@@ -517,7 +531,14 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
             log.warning("evaluate (%s): %s", name, w)
 
     # hits: wells far from their plate's controls in profile space (distances: aggregate's)
-    distance = _evaluation_table("distance", config)
+    try:
+        distance = _evaluation_table("distance", config)
+    except AnalysisError:
+        wells = _evaluation_table("well", config)  # why not: plates without controls, or older tables
+        require_controls(wells, controls_of(wells, config), config, "hit calling (the profile distance to controls)")
+        raise AnalysisError(f"no table at {join(config.output, 'tables', 'distance.parquet')}: the tables were "
+                            "written by an older rayscreen, which computed hit distances in evaluate; run "
+                            "`rayscreen aggregate` again") from None
     reference = controls_of(distance, config)
     hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
                      robust=True)

@@ -175,3 +175,14 @@ def test_wells_like_the_controls_are_not_hits_once_each_control_is_normalised_wi
     # the wells' own distances are the same either way: only the controls' null changed
     wells = ~controls
     np.testing.assert_allclose(refitted["distance"].to_numpy()[wells], fitted_on_all["distance"].to_numpy()[wells])
+
+
+def test_control_words_of_the_usual_annotations_are_read():
+    """Controls as platemaps write them: a bool, 1/0, 'negative'/'positive', 'neg'/'pos', and
+    JUMP-CP's control_type 'negcon'/'poscon'; 'trt', blanks and NaN are treatments."""
+    from rayscreen.analysis._table import control_mask
+
+    table = pd.DataFrame({"Metadata_Control": [True, 1.0, "negative", "NEG", "negcon", "poscon", "Positive",
+                                               "trt", "", np.nan, False, 0]})
+    assert control_mask(table, kind="negative").tolist() == [True] * 5 + [False] * 7
+    assert control_mask(table, kind="positive").tolist() == [False] * 5 + [True, True] + [False] * 5

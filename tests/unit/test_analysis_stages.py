@@ -184,12 +184,13 @@ def test_controls_of_by_a_number_matches_its_text(tmp_path):
         True, False, False]
 
 
-def _write_tables(tmp_path, treatment: pd.DataFrame, wells: pd.DataFrame) -> None:
+def _write_tables(tmp_path, treatment: pd.DataFrame, wells: pd.DataFrame, distances: bool = True) -> None:
     tables = tmp_path / "run" / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     treatment.to_parquet(tables / "treatment.parquet")
     wells.to_parquet(tables / "well.parquet")
-    hit_distances(wells, wells, config(tmp_path)).to_parquet(tables / "distance.parquet")  # aggregate's
+    if distances:  # as aggregate writes them for hit calling
+        hit_distances(wells, wells, config(tmp_path)).to_parquet(tables / "distance.parquet")
 
 
 def _tables(moas: list[str], compounds: list[str]):
@@ -348,7 +349,15 @@ def test_a_plate_without_controls_is_named_before_anything_is_fitted(tmp_path):
     treatment, table = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
     table.loc[[0, 1], "Metadata_Plate"] = "P2"  # compounds a1, a2 on a plate of their own
     with pytest.raises(AnalysisError, match=r"hit calling .*plate\(s\) \['P2'\] have none"):
-        hit_distances(table, table, config(tmp_path))  # aggregate's, for evaluate's hits
+        hit_distances(table, table, config(tmp_path))  # in aggregate, which then writes no distances
+    _write_tables(tmp_path, treatment, table, distances=False)
+    with pytest.raises(AnalysisError, match=r"hit calling .*plate\(s\) \['P2'\] have none"):
+        run_evaluate(config(tmp_path), progress=False)
+    treatment, table = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    _write_tables(tmp_path, treatment, table, distances=False)  # tables of an older rayscreen
+    with pytest.raises(AnalysisError, match=r"distance.parquet: the tables were written by an older rayscreen.*"
+                                            r"`rayscreen aggregate` again"):
+        run_evaluate(config(tmp_path), progress=False)
 
 
 def test_hits_warn_of_plates_with_too_few_controls_to_score(tmp_path, caplog):
@@ -384,3 +393,26 @@ def test_aggregate_without_a_profiles_store_says_which_stage_makes_it(tmp_path, 
             "run `rayscreen profile` with this config first") in capsys.readouterr().err
     assert main(["aggregate", str(path), "--set", "analysis.source=results"]) == 2
     assert "no results store there (analysis.source: results); run `rayscreen infer`" in capsys.readouterr().err
+
+
+def test_an_overflowed_feature_of_a_field_is_missing_not_the_wells_value():
+    """inf in one field's feature (an overflow) is left out of the well's mean, as a missing
+    value is; it made the well inf, and after normalising the whole plate's feature +-inf."""
+    ds = store()
+    ds["field_profile"][0, 0, 0] = np.inf  # P1/A01, field 0, f0 (was 1; fields 3 and 2 remain)
+    t = well_profiles(ds, "field_profile", "feature")
+    assert t.loc[0, "f0"] == 2.5 and t.loc[0, "f1"] == 10
+    assert np.isfinite(t[["f0", "f1"]].to_numpy()).all()
+
+
+def test_a_treatment_table_without_control_rows_is_said_before_hits_fail(tmp_path, caplog):
+    """analysis.control_value matching no row (e.g. 'negative' where the platemap says
+    'vehicle'): the control compound would be evaluated as a treatment with an MOA of its own;
+    the MOA evaluation says so, and hit calling, which needs controls, fails naming them."""
+    treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    treatment["Metadata_Control"] = treatment["Metadata_Control"].replace("negative", "vehicle")
+    wells["Metadata_Control"] = wells["Metadata_Control"].replace("negative", "vehicle")
+    _write_tables(tmp_path, treatment, wells, distances=False)
+    with caplog.at_level("WARNING", logger="rayscreen"), pytest.raises(AnalysisError, match="hit calling"):
+        run_evaluate(config(tmp_path), progress=False)
+    assert "no control rows (Metadata_Control = 'negative'" in caplog.text
