@@ -358,6 +358,11 @@ def normalize(profiles: pd.DataFrame, method: str = "standardize", *, controls=N
     if by_plate:
         require_columns(profiles, [plate_column], "plate")
         codes, uniques = pd.factorize(profiles[plate_column], use_na_sentinel=False)
+        if len(uniques) > 1 and str(kwargs.get("kind", "ZCA")).upper() == "PCA" and method in ("whiten", "spherize"):
+            # each plate would get its own principal axes (and signs) under the same names PC1..
+            raise ValueError("whiten with kind='PCA' per plate gives each plate its own axes under the same "
+                             "names PC1, PC2, ...: profiles of different plates would not be comparable; use "
+                             "kind='ZCA' (stays in feature space), or by_plate=False")
         groups = {p: codes == i for i, p in enumerate(uniques)}
     else:
         groups = {None: np.ones(len(profiles), dtype=bool)}

@@ -197,3 +197,21 @@ def test_whiten_errors_name_the_plate_and_the_features():
         normalize(table, "whiten")
     with pytest.raises(ValueError, match="plate 'P7': Whiten needs at least 2 control rows"):
         normalize(table.drop(index=4).fillna(0.0), "whiten")
+
+
+def test_pca_whitening_per_plate_is_refused_zca_is_not():
+    """PCA axes fitted per plate differ (and flip sign) from plate to plate under the same
+    names PC1..: the same treatment on two plates came out near-orthogonal. Refused per plate
+    over several plates; ZCA (feature space) and a single fit are fine."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for plate in ("P1", "P2"):
+        t = pd.DataFrame(rng.normal(size=(30, 3)), columns=["f0", "f1", "f2"])
+        t.insert(0, "Metadata_Plate", plate)
+        t.insert(1, "Metadata_Control", ["negative"] * 20 + [""] * 10)
+        rows.append(t)
+    table = pd.concat(rows, ignore_index=True)
+    with pytest.raises(ValueError, match="kind='PCA' per plate.*not be comparable"):
+        normalize(table, "whiten", kind="PCA")
+    assert normalize(table, "whiten", kind="ZCA").shape == table.shape
+    assert list(normalize(table, "whiten", kind="PCA", by_plate=False).columns[-3:]) == ["PC1", "PC2", "PC3"]
