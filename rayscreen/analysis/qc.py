@@ -53,7 +53,7 @@ class ArtefactClassification:
     there are too few annotations per class (see ``warnings``).
     predictions : every field of the embeddings table: key columns, ``Metadata_QC_Score``
         (probability of abnormal) and ``Metadata_QC_Abnormal`` (bool), from a model fitted
-        on all annotated fields.
+        on all annotated fields; an annotated field's flag is its annotation.
     """
 
     method: str
@@ -331,6 +331,10 @@ def classify_artefacts(embeddings: pd.DataFrame, annotations: pd.DataFrame, *, m
         notes.append("annotations hold a single class: no classifier trained, no field flagged")
         score = np.full(len(embeddings), np.nan)
     predictions["Metadata_QC_Score"] = score
-    predictions["Metadata_QC_Abnormal"] = score >= 0.5
+    flagged = score >= 0.5
+    # an annotated field is what the person said it is: the model fitted on it may still call
+    # an abnormal field among normal neighbours normal, and it would join its well's profile
+    flagged[rows] = y == 1
+    predictions["Metadata_QC_Abnormal"] = flagged
     return ArtefactClassification(method=method, n_annotated=len(labelled), predictions=predictions,
                                   warnings=notes, cv_groups=cv_groups, **metrics)

@@ -121,6 +121,8 @@ def test_classifier_learns_separable_artefacts_and_flags_every_field(method):
     assert len(result.predictions) == 120
     # fields never annotated are flagged too, and mostly right
     assert (result.predictions["Metadata_QC_Abnormal"].to_numpy()[60:] == abnormal[60:]).mean() > 0.9
+    # an annotated field is flagged as annotated, whatever the model says of it
+    assert (result.predictions["Metadata_QC_Abnormal"].to_numpy()[:60] == abnormal[:60]).all()
     assert result.to_dict()["n_flagged"] == int(result.predictions["Metadata_QC_Abnormal"].sum())
 
 
@@ -325,3 +327,18 @@ def test_a_noiseless_background_leaves_the_contrast_undefined_and_the_embedding_
                           "qc_lapvar": [1.0, 2.0, 3.0]})
     embedded = qc_embedding(table)
     assert np.isfinite(embedded.to_numpy()).all() and embedded["qc_contrast"].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_a_field_annotated_abnormal_among_normal_neighbours_is_flagged():
+    """A person marked a field abnormal that looks normal to the embedding (an artefact the
+    features miss): the classifier calls it normal, but its annotation stands, so the field
+    is kept out of its well's profile."""
+    table, abnormal = embeddings()
+    annotated = table.iloc[:60][["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].copy()
+    labels = np.where(abnormal[:60], "abnormal", "normal")
+    odd = int(np.flatnonzero(~abnormal[:60])[0])
+    labels[odd] = "abnormal"
+    annotated["Metadata_QC"] = labels
+    result = classify_artefacts(table, annotated, method="knn")
+    assert result.predictions["Metadata_QC_Score"].iloc[odd] < 0.5  # the model: normal
+    assert bool(result.predictions["Metadata_QC_Abnormal"].iloc[odd])
