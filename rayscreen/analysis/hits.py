@@ -47,18 +47,29 @@ def zscore(table: pd.DataFrame, score: str, *, controls=None, robust: bool = Fal
     1.4826 * MAD. ``controls``: ``None`` (negatives of ``Metadata_Control`` if present,
     else all wells), ``"all"``, a query or a mask. A zero spread gives NaN, not inf.
 
-    Returns a float Series aligned with ``table``.
+    Returns a float Series aligned with ``table``. A plate whose three or more reference
+    values do not spread (a discrete score whose controls mostly agree) is named in a warning:
+    none of its wells can be a hit. (With fewer, callers say so themselves.)
     """
+    import warnings
+
     require_columns(table, [score], "score")
     values = table[score].to_numpy(dtype=float)
     reference = _reference_mask(table, controls)
     z = np.full(len(table), np.nan)
+    flat = []
     for plate, rows in _plates(table, by_plate, plate_column).items():
         ref = values[rows & reference]
         if not np.isfinite(ref).any():
             raise ValueError(f"no reference wells with a {score!r} value in plate {plate!r}")
         center, spread = _center_spread(ref, robust)
         z[rows] = (values[rows] - center) / spread if spread > 0 else np.nan
+        if not spread > 0 and np.isfinite(ref).sum() >= 3:
+            flat.append(plate)
+    if flat:
+        warnings.warn(f"{score}: the reference wells of plate(s) {flat[:10]}{' ...' if len(flat) > 10 else ''} "
+                      f"do not spread ({'MAD' if robust else 'standard deviation'} 0): their wells get no "
+                      "z-score and cannot be hits", stacklevel=2)
     return pd.Series(z, index=table.index, name=f"{score}_z")
 
 

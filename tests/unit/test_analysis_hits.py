@@ -51,7 +51,14 @@ def test_robust_zscore_ignores_an_outlier_control():
 def test_zero_spread_gives_nan_and_missing_controls_raise():
     table = pd.DataFrame({"Metadata_Plate": ["P1"] * 3, "Metadata_Control": [True, True, False],
                           "score": [1.0, 1.0, 4.0]})
-    assert zscore(table, "score").isna().all()
+    assert zscore(table, "score").isna().all()  # two controls: the caller's warning, not this one
+    # three or more controls that agree (a discrete score): no z-score on the plate, named
+    flat = pd.DataFrame({"Metadata_Plate": ["P1"] * 5 + ["P2"] * 4,
+                         "Metadata_Control": [True, True, True, False, False, True, True, True, False],
+                         "score": [1.0, 1.0, 1.0, 4.0, 1.0, 1.0, 2.0, 3.0, 9.0]})
+    with pytest.warns(UserWarning, match=r"plate\(s\) \['P1'\] do not spread \(MAD 0\).*cannot be hits"):
+        z = zscore(flat, "score", robust=True)
+    assert z[:5].isna().all() and z[5:].notna().all()
     table["Metadata_Plate"] = ["P1", "P1", "P2"]
     with pytest.raises(ValueError, match="plate 'P2'"):
         zscore(table, "score")
