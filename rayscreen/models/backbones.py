@@ -187,15 +187,16 @@ def save_backbone_weights(name: str, path: str, storage_options: dict[str, Any] 
 # ---------------------------------------------------------------- conv trunks for milnet
 
 def conv_trunk(name: str, in_channels: int = 3, weights: str | None = None,
-               storage_options: dict[str, Any] | None = None) -> tuple[nn.Module, int, int]:
+               storage_options: dict[str, Any] | None = None, seed: int | None = None) -> tuple[nn.Module, int, int]:
     """The convolutional part of a torchvision net, keeping spatial maps:
     (B, in_channels, H, W) -> (B, D, H/32, W/32). Returns (module, D, minimum input side).
 
-    For ``in_channels != 3`` a learned 1x1 convolution maps the channels to 3 first."""
+    For ``in_channels != 3`` a learned 1x1 convolution maps the channels to 3 first.
+    Without ``weights`` the net is initialised from ``seed`` (None: :data:`RANDOM_INIT_SEED`)."""
     trunks = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "convnext_tiny": 768}
     if name not in trunks:
         raise KeyError(f"milnet trunk {name!r}: expected 'small' or one of {', '.join(sorted(trunks))}")
-    net = _torchvision_model(name, weights, storage_options)
+    net = _torchvision_model(name, weights, storage_options, RANDOM_INIT_SEED if seed is None else seed)
     if name.startswith("resnet"):
         body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                              net.layer4)

@@ -246,7 +246,11 @@ def milnet(*, in_channels: int = 1, num_classes: int = 2, width: float | Sequenc
     else:
         from .backbones import conv_trunk
 
-        body, dim, min_size = conv_trunk(trunk, in_channels=in_channels, weights=trunk_weights)
+        # a random trunk drawn from torch's generator, like every other layer here, so that
+        # train.seed (which seeds it before the model is built) gives each seed its own trunk;
+        # conv_trunk alone would start every trunk from one fixed seed (profiles need that)
+        seed = None if trunk_weights else int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+        body, dim, min_size = conv_trunk(trunk, in_channels=in_channels, weights=trunk_weights, seed=seed)
     head = nn.Conv2d(dim, num_classes, 1)
     pool = create_pooling(pooling, num_classes=num_classes, **(pooling_kwargs or {}))
     return ClassMapNet(body, head, pool, in_channels=in_channels, num_classes=num_classes, feature_dim=dim,

@@ -335,3 +335,16 @@ def test_the_mil_head_runs_in_float32_under_autocast():
         model(x)
         model.forward_maps(x)
     assert seen == [(torch.float32, False)] * 2
+
+
+def test_a_random_torchvision_trunk_follows_the_seed():
+    """milnet's random torchvision trunk is drawn from torch's generator like its other
+    layers: train.seed gives each seed its own trunk (it started from one fixed seed, so seed
+    sweeps and ensembles shared it), and the same seed the same trunk."""
+    def trunk(seed):
+        torch.manual_seed(seed)
+        model = create_model("milnet", trunk="resnet18", in_channels=1, num_classes=2)
+        return torch.cat([p.detach().flatten() for p in model.trunk.parameters()])
+
+    assert torch.equal(trunk(0), trunk(0))
+    assert not torch.equal(trunk(0), trunk(1))
