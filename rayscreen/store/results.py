@@ -266,7 +266,8 @@ def create_results(
                 f"{uri} is a rayscreen {ns.get('kind')} store for other wells, sizes or variables "
                 f"(this run: {kind}, {len(keys)} wells, sizes {sizes}; "
                 f"{_layout_differences(uri, storage_options, ns, keys, variables)}); "
-                "use a new output or overwrite: true")
+                "use a new output or set overwrite: true in the stage's config section (infer.overwrite, "
+                "profile.overwrite)")
         changed = _changed_settings(ns.get("settings"), settings) + _changed_annotations(uri, storage_options, wells)
         if changed:
             raise ResultsLayoutError(
@@ -624,7 +625,8 @@ class ResultsWriter:
         if "plate_versions" not in ns and versions and done_now().any():
             warnings.warn(f"{self.uri} was written by a rayscreen that did not record the plates' corrections: "
                           "if `rayscreen illum` refitted a plate since its wells were written, they are kept "
-                          "as they are (set overwrite: true to compute them again); later refits are noticed",
+                          "as they are (set the stage's overwrite: true, infer.overwrite or profile.overwrite, to "
+                          "compute them again); later refits are noticed",
                           stacklevel=2)
         changed = {p for p, v in versions.items() if p in stored and stored[p] != v}
         reopened: dict[str, int] = {}
