@@ -539,7 +539,8 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
         require_controls(wells, controls_of(wells, config), config, "hit calling (the profile distance to controls)")
         raise AnalysisError(f"no table at {join(config.output, 'tables', 'distance.parquet')}: the tables were "
                             "written by an older rayscreen, which computed hit distances in evaluate; run "
-                            "`rayscreen aggregate` again") from None
+                            "`rayscreen aggregate` again (or `rayscreen run CONFIG --stages aggregate,evaluate "
+                            "--force`)") from None
     reference = controls_of(distance, config)
     hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
                      robust=True)
