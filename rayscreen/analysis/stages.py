@@ -196,6 +196,24 @@ def well_profiles(ds, variable: str, dim: str, method: str = "mean", exclude_qc:
     return table.loc[~empty].reset_index(drop=True)
 
 
+def wells_left_out(ds, kept: pd.DataFrame) -> pd.DataFrame:
+    """The wells of store ``ds`` that :func:`well_profiles` left out of ``kept`` (no usable
+    field), with why: their fields counted by ``field_status`` (``Metadata_*`` columns, then
+    ``fields_qc_flagged``, ``fields_read_error``, ``fields_missing``, ``fields_not_finite``).
+    A well whose every field QC flagged would otherwise leave the tables, and its treatment the
+    evaluation, unseen. Reads ``field_status`` of those wells only (one chunk per well)."""
+    meta = _well_metadata(ds)
+    key = ["Metadata_Plate", "Metadata_Well"]
+    present = pd.MultiIndex.from_frame(meta[key].astype(str)).isin(pd.MultiIndex.from_frame(kept[key].astype(str)))
+    gone = np.flatnonzero(~present)
+    table = meta.iloc[gone].reset_index(drop=True)
+    status = ds["field_status"].isel(well=gone).compute().to_numpy().reshape(len(gone), ds.sizes["field"])
+    for name, code in (("fields_qc_flagged", STATUS_QC), ("fields_read_error", 2), ("fields_missing", 1),
+                       ("fields_not_finite", 4)):
+        table[name] = (status == code).sum(axis=1)
+    return table
+
+
 def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Normalise per plate against controls, select features, whiten (pure, on a well table).
 
@@ -413,6 +431,9 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         wells = process_wells(raw, config)
         treatments = treatment_profiles(wells, config)
         if name == a.features:  # what evaluate calls hits on
+            left_out = wells_left_out(ds, raw)
+            if len(left_out):  # why each well is missing from the tables (well_profiles logs the count)
+                out["wells_left_out"] = _write_table(left_out, join(tables, "wells_left_out.csv"), so)
             try:
                 distance = hit_distances(raw, wells, config)
             except AnalysisError as e:  # plates without controls: the tables stand, evaluate says it again

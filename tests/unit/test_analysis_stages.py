@@ -416,3 +416,19 @@ def test_a_treatment_table_without_control_rows_is_said_before_hits_fail(tmp_pat
     with caplog.at_level("WARNING", logger="rayscreen"), pytest.raises(AnalysisError, match="hit calling"):
         run_evaluate(config(tmp_path), progress=False)
     assert "no control rows (Metadata_Control = 'negative'" in caplog.text
+
+
+def test_the_wells_left_out_are_listed_with_why():
+    """A well without a usable field leaves the tables (and its treatment the evaluation);
+    aggregate lists it with its fields counted by status, reading only those wells."""
+    from rayscreen.analysis.stages import wells_left_out
+
+    ds = store()
+    ds["field_status"][1] = [3, 3, 3]  # P1/A02: every field QC-flagged
+    kept = well_profiles(ds, "field_profile", "feature")
+    gone = wells_left_out(ds, kept)
+    assert gone[["Metadata_Plate", "Metadata_Well"]].values.tolist() == [["P1", "A02"], ["P2", "A03"]]
+    assert gone[["fields_qc_flagged", "fields_read_error", "fields_missing", "fields_not_finite"]].values.tolist() \
+        == [[3, 0, 0, 0], [1, 1, 1, 0]]
+    # QC-flagged fields used (analysis.qc.exclude: false): every well has a usable field
+    assert len(wells_left_out(ds, well_profiles(ds, "field_profile", "feature", exclude_qc=False))) == 0
