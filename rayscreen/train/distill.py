@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DistillSection
-from .step import _autocast, classification_loss, optimizer_step, random_crops, unwrap
+from .step import _autocast, classification_loss, has_batchnorm, optimizer_step, random_crops, unwrap
 
 
 class ProjectionHead(nn.Module):
@@ -91,8 +91,7 @@ def sync_batchnorm(student: nn.Module, device: torch.device, world_size: int) ->
     teacher's centring and sharpening act on outputs that they shift. torch's SyncBatchNorm
     runs on CUDA only, and one worker has nothing to synchronise: there (and for a net
     without BatchNorm) the student is returned unchanged."""
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-    if torch.device(device).type != "cuda" or world_size < 2 or not has_bn:
+    if torch.device(device).type != "cuda" or world_size < 2 or not has_batchnorm(student):
         return student
     return nn.SyncBatchNorm.convert_sync_batchnorm(student)
 

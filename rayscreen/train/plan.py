@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import Config, ConfigError, mask_record
+from ..config import Config, ConfigError, config_from_dict, mask_record
 from ..store import RayscreenError, open_plate
 from ..store.uri import filesystem, join
 from ..stream.datasource import check_plate_set, in_threads, open_plates
@@ -118,8 +118,6 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
 
 def _default_record() -> dict[str, Any]:
     """Every key's default, as a ``Config.to_record()`` (placeholder plates and output)."""
-    from ..config import config_from_dict
-
     return config_from_dict({"plates": ["-"], "output": "-"}).to_record()
 
 
@@ -193,15 +191,13 @@ def exported_run(run_dir: str, storage_options: dict[str, Any] | None = None) ->
     """``train.run_name`` of the run whose model is exported at ``<run_dir>/model`` (from the
     config its artefact.json records), or None when there is none. ``model/``, metrics.csv and
     split.csv are one per output, whatever the run's name: a run under a new name replaces them."""
-    fs, path = filesystem(join(run_dir, "model", "artefact.json"), storage_options)
+    from ..models.artefact import read_meta  # torch: only when a run is planned
+
     try:
-        record = json.loads(fs.cat(path))
-    except FileNotFoundError:
+        meta = read_meta(join(run_dir, "model"), storage_options)
+    except (RayscreenError, OSError):  # none, or unreadable: the run's own export will say so if it matters
         return None
-    except (OSError, ValueError):  # unreadable: the run's own export will say so if it matters
-        return None
-    name = ((record.get("config") or {}).get("train") or {}).get("run_name", "train")
-    return str(name)
+    return str((meta.config.get("train") or {}).get("run_name", "train"))
 
 
 def write_run_config(plan: TrainPlan) -> None:
