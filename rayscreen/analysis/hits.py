@@ -7,6 +7,7 @@ them, all wells otherwise (most wells of a screen are inactive).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,8 +52,6 @@ def zscore(table: pd.DataFrame, score: str, *, controls=None, robust: bool = Fal
     values do not spread (a discrete score whose controls mostly agree) is named in a warning:
     none of its wells can be a hit. (With fewer, callers say so themselves.)
     """
-    import warnings
-
     require_columns(table, [score], "score")
     values = table[score].to_numpy(dtype=float)
     reference = _reference_mask(table, controls)
@@ -142,8 +141,6 @@ def _refitted_distances(X: np.ndarray, R: np.ndarray, method: str, metric: str) 
     after normalising with a ``method`` normaliser fitted on R, and of each control to the
     centre of the others after normalising with one fitted on the others. Returns ((n,), (c,));
     with fewer than two controls the controls' distances are 0 (their spread, and z, undefined)."""
-    import warnings
-
     from .normalize import create_normalizer
 
     def normalised(fit_rows: np.ndarray, *rows: np.ndarray) -> list[np.ndarray]:

@@ -430,7 +430,7 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         raw = well_profiles(ds, variable, dim, a.aggregate, exclude_qc=a.qc.exclude)
         wells = process_wells(raw, config)
         treatments = treatment_profiles(wells, config)
-        if name == a.features:  # what evaluate calls hits on
+        if name == a.features:  # the wells left out, and the distances evaluate calls hits on
             left_out = wells_left_out(ds, raw)
             if len(left_out):  # why each well is missing from the tables (well_profiles logs the count)
                 out["wells_left_out"] = _write_table(left_out, join(tables, "wells_left_out.csv"), so)

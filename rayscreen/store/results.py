@@ -621,17 +621,18 @@ class ResultsWriter:
         in :meth:`reopen_wells` (updated in place; listed here when needed and not given)."""
         ns = self._root.attrs.get(NAMESPACE, {})
         stored = ns.get("plate_versions") or {}
-        done_now = (lambda: self.done_mask()) if done is None else (lambda: done)
-        if "plate_versions" not in ns and versions and done_now().any():
+        unrecorded = "plate_versions" not in ns and bool(versions)
+        changed = {p for p, v in versions.items() if p in stored and stored[p] != v}
+        if done is None and (unrecorded or changed):  # listed only when it is needed
+            done = self.done_mask()
+        if unrecorded and done.any():
             warnings.warn(f"{self.uri} was written by a rayscreen that did not record the plates' corrections: "
                           "if `rayscreen illum` refitted a plate since its wells were written, they are kept "
                           "as they are (set the stage's overwrite: true, infer.overwrite or profile.overwrite, to "
                           "compute them again); later refits are noticed",
                           stacklevel=2)
-        changed = {p for p, v in versions.items() if p in stored and stored[p] != v}
         reopened: dict[str, int] = {}
         if changed:
-            done = done_now()
             plates = [k.rpartition("/")[0] for k in self.keys]
             for i in self._reopen(done, done & np.array([p in changed for p in plates], bool)):
                 reopened[plates[i]] = reopened.get(plates[i], 0) + 1
