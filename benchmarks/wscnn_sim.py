@@ -113,6 +113,26 @@ def make_data(root: str, preset: dict[str, Any], seed: int = 0) -> dict[str, lis
     return out
 
 
+DATA_KEYS = ("n_images", "fields_per_well", "shape", "grid", "n_objects", "ellipse_aspect")
+
+
+def prepared_data(root: str, preset: dict[str, Any], seed: int = 0) -> dict[str, list[str]]:
+    """:func:`make_data` once: ``<root>/data.json`` records the plates and what drew them, and
+    a later call with the same settings reuses them (``--data-only`` makes the data ahead,
+    e.g. while another job holds the GPU); other settings draw the data again."""
+    record = {"seed": seed, **{k: preset.get(k) for k in DATA_KEYS}}
+    path = os.path.join(root, "data.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored["record"] == json.loads(json.dumps(record)):
+            return stored["uris"]
+    uris = make_data(root, preset, seed)
+    with open(path, "w") as f:
+        json.dump({"record": record, "uris": uris}, f)
+    return uris
+
+
 def class_map_grid(preset: dict[str, Any]) -> list[int]:
     """(h, w) of the final class maps of the preset's WSCNN on its fields (the FC head's input)."""
     import torch
@@ -168,29 +188,30 @@ def read_split(uris: list[str], split: str) -> tuple[np.ndarray, pd.DataFrame]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def score_fields(model, images: np.ndarray) -> np.ndarray:
+def score_fields(model, images: np.ndarray, device: str = "cpu") -> np.ndarray:
     """(N, 1, Y, X) -> (N, 2) class probabilities with the inference Predictor (no saliency)."""
     from rayscreen.infer.predictor import Predictor, PredictorSettings
 
-    pred = Predictor(model, PredictorSettings(batch_size=32, saliency="none"))
+    pred = Predictor(model, PredictorSettings(batch_size=32, saliency="none"), device=device)
     return pred({"image": images})["scores"]
 
 
-def saliency_of(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
+def saliency_of(model, images: np.ndarray, batch: int = 16, device: str = "cpu") -> np.ndarray:
     """(N, 1, Y, X) -> (N, Y, X) Jacobian saliency of the positive class (class 1)."""
     import torch
 
     from rayscreen.models.saliency import jacobian_saliency
 
+    model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    out = [jacobian_saliency(model, torch.from_numpy(images[i:i + batch]), class_index=1).numpy()
+    out = [jacobian_saliency(model, torch.from_numpy(images[i:i + batch]).to(device), class_index=1).cpu().numpy()
            for i in range(0, len(images), batch)]
     return np.concatenate(out)
 
 
 def localise(saliency: np.ndarray, objects: pd.DataFrame, sigma: float, threshold: float, nms_size: int,
-             ) -> tuple[dict[str, float], np.ndarray]:
+             device: str = "cpu") -> tuple[dict[str, float], np.ndarray]:
     """Masks from saliency (N, Y, X) with the given parameters, scored against ``objects``
     (with ``image`` indices into the N maps)."""
     import torch
@@ -198,7 +219,8 @@ def localise(saliency: np.ndarray, objects: pd.DataFrame, sigma: float, threshol
     from rayscreen.models.localisation import localisation_scores
     from rayscreen.models.saliency import saliency_masks
 
-    masks = saliency_masks(torch.from_numpy(saliency), sigma=sigma, threshold=threshold, nms_size=nms_size).numpy()
+    masks = saliency_masks(torch.from_numpy(saliency).to(device), sigma=sigma, threshold=threshold,
+                           nms_size=nms_size).cpu().numpy()
     return localisation_scores(masks, objects, coverage=0.9), masks
 
 
@@ -207,12 +229,13 @@ def f1(s: dict[str, float]) -> float:
     return 0.0 if not (np.isfinite(p) and np.isfinite(r)) or p + r == 0 else 2 * p * r / (p + r)
 
 
-def choose_mask_params(saliency: np.ndarray, objects: pd.DataFrame, grid: dict[str, list]) -> dict[str, Any]:
+def choose_mask_params(saliency: np.ndarray, objects: pd.DataFrame, grid: dict[str, list], device: str = "cpu"
+                       ) -> dict[str, Any]:
     """The (sigma, threshold, nms_size) of ``grid`` with the best localisation F1 on the
     given (validation) images; ties go to the first in grid order."""
     best = None
     for sigma, thr, nms in itertools.product(grid["sigma"], grid["threshold"], grid["nms_size"]):
-        s, _ = localise(saliency, objects, sigma, thr, nms)
+        s, _ = localise(saliency, objects, sigma, thr, nms, device)
         if best is None or f1(s) > best[0]:
             best = (f1(s), dict(sigma=sigma, threshold=thr, nms_size=nms), s)
     return {**best[1], "val_f1": best[0], "val_precision": best[2]["precision"], "val_recall": best[2]["recall"]}
@@ -229,24 +252,27 @@ def positives_with_objects(images: np.ndarray, keys: pd.DataFrame, objects: pd.D
     return images[pos], pkeys, objs
 
 
-def evaluate(artefact: str, data: dict[str, Any], loc_grid: dict[str, list], simdata2: bool
+def evaluate(artefact: str, data: dict[str, Any], loc_grid: dict[str, list], simdata2: bool, device: str = "cpu"
              ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Test accuracy, (Sim Data 2 accuracy), localisation for one trained artefact."""
+    """Test accuracy, (Sim Data 2 accuracy), localisation for one trained artefact, computed
+    on ``device`` (the trained weights are the same; a GPU only makes the saliency and the
+    mask-parameter grid faster)."""
     from rayscreen.models.artefact import build_model
 
     model, meta = build_model(artefact)
     pos_class = meta.classes.index("positive")
     out: dict[str, Any] = {"best_epoch": meta.epoch}
-    probs = score_fields(model, data["test_images"])
+    probs = score_fields(model, data["test_images"], device)
     out["test_accuracy"] = 100 * float(((probs[:, pos_class] > 0.5).astype(int) == data["test_keys"]["label"]).mean())
     if simdata2:
-        p2 = score_fields(model, data["sd2_images"])
+        p2 = score_fields(model, data["sd2_images"], device)
         out["simdata2_accuracy"] = 100 * float(((p2[:, pos_class] > 0.5).astype(int) == data["sd2_keys"]["label"]).mean())
     # mask parameters from the validation split only
-    val_sal = saliency_of(model, data["val_pos"][0])
-    params = choose_mask_params(val_sal, data["val_pos"][2], loc_grid)
-    test_sal = saliency_of(model, data["test_pos"][0])
-    scores, masks = localise(test_sal, data["test_pos"][2], params["sigma"], params["threshold"], params["nms_size"])
+    val_sal = saliency_of(model, data["val_pos"][0], device=device)
+    params = choose_mask_params(val_sal, data["val_pos"][2], loc_grid, device)
+    test_sal = saliency_of(model, data["test_pos"][0], device=device)
+    scores, masks = localise(test_sal, data["test_pos"][2], params["sigma"], params["threshold"], params["nms_size"],
+                             device)
     out.update({"loc_accuracy": 100 * scores["accuracy"], "loc_precision": 100 * scores["precision"],
                 "loc_recall": 100 * scores["recall"], "loc_counts": {k: scores[k] for k in ("tp", "fp", "fn", "tn")},
                 "mask_params": params})
@@ -310,8 +336,12 @@ def figure(path: str, images: np.ndarray, objects: pd.DataFrame, masks: np.ndarr
 
 
 def run(preset_name: str, out: str, models: list[str], seed: int = 0, figure_path: str | None = None,
-        overrides: dict[str, Any] | None = None, progress: bool = True, eval_only: bool = False) -> dict[str, Any]:
+        overrides: dict[str, Any] | None = None, progress: bool = True, eval_only: bool = False,
+        device: str = "cpu") -> dict[str, Any]:
     """The whole reproduction; returns the summary (also written to ``<out>/wscnn_sim.json``).
+
+    Training runs where ``run_train`` puts it (``train.use_gpu`` unset: a GPU when the local
+    Ray has one); ``device`` is where the evaluation (scores, saliency, masks) runs.
 
     ``eval_only``: skip training and evaluate the artefacts an earlier run of the same
     preset left under ``<out>/runs/<pooling>/train/model`` (e.g. after changing the mask grid).
@@ -321,7 +351,7 @@ def run(preset_name: str, out: str, models: list[str], seed: int = 0, figure_pat
 
     preset = {**PRESETS[preset_name], **(overrides or {})}
     t0 = time.time()
-    uris = make_data(os.path.join(out, "data"), preset, seed)
+    uris = prepared_data(os.path.join(out, "data"), preset, seed)
     t_data = time.time() - t0
     data: dict[str, Any] = {}
     data["test_images"], data["test_keys"] = read_split(uris["simdata1"], "test")
@@ -345,7 +375,7 @@ def run(preset_name: str, out: str, models: list[str], seed: int = 0, figure_pat
             artefact, metrics = res.artefact, res.metrics
             timings[f"train_{pooling}_s"] = time.time() - t
         t = time.time()
-        r, maps = evaluate(artefact, data, loc_grid, simdata2=(pooling == "max"))
+        r, maps = evaluate(artefact, data, loc_grid, simdata2=(pooling == "max"), device=device)
         timings[f"eval_{pooling}_s"] = time.time() - t
         r["epochs"] = int(metrics["epoch"].max())
         r["val_accuracy_by_epoch"] = [round(float(v), 4) for v in metrics["val_accuracy"]]
@@ -360,9 +390,17 @@ def run(preset_name: str, out: str, models: list[str], seed: int = 0, figure_pat
     return _write_summary(out, preset_name, preset, seed, data, results, {**timings, "total_s": time.time() - t0})
 
 
+def _device_name() -> str:
+    """The GPU the run had (training takes it when the local Ray sees one), or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def _write_summary(out, preset_name, preset, seed, data, results, timings) -> dict[str, Any]:
     """``<out>/wscnn_sim.json``, rewritten after every model (a cut-short run keeps its results)."""
     summary = {"preset": preset_name, "settings": {k: v for k, v in preset.items()}, "seed": seed,
+               "device": _device_name(),
                "n_test_images": int(len(data["test_keys"])), "n_simdata2_test_images": int(len(data["sd2_keys"])),
                "n_test_positive_images": int(len(data["test_pos"][1])), "results": results, "timings": timings,
                "table": table(results)}
@@ -380,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", help="write the saliency figure of the max model here (PNG)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--device", default="auto", help="where evaluation runs: cpu, cuda, or auto (cuda when there is one)")
+    p.add_argument("--data-only", action="store_true",
+                   help="write the preset's Sim Data 1 and 2 under --out and stop (a later run there reuses them)")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate the artefacts of an earlier run in --out (no training)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -400,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--models: unknown {unknown}; choose from {list(POOLINGS)}")
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
+    out = args.out or tempfile.mkdtemp(prefix="wscnn_sim_")
+    os.makedirs(out, exist_ok=True)
+    if args.data_only:
+        t = time.time()
+        prepared_data(os.path.join(out, "data"), {**PRESETS[args.preset], **overrides}, args.seed)
+        print(f"[wscnn_sim] data of preset {args.preset} under {out}/data ({time.time() - t:.0f} s)")
+        return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -408,12 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         ray.init(**local_init_kwargs(num_cpus=args.num_cpus, include_dashboard=False,
                                      object_store_memory=512 * 1024**2))
-    out = args.out or tempfile.mkdtemp(prefix="wscnn_sim_")
-    os.makedirs(out, exist_ok=True)
     start = time.time()
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     summary = run(args.preset, out, models, args.seed, args.figure, overrides=overrides, progress=not args.quiet,
-                  eval_only=args.eval_only)
-    print(f"\nWSCNN simulation, preset {args.preset} (ours, paper's in parentheses; %), "
+                  eval_only=args.eval_only, device=device)
+    print(f"\nWSCNN simulation, preset {args.preset} on {summary['device']} (ours, paper's in parentheses; %), "
           f"{summary['n_test_images']} test images, wall {time.time() - start:.0f} s, output {out}\n")
     print(summary["table"])
     for pooling, r in summary["results"].items():
