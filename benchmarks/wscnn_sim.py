@@ -155,8 +155,9 @@ def train_config(uris: list[str], output: str, pooling: str, preset: dict[str, A
     if pooling == "fc":  # the paper's FC layer over the whole final class maps
         kwargs["pooling_kwargs"] = {"grid": class_map_grid(preset)}
     train = {k: preset[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule")}
-    if "momentum" in preset:
-        train["momentum"] = preset["momentum"]
+    for key in ("momentum", "precise_bn"):
+        if key in preset:
+            train[key] = preset[key]
     return config_from_dict({
         "plates": uris, "output": output,
         "stream": {"normalize": "percentile"},
@@ -431,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
-        allowed = set(PRESETS[args.preset]) | {"ellipse_aspect", "momentum", "cpus_per_worker", "loc_grid"}
+        allowed = set(PRESETS[args.preset]) | {"ellipse_aspect", "momentum", "cpus_per_worker", "loc_grid",
+                                               "precise_bn"}
         if not sep or key not in allowed:
             p.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(allowed)}")
         overrides[key] = yaml.safe_load(value)

@@ -202,6 +202,10 @@ class TrainConfig:
     # regularisers for noisy weak labels (a low-dose well may look like the control):
     mixup: float = 0.0  # Beta(a, a) of mixup (Zhang et al. 2018) between images of a batch; 0: off
     label_smoothing: float = 0.0  # of the training cross-entropy (validation loss stays plain)
+    # BatchNorm statistics recomputed before each validation from the epoch's first this many
+    # training fields (un-augmented, final weights: PreciseBN, Wu & Johnson 2021) instead of
+    # the running averages, which lag weights that move fast; 0: the running averages
+    precise_bn: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
     distill: DistillSection = field(default_factory=DistillSection)

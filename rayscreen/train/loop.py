@@ -37,8 +37,8 @@ from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .distill import collapse, distill_step
 from .step import (augment_config, broadcast_buffers, classification_metrics, has_batchnorm, make_optimizer,
-                   make_scheduler, metric_mode, mixup, nucleus_crops, predict, random_crops, repeat_rows,
-                   restore_scheduler, step_scheduler, trainable_batch, train_step, unwrap)
+                   make_scheduler, metric_mode, mixup, nucleus_crops, predict, random_crops, recompute_batchnorm,
+                   repeat_rows, restore_scheduler, step_scheduler, trainable_batch, train_step, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -658,6 +658,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         batches = upcoming if upcoming is not None else epoch_batches(epoch)
         upcoming = None
         wait, first_wait, i = 0.0, None, 0
+        bn_fields, bn_seen = [], 0  # train.precise_bn: this epoch's first fields, as streamed
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -673,6 +674,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                 "said once): a train.batch_size that leaves no single field over avoids it", epoch)
                 warned_single = True
                 continue
+            if bn_seen < t.precise_bn:
+                bn_fields.append(images[:t.precise_bn - bn_seen])
+                bn_seen += len(bn_fields[-1])
             if distiller is None:
                 loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
                                   amp=amp, label_smoothing=t.label_smoothing)
@@ -692,6 +696,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # but not while validation still reads, whose reads it would hold up
         if epoch < t.epochs and (val_shard is None or val_cache.full):
             upcoming = epoch_batches(epoch + 1)
+        if bn_fields:  # un-augmented whole fields, as validation and inference see them
+            recompute_batchnorm(unwrap(exported()), bn_fields, amp=amp)
+            bn_fields = []
         # every rank, with validation wells or not (a collective): validate rank 0's statistics,
         # the ones checkpointed and exported
         broadcast_buffers(exported())

@@ -253,6 +253,8 @@ def check_train_values(config: Config) -> None:
         raise ConfigError(f"train.mixup: {t.mixup}; expected the Beta parameter alpha > 0 (e.g. 0.2), or 0 for off")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: {t.label_smoothing}; expected 0 <= value < 1")
+    if t.precise_bn < 0:
+        raise ConfigError(f"train.precise_bn: {t.precise_bn}; expected a number of training fields >= 0 (0: off)")
     from .step import augment_config  # torch: imported only when a run is planned
 
     try:  # the stream's AugmentConfig holds the bounds; its messages start with the key
@@ -345,6 +347,11 @@ def _check_distill(t) -> None:
     if t.mixup > 0 or t.augment.mosaic:
         raise ConfigError("train.distill: WS-DINO draws its own views of each field; turn train.mixup (0) and "
                           "train.augment.mosaic (false) off")
+    if t.precise_bn:
+        # the exported network is the teacher, an average of the student's weights whose own
+        # statistics are averaged alike; with SyncBN a recomputation would be a collective
+        raise ConfigError("train.precise_bn: not with train.distill (WS-DINO's teacher averages its statistics "
+                          "with its weights); set it to 0")
     numbers = ("weight", "classify", "student_temp", "teacher_temp", "momentum", "center_momentum")
     for key in numbers:  # NaN passes every comparison below
         if not math.isfinite(getattr(d, key)):

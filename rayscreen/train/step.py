@@ -208,6 +208,46 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor], amp: bool = False) -> int:
+    """PreciseBN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): every BatchNorm's
+    running mean and variance replaced by the mean of its batch statistics over ``batches``
+    (each (B, C, H, W), B >= 2) under the model's current weights; returns the fields seen.
+
+    The running averages (momentum 0.1) mix statistics of the last ~10 steps' weights; when
+    the weights move fast the eval-mode network, which is validated and exported, is not the
+    one that was trained, and its accuracy jumps between epochs. Training itself is unchanged:
+    in train mode BatchNorm normalises by each batch's own statistics. With no usable batch
+    the statistics are left as they were. Batches count equally (torch's cumulative average).
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    kept = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in norms if m.track_running_stats]
+    norms = [m for m in norms if m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    n = 0
+    try:
+        for images in batches:
+            if len(images) < 2:  # one field has no batch variance
+                continue
+            with _autocast(images.device, amp):
+                model(images)
+            n += len(images)
+    finally:
+        for m, (momentum, mean, var, count) in zip(norms, kept):
+            m.momentum = momentum
+            if n == 0:
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+        model.train(was_training)
+    return n
+
+
 def trainable_batch(n_fields: int, batchnorm: bool) -> bool:
     """Whether a training batch of ``n_fields`` is stepped on. A batch of one field is left out
     of a BatchNorm model: a trunk whose last map is 1 x 1 (a torchvision ResNet on 32-63 px

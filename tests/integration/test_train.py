@@ -327,3 +327,32 @@ def test_an_epoch_ending_in_one_field_trains_a_resnet_trunk_on_small_crops(ray_l
     result = run_train(config.replace(train=dataclasses.replace(config.train, batch_size=rows - 1)), progress=False)
     metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
     assert result.epochs_completed == 1 and metrics["train_samples"].tolist() == [rows - 1]
+
+
+def test_precise_bn_changes_the_exported_statistics_and_nothing_of_the_training(ray_local, screen, tmp_path):
+    """train.precise_bn: the same deterministic run with and without it trains alike (losses,
+    weights), while the exported BatchNorm statistics are recomputed from the last epoch's
+    training fields (one cumulative average over that epoch's batches) instead of the running
+    averages over every step."""
+    from rayscreen.models.artefact import build_model
+    from rayscreen.train import run_train
+
+    uris, _ = screen
+    runs = {}
+    for precise in (0, 100_000):
+        output = str(tmp_path / f"bn{precise}")
+        result = run_train(make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=2, max_failures=0,
+                                       deterministic=True, metric="train_loss", precise_bn=precise), progress=False)
+        metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
+        runs[precise] = (build_model(result.artefact)[0], metrics)
+    (ema, m_ema), (pbn, m_pbn) = runs[0], runs[100_000]
+    np.testing.assert_array_equal(m_ema["train_loss"], m_pbn["train_loss"])
+    steps = -(-int(m_ema["train_samples"].iloc[-1]) // 8)  # batch_size 8
+    best = int(m_ema.loc[m_ema["train_loss"].idxmin(), "epoch"])  # the exported epoch
+    for (name, a), b in zip(ema.state_dict().items(), pbn.state_dict().values()):
+        if "running_" in name:
+            assert not torch.equal(a, b), name
+        elif "num_batches_tracked" in name:  # every step so far; one epoch's batches
+            assert (int(a), int(b)) == (best * steps, steps), name
+        else:
+            assert torch.equal(a, b), name

@@ -1,5 +1,6 @@
 """Training maths (rayscreen.train.step) and checkpoints on small tensors, no Ray."""
 
+import copy
 import math
 
 import numpy as np
@@ -453,3 +454,67 @@ def test_a_batch_of_one_field_is_left_out_of_a_batchnorm_model():
     assert trainable_batch(2, True) and trainable_batch(1, False)
     plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     assert not has_batchnorm(plain)
+
+
+# --------------------------------------------------------------------------- train.precise_bn
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                               torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+
+
+def test_recompute_batchnorm_averages_the_batch_statistics_under_the_current_weights():
+    from rayscreen.train.step import recompute_batchnorm
+
+    net = _bn_net()
+    batches = [torch.randn(4, 1, 8, 8) * s + s for s in (1.0, 2.0, 3.0)]
+    weights = [p.clone() for p in net.parameters()]
+    bn = net[1]
+    bn.running_mean.fill_(50.0)  # stale statistics, as after weights that moved
+    net.eval()
+    assert recompute_batchnorm(net, batches + [torch.randn(1, 1, 8, 8)]) == 12  # the 1-field batch left out
+    with torch.no_grad():
+        conv = [net[0](b) for b in batches]
+    np.testing.assert_allclose(bn.running_mean, torch.stack([c.mean(dim=(0, 2, 3)) for c in conv]).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var, torch.stack([c.var(dim=(0, 2, 3)) for c in conv]).mean(0), rtol=1e-5)
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1 and not net.training
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))  # weights untouched
+    # the point: fields of one distribution are normalised in eval mode as training mode
+    # normalises them all together, where the stale statistics were far off
+    same = [torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 + 3 for i in range(8)]
+    whole = torch.cat(same)
+
+    def eval_error():
+        with torch.no_grad():  # train mode on a copy: its forward moves the running statistics
+            train_out = copy.deepcopy(net).train()(whole)
+            return float((net.eval()(whole) - train_out).abs().max())
+
+    bn.running_mean.fill_(50.0)
+    stale = eval_error()
+    recompute_batchnorm(net, same)
+    assert eval_error() < 0.05 * stale
+
+
+def test_recompute_batchnorm_without_a_usable_batch_leaves_the_statistics():
+    from rayscreen.train.step import recompute_batchnorm
+
+    net = _bn_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert recompute_batchnorm(net, [torch.randn(1, 1, 8, 8)]) == 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.training
+    no_bn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    assert recompute_batchnorm(no_bn, [torch.randn(4, 1, 8, 8)]) == 0
+
+
+def test_precise_bn_settings_refused_by_key(tmp_path):
+    from rayscreen.config import ConfigError, config_from_dict
+    from rayscreen.train.plan import check_train_values
+
+    base = {"plates": ["P.zarr"], "output": str(tmp_path)}
+    with pytest.raises(ConfigError, match="train.precise_bn: -1; expected a number of training fields"):
+        check_train_values(config_from_dict({**base, "train": {"precise_bn": -1}}))
+    with pytest.raises(ConfigError, match="train.precise_bn: not with train.distill"):
+        check_train_values(config_from_dict({**base, "train": {"precise_bn": 64, "distill": {"enabled": True}}}))
