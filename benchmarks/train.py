@@ -1,6 +1,6 @@
 """Ray Train throughput vs a plain PyTorch loop, same fields, model, batch size and threads.
 
-    python benchmarks/train.py --preset small|medium [--epochs N] [--repeats R] [--cpus C]
+    python benchmarks/train.py --preset small|medium [--epochs N] [--repeats R] [--cpus C] [--cache-mb N]
 
 Writes a synthetic WSCNN screen, fits its normalisation, then measures training
 samples/s (training batches only: validation and checkpoints excluded in both paths;
@@ -15,7 +15,9 @@ epoch 1 is warm-up and dropped):
   more logical CPUs for the read tasks, which share the cores), streaming the same
   fields from the plate (Ray Data read -> ``iter_torch_batches``); its time includes
   waiting for every batch, the first included;
-- ray-2: the same with 2 workers (DDP) sharing those CPUs.
+- ray-2: the same with 2 workers (DDP) sharing those CPUs;
+- ray-1-cached (with ``--cache-mb N``): ray-1 with ``train.cache_mb: N``: epoch 1 streams,
+  epochs 2.. train on the fields held in the worker, reshuffled (the plain loop's setting).
 
 With ``--repeats R`` the three paths run R times alternately (plain, ray-1, ray-2, plain,
 ...) and the medians are printed, with ratios taken within each repeat. The local Ray is
@@ -56,7 +58,7 @@ def make_screen(out: str, p: dict) -> list[str]:
     return uris
 
 
-def config(uris, output, p, workers, cpus_per_worker):
+def config(uris, output, p, workers, cpus_per_worker, cache_mb=0):
     from rayscreen.config import config_from_dict
 
     return config_from_dict({
@@ -65,6 +67,7 @@ def config(uris, output, p, workers, cpus_per_worker):
         "model": {"name": "wscnn", "kwargs": {"width": p["width"]}},
         "train": {"num_workers": workers, "cpus_per_worker": cpus_per_worker, "epochs": p["epochs"],
                   "batch_size": p["batch_size"], "optimizer": "sgd", "lr": 0.01, "schedule": "none",
+                  "cache_mb": cache_mb,
                   "augment": {"enabled": True, "rotate": False, "translate": 0.0},
                   "split": {"by": "column", "column": "Metadata_Split",
                             "column_values": {"train": ["train", "test"], "val": ["val"]}}},
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", type=int, default=None,
                     help="torch threads of the plain loop and CPUs the Ray workers reserve together "
                          "(default: torch's default threads, the plain loop left at its normal setting)")
+    ap.add_argument("--cache-mb", type=int, default=0,
+                    help="also run 1 worker with train.cache_mb set to this (epochs 2.. from memory)")
     ap.add_argument("--ray-defaults", action="store_true",
                     help="start the local Ray with Ray's defaults (idle read workers killed after 1 s)")
     args = ap.parse_args(argv)
@@ -157,19 +162,21 @@ def main(argv=None) -> int:
     per = {1: args.cpus, 2: args.cpus / 2}
     cfg = config(uris, os.path.join(out, "plain"), p, 1, per[1])
     x, y = training_fields(cfg)
-    rows: dict[str, list[float]] = {"plain": [], "ray-1": [], "ray-2": [], "wait-1": [], "wait-2": []}
+    # (name, workers, train.cache_mb)
+    paths = [("ray-1", 1, 0), ("ray-2", 2, 0)] + ([("ray-1-cached", 1, args.cache_mb)] if args.cache_mb else [])
+    rows: dict[str, list[float]] = {"plain": [], **{k: [] for name, _, _ in paths for k in (name, f"wait-{name}")}}
     loads = []
     for r in range(args.repeats):
         loads.append(os.getloadavg()[0])
         rows["plain"].append(plain_loop(cfg, x, y, 2))
-        for workers in (1, 2):
-            run_out = os.path.join(out, f"ray{workers}-{time.time_ns()}")
-            result = run_train(config(uris, run_out, p, workers, per[workers]), progress=False)
+        for name, workers, cache_mb in paths:
+            run_out = os.path.join(out, f"{name}-{time.time_ns()}")
+            result = run_train(config(uris, run_out, p, workers, per[workers], cache_mb), progress=False)
             rate, wait = ray_rate(result)
-            rows[f"ray-{workers}"].append(rate)
-            rows[f"wait-{workers}"].append(wait)
+            rows[name].append(rate)
+            rows[f"wait-{name}"].append(wait)
         print(f"repeat {r + 1}/{args.repeats} (load {loads[-1]:.1f}): plain {rows['plain'][-1]:.1f}  "
-              f"ray-1 {rows['ray-1'][-1]:.1f}  ray-2 {rows['ray-2'][-1]:.1f} samples/s", flush=True)
+              + "  ".join(f"{name} {rows[name][-1]:.1f}" for name, _, _ in paths) + " samples/s", flush=True)
     loads.append(os.getloadavg()[0])
     med = statistics.median
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,12 +186,13 @@ def main(argv=None) -> int:
           f"{args.repeats} repeat(s), load average {min(loads):.1f}-{max(loads):.1f}, "
           f"{'Ray defaults' if args.ray_defaults else 'idle workers kept'}")
     print(f"plain PyTorch loop (in memory, {threads} threads):   {med(rows['plain']):8.1f} samples/s (median)")
-    for workers in (1, 2):
-        ratios = [a / b for a, b in zip(rows[f"ray-{workers}"], rows["plain"])]
+    for name, workers, cache_mb in paths:
+        ratios = [a / b for a, b in zip(rows[name], rows["plain"])]
+        how = f"cache_mb {cache_mb}: epochs 2.. from memory" if cache_mb else "streamed"
         print(f"Ray Train {workers} worker(s) x {per[workers]:g} CPU, {worker_threads(per[workers])} thread(s) each "
-              f"(streamed): {med(rows[f'ray-{workers}']):8.1f} samples/s   ratio to plain {med(ratios):.2f}x "
+              f"({how}): {med(rows[name]):8.1f} samples/s   ratio to plain {med(ratios):.2f}x "
               f"(per repeat {', '.join(f'{v:.2f}' for v in ratios)}; waiting for data "
-              f"{med(rows[f'wait-{workers}']):.2f} s/epoch)")
+              f"{med(rows[f'wait-{name}']):.2f} s/epoch)")
     ray.shutdown()
     return 0
 

@@ -218,6 +218,10 @@ class TrainConfig:
     # rows of the streaming shuffle of the training data (default max(4 x batch_size, 64)); wells
     # stream in plate order, so batches mix plates only as far as this buffer reaches
     shuffle_buffer: int | None = None
+    # MB of a worker's training fields held in memory (on its GPU when it has one) after the
+    # first epoch, later epochs reshuffled from there instead of read again (a training set
+    # larger than this streams every epoch); 0: stream every epoch
+    cache_mb: int = 0
     # same batches every run (Ray Data keeps read order; streams a little slower); on a GPU
     # also deterministic cuDNN/cuBLAS kernels (slower convolutions)
     deterministic: bool = False

@@ -322,17 +322,21 @@ class BatchCache:
 
     For validation: its batches are the same every epoch (no augmentation, fixed order), and
     each pass over a Ray Dataset is a new execution (planning, read tasks) that can cost more
-    than scoring a small validation set. A larger set streams every epoch as before.
+    than scoring a small validation set. For training (``train.cache_mb``): later epochs take
+    the held rows in a new order each (:meth:`shuffled`). A larger set streams every epoch as
+    before, and is not held again.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.full = False  # a complete first pass is held
+        self._too_large = max_bytes <= 0
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def fill(self, batches):
         """Yield ``batches`` through, keeping them while they fit; complete pass -> ``full``."""
-        size, keep = 0, self.max_bytes > 0
+        size, keep = 0, not self._too_large
         self._batches = []
         for images, labels in batches:
             if keep:
@@ -341,12 +345,26 @@ class BatchCache:
                 if keep:
                     self._batches.append((images, labels))
                 else:  # too large: stream every pass, hold nothing
-                    self._batches = []
+                    self._batches, self._too_large = [], True
             yield images, labels
         self.full = keep
 
     def batches(self):
         return iter(self._batches)
+
+    def shuffled(self, batch_size: int, generator: torch.Generator):
+        """The held rows in the order of a permutation drawn from ``generator``, in batches of
+        ``batch_size`` (the last one shorter): images (B, C, H, W), labels (B,). Copies of a
+        row (``train.balanced``) land in different batches, where a streaming shuffle buffer
+        kept them side by side."""
+        if self._rows is None:  # one tensor per column from here on (the batches let go)
+            self._rows = (torch.cat([b[0] for b in self._batches]), torch.cat([b[1] for b in self._batches]))
+            self._batches = []
+        images, labels = self._rows
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield images[idx], labels[idx]
 
 
 class EarlyStart:
@@ -484,6 +502,12 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     crop seed; the two streams drive different draws. Kept as it is: the deterministic runs
     recorded in docs/results.md depend on it.)"""
     return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+def order_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's batch order in an epoch replayed from ``train.cache_mb``: a
+    stream of its own, like :func:`global_seed`."""
+    return int(np.random.SeedSequence([seed, rank, epoch, 3]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def global_seed(seed: int, rank: int, epoch: int) -> int:
@@ -628,13 +652,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     dtypes = {"image": torch.float32, LABEL_COL: torch.int64}
     mode = metric_mode(t.metric)
     val_cache = BatchCache(VAL_CACHE_BYTES)
+    train_cache = BatchCache(t.cache_mb * 1024**2)
 
-    def epoch_batches(epoch: int) -> EarlyStart:
-        return EarlyStart(train_shard.iter_torch_batches(
+    def epoch_batches(epoch: int):
+        """This epoch's training (images, labels) batches: streamed (the first epoch, or a
+        training set larger than train.cache_mb), or replayed from memory in a new order."""
+        if train_cache.full:
+            return train_cache.shuffled(t.batch_size, torch.Generator().manual_seed(order_seed(t.seed, rank, epoch)))
+        stream = EarlyStart(train_shard.iter_torch_batches(
             batch_size=t.batch_size, dtypes=dtypes, device=device, prefetch_batches=2,
             # a streaming shuffle: wells arrive in plate order, batches should not
             local_shuffle_buffer_size=t.shuffle_buffer or max(4 * t.batch_size, 64),
             local_shuffle_seed=t.seed * 7919 + epoch * 31 + rank))
+        return train_cache.fill((b["image"], b[LABEL_COL]) for b in stream)
 
     def exported() -> torch.nn.Module:
         """The network that is validated, checkpointed and exported."""
@@ -655,6 +685,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             views = make_view_fn(config, rank, epoch)
         loss_sum, n = 0.0, 0
         distill_sums = np.zeros(3)  # self-distillation loss, teacher entropies (x fields)
+        cached = train_cache.full
         batches = upcoming if upcoming is not None else epoch_batches(epoch)
         upcoming = None
         wait, first_wait, i = 0.0, None, 0
@@ -667,7 +698,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 break
             wait += waited
             first_wait = waited if first_wait is None else first_wait
-            images, labels = batch["image"], batch[LABEL_COL]
+            images, labels = batch
             if not trainable_batch(len(labels), batchnorm):
                 if rank == 0 and not warned_single:
                     log.warning("train: epoch %d ends in a batch of one field, left out (BatchNorm needs two; "
@@ -722,7 +753,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                    # the slowest rank's training time: what the epoch waited for
                    "train_seconds": max(p[6] for p in parts),
                    # time blocked waiting for training batches (the first includes starting the read)
-                   "data_wait_seconds": max(p[7] for p in parts), "first_batch_seconds": max(p[8] for p in parts)}
+                   "data_wait_seconds": max(p[7] for p in parts), "first_batch_seconds": max(p[8] for p in parts),
+                   # 1: the training fields came from memory (train.cache_mb), not the stream
+                   "train_cached": int(cached)}
         collapsed = None
         if distiller is not None:
             means = sum(p[9] for p in parts) / total if total else np.full(3, np.nan)

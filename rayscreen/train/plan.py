@@ -32,7 +32,7 @@ METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "v
            "val_f1", "val_roc_auc")
 # keys that may change when a run resumes: they change how, not what, is trained
 RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.use_gpu",
-             "train.cpus_per_worker", "train.keep_checkpoints",
+             "train.cpus_per_worker", "train.keep_checkpoints", "train.cache_mb",
              # how the plates are read, not what is trained: on_error: skip is the way past a bad field
              "stream.on_error", "stream.override_num_blocks")
 # sections that do not affect training (a later stage's settings)
@@ -253,6 +253,8 @@ def check_train_values(config: Config) -> None:
         raise ConfigError(f"train.mixup: {t.mixup}; expected the Beta parameter alpha > 0 (e.g. 0.2), or 0 for off")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: {t.label_smoothing}; expected 0 <= value < 1")
+    if t.cache_mb < 0:
+        raise ConfigError(f"train.cache_mb: {t.cache_mb}; expected MB of training fields to hold >= 0 (0: off)")
     if t.precise_bn < 0:
         raise ConfigError(f"train.precise_bn: {t.precise_bn}; expected a number of training fields >= 0 (0: off)")
     from .step import augment_config  # torch: imported only when a run is planned

@@ -294,6 +294,37 @@ def test_batch_cache_replays_a_small_pass_and_holds_nothing_of_a_large_one():
     it = partial.fill(iter(batches))
     next(it)  # an abandoned pass is not a complete one
     assert not partial.full
+    # a set found too large is not held on later passes either (its size does not change)
+    assert [b[1].tolist() for b in small.fill(iter(batches[:2]))] == [[0, 0], [1, 1]] and not small.full
+
+
+def test_training_cache_replays_every_row_once_per_epoch_in_a_seeded_new_order():
+    """train.cache_mb: later epochs take the held rows in a permutation of their own, seeded
+    by (seed, rank, epoch); copies of a rare field (train.balanced repeats it in place) are
+    spread over the epoch instead of sitting in one batch."""
+    from rayscreen.train.loop import BatchCache, order_seed
+    from rayscreen.train.step import repeat_rows
+
+    rows = repeat_rows({"x": np.arange(12), "y": np.array([1] + [0] * 11)}, "y", {0: 1, 1: 9})
+    assert rows["x"][:9].tolist() == [0] * 9  # the copies side by side, as they stream
+    images = torch.from_numpy(rows["x"]).float().reshape(-1, 1, 1, 1)
+    labels = torch.from_numpy(rows["y"])
+    cache = BatchCache(1 << 20)
+    list(cache.fill((images[i:i + 5], labels[i:i + 5]) for i in range(0, 20, 5)))
+    assert cache.full
+
+    def epoch(e):
+        return list(cache.shuffled(6, torch.Generator().manual_seed(order_seed(0, 0, e))))
+
+    one, again, two = epoch(2), epoch(2), epoch(3)
+    assert [len(b[1]) for b in one] == [6, 6, 6, 2]
+    ids = [b[0].flatten().long() for b in one]
+    assert sorted(torch.cat(ids).tolist()) == sorted(rows["x"].tolist())  # every row once
+    assert all(torch.equal(b[1], (b[0].flatten() == 0).long()) for b in one)  # labels travel with their rows
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, again))  # the same seed, the same order
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(one, two))
+    assert max(int((i == 0).sum()) for i in ids) <= 4  # 9 copies over 4 batches, not 9 in one
+    assert order_seed(0, 0, 2) not in (order_seed(0, 1, 2), order_seed(0, 0, 3), order_seed(1, 0, 2))
 
 
 def test_early_start_fetches_the_first_item_ahead_and_yields_everything_in_order():
