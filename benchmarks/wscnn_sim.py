@@ -82,7 +82,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         width=None, epochs=60, batch_size=50, optimizer="sgd", lr=1e-4, momentum=0.9, weight_decay=5e-4,
         schedule="plateau",
         # the paper's augmentation: flips, rotations of +-20 / 160-200 degrees, +-40 px, scaling
-        augment=dict(enabled=True, flips=True, rot90=False, rotate=True, translate=40.0, scale=[0.8, 1.2])),
+        augment=dict(enabled=True, flips=True, rot90=False, rotate=True, translate=40.0, scale=[0.8, 1.2]),
+        # the 1336 training fields (314 MB as float32) held on the GPU after epoch 1: on an H200
+        # the stream kept the GPU waiting 1.6-2.1 s of each 2.7 s epoch (docs/results.md)
+        cache_mb=1024),
 }
 # Masks must be wider than the objects: 90% of a circle's *box* must be covered (a disc
 # covers only pi/4 of it), and the Jacobian of a shape detector peaks on the rim, so the
@@ -155,7 +158,7 @@ def train_config(uris: list[str], output: str, pooling: str, preset: dict[str, A
     if pooling == "fc":  # the paper's FC layer over the whole final class maps
         kwargs["pooling_kwargs"] = {"grid": class_map_grid(preset)}
     train = {k: preset[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule")}
-    for key in ("momentum", "precise_bn"):
+    for key in ("momentum", "precise_bn", "cache_mb"):
         if key in preset:
             train[key] = preset[key]
     return config_from_dict({
@@ -433,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, sep, value = item.partition("=")
         allowed = set(PRESETS[args.preset]) | {"ellipse_aspect", "momentum", "cpus_per_worker", "loc_grid",
-                                               "precise_bn"}
+                                               "precise_bn", "cache_mb"}
         if not sep or key not in allowed:
             p.error(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(allowed)}")
         overrides[key] = yaml.safe_load(value)
