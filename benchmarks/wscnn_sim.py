@@ -74,6 +74,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # plateau, 0.967 at 1e-3 plateau, 0.971 at 1e-3 constant (adopted)
         width=0.25, epochs=30, batch_size=16, optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4,
         schedule="none",
+        # BatchNorm statistics recomputed from every training field before each validation
+        # (PreciseBN; training unchanged): with the running averages max pooling's validation
+        # accuracy jumped between 0.5 and 0.97 from epoch to epoch. Best validation accuracy
+        # over seeds 0-3 (pre-registered rule, session 19): 0.971 without, 0.981 with (adopted)
+        precise_bn=100_000,
         # exact pixel permutations only: with one circle per image, a translation or rotation
         # with zero fill can push the only circle out of the field and flip the label
         augment=dict(enabled=True, flips=True, rot90=True, rotate=False, translate=0.0)),
