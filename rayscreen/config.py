@@ -202,9 +202,11 @@ class TrainConfig:
     # regularisers for noisy weak labels (a low-dose well may look like the control):
     mixup: float = 0.0  # Beta(a, a) of mixup (Zhang et al. 2018) between images of a batch; 0: off
     label_smoothing: float = 0.0  # of the training cross-entropy (validation loss stays plain)
-    # BatchNorm statistics recomputed before each validation from the epoch's first this many
-    # training fields (un-augmented, final weights: PreciseBN, Wu & Johnson 2021) instead of
-    # the running averages, which lag weights that move fast; 0: the running averages
+    # BatchNorm statistics recomputed before each validation from this many training fields
+    # of the epoch (un-augmented, final weights: PreciseBN, Wu & Johnson 2021) instead of the
+    # running averages, which lag weights that move fast; each worker draws its own over the
+    # whole epoch, holds them until validation (on its GPU when it has one), and the workers'
+    # statistics are averaged; 0: the running averages
     precise_bn: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -220,7 +222,9 @@ class TrainConfig:
     shuffle_buffer: int | None = None
     # MB of a worker's training fields held in memory (on its GPU when it has one) after the
     # first epoch, later epochs reshuffled from there instead of read again (a training set
-    # larger than this streams every epoch); 0: stream every epoch
+    # larger than this, on any worker, streams every epoch); twice this is needed for a moment
+    # when epoch 2 starts. A resumed run streams its first epoch again and replays that one,
+    # so it does not repeat an uninterrupted run batch for batch; 0: stream every epoch
     cache_mb: int = 0
     # same batches every run (Ray Data keeps read order; streams a little slower); on a GPU
     # also deterministic cuDNN/cuBLAS kernels (slower convolutions)

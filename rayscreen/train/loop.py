@@ -36,9 +36,10 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
 from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
 from .distill import collapse, distill_step
-from .step import (augment_config, broadcast_buffers, classification_metrics, has_batchnorm, make_optimizer,
-                   make_scheduler, metric_mode, mixup, nucleus_crops, predict, random_crops, recompute_batchnorm,
-                   repeat_rows, restore_scheduler, step_scheduler, trainable_batch, train_step, unwrap)
+from .step import (augment_config, average_batchnorm, broadcast_buffers, classification_metrics, every_rank,
+                   has_batchnorm, make_optimizer, make_scheduler, metric_mode, mixup, nucleus_crops, predict,
+                   random_crops, recompute_batchnorm, repeat_rows, restore_scheduler, step_scheduler, trainable_batch,
+                   train_step, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,11 @@ class BatchCache:
                 else:  # too large: stream every pass, hold nothing
                     self._batches, self._too_large = [], True
             yield images, labels
-        self.full = keep
+        self.full = keep and bool(self._batches)  # an empty pass holds nothing to replay
+
+    def drop(self) -> None:
+        """Hold nothing, now and on later passes (another rank's pass did not fit)."""
+        self._batches, self._rows, self.full, self._too_large = [], None, False, True
 
     def batches(self):
         return iter(self._batches)
@@ -357,14 +362,50 @@ class BatchCache:
         ``batch_size`` (the last one shorter): images (B, C, H, W), labels (B,). Copies of a
         row (``train.balanced``) land in different batches, where a streaming shuffle buffer
         kept them side by side."""
-        if self._rows is None:  # one tensor per column from here on (the batches let go)
-            self._rows = (torch.cat([b[0] for b in self._batches]), torch.cat([b[1] for b in self._batches]))
-            self._batches = []
-        images, labels = self._rows
+        images, labels = self._columns()
         order = torch.randperm(len(labels), generator=generator).to(labels.device)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             yield images[idx], labels[idx]
+
+    def sample(self, n: int, batch_size: int, generator: torch.Generator):
+        """Images of ``n`` held rows drawn without replacement (all when fewer), in batches of
+        ``batch_size``, each gathered when it is asked for (no copy of the sample at once)."""
+        images, _ = self._columns()
+        order = torch.randperm(len(images), generator=generator)[:n].to(images.device)
+        for i in range(0, len(order), batch_size):
+            yield images[order[i:i + batch_size]]
+
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # one tensor per column from the first replay on; the batches are let go after the
+        # copy, so memory peaks at twice the held bytes once, at the start of epoch 2
+        if self._rows is None:
+            self._rows = (torch.cat([b[0] for b in self._batches]), torch.cat([b[1] for b in self._batches]))
+            self._batches = []
+        return self._rows
+
+
+class BatchReservoir:
+    """A uniform sample of ``k`` of the batches offered, kept as they stream past (reservoir
+    sampling, Vitter's algorithm R, with a seeded generator of its own): the fields a
+    streamed epoch gives :func:`~rayscreen.train.step.recompute_batchnorm`. Its first batches
+    would do, but wells stream in plate order, and statistics from the first plates alone
+    would be exported for all."""
+
+    def __init__(self, k: int, seed: int):
+        self.k = k
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kept: list[torch.Tensor] = []
+        self.seen = 0
+
+    def offer(self, images: torch.Tensor) -> None:
+        self.seen += 1
+        if len(self.kept) < self.k:
+            self.kept.append(images)
+            return
+        j = int(torch.randint(self.seen, (1,), generator=self.generator))
+        if j < self.k:
+            self.kept[j] = images
 
 
 class EarlyStart:
@@ -508,6 +549,11 @@ def order_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of one rank's batch order in an epoch replayed from ``train.cache_mb``: a
     stream of its own, like :func:`global_seed`."""
     return int(np.random.SeedSequence([seed, rank, epoch, 3]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def sample_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of the fields one rank's epoch gives ``train.precise_bn``, a stream of its own."""
+    return int(np.random.SeedSequence([seed, rank, epoch, 4]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def global_seed(seed: int, rank: int, epoch: int) -> int:
@@ -678,6 +724,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         start = time.time()
         # torch's global generator (dropout; CPU and CUDA) restarts per epoch like the
         # epoch's own generators, so a resumed epoch is the epoch an uninterrupted run trains
+        # (with train.cache_mb the resumed run streams its first epoch, so its later batches differ)
         torch.manual_seed(global_seed(t.seed, rank, epoch))
         if distiller is None:
             transform = make_transform(config, rank, epoch, len(cfg["classes"]), cfg["channels"])
@@ -688,8 +735,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         cached = train_cache.full
         batches = upcoming if upcoming is not None else epoch_batches(epoch)
         upcoming = None
+        # train.precise_bn: a sample of the epoch's fields, as streamed (un-augmented)
+        bn_reservoir = (BatchReservoir(max(1, math.ceil(t.precise_bn / t.batch_size)), sample_seed(t.seed, rank, epoch))
+                        if t.precise_bn and batchnorm and not cached else None)
         wait, first_wait, i = 0.0, None, 0
-        bn_fields, bn_seen = [], 0  # train.precise_bn: this epoch's first fields, as streamed
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -705,9 +754,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                 "said once): a train.batch_size that leaves no single field over avoids it", epoch)
                 warned_single = True
                 continue
-            if bn_seen < t.precise_bn:
-                bn_fields.append(images[:t.precise_bn - bn_seen])
-                bn_seen += len(bn_fields[-1])
+            if bn_reservoir is not None:
+                bn_reservoir.offer(images)
             if distiller is None:
                 loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
                                   amp=amp, label_smoothing=t.label_smoothing)
@@ -722,14 +770,20 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 _where(run_dir, rank, epoch, i + 1, so)
             i += 1
         train_seconds = time.time() - start
+        if t.cache_mb and not cached and every_rank(train_cache.full, device) != train_cache.full:
+            train_cache.drop()  # replay on every rank or on none: DDP needs the same steps everywhere
         # start the next epoch's stream early: its read tasks run while this epoch validates
         # and checkpoints, instead of after (the first batch otherwise waits ~0.5 s and more);
         # but not while validation still reads, whose reads it would hold up
         if epoch < t.epochs and (val_shard is None or val_cache.full):
             upcoming = epoch_batches(epoch + 1)
-        if bn_fields:  # un-augmented whole fields, as validation and inference see them
-            recompute_batchnorm(unwrap(exported()), bn_fields, amp=amp)
-            bn_fields = []
+        if t.precise_bn and batchnorm:  # un-augmented whole fields, as validation and inference see them
+            sample = (train_cache.sample(t.precise_bn, t.batch_size,
+                                         torch.Generator().manual_seed(sample_seed(t.seed, rank, epoch)))
+                      if cached else bn_reservoir.kept)
+            recompute_batchnorm(unwrap(exported()), sample, amp=amp)
+            bn_reservoir = None
+            average_batchnorm(exported())  # every rank's sample, not rank 0's alone
         # every rank, with validation wells or not (a collective): validate rank 0's statistics,
         # the ones checkpointed and exported
         broadcast_buffers(exported())
@@ -742,7 +796,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 upcoming = epoch_batches(epoch + 1)
         else:
             probs, ys, vloss, vn = np.zeros((0, len(cfg["classes"])), np.float32), np.zeros(0, np.int64), 0.0, 0
-        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0, distill_sums))
+        parts = _gather((loss_sum, n, probs, ys, vloss, vn, train_seconds, wait, first_wait or 0.0, distill_sums,
+                         cached))
         total = sum(p[1] for p in parts)
         all_probs = np.concatenate([p[2] for p in parts if len(p[2])] or [np.zeros((0, len(cfg["classes"])))])
         all_ys = np.concatenate([p[3] for p in parts])
@@ -755,7 +810,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                    # time blocked waiting for training batches (the first includes starting the read)
                    "data_wait_seconds": max(p[7] for p in parts), "first_batch_seconds": max(p[8] for p in parts),
                    # 1: the training fields came from memory (train.cache_mb), not the stream
-                   "train_cached": int(cached)}
+                   "train_cached": int(all(p[10] for p in parts))}
         collapsed = None
         if distiller is not None:
             means = sum(p[9] for p in parts) / total if total else np.full(3, np.nan)

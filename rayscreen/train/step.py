@@ -294,6 +294,41 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(buffer, src)
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def average_batchnorm(model: torch.nn.Module) -> None:
+    """Every rank's BatchNorm running mean and variance set to their mean over the ranks (a
+    collective: every rank calls it); a no-op without a process group of two or more. After
+    :func:`recompute_batchnorm` on each rank's own fields, so the statistics that are
+    validated and exported come from every rank's share of the epoch, not rank 0's alone."""
+    import torch.distributed as dist
+
+    world = _world()
+    if world < 2:
+        return
+    for m in unwrap(model).modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce(buffer)
+                buffer /= world
+
+
+def every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (a collective); ``flag`` itself on one rank."""
+    import torch.distributed as dist
+
+    if _world() < 2:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             amp: bool = False) -> tuple[np.ndarray, np.ndarray, float, int]:

@@ -360,14 +360,20 @@ def test_precise_bn_changes_the_exported_statistics_and_nothing_of_the_training(
 
 def test_a_cached_training_set_replays_from_memory_on_two_workers(ray_local, screen, tmp_path):
     """train.cache_mb: epoch 1 streams and fills each worker's cache; epochs 2 and 3 train on
-    the held fields (every field once per epoch, DDP in step on both workers) and learn."""
+    the held fields on both workers (DDP in step), without waiting for a stream, and learn;
+    with train.precise_bn each worker recomputes from its own sample and the statistics are
+    averaged over the workers (collectives every rank must reach)."""
     from rayscreen.train import run_train
 
     uris, _ = screen
     output = str(tmp_path / "cached")
-    result = run_train(make_config(uris, output, epochs=3, max_failures=0, cache_mb=256), progress=False)
+    result = run_train(make_config(uris, output, epochs=3, max_failures=0, cache_mb=256, precise_bn=24),
+                       progress=False)
     metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
     assert result.epochs_completed == 3
-    assert metrics["train_cached"].tolist() == [0, 1, 1]
+    assert metrics["train_cached"].tolist() == [0, 1, 1]  # on every worker
     assert metrics["train_samples"].nunique() == 1  # the same fields each epoch
+    # a batch gathered from memory, not a stream started: milliseconds, where epoch 1 waited for reads
+    assert (metrics["first_batch_seconds"].iloc[1:] < 0.1).all()
+    assert metrics["first_batch_seconds"].iloc[0] > metrics["first_batch_seconds"].iloc[1:].max()
     assert np.isfinite(metrics["train_loss"]).all() and metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]

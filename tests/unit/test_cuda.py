@@ -149,3 +149,37 @@ def test_profiles_on_device_match_the_cpu():
     a, b = feats["cpu"], feats[DEVICE]
     assert a.shape == (4, 2 * 512)
     np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * np.abs(a).mean())
+
+
+def test_batchnorm_recomputed_on_device_under_bf16_matches_the_cpu():
+    """train.precise_bn on a GPU worker: the recomputed statistics (autocast on, as training)
+    agree with the fp32 CPU recomputation."""
+    from rayscreen.train.step import recompute_batchnorm
+
+    cpu, dev = _twins(in_channels=2, num_classes=2, width=0.25)
+    x, _ = _fields(n=16)
+    batches = [x[i:i + 4] for i in range(0, 16, 4)]
+    recompute_batchnorm(cpu, batches)
+    recompute_batchnorm(dev, [b.to(DEVICE) for b in batches], amp=True)
+    for (name, a), b in zip(cpu.state_dict().items(), dev.state_dict().values()):
+        if "running_" in name:
+            np.testing.assert_allclose(b.cpu(), a, rtol=0.03, atol=1e-3 * float(a.abs().max()), err_msg=name)
+
+
+def test_the_training_cache_replays_device_batches_in_the_cpu_order():
+    """train.cache_mb on a GPU worker: rows held on the device, the permutation drawn on the
+    CPU generator, the batches (and the precise_bn sample) those of the CPU."""
+    from rayscreen.train.loop import BatchCache
+
+    x, y = _fields(n=12, y=32, x=32)
+    out = {}
+    for device in ("cpu", DEVICE):
+        cache = BatchCache(1 << 20)
+        list(cache.fill((x[i:i + 4].to(device), y[i:i + 4].to(device)) for i in range(0, 12, 4)))
+        replay = list(cache.shuffled(5, torch.Generator().manual_seed(3)))
+        sample = list(cache.sample(6, 4, torch.Generator().manual_seed(4)))
+        assert all(b[0].device.type == torch.device(device).type for b in replay)
+        out[device] = ([(a.cpu(), b.cpu()) for a, b in replay], [s.cpu() for s in sample])
+    for (a, la), (b, lb) in zip(out["cpu"][0], out[DEVICE][0]):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert all(torch.equal(a, b) for a, b in zip(out["cpu"][1], out[DEVICE][1]))

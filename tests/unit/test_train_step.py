@@ -298,6 +298,46 @@ def test_batch_cache_replays_a_small_pass_and_holds_nothing_of_a_large_one():
     assert [b[1].tolist() for b in small.fill(iter(batches[:2]))] == [[0, 0], [1, 1]] and not small.full
 
 
+def test_an_empty_pass_is_not_a_cache_to_replay():
+    from rayscreen.train.loop import BatchCache
+
+    cache = BatchCache(1 << 20)
+    assert list(cache.fill(iter([]))) == [] and not cache.full
+
+
+def test_batch_reservoir_keeps_a_uniform_seeded_sample_of_the_epoch():
+    """train.precise_bn's fields of a streamed epoch: k batches drawn uniformly from the
+    whole epoch (wells stream in plate order: the first k would be the first plates')."""
+    from rayscreen.train.loop import BatchReservoir
+
+    def kept(seed, n=100, k=10):
+        r = BatchReservoir(k, seed)
+        for i in range(n):
+            r.offer(torch.tensor([i]))
+        return sorted(int(b) for b in r.kept)
+
+    one = kept(0)
+    assert len(one) == 10 == len(set(one)) and one == kept(0) and one != kept(1)
+    assert max(one) >= 10  # not the first ten
+    means = [np.mean(kept(seed)) for seed in range(300)]
+    assert 46 < np.mean(means) < 53  # 49.5 for a uniform sample of 0..99
+    assert kept(0, n=4) == [0, 1, 2, 3]  # fewer batches than k: all of them
+
+
+def test_cache_sample_gathers_distinct_rows_batch_by_batch():
+    from rayscreen.train.loop import BatchCache
+
+    cache = BatchCache(1 << 20)
+    rows = torch.arange(20).float().reshape(20, 1, 1, 1)
+    list(cache.fill((rows[i:i + 4], torch.zeros(4, dtype=torch.long)) for i in range(0, 20, 4)))
+    batches = list(cache.sample(7, 3, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    drawn = torch.cat(batches).flatten().long().tolist()
+    assert len(set(drawn)) == 7 and drawn != list(range(7))
+    assert sorted(torch.cat(list(cache.sample(50, 8, torch.Generator().manual_seed(1)))).flatten().long().tolist()) \
+        == list(range(20))  # more asked than held: every row once
+
+
 def test_training_cache_replays_every_row_once_per_epoch_in_a_seeded_new_order():
     """train.cache_mb: later epochs take the held rows in a permutation of their own, seeded
     by (seed, rank, epoch); copies of a rare field (train.balanced repeats it in place) are
