@@ -220,12 +220,11 @@ def recompute_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     in train mode BatchNorm normalises by each batch's own statistics. With no usable batch
     the statistics are left as they were. Batches count equally (torch's cumulative average).
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    kept = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-            for m in norms if m.track_running_stats]
-    norms = [m for m in norms if m.track_running_stats]
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
+    kept = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
     was_training = model.training
     for m in norms:
         m.reset_running_stats()
@@ -276,6 +275,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     return float(loss.detach())
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @torch.no_grad()
 def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     """Every rank's buffers (BatchNorm running statistics) set to rank ``src``'s; a no-op
@@ -288,16 +293,10 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     its own all epoch; without this the metrics were not the exported model's."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if _world() < 2:
         return
     for buffer in unwrap(model).buffers():
         dist.broadcast(buffer, src)
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
