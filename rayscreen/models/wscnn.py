@@ -229,7 +229,8 @@ def _small_trunk(in_channels: int, filters: Sequence[int]) -> tuple[nn.Sequentia
 
 def milnet(*, in_channels: int = 1, num_classes: int = 2, width: float | Sequence[int] | None = None,
            pooling: str = "noisy_and", pooling_kwargs: dict[str, Any] | None = None, fc_head: bool = False,
-           trunk: str = "small", trunk_weights: str | None = None, feature_pool: str = "mean") -> ClassMapNet:
+           trunk: str = "small", trunk_weights: str | None = None, feature_pool: str = "mean",
+           storage_options: dict[str, Any] | None = None) -> ClassMapNet:
     """Kraus et al.'s class-specific-feature-map net: trunk -> 1x1 conv (one map per class)
     -> MIL ``pooling`` (default "noisy_and") -> optional ``fc_head`` (joint loss).
 
@@ -237,7 +238,8 @@ def milnet(*, in_channels: int = 1, num_classes: int = 2, width: float | Sequenc
     times ``width``, or ``width`` = 3 explicit counts; minimum input 8x8) or a torchvision
     name ("resnet18", "resnet50", "vgg16", "convnext_tiny": its convolutional part, with
     ``trunk_weights`` a local path/URI of the torchvision state dict, see
-    :mod:`rayscreen.models.backbones`; inputs with ``in_channels != 3`` pass a learned
+    :mod:`rayscreen.models.backbones`, read with ``storage_options`` (an S3 endpoint and
+    credentials; never recorded); inputs with ``in_channels != 3`` pass a learned
     1x1 convolution to 3 channels first).
     """
     if trunk == "small":
@@ -250,7 +252,8 @@ def milnet(*, in_channels: int = 1, num_classes: int = 2, width: float | Sequenc
         # train.seed (which seeds it before the model is built) gives each seed its own trunk;
         # conv_trunk alone would start every trunk from one fixed seed (profiles need that)
         seed = None if trunk_weights else int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
-        body, dim, min_size = conv_trunk(trunk, in_channels=in_channels, weights=trunk_weights, seed=seed)
+        body, dim, min_size = conv_trunk(trunk, in_channels=in_channels, weights=trunk_weights, seed=seed,
+                                         storage_options=storage_options)
     head = nn.Conv2d(dim, num_classes, 1)
     pool = create_pooling(pooling, num_classes=num_classes, **(pooling_kwargs or {}))
     return ClassMapNet(body, head, pool, in_channels=in_channels, num_classes=num_classes, feature_dim=dim,

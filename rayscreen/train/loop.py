@@ -34,7 +34,7 @@ from ..store import RayscreenError
 from ..store.uri import filesystem, is_remote, join
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .labels import LABEL_COL
-from .plan import METRICS, SPLIT_COL, TrainPlan, plan_run, write_run_config
+from .plan import METRICS, SPLIT_COL, TrainPlan, model_kwargs, plan_run, write_run_config
 from .distill import collapse, distill_step
 from .step import (augment_config, average_batchnorm, broadcast_buffers, classification_metrics, every_rank,
                    has_batchnorm, make_optimizer, make_scheduler, metric_mode, mixup, nucleus_crops, predict,
@@ -645,7 +645,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         deterministic_cuda()
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = create_model(config.model.name, in_channels=len(cfg["channels"]), num_classes=len(cfg["classes"]),
-                         **config.model.kwargs)
+                         **model_kwargs(config))
     meta = {"channels": cfg["channels"], "classes": cfg["classes"], "normalization": cfg["normalization"],
             "plates": cfg["plates"], "model": {"name": config.model.name, "kwargs": config.model.kwargs},
             "config": config.to_record()}

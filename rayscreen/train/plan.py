@@ -415,6 +415,16 @@ def _check_distill_fields(config: Config, field_size: tuple[int, int], channels:
                           "lower it, or stream tiles (stream.tile)")
 
 
+def model_kwargs(config: Config) -> dict[str, Any]:
+    """The builder kwargs of ``model``: the config's, plus its ``storage_options`` when a
+    milnet trunk's ``trunk_weights`` are read from a URI (an S3 endpoint of the user's own; the
+    options are not put into the recorded kwargs, which keep the config's)."""
+    kwargs = dict(config.model.kwargs)
+    if kwargs.get("trunk_weights") and config.storage_options:
+        kwargs["storage_options"] = config.storage_options
+    return kwargs
+
+
 def _check_model(config: Config, in_channels: int, num_classes: int, field_size: tuple[int, int]) -> None:
     """Build the model once on the driver (CPU, cheap) so a bad name or kwarg fails here, and
     check that what the workers will feed it (crops, tiles or fields at the stream's level,
@@ -424,7 +434,7 @@ def _check_model(config: Config, in_channels: int, num_classes: int, field_size:
 
     try:
         model = create_model(config.model.name, in_channels=in_channels, num_classes=num_classes,
-                             **config.model.kwargs)
+                             **model_kwargs(config))
     except KeyError as e:
         raise ConfigError(f"model.name: {e.args[0] if e.args else e}") from None
     except (TypeError, ValueError) as e:

@@ -354,3 +354,31 @@ def test_a_run_under_a_new_name_warns_that_it_replaces_the_exported_model(plates
         plan_run(cfg(plates, tmp_path, train={"run_name": "second", "split": {"val": 0.25, "test": 0.0}}))
     [warning] = [r.getMessage() for r in caplog.records if "replaces it" in r.getMessage()]
     assert "run 'first'" in warning and "run 'second' replaces it" in warning
+
+
+def test_milnet_trunk_weights_on_an_s3_endpoint_of_ones_own_are_read_with_the_configs_options(s3_bucket, tmp_path):
+    """A milnet trunk's trunk_weights on a bucket behind storage_options.endpoint_url (MinIO,
+    Ceph, moto): the plan's model check and the workers' model read them with the config's
+    options (they went to the default AWS endpoint), and the options stay out of the kwargs
+    recorded with the model."""
+    import s3fs
+    import torch
+    import torchvision
+
+    from rayscreen.models import create_model
+    from rayscreen.train.plan import _check_model, model_kwargs
+
+    bucket, options = s3_bucket
+    init = torchvision.models.resnet18(weights=None).state_dict()  # our own weights, nothing downloaded
+    init = {k: v + 0.01 if v.is_floating_point() else v for k, v in init.items()}
+    local = tmp_path / "r18.pth"
+    torch.save(init, local)
+    s3fs.S3FileSystem(**options).put(str(local), f"{bucket}/w/r18.pth")
+    config = config_from_dict({"plates": ["P.zarr"], "output": str(tmp_path / "out"), "storage_options": options,
+                               "model": {"name": "milnet", "kwargs": {"trunk": "resnet18",
+                                                                       "trunk_weights": f"{bucket}/w/r18.pth"}}})
+    _check_model(config, in_channels=2, num_classes=2, field_size=(64, 64))
+    model = create_model("milnet", in_channels=2, num_classes=2, **model_kwargs(config))
+    assert torch.equal(model.trunk[1].weight, init["conv1.weight"])  # the bucket's file
+    assert "storage_options" not in config.model.kwargs
+    assert model_kwargs(config_from_dict({"plates": ["P.zarr"], "output": "o", "storage_options": options})) == {}
