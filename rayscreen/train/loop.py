@@ -545,22 +545,26 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
 
 
-def order_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of one rank's batch order in an epoch replayed from ``train.cache_mb``: a
-    stream of its own, like :func:`global_seed`."""
-    return int(np.random.SeedSequence([seed, rank, epoch, 3]).generate_state(1, dtype=np.uint64)[0] % (2**63))
-
-
-def sample_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of the fields one rank's epoch gives ``train.precise_bn``, a stream of its own."""
-    return int(np.random.SeedSequence([seed, rank, epoch, 4]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+def _stream_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    """A seed of its own for one random stream of one rank's epoch: numpy's SeedSequence of
+    (seed, rank, epoch, stream), so streams never share a seed with each other or with the
+    epoch's crop and augmentation seeds (:func:`epoch_seed`)."""
+    return int(np.random.SeedSequence([seed, rank, epoch, stream]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def global_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of torch's global generator (dropout) in one rank's epoch: a stream of its
-    own (numpy's SeedSequence of (seed, rank, epoch, 2)), equal to no epoch's crop or
-    augmentation seed."""
-    return int(np.random.SeedSequence([seed, rank, epoch, 2]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+    """The seed of torch's global generator (dropout) in one rank's epoch."""
+    return _stream_seed(seed, rank, epoch, 2)
+
+
+def order_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's batch order in an epoch replayed from ``train.cache_mb``."""
+    return _stream_seed(seed, rank, epoch, 3)
+
+
+def sample_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of the fields one rank's epoch gives ``train.precise_bn``."""
+    return _stream_seed(seed, rank, epoch, 4)
 
 
 def make_transform(config: Config, rank: int, epoch: int, num_classes: int | None = None,
