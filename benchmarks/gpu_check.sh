@@ -53,27 +53,23 @@ grep -E "GPU|on CPU|done in|hits|QC|NSC|wall" "$out/demo.log" | grep -v "^\s*$" 
 echo "== $(($(date +%s) - start)) s: waiting for the paper data"
 wait $data_pid || echo "paper data generation failed (rc $?): the runs below draw it again, inside their time"
 tail -2 "$out/wscnn_data.log"
-t=$(( $(left) - 20 ))
-echo "== $(($(date +%s) - start)) s: wscnn_sim --preset paper --models max (cut at ${t} s)"
-if [ "$t" -gt 60 ]; then
-  timeout "$t" $PY benchmarks/wscnn_sim.py --preset paper --out /tmp/wscnn_paper --models max \
-    --figure "$out/wscnn_paper_saliency.png" > "$out/wscnn_paper.log" 2>&1
-  echo "wscnn rc $?"
-  grep -E "epoch|wscnn_sim|WSCNN|\|" "$out/wscnn_paper.log" | tail -25
-  cp /tmp/wscnn_paper/wscnn_sim.json "$out/wscnn_paper.json" 2>/dev/null
-  cp /tmp/wscnn_paper/runs/max/train/metrics.csv "$out/wscnn_paper_metrics.csv" 2>/dev/null
-fi
-# the rate the small preset adopted (session 19: the paper's 1e-4 with the plateau rule did not
-# converge); same data, a run directory of its own
-t=$(( $(left) - 20 ))
-echo "== $(($(date +%s) - start)) s: wscnn_sim --preset paper --set lr=0.001 --set schedule=none (cut at ${t} s)"
-if [ "$t" -gt 60 ]; then
-  mkdir -p /tmp/wscnn_paper_lr3 && ln -sfn /tmp/wscnn_paper/data /tmp/wscnn_paper_lr3/data
-  timeout "$t" $PY benchmarks/wscnn_sim.py --preset paper --out /tmp/wscnn_paper_lr3 --models max \
-    --set lr=0.001 --set schedule=none > "$out/wscnn_paper_lr3.log" 2>&1
-  echo "wscnn lr 1e-3 rc $?"
-  grep -E "epoch|wscnn_sim|WSCNN|\|" "$out/wscnn_paper_lr3.log" | tail -25
-  cp /tmp/wscnn_paper_lr3/wscnn_sim.json "$out/wscnn_paper_lr3.json" 2>/dev/null
-  cp /tmp/wscnn_paper_lr3/runs/max/train/metrics.csv "$out/wscnn_paper_lr3_metrics.csv" 2>/dev/null
-fi
+# one paper-preset run of max pooling, named NAME, on the data drawn above (a run directory of
+# its own: a changed setting is another run), cut at what the budget leaves
+paper_run() {
+  local name=$1; shift
+  local t=$(( $(left) - 20 ))
+  echo "== $(($(date +%s) - start)) s: wscnn_sim --preset paper --models max $* (cut at ${t} s)"
+  [ "$t" -gt 60 ] || return 0
+  mkdir -p "/tmp/$name"
+  if [ "$name" != wscnn_paper ]; then ln -sfn /tmp/wscnn_paper/data "/tmp/$name/data"; fi
+  timeout "$t" $PY benchmarks/wscnn_sim.py --preset paper --out "/tmp/$name" --models max "$@" \
+    > "$out/$name.log" 2>&1
+  echo "$name rc $?"
+  grep -E "epoch|wscnn_sim|WSCNN|\|" "$out/$name.log" | tail -25
+  cp "/tmp/$name/wscnn_sim.json" "$out/$name.json" 2>/dev/null
+  cp "/tmp/$name/runs/max/train/metrics.csv" "$out/${name}_metrics.csv" 2>/dev/null
+}
+paper_run wscnn_paper --figure "$out/wscnn_paper_saliency.png"
+# the rate the small preset adopted (session 19: the paper's 1e-4 with the plateau rule did not converge)
+paper_run wscnn_paper_lr3 --set lr=0.001 --set schedule=none
 echo "== $(($(date +%s) - start)) s: done"

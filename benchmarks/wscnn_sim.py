@@ -265,8 +265,8 @@ def positives_with_objects(images: np.ndarray, keys: pd.DataFrame, objects: pd.D
 def evaluate(artefact: str, data: dict[str, Any], loc_grid: dict[str, list], simdata2: bool, device: str = "cpu"
              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Test accuracy, (Sim Data 2 accuracy), localisation for one trained artefact, computed
-    on ``device`` (the trained weights are the same; a GPU only makes the saliency and the
-    mask-parameter grid faster)."""
+    on ``device`` (the same weights; a GPU makes the saliency and the mask-parameter grid
+    faster, and its TF32 convolutions may move a score or a mask pixel slightly)."""
     from rayscreen.models.artefact import build_model
 
     model, meta = build_model(artefact)
