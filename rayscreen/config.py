@@ -82,6 +82,9 @@ class StreamConfig:
     # reported; a rerun tries its well again
     on_error: Literal["raise", "skip"] = "raise"
     override_num_blocks: int | None = None  # Ray Data read tasks (None: from the screen's size)
+    # fields each read task reads at once, ahead of the one it hands on (each holds one field's
+    # pixels): on S3 a field is a few requests of tens of ms each, so one at a time mostly waits
+    read_threads: int = 8
 
     def __post_init__(self):
         # values the types allow but the stream cannot use fail here, when the config is parsed,
@@ -89,6 +92,9 @@ class StreamConfig:
         if self.level < 0:
             raise _InvalidValue("stream", "level", f"expected a pyramid level >= 0 (0 = full resolution), "
                                                    f"found {self.level}")
+        if self.read_threads < 1:
+            raise _InvalidValue("stream", "read_threads", f"expected at least 1 field read at a time (1 = one "
+                                                          f"after another), found {self.read_threads}")
         if self.tile is not None and self.tile <= 0:
             raise _InvalidValue("stream", "tile", f"expected a positive tile size in pixels, or null for whole "
                                                   f"fields, found {self.tile}")

@@ -33,12 +33,19 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_log(tmp_path_factory):
+    """Path of the request log of :func:`s3_server` (one werkzeug line per request answered)."""
+    return str(tmp_path_factory.mktemp("moto") / "requests.log")
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_log):
     """moto's S3 server on 127.0.0.1 in its own process; yields storage_options for s3fs."""
     port = free_port()
     env = dict(os.environ)
+    log = open(s3_log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -53,6 +60,7 @@ def s3_server():
     yield {"endpoint_url": endpoint}
     proc.terminate()
     proc.wait(10)
+    log.close()
 
 
 @pytest.fixture

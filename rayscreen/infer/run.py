@@ -447,7 +447,8 @@ def plan_infer(config: Config) -> InferPlan:
     options = StreamOptions(storage_options=so, channels=tuple(channels or meta.channels), level=level,
                             illumination=config.stream.illumination, normalize=config.stream.normalize != "none",
                             dtype="float32", on_error=config.stream.on_error,
-                            error_report=join(config.output, "infer", "errors"))
+                            error_report=join(config.output, "infer", "errors"),
+                            read_threads=config.stream.read_threads)
     if options.normalize:
         from ..stream.normalize import stream_normalizer
 

@@ -464,7 +464,7 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                      wells=wells, channels=s.channels, level=s.level, illumination=s.illumination,
                      saturation=True, normalize=False, on_error=s.on_error,
                      error_report=join(config.output, "profile", "errors") if s.on_error == "skip" else None,
-                     override_num_blocks=s.override_num_blocks)
+                     override_num_blocks=s.override_num_blocks, read_threads=s.read_threads)
     use_gpu, why = resolve_use_gpu("profile.use_gpu", cfg.use_gpu)
     log.info(why)
     raw_dtype = np.dtype(open_plate(plan["uris"][0], config.storage_options).dtype)

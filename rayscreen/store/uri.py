@@ -290,6 +290,20 @@ def _v3_bare_blosc(meta: dict) -> bool:
     return name == "blosc"
 
 
+def zarr_storage_options(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` for a Zarr store at ``uri``: on S3, ``max_concurrency`` 1 unless
+    the user set it. s3fs (2026.9) asks for an object's size (a HEAD request) before every
+    whole-object GET when ``max_concurrency`` > 1 (its default, 10), to split objects over
+    its 50 MiB block size into parallel ranges; Zarr chunks and metadata are far smaller,
+    so the HEAD doubled the requests of every read (benchmarks/s3_read.py). Concurrency
+    comes from reading many chunks at once instead."""
+    if fsspec.utils.get_protocol(str(uri)) not in ("s3", "s3a"):
+        return storage_options
+    options = dict(storage_options or {})
+    options.setdefault("max_concurrency", 1)
+    return options
+
+
 def make_store(
     uri: str,
     storage_options: dict[str, Any] | None = None,
@@ -304,7 +318,8 @@ def make_store(
     ``check_chunks=True`` keeps that check on a non-strict store, whose missing chunks fill.
     """
     if is_remote(uri):
-        store = FsspecStore.from_url(str(uri), storage_options=storage_options, read_only=read_only)
+        store = FsspecStore.from_url(str(uri), storage_options=zarr_storage_options(uri, storage_options),
+                                     read_only=read_only)
     else:
         store = LocalStore(os.path.abspath(local_path(uri)), read_only=read_only)
     if strict or check_chunks:

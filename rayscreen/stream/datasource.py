@@ -18,12 +18,13 @@ different shapes in one batch) are not bad data: they fail the job in either mod
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -36,6 +37,14 @@ from ..store.uri import filesystem
 ROW_KEYS = ("plate", "well", "field")
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+# Concurrent field reads per read task: on an object store each field is a few sequential
+# requests (image group, array metadata, chunks) of tens of milliseconds each, against a few
+# milliseconds of decoding, so a task reading one field after another mostly waits
+# (benchmarks/s3_read.py). Threads, not asyncio: Plate.read is zarr's synchronous API, which
+# hands the requests to zarr's own event loop and waits, so the threads only wait.
+READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,8 @@ class StreamOptions:
     # also a "saturation" column (C,): the fraction of each channel's raw pixels at the
     # detector's maximum, measured before the corrections (which divide it away)
     saturation: bool = False
+    # fields read at once, ahead of the one being yielded (see READ_THREADS); 1 = one after another
+    read_threads: int = READ_THREADS
 
 
 @dataclass(frozen=True)
@@ -298,68 +309,140 @@ class _Corrections:
         return out.astype(o.dtype, copy=False) if o.dtype else out
 
 
+
+
+def _field_items(tasks: list[WellTask], options: StreamOptions, plate_of: Callable[[str], Any]
+                 ) -> Iterator[tuple[str, WellTask, Any, Any]]:
+    """The work of ``tasks`` in order, one item per field: ``("field", task, plate, field)``;
+    ``("well", task, None, error)`` for a well that cannot be read as a whole, which the
+    consumer reports or raises in its turn; ``("fatal", task, None, error)`` for an error
+    that fails the read whatever ``on_error`` says. Reads each well's metadata (one request).
+    Errors travel as items so that they surface after the fields before them, as in a loop."""
+    for task in tasks:
+        try:
+            plate = plate_of(task.plate_uri)
+        except Exception as e:  # noqa: BLE001 -- raised by the consumer in its turn
+            yield "fatal", task, None, e
+            return
+        try:
+            plate.well_meta(task.well)
+        except RayscreenError as e:  # MissingWellError, or malformed well metadata
+            yield "well", task, None, e
+            continue
+        try:
+            fields = plate.fields(task.well)
+        except RayscreenError as e:  # a well of several acquisitions: a setting to change, not bad data
+            yield "fatal", task, None, e
+            return
+        if options.fields is not None:
+            fields = [f for f in fields if f in options.fields]
+        for f in fields:
+            yield "field", task, plate, f
+
+
+def _read_field(item: tuple[str, WellTask, Any, Any], options: StreamOptions
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(raw image (C, Y, X) in the stored dtype, saturation (C,) or None) of a field item."""
+    _, task, plate, f = item
+    image = plate.read(task.well, f, options.level, channels=options.channels)
+    return image, (raw_saturation(image) if options.saturation else None)
+
+
+def prefetched(fn: Callable[[T], R], items: Iterable[T], threads: int, wanted: Callable[[T], bool] = lambda _: True
+               ) -> Iterator[tuple[T, "Future[R] | None"]]:
+    """``(item, future of fn(item))`` in the order of ``items``, with ``fn`` running in up to
+    ``threads`` threads on the items ahead of the consumer: at most ``threads`` items are
+    submitted and not yet taken, so memory stays bounded however long ``items`` is. Items
+    ``wanted`` rejects pass through with ``None``. ``items`` is drawn in the caller's thread.
+    With ``threads`` <= 1, ``fn`` runs in the caller's thread when the item's turn comes."""
+    if threads <= 1:
+        for item in items:
+            yield item, (_done(fn, item) if wanted(item) else None)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rayscreen-read")
+    window: collections.deque = collections.deque()
+    try:
+        for item in items:
+            window.append((item, pool.submit(fn, item) if wanted(item) else None))
+            if len(window) >= threads:
+                yield window.popleft()
+        while window:
+            yield window.popleft()
+    finally:
+        # a consumer that stops (an error, a closed generator) does not wait for reads queued ahead
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _done(fn: Callable[[T], R], item: T) -> "Future[R]":
+    future: Future = Future()
+    try:
+        future.set_result(fn(item))
+    except BaseException as e:  # noqa: BLE001 -- handed to the consumer, as a pool's future would
+        future.set_exception(e)
+    return future
+
+
 def read_wells(tasks: list[WellTask], options: StreamOptions, *,
                plate_of: Callable[[str], Any] | None = None) -> Iterable[dict[str, Any]]:
     """Yield row batches (dicts of columns) for the fields of ``tasks``. Pure Python, no Ray:
     the read task's body, also usable directly (tests, single-process baselines).
     ``plate_of``: plate URI -> open Plate, for a caller that reads many calls' wells and keeps
     its plates open (an infer actor), so each plate's metadata is read once, not once per call;
-    by default each plate is opened once per call."""
+    by default each plate is opened once per call.
+
+    Fields are read ``options.read_threads`` at a time, ahead of the one being yielded; rows,
+    reports and errors come in the order of a plain loop over wells and fields."""
     if plate_of is None:
         plate_of = functools.lru_cache(maxsize=None)(lambda uri: open_plate(uri, options.storage_options))
     correct = _Corrections(options)
     rows: list[dict[str, Any]] = []
-    for task in tasks:
-        plate = plate_of(task.plate_uri)
-        try:
-            plate.well_meta(task.well)
-        except MissingWellError as e:
-            raise_unless_skipping(e, options.on_error)
-            report_left_out(options, task, None, e, "missing well")
+    items = _field_items(tasks, options, plate_of)
+    for (kind, task, plate, f), future in prefetched(functools.partial(_read_field, options=options), items,
+                                                     options.read_threads, wanted=lambda item: item[0] == "field"):
+        if kind == "fatal":
+            raise f
+        if kind == "well":
+            e = f
+            if isinstance(e, MissingWellError):
+                raise_unless_skipping(e, options.on_error)
+                report_left_out(options, task, None, e, "missing well")
+            else:
+                # malformed well metadata (a foreign plate's, e.g. an image path '../../B/1/0'): bad
+                # data like an unreadable field, so skipped and reported as the whole well
+                if options.on_error != "skip":
+                    raise e
+                report_left_out(options, task, None, e)
             continue
+        channel_idx = plate._channel_indices(options.channels) if options.channels else None
+        try:
+            image, saturated = future.result()
+            image = correct(plate, image, channel_idx)
         except RayscreenError as e:
-            # malformed well metadata (a foreign plate's, e.g. an image path '../../B/1/0'): bad
-            # data like an unreadable field, so skipped and reported as the whole well
             if options.on_error != "skip":
                 raise
-            report_left_out(options, task, None, e)
+            report_left_out(options, task, f, e)
             continue
-        # outside the try: a well of several acquisitions is a setting to change, not bad data
-        fields = plate.fields(task.well)
-        if options.fields is not None:
-            fields = [f for f in fields if f in options.fields]
-        channel_idx = plate._channel_indices(options.channels) if options.channels else None
-        for f in fields:
-            try:
-                image = plate.read(task.well, f, options.level, channels=options.channels)
-                saturated = raw_saturation(image) if options.saturation else None
-                image = correct(plate, image, channel_idx)
-            except RayscreenError as e:
-                if options.on_error != "skip":
-                    raise
-                report_left_out(options, task, f, e)
-                continue
-            base = {"plate": task.plate, "well": task.well, "field": f, **task.annotations}
-            if saturated is not None:
-                base["saturation"] = saturated
-            if options.tile:
-                from .tiling import tiles
+        base = {"plate": task.plate, "well": task.well, "field": f, **task.annotations}
+        if saturated is not None:
+            base["saturation"] = saturated
+        if options.tile:
+            from .tiling import tiles
 
-                # a settings/data mismatch, not an unreadable field: fails the job even when
-                # skipping bad fields (read_plates checks each plate's first field up front)
-                y, x = image.shape[-2:]
-                if options.tile[0] > y or options.tile[1] > x:
-                    raise RayscreenError(f"stream.tile {options.tile}: larger than plate {task.plate!r} well "
-                                         f"{task.well} field {f}, which is {y} x {x} pixels at level "
-                                         f"{options.level}; expected a tile of at most the field's size")
-                stack, positions = tiles(image, options.tile, options.stride or options.tile)
-                for t, (ty, tx) in zip(stack, positions):
-                    rows.append({**base, "image": t, "tile_y": int(ty), "tile_x": int(tx)})
-            else:
-                rows.append({**base, "image": image})
-            if len(rows) >= options.fields_per_block:
-                yield _to_batch(rows)
-                rows = []
+            # a settings/data mismatch, not an unreadable field: fails the job even when
+            # skipping bad fields (read_plates checks each plate's first field up front)
+            y, x = image.shape[-2:]
+            if options.tile[0] > y or options.tile[1] > x:
+                raise RayscreenError(f"stream.tile {options.tile}: larger than plate {task.plate!r} well "
+                                     f"{task.well} field {f}, which is {y} x {x} pixels at level "
+                                     f"{options.level}; expected a tile of at most the field's size")
+            stack, positions = tiles(image, options.tile, options.stride or options.tile)
+            for t, (ty, tx) in zip(stack, positions):
+                rows.append({**base, "image": t, "tile_y": int(ty), "tile_x": int(tx)})
+        else:
+            rows.append({**base, "image": image})
+        if len(rows) >= options.fields_per_block:
+            yield _to_batch(rows)
+            rows = []
     if rows:
         yield _to_batch(rows)
 

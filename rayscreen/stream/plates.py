@@ -17,7 +17,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ..store import RayscreenError, open_plate
 from ..store.plate import warn_of_timepoints
 from ..store.uri import expand_uris
-from .datasource import StreamOptions, WellTask, in_threads, plan_wells, read_wells, split_tasks
+from .datasource import READ_THREADS, StreamOptions, WellTask, in_threads, plan_wells, read_wells, split_tasks
 from .tiling import tile_positions
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ def read_plates(
     concurrency: int | None = None,
     num_cpus: float | None = None,
     saturation: bool = False,
+    read_threads: int = READ_THREADS,
 ) -> Dataset:
     """A Ray Dataset with one row per field (or tile) of the plates.
 
@@ -154,11 +155,15 @@ def read_plates(
     records bad fields under ``error_report`` (see ``load_error_report``) instead of failing.
     ``saturation``: also a ``saturation`` column (C,), each channel's fraction of raw pixels at
     the detector's maximum, measured before the corrections (QC).
+    ``read_threads``: fields each read task reads at once, ahead of the one it yields (object
+    stores answer each request in tens of milliseconds; 1 reads one field after another).
     ``num_cpus``: CPUs each read task reserves (Ray's default 1 when None); a fraction lets
     reads share a node with CPU-bound consumers, e.g. training workers that keep whole CPUs.
     """
     if on_error not in ("raise", "skip"):
         raise RayscreenError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
+    if read_threads < 1:
+        raise RayscreenError(f"read_threads={read_threads}: expected at least 1 (1 = one field after another)")
     uris = expand_uris(uris, storage_options)
     if not uris:
         raise RayscreenError("read_plates: no plate URIs given")
@@ -249,6 +254,7 @@ def read_plates(
         channels=tuple(channels) if channels else None,
         level=level, tile=tile, stride=stride, illumination=illumination, normalize=normalize,
         dtype=dtype, on_error=on_error, error_report=error_report, saturation=saturation,
+        read_threads=read_threads,
         # blocks of ~16 MB: large enough to amortise per-block overhead, small enough to stream
         # (it counts rows: fields, or tiles when tiling)
         fields_per_block=max(1, int(16e6 // max(row_bytes, 1))),

@@ -96,7 +96,7 @@ def build_datasets(plan: TrainPlan) -> dict[str, Any]:
                          error_report=join(plan.run_dir, "errors") if s.on_error == "skip" else None,
                          override_num_blocks=read_tasks(s.override_num_blocks, config.train.deterministic,
                                                         int((plan.wells[SPLIT_COL] == name).sum())),
-                         num_cpus=READ_CPUS)
+                         num_cpus=READ_CPUS, read_threads=s.read_threads)
         return ds.select_columns(["image", LABEL_COL])
 
     out = {"train": read("train")}

@@ -34,7 +34,7 @@ METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "v
 RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.use_gpu",
              "train.cpus_per_worker", "train.keep_checkpoints", "train.cache_mb",
              # how the plates are read, not what is trained: on_error: skip is the way past a bad field
-             "stream.on_error", "stream.override_num_blocks")
+             "stream.on_error", "stream.override_num_blocks", "stream.read_threads")
 # sections that do not affect training (a later stage's settings)
 # storage_options and output say how the data and the run are reached (credentials rotate; a
 # relative and an absolute output name one run), not what is trained; platemap is a path too

@@ -83,3 +83,26 @@ def test_verbose_output_never_holds_the_credentials(s3_bucket):
     assert "PV" in run.stdout
     for secret in ("AKIAVERBOSETEST", "verbose-secret-value", "SessionTokenVerboseTest"):
         assert secret not in run.stdout + run.stderr, secret
+
+
+def test_streaming_fields_from_s3_sends_one_get_per_object_and_no_size_requests(s3_bucket, s3_log):
+    """Each field costs its image group's and array's metadata and one GET per chunk: no
+    HEAD before each GET (s3fs's default does one to decide on a split download)."""
+    import re
+
+    from rayscreen.stream.datasource import StreamOptions, plan_wells, read_wells
+
+    bucket, options = s3_bucket
+    uri = make_plate(f"{bucket}/reqs.zarr", "R", wells=("A01", "A02"), fields=3, storage_options=options)
+    with open(s3_log) as f:
+        start = len(f.readlines())
+    rows = [w for b in read_wells(plan_wells([uri], options), StreamOptions(storage_options=options))
+            for w in b["well"]]
+    assert len(rows) == 6
+    with open(s3_log) as f:
+        lines = f.readlines()[start:]
+    requests = [m.groups() for m in (re.search(r'"(GET|HEAD|PUT|POST) (/[^ ?]*)', line) for line in lines) if m]
+    field_objects = [path for method, path in requests if re.search(r"/reqs\.zarr/A/[12]/\d/", path)]
+    assert [m for m, _ in requests if m == "HEAD"] == []
+    # per field: image group zarr.json, array zarr.json, one chunk per channel (2): 4 GETs
+    assert len(field_objects) == 6 * 4, requests

@@ -87,6 +87,7 @@ def test_config_from_dict_applies_overrides_to_a_copy():
     ("tile: 32\n  stride: 48", "<config>:5: stream.stride: expected at most stream.tile (32)"),
     ("tile: 32\n  stride: 0", "<config>:5: stream.stride: expected a positive step in pixels, found 0"),
     ("stride: 16", "<config>:4: stream.stride: 16 is the step between tiles, but stream.tile is not set"),
+    ("read_threads: 0", "<config>:4: stream.read_threads: expected at least 1 field read at a time"),
 ])
 def test_stream_values_the_tiling_cannot_use_fail_at_parse_time(stream, expected):
     with pytest.raises(ConfigError) as e:

@@ -429,3 +429,17 @@ def test_an_edited_platemap_on_s3_is_read_again_though_its_folder_was_listed(s3_
     # edited elsewhere (another process, a colleague): not through this process's cached filesystem
     s3fs.S3FileSystem(skip_instance_cache=True, **options).pipe(uri, b"Metadata_Well,Metadata_Compound\nA01,newer\n")
     assert platemap_by_plate(uri, options).rows("P")["Metadata_Compound"].tolist() == ["newer"]
+
+
+def test_zarr_stores_on_s3_skip_s3fs_size_requests_unless_the_user_sets_concurrency():
+    """s3fs sends a HEAD before every whole-object GET when max_concurrency > 1 (to split
+    objects over 50 MiB); Zarr's chunks are smaller, so the stores ask for 1."""
+    from rayscreen.store.uri import make_store, zarr_storage_options
+
+    assert zarr_storage_options("s3://b/p.zarr", None) == {"max_concurrency": 1}
+    mine = {"endpoint_url": "http://127.0.0.1:1", "max_concurrency": 4}
+    assert zarr_storage_options("s3://b/p.zarr", mine) == mine
+    assert zarr_storage_options("gs://b/p.zarr", {"token": "anon"}) == {"token": "anon"}
+    assert zarr_storage_options("/data/p.zarr", None) is None
+    store = make_store("s3://b/p.zarr", {"endpoint_url": "http://127.0.0.1:1"})
+    assert store._store.fs.max_concurrency == 1

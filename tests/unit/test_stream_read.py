@@ -134,3 +134,97 @@ def test_a_channel_index_the_plate_lacks_is_refused_naming_its_channels(tmp_path
     with pytest.raises(RayscreenError, match=r"plate 'P1' has no channel index 5; it has 2 channels \['DNA', 'Actin'\]"):
         plate.read("A01", 0, channels=[5])
     assert (plate.read("A01", 0, channels=[-1]) == plate.read("A01", 0, channels=["Actin"])).all()
+
+
+# -- fields read ahead in threads (StreamOptions.read_threads)
+
+
+def test_prefetched_keeps_order_bounds_the_window_and_passes_unwanted_items(tmp_path):
+    import threading
+    import time
+
+    from rayscreen.stream.datasource import prefetched
+
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (7 - i % 7))  # later items finish first: order must come from the items
+        if i == 5:
+            raise ValueError("item 5")
+        return i * 10
+
+    drawn = []
+
+    def items():
+        for i in range(12):
+            drawn.append(i)
+            yield i
+
+    out = []
+    for item, future in prefetched(work, items(), threads=3, wanted=lambda i: i != 4):
+        # never more than `threads` items drawn ahead of the one handed out
+        assert len(drawn) - 1 - item <= 3
+        if future is None:
+            out.append((item, None))
+            continue
+        try:
+            out.append((item, future.result()))
+        except ValueError as e:
+            out.append((item, str(e)))
+    assert out == [(i, None if i == 4 else "item 5" if i == 5 else i * 10) for i in range(12)]
+    assert 4 not in started and sorted(started) == [i for i in range(12) if i != 4]
+
+
+def test_prefetched_with_one_thread_runs_each_item_in_its_turn():
+    from rayscreen.stream.datasource import prefetched
+
+    calls = []
+    gen = prefetched(lambda i: calls.append(i) or i, range(3), threads=1)
+    item, future = next(gen)
+    assert calls == [0] and future.result() == 0  # nothing read ahead
+
+
+def _damaged_plate(tmp_path):
+    """4 wells x 3 fields; well A02 field 1 lost a chunk, well B01 is listed but never written."""
+    import os
+    import shutil
+
+    uri = make_plate(str(tmp_path / "p.zarr"), "P", wells=("A01", "A02", "B01", "B02"), fields=3,
+                     field_shape=(16, 24))
+    os.remove(os.path.join(uri, "A", "2", "1", "0", "c", "0", "0", "0"))
+    shutil.rmtree(os.path.join(uri, "B", "1"))
+    return uri
+
+
+@pytest.mark.parametrize("threads", [2, 8])
+def test_reading_ahead_gives_the_rows_and_reports_of_a_plain_loop(tmp_path, threads):
+    """Rows (order, pixels) and the skip report are those of read_threads=1; with on_error
+    raise the first bad field in loop order raises, after the blocks before it."""
+    import numpy as np
+
+    from rayscreen.stream.datasource import load_error_report
+
+    uri = _damaged_plate(tmp_path)
+    runs = {}
+    for k in (1, threads):
+        report = str(tmp_path / f"errors{k}")
+        options = StreamOptions(on_error="skip", error_report=report, read_threads=k, fields_per_block=2)
+        batches = list(read_wells(plan_wells([uri]), options))
+        keys = [(w, f) for b in batches for w, f in zip(b["well"], b["field"])]
+        pixels = np.concatenate([b["image"] for b in batches])
+        left_out = load_error_report(report).sort_values(["well", "field"], na_position="first")
+        runs[k] = keys, pixels, left_out[["well", "field"]].astype(str).values.tolist()
+    keys, pixels, left_out = runs[1]
+    assert keys == [("A01", "0"), ("A01", "1"), ("A01", "2"), ("A02", "0"), ("A02", "2"),
+                    ("B02", "0"), ("B02", "1"), ("B02", "2")]
+    assert runs[threads][0] == keys
+    np.testing.assert_array_equal(runs[threads][1], pixels)
+    assert runs[threads][2] == left_out and [w for w, _ in left_out] == ["A02", "B01"]
+
+    seen = []
+    with pytest.raises(RayscreenError, match=r"plate 'P' well A02 field 1"):
+        for b in read_wells(plan_wells([uri]), StreamOptions(read_threads=threads, fields_per_block=1)):
+            seen += list(zip(b["well"], b["field"]))
+    assert seen == [("A01", "0"), ("A01", "1"), ("A01", "2"), ("A02", "0")]
