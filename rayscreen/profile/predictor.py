@@ -133,6 +133,7 @@ class ProfilePredictor:
         self.model = model.eval().to(self.device)
         self.feature_dim = int(model.feature_dim)
         self.input_size = int(input_size or getattr(model, "input_size", 224))
+        self._check_input_size(getattr(model, "input_size", None))
         self.tiles = bool(tiles)
         self.classical = bool(classical)
         self.qc = bool(qc)
@@ -147,6 +148,20 @@ class ProfilePredictor:
 
             self.normalizers = {str(k): IntensityScaler.from_dict(v) for k, v in normalizers.items()}
         self.features = feature_names(backbone, self.feature_dim, self.channels, channel_mode)
+
+    def _check_input_size(self, default: int | None) -> None:
+        """One forward pass of a blank input of ``input_size``: a size the network's pooling
+        stages cannot take (e.g. 64 for inception_v3, which needs 75) fails here, on the
+        driver before any work, naming the key, rather than in every actor mid-run. (Asked
+        of the network rather than a table of minimums, which would go stale.)"""
+        s = self.input_size
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, 3, s, s, device=self.device))
+        except RuntimeError as e:
+            raise RayscreenError(f"profile.input_size {s}: too small for backbone {self.backbone!r} "
+                                 f"({str(e).splitlines()[0][:200]}); expected a larger side"
+                                 + (f", e.g. its default {default}" if default else "")) from None
 
     # -- pure maths on arrays
 

@@ -202,3 +202,11 @@ def test_profile_slots_are_the_wells_fields_in_order_as_infer_places_them():
     assert out["field_status"].tolist() == [STATUS_ERROR, STATUS_OK, STATUS_MISSING]
     with pytest.raises(RayscreenError, match="4 fields .* more than the 3 the store was sized for"):
         well_values(rows, ["0", "1", "2"], 3, 2, None, 1, present=["0", "1", "2", "3"])
+
+
+def test_an_input_size_the_backbone_cannot_take_is_named_before_any_work():
+    # inception_v3's stem and pooling need at least 75 px; the error comes from the probe in
+    # the constructor (the driver builds one before starting actors), not from the actors
+    with pytest.raises(RayscreenError, match=r"profile.input_size 64: too small for backbone 'inception_v3'.*299"):
+        ProfilePredictor("inception_v3", channels=["DNA"], input_size=64, device="cpu")
+    assert ProfilePredictor("inception_v3", channels=["DNA"], input_size=80, device="cpu").input_size == 80
