@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import logging
+import math
 import re
 import types
 import typing
@@ -319,8 +320,10 @@ class AnalysisConfig:
     normalize: Literal["none", "standardize", "mad"] = "mad"  # per plate, on its control wells (mad: robust z)
     whiten: bool = False  # ZCA sphering on the control wells, per plate, after `normalize` and feature selection
     whiten_shrinkage: Literal["ledoit_wolf", "oas", "none"] = "ledoit_wolf"  # its covariance estimate
-    # any of drop_na, variance (near-constant), correlation (one of each pair with |r| > 0.9)
+    # any of drop_na, variance (near-constant), correlation (one of each pair highly correlated)
     feature_select: list[str] = field(default_factory=lambda: ["variance", "correlation"])
+    min_variance: float = 0.0  # `variance` drops features whose variance over the wells is at most this
+    corr_threshold: float = 0.9  # `correlation` drops one feature of each pair with |Pearson r| above this
     # annotation marking the negative control wells (normalisation, whitening, hits) ...
     control_column: str = "Metadata_Control"
     # ... by this value ("negative" also matches neg, negcon, true, 1); "positive", "pos" or
@@ -335,6 +338,13 @@ class AnalysisConfig:
     by_batch: bool = True  # treatment profiles per batch (NSCB can then leave the query's batch out)
     # a hit: z >= this, of a well's profile distance to its plate's controls (one-sided: farther)
     hits_threshold: float = 3.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.min_variance) and self.min_variance >= 0):
+            raise _InvalidValue("analysis", "min_variance", f"expected a finite variance >= 0, found {self.min_variance}")
+        if not (math.isfinite(self.corr_threshold) and 0 < self.corr_threshold <= 1):
+            raise _InvalidValue("analysis", "corr_threshold", f"expected |r| in (0, 1] (at 1 no pair is above it), "
+                                                              f"found {self.corr_threshold}")
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,8 @@ def format_summary(s: dict) -> str:
                      f"mAP {_fmt(block.get('map'))}")
     if "n_hits" in ev:
         lines.append(f"  hits      {ev['n_hits']} wells far from their plate's DMSO controls")
+    if "n_hits_score" in ev:
+        lines.append(f"  hits      {ev['n_hits_score']} (well, MOA) scores above those of their plate's DMSO controls")
     qc = s.get("qc") or {}
     if qc:
         lines.append("  QC        " + ", ".join(f"{k} {_fmt(v)}" for k, v in qc.items() if isinstance(v, (int, float))))

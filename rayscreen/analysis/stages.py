@@ -43,7 +43,7 @@ from ..store.annotations import parse_input_table, read_input_text
 from ..store.errors import RayscreenError, preview
 from ..store.uri import filesystem, join
 from ..store.wells import well_name
-from ._table import control_mask, feature_columns, order_columns
+from ._table import control_mask, feature_columns, metadata_columns, order_columns
 from .aggregate import aggregate
 from .evaluate import evaluate_moa
 from .feature_select import feature_select
@@ -64,6 +64,9 @@ class AnalysisError(RayscreenError):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+SCORE_PREFIX = "score_"  # well score columns of tables/well_scores.*, one per class
 
 
 def _store_uri(config: Config) -> str:
@@ -196,6 +199,43 @@ def well_profiles(ds, variable: str, dim: str, method: str = "mean", exclude_qc:
     return table.loc[~empty].reset_index(drop=True)
 
 
+def score_table(ds) -> pd.DataFrame:
+    """Infer's well scores (``well_scores``, well x class) as a table: ``Metadata_*`` of the
+    well, then ``score_<class>`` per class. Wells without finite scores (not scored yet, or
+    no usable field) are left out. Small: a screen's wells x classes, read whole."""
+    scores = ds["well_scores"].transpose("well", "class").to_numpy().astype(np.float64)
+    columns = [f"{SCORE_PREFIX}{c}" for c in ds["class"].to_numpy()]
+    table = pd.concat([_well_metadata(ds), pd.DataFrame(scores, columns=columns)], axis=1)
+    return table.loc[np.isfinite(scores).all(axis=1)].reset_index(drop=True)
+
+
+def score_hits(scores: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Hits of the well scores: per plate, each class score's robust z-score against the
+    plate's negative controls (median, 1.4826 MAD), a hit at ``z >= analysis.hits_threshold``
+    (one-sided: the model sees more of that class than in the controls). With two classes only
+    the second (the phenotype; the first's score is its complement) is called. Returns (hits:
+    ``Metadata_*``, ``class``, ``score``, ``z``, by z descending; Z' per plate and class of
+    the score when positive controls exist, else None)."""
+    a = config.analysis
+    columns = [c for c in scores.columns if c.startswith(SCORE_PREFIX)]
+    if len(columns) == 2:
+        columns = columns[1:]
+    reference = controls_of(scores, config)
+    require_controls(scores, reference, config, "hit calling on the well scores")
+    positive = control_mask(scores, column=a.control_column, kind="positive", required=False)
+    hits, z_primes = [], []
+    for column in columns:
+        name = column[len(SCORE_PREFIX):]
+        found = call_hits(scores, column, threshold=a.hits_threshold, direction="up", controls=reference, robust=True)
+        hits.append(found.rename(columns={column: "score", f"{column}_z": "z"}).assign(**{"class": name}))
+        if positive.any():
+            z_primes.append(z_prime(scores, column, positive=positive, negative=reference).assign(**{"class": name}))
+    table = pd.concat(hits, ignore_index=True)
+    table = table[metadata_columns(table) + ["class", "score", "z"]]
+    table = table.iloc[np.argsort(-table["z"].to_numpy(), kind="stable")].reset_index(drop=True)
+    return table, (pd.concat(z_primes, ignore_index=True) if z_primes else None)
+
+
 def wells_left_out(ds, kept: pd.DataFrame) -> pd.DataFrame:
     """The wells of store ``ds`` that :func:`well_profiles` left out of ``kept`` (no usable
     field), with why: their fields counted by ``field_status`` (``Metadata_*`` columns, then
@@ -229,7 +269,7 @@ def process_wells(table: pd.DataFrame, config: Config) -> pd.DataFrame:
     if a.normalize != "none":
         table = normalize(table, NORMALIZE[a.normalize], controls=controls)
     ops = ["drop_na"] + [op for op in a.feature_select if op != "drop_na"]
-    table = feature_select(table, ops)
+    table = feature_select(table, ops, min_variance=a.min_variance, corr_threshold=a.corr_threshold)
     # A feature still missing in some wells (no object found in any field of a well) is
     # the control level there after normalisation: 0.
     cols = feature_columns(table)
@@ -412,6 +452,7 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
     if a.features not in sets:
         raise AnalysisError(f"analysis.features {a.features!r}: {uri} has no {FEATURE_SETS[a.features][0]} "
                             f"(feature sets present: {sets})")
+    aggregate_annotations(_well_metadata(ds), config, uri)
     tables = join(config.output, "tables")
     out: dict[str, str] = {}
     qc = run_qc(ds, config, uri)
@@ -448,11 +489,40 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         # feature_columns leaves the Metadata_Wells count out already: nothing to subtract
         log.info("aggregate: %s: %d wells, %d treatments, %d features", name, len(wells), len(treatments),
                  len(feature_columns(treatments)))
+    # infer's well scores beside the profiles, for evaluate's hits on the scores
+    scores_uri = join(config.output, "results.zarr")
+    if results_attrs(scores_uri, so) is not None:
+        results = ds if scores_uri == uri else open_results(scores_uri, so, chunks=chunks)
+        if "well_scores" in results:
+            scores = score_table(results)
+            out["well_scores"] = _write_table(scores, join(tables, "well_scores.parquet"), so)
+            _write_table(scores, join(tables, "well_scores.csv"), so)
+            log.info("aggregate: well scores of %d wells (%s)", len(scores), scores_uri)
     return out
 
 
 def _evaluation_table(path_key: str, config: Config) -> pd.DataFrame:
     return _read_table(join(config.output, "tables", f"{path_key}.parquet"), config.storage_options)
+
+
+def aggregate_annotations(wells: pd.DataFrame, config: Config, where: str) -> None:
+    """Before aggregate does any work: fail naming every annotation column it needs that the
+    store's wells lack (the control column, the treatment columns), and warn of those only
+    evaluate needs (compound, MOA: a screen without MOAs still gets tables and hits)."""
+    a = config.analysis
+    needed = {a.control_column: "analysis.control_column", **{c: "analysis.treatment" for c in a.treatment}}
+    missing = [f"{c} ({key})" for c, key in needed.items() if c not in wells.columns]
+    have = [c for c in wells.columns if str(c).startswith("Metadata_")]
+    if missing:
+        raise AnalysisError(f"aggregate: the wells of {where} lack annotation column(s) {', '.join(missing)}; "
+                            f"they have {have}. The store took its annotations from the plates and the config's "
+                            f"`platemap` when it was written: add the columns there and write it again "
+                            f"(profile.overwrite / infer.overwrite), or point the keys at columns the wells have")
+    later = [f"{c} ({key})" for c, key in ((a.compound, "analysis.compound"), (a.moa, "analysis.moa"))
+             if c not in wells.columns]
+    if later:
+        log.warning("aggregate: the wells of %s lack %s, which `rayscreen evaluate` needs for MOA retrieval; "
+                    "the tables and hits do not", where, ", ".join(later))
 
 
 def check_annotations(table: pd.DataFrame, config: Config, what: str) -> None:
@@ -573,12 +643,32 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
         zp = z_prime(distance, "distance", positive=positive, negative=reference)
         _write_table(zp, join(out_dir, "z_prime.csv"), so)
 
+    score = _evaluate_scores(config, out_dir)
+
     summary = dict(results[a.features])
     summary.update(features=a.features, feature_sets=results, n_hits=n_hits,
                    baseline=results.get("classical") if a.features != "classical" else results.get("deep"),
-                   z_prime=None if zp is None else zp.to_dict("records"))
+                   z_prime=None if zp is None else zp.to_dict("records"), **score)
     _write_json(summary, join(out_dir, "evaluation.json"), so)
     if progress:
         print(format_results(results))
         print(f"hits (z >= {a.hits_threshold:g}, one-sided, of profile distance to controls): {n_hits}")
+        if score:
+            print(f"hits (z >= {a.hits_threshold:g}, one-sided, of infer's well scores against the controls): "
+                  f"{score['n_hits_score']}")
     return summary
+
+
+def _evaluate_scores(config: Config, out_dir: str) -> dict[str, Any]:
+    """Hits (``hits_score.csv``) and Z' (``z_prime_score.csv``, with positive controls) of
+    infer's well scores, when aggregate wrote them (``tables/well_scores.parquet``); the
+    entries of evaluation.json they add (none without the table)."""
+    so = config.storage_options
+    fs, path = filesystem(join(config.output, "tables", "well_scores.parquet"), so)
+    if not fs.exists(path):
+        return {}
+    hits, zp = score_hits(_evaluation_table("well_scores", config), config)
+    _write_table(hits, join(out_dir, "hits_score.csv"), so)
+    if zp is not None:
+        _write_table(zp, join(out_dir, "z_prime_score.csv"), so)
+    return {"n_hits_score": int(len(hits)), "z_prime_score": None if zp is None else zp.to_dict("records")}

@@ -4,8 +4,10 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from rayscreen.analysis._table import control_mask
 from rayscreen.demo import run_demo
 from rayscreen.store import open_plate
 from rayscreen.synth import load_moa_fields
@@ -53,6 +55,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path, ray_local, capsys, monkeypatch):
     assert ev["feature_sets"]["classical"]["nsc"] > 0.4
     # treated wells differ from DMSO on this screen: hits are called (controls never are)
     assert ev["n_hits"] > 0
+    # and wells the model scores above their plate's DMSO wells for some MOA (aggregate tabled
+    # infer's well scores); never a control
+    score_hits = pd.read_csv(run / "evaluation" / "hits_score.csv")
+    assert ev["n_hits_score"] == len(score_hits) > 0
+    assert not control_mask(score_hits, kind="any", required=False).any()
     assert 0 <= summary["test_well_accuracy"] <= 1 and summary["test_wells"] > 0
     assert os.path.exists(summary["report"])
     printed = capsys.readouterr().out

@@ -432,3 +432,132 @@ def test_the_wells_left_out_are_listed_with_why():
         == [[3, 0, 0, 0], [1, 1, 1, 0]]
     # QC-flagged fields used (analysis.qc.exclude: false): every well has a usable field
     assert len(wells_left_out(ds, well_profiles(ds, "field_profile", "feature", exclude_qc=False))) == 0
+
+
+def _scores_store() -> xr.Dataset:
+    """Infer's well scores (well x class) on 2 plates: P1 A01-A03 and P2 A01-A03 negative
+    controls, P2 B01/B02 positive controls, P1 A05 never scored (NaN)."""
+    wells = ["P1/A01", "P1/A02", "P1/A03", "P1/A04", "P1/A05", "P1/A06",
+             "P2/A01", "P2/A02", "P2/A03", "P2/A04", "P2/B01", "P2/B02"]
+    positive = np.array([0.1, 0.2, 0.3, 0.9, NAN, 0.25, 0.5, 0.6, 0.7, 0.9, 0.95, 0.97])
+    control = ["negative"] * 3 + [""] * 3 + ["negative"] * 3 + ["", "positive", "positive"]
+    plate = [w.split("/")[0] for w in wells]
+    return xr.Dataset(
+        {"well_scores": (("well", "class"), np.stack([1 - positive, positive], axis=1).astype(np.float32))},
+        coords={"well": wells, "class": ["negative", "positive"], "plate": ("well", plate),
+                "Metadata_Plate": ("well", plate), "Metadata_Well": ("well", [w.split("/")[1] for w in wells]),
+                "Metadata_Control": ("well", control)})
+
+
+def test_well_scores_are_called_per_plate_against_that_plates_controls(tmp_path):
+    from rayscreen.analysis.stages import score_hits, score_table
+
+    table = score_table(_scores_store())
+    assert "P1/A05" not in set(table["Metadata_Plate"] + "/" + table["Metadata_Well"])  # never scored
+    assert [c for c in table.columns if c.startswith("score_")] == ["score_negative", "score_positive"]
+    hits, zp = score_hits(table, config(tmp_path))
+    # P1: controls 0.1/0.2/0.3 -> median 0.2, 1.4826 * MAD 0.148; A04 at 0.9 is z = 4.72, A06 0.34.
+    # P2 A04 scores 0.9 too, but its plate's controls sit at 0.5-0.7: z = 1.35, no hit.
+    # Positive controls are never hits; the complementary "negative" class is not called.
+    assert hits[["Metadata_Plate", "Metadata_Well", "class"]].values.tolist() == [["P1", "A04", "positive"]]
+    assert hits["z"].iloc[0] == pytest.approx(0.7 / (1.4826 * 0.1), rel=1e-4)
+    assert hits["score"].iloc[0] == pytest.approx(0.9, abs=1e-6)
+    # Z' of P2: 1 - 3 (sd_pos + sd_neg) / |mean_pos - mean_neg| = 1 - 3 (0.01414 + 0.1) / 0.36
+    p2 = zp.set_index("Metadata_Plate").loc["P2"]
+    assert p2["z_prime"] == pytest.approx(1 - 3 * (np.std([0.95, 0.97], ddof=1) + 0.1) / 0.36, rel=1e-3)
+    assert np.isnan(zp.set_index("Metadata_Plate").loc["P1", "z_prime"])  # no positive controls
+
+
+def test_evaluate_writes_hits_of_the_well_scores_when_aggregate_tabled_them(tmp_path, capsys):
+    from rayscreen.analysis.stages import score_table
+
+    treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    _write_tables(tmp_path, treatment, wells)
+    result = run_evaluate(config(tmp_path), progress=True)
+    assert "n_hits_score" not in result and not (tmp_path / "run" / "evaluation" / "hits_score.csv").exists()
+    score_table(_scores_store()).to_parquet(tmp_path / "run" / "tables" / "well_scores.parquet")
+    result = run_evaluate(config(tmp_path), progress=True)
+    assert result["n_hits_score"] == 1
+    saved = pd.read_csv(tmp_path / "run" / "evaluation" / "hits_score.csv")
+    assert saved[["Metadata_Well", "class"]].values.tolist() == [["A04", "positive"]]
+    assert (tmp_path / "run" / "evaluation" / "z_prime_score.csv").exists()
+    assert "of infer's well scores against the controls): 1" in capsys.readouterr().out
+
+
+def test_aggregate_names_every_annotation_column_the_store_lacks_before_any_work(tmp_path, caplog):
+    from rayscreen.analysis.stages import _well_metadata, aggregate_annotations
+
+    wells = _well_metadata(store().drop_vars(["Metadata_Control", "Metadata_Concentration"]))
+    with pytest.raises(AnalysisError) as e:
+        aggregate_annotations(wells, config(tmp_path), "profiles.zarr")
+    assert ("Metadata_Control (analysis.control_column), Metadata_Concentration (analysis.treatment)"
+            in str(e.value)) and "profiles.zarr" in str(e.value)
+    # the MOA only evaluate needs: a warning, the tables can still be made
+    with caplog.at_level("WARNING", logger="rayscreen"):
+        aggregate_annotations(_well_metadata(store()), config(tmp_path), "profiles.zarr")
+    assert "Metadata_MOA (analysis.moa)" in caplog.text and "evaluate" in caplog.text
+
+
+def test_the_feature_selection_thresholds_come_from_the_config(tmp_path):
+    """f1 = 2 f0 + a little noise (|r| ~ 0.97), f2 independent; f3 nearly constant."""
+    rng = np.random.default_rng(0)
+    n = 40
+    f0 = rng.normal(size=n)
+    table = pd.DataFrame({"Metadata_Plate": ["P1"] * n, "Metadata_Control": ["negative"] * 10 + [""] * 30,
+                          "f0": f0, "f1": 2 * f0 + 0.5 * rng.normal(size=n), "f2": rng.normal(size=n),
+                          "f3": 1 + 1e-3 * rng.normal(size=n)})
+    r = abs(np.corrcoef(table["f0"], table["f1"])[0, 1])
+    kept = lambda **a: [c for c in process_wells(table, config(tmp_path, normalize="none", **a)).columns  # noqa: E731
+                        if c.startswith("f")]
+    assert kept() == ["f0", "f2", "f3"]  # default |r| > 0.9 drops f1
+    assert kept(corr_threshold=round(r + 0.01, 2)) == ["f0", "f1", "f2", "f3"]
+    assert kept(min_variance=1e-4) == ["f0", "f2"]  # f3's variance is ~1e-6
+
+
+def test_aggregate_and_evaluate_call_hits_and_z_prime_on_an_infer_store_with_positive_controls(tmp_path):
+    """A results store as infer writes it (create_results + write_well; analysis.source:
+    results): aggregate tables the well scores beside the profiles, evaluate calls hits and
+    Z' on both the profile distance and the scores, and writes the files outputs.md lists."""
+    from rayscreen.analysis.stages import run_aggregate
+    from rayscreen.infer.run import results_variables
+    from rayscreen.store.results import create_results
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for plate in ("P1", "P2"):
+        for i in range(12):
+            kind = "negative" if i < 6 else "positive" if i < 8 else ""
+            compound = "DMSO" if i < 6 else "stauro" if i < 8 else f"c{i % 2}"
+            rows.append({"plate": plate, "well": f"A{i + 1:02d}", "Metadata_Plate": plate,
+                         "Metadata_Well": f"A{i + 1:02d}", "Metadata_Control": kind, "Metadata_Compound": compound,
+                         "Metadata_Concentration": 0.0 if i < 6 else 1.0, "Metadata_MOA": {"DMSO": "", "stauro": "kinase"}.get(compound, f"m{i % 2}"),
+                         "Metadata_Batch": plate})
+    wells = pd.DataFrame(rows)
+    sizes, variables = results_variables(n_fields=2, n_classes=2, n_features=4, saliency_shape=None)
+    uri = str(tmp_path / "run" / "results.zarr")
+    writer = create_results(uri, wells, sizes, variables, coords={"class": ["negative", "positive"]})
+    for index, row in wells.iterrows():
+        # positives: profiles far from the controls and a high phenotype score; c1 wells in
+        # between; controls and c0 wells like the controls
+        shift = {"positive": 6.0}.get(row["Metadata_Control"], 3.0 if row["Metadata_Compound"] == "c1" else 0.0)
+        p = 0.9 if row["Metadata_Control"] == "positive" else 0.7 if row["Metadata_Compound"] == "c1" else 0.1
+        p += 0.02 * rng.normal()
+        profile = (shift + rng.normal(size=(2, 4))).astype(np.float32)
+        values = {v.name: np.zeros([sizes[d] for d in v.dims[1:]], v.dtype) for v in variables}
+        values.update(field_status=np.zeros(2, np.int8), field_profile=profile, well_profile=profile.mean(0),
+                      well_scores=np.array([1 - p, p], np.float32), n_fields=np.int16(2))
+        writer.write_well(index, values)
+    writer.finalize()
+
+    cfg = config(tmp_path, source="results", feature_select=[])
+    tables = run_aggregate(cfg, progress=False)
+    scores = pd.read_parquet(tables["well_scores"])
+    assert len(scores) == 24 and {"score_negative", "score_positive", "Metadata_Control"} <= set(scores.columns)
+    result = run_evaluate(cfg, progress=False)
+    out = tmp_path / "run" / "evaluation"
+    hits = pd.read_csv(out / "hits_score.csv")
+    # the c1 wells (score 0.7 against controls at 0.1 +- 0.02) and no control
+    assert sorted(set(hits["Metadata_Compound"])) == ["c1"] and len(hits) == result["n_hits_score"] == 4
+    zp = pd.read_csv(out / "z_prime_score.csv")
+    assert list(zp["Metadata_Plate"]) == ["P1", "P2"] and (zp["z_prime"] > 0.5).all()  # 0.8 apart, sd ~0.02
+    assert (out / "z_prime.csv").exists() and len(result["z_prime"]) == 2  # of the profile distance

@@ -95,6 +95,16 @@ def test_stream_values_the_tiling_cannot_use_fail_at_parse_time(stream, expected
     assert expected in str(e.value)
 
 
+@pytest.mark.parametrize("analysis, expected", [
+    ("corr_threshold: 0", "analysis.corr_threshold: expected |r| in (0, 1]"),
+    ("corr_threshold: 1.5", "analysis.corr_threshold: expected |r| in (0, 1]"),
+    ("min_variance: -1", "analysis.min_variance: expected a finite variance >= 0"),
+])
+def test_feature_selection_thresholds_out_of_range_fail_at_parse_time(analysis, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(MINIMAL + f"analysis:\n  {analysis}\n")
+
+
 def test_stream_tiles_that_touch_or_overlap_are_accepted():
     # stride == tile: tiles touch; stride < tile: they overlap; both leave no pixel out (tiling.py)
     assert load_config(MINIMAL + "stream:\n  tile: 32\n  stride: 32\n").stream.stride == 32
