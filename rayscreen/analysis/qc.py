@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings as _warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,6 +67,8 @@ class ArtefactClassification:
     predictions: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
     cv_groups: str | None = None  # "well" when folds keep each well's fields together, "field" when not
+    # the classifier fitted on all annotated fields (a scikit-learn pipeline), None with one class
+    model: Any = None
 
     def to_dict(self) -> dict:
         return {"method": self.method, "accuracy": self.accuracy, "f1": self.f1, "f1_weighted": self.f1_weighted,
@@ -85,13 +88,20 @@ def qc_embedding(table: pd.DataFrame, features: Sequence[str] | None = None) -> 
     channel; or infinite) takes the median of that metric over the fields (0 where all are
     NaN), so one bad field does not remove the metric from every other field.
     """
+    out = qc_transform(table, features)
+    return out.fillna(out.median()).fillna(0.0)
+
+
+def qc_transform(table: pd.DataFrame, features: Sequence[str] | None = None) -> pd.DataFrame:
+    """:func:`qc_embedding` before the missing values are filled: the log of the Laplacian
+    variances, the ``qc_empty*`` flags dropped, infinities as NaN. A caller that embeds a
+    screen in parts fills each part with medians taken over the whole (or a sample)."""
     cols = [c for c in feature_columns(table, features) if not str(c).startswith("qc_empty")]
     out = table[cols].astype(float).copy()
     for c in cols:
         if "lapvar" in str(c):
             out[c] = np.log(out[c].clip(lower=0) + 1e-12)
-    out = out.replace([np.inf, -np.inf], np.nan)  # undefined too (e.g. contrast over a noiseless background)
-    return out.fillna(out.median()).fillna(0.0)
+    return out.replace([np.inf, -np.inf], np.nan)  # undefined too (e.g. contrast over a noiseless background)
 
 
 def outlier_score(embedding: pd.DataFrame, groups: Sequence | None = None, clip: float = 10.0) -> np.ndarray:
@@ -324,6 +334,7 @@ def classify_artefacts(embeddings: pd.DataFrame, annotations: pd.DataFrame, *, m
                      f"(found {int(y.sum())} abnormal, {int(len(y) - y.sum())} normal)")
 
     predictions = embeddings[key].copy()
+    model = None
     if len(np.unique(y)) == 2:
         model = make_artefact_model(method, min(k, len(y)), seed).fit(X, y)
         score = model.predict_proba(embeddings[cols].to_numpy(dtype=float))[:, 1]
@@ -337,4 +348,4 @@ def classify_artefacts(embeddings: pd.DataFrame, annotations: pd.DataFrame, *, m
     flagged[rows] = y == 1
     predictions["Metadata_QC_Abnormal"] = flagged
     return ArtefactClassification(method=method, n_annotated=len(labelled), predictions=predictions,
-                                  warnings=notes, cv_groups=cv_groups, **metrics)
+                                  warnings=notes, cv_groups=cv_groups, model=model, **metrics)

@@ -369,11 +369,35 @@ def read_qc_annotations(config: Config) -> pd.DataFrame:
     return ann[need]
 
 
+# fields whose embeddings give the QC embedding's fill values (each metric's median, for a
+# field where it is undefined): all of a screen's up to this many, else an evenly spaced
+# sample, so that QC never holds a screen's embeddings (with qc.features: deep, fields x
+# 512-2048 floats) in memory
+QC_FILL_FIELDS = 100_000
+
+
+def _field_rows(ds, variable: str, dim: str, meta: pd.DataFrame, wi: np.ndarray, fi: np.ndarray) -> pd.DataFrame:
+    """The fields (``wi``, ``fi``) (k,) as a table: ``Metadata_*`` of the well (``meta``: the
+    store's well metadata), ``Metadata_Field`` and the features of ``variable`` (well, field,
+    ``dim``). Reads only the chunks of those wells."""
+    import xarray as xr
+
+    picked = ds[variable].isel(well=xr.DataArray(wi, dims="k"), field=xr.DataArray(fi, dims="k"))
+    table = meta.iloc[wi].reset_index(drop=True)
+    table["Metadata_Field"] = fi
+    feats = pd.DataFrame(picked.transpose("k", dim).to_numpy(), columns=[str(f) for f in ds[dim].to_numpy()])
+    return pd.concat([table, feats], axis=1)
+
+
 def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
     """Train / evaluate the artefact classifier from ``analysis.qc.annotations`` and flag
-    fields (status 3) in the store through its writer. None when no annotations."""
-    from ..store.results import ResultsWriter
-    from .qc import classify_artefacts, qc_embedding
+    fields (status 3) in the store through its writer. None when no annotations.
+
+    Out of core: the classifier is fitted on the annotated fields only, fills missing values
+    with medians over (a sample of at most :data:`QC_FILL_FIELDS`) fields, and scores the
+    screen ``READ_WELLS_PER_CHUNK`` wells at a time."""
+    from ..store.results import READ_WELLS_PER_CHUNK, ResultsWriter
+    from .qc import classify_artefacts, qc_transform
 
     q = config.analysis.qc
     if not q.annotations:
@@ -382,36 +406,63 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
     variable, dim = QC_EMBEDDINGS[q.features]
     if variable not in ds:
         raise AnalysisError(f"analysis.qc.features: {q.features!r} needs {variable!r}, not in {store_uri}")
-    fields = field_table(ds, variable, dim)
-    feats = [c for c in fields.columns if not c.startswith("Metadata_")]
-    if q.features == "qc":
-        embedded = qc_embedding(fields, feats)  # log focus, no 0/1 flags, NaN -> median
-        fields = pd.concat([fields.drop(columns=feats), embedded], axis=1)
-        feats = list(embedded.columns)
-    else:
-        # embeddings with NaN (a feature undefined on a flat field) -> the median field
-        fields[feats] = fields[feats].fillna(fields[feats].median()).fillna(0.0)
-    found = pd.MultiIndex.from_frame(ann[QC_KEY].astype(str)).isin(
-        pd.MultiIndex.from_frame(fields[QC_KEY].astype(str)))
+    meta = _well_metadata(ds)
+    wi, fi = np.nonzero(np.isin(ds["field_status"].to_numpy(), (STATUS_OK, STATUS_QC)))
+    keys = meta.iloc[wi][QC_KEY[:2]].reset_index(drop=True)
+    keys["Metadata_Field"] = fi
+    field_index = pd.MultiIndex.from_frame(keys[QC_KEY].astype(str))
+    found = pd.MultiIndex.from_frame(ann[QC_KEY].astype(str)).isin(field_index)
     if not found.any():  # not one: a file of another screen, or plates named otherwise
         raise AnalysisError(
             f"analysis.qc.annotations {q.annotations}: none of its {len(ann)} fields is in {store_uri} "
             f"(e.g. {'/'.join(map(str, ann[QC_KEY].iloc[0]))}; the store has e.g. "
-            f"{'/'.join(map(str, fields[QC_KEY].iloc[0]))}); expected Metadata_Plate names, wells and "
+            f"{'/'.join(map(str, keys[QC_KEY].iloc[0]))}); expected Metadata_Plate names, wells and "
             "field indices (from 0) of this screen")
+    feats = [str(f) for f in ds[dim].to_numpy()]
+
+    def transform(table: pd.DataFrame) -> pd.DataFrame:
+        if q.features == "qc":  # log focus, no 0/1 flags, inf -> NaN
+            return qc_transform(table, feats)
+        return table[feats].astype(float)
+
+    sample = np.arange(len(wi))
+    if len(sample) > QC_FILL_FIELDS:
+        sample = np.linspace(0, len(wi) - 1, QC_FILL_FIELDS).round().astype(int)
+    # embeddings with NaN (a metric undefined on a flat field) -> the median field
+    fill = transform(_field_rows(ds, variable, dim, meta, wi[sample], fi[sample])).median()
+
+    def embedded(rows: np.ndarray) -> pd.DataFrame:
+        table = _field_rows(ds, variable, dim, meta, wi[rows], fi[rows])
+        values = transform(table).fillna(fill).fillna(0.0)
+        return pd.concat([table[[c for c in table.columns if str(c).startswith("Metadata_")]], values], axis=1)
+
+    annotated = np.flatnonzero(field_index.isin(pd.MultiIndex.from_frame(ann[QC_KEY].astype(str))))
+    fitted = embedded(annotated)
+    features = [c for c in fitted.columns if not str(c).startswith("Metadata_")]
     try:
-        result = classify_artefacts(fields, ann, method=q.method, k=q.k, label=q.label, features=feats,
+        result = classify_artefacts(fitted, ann, method=q.method, k=q.k, label=q.label, features=features,
                                     source=f"analysis.qc.annotations {q.annotations}")
     except ValueError as err:  # labels that are neither class, a field annotated twice
         raise AnalysisError(str(err)) from err
-    flagged = result.predictions.loc[result.predictions["Metadata_QC_Abnormal"]]
+    # every field scored by the model fitted on the annotated ones, a block of wells at a time;
+    # an annotated field keeps what the person said it is (classify_artefacts' flags)
+    score = np.full(len(wi), np.nan)
+    if result.model is not None:
+        for start in range(0, ds.sizes["well"], READ_WELLS_PER_CHUNK):
+            rows = np.flatnonzero((wi >= start) & (wi < start + READ_WELLS_PER_CHUNK))
+            if len(rows):
+                score[rows] = result.model.predict_proba(embedded(rows)[features].to_numpy(dtype=float))[:, 1]
+    predictions = keys.copy()
+    predictions["Metadata_QC_Score"] = score
+    abnormal = score >= 0.5
+    abnormal[annotated] = result.predictions["Metadata_QC_Abnormal"].to_numpy()
+    predictions["Metadata_QC_Abnormal"] = abnormal
+    result.predictions = predictions
     # store: status 3 where flagged, back to 0 where a previous run flagged and this one does not
     writer = ResultsWriter(store_uri, config.storage_options)
     status = ds["field_status"].to_numpy()
     want = np.where(status == STATUS_QC, STATUS_OK, status).astype(np.int8)
-    index = {str(k): i for i, k in enumerate(ds["well"].to_numpy())}
-    for p, w, f in flagged[["Metadata_Plate", "Metadata_Well", "Metadata_Field"]].itertuples(index=False):
-        want[index[f"{p}/{w}"], int(f)] = STATUS_QC
+    want[wi[abnormal], fi[abnormal]] = STATUS_QC
     changed = np.flatnonzero((want != status).any(axis=1))
     if len(changed):  # first: a crash part way must not leave the store saying it is complete
         writer.update_attrs(complete=False)

@@ -561,3 +561,55 @@ def test_aggregate_and_evaluate_call_hits_and_z_prime_on_an_infer_store_with_pos
     zp = pd.read_csv(out / "z_prime_score.csv")
     assert list(zp["Metadata_Plate"]) == ["P1", "P2"] and (zp["z_prime"] > 0.5).all()  # 0.8 apart, sd ~0.02
     assert (out / "z_prime.csv").exists() and len(result["z_prime"]) == 2  # of the profile distance
+
+
+@pytest.mark.parametrize("fill_fields", [10_000, 7])
+def test_qc_scores_the_screen_in_blocks_of_wells_as_one_classifier_over_all_fields(tmp_path, monkeypatch,
+                                                                                    fill_fields):
+    """run_qc fits on the annotated fields only and scores the others a block of wells at a
+    time (here 2 wells): the flags and scores equal classify_artefacts over the whole field
+    table, as run_qc computed them before, when the fill medians come from every field; with
+    a sample of 7 fields for the medians only the fields with a missing value can differ."""
+    import rayscreen.analysis.stages as stages
+    import rayscreen.store.results
+    from rayscreen.analysis.qc import classify_artefacts
+
+    monkeypatch.setattr(rayscreen.store.results, "ResultsWriter", StandInWriter)
+    monkeypatch.setattr(rayscreen.store.results, "READ_WELLS_PER_CHUNK", 2)
+    monkeypatch.setattr(stages, "QC_FILL_FIELDS", fill_fields)
+    rng = np.random.default_rng(1)
+    wells = [f"P{p}/A{i + 1:02d}" for p in (1, 2) for i in range(7)]
+    plates = [w.split("/")[0] for w in wells]
+    features = rng.normal(size=(14, 3, 5)).astype(np.float32)
+    bad = rng.random((14, 3)) < 0.3  # artefacts: shifted
+    features[bad] += 2.5
+    features[3, 1, 2] = features[9, 0, 4] = np.nan
+    status = np.zeros((14, 3), np.int8)
+    status[5, 2] = 1  # no such field
+    ds = xr.Dataset({"field_profile": (("well", "field", "feature"), features),
+                     "field_status": (("well", "field"), status)},
+                    coords={"well": wells, "field": [0, 1, 2], "feature": [f"f{i}" for i in range(5)],
+                            "plate": ("well", plates), "Metadata_Plate": ("well", plates),
+                            "Metadata_Well": ("well", [w.split("/")[1] for w in wells])})
+    wi, fi = np.nonzero(status == 0)
+    missing = np.isnan(features[wi, fi]).any(axis=1)  # never annotated: the model is the same either way
+    chosen = rng.choice(np.flatnonzero(~missing), 16, replace=False)
+    csv = tmp_path / "qc.csv"
+    csv.write_text("plate,well,field,label\n" + "".join(
+        f"{wells[wi[i]].split('/')[0]},{wells[wi[i]].split('/')[1]},{fi[i]},{'abnormal' if bad[wi[i], fi[i]] else 'normal'}\n"
+        for i in chosen))
+    cfg = config(tmp_path, qc={"annotations": str(csv), "features": "deep", "method": "linear"})
+    table, summary = stages.run_qc(ds, cfg, "unused")
+
+    fields = stages.field_table(ds, "field_profile", "feature")  # every field in memory: the old path
+    feats = [f"f{i}" for i in range(5)]
+    fields[feats] = fields[feats].fillna(fields[feats].median()).fillna(0.0)
+    expected = classify_artefacts(fields, stages.read_qc_annotations(cfg), method="linear", features=feats,
+                                  label="label")
+    assert summary["n_flagged"] == int(table["Metadata_QC_Abnormal"].sum()) > 0
+    same = ~missing if fill_fields < len(wi) else np.ones(len(wi), bool)
+    np.testing.assert_array_equal(table["Metadata_QC_Abnormal"].to_numpy()[same],
+                                  expected.predictions["Metadata_QC_Abnormal"].to_numpy()[same])
+    np.testing.assert_allclose(table["Metadata_QC_Score"].to_numpy()[same],
+                               expected.predictions["Metadata_QC_Score"].to_numpy()[same], rtol=1e-6)
+    assert summary["f1"] == expected.f1
