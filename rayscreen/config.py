@@ -83,7 +83,7 @@ class StreamConfig:
     # reported; a rerun tries its well again
     on_error: Literal["raise", "skip"] = "raise"
     override_num_blocks: int | None = None  # Ray Data read tasks (None: from the screen's size)
-    # fields each read task reads at once, ahead of the one it hands on (each holds one field's
+    # fields each read task reads at once, ahead of the one it hands on (at most 256 MB of raw
     # pixels): on S3 a field is a few requests of tens of ms each, so one at a time mostly waits
     read_threads: int = 8
 

@@ -45,6 +45,10 @@ R = TypeVar("R")
 # (benchmarks/s3_read.py). Threads, not asyncio: Plate.read is zarr's synchronous API, which
 # hands the requests to zarr's own event loop and waits, so the threads only wait.
 READ_THREADS = 8
+# ... and at most this many bytes of raw fields ahead per read task: 8 full-resolution fields
+# of 5 x 2160 x 2160 uint16 would be 370 MB in every read task, which Ray Data's memory
+# accounting does not see. A large field's chunks are fetched concurrently by zarr anyway.
+READ_AHEAD_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -382,6 +386,22 @@ def _done(fn: Callable[[T], R], item: T) -> "Future[R]":
     return future
 
 
+def read_ahead(tasks: list[WellTask], options: StreamOptions, plate_of: Callable[[str], Any]) -> int:
+    """Fields to read at once for ``tasks``: ``options.read_threads``, fewer where that many
+    raw fields of the first plate (level 0, the channels read) would pass
+    :data:`READ_AHEAD_BYTES`; 1 when the plate cannot be opened (its error comes in turn)."""
+    if options.read_threads <= 1 or not tasks:
+        return 1
+    try:
+        plate = plate_of(tasks[0].plate_uri)
+        c, y, x = plate.shape
+        channels = len(options.channels) if options.channels else c
+        field_bytes = channels * y * x * plate.dtype.itemsize
+    except Exception:  # noqa: BLE001 -- reported by the read itself, in order
+        return 1
+    return int(max(1, min(options.read_threads, READ_AHEAD_BYTES // max(field_bytes, 1))))
+
+
 def read_wells(tasks: list[WellTask], options: StreamOptions, *,
                plate_of: Callable[[str], Any] | None = None) -> Iterable[dict[str, Any]]:
     """Yield row batches (dicts of columns) for the fields of ``tasks``. Pure Python, no Ray:
@@ -390,15 +410,17 @@ def read_wells(tasks: list[WellTask], options: StreamOptions, *,
     its plates open (an infer actor), so each plate's metadata is read once, not once per call;
     by default each plate is opened once per call.
 
-    Fields are read ``options.read_threads`` at a time, ahead of the one being yielded; rows,
-    reports and errors come in the order of a plain loop over wells and fields."""
+    Fields are read ``options.read_threads`` at a time (fewer for large fields: see
+    :func:`read_ahead`), ahead of the one being yielded; rows, reports and errors come in the
+    order of a plain loop over wells and fields."""
     if plate_of is None:
         plate_of = functools.lru_cache(maxsize=None)(lambda uri: open_plate(uri, options.storage_options))
     correct = _Corrections(options)
     rows: list[dict[str, Any]] = []
     items = _field_items(tasks, options, plate_of)
+    threads = read_ahead(tasks, options, plate_of)
     for (kind, task, plate, f), future in prefetched(functools.partial(_read_field, options=options), items,
-                                                     options.read_threads, wanted=lambda item: item[0] == "field"):
+                                                     threads, wanted=lambda item: item[0] == "field"):
         if kind == "fatal":
             raise f
         if kind == "well":

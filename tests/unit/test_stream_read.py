@@ -228,3 +228,22 @@ def test_reading_ahead_gives_the_rows_and_reports_of_a_plain_loop(tmp_path, thre
         for b in read_wells(plan_wells([uri]), StreamOptions(read_threads=threads, fields_per_block=1)):
             seen += list(zip(b["well"], b["field"]))
     assert seen == [("A01", "0"), ("A01", "1"), ("A01", "2"), ("A02", "0")]
+
+
+def test_large_fields_are_read_fewer_at_a_time(tmp_path, monkeypatch):
+    """At most READ_AHEAD_BYTES of raw fields ahead of the consumer: full-resolution fields
+    8 at a time in every read task would hold hundreds of MB that Ray does not account for."""
+    import rayscreen.stream.datasource as ds
+
+    uri = make_plate(str(tmp_path / "p.zarr"), "P", wells=("A01",), fields=1, field_shape=(100, 50))  # 2 x 10 kB
+    tasks = plan_wells([uri])
+    plate_of = lambda u: ds.open_plate(u)  # noqa: E731
+    assert ds.read_ahead(tasks, StreamOptions(read_threads=8), plate_of) == 8
+    monkeypatch.setattr(ds, "READ_AHEAD_BYTES", 3 * 2 * 100 * 50 * 2)  # three fields of both channels
+    assert ds.read_ahead(tasks, StreamOptions(read_threads=8), plate_of) == 3
+    assert ds.read_ahead(tasks, StreamOptions(read_threads=8, channels=("DNA",)), plate_of) == 6
+    assert ds.read_ahead(tasks, StreamOptions(read_threads=2), plate_of) == 2
+    monkeypatch.setattr(ds, "READ_AHEAD_BYTES", 10)
+    assert ds.read_ahead(tasks, StreamOptions(read_threads=8), plate_of) == 1
+    missing = [WellTask(str(tmp_path / "nothing.zarr"), "X", "A01")]
+    assert ds.read_ahead(missing, StreamOptions(read_threads=8), plate_of) == 1  # its error comes with the read
