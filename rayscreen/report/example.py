@@ -150,4 +150,8 @@ def write_example_run(output: str, plates_dir: str | None = None, *, stages: Seq
             os.path.join(ev, "confusion.csv"))
         pd.DataFrame({"Metadata_Plate": ["P1", "P2"], "Metadata_Well": ["B02", "B02"], "score": [0.4, 0.8],
                       "score_z": [3.2, 4.1]}).to_csv(os.path.join(ev, "hits.csv"), index=False)
+        pd.DataFrame({"Metadata_Plate": ["P1"], "Metadata_Well": ["C07"], "class": ["tubulin"], "score": [0.93],
+                      "z": [5.5]}).to_csv(os.path.join(ev, "hits_score.csv"), index=False)
+        pd.DataFrame({"Metadata_Plate": ["P1", "P2"], "z_prime": [0.61, -0.2]}).to_csv(
+            os.path.join(ev, "z_prime.csv"), index=False)
     return config

@@ -333,9 +333,14 @@ def evaluation_section(outputs: RunOutputs, writer: ReportWriter) -> Section:
         s.figures.append(writer.figure("nsc_confusion", F.confusion_figure(conf),
                                        "NSC 1-NN confusion matrix (evaluation/confusion.csv): counts, "
                                        "coloured by fraction of the true MOA's queries."))
-    if outputs.exists("evaluation/hits.csv"):
-        hits = outputs.table("evaluation/hits.csv")
-        s.tables.append((f"hits ({len(hits)} wells; top 20)", hits.head(20)))
+    for name, what in (("hits", "wells far from their plate's controls in profile space"),
+                       ("hits_score", "(well, class) scores above their plate's controls'")):
+        if outputs.exists(f"evaluation/{name}.csv"):
+            hits = outputs.table(f"evaluation/{name}.csv")
+            s.tables.append((f"{name}: {len(hits)} {what} (evaluation/{name}.csv; top 20)", hits.head(20)))
+    for name in ("z_prime", "z_prime_score"):
+        if outputs.exists(f"evaluation/{name}.csv"):
+            s.tables.append((f"Z'-factor per plate (evaluation/{name}.csv)", outputs.table(f"evaluation/{name}.csv")))
     return s
 
 

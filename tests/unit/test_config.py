@@ -238,7 +238,7 @@ def test_a_set_value_that_is_not_yaml_names_the_key():
     ("infer", {"mask_nms_size": -3}, "infer.mask_nms_size: expected a number above 0"),
     ("infer", {"mask_threshold": 2.0}, "infer.mask_threshold: expected a fraction"),
     ("infer", {"saliency_sigma": -1.0}, "infer.saliency_sigma: expected a smoothing width"),
-    ("analysis", {"qc": {"k": 0}}, "analysis.qc.k: expected a number above 0"),
+    ("analysis", {"qc": {"method": "knn", "k": 0}}, "analysis.qc.k: expected a number above 0"),
 ])
 def test_sizes_a_stage_cannot_use_fail_when_the_config_is_read(section, values, message):
     """They failed inside Ray actors (a bare ValueError from ActorPoolStrategy, torch's pad
