@@ -17,6 +17,7 @@ carries over to a cloud bucket, and seconds there scale with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -56,26 +57,38 @@ def requests_logged(log_path: str) -> int:
         return sum(1 for line in f if '" 20' in line or '" 40' in line)
 
 
+@contextlib.contextmanager
+def moto_bucket(bucket: str, prefix: str):
+    """moto's S3 server on 127.0.0.1 (dummy credentials in the environment, never a real key)
+    with ``bucket`` created; yields (storage_options, request log path) and stops the server."""
+    import s3fs
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto accepts any
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    log_path = os.path.join(tempfile.mkdtemp(prefix=prefix), "moto.log")
+    proc, endpoint = start_moto(log_path)
+    try:
+        options = {"endpoint_url": endpoint}
+        s3fs.S3FileSystem(**options).mkdir(bucket)
+        yield options, log_path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wells", type=int, default=20000)
     p.add_argument("--retry-fraction", type=float, default=0.01)
     p.add_argument("--fields", type=int, default=9)
     args = p.parse_args(argv)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto accepts any; never a real key
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-    import s3fs
     import zarr
 
     from rayscreen.store.results import DONE, RETRY, ResultsWriter, Variable, create_results
 
-    log_path = os.path.join(tempfile.mkdtemp(prefix="rs-scan-"), "moto.log")
-    proc, endpoint = start_moto(log_path)
-    try:
-        options = {"endpoint_url": endpoint}
-        s3fs.S3FileSystem(**options).mkdir("scan")
+    with moto_bucket("scan", "rs-scan-") as (options, log_path):
         uri = "s3://scan/results.zarr"
         n = args.wells
         wells = pd.DataFrame({"plate": [f"P{i // 384:04d}" for i in range(n)],
@@ -116,9 +129,6 @@ def main(argv: list[str] | None = None) -> None:
         ts, rs = results["read every chunk (baseline)"]
         for label, (t, r) in list(results.items())[1:]:
             print(f"ratio baseline / {label}: {ts / t:.1f}x time, {rs / max(r, 1):.0f}x requests")
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 if __name__ == "__main__":

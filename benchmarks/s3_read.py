@@ -14,7 +14,8 @@ request in about a millisecond; an S3 GET from a cloud VM takes tens. ``--latenc
 TCP proxy between the reader and moto that holds each response back by that many
 milliseconds (one round trip added per request), so the figures show what waiting does to
 each path. Prints fields/s and the ratio to the one-at-a-time loop at each latency, and the
-requests moto answered per field.
+requests moto answered per field. Then the same plate on local disk, one field after another
+against ``read_threads`` at once (no requests to wait on there: what threads cost or give).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from resume_scan import free_port, requests_logged, start_moto  # noqa: E402 -- a sibling benchmark
+from resume_scan import free_port, moto_bucket, requests_logged  # noqa: E402 -- a sibling benchmark
 
 
 class DelayProxy:
@@ -103,21 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 20.0])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto accepts any; never a real key
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
-    import s3fs
 
     from rayscreen.stream.datasource import READ_THREADS
     from rayscreen.testing.plates import make_plate
 
     threads = args.threads or READ_THREADS
-    log_path = os.path.join(tempfile.mkdtemp(prefix="rs-s3read-"), "moto.log")
-    proc, endpoint = start_moto(log_path)
-    try:
-        direct = {"endpoint_url": endpoint}
-        s3fs.S3FileSystem(**direct).mkdir("reads")
+    with moto_bucket("reads", "rs-s3read-") as (direct, log_path):
+        endpoint = direct["endpoint_url"]
         rows = "ABCDEFGHIJKLMNOP"
         wells = [f"{rows[i // 24]}{i % 24 + 1:02d}" for i in range(args.wells)]
         uri = make_plate("s3://reads/P1.zarr", wells=wells, fields=args.fields,
@@ -125,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         n_fields = args.wells * args.fields
         print(f"plate: {args.wells} wells x {args.fields} fields of 2 x {args.size} x {args.size} uint16 "
               f"on moto ({endpoint}); concurrent path: read_threads={threads}")
+        local = make_plate(os.path.join(tempfile.mkdtemp(prefix="rs-local-"), "P1.zarr"), wells=wells,
+                           fields=args.fields, field_shape=(args.size, args.size))
         host, port = endpoint.removeprefix("http://").split(":")
         ways = {"before: one field after another, HEAD + GET": (1, {"max_concurrency": 10}),
                 "one field after another, GET only": (1, {}),
@@ -149,9 +144,18 @@ def main(argv: list[str] | None = None) -> None:
                 t = statistics.median(times[way])
                 print(f"  {way:<46s} {t:7.2f} s  {n_fields / t:7.1f} fields/s  "
                       f"{requests[way] / n_fields:5.2f} requests/field  {base / t:5.2f}x")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        times = {1: [], threads: []}
+        for k in times:
+            stream_all(local, {}, k)
+        for _ in range(args.repeats):
+            for k in times:
+                times[k].append(stream_all(local, {}, k)[0])
+        base = statistics.median(times[1])
+        print(f"\nlocal disk (median of {args.repeats}):")
+        for k in times:
+            t = statistics.median(times[k])
+            print(f"  {'one field after another' if k == 1 else f'read_threads={k}':<46s} {t:7.2f} s  "
+                  f"{n_fields / t:7.1f} fields/s  {base / t:5.2f}x")
 
 
 if __name__ == "__main__":
