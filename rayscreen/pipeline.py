@@ -46,9 +46,9 @@ _READS = {
     "report": (),  # cheap: always rerun
 }
 # how the plates are read, not what is computed: a rerun with on_error: skip (the way past a
-# bad field) or more read tasks must not invalidate finished stages (train would refuse to
-# resume a finished run for it)
-_HOW = ("on_error", "override_num_blocks")
+# bad field), more read tasks or fewer fields read at once must not invalidate finished stages
+# (train would refuse to resume a finished run for it), nor must a key new to an upgrade
+_HOW = ("on_error", "override_num_blocks", "read_threads")
 # stream keys only training reads (infer scores whole fields, profile has profile.tiles); a
 # change retrains, and every later stage runs again after a stage that ran
 _TRAIN_ONLY = ("tile", "stride")

@@ -209,30 +209,45 @@ def score_table(ds) -> pd.DataFrame:
     return table.loc[np.isfinite(scores).all(axis=1)].reset_index(drop=True)
 
 
+# probabilities are z-scored as logits, clipped here: a confident model puts its controls at
+# p ~ 0.001 +- 0.0003, where a well at 0.003 (99.7% the controls' class) is 5 MADs away
+SCORE_CLIP = 1e-6
+
+
 def score_hits(scores: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Hits of the well scores: per plate, each class score's robust z-score against the
-    plate's negative controls (median, 1.4826 MAD), a hit at ``z >= analysis.hits_threshold``
-    (one-sided: the model sees more of that class than in the controls). With two classes only
-    the second (the phenotype; the first's score is its complement) is called. Returns (hits:
-    ``Metadata_*``, ``class``, ``score``, ``z``, by z descending; Z' per plate and class of
-    the score when positive controls exist, else None)."""
+    """Hits of the well scores: per plate, each class score's robust z-score (median, 1.4826
+    MAD) of its logit against the plate's negative controls; a hit at ``z >=
+    analysis.hits_threshold`` (one-sided: the model sees more of that class than in the
+    controls). The controls' own class (the one the negative controls score highest on,
+    median >= 0.5: "normal", "DMSO") is not called: with two classes its score is the
+    complement of the other's. Positive controls are never hits. Returns (hits: ``Metadata_*``,
+    ``class``, ``score`` (the probability), ``z``, by z descending; Z' per plate and class
+    of the score when positive controls exist, else None)."""
     a = config.analysis
     columns = [c for c in scores.columns if c.startswith(SCORE_PREFIX)]
-    if len(columns) == 2:
-        columns = columns[1:]
     reference = controls_of(scores, config)
     require_controls(scores, reference, config, "hit calling on the well scores")
     positive = control_mask(scores, column=a.control_column, kind="positive", required=False)
+    medians = scores.loc[reference, columns].median()
+    own = medians.idxmax() if len(columns) and medians.max() >= 0.5 else None
+    logits = scores.copy()
+    for column in columns:
+        p = scores[column].to_numpy(dtype=float).clip(SCORE_CLIP, 1 - SCORE_CLIP)
+        logits[column] = np.log(p) - np.log1p(-p)
     hits, z_primes = [], []
     for column in columns:
         name = column[len(SCORE_PREFIX):]
-        found = call_hits(scores, column, threshold=a.hits_threshold, direction="up", controls=reference, robust=True)
-        hits.append(found.rename(columns={column: "score", f"{column}_z": "z"}).assign(**{"class": name}))
+        if column == own:
+            continue
         if positive.any():
             z_primes.append(z_prime(scores, column, positive=positive, negative=reference).assign(**{"class": name}))
-    table = pd.concat(hits, ignore_index=True)
+        found = call_hits(logits, column, threshold=a.hits_threshold, direction="up", controls=reference,
+                          robust=True).drop(index=scores.index[positive], errors="ignore")
+        found[column] = scores.loc[found.index, column]  # reported as the probability
+        hits.append(found.rename(columns={column: "score", f"{column}_z": "z"}).assign(**{"class": name}))
+    table = pd.concat(hits, ignore_index=True) if hits else pd.DataFrame(columns=["class", "score", "z"])
     table = table[metadata_columns(table) + ["class", "score", "z"]]
-    table = table.iloc[np.argsort(-table["z"].to_numpy(), kind="stable")].reset_index(drop=True)
+    table = table.iloc[np.argsort(-table["z"].to_numpy(dtype=float), kind="stable")].reset_index(drop=True)
     return table, (pd.concat(z_primes, ignore_index=True) if z_primes else None)
 
 
@@ -370,10 +385,42 @@ def read_qc_annotations(config: Config) -> pd.DataFrame:
 
 
 # fields whose embeddings give the QC embedding's fill values (each metric's median, for a
-# field where it is undefined): all of a screen's up to this many, else an evenly spaced
-# sample, so that QC never holds a screen's embeddings (with qc.features: deep, fields x
-# 512-2048 floats) in memory
-QC_FILL_FIELDS = 100_000
+# field where it is undefined): all of a screen's up to this many, else the fields of whole
+# blocks of wells spread over the screen (_fill_sample), so that QC never holds a screen's
+# embeddings (with qc.features: deep, fields x 512-2048 floats) in memory
+QC_FILL_FIELDS = 20_000
+
+
+def _fill_sample(wi: np.ndarray, n_wells: int, wells_per_chunk: int) -> np.ndarray:
+    """Indices into the usable fields (their wells ``wi``) whose medians fill the QC
+    embedding: all of them up to :data:`QC_FILL_FIELDS`; beyond, the fields of whole blocks of
+    ``wells_per_chunk`` wells (what a read loads at once), blocks spread evenly over the
+    screen, until the sample holds that many (a sample of single fields spread evenly would
+    read every block of the screen)."""
+    if len(wi) <= QC_FILL_FIELDS:
+        return np.arange(len(wi))
+    block = wi // wells_per_chunk
+    per_block = np.bincount(block, minlength=-(-n_wells // wells_per_chunk))
+    chosen, total = [], 0
+    for b in _spread(len(per_block)):
+        chosen.append(b)
+        total += per_block[b]
+        if total >= QC_FILL_FIELDS:
+            break
+    return np.flatnonzero(np.isin(block, chosen))
+
+
+def _spread(n: int) -> list[int]:
+    """0..n-1 in an order that spreads over the range early: 0, n-1, the middle, the quarters..."""
+    out, seen = [], set()
+    k = 1
+    while len(out) < n:
+        for i in np.linspace(0, n - 1, k + 1).round().astype(int):
+            if int(i) not in seen:
+                seen.add(int(i))
+                out.append(int(i))
+        k *= 2
+    return out
 
 
 def _field_rows(ds, variable: str, dim: str, meta: pd.DataFrame, wi: np.ndarray, fi: np.ndarray) -> pd.DataFrame:
@@ -425,9 +472,7 @@ def run_qc(ds, config: Config, store_uri: str) -> tuple[pd.DataFrame, dict[str, 
             return qc_transform(table, feats)
         return table[feats].astype(float)
 
-    sample = np.arange(len(wi))
-    if len(sample) > QC_FILL_FIELDS:
-        sample = np.linspace(0, len(wi) - 1, QC_FILL_FIELDS).round().astype(int)
+    sample = _fill_sample(wi, ds.sizes["well"], READ_WELLS_PER_CHUNK)
     # embeddings with NaN (a metric undefined on a flat field) -> the median field
     fill = transform(_field_rows(ds, variable, dim, meta, wi[sample], fi[sample])).median()
 
@@ -542,13 +587,17 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
                  len(feature_columns(treatments)))
     # infer's well scores beside the profiles, for evaluate's hits on the scores
     scores_uri = join(config.output, "results.zarr")
+    score_tables = [join(tables, "well_scores.parquet"), join(tables, "well_scores.csv")]
+    results = None
     if results_attrs(scores_uri, so) is not None:
         results = ds if scores_uri == uri else open_results(scores_uri, so, chunks=chunks)
-        if "well_scores" in results:
-            scores = score_table(results)
-            out["well_scores"] = _write_table(scores, join(tables, "well_scores.parquet"), so)
-            _write_table(scores, join(tables, "well_scores.csv"), so)
-            log.info("aggregate: well scores of %d wells (%s)", len(scores), scores_uri)
+    if results is not None and "well_scores" in results:
+        scores = score_table(results)
+        out["well_scores"] = _write_table(scores, score_tables[0], so)
+        _write_table(scores, score_tables[1], so)
+        log.info("aggregate: well scores of %d wells (%s)", len(scores), scores_uri)
+    else:
+        _remove(score_tables, so)  # of a results store since deleted: evaluate must not call them
     return out
 
 
@@ -684,10 +733,11 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
                             "`rayscreen aggregate` again (or `rayscreen run CONFIG --stages aggregate,evaluate "
                             "--force`)") from None
     reference = controls_of(distance, config)
-    hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
-                     robust=True)
-    _write_table(hits, join(out_dir, "hits.csv"), so)
     positive = control_mask(distance, column=a.control_column, kind="positive", required=False)
+    # positive controls never hits, whichever column marks them (call_hits knows Metadata_Control only)
+    hits = call_hits(distance, "distance", threshold=a.hits_threshold, direction="up", controls=reference,
+                     robust=True).drop(index=distance.index[positive], errors="ignore")
+    _write_table(hits, join(out_dir, "hits.csv"), so)
     n_hits = int(len(hits))
     zp = None
     if positive.any():
@@ -715,11 +765,24 @@ def _evaluate_scores(config: Config, out_dir: str) -> dict[str, Any]:
     infer's well scores, when aggregate wrote them (``tables/well_scores.parquet``); the
     entries of evaluation.json they add (none without the table)."""
     so = config.storage_options
+    written = [join(out_dir, "hits_score.csv"), join(out_dir, "z_prime_score.csv")]
+    _remove(written, so)  # an earlier run's: never shown beside this run's results
     fs, path = filesystem(join(config.output, "tables", "well_scores.parquet"), so)
     if not fs.exists(path):
         return {}
-    hits, zp = score_hits(_evaluation_table("well_scores", config), config)
-    _write_table(hits, join(out_dir, "hits_score.csv"), so)
+    try:
+        hits, zp = score_hits(_evaluation_table("well_scores", config), config)
+    except AnalysisError as e:  # e.g. the plates' control wells not scored yet: the rest stands
+        log.warning("evaluate: no hits of the well scores: %s", e)
+        return {"score_hits_error": str(e)}
+    _write_table(hits, written[0], so)
     if zp is not None:
-        _write_table(zp, join(out_dir, "z_prime_score.csv"), so)
+        _write_table(zp, written[1], so)
     return {"n_hits_score": int(len(hits)), "z_prime_score": None if zp is None else zp.to_dict("records")}
+
+
+def _remove(uris: list[str], storage_options) -> None:
+    for uri in uris:
+        fs, path = filesystem(uri, storage_options)
+        if fs.exists(path):
+            fs.rm(path)

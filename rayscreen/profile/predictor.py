@@ -158,6 +158,8 @@ class ProfilePredictor:
         try:
             with torch.no_grad():
                 self.model(torch.zeros(1, 3, s, s, device=self.device))
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but not a size the network refuses
+            raise
         except RuntimeError as e:
             raise RayscreenError(f"profile.input_size {s}: too small for backbone {self.backbone!r} "
                                  f"({str(e).splitlines()[0][:200]}); expected a larger side"

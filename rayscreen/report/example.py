@@ -154,4 +154,6 @@ def write_example_run(output: str, plates_dir: str | None = None, *, stages: Seq
                       "z": [5.5]}).to_csv(os.path.join(ev, "hits_score.csv"), index=False)
         pd.DataFrame({"Metadata_Plate": ["P1", "P2"], "z_prime": [0.61, -0.2]}).to_csv(
             os.path.join(ev, "z_prime.csv"), index=False)
+        pd.DataFrame({"Metadata_Plate": ["P1"], "class": ["tubulin"], "z_prime": [0.47]}).to_csv(
+            os.path.join(ev, "z_prime_score.csv"), index=False)
     return config

@@ -340,7 +340,8 @@ def evaluation_section(outputs: RunOutputs, writer: ReportWriter) -> Section:
             s.tables.append((f"{name}: {len(hits)} {what} (evaluation/{name}.csv; top 20)", hits.head(20)))
     for name in ("z_prime", "z_prime_score"):
         if outputs.exists(f"evaluation/{name}.csv"):
-            s.tables.append((f"Z'-factor per plate (evaluation/{name}.csv)", outputs.table(f"evaluation/{name}.csv")))
+            zp = outputs.table(f"evaluation/{name}.csv")
+            s.tables.append((f"Z'-factor per plate (evaluation/{name}.csv; {len(zp)} rows, first 20)", zp.head(20)))
     return s
 
 

@@ -72,6 +72,9 @@ class StreamOptions:
     saturation: bool = False
     # fields read at once, ahead of the one being yielded (see READ_THREADS); 1 = one after another
     read_threads: int = READ_THREADS
+    # raw bytes of a field as read (channels read, level 0), known to the planner: read tasks
+    # then need not open a field's metadata to bound their read-ahead (None: they do)
+    field_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -333,9 +336,12 @@ def _field_items(tasks: list[WellTask], options: StreamOptions, plate_of: Callab
         except RayscreenError as e:  # MissingWellError, or malformed well metadata
             yield "well", task, None, e
             continue
+        except Exception as e:  # noqa: BLE001 -- a storage error (after s3fs's retries): in its turn
+            yield "fatal", task, None, e
+            return
         try:
             fields = plate.fields(task.well)
-        except RayscreenError as e:  # a well of several acquisitions: a setting to change, not bad data
+        except Exception as e:  # noqa: BLE001 -- e.g. a well of several acquisitions: a setting to change
             yield "fatal", task, None, e
             return
         if options.fields is not None:
@@ -388,18 +394,24 @@ def _done(fn: Callable[[T], R], item: T) -> "Future[R]":
 
 def read_ahead(tasks: list[WellTask], options: StreamOptions, plate_of: Callable[[str], Any]) -> int:
     """Fields to read at once for ``tasks``: ``options.read_threads``, fewer where that many
-    raw fields of the first plate (level 0, the channels read) would pass
-    :data:`READ_AHEAD_BYTES`; 1 when the plate cannot be opened (its error comes in turn)."""
+    raw fields (``options.field_bytes``, else of the first plate: level 0, the channels read)
+    would pass :data:`READ_AHEAD_BYTES`; 1 when the plate cannot be opened (its error comes in
+    turn)."""
     if options.read_threads <= 1 or not tasks:
         return 1
-    try:
-        plate = plate_of(tasks[0].plate_uri)
-        c, y, x = plate.shape
-        channels = len(options.channels) if options.channels else c
-        field_bytes = channels * y * x * plate.dtype.itemsize
-    except Exception:  # noqa: BLE001 -- reported by the read itself, in order
-        return 1
+    field_bytes = options.field_bytes
+    if field_bytes is None:
+        try:
+            field_bytes = raw_field_bytes(plate_of(tasks[0].plate_uri), options.channels)
+        except Exception:  # noqa: BLE001 -- reported by the read itself, in order
+            return 1
     return int(max(1, min(options.read_threads, READ_AHEAD_BYTES // max(field_bytes, 1))))
+
+
+def raw_field_bytes(plate: Any, channels: Sequence[Any] | None) -> int:
+    """Bytes of one field of ``plate`` as stored (level 0, the ``channels`` read, or all)."""
+    c, y, x = plate.shape
+    return (len(channels) if channels else c) * y * x * plate.dtype.itemsize
 
 
 def read_wells(tasks: list[WellTask], options: StreamOptions, *,

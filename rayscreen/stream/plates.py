@@ -17,7 +17,8 @@ from ray.data.datasource import Datasource, ReadTask
 from ..store import RayscreenError, open_plate
 from ..store.plate import warn_of_timepoints
 from ..store.uri import expand_uris
-from .datasource import READ_THREADS, StreamOptions, WellTask, in_threads, plan_wells, read_wells, split_tasks
+from .datasource import (READ_THREADS, StreamOptions, WellTask, in_threads, plan_wells, raw_field_bytes, read_wells,
+                         split_tasks)
 from .tiling import tile_positions
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ def read_plates(
         channels=tuple(channels) if channels else None,
         level=level, tile=tile, stride=stride, illumination=illumination, normalize=normalize,
         dtype=dtype, on_error=on_error, error_report=error_report, saturation=saturation,
-        read_threads=read_threads,
+        read_threads=read_threads, field_bytes=raw_field_bytes(first, channels),
         # blocks of ~16 MB: large enough to amortise per-block overhead, small enough to stream
         # (it counts rows: fields, or tiles when tiling)
         fields_per_block=max(1, int(16e6 // max(row_bytes, 1))),

@@ -439,7 +439,7 @@ def _scores_store() -> xr.Dataset:
     controls, P2 B01/B02 positive controls, P1 A05 never scored (NaN)."""
     wells = ["P1/A01", "P1/A02", "P1/A03", "P1/A04", "P1/A05", "P1/A06",
              "P2/A01", "P2/A02", "P2/A03", "P2/A04", "P2/B01", "P2/B02"]
-    positive = np.array([0.1, 0.2, 0.3, 0.9, NAN, 0.25, 0.5, 0.6, 0.7, 0.9, 0.95, 0.97])
+    positive = np.array([0.1, 0.2, 0.3, 0.9, NAN, 0.25, 0.5, 0.6, 0.7, 0.85, 0.95, 0.97])
     control = ["negative"] * 3 + [""] * 3 + ["negative"] * 3 + ["", "positive", "positive"]
     plate = [w.split("/")[0] for w in wells]
     return xr.Dataset(
@@ -456,13 +456,17 @@ def test_well_scores_are_called_per_plate_against_that_plates_controls(tmp_path)
     assert "P1/A05" not in set(table["Metadata_Plate"] + "/" + table["Metadata_Well"])  # never scored
     assert [c for c in table.columns if c.startswith("score_")] == ["score_negative", "score_positive"]
     hits, zp = score_hits(table, config(tmp_path))
-    # P1: controls 0.1/0.2/0.3 -> median 0.2, 1.4826 * MAD 0.148; A04 at 0.9 is z = 4.72, A06 0.34.
-    # P2 A04 scores 0.9 too, but its plate's controls sit at 0.5-0.7: z = 1.35, no hit.
-    # Positive controls are never hits; the complementary "negative" class is not called.
+    # z of the logits: P1's controls 0.1/0.2/0.3 -> logits -2.197/-1.386/-0.847, median
+    # -1.386, MAD 0.539; A04 at 0.9 (logit 2.197) is z = 3.584 / (1.4826 * 0.539) = 4.48, A06
+    # (0.25) 0.36. P2's A04 at 0.85 against controls at 0.5-0.7 (median logit 0.405, MAD 0.405):
+    # z = 2.21, no hit. Positive controls are never hits; the controls' own class ("negative",
+    # median 0.8 over them) is not called.
     assert hits[["Metadata_Plate", "Metadata_Well", "class"]].values.tolist() == [["P1", "A04", "positive"]]
-    assert hits["z"].iloc[0] == pytest.approx(0.7 / (1.4826 * 0.1), rel=1e-4)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert hits["z"].iloc[0] == pytest.approx((logit(0.9) - logit(0.2)) / (1.4826 * (logit(0.3) - logit(0.2))),
+                                              rel=1e-4)
     assert hits["score"].iloc[0] == pytest.approx(0.9, abs=1e-6)
-    # Z' of P2: 1 - 3 (sd_pos + sd_neg) / |mean_pos - mean_neg| = 1 - 3 (0.01414 + 0.1) / 0.36
+    # Z' of P2 (of the probabilities): 1 - 3 (sd_pos + sd_neg) / |mean_pos - mean_neg| = 1 - 3 (0.01414 + 0.1) / 0.36
     p2 = zp.set_index("Metadata_Plate").loc["P2"]
     assert p2["z_prime"] == pytest.approx(1 - 3 * (np.std([0.95, 0.97], ddof=1) + 0.1) / 0.36, rel=1e-3)
     assert np.isnan(zp.set_index("Metadata_Plate").loc["P1", "z_prime"])  # no positive controls
@@ -613,3 +617,44 @@ def test_qc_scores_the_screen_in_blocks_of_wells_as_one_classifier_over_all_fiel
     np.testing.assert_allclose(table["Metadata_QC_Score"].to_numpy()[same],
                                expected.predictions["Metadata_QC_Score"].to_numpy()[same], rtol=1e-6)
     assert summary["f1"] == expected.f1
+
+
+def test_the_qc_fill_sample_takes_whole_blocks_of_wells_spread_over_the_screen(monkeypatch):
+    import rayscreen.analysis.stages as stages
+
+    wi = np.repeat(np.arange(100), 3)  # 100 wells x 3 usable fields
+    assert len(stages._fill_sample(wi, 100, 10)) == 300  # under QC_FILL_FIELDS: every field
+    monkeypatch.setattr(stages, "QC_FILL_FIELDS", 61)
+    picked = stages._fill_sample(wi, 100, 10)
+    blocks = sorted(set(wi[picked] // 10))
+    assert blocks == [0, 4, 9] and len(picked) == 90  # first, last, middle block: 3 x 30 >= 61
+    assert stages._spread(5) == [0, 4, 2, 1, 3]
+
+
+def test_positive_controls_are_never_score_hits_whichever_column_marks_them(tmp_path):
+    from rayscreen.analysis.stages import score_hits, score_table
+
+    table = score_table(_scores_store()).rename(columns={"Metadata_Control": "Metadata_pert_type"})
+    table["Metadata_pert_type"] = table["Metadata_pert_type"].replace({"negative": "negcon", "positive": "poscon"})
+    # P2's positive controls (0.95, 0.97) are far above P2's controls: hits, if not excluded
+    hits, zp = score_hits(table, config(tmp_path, control_column="Metadata_pert_type"))
+    assert hits[["Metadata_Plate", "Metadata_Well"]].values.tolist() == [["P1", "A04"]]
+    assert zp is not None and list(zp["class"]) == ["positive", "positive"]
+
+
+def test_score_hits_that_cannot_be_called_leave_the_evaluation_and_stale_files_go(tmp_path, caplog):
+    from rayscreen.analysis.stages import score_table
+
+    treatment, wells = _tables(["A", "A", "B", "B"], ["a1", "a2", "b1", "b2"])
+    _write_tables(tmp_path, treatment, wells)
+    tables, out = tmp_path / "run" / "tables", tmp_path / "run" / "evaluation"
+    score_table(_scores_store()).to_parquet(tables / "well_scores.parquet")
+    assert run_evaluate(config(tmp_path), progress=False)["n_hits_score"] == 1
+    assert (out / "hits_score.csv").exists()
+    # the scores' plates without control wells (e.g. infer has not scored them yet)
+    score_table(_scores_store()).assign(Metadata_Control="").to_parquet(tables / "well_scores.parquet")
+    with caplog.at_level("WARNING", logger="rayscreen"):
+        result = run_evaluate(config(tmp_path), progress=False)
+    assert "control" in result["score_hits_error"] and "no hits of the well scores" in caplog.text
+    assert result["nsc"] is not None and json.loads((out / "evaluation.json").read_text())["score_hits_error"]
+    assert not (out / "hits_score.csv").exists()  # the earlier run's, not shown as this one's

@@ -109,7 +109,7 @@ def test_how_plates_are_read_leaves_every_stage_complete(tmp_path):
     """on_error: skip is the way past a bad field; it used to invalidate illum (and so every
     stage) and make train refuse to resume its finished run."""
     base = _config(tmp_path)
-    changed = _config(tmp_path, stream={"on_error": "skip", "override_num_blocks": 8})
+    changed = _config(tmp_path, stream={"on_error": "skip", "override_num_blocks": 8, "read_threads": 2})
     for stage in ("illum", "train", "infer", "profile", "aggregate", "evaluate"):
         assert pipeline.fingerprint(base, stage) == pipeline.fingerprint(changed, stage)
     assert pipeline.fingerprint(base, "profile") != pipeline.fingerprint(

@@ -94,7 +94,7 @@ def test_full_report_known_answers(full_run):
     assert re.search(r"P1\s*8\s*0\s*0", qc) and re.search(r"P2\s*8\s*1\s*0.125", qc), qc
     ev = page.sections["moa-evaluation"]
     assert "0.75" in ev and "tubulin" in ev and "B02" in ev  # nsc, per-MOA table, hits
-    assert "C07" in ev and "5.5" in ev and "0.61" in ev  # hits of the well scores, Z' per plate
+    assert "C07" in ev and "5.5" in ev and "0.61" in ev and "0.47" in ev  # score hits, Z' of distance and score
 
 
 def test_report_of_a_run_with_no_outputs_says_which_stages_have_not_run(tmp_path):

@@ -162,10 +162,9 @@ def test_prefetched_keeps_order_bounds_the_window_and_passes_unwanted_items(tmp_
             drawn.append(i)
             yield i
 
-    out = []
+    out, ahead = [], []
     for item, future in prefetched(work, items(), threads=3, wanted=lambda i: i != 4):
-        # never more than `threads` items drawn ahead of the one handed out
-        assert len(drawn) - 1 - item <= 3
+        ahead.append(len(drawn) - 1 - item)  # items drawn beyond the one handed out
         if future is None:
             out.append((item, None))
             continue
@@ -174,6 +173,7 @@ def test_prefetched_keeps_order_bounds_the_window_and_passes_unwanted_items(tmp_
         except ValueError as e:
             out.append((item, str(e)))
     assert out == [(i, None if i == 4 else "item 5" if i == 5 else i * 10) for i in range(12)]
+    assert max(ahead) == 2  # the window: `threads` items submitted, one of them handed out
     assert 4 not in started and sorted(started) == [i for i in range(12) if i != 4]
 
 
@@ -247,3 +247,47 @@ def test_large_fields_are_read_fewer_at_a_time(tmp_path, monkeypatch):
     assert ds.read_ahead(tasks, StreamOptions(read_threads=8), plate_of) == 1
     missing = [WellTask(str(tmp_path / "nothing.zarr"), "X", "A01")]
     assert ds.read_ahead(missing, StreamOptions(read_threads=8), plate_of) == 1  # its error comes with the read
+
+
+def test_read_plates_gives_its_read_tasks_the_field_size(tmp_path):
+    """So a read task bounds its read-ahead without a field's metadata requests of its own."""
+    import rayscreen.stream.datasource as ds
+
+    uri = make_plate(str(tmp_path / "p.zarr"), "P", wells=("A01",), fields=1, field_shape=(100, 50))
+    tasks = plan_wells([uri])
+
+    def no_plate(uri):
+        raise AssertionError("read_ahead opened a plate")
+
+    options = StreamOptions(read_threads=8, field_bytes=2 * 100 * 50 * 2)
+    assert ds.read_ahead(tasks, options, no_plate) == 8
+    assert ds.raw_field_bytes(ds.open_plate(uri), ("DNA",)) == 100 * 50 * 2
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_a_storage_error_on_a_wells_metadata_comes_after_the_fields_before_it(tmp_path, threads):
+    """An OSError (S3 after s3fs's retries) reading well A02's metadata: the rows of A01 come
+    first and the error then, as in a plain loop, not while reading ahead."""
+    import rayscreen.stream.datasource as ds
+
+    uri = make_plate(str(tmp_path / "p.zarr"), "P", wells=("A01", "A02"), fields=3, field_shape=(8, 8))
+
+    class FlakyWell:  # the plate, but its storage fails on one well's metadata
+        def __init__(self, plate):
+            self.plate = plate
+
+        def __getattr__(self, name):
+            return getattr(self.plate, name)
+
+        def well_meta(self, well):
+            if well == "A02":
+                raise OSError("slow down")
+            return self.plate.well_meta(well)
+
+    plate = FlakyWell(ds.open_plate(uri))
+    seen = []
+    with pytest.raises(OSError, match="slow down"):
+        for b in read_wells(plan_wells([uri]), StreamOptions(read_threads=threads, fields_per_block=1),
+                            plate_of=lambda u: plate):
+            seen += list(zip(b["well"], b["field"]))
+    assert seen == [("A01", "0"), ("A01", "1"), ("A01", "2")]
