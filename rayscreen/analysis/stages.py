@@ -754,7 +754,7 @@ def run_evaluate(config: Config, *, progress: bool = True) -> dict[str, Any]:
     if progress:
         print(format_results(results))
         print(f"hits (z >= {a.hits_threshold:g}, one-sided, of profile distance to controls): {n_hits}")
-        if score:
+        if "n_hits_score" in score:
             print(f"hits (z >= {a.hits_threshold:g}, one-sided, of infer's well scores against the controls): "
                   f"{score['n_hits_score']}")
     return summary

@@ -316,8 +316,6 @@ class _Corrections:
         return out.astype(o.dtype, copy=False) if o.dtype else out
 
 
-
-
 def _field_items(tasks: list[WellTask], options: StreamOptions, plate_of: Callable[[str], Any]
                  ) -> Iterator[tuple[str, WellTask, Any, Any]]:
     """The work of ``tasks`` in order, one item per field: ``("field", task, plate, field)``;

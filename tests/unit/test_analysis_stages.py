@@ -654,7 +654,7 @@ def test_score_hits_that_cannot_be_called_leave_the_evaluation_and_stale_files_g
     # the scores' plates without control wells (e.g. infer has not scored them yet)
     score_table(_scores_store()).assign(Metadata_Control="").to_parquet(tables / "well_scores.parquet")
     with caplog.at_level("WARNING", logger="rayscreen"):
-        result = run_evaluate(config(tmp_path), progress=False)
+        result = run_evaluate(config(tmp_path), progress=True)  # prints, without a score hit count
     assert "control" in result["score_hits_error"] and "no hits of the well scores" in caplog.text
     assert result["nsc"] is not None and json.loads((out / "evaluation.json").read_text())["score_hits_error"]
     assert not (out / "hits_score.csv").exists()  # the earlier run's, not shown as this one's
