@@ -63,7 +63,7 @@ from ..store.labels import LabelWriter, check_label_name, downsampled_shape
 from ..store.results import DONE, ResultsWriter, Variable, create_results
 from ..store.uri import filesystem, is_remote, join, local_path, mask_url_passwords
 from ..stream.datasource import (StreamOptions, WellTask, in_threads, open_plates, plan_wells,
-                                 raise_unless_skipping, read_wells, report_left_out)
+                                 raise_unless_skipping, raw_field_bytes, read_wells, report_left_out)
 from ..stream.normalize import corrections_versions
 from ..stream.plates import expand_uris
 from .predictor import Predictor, PredictorSettings, aggregate_well
@@ -448,7 +448,9 @@ def plan_infer(config: Config) -> InferPlan:
                             illumination=config.stream.illumination, normalize=config.stream.normalize != "none",
                             dtype="float32", on_error=config.stream.on_error,
                             error_report=join(config.output, "infer", "errors"),
-                            read_threads=config.stream.read_threads)
+                            read_threads=config.stream.read_threads,
+                            # the read-ahead bound, known here: the actors need not ask a plate per call
+                            field_bytes=max(raw_field_bytes(p, channels or meta.channels) for p in plates))
     if options.normalize:
         from ..stream.normalize import stream_normalizer
 
