@@ -97,6 +97,9 @@ class ProfilePredictor:
         input (:func:`to_unit_range`); ``None``: integer images by their dtype, float
         images taken as [0, 1].
     model : an already built extractor (skips the registry; tests).
+    check_input_size : probe the network with one blank input of ``input_size`` (see
+        :meth:`_check_input_size`); the profile actors pass False, as the driver's probe
+        has already checked the same backbone and size.
 
     ``__call__(batch)`` returns ``plate``, ``well``, ``field`` (passed through), ``profile``
     float32 (B, n_features), and ``classical`` (B, K) / ``qc`` (B, Q) float32 when enabled.
@@ -107,7 +110,8 @@ class ProfilePredictor:
                  input_size: int | None = None, tiles: bool = False, classical: bool = False, qc: bool = False,
                  batch_size: int = 16, device: str | None = None, storage_options: dict | None = None,
                  model: torch.nn.Module | None = None, normalizers: dict[str, dict] | None = None,
-                 qc_max_value: float | None = None, value_range: tuple[float, float] | None = None):
+                 qc_max_value: float | None = None, value_range: tuple[float, float] | None = None,
+                 check_input_size: bool = True):
         if channel_mode not in ("concat", "rgb"):
             raise RayscreenError(f"profile.channel_mode {channel_mode!r}: expected 'concat' or 'rgb'")
         self.channels = [str(c) for c in channels]
@@ -133,7 +137,8 @@ class ProfilePredictor:
         self.model = model.eval().to(self.device)
         self.feature_dim = int(model.feature_dim)
         self.input_size = int(input_size or getattr(model, "input_size", 224))
-        self._check_input_size(getattr(model, "input_size", None))
+        if check_input_size:
+            self._check_input_size(getattr(model, "input_size", None))
         self.tiles = bool(tiles)
         self.classical = bool(classical)
         self.qc = bool(qc)

@@ -484,5 +484,7 @@ def _profile_fields(config: Config, plan: dict[str, Any], wells: list[tuple[str,
                                    # stream's saturation column replaces it)
                                    qc_max_value=(float(np.iinfo(raw_dtype).max)
                                                  if np.issubdtype(raw_dtype, np.integer) else None),
-                                   value_range=network_value_range(raw_dtype, normalizers)))
+                                   value_range=network_value_range(raw_dtype, normalizers),
+                                   # run_profile's probe checked input_size on the driver
+                                   check_input_size=False))
     return drain(ds.iter_batches(batch_size=None, batch_format="numpy"), on_batch)

@@ -266,3 +266,49 @@ def test_wells_profiled_before_a_refit_are_profiled_again(tmp_path, ray_local):
         ds = xr.open_zarr(run_profile(config, progress=False), consolidated=False)
     assert ds.attrs["rayscreen"]["last_run"] == {"computed": 2, "skipped": 0}
     assert not np.allclose(ds["well_profile"].values, first)
+
+
+def test_profiles_see_the_illumination_corrected_fields(tmp_path, ray_local):
+    """`stream.illumination: true`: `rayscreen illum` fits each plate's illumination function
+    and then its normaliser on corrected fields; profile's deep and classical features are
+    those of the fields divided by that function (then normalised), worked out here from the
+    raw pixels with the pure functions, and differ from those of the uncorrected fields."""
+    from rayscreen.profile.predictor import ProfilePredictor
+    from rayscreen.profile.run import plate_normalizers
+    from rayscreen.store.plate import open_plate
+    from rayscreen.store.writer import create_plate
+    from rayscreen.stream.illumination import correct, load_illumination
+
+    # fields of textured blobs under a strong vignette (4x brighter at the right edge)
+    wells, shape = ["A01", "A02", "B01", "B02"], (48, 48)
+    uri = str(tmp_path / "V.zarr")
+    writer = create_plate(uri, "V", wells, ["DNA", "Actin"], shape, "uint16", 2)
+    rng = np.random.default_rng(0)
+    vignette = np.linspace(1.0, 4.0, shape[1])[None, None, :]
+    for well in wells:
+        for f in range(2):
+            texture = 500 + 400 * rng.random((2, *shape))
+            writer.write_field(well, f, (texture * vignette).astype(np.uint16))
+        writer.complete_well(well, 2)
+    weights = save_backbone_weights("resnet18", str(tmp_path / "resnet18.pt"), seed=0)
+    config = config_from_dict({"plates": [uri], "output": str(tmp_path / "run"), "stream": {"illumination": True},
+                               "profile": {"backbone": "resnet18", "weights": weights, "input_size": 32,
+                                           "classical": True}})
+    run_illum(config, progress=False)
+    illum = load_illumination(uri)
+    assert illum is not None and illum[:, :, -4:].mean() > 2.5 * illum[:, :, :4].mean()  # it found the vignette
+
+    ds = xr.open_zarr(run_profile(config, progress=False))
+    plate = open_plate(uri)
+    raw = np.stack([plate.read(w, f) for w in wells for f in range(2)])  # (8, 2, 48, 48) uint16
+    normalizers = plate_normalizers(config, [uri], ["DNA", "Actin"])
+    pred = ProfilePredictor("resnet18", weights, channels=["DNA", "Actin"], input_size=32, classical=True,
+                            device="cpu", normalizers=normalizers)
+    keys = {"plate": np.array(["V"] * 8), "well": np.repeat(wells, 2), "field": np.tile([0, 1], 4)}
+    expected = pred({"image": np.stack([correct(im, illum) for im in raw]), **keys})
+    uncorrected = pred({"image": raw.astype(np.float32), **keys})
+    stored = {k: ds[f"field_{k}"].sel(well=[f"V/{w}" for w in wells]).to_numpy().reshape(8, -1)
+              for k in ("profile", "classical")}
+    for k in ("profile", "classical"):
+        np.testing.assert_allclose(stored[k], expected[k], rtol=1e-4, atol=1e-4)
+        assert not np.allclose(stored[k], uncorrected[k], rtol=1e-2, atol=1e-2), k

@@ -210,3 +210,18 @@ def test_an_input_size_the_backbone_cannot_take_is_named_before_any_work():
     with pytest.raises(RayscreenError, match=r"profile.input_size 64: too small for backbone 'inception_v3'.*299"):
         ProfilePredictor("inception_v3", channels=["DNA"], input_size=64, device="cpu")
     assert ProfilePredictor("inception_v3", channels=["DNA"], input_size=80, device="cpu").input_size == 80
+
+
+def test_only_the_drivers_predictor_probes_the_network():
+    class Counting(ColourMeans):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    ProfilePredictor(channels=["DNA"], model=Counting(), input_size=8)
+    assert Counting.calls == 1  # the driver's probe: one blank input
+    # the actors' predictors (check_input_size=False) start without a forward pass
+    ProfilePredictor(channels=["DNA"], model=Counting(), input_size=8, check_input_size=False)
+    assert Counting.calls == 1
