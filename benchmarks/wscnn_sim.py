@@ -97,7 +97,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # covers only pi/4 of it), and the Jacobian of a shape detector peaks on the rim, so the
 # peak needs smoothing (sigma) to move to the centre and a window (nms_size) of about
 # twice the object size to reach the box corners.
-DEFAULT_LOC_GRID = dict(sigma=[2.0, 4.0, 6.0, 8.0, 10.0], threshold=[0.05, 0.1, 0.2, 0.3, 0.45],
+SALIENCY_METHODS = ("jacobian", "jacobian_relu", "cam")  # inference's ``infer.saliency`` choices
+DEFAULT_LOC_GRID = dict(saliency=["jacobian"], sigma=[2.0, 4.0, 6.0, 8.0, 10.0], threshold=[0.05, 0.1, 0.2, 0.3, 0.45],
                         nms_size=[25, 31, 37, 45, 55])
 
 
@@ -206,17 +207,30 @@ def score_fields(model, images: np.ndarray, device: str = "cpu") -> np.ndarray:
     return pred({"image": images})["scores"]
 
 
-def saliency_of(model, images: np.ndarray, batch: int = 16, device: str = "cpu") -> np.ndarray:
-    """(N, 1, Y, X) -> (N, Y, X) Jacobian saliency of the positive class (class 1)."""
+def saliency_of(model, images: np.ndarray, method: str = "jacobian", batch: int = 16, device: str = "cpu"
+                ) -> np.ndarray:
+    """(N, 1, Y, X) -> (N, Y, X) saliency of the positive class (class 1), by one of
+    inference's methods (``infer.saliency``): "jacobian" (Simonyan), "jacobian_relu"
+    (Kraus' ReLU on back-propagated gradients) or "cam" (the class map upsampled, >= 0)."""
     import torch
 
-    from rayscreen.models.saliency import jacobian_saliency
+    from rayscreen.models.saliency import cam_saliency, jacobian_saliency
 
+    if method not in SALIENCY_METHODS:
+        raise ValueError(f"saliency method {method!r}: expected one of {SALIENCY_METHODS}")
     model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    out = [jacobian_saliency(model, torch.from_numpy(images[i:i + batch]).to(device), class_index=1).cpu().numpy()
-           for i in range(0, len(images), batch)]
+
+    def one(x):
+        if method == "cam":
+            with torch.no_grad():
+                maps = model.forward_maps(x)["class_maps"]
+            return cam_saliency(maps, tuple(x.shape[-2:]), class_index=1).clamp(min=0)
+        return jacobian_saliency(model, x, class_index=1, relu=method == "jacobian_relu")
+
+    model.eval()
+    out = [one(torch.from_numpy(images[i:i + batch]).to(device)).cpu().numpy() for i in range(0, len(images), batch)]
     return np.concatenate(out)
 
 
@@ -239,16 +253,23 @@ def f1(s: dict[str, float]) -> float:
     return 0.0 if not (np.isfinite(p) and np.isfinite(r)) or p + r == 0 else 2 * p * r / (p + r)
 
 
-def choose_mask_params(saliency: np.ndarray, objects: pd.DataFrame, grid: dict[str, list], device: str = "cpu"
-                       ) -> dict[str, Any]:
-    """The (sigma, threshold, nms_size) of ``grid`` with the best localisation F1 on the
-    given (validation) images; ties go to the first in grid order."""
+def choose_mask_params(saliency: dict[str, np.ndarray], objects: pd.DataFrame, grid: dict[str, list],
+                       device: str = "cpu") -> dict[str, Any]:
+    """The (saliency method, sigma, threshold, nms_size) of ``grid`` with the best
+    localisation F1 on the given (validation) images; ties go to the first in grid order.
+    ``saliency``: method -> (N, Y, X) maps of those images, for every method of the grid."""
     best = None
-    for sigma, thr, nms in itertools.product(grid["sigma"], grid["threshold"], grid["nms_size"]):
-        s, _ = localise(saliency, objects, sigma, thr, nms, device)
+    for method, sigma, thr, nms in itertools.product(grid_methods(grid), grid["sigma"], grid["threshold"],
+                                                     grid["nms_size"]):
+        s, _ = localise(saliency[method], objects, sigma, thr, nms, device)
         if best is None or f1(s) > best[0]:
-            best = (f1(s), dict(sigma=sigma, threshold=thr, nms_size=nms), s)
+            best = (f1(s), dict(saliency=method, sigma=sigma, threshold=thr, nms_size=nms), s)
     return {**best[1], "val_f1": best[0], "val_precision": best[2]["precision"], "val_recall": best[2]["recall"]}
+
+
+def grid_methods(grid: dict[str, list]) -> list[str]:
+    """The grid's saliency methods (a grid without the key: the plain Jacobian)."""
+    return list(grid.get("saliency", ["jacobian"]))
 
 
 def positives_with_objects(images: np.ndarray, keys: pd.DataFrame, objects: pd.DataFrame
@@ -278,9 +299,9 @@ def evaluate(artefact: str, data: dict[str, Any], loc_grid: dict[str, list], sim
         p2 = score_fields(model, data["sd2_images"], device)
         out["simdata2_accuracy"] = 100 * float(((p2[:, pos_class] > 0.5).astype(int) == data["sd2_keys"]["label"]).mean())
     # mask parameters from the validation split only
-    val_sal = saliency_of(model, data["val_pos"][0], device=device)
+    val_sal = {m: saliency_of(model, data["val_pos"][0], m, device=device) for m in grid_methods(loc_grid)}
     params = choose_mask_params(val_sal, data["val_pos"][2], loc_grid, device)
-    test_sal = saliency_of(model, data["test_pos"][0], device=device)
+    test_sal = saliency_of(model, data["test_pos"][0], params["saliency"], device=device)
     scores, masks = localise(test_sal, data["test_pos"][2], params["sigma"], params["threshold"], params["nms_size"],
                              device)
     out.update({"loc_accuracy": 100 * scores["accuracy"], "loc_precision": 100 * scores["precision"],
@@ -313,7 +334,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def figure(path: str, images: np.ndarray, objects: pd.DataFrame, masks: np.ndarray, saliency: np.ndarray,
-           n: int = 3) -> None:
+           n: int = 3, method: str = "jacobian") -> None:
     """Test images (grey) with the saliency masks (purple) and the circles' boxes (red)."""
     import matplotlib
 
@@ -335,7 +356,7 @@ def figure(path: str, images: np.ndarray, objects: pd.DataFrame, masks: np.ndarr
         for a in (ax, ax2):
             a.set_xticks([]), a.set_yticks([])
     axes[0, 0].set_ylabel("mask (purple), circles (red)")
-    axes[1, 0].set_ylabel("Jacobian saliency")
+    axes[1, 0].set_ylabel(f"saliency ({method})")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=48)  # small PNG: docs figure
@@ -392,7 +413,7 @@ def run(preset_name: str, out: str, models: list[str], seed: int = 0, figure_pat
         results[pooling] = r
         if pooling == "max" and figure_path:
             pos, objs = data["test_pos"][0], data["test_pos"][2]
-            figure(figure_path, pos, objs, maps["masks"], maps["saliency"])
+            figure(figure_path, pos, objs, maps["masks"], maps["saliency"], method=r["mask_params"]["saliency"])
         print(f"[wscnn_sim] {pooling}: test acc {r['test_accuracy']:.2f}%  loc P/R "
               f"{r['loc_precision']:.1f}/{r['loc_recall']:.1f}  ({timings.get(f'train_{pooling}_s', 0):.0f} s train)",
               flush=True)

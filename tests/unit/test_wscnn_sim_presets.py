@@ -46,3 +46,44 @@ def test_fc_grid_matches_the_papers_maps():
     # the paper's FC layer sees 21 x 30 maps; small's 105 x 140 fields give 8 x 12
     assert bench.class_map_grid(bench.PRESETS["paper"]) == [21, 30]
     assert bench.class_map_grid(bench.PRESETS["small"]) == [8, 12]
+
+
+def _two_objects_per_image(n: int = 4):
+    """n 40 x 60 images, each with a circle box at the left and an ellipse box at the right."""
+    import pandas as pd
+
+    rows = []
+    for i in range(n):
+        rows.append(dict(image=i, y0=10, x0=5, y1=26, x1=21, rare=True))
+        rows.append(dict(image=i, y0=10, x0=35, y1=26, x1=51, rare=False))
+    return pd.DataFrame(rows)
+
+
+def test_mask_params_choose_the_saliency_method_that_localises_on_validation():
+    import numpy as np
+
+    objects = _two_objects_per_image()
+    on_circle = np.zeros((4, 40, 60), np.float32)
+    on_circle[:, 8:28, 3:23] = 1.0  # evidence over each circle's box
+    on_ellipse = np.zeros_like(on_circle)
+    on_ellipse[:, 8:28, 33:53] = 1.0
+    grid = dict(saliency=["jacobian", "cam"], sigma=[2.0], threshold=[0.1], nms_size=[25])
+    chosen = bench.choose_mask_params({"jacobian": on_ellipse, "cam": on_circle}, objects, grid)
+    assert chosen["saliency"] == "cam" and chosen["val_recall"] == 1.0 and chosen["val_precision"] == 1.0
+    chosen = bench.choose_mask_params({"jacobian": on_circle, "cam": on_ellipse}, objects, grid)
+    assert chosen["saliency"] == "jacobian" and chosen["val_f1"] == 1.0
+    # a grid without the key keeps the plain Jacobian (older presets, --set loc_grid=...)
+    assert bench.grid_methods(dict(sigma=[2.0])) == ["jacobian"]
+
+
+@pytest.mark.parametrize("method", bench.SALIENCY_METHODS)
+def test_saliency_of_each_method_has_the_fields_shape(method):
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = create_model("wscnn", in_channels=1, num_classes=2, width=0.25).eval()
+    images = np.random.default_rng(0).random((3, 1, 64, 96), dtype=np.float32)
+    sal = bench.saliency_of(model, images, method, batch=2)
+    assert sal.shape == (3, 64, 96) and np.isfinite(sal).all() and (sal >= 0).all() and sal.max() > 0
+    with pytest.raises(ValueError, match="saliency method"):
+        bench.saliency_of(model, images, "gradcam")
