@@ -219,7 +219,7 @@ class TrainConfig:
     augment: AugmentSection = field(default_factory=AugmentSection)
     distill: DistillSection = field(default_factory=DistillSection)
     run_name: str = "train"  # a rerun with the same name resumes from its last checkpoint
-    max_failures: int = 1  # Ray Train restarts from the last checkpoint after a worker failure
+    max_failures: int = 1  # restarts from the last checkpoint after a worker failure (a non-finite loss ends the run)
     metric: Literal["train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
                     "val_f1", "val_roc_auc"] = "val_balanced_accuracy"  # picks the best epoch
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)

@@ -176,12 +176,27 @@ def metrics_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
         {c: float for c in METRIC_COLUMNS if c != "epoch"})
 
 
-def read_events(run_dir: str, storage_options=None) -> list[dict[str, Any]]:
-    """The worker-group starts of a run directory (``events.jsonl``), oldest first."""
+def read_events(run_dir: str, storage_options=None, event: str | None = "start") -> list[dict[str, Any]]:
+    """The events of a run directory (``events.jsonl``), oldest first: by default the
+    worker-group starts; ``event=None`` for every kind ("fit": a ``run_train`` call,
+    "start": a worker group, "nonfinite": a non-finite training loss)."""
     fs, path = filesystem(join(run_dir, EVENTS), storage_options)
     if not fs.exists(path):
         return []
-    return [json.loads(line) for line in fs.cat(path).decode().splitlines() if line.strip()]
+    events = [json.loads(line) for line in fs.cat(path).decode().splitlines() if line.strip()]
+    return [e for e in events if event is None or e.get("event") == event]
+
+
+def nonfinite_since_fit(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first "nonfinite" event after the last "fit" event (this ``run_train`` call), or None."""
+    fits = [i for i, e in enumerate(events) if e.get("event") == "fit"]
+    return next((e for e in events[fits[-1] + 1 if fits else 0:] if e.get("event") == "nonfinite"), None)
+
+
+def nonfinite_message(event: dict[str, Any]) -> str:
+    return (f"the training loss became non-finite at epoch {event['epoch']}, step {event['step']} (rank "
+            f"{event['rank']}): {event['message']}. Not retried: Ray Train restarts from the same checkpoint, "
+            f"where the same steps diverge again")
 
 
 def run_train(config: Config, *, progress: bool = True) -> TrainResult:
@@ -217,9 +232,15 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
     # one line per epoch is the progress: no Ray Data bars on the workers
     with stage_data_context():
         trainer = _trainer(plan, loop_config, storage_path, storage_fs, use_gpu)
+    # marks this call in events.jsonl: a non-finite loss recorded after it ends the run
+    # without spending train.max_failures restarts on it (train_loop_per_worker)
+    _append(join(plan.run_dir, EVENTS), {"event": "fit", "time": time.time()}, config.storage_options)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause readable
+        nonfinite = nonfinite_since_fit(read_events(plan.run_dir, config.storage_options, event=None))
+        if nonfinite is not None:
+            raise TrainingError(f"training run {t.run_name!r}: {nonfinite_message(nonfinite)}") from None
         raise TrainingError(f"training run {t.run_name!r} failed: {e}") from e
     return _finish(plan, result)
 
@@ -692,9 +713,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded["scheduler"] is not None:
             restore_scheduler(scheduler, loaded["scheduler"], t)
+    # a non-finite loss in an earlier worker group of this run_train call, from this same
+    # checkpoint: the restart would take the same steps to the same loss (a too-high lr is
+    # not transient), so it ends here instead of training up to it max_failures times more
+    nonfinite = nonfinite_since_fit(read_events(run_dir, so, event=None))
+    if nonfinite is not None and nonfinite["from_epoch"] == state.epoch:
+        raise FloatingPointError(nonfinite_message(nonfinite))
     if rank == 0:
         _append(join(run_dir, EVENTS), {"event": "start", "from_epoch": state.epoch, "world_size": world,
                                         "torch_threads": torch.get_num_threads(), "time": time.time()}, so)
+    from_epoch = state.epoch
 
     train_shard = ray.train.get_dataset_shard("train")
     val_name = f"val_{rank}"
@@ -760,14 +788,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 continue
             if bn_reservoir is not None:
                 bn_reservoir.offer(images)
-            if distiller is None:
-                loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
-                                  amp=amp, label_smoothing=t.label_smoothing)
-            else:
-                stats = distill_step(model, distiller, optimizer, images, labels, views=views,
-                                     grad_clip=t.grad_clip, amp=amp, label_smoothing=t.label_smoothing)
-                loss = stats.loss
-                distill_sums += np.array(stats[1:]) * len(labels)
+            try:
+                if distiller is None:
+                    loss = train_step(model, optimizer, images, labels, transform=transform, grad_clip=t.grad_clip,
+                                      amp=amp, label_smoothing=t.label_smoothing)
+                else:
+                    stats = distill_step(model, distiller, optimizer, images, labels, views=views,
+                                         grad_clip=t.grad_clip, amp=amp, label_smoothing=t.label_smoothing)
+                    loss = stats.loss
+                    distill_sums += np.array(stats[1:]) * len(labels)
+            except FloatingPointError as e:  # optimizer_step's non-finite loss
+                _append(join(run_dir, EVENTS), {"event": "nonfinite", "rank": rank, "epoch": epoch, "step": i + 1,
+                                                "from_epoch": from_epoch, "message": str(e), "time": time.time()}, so)
+                raise
             loss_sum += loss * len(labels)
             n += len(labels)
             if i == 0:
