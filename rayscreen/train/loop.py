@@ -44,7 +44,7 @@ from .step import (augment_config, average_batchnorm, broadcast_buffers, classif
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
-EVENTS = "events.jsonl"  # one line per worker-group start: {"event": "start", "from_epoch": k, ...}
+EVENTS = "events.jsonl"  # one JSON line per event: "fit" (run_train), "start" (worker group), "nonfinite" (loss)
 WORKERS = "workers"  # <run_dir>/workers/rank-<r>.json: pid, host, epoch, batch (where each worker is)
 
 
@@ -195,8 +195,8 @@ def nonfinite_since_fit(events: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def nonfinite_message(event: dict[str, Any]) -> str:
     return (f"the training loss became non-finite at epoch {event['epoch']}, step {event['step']} (rank "
-            f"{event['rank']}): {event['message']}. Not retried: Ray Train restarts from the same checkpoint, "
-            f"where the same steps diverge again")
+            f"{event['rank']}): {event['message']}. Not retried: Ray Train would restart from the last checkpoint "
+            f"before it, where the same steps diverge again")
 
 
 def run_train(config: Config, *, progress: bool = True) -> TrainResult:
@@ -713,11 +713,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded["scheduler"] is not None:
             restore_scheduler(scheduler, loaded["scheduler"], t)
-    # a non-finite loss in an earlier worker group of this run_train call, from this same
-    # checkpoint: the restart would take the same steps to the same loss (a too-high lr is
-    # not transient), so it ends here instead of training up to it max_failures times more
+    # a non-finite loss in an earlier worker group of this run_train call: this restart
+    # resumes from the last checkpoint before it and would take the same steps to the same
+    # loss (a too-high lr is not transient), so it ends here instead of training up to it
+    # max_failures times more
     nonfinite = nonfinite_since_fit(read_events(run_dir, so, event=None))
-    if nonfinite is not None and nonfinite["from_epoch"] == state.epoch:
+    if nonfinite is not None:
         raise FloatingPointError(nonfinite_message(nonfinite))
     if rank == 0:
         _append(join(run_dir, EVENTS), {"event": "start", "from_epoch": state.epoch, "world_size": world,
