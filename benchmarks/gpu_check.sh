@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks, in one command on a machine with a CUDA GPU and PyTorch (docs/benchmarks.md,
 # "GPU"): the GPU-vs-CPU unit tests, `rayscreen demo` (train, infer and profile on the GPU,
-# bf16 autocast in training) and the WSCNN reproduction's `paper` preset, max pooling, at the
+# bf16 autocast in training), inference throughput (benchmarks/infer.py --gpu) and the WSCNN reproduction's `paper` preset, max pooling, at the
 # paper's rate and at 1e-3.
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [SECONDS]
@@ -49,6 +49,11 @@ rm -rf /tmp/demo_gpu
 timeout 240 $PY -m rayscreen.cli demo --out /tmp/demo_gpu > "$out/demo.log" 2>&1
 echo "demo rc $?"
 grep -E "GPU|on CPU|done in|hits|QC|NSC|wall" "$out/demo.log" | grep -v "^\s*$" | tail -30
+
+echo "== $(($(date +%s) - start)) s: inference throughput on the GPU (run_infer vs the Predictor there)"
+timeout 150 $PY benchmarks/infer.py --preset gpu --gpu --repeats 2 > "$out/infer_gpu.log" 2>&1
+echo "infer gpu rc $?"
+grep -E "^inference|round|best of|steady /" "$out/infer_gpu.log" | tail -8
 
 echo "== $(($(date +%s) - start)) s: waiting for the paper data"
 wait $data_pid || echo "paper data generation failed (rc $?): the runs below draw it again, inside their time"

@@ -4,6 +4,7 @@
     python benchmarks/infer.py --preset small --memory      # also: peak RSS, 1 plate vs 4 plates
     python benchmarks/infer.py --preset small --concurrency 2 --num-cpus 1   # pool shape
     python benchmarks/infer.py --preset small --labels      # also: the cost of infer.labels
+    python benchmarks/infer.py --preset gpu --gpu           # one actor on the GPU vs the Predictor there
 
 Throughput: fields/s of
 
@@ -64,6 +65,9 @@ PRESETS = {
     "tiny": dict(plates=2, wells=4, fields=4, size=64),
     "small": dict(plates=3, wells=8, fields=8, size=128),
     "large": dict(plates=3, wells=16, fields=8, size=256),
+    # --gpu: fields large enough that the GPU has work per batch (the CPU presets' 64-256 px
+    # fields leave a GPU waiting on Python and the stream)
+    "gpu": dict(plates=3, wells=16, fields=8, size=512),
 }
 MEMORY_PRESETS = {
     # per plate; the memory case runs 1 plate, then 4 plates of this shape
@@ -118,7 +122,7 @@ def _init_ray(cores: int, object_store_mb: int = 512) -> None:
 # -- throughput
 
 
-def _predictor(ckpt: str, per_batch: int, threads: int):
+def _predictor(ckpt: str, per_batch: int, threads: int, device: str = "cpu"):
     import torch
 
     from rayscreen.infer.predictor import Predictor, PredictorSettings
@@ -126,13 +130,14 @@ def _predictor(ckpt: str, per_batch: int, threads: int):
 
     torch.set_num_threads(threads)
     model, _ = build_model(ckpt)
-    return Predictor(model, PredictorSettings(batch_size=per_batch, saliency_downsample=4))
+    return Predictor(model, PredictorSettings(batch_size=per_batch, saliency_downsample=4), device=device)
 
 
-def forward_pass(fields: np.ndarray, ckpt: str, per_batch: int, threads: int) -> float:
+def forward_pass(fields: np.ndarray, ckpt: str, per_batch: int, threads: int, device: str = "cpu") -> float:
     """Seconds for the Predictor over ``fields`` (N, C, Y, X) float32, in batches of
-    ``per_batch``, in this process with ``threads`` torch threads (after a warm-up batch)."""
-    predictor = _predictor(ckpt, per_batch, threads)
+    ``per_batch``, in this process with ``threads`` torch threads (after a warm-up batch),
+    on ``device`` (its outputs come back as NumPy arrays, so each batch ends synchronised)."""
+    predictor = _predictor(ckpt, per_batch, threads, device)
     predictor({"image": fields[:per_batch]})  # warm-up
     start = time.perf_counter()
     for i in range(0, len(fields), per_batch):
@@ -189,7 +194,9 @@ def infer_pass(cfg) -> dict:
 
 
 def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_size: int | None,
-               repeats: int = 3, labels: bool = False) -> dict:
+               repeats: int = 3, labels: bool = False, gpu: bool = False) -> dict:
+    """``gpu``: the baseline is the Predictor on the GPU (one process), and run_infer's pool
+    reserves the GPU (``infer.use_gpu``; ``concurrency`` 1 for one GPU)."""
     from rayscreen.infer.run import plan_infer
     from rayscreen.stream.datasource import plan_wells, read_wells
 
@@ -202,7 +209,7 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
     n_fields = p["plates"] * per_plate
     cfg = lambda plates, out, **extra: infer_config(plates, ckpt, os.path.join(root, out),  # noqa: E731
                                                     batch_size=batch, concurrency=concurrency, num_cpus=num_cpus,
-                                                    **extra)
+                                                    use_gpu=gpu, **extra)
     # the same fields, in memory, exactly as run_infer's actors hand them to the model
     options = plan_infer(cfg(uris, "plan")).options
     fields = np.concatenate([b["image"] for b in read_wells(plan_wells(uris), options)])
@@ -217,8 +224,11 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
 
     rounds = []
     for r in range(repeats):
-        forwards = {f"1 process x {cores} threads": n_fields / forward_pass(fields, ckpt, batch, cores)}
-        if cores > 1:
+        if gpu:
+            forwards = {"1 process on the GPU": n_fields / forward_pass(fields, ckpt, batch, cores, "cuda")}
+        else:
+            forwards = {f"1 process x {cores} threads": n_fields / forward_pass(fields, ckpt, batch, cores)}
+        if cores > 1 and not gpu:
             forwards[f"{cores} processes x 1 thread"] = n_fields / forward_processes(fields, ckpt, batch, cores, root)
         run = infer_pass(cfg(uris, f"all{r}"))
         stamps = run["stamps"]
@@ -234,7 +244,7 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
     best_forward = max(max(r["forward"].values()) for r in rounds)
     best_steady = max(r["run_infer_steady"] for r in rounds)
     best_total = max(r["run_infer_total"] for r in rounds)
-    return {"preset": preset, "plates": p["plates"], "fields": n_fields, "field_shape": [2, p["size"], p["size"]],
+    return {"preset": preset, "device": _device_name() if gpu else "cpu", "plates": p["plates"], "fields": n_fields, "field_shape": [2, p["size"], p["size"]],
             "cores": cores, "batch_size": batch, "concurrency": concurrency, "num_cpus": num_cpus,
             "wells_per_call": per_call, "steady_skips_wells": skip, "repeats": repeats,
             "rounds": [{k: ({kk: rnd(vv) for kk, vv in v.items()} if isinstance(v, dict) else
@@ -344,8 +354,14 @@ def memory(preset: str, root: str, **infer) -> dict:
 # -- output
 
 
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def _print_throughput(r: dict) -> None:
-    print(f"inference throughput, preset {r['preset']}: {r['plates']} plates, {r['fields']} fields of "
+    print(f"inference throughput, preset {r['preset']} on {r['device']}: {r['plates']} plates, {r['fields']} fields of "
           f"{r['field_shape']}, {r['cores']} cores, batch {r['batch_size']} fields (one well), pool "
           f"{r['concurrency']} actor(s) x {r['num_cpus']} CPU")
     print(f"{r['wells_per_call']} wells per actor call; steady rate from the done flags after the first "
@@ -387,19 +403,28 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-child", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--labels", action="store_true",
                         help="each round also runs run_infer with infer.labels (masks into the plates) and compares")
+    parser.add_argument("--gpu", action="store_true",
+                        help="throughput on the GPU: the Predictor there vs run_infer with infer.use_gpu (1 actor)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--gpu: no CUDA GPU visible to PyTorch here")
+        if args.memory or args.memory_only:
+            parser.error("--gpu measures throughput only (drop --memory / --memory-only)")
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
     cores = os.cpu_count() or 1
-    concurrency = args.concurrency or max(1, int(cores // args.num_cpus))
+    concurrency = args.concurrency or (1 if args.gpu else max(1, int(cores // args.num_cpus)))
     root = tempfile.mkdtemp(prefix="rayscreen-bench-infer-")
     results = {}
     try:
         if not args.memory_only:
             results["throughput"] = throughput(args.preset, root, concurrency, args.num_cpus, args.batch_size,
-                                               args.repeats, args.labels)
+                                               args.repeats, args.labels, args.gpu)
             if not args.json:
                 _print_throughput(results["throughput"])
         if args.memory or args.memory_only:
