@@ -87,3 +87,20 @@ def test_saliency_of_each_method_has_the_fields_shape(method):
     assert sal.shape == (3, 64, 96) and np.isfinite(sal).all() and (sal >= 0).all() and sal.max() > 0
     with pytest.raises(ValueError, match="saliency method"):
         bench.saliency_of(model, images, "gradcam")
+
+
+def test_the_grid_search_scores_the_masks_that_localise_makes():
+    """choose_mask_params smooths once per (method, sigma); its figures must be those of
+    localise (the path the test split takes) at the chosen parameters."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    objects = _two_objects_per_image(6)
+    maps = rng.random((6, 40, 60), dtype=np.float32)
+    maps[:, 8:28, 3:23] += rng.random((6, 1, 1), dtype=np.float32) * 3  # evidence of varying strength
+    grid = dict(saliency=["jacobian"], sigma=[1.0, 3.0], threshold=[0.2, 0.5, 0.8], nms_size=[11, 25])
+    chosen = bench.choose_mask_params({"jacobian": maps}, objects, grid)
+    direct, _ = bench.localise(maps, objects, chosen["sigma"], chosen["threshold"], chosen["nms_size"])
+    assert (chosen["val_precision"], chosen["val_recall"]) == (direct["precision"], direct["recall"])
+    assert chosen["val_f1"] == max(bench.f1(bench.localise(maps, objects, s, t, n)[0])
+                                   for s in grid["sigma"] for t in grid["threshold"] for n in grid["nms_size"])
