@@ -182,9 +182,9 @@ def box_max(s: torch.Tensor, size: int) -> torch.Tensor:
 
     Separable: a row max then a column max, the same values as one square ``max_pool2d``.
     On the CPU by scipy's running 1-D maximum, whose cost per pixel does not grow with the
-    window: 5x faster than ``max_pool2d``'s ``size`` comparisons per pixel at 45 px (the
-    WSCNN benchmark's mask grid and inference's NMS run it per image); on a GPU by
-    ``max_pool2d`` (:func:`_box_max_pool`)."""
+    window (measured at 45 px on 160 fields of 105 x 140: 0.06 s against 0.31 s for
+    ``max_pool2d``'s ``size`` comparisons per pixel; the WSCNN benchmark's mask grid and
+    inference's NMS run it per image); on a GPU by ``max_pool2d`` (:func:`_box_max_pool`)."""
     size = int(size) | 1
     if s.device.type != "cpu" or s.requires_grad or s.dtype not in (torch.float32, torch.float64):
         return _box_max_pool(s, size)  # (scipy has no bfloat16 / float16 filters)
