@@ -51,7 +51,7 @@ echo "demo rc $?"
 grep -E "GPU|on CPU|done in|hits|QC|NSC|wall" "$out/demo.log" | grep -v "^\s*$" | tail -30
 
 echo "== $(($(date +%s) - start)) s: inference throughput on the GPU (run_infer vs the Predictor there)"
-timeout 150 $PY benchmarks/infer.py --preset gpu --gpu --repeats 2 > "$out/infer_gpu.log" 2>&1
+timeout 180 $PY benchmarks/infer.py --preset gpu --gpu --repeats 2 > "$out/infer_gpu.log" 2>&1
 echo "infer gpu rc $?"
 grep -E "^inference|round|best of|steady /" "$out/infer_gpu.log" | tail -8
 

@@ -414,6 +414,8 @@ def main(argv=None) -> None:
             parser.error("--gpu: no CUDA GPU visible to PyTorch here")
         if args.memory or args.memory_only:
             parser.error("--gpu measures throughput only (drop --memory / --memory-only)")
+    if (args.memory or args.memory_only) and args.preset not in MEMORY_PRESETS:
+        parser.error(f"--memory: no memory preset {args.preset!r}; choose from {sorted(MEMORY_PRESETS)}")
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return

@@ -185,6 +185,8 @@ def box_max(s: torch.Tensor, size: int) -> torch.Tensor:
     window (measured at 45 px on 160 fields of 105 x 140: 0.06 s against 0.31 s for
     ``max_pool2d``'s ``size`` comparisons per pixel; the WSCNN benchmark's mask grid and
     inference's NMS run it per image); on a GPU by ``max_pool2d`` (:func:`_box_max_pool`)."""
+    if s.dim() != 3:
+        raise ValueError(f"box_max: s must be (B, H, W), got {tuple(s.shape)}")
     size = int(size) | 1
     if s.device.type != "cpu" or s.requires_grad or s.dtype not in (torch.float32, torch.float64):
         return _box_max_pool(s, size)  # (scipy has no bfloat16 / float16 filters)

@@ -44,7 +44,8 @@ from .step import (augment_config, average_batchnorm, broadcast_buffers, classif
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["epoch", *METRICS, "seconds"]
-EVENTS = "events.jsonl"  # one JSON line per event: "fit" (run_train), "start" (worker group), "nonfinite" (loss)
+EVENTS = "events.jsonl"  # one JSON line per event: "start" (a worker group), "nonfinite" (a run ended by one)
+NONFINITE = "nonfinite"  # <run_dir>/nonfinite/<run_name>-rank-<r>.json: a non-finite loss of this run_train call
 WORKERS = "workers"  # <run_dir>/workers/rank-<r>.json: pid, host, epoch, batch (where each worker is)
 
 
@@ -178,8 +179,8 @@ def metrics_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
 
 def read_events(run_dir: str, storage_options=None, event: str | None = "start") -> list[dict[str, Any]]:
     """The events of a run directory (``events.jsonl``), oldest first: by default the
-    worker-group starts; ``event=None`` for every kind ("fit": a ``run_train`` call,
-    "start": a worker group, "nonfinite": a non-finite training loss)."""
+    worker-group starts; ``event=None`` for every kind ("start": a worker group, written by
+    rank 0; "nonfinite": a run ended by a non-finite loss, written by the driver)."""
     fs, path = filesystem(join(run_dir, EVENTS), storage_options)
     if not fs.exists(path):
         return []
@@ -187,16 +188,46 @@ def read_events(run_dir: str, storage_options=None, event: str | None = "start")
     return [e for e in events if event is None or e.get("event") == event]
 
 
-def nonfinite_since_fit(events: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first "nonfinite" event after the last "fit" event (this ``run_train`` call), or None."""
-    fits = [i for i, e in enumerate(events) if e.get("event") == "fit"]
-    return next((e for e in events[fits[-1] + 1 if fits else 0:] if e.get("event") == "nonfinite"), None)
+# A non-finite loss is recorded by each rank that meets it in a file of its own (ranks that
+# share weights meet it at the same step, and events.jsonl is rewritten whole on every
+# append: two ranks appending at once could truncate it), named by run so that runs in
+# one output directory do not read each other's.
+def _nonfinite_uri(run_dir: str, run_name: str, rank: int | str) -> str:
+    return join(run_dir, NONFINITE, f"{run_name}-rank-{rank}.json")
 
 
-def nonfinite_message(event: dict[str, Any]) -> str:
-    return (f"the training loss became non-finite at epoch {event['epoch']}, step {event['step']} (rank "
-            f"{event['rank']}): {event['message']}. Not retried: Ray Train would restart from the last checkpoint "
-            f"before it, where the same steps diverge again")
+def write_nonfinite(run_dir: str, run_name: str, record: dict[str, Any], storage_options=None) -> None:
+    """Record rank ``record["rank"]``'s non-finite loss (epoch, step, message) for this call."""
+    fs, path = filesystem(_nonfinite_uri(run_dir, run_name, record["rank"]), storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write(json.dumps(record))
+
+
+def read_nonfinite(run_dir: str, run_name: str, storage_options=None) -> dict[str, Any] | None:
+    """The earliest non-finite loss recorded for ``run_name`` since :func:`clear_nonfinite`
+    (by time, then rank), or None. An unreadable record is skipped with a warning."""
+    fs, pattern = filesystem(_nonfinite_uri(run_dir, run_name, "*"), storage_options)
+    records = []
+    for path in fs.glob(pattern):
+        try:
+            records.append(json.loads(fs.cat(path).decode()))
+        except (OSError, ValueError) as e:
+            log.warning("train: unreadable non-finite loss record %s (%s); ignored", path, e)
+    return min(records, key=lambda r: (r.get("time", 0.0), r.get("rank", 0)), default=None)
+
+
+def clear_nonfinite(run_dir: str, run_name: str, storage_options=None) -> None:
+    """Forget ``run_name``'s non-finite loss records: a new run_train call trains again."""
+    fs, pattern = filesystem(_nonfinite_uri(run_dir, run_name, "*"), storage_options)
+    for path in fs.glob(pattern):
+        fs.rm(path)
+
+
+def nonfinite_message(record: dict[str, Any]) -> str:
+    return (f"the training loss became non-finite at epoch {record['epoch']}, step {record['step']} (rank "
+            f"{record['rank']}): {record['message']}. Not retried: Ray Train would restart from the last "
+            f"checkpoint before it, where training would most likely diverge again")
 
 
 def run_train(config: Config, *, progress: bool = True) -> TrainResult:
@@ -232,13 +263,19 @@ def run_train(config: Config, *, progress: bool = True) -> TrainResult:
     # one line per epoch is the progress: no Ray Data bars on the workers
     with stage_data_context():
         trainer = _trainer(plan, loop_config, storage_path, storage_fs, use_gpu)
-    # marks this call in events.jsonl: a non-finite loss recorded after it ends the run
-    # without spending train.max_failures restarts on it (train_loop_per_worker)
-    _append(join(plan.run_dir, EVENTS), {"event": "fit", "time": time.time()}, config.storage_options)
+    # a non-finite loss met in this call ends it without spending train.max_failures
+    # restarts on it (train_loop_per_worker); one met in an earlier call does not count
+    clear_nonfinite(plan.run_dir, t.run_name, config.storage_options)
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the cause readable
-        nonfinite = nonfinite_since_fit(read_events(plan.run_dir, config.storage_options, event=None))
+        try:
+            nonfinite = read_nonfinite(plan.run_dir, t.run_name, config.storage_options)
+            if nonfinite is not None:
+                _append(join(plan.run_dir, EVENTS), {"event": "nonfinite", **nonfinite}, config.storage_options)
+        except Exception as lookup:  # the run's own error matters more than why its record is unreadable
+            log.warning("train: could not read the run's non-finite loss records: %s", lookup)
+            nonfinite = None
         if nonfinite is not None:
             raise TrainingError(f"training run {t.run_name!r}: {nonfinite_message(nonfinite)}") from None
         raise TrainingError(f"training run {t.run_name!r} failed: {e}") from e
@@ -659,6 +696,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = cfg["run_dir"]
+    # a non-finite loss in an earlier worker group of this run_train call: this restart
+    # would resume from the last checkpoint before it and most likely diverge again (a
+    # too-high lr is not transient), so it ends here, before building anything, instead of
+    # training up to it max_failures times more
+    nonfinite = read_nonfinite(run_dir, t.run_name, so)
+    if nonfinite is not None:
+        raise FloatingPointError(nonfinite_message(nonfinite))
     device = ray.train.torch.get_device()
     amp = t.amp and device.type == "cuda"
     if device.type == "cpu":
@@ -713,13 +757,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None and loaded["scheduler"] is not None:
             restore_scheduler(scheduler, loaded["scheduler"], t)
-    # a non-finite loss in an earlier worker group of this run_train call: this restart
-    # resumes from the last checkpoint before it and would take the same steps to the same
-    # loss (a too-high lr is not transient), so it ends here instead of training up to it
-    # max_failures times more
-    nonfinite = nonfinite_since_fit(read_events(run_dir, so, event=None))
-    if nonfinite is not None:
-        raise FloatingPointError(nonfinite_message(nonfinite))
     if rank == 0:
         _append(join(run_dir, EVENTS), {"event": "start", "from_epoch": state.epoch, "world_size": world,
                                         "torch_threads": torch.get_num_threads(), "time": time.time()}, so)
@@ -799,8 +836,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     loss = stats.loss
                     distill_sums += np.array(stats[1:]) * len(labels)
             except FloatingPointError as e:  # optimizer_step's non-finite loss
-                _append(join(run_dir, EVENTS), {"event": "nonfinite", "rank": rank, "epoch": epoch, "step": i + 1,
-                                                "from_epoch": from_epoch, "message": str(e), "time": time.time()}, so)
+                try:
+                    write_nonfinite(run_dir, t.run_name, {"rank": rank, "epoch": epoch, "step": i + 1,
+                                                          "from_epoch": from_epoch, "message": str(e),
+                                                          "time": time.time()}, so)
+                except Exception as record:  # the loss is the error to report, not the record's
+                    log.warning("train: could not record the non-finite loss: %s", record)
                 raise
             loss_sum += loss * len(labels)
             n += len(labels)

@@ -380,21 +380,21 @@ def test_a_cached_training_set_replays_from_memory_on_two_workers(ray_local, scr
 
 
 def test_a_non_finite_loss_ends_the_run_without_spending_its_retries(ray_local, screen, tmp_path):
-    """lr 1e30 makes the loss NaN at the second step. Ray Train would restart the worker group
-    max_failures times from the same checkpoint, each training up to the same NaN; the run
+    """lr 1e30 makes the loss NaN at the second step, on both ranks at once. Ray Train would
+    restart the worker group max_failures times, each training up to a NaN again; the run
     instead ends at the first, with an error that says where and what to change. (That a
-    later run_train call trains again is tested on the events: test_train_events.py.)"""
+    later run_train call trains again, and which record counts: test_train_events.py.)"""
     from rayscreen.train import TrainingError, read_events, run_train
 
     uris, _ = screen
     output = str(tmp_path / "out")
-    config = make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=2, max_failures=1,
-                         optimizer="sgd", lr=1e30)
+    config = make_config(uris, output, epochs=2, max_failures=1, optimizer="sgd", lr=1e30)  # 2 workers
     run_dir = os.path.join(output, "train")
-    with pytest.raises(TrainingError, match=r"non-finite at epoch 1, step \d+ \(rank 0\): training loss is "
+    with pytest.raises(TrainingError, match=r"non-finite at epoch 1, step \d+ \(rank \d\): training loss is "
                                             r"nan; lower train.lr or set train.grad_clip\. Not retried"):
         run_train(config, progress=False)
     # one worker group trained; the max_failures restart stopped before training
     assert [e["from_epoch"] for e in read_events(run_dir)] == [0]
-    assert len(read_events(run_dir, event="nonfinite")) == 1 and len(read_events(run_dir, event="fit")) == 1
+    assert len(read_events(run_dir, event="nonfinite")) == 1  # the driver's record of why the run ended
+    assert os.listdir(os.path.join(run_dir, "nonfinite"))  # the ranks' own records
     assert not os.path.exists(os.path.join(run_dir, "model"))
