@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from .config import Config, ConfigError, write_config
 from .store.lock import describe, live_holder, output_lock
-from .store.uri import expand_uris, filesystem, join
+from .store.uri import expand_uris, filesystem, join, remove
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def run_stage(config: Config, stage: str, *, progress: bool = True) -> Any:
         marker = _read_text(_marker(config, stage), config.storage_options)
         # withdrawn first: a rerun (forced, or after an earlier stage ran again) that dies half
         # way must not leave the last run's marker saying the half-rewritten output is complete
-        _remove(_marker(config, stage), config.storage_options)
+        remove(_marker(config, stage), config.storage_options)
         write_config(config)  # first: a stage that crashes half-way still says what it ran with
         try:
             result = fn(config, progress=progress)
@@ -275,16 +275,10 @@ def _read_text(uri: str, storage_options) -> str | None:
 
 def _restore_text(uri: str, text: str | None, storage_options) -> None:
     if text is None:
-        _remove(uri, storage_options)
+        remove(uri, storage_options)
     else:
         fs, path = filesystem(uri, storage_options)
         fs.pipe(path, text.encode())
-
-
-def _remove(uri: str, storage_options) -> None:
-    fs, path = filesystem(uri, storage_options)
-    if fs.exists(path):
-        fs.rm(path)
 
 
 def planned_stages(config: Config, stages: list[str] | None = None) -> list[str]:

@@ -41,7 +41,7 @@ import pandas as pd
 from ..config import Config
 from ..store.annotations import parse_input_table, read_input_text
 from ..store.errors import RayscreenError, preview
-from ..store.uri import filesystem, join
+from ..store.uri import filesystem, join, remove
 from ..store.wells import well_name
 from ._table import control_mask, feature_columns, metadata_columns, order_columns
 from .aggregate import aggregate
@@ -597,7 +597,8 @@ def run_aggregate(config: Config, *, progress: bool = True) -> dict[str, str]:
         _write_table(scores, score_tables[1], so)
         log.info("aggregate: well scores of %d wells (%s)", len(scores), scores_uri)
     else:
-        _remove(score_tables, so)  # of a results store since deleted: evaluate must not call them
+        for uri in score_tables:  # of a results store since deleted: evaluate must not call them
+            remove(uri, so)
     return out
 
 
@@ -766,7 +767,8 @@ def _evaluate_scores(config: Config, out_dir: str) -> dict[str, Any]:
     entries of evaluation.json they add (none without the table)."""
     so = config.storage_options
     written = [join(out_dir, "hits_score.csv"), join(out_dir, "z_prime_score.csv")]
-    _remove(written, so)  # an earlier run's: never shown beside this run's results
+    for uri in written:  # an earlier run's: never shown beside this run's results
+        remove(uri, so)
     fs, path = filesystem(join(config.output, "tables", "well_scores.parquet"), so)
     if not fs.exists(path):
         return {}
@@ -780,9 +782,3 @@ def _evaluate_scores(config: Config, out_dir: str) -> dict[str, Any]:
         _write_table(zp, written[1], so)
     return {"n_hits_score": int(len(hits)), "z_prime_score": None if zp is None else zp.to_dict("records")}
 
-
-def _remove(uris: list[str], storage_options) -> None:
-    for uri in uris:
-        fs, path = filesystem(uri, storage_options)
-        if fs.exists(path):
-            fs.rm(path)

@@ -332,6 +332,13 @@ def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the file at ``uri`` if there is one."""
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def expand_uris(uris: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Plate URIs from URIs or globs, local (``plates/*.zarr``) or remote
     (``s3://bucket/screen/*.zarr``, listed through fsspec with ``storage_options``).
