@@ -1,8 +1,8 @@
 #!/bin/bash
 # The GPU checks, in one command on a machine with a CUDA GPU and PyTorch (docs/benchmarks.md,
 # "GPU"): the GPU-vs-CPU unit tests, `rayscreen demo` (train, infer and profile on the GPU,
-# bf16 autocast in training), inference throughput (benchmarks/infer.py --gpu) and the WSCNN reproduction's `paper` preset, max pooling, at the
-# paper's rate and at 1e-3.
+# bf16 autocast in training), inference throughput (benchmarks/infer.py --gpu) and the WSCNN
+# reproduction's `paper` preset, max pooling, at the paper's rate and at 1e-3.
 #
 #     bash benchmarks/gpu_check.sh OUT_DIR [SECONDS]
 #

@@ -244,7 +244,8 @@ def throughput(preset: str, root: str, concurrency: int, num_cpus: float, batch_
     best_forward = max(max(r["forward"].values()) for r in rounds)
     best_steady = max(r["run_infer_steady"] for r in rounds)
     best_total = max(r["run_infer_total"] for r in rounds)
-    return {"preset": preset, "device": _device_name() if gpu else "cpu", "plates": p["plates"], "fields": n_fields, "field_shape": [2, p["size"], p["size"]],
+    return {"preset": preset, "device": _device_name() if gpu else "cpu", "plates": p["plates"], "fields": n_fields,
+            "field_shape": [2, p["size"], p["size"]],
             "cores": cores, "batch_size": batch, "concurrency": concurrency, "num_cpus": num_cpus,
             "wells_per_call": per_call, "steady_skips_wells": skip, "repeats": repeats,
             "rounds": [{k: ({kk: rnd(vv) for kk, vv in v.items()} if isinstance(v, dict) else
@@ -361,8 +362,8 @@ def _device_name() -> str:
 
 
 def _print_throughput(r: dict) -> None:
-    print(f"inference throughput, preset {r['preset']} on {r['device']}: {r['plates']} plates, {r['fields']} fields of "
-          f"{r['field_shape']}, {r['cores']} cores, batch {r['batch_size']} fields (one well), pool "
+    print(f"inference throughput, preset {r['preset']} on {r['device']}: {r['plates']} plates, {r['fields']} "
+          f"fields of {r['field_shape']}, {r['cores']} cores, batch {r['batch_size']} fields (one well), pool "
           f"{r['concurrency']} actor(s) x {r['num_cpus']} CPU")
     print(f"{r['wells_per_call']} wells per actor call; steady rate from the done flags after the first "
           f"{r['steady_skips_wells']} wells")

@@ -269,14 +269,13 @@ def choose_mask_params(saliency: dict[str, np.ndarray], objects: pd.DataFrame, g
     import torch
 
     from rayscreen.models.localisation import localisation_scores
-    from rayscreen.models.saliency import saliency_masks, smooth
+    from rayscreen.models.saliency import normalise_maps, saliency_masks, smooth
 
     best = None
     for method in grid_methods(grid):
         maps = torch.from_numpy(saliency[method]).to(device).float()
         for sigma in grid["sigma"]:
-            s = smooth(maps, sigma)
-            s = s / s.flatten(1).amax(dim=1).clamp_min(torch.finfo(s.dtype).tiny)[:, None, None]
+            s = normalise_maps(smooth(maps, sigma))
             for thr, nms in itertools.product(grid["threshold"], grid["nms_size"]):
                 masks = saliency_masks(s, sigma=0, threshold=thr, nms_size=nms).cpu().numpy()
                 scores = localisation_scores(masks, objects, coverage=0.9)

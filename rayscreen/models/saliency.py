@@ -209,6 +209,11 @@ def local_maxima(s: torch.Tensor, size: int) -> torch.Tensor:
     return s >= box_max(s, size)
 
 
+def normalise_maps(s: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) float maps, each divided by its maximum (an all-zero map stays zero)."""
+    return s / s.flatten(1).amax(dim=1).clamp_min(torch.finfo(s.dtype).tiny)[:, None, None]
+
+
 def saliency_masks(saliency: torch.Tensor, sigma: float = 2.0, threshold: float = 0.3, nms_size: int = 21,
                    normalize: bool = True, return_peaks: bool = False):
     """Saliency (B, H, W) -> segmentation masks bool (B, H, W), the WSCNN paper's procedure.
@@ -230,8 +235,7 @@ def saliency_masks(saliency: torch.Tensor, sigma: float = 2.0, threshold: float 
         raise ValueError(f"saliency_masks: saliency must be (B, H, W), got {tuple(saliency.shape)}")
     s = smooth(saliency.float(), sigma)
     if normalize:
-        top = s.flatten(1).amax(dim=1).clamp_min(torch.finfo(s.dtype).tiny)
-        s = s / top[:, None, None]
+        s = normalise_maps(s)
     above = s >= threshold
     peaks = local_maxima(s, nms_size) & above & (s > 0)
     near = box_max(peaks.float(), nms_size) > 0
