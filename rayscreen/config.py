@@ -223,6 +223,10 @@ class TrainConfig:
     metric: Literal["train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
                     "val_f1", "val_roc_auc"] = "val_balanced_accuracy"  # picks the best epoch
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves (leave some for the Ray Data read)
+    # torch intra-op threads of a CPU worker; 0: its cpus_per_worker rounded up (Ray's default).
+    # More than it reserves pays when train.cache_mb holds the training set and the machine has
+    # idle cores: from epoch 2 on the reads are done and the worker is the only thing computing
+    torch_threads: int = 0
     keep_checkpoints: int | None = 3  # best checkpoints kept by `metric` (the latest is always kept)
     # rows of the streaming shuffle of the training data (default max(4 x batch_size, 64)); wells
     # stream in plate order, so batches mix plates only as far as this buffer reaches

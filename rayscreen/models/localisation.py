@@ -37,8 +37,11 @@ def box_coverage(masks: np.ndarray, image: np.ndarray, boxes: np.ndarray) -> np.
     Uses per-image summed-area tables, so the cost is O(N*H*W + M).
     """
     masks = np.asarray(masks, dtype=bool)
-    sat = np.zeros((masks.shape[0], masks.shape[1] + 1, masks.shape[2] + 1), dtype=np.int64)
-    sat[:, 1:, 1:] = masks.cumsum(1).cumsum(2)
+    # int32 holds any count of a field under 2**31 pixels and halves the sums' time against
+    # numpy's default int64 (the WSCNN benchmark scores hundreds of mask sets)
+    dtype = np.int32 if masks.shape[1] * masks.shape[2] < 2**31 else np.int64
+    sat = np.zeros((masks.shape[0], masks.shape[1] + 1, masks.shape[2] + 1), dtype=dtype)
+    sat[:, 1:, 1:] = masks.cumsum(1, dtype=dtype).cumsum(2, dtype=dtype)
     y0, x0, y1, x1 = (boxes[:, i] for i in range(4))
     inside = sat[image, y1, x1] - sat[image, y0, x1] - sat[image, y1, x0] + sat[image, y0, x0]
     return inside / ((y1 - y0) * (x1 - x0))

@@ -236,8 +236,22 @@ def saliency_masks(saliency: torch.Tensor, sigma: float = 2.0, threshold: float 
     s = smooth(saliency.float(), sigma)
     if normalize:
         s = normalise_maps(s)
-    above = s >= threshold
-    peaks = local_maxima(s, nms_size) & above & (s > 0)
-    near = box_max(peaks.float(), nms_size) > 0
-    masks = above & near
+    [(masks, peaks)] = threshold_masks(s, [threshold], nms_size)
     return (masks, peaks) if return_peaks else masks
+
+
+def threshold_masks(s: torch.Tensor, thresholds: Sequence[float], nms_size: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Steps 3 and 4 of :func:`saliency_masks` on maps ``s`` (B, H, W) already smoothed
+    (and normalised), for each of ``thresholds``: a list of (masks, peaks), both bool
+    (B, H, W). The local maxima do not depend on the threshold, so they are found once
+    (a grid of thresholds, as the WSCNN benchmark's, pays the window maximum once per
+    ``nms_size`` instead of once per point)."""
+    maxima = local_maxima(s, nms_size) & (s > 0)
+    out = []
+    for threshold in thresholds:
+        above = s >= threshold
+        peaks = maxima & above
+        near = box_max(peaks.float(), nms_size) > 0
+        out.append((above & near, peaks))
+    return out

@@ -578,9 +578,10 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, Any], fields: int, co
             f"({m['seconds']:.1f} s, {fields / max(m['seconds'], 1e-9):.1f} fields/s)")
 
 
-def worker_threads(cpus_per_worker: float) -> int:
-    """Torch intra-op threads for a CPU worker that reserved ``cpus_per_worker`` CPUs (at least 1)."""
-    return max(1, math.ceil(cpus_per_worker - 1e-9))
+def worker_threads(cpus_per_worker: float, torch_threads: int = 0) -> int:
+    """Torch intra-op threads for a CPU worker that reserved ``cpus_per_worker`` CPUs (at
+    least 1), or ``torch_threads`` (``train.torch_threads``) when that is set (> 0)."""
+    return torch_threads if torch_threads > 0 else max(1, math.ceil(cpus_per_worker - 1e-9))
 
 
 def _epoch_random(config: Config, rank: int, epoch: int):
@@ -707,8 +708,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     amp = t.amp and device.type == "cuda"
     if device.type == "cpu":
         # intra-op threads = the CPUs this worker reserved (rounded up): more would contend with the
-        # read tasks and the other workers on the same node, fewer would idle its cores
-        torch.set_num_threads(worker_threads(t.cpus_per_worker))
+        # read tasks and the other workers on the same node, fewer would idle its cores; unless
+        # train.torch_threads says otherwise (a cached training set leaves the reads' cores idle)
+        torch.set_num_threads(worker_threads(t.cpus_per_worker, t.torch_threads))
 
     if t.deterministic and device.type == "cuda":
         deterministic_cuda()

@@ -32,7 +32,7 @@ METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "v
            "val_f1", "val_roc_auc")
 # keys that may change when a run resumes: they change how, not what, is trained
 RESUMABLE = ("train.epochs", "train.max_failures", "train.num_workers", "train.use_gpu",
-             "train.cpus_per_worker", "train.keep_checkpoints", "train.cache_mb",
+             "train.cpus_per_worker", "train.torch_threads", "train.keep_checkpoints", "train.cache_mb",
              # how the plates are read, not what is trained: on_error: skip is the way past a bad field
              "stream.on_error", "stream.override_num_blocks", "stream.read_threads")
 # sections that do not affect training (a later stage's settings)
@@ -253,6 +253,9 @@ def check_train_values(config: Config) -> None:
         raise ConfigError(f"train.mixup: {t.mixup}; expected the Beta parameter alpha > 0 (e.g. 0.2), or 0 for off")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: {t.label_smoothing}; expected 0 <= value < 1")
+    if t.torch_threads < 0:
+        raise ConfigError(f"train.torch_threads: {t.torch_threads}; expected torch threads per CPU worker >= 0 "
+                          "(0: its train.cpus_per_worker, rounded up)")
     if t.cache_mb < 0:
         raise ConfigError(f"train.cache_mb: {t.cache_mb}; expected MB of training fields to hold >= 0 (0: off)")
     if t.precise_bn < 0:

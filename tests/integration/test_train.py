@@ -362,15 +362,18 @@ def test_a_cached_training_set_replays_from_memory_on_two_workers(ray_local, scr
     """train.cache_mb: epoch 1 streams and fills each worker's cache; epochs 2 and 3 train on
     the held fields on both workers (DDP in step), without waiting for a stream, and learn;
     with train.precise_bn each worker recomputes from its own sample and the statistics are
-    averaged over the workers (collectives every rank must reach)."""
-    from rayscreen.train import run_train
+    averaged over the workers (collectives every rank must reach). train.torch_threads sets
+    each worker's torch threads apart from the CPUs it reserved."""
+    from rayscreen.train import read_events, run_train
 
     uris, _ = screen
     output = str(tmp_path / "cached")
-    result = run_train(make_config(uris, output, epochs=3, max_failures=0, cache_mb=256, precise_bn=24),
-                       progress=False)
+    config = make_config(uris, output, epochs=3, max_failures=0, cache_mb=256, precise_bn=24, torch_threads=2)
+    assert config.train.cpus_per_worker <= 1  # else 2 threads would be the default
+    result = run_train(config, progress=False)
     metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
     assert result.epochs_completed == 3
+    assert [e["torch_threads"] for e in read_events(os.path.join(output, "train"))] == [2]
     assert metrics["train_cached"].tolist() == [0, 1, 1]  # on every worker
     assert metrics["train_samples"].nunique() == 1  # the same fields each epoch
     # a batch gathered from memory, not a stream started: milliseconds, where epoch 1 waited for reads

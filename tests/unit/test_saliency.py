@@ -150,6 +150,23 @@ def test_masks_nms_and_threshold_by_hand():
     assert not saliency_masks(torch.zeros(2, 8, 8)).any()
 
 
+def test_threshold_masks_are_saliency_masks_at_each_threshold():
+    """threshold_masks finds the local maxima once for many thresholds; each threshold's
+    (masks, peaks) must be what saliency_masks makes on the same (smoothed) maps."""
+    from rayscreen.models.saliency import normalise_maps, smooth, threshold_masks
+
+    g = torch.Generator().manual_seed(0)
+    s = normalise_maps(smooth(torch.rand(4, 30, 41, generator=g), 2.0))
+    thresholds = [0.1, 0.5, 0.9]
+    out = threshold_masks(s, thresholds, 7)
+    assert len(out) == 3
+    for thr, (masks, peaks) in zip(thresholds, out):
+        want_masks, want_peaks = saliency_masks(s, sigma=0, threshold=thr, nms_size=7, return_peaks=True)
+        assert torch.equal(masks, want_masks) and torch.equal(peaks, want_peaks)
+    # a higher threshold keeps a subset of the peaks, and some of them go (else the test is empty)
+    assert (out[2][1] <= out[0][1]).all() and out[2][1].sum() < out[0][1].sum()
+
+
 def test_local_maxima():
     s = torch.tensor([[[0.0, 1.0, 0.0, 0.0, 2.0]]])
     assert local_maxima(s, 3)[0, 0].tolist() == [False, True, False, False, True]

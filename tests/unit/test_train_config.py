@@ -94,6 +94,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     ({"stream__tile": 8, "train": {"crop": 12}}, r"train.crop: 12 is larger than the tiles \(8 x 8\)"),
     ({"train": {"mixup": -0.2}}, "train.mixup: -0.2; expected the Beta parameter"),
     ({"train": {"label_smoothing": 1.0}}, r"train.label_smoothing: 1.0; expected 0 <= value < 1"),
+    ({"train": {"torch_threads": -1}}, r"train.torch_threads: -1; expected torch threads per CPU worker >= 0"),
     ({"train": {"augment": {"intensity": -0.1}}}, r"train.augment.intensity: -0.1; expected a log-gain"),
     ({"train": {"augment": {"noise": 1.5}}}, r"train.augment.noise: 1.5; expected the largest noise"),
     ({"train": {"augment": {"translate": -4}}}, r"train.augment.translate: -4.0; expected the largest shift"),
@@ -274,6 +275,7 @@ def test_worker_threads_and_cpu_check():
     from rayscreen.train.loop import check_cpus, worker_threads
 
     assert [worker_threads(c) for c in (0.25, 0.5, 1.0, 1.5, 2.0)] == [1, 1, 1, 2, 2]
+    assert worker_threads(1.0, torch_threads=2) == 2 and worker_threads(2.0, torch_threads=1) == 1  # train.torch_threads
     check_cpus(2, 0.5, 2.0)  # 1 CPU of workers + the reads: fits
     check_cpus(4, 1.0, 2.0)  # the workers do not fit yet: maybe an autoscaling cluster, Ray Train waits
     with pytest.raises(ConfigError, match="train.cpus_per_worker"):
