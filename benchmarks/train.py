@@ -1,6 +1,7 @@
 """Ray Train throughput vs a plain PyTorch loop, same fields, model, batch size and threads.
 
     python benchmarks/train.py --preset small|medium [--epochs N] [--repeats R] [--cpus C] [--cache-mb N]
+                               [--one-cpu-worker]
 
 Writes a synthetic WSCNN screen, fits its normalisation, then measures training
 samples/s (training batches only: validation and checkpoints excluded in both paths;
@@ -18,8 +19,12 @@ epoch 1 is warm-up and dropped):
 - ray-2: the same with 2 workers (DDP) sharing those CPUs;
 - ray-1-cached (with ``--cache-mb N``): ray-1 with ``train.cache_mb: N``: epoch 1 streams,
   epochs 2.. train on the fields held in the worker, reshuffled (the plain loop's setting).
+- with ``--one-cpu-worker`` (and ``--cache-mb``): a cached worker that reserves 1 CPU (as
+  on a 2-CPU Ray whose other CPU the reads need, ``READ_FREE_CPUS``; with ``--cpus 2`` the
+  cores are those of that case), once at its default torch threads (1) and once with
+  ``train.torch_threads: C`` (the cores the reads leave idle once the fields are held).
 
-With ``--repeats R`` the three paths run R times alternately (plain, ray-1, ray-2, plain,
+With ``--repeats R`` the paths run R times alternately (plain, ray-1, ray-2, ..., plain,
 ...) and the medians are printed, with ratios taken within each repeat. The local Ray is
 started as ``run_train`` starts one (``rayscreen.raylocal.LOCAL_RAY_SYSTEM_CONFIG``: idle read workers kept
 between epochs); ``--ray-defaults`` starts it with Ray's defaults instead.
@@ -58,7 +63,7 @@ def make_screen(out: str, p: dict) -> list[str]:
     return uris
 
 
-def config(uris, output, p, workers, cpus_per_worker, cache_mb=0):
+def config(uris, output, p, workers, cpus_per_worker, cache_mb=0, torch_threads=0):
     from rayscreen.config import config_from_dict
 
     return config_from_dict({
@@ -67,7 +72,7 @@ def config(uris, output, p, workers, cpus_per_worker, cache_mb=0):
         "model": {"name": "wscnn", "kwargs": {"width": p["width"]}},
         "train": {"num_workers": workers, "cpus_per_worker": cpus_per_worker, "epochs": p["epochs"],
                   "batch_size": p["batch_size"], "optimizer": "sgd", "lr": 0.01, "schedule": "none",
-                  "cache_mb": cache_mb,
+                  "cache_mb": cache_mb, "torch_threads": torch_threads,
                   "augment": {"enabled": True, "rotate": False, "translate": 0.0},
                   "split": {"by": "column", "column": "Metadata_Split",
                             "column_values": {"train": ["train", "test"], "val": ["val"]}}},
@@ -125,15 +130,19 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--out", help="working directory (default: a temporary one; an existing screen is reused)")
     ap.add_argument("--epochs", type=int)
-    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of the three paths; medians printed")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of the paths; medians printed")
     ap.add_argument("--cpus", type=int, default=None,
                     help="torch threads of the plain loop and CPUs the Ray workers reserve together "
                          "(default: torch's default threads, the plain loop left at its normal setting)")
     ap.add_argument("--cache-mb", type=int, default=0,
                     help="also run 1 worker with train.cache_mb set to this (epochs 2.. from memory)")
+    ap.add_argument("--one-cpu-worker", action="store_true",
+                    help="with --cache-mb: also a cached worker reserving 1 CPU, at 1 torch thread and at --cpus")
     ap.add_argument("--ray-defaults", action="store_true",
                     help="start the local Ray with Ray's defaults (idle read workers killed after 1 s)")
     args = ap.parse_args(argv)
+    if args.one_cpu_worker and not args.cache_mb:
+        ap.error("--one-cpu-worker: needs --cache-mb N (its worker trains on the held fields from epoch 2)")
     p = dict(PRESETS[args.preset])
     if args.epochs:
         p["epochs"] = args.epochs
@@ -162,21 +171,26 @@ def main(argv=None) -> int:
     per = {1: args.cpus, 2: args.cpus / 2}
     cfg = config(uris, os.path.join(out, "plain"), p, 1, per[1])
     x, y = training_fields(cfg)
-    # (name, workers, train.cache_mb)
-    paths = [("ray-1", 1, 0), ("ray-2", 2, 0)] + ([("ray-1-cached", 1, args.cache_mb)] if args.cache_mb else [])
-    rows: dict[str, list[float]] = {"plain": [], **{k: [] for name, _, _ in paths for k in (name, f"wait-{name}")}}
+    # (name, workers, CPUs each, train.cache_mb, train.torch_threads (0: ceil of the CPUs))
+    paths = [("ray-1", 1, per[1], 0, 0), ("ray-2", 2, per[2], 0, 0)]
+    if args.cache_mb:
+        paths.append(("ray-1-cached", 1, per[1], args.cache_mb, 0))
+    if args.cache_mb and args.one_cpu_worker:
+        paths += [("ray-1-cached-1cpu", 1, 1, args.cache_mb, 0),
+                  ("ray-1-cached-1cpu-threads", 1, 1, args.cache_mb, args.cpus)]
+    rows: dict[str, list[float]] = {"plain": [], **{k: [] for name, *_ in paths for k in (name, f"wait-{name}")}}
     loads = []
     for r in range(args.repeats):
         loads.append(os.getloadavg()[0])
         rows["plain"].append(plain_loop(cfg, x, y, 2))
-        for name, workers, cache_mb in paths:
+        for name, workers, cpus, cache_mb, torch_threads in paths:
             run_out = os.path.join(out, f"{name}-{time.time_ns()}")
-            result = run_train(config(uris, run_out, p, workers, per[workers], cache_mb), progress=False)
+            result = run_train(config(uris, run_out, p, workers, cpus, cache_mb, torch_threads), progress=False)
             rate, wait = ray_rate(result)
             rows[name].append(rate)
             rows[f"wait-{name}"].append(wait)
         print(f"repeat {r + 1}/{args.repeats} (load {loads[-1]:.1f}): plain {rows['plain'][-1]:.1f}  "
-              + "  ".join(f"{name} {rows[name][-1]:.1f}" for name, _, _ in paths) + " samples/s", flush=True)
+              + "  ".join(f"{name} {rows[name][-1]:.1f}" for name, *_ in paths) + " samples/s", flush=True)
     loads.append(os.getloadavg()[0])
     med = statistics.median
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,10 +200,10 @@ def main(argv=None) -> int:
           f"{args.repeats} repeat(s), load average {min(loads):.1f}-{max(loads):.1f}, "
           f"{'Ray defaults' if args.ray_defaults else 'idle workers kept'}")
     print(f"plain PyTorch loop (in memory, {threads} threads):   {med(rows['plain']):8.1f} samples/s (median)")
-    for name, workers, cache_mb in paths:
+    for name, workers, cpus, cache_mb, torch_threads in paths:
         ratios = [a / b for a, b in zip(rows[name], rows["plain"])]
         how = f"cache_mb {cache_mb}: epochs 2.. from memory" if cache_mb else "streamed"
-        print(f"Ray Train {workers} worker(s) x {per[workers]:g} CPU, {worker_threads(per[workers])} thread(s) each "
+        print(f"Ray Train {workers} worker(s) x {cpus:g} CPU, {worker_threads(cpus, torch_threads)} thread(s) each "
               f"({how}): {med(rows[name]):8.1f} samples/s   ratio to plain {med(ratios):.2f}x "
               f"(per repeat {', '.join(f'{v:.2f}' for v in ratios)}; waiting for data "
               f"{med(rows[f'wait-{name}']):.2f} s/epoch)")

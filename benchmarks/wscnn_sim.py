@@ -52,6 +52,11 @@ PAPER = {  # Table 1 (classification accuracy, %) and Table 3 (localisation of W
     "fc": {"test_accuracy": 86.73},
 }
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. a container's cpuset), else os.cpu_count()."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # Simulation: the paper's is 210 x 280 px with a 6 x 8 grid of 30-48 objects of 15-20 px.
 # ``small`` keeps the object size, spacing (35 px) and circle fraction but draws a quarter
 # of the image (105 x 140, 3 x 4 grid, 8-12 objects: 1 circle per positive image in Sim
@@ -83,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # the 320 training fields (19 MB) held in memory after epoch 1 and reshuffled there, and
         # torch on every core: from epoch 2 on nothing else computes (session 22: 7.3 s per
         # epoch with the cache on one thread, 4.9 s on two; ~9 s streamed on one)
-        cache_mb=64, torch_threads=os.cpu_count() or 1,
+        cache_mb=64, torch_threads=usable_cpus(),
         # exact pixel permutations only: with one circle per image, a translation or rotation
         # with zero fill can push the only circle out of the field and flip the label
         augment=dict(enabled=True, flips=True, rot90=True, rotate=False, translate=0.0)),

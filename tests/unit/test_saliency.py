@@ -150,21 +150,28 @@ def test_masks_nms_and_threshold_by_hand():
     assert not saliency_masks(torch.zeros(2, 8, 8)).any()
 
 
-def test_threshold_masks_are_saliency_masks_at_each_threshold():
+def test_threshold_masks_are_the_masks_of_each_threshold():
     """threshold_masks finds the local maxima once for many thresholds; each threshold's
-    (masks, peaks) must be what saliency_masks makes on the same (smoothed) maps."""
-    from rayscreen.models.saliency import normalise_maps, smooth, threshold_masks
+    (masks, peaks) must be the WSCNN procedure's steps 3-4 written out here: peaks are
+    local maxima at or above the threshold and above 0, masks the above-threshold pixels
+    within a window of a peak. Threshold 0 is where "above 0" decides."""
+    from rayscreen.models.saliency import box_max, local_maxima, normalise_maps, smooth, threshold_masks
 
     g = torch.Generator().manual_seed(0)
     s = normalise_maps(smooth(torch.rand(4, 30, 41, generator=g), 2.0))
-    thresholds = [0.1, 0.5, 0.9]
+    s[1] = 0  # an empty map: no peak at threshold 0 either
+    thresholds = [0.0, 0.1, 0.5, 0.9]
     out = threshold_masks(s, thresholds, 7)
-    assert len(out) == 3
+    assert len(out) == 4
     for thr, (masks, peaks) in zip(thresholds, out):
-        want_masks, want_peaks = saliency_masks(s, sigma=0, threshold=thr, nms_size=7, return_peaks=True)
-        assert torch.equal(masks, want_masks) and torch.equal(peaks, want_peaks)
+        above = s >= thr
+        want_peaks = local_maxima(s, 7) & above & (s > 0)
+        want_masks = above & (box_max(want_peaks.float(), 7) > 0)
+        assert torch.equal(peaks, want_peaks) and torch.equal(masks, want_masks), thr
+        assert torch.equal(masks, saliency_masks(s, sigma=0, threshold=thr, nms_size=7)), thr
+    assert not out[0][0][1].any() and not out[0][1][1].any()
     # a higher threshold keeps a subset of the peaks, and some of them go (else the test is empty)
-    assert (out[2][1] <= out[0][1]).all() and out[2][1].sum() < out[0][1].sum()
+    assert (out[3][1] <= out[1][1]).all() and out[3][1].sum() < out[1][1].sum()
 
 
 def test_local_maxima():
