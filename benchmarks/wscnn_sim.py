@@ -86,8 +86,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # over seeds 0-3 (pre-registered rule, session 19): 0.971 without, 0.981 with (adopted)
         precise_bn=100_000,
         # the 320 training fields (19 MB) held in memory after epoch 1 and reshuffled there, and
-        # torch on every core: from epoch 2 on nothing else computes (session 22: 7.3 s per
-        # epoch with the cache on one thread, 4.9 s on two; ~9 s streamed on one)
+        # torch on every core: from epoch 2 on nothing else computes (session 22, median s per
+        # epoch: 7.4 with the cache on one thread, 5.3 on two; ~9 streamed on one; the whole
+        # table 19 min 18 s, 28 min 26 s before, docs/results.md)
         cache_mb=64, torch_threads=usable_cpus(),
         # exact pixel permutations only: with one circle per image, a translation or rotation
         # with zero fill can push the only circle out of the field and flip the label
