@@ -52,6 +52,7 @@ PAPER = {  # Table 1 (classification accuracy, %) and Table 3 (localisation of W
     "fc": {"test_accuracy": 86.73},
 }
 
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity, e.g. a container's cpuset), else os.cpu_count()."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
