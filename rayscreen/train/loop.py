@@ -198,10 +198,7 @@ def _nonfinite_uri(run_dir: str, run_name: str, rank: int | str) -> str:
 
 def write_nonfinite(run_dir: str, run_name: str, record: dict[str, Any], storage_options=None) -> None:
     """Record rank ``record["rank"]``'s non-finite loss (epoch, step, message) for this call."""
-    fs, path = filesystem(_nonfinite_uri(run_dir, run_name, record["rank"]), storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(json.dumps(record))
+    _write_record(_nonfinite_uri(run_dir, run_name, record["rank"]), record, storage_options)
 
 
 def read_nonfinite(run_dir: str, run_name: str, storage_options=None) -> dict[str, Any] | None:
@@ -507,11 +504,17 @@ class EarlyStart:
 
 def _where(run_dir: str, rank: int, epoch: int, batch: int, storage_options=None) -> None:
     """Record which process runs rank ``rank`` and how far it is (operators; the fault test)."""
-    fs, path = filesystem(join(run_dir, WORKERS, f"rank-{rank}.json"), storage_options)
+    _write_record(join(run_dir, WORKERS, f"rank-{rank}.json"), {"pid": os.getpid(), "host": socket.gethostname(),
+                                                              "epoch": epoch, "batch": batch, "time": time.time()},
+                  storage_options)
+
+
+def _write_record(uri: str, record: dict[str, Any], storage_options=None) -> None:
+    """Write one JSON record to ``uri``, its folder made first (a rank's own file: no other writer)."""
+    fs, path = filesystem(uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "epoch": epoch, "batch": batch,
-                            "time": time.time()}))
+        f.write(json.dumps(record))
 
 
 def _gather(obj: Any) -> list[Any]:
