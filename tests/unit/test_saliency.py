@@ -188,6 +188,13 @@ def test_saliency_on_gpu():
     assert saliency_masks(sal, sigma=1.0, threshold=0.5, nms_size=7).device.type == "cuda"
 
 
+def test_box_max_refuses_a_single_map():
+    from rayscreen.models.saliency import box_max
+
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        box_max(torch.zeros(8, 8), 3)
+
+
 def test_box_max_equals_a_square_max_pool():
     """The separable window maximum is the square one, borders included, odd and even sizes."""
     import torch.nn.functional as F

@@ -3,8 +3,6 @@ events.jsonl reader."""
 
 import json
 
-import pytest
-
 from rayscreen.train.loop import (EVENTS, clear_nonfinite, nonfinite_message, read_events, read_nonfinite,
                                   write_nonfinite)
 
@@ -43,12 +41,3 @@ def test_read_events_keeps_the_starts_by_default(tmp_path):
     assert [e["event"] for e in read_events(str(tmp_path), event=None)] == ["start", "nonfinite", "start"]
     assert read_events(str(tmp_path), event="nonfinite") == [{"event": "nonfinite", **_record(0, 1.0)}]
     assert read_events(str(tmp_path / "missing")) == []
-
-
-def test_box_max_refuses_a_single_map():
-    import torch
-
-    from rayscreen.models.saliency import box_max
-
-    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
-        box_max(torch.zeros(8, 8), 3)
