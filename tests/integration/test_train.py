@@ -1,11 +1,11 @@
 """Ray Train on the local Ray: 2 workers on a small synthetic WSCNN screen, one of them
 killed mid-epoch; the run resumes from its last checkpoint, finishes and learns.
 
-One training run (module fixture) serves every test here: the suite's time budget is
-small and every assertion below is about that run.
+One training run (module fixture) serves every test here but the last: the suite's time
+budget is small and every assertion below is about that run. The last one trains into a
+non-finite loss. Other training runs: test_train_deterministic.py, test_train_options.py.
 """
 
-import dataclasses
 import json
 import os
 import signal
@@ -17,47 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from rayscreen.config import config_from_dict
-
 from .infer_helpers import FAKE_CREDENTIALS, files_holding
+from .train_helpers import EPOCHS, make_config
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 3
 KILL_EPOCH = 2
-
-
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory):
-    """80 wells x 2 fields (96 x 128), half positive; percentile normalisation fitted and
-    stored with the plate (what `rayscreen illum` does), so stream.normalize is honoured."""
-    from rayscreen.stream.normalize import PercentileScaler, fit_plate_normalizer
-    from rayscreen.synth import synth_wscnn
-
-    root = tmp_path_factory.mktemp("wscnn")
-    # few, clearly elongated ellipses and many circles: learnable in a few CPU epochs
-    uris = synth_wscnn(str(root / "plates"), n_images=160, rare_fraction=0.5, fields_per_well=2, seed=1,
-                       shape=(96, 128), grid=(3, 4), n_objects=(8, 12), ellipse_aspect=(0.3, 0.45))
-    for uri in uris:
-        fit_plate_normalizer(uri, PercentileScaler(), save=True, max_fields=32)
-    return uris, root
-
-
-def make_config(uris, output, **train):
-    return config_from_dict({
-        "plates": uris, "output": output,
-        "stream": {"normalize": "percentile"},
-        "label": {"column": "Metadata_Label", "positive": ["positive"], "negative": ["negative"]},
-        "model": {"name": "wscnn", "kwargs": {"width": 0.25}},
-        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": EPOCHS, "batch_size": 8,
-                  "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0, "schedule": "none", "seed": 0,
-                  "max_failures": 1,
-                  "augment": {"enabled": True, "flips": True, "rot90": True, "rotate": False, "translate": 0.0},
-                  # the simulation's split hint; test wells join training here (more data, fewer epochs)
-                  "split": {"by": "column", "column": "Metadata_Split",
-                            "column_values": {"train": ["train", "test"], "val": ["val"]}},
-                  **train},
-    })
 
 
 def _registered_epoch(run_dir):
@@ -89,10 +54,10 @@ def _killer(run_dir, killed, stop):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, screen, tmp_path_factory):
+def trained(ray_local, train_screen, tmp_path_factory):
     from rayscreen.train import run_train
 
-    uris, _ = screen
+    uris, _ = train_screen
     output = str(tmp_path_factory.mktemp("run") / "out")
     killed, stop = {}, threading.Event()
     thread = threading.Thread(target=_killer, args=(os.path.join(output, "train"), killed, stop), daemon=True)
@@ -157,7 +122,7 @@ def test_killed_worker_resumes_from_last_checkpoint(trained):
     assert result.epochs_completed == EPOCHS and len(result.metrics) == EPOCHS
 
 
-def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, screen):
+def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, train_screen):
     from rayscreen.models.artefact import build_model
     from rayscreen.store import open_plate
     from rayscreen.stream.normalize import load_normalization
@@ -176,7 +141,7 @@ def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, screen)
     assert meta.normalization["method"] == "percentile" and set(meta.normalization["plates"]) == {"simdata1-p01"}
     # score the validation fields outside Ray with the exported model: same accuracy as the run reported
     split = pd.read_csv(os.path.join(result.run_dir, "split.csv"))
-    uri = screen[0][0]
+    uri = train_screen[0][0]
     plate, norm = open_plate(uri), load_normalization(uri)
     images, labels = [], []
     for row in split[split["split"] == "val"].itertuples():
@@ -196,7 +161,7 @@ def test_artefact_is_the_best_epoch_and_reproduces_its_accuracy(trained, screen)
 
 
 @pytest.mark.slow
-def test_rerun_with_same_name_resumes_instead_of_starting_over(trained, screen):
+def test_rerun_with_same_name_resumes_instead_of_starting_over(trained, train_screen):
     from rayscreen.train import read_events, run_train
 
     result, _, _, output = trained
@@ -204,14 +169,14 @@ def test_rerun_with_same_name_resumes_instead_of_starting_over(trained, screen):
     assert not [f for secret in FAKE_CREDENTIALS.values() for f in files_holding(output, secret)]
     # credentials rotated since: how the data is reached, not what is trained, so it resumes
     rotated = {"key": "AKIAROTATED", "secret": "another-fake-secret"}
-    again = run_train(make_config(screen[0], output).replace(storage_options=rotated), progress=False)
+    again = run_train(make_config(train_screen[0], output).replace(storage_options=rotated), progress=False)
     # restored from the run's latest checkpoint (epoch EPOCHS): nothing left to train
     assert read_events(result.run_dir)[-1]["from_epoch"] == EPOCHS
     assert again.epochs_completed == EPOCHS
     pd.testing.assert_frame_equal(again.metrics, result.metrics)
 
 
-def test_train_then_infer_separates_held_out_wells(trained, screen):
+def test_train_then_infer_separates_held_out_wells(trained, train_screen):
     """train -> infer on the local Ray (issue: batch inference): read back with plain
     xarray.open_zarr, every well is present exactly once and the trained model's well
     scores separate the held-out positive wells from the negative ones."""
@@ -222,7 +187,7 @@ def test_train_then_infer_separates_held_out_wells(trained, screen):
     result, _, _, output = trained
     from rayscreen.config import InferConfig
 
-    config = make_config(screen[0], output).replace(
+    config = make_config(train_screen[0], output).replace(
         infer=InferConfig(batch_size=8, aggregate="max", saliency="cam"))
     uri = run_infer(config, progress=False)
     ds = xr.open_zarr(uri)
@@ -242,154 +207,14 @@ def test_train_then_infer_separates_held_out_wells(trained, screen):
     assert auc >= 0.8, (auc, score, positive)
 
 
-def test_deterministic_runs_repeat_exactly_and_resumed_runs_too(ray_local, screen, tmp_path):
-    """train.deterministic: two runs with the same seed see the same batches and end with
-    the same losses, epoch for epoch (without it the read order, and so the batches, vary);
-    a run stopped after epoch 2 and resumed to 3 trains epoch 3 as the uninterrupted run
-    did (its crops, augmentation and batch order are functions of (seed, rank, epoch))."""
-    from rayscreen.train import read_events, run_train
-
-    uris, _ = screen
-    losses = []
-    for k, stops in enumerate([(3,), (2, 3)]):
-        output = str(tmp_path / f"run{k}")
-        for epochs in stops:
-            run_train(make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=epochs, max_failures=0,
-                                  deterministic=True), progress=False)
-        metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
-        losses.append(metrics[["epoch", "train_loss", "val_loss"]].to_numpy())
-    assert [e["from_epoch"] for e in read_events(os.path.join(output, "train"))] == [0, 2]  # really resumed
-    assert losses[0].shape == (3, 3)
-    np.testing.assert_array_equal(losses[0], losses[1])
-
-
-def test_ws_dino_trains_resumes_its_teacher_and_exports_it(ray_local, screen, tmp_path):
-    """train.distill (WS-DINO) on two DDP workers, self-distillation alone (the class head
-    takes no gradient): one epoch, then a rerun with two resumes from the checkpoint
-    (student, teacher and centre come back) and exports the teacher of the best epoch."""
-    from rayscreen.config import ModelConfig
-    from rayscreen.models.artefact import build_model
-    from rayscreen.train import read_events, run_train
-    from rayscreen.train.checkpoint import load_checkpoint
-
-    uris, _ = screen
-    output = str(tmp_path / "dino")
-    distill = {"enabled": True, "local_crops": 2, "local_crop": 24, "out_dim": 64, "hidden": 64, "bottleneck": 16,
-               "classify": 0.0}
-
-    milnet = ModelConfig(name="milnet", kwargs={"width": 0.25, "pooling": "mean"})
-
-    def config(epochs):  # cosine: the resume to more epochs must continue on the longer curve
-        return make_config(uris, output, num_workers=2, cpus_per_worker=0.5, epochs=epochs, max_failures=0,
-                           crop=48, distill=distill, metric="train_loss", schedule="cosine").replace(model=milnet)
-
-    first = run_train(config(1), progress=False)
-    assert first.epochs_completed == 1
-    result = run_train(config(2), progress=False)
-    assert [e["from_epoch"] for e in read_events(result.run_dir)] == [0, 1]
-    m = result.metrics
-    assert m["epoch"].tolist() == [1, 2] and np.isfinite(m["train_distill_loss"]).all(), m.to_string()
-    # a fresh 2-epoch cosine's lrs (the 1-epoch run's stored schedule had ended at lr 0)
-    np.testing.assert_allclose(m["lr"], [0.003, 0.0015], rtol=1e-6)
-    np.testing.assert_allclose(m["train_loss"], m["train_distill_loss"], rtol=1e-6)  # no cross-entropy
-    # the teacher's entropies are logged per epoch (collapse shows there); H(batch mean) >= mean H
-    assert (0 <= m["train_teacher_entropy"]).all() and (m["train_teacher_entropy"] <= m["train_teacher_batch_entropy"]
-                                                        + 1e-6).all(), m.to_string()
-
-    ckpts = {}
-    for d, _, files in os.walk(os.path.join(result.run_dir, "checkpoints")):
-        if "state.json" in files:
-            ckpts[load_checkpoint(d)["state"].epoch] = d
-    assert set(ckpts) == {1, 2}
-    best = load_checkpoint(ckpts[result.best_epoch])
-    assert set(best["extra"]) == {"student", "teacher", "center"}
-    teacher = {k[len("net."):]: v for k, v in best["extra"]["teacher"].items() if k.startswith("net.")}
-    student = {k[len("net."):]: v for k, v in best["extra"]["student"].items() if k.startswith("net.")}
-    model, meta = build_model(result.artefact)
-    exported = model.state_dict()
-    assert meta.epoch == result.best_epoch and set(exported) == set(teacher)
-    assert all(torch.equal(exported[k], teacher[k]) for k in exported)
-    assert not all(torch.equal(exported[k], student[k]) for k in exported)  # the EMA, not the student
-
-
-def test_an_epoch_ending_in_one_field_trains_a_resnet_trunk_on_small_crops(ray_local, screen, tmp_path):
-    """A ResNet trunk on 32 px crops ends in a 1 x 1 map, where BatchNorm cannot train on one
-    field: an epoch whose last batch is a single field used to fail on the workers (every
-    retry again); the loop leaves that batch out, and the run finishes."""
-    from rayscreen.train import run_train
-    from rayscreen.train.plan import plan_run
-
-    uris, _ = screen
-    output = str(tmp_path / "out")
-    config = make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=1, max_failures=0, crop=32)
-    config = config.replace(model=dataclasses.replace(config.model, name="milnet", kwargs={"trunk": "resnet18"}))
-    rows = int((plan_run(config).wells["split"] == "train").sum()) * 2  # 2 fields per well
-    result = run_train(config.replace(train=dataclasses.replace(config.train, batch_size=rows - 1)), progress=False)
-    metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
-    assert result.epochs_completed == 1 and metrics["train_samples"].tolist() == [rows - 1]
-
-
-def test_precise_bn_changes_the_exported_statistics_and_nothing_of_the_training(ray_local, screen, tmp_path):
-    """train.precise_bn: the same deterministic run with and without it trains alike (losses,
-    weights), while the exported BatchNorm statistics are recomputed from the last epoch's
-    training fields (one cumulative average over that epoch's batches) instead of the running
-    averages over every step."""
-    from rayscreen.models.artefact import build_model
-    from rayscreen.train import run_train
-
-    uris, _ = screen
-    runs = {}
-    for precise in (0, 100_000):
-        output = str(tmp_path / f"bn{precise}")
-        result = run_train(make_config(uris, output, num_workers=1, cpus_per_worker=1.0, epochs=2, max_failures=0,
-                                       deterministic=True, metric="train_loss", precise_bn=precise), progress=False)
-        metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
-        runs[precise] = (build_model(result.artefact)[0], metrics)
-    (ema, m_ema), (pbn, m_pbn) = runs[0], runs[100_000]
-    np.testing.assert_array_equal(m_ema["train_loss"], m_pbn["train_loss"])
-    steps = -(-int(m_ema["train_samples"].iloc[-1]) // 8)  # batch_size 8
-    best = int(m_ema.loc[m_ema["train_loss"].idxmin(), "epoch"])  # the exported epoch
-    for (name, a), b in zip(ema.state_dict().items(), pbn.state_dict().values()):
-        if "running_" in name:
-            assert not torch.equal(a, b), name
-        elif "num_batches_tracked" in name:  # every step so far; one epoch's batches
-            assert (int(a), int(b)) == (best * steps, steps), name
-        else:
-            assert torch.equal(a, b), name
-
-
-def test_a_cached_training_set_replays_from_memory_on_two_workers(ray_local, screen, tmp_path):
-    """train.cache_mb: epoch 1 streams and fills each worker's cache; epochs 2 and 3 train on
-    the held fields on both workers (DDP in step), without waiting for a stream, and learn;
-    with train.precise_bn each worker recomputes from its own sample and the statistics are
-    averaged over the workers (collectives every rank must reach). train.torch_threads sets
-    each worker's torch threads apart from the CPUs it reserved."""
-    from rayscreen.train import read_events, run_train
-
-    uris, _ = screen
-    output = str(tmp_path / "cached")
-    config = make_config(uris, output, epochs=3, max_failures=0, cache_mb=256, precise_bn=24, torch_threads=2)
-    assert config.train.cpus_per_worker <= 1  # else 2 threads would be the default
-    result = run_train(config, progress=False)
-    metrics = pd.read_csv(os.path.join(output, "train", "metrics.csv"))
-    assert result.epochs_completed == 3
-    assert [e["torch_threads"] for e in read_events(os.path.join(output, "train"))] == [2]
-    assert metrics["train_cached"].tolist() == [0, 1, 1]  # on every worker
-    assert metrics["train_samples"].nunique() == 1  # the same fields each epoch
-    # a batch gathered from memory, not a stream started: milliseconds, where epoch 1 waited for reads
-    assert (metrics["first_batch_seconds"].iloc[1:] < 0.1).all()
-    assert metrics["first_batch_seconds"].iloc[0] > metrics["first_batch_seconds"].iloc[1:].max()
-    assert np.isfinite(metrics["train_loss"]).all() and metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-
-
-def test_a_non_finite_loss_ends_the_run_without_spending_its_retries(ray_local, screen, tmp_path):
+def test_a_non_finite_loss_ends_the_run_without_spending_its_retries(ray_local, train_screen, tmp_path):
     """lr 1e30 makes the loss NaN at the second step, on both ranks at once. Ray Train would
     restart the worker group max_failures times, each training up to a NaN again; the run
     instead ends at the first, with an error that says where and what to change. (That a
     later run_train call trains again, and which record counts: test_train_events.py.)"""
     from rayscreen.train import TrainingError, read_events, run_train
 
-    uris, _ = screen
+    uris, _ = train_screen
     output = str(tmp_path / "out")
     config = make_config(uris, output, epochs=2, max_failures=1, optimizer="sgd", lr=1e30)  # 2 workers
     run_dir = os.path.join(output, "train")
