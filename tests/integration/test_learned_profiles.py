@@ -4,8 +4,11 @@ only) -> aggregate the results store -> evaluate MOA retrieval; then the trained
 profiles a second screen without training on it (infer.checkpoint: the reference-screen
 workflow; the second screen holds the same MOAs, so this tests the path, not transfer).
 
-A smaller screen and fewer epochs than ``benchmarks/moa.py --learned`` (figures in
-docs/results.md), to keep the test near a minute and a half on two cores."""
+A smaller screen and far fewer epochs than ``benchmarks/moa.py --learned`` (figures in
+docs/results.md), to keep the test under two minutes on two cores: 4 epochs already reach
+NSC ~0.5 on the first screen (measured 0.53, chance 1/6), and the second screen checks the
+path, so there the bar is chance (measured ~0.37 after 4 and 6 epochs); how well a trained
+model transfers is benchmarks/reference_model.py's question (docs/results.md)."""
 
 import json
 import os
@@ -27,7 +30,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", 
 def test_learned_profiles_retrieve_moa_above_chance(tmp_path, ray_local):
     uris = synth_moa(str(tmp_path / "plates"), n_plates=2, fields_per_well=2, field_shape=(96, 96), seed=0)
     out = tmp_path / "learned"
-    config = load_config(CONFIG, overrides={"plates": uris, "output": str(out), "train.epochs": 12})
+    config = load_config(CONFIG, overrides={"plates": uris, "output": str(out), "train.epochs": 4})
     results = run_pipeline(config, progress=False)
     assert list(results) == ["illum", "train", "infer", "aggregate", "evaluate"]
 
@@ -67,4 +70,4 @@ def test_learned_profiles_retrieve_moa_above_chance(tmp_path, ray_local):
     assert ds2.sizes["well"] == 96 and int(ds2["done"].sum()) == 96 and ds2.sizes["feature"] == 256
     deep2 = json.loads((out2 / "evaluation" / "evaluation.json").read_text())["feature_sets"]["deep"]
     print(f"transferred to screen 1: NSC {deep2['nsc']:.3f}, NSCB {deep2['nscb']:.3f}, mAP {deep2['map']:.3f}")
-    assert deep2["n_queries"] == 72 and deep2["nsc"] >= 2 / 6, deep2
+    assert deep2["n_queries"] == 72 and deep2["nsc"] > 1 / 6, deep2
