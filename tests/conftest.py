@@ -18,6 +18,22 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 
+# The longest modules first (their times under `make test`: docs/benchmarks.md, "Test suite"):
+# pytest-xdist's --dist loadscope hands whole modules to the workers in collection order, and a
+# long module collected late ran alone at the end while the other worker had nothing left.
+LONGEST_FIRST = ("integration/test_demo.py", "integration/test_job_submit.py", "integration/test_infer.py",
+                 "integration/test_train.py", "integration/test_train_deterministic.py",
+                 "integration/test_profile_moa.py", "integration/test_learned_profiles.py",
+                 "integration/test_train_options.py", "integration/test_stream.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # a stable sort: the other modules, and the tests within each, keep their order
+    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), tests), len(rank)))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster with 2 CPUs, shared by the integration tests."""
