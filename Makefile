@@ -26,7 +26,7 @@ TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider $(XDIST)
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=25 $(XDIST)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q $(XDIST)
