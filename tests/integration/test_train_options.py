@@ -83,7 +83,9 @@ def test_a_cached_training_set_replays_from_memory_on_two_workers(ray_local, tra
     assert [e["torch_threads"] for e in read_events(os.path.join(output, "train"))] == [2]
     assert metrics["train_cached"].tolist() == [0, 1, 1]  # on every worker
     assert metrics["train_samples"].nunique() == 1  # the same fields each epoch
-    # a batch gathered from memory, not a stream started: milliseconds, where epoch 1 waited for reads
-    assert (metrics["first_batch_seconds"].iloc[1:] < 0.1).all()
-    assert metrics["first_batch_seconds"].iloc[0] > metrics["first_batch_seconds"].iloc[1:].max()
+    # a batch gathered from memory, not a stream started: milliseconds, where epoch 1 waited for
+    # reads. Relative to epoch 1, not a fixed 0.1 s: with another test loading both cores the
+    # gather once took 0.14 s (a CI run with two pytest workers)
+    first = metrics["first_batch_seconds"]
+    assert (first.iloc[1:] < first.iloc[0] / 10).all(), first.tolist()
     assert np.isfinite(metrics["train_loss"]).all() and metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
