@@ -18,9 +18,10 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 
-# The longest modules first (their times under `make test`: docs/benchmarks.md, "Test suite"):
-# pytest-xdist's --dist loadscope hands whole modules to the workers in collection order, and a
-# long module collected late ran alone at the end while the other worker had nothing left.
+# The longest modules first (their times: docs/benchmarks.md, "Test suite"). With two workers
+# (`make test TEST_WORKERS=2`), pytest-xdist's --dist loadscope hands whole modules to the
+# workers in collection order, and a long module collected late ran alone at the end while
+# the other worker had nothing left.
 LONGEST_FIRST = ("integration/test_demo.py", "integration/test_job_submit.py", "integration/test_infer.py",
                  "integration/test_train.py", "integration/test_train_deterministic.py",
                  "integration/test_profile_moa.py", "integration/test_learned_profiles.py",

@@ -3,8 +3,8 @@ trains as the uninterrupted one did, and train.precise_bn changes only the expor
 BatchNorm statistics (one set of runs, a module fixture, serves both tests); and an epoch
 whose last batch is a single field trains a ResNet trunk.
 
-Apart from test_train.py so that pytest-xdist (``make test``) can run the training
-modules side by side: each run is mostly Ray Train set-up, waiting on processes."""
+Apart from test_train.py so that two pytest-xdist workers (``make test TEST_WORKERS=2``)
+can run the training modules side by side: each run is mostly Ray Train set-up, waiting on processes."""
 
 import dataclasses
 import os

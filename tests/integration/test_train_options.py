@@ -1,8 +1,8 @@
 """Training options on two Ray Train workers: WS-DINO self-distillation with its resume and
 export, and a training set cached in the workers' memory.
 
-Apart from test_train.py so that pytest-xdist (``make test``) can run the training
-modules side by side."""
+Apart from test_train.py so that two pytest-xdist workers (``make test TEST_WORKERS=2``)
+can run the training modules side by side."""
 
 import os
 
